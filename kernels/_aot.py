@@ -3,6 +3,11 @@
 Each kernel module exposes ``aot_specs() -> list[AotSpec]``: every configuration its
 Python wrapper can pick. ``compile_spec`` builds one for a target; the report
 (``python -m kernels.report``) and ``tests/test_aot_compile.py`` walk them all.
+
+Compilation needs the kernels defined in compiled mode: a process that imported
+``kernels`` with ``TRITON_INTERPRET=1`` holds interpreter functions that
+``triton.compile`` cannot take (helpers they call included), so tests compile in a
+child process started with ``compile_mode_env()``.
 """
 from __future__ import annotations
 
@@ -47,8 +52,21 @@ class CompiledSpec:
     cubin: bytes
 
 
+def compile_mode_env() -> dict[str, str]:
+    """Environment for a child process that compiles kernels (interpreter off)."""
+    env = dict(os.environ)
+    env["TRITON_INTERPRET"] = "0"
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    return env
+
+
 def compile_spec(spec: AotSpec, capability: int) -> CompiledSpec:
     """Compile ``spec`` for ``sm_<capability>`` and read its resource usage."""
+    if not hasattr(spec.fn, "cache_key"):
+        raise RuntimeError(
+            f"{spec.kernel} was defined under TRITON_INTERPRET=1 and cannot be compiled; "
+            "run the compilation in a process started with kernels._aot.compile_mode_env()"
+        )
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
