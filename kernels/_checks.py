@@ -31,13 +31,16 @@ def check_same_device(**tensors: torch.Tensor) -> None:
             raise ValueError(f"{name} is on {dev}, but other arguments are on {first}")
 
 
-def check_kv_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int, int, int]:
+def check_kv_cache(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES
+) -> tuple[int, int, int, int]:
     """Validate a paged cache pair ``[num_blocks, block_size, num_kv_heads, head_dim]``.
 
+    ``dtypes``: the accepted cache dtypes (references also take float64).
     Returns ``(num_blocks, block_size, num_kv_heads, head_dim)``.
     """
-    check_tensor("k_cache", k_cache, 4, FLOAT_DTYPES)
-    check_tensor("v_cache", v_cache, 4, FLOAT_DTYPES)
+    check_tensor("k_cache", k_cache, 4, dtypes)
+    check_tensor("v_cache", v_cache, 4, dtypes)
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"v_cache shape {tuple(v_cache.shape)} differs from k_cache shape {tuple(k_cache.shape)}")
     if k_cache.dtype != v_cache.dtype:
@@ -116,3 +119,34 @@ def default_scale(head_dim: int, scale: float | None) -> float:
     if not (scale > 0 and scale < float("inf")):
         raise ValueError(f"scale must be a positive finite number, got {scale}")
     return scale
+
+
+def check_cu_seqlens_q(cu_seqlens_q: torch.Tensor, num_tokens: int, context_lens: torch.Tensor) -> None:
+    """Validate packed-query offsets ``cu_seqlens_q [num_seqs + 1]`` against
+    ``num_tokens`` packed rows and ``context_lens [num_seqs]``.
+
+    Offsets start at 0, never decrease and end at ``num_tokens``; a sequence's new
+    tokens cannot outnumber its context (prefix + new). Synchronises with the device.
+    """
+    check_tensor("cu_seqlens_q", cu_seqlens_q, 1, INDEX_DTYPES)
+    num_seqs = context_lens.shape[0]
+    if cu_seqlens_q.shape[0] != num_seqs + 1:
+        raise ValueError(
+            f"cu_seqlens_q has {cu_seqlens_q.shape[0]} entries, expected num_seqs + 1 = {num_seqs + 1}"
+        )
+    cu = cu_seqlens_q.to("cpu", torch.int64)
+    if int(cu[0]) != 0:
+        raise ValueError(f"cu_seqlens_q must start at 0, got {int(cu[0])}")
+    new_lens = cu[1:] - cu[:-1]
+    if num_seqs and int(new_lens.min()) < 0:
+        bad = int(torch.argmin(new_lens))
+        raise ValueError(f"cu_seqlens_q decreases at index {bad}: {int(cu[bad])} -> {int(cu[bad + 1])}")
+    if int(cu[-1]) != num_tokens:
+        raise ValueError(f"cu_seqlens_q ends at {int(cu[-1])}, but q has {num_tokens} tokens")
+    too_long = new_lens > context_lens.to("cpu", torch.int64)
+    if bool(too_long.any()):
+        bad = int(torch.nonzero(too_long)[0])
+        raise ValueError(
+            f"cu_seqlens_q gives sequence {bad} {int(new_lens[bad])} new tokens, "
+            f"more than its context_lens {int(context_lens[bad])}"
+        )

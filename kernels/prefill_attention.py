@@ -1,12 +1,315 @@
-"""Placeholder while the kernel is being written (replaced before submission)."""
+"""Prefill / extend attention over a paged KV cache.
+
+With prefix caching and chunked prefill, the new query tokens of a sequence attend
+to a prefix that already sits in the paged cache and, causally, to themselves. The
+new tokens' K/V are written to the cache first (``kernels.kv_append``), so the
+kernel sees one uniform key range per sequence: positions ``0 .. context_len - 1``,
+all read through the block table.
+
+One program handles ``BLOCK_M`` consecutive new tokens of one sequence for one query
+head. It walks the keys in ``BLOCK_N`` tiles, gathering each key row from its physical
+block (``block_tables[s, pos // block_size] * block_size + pos % block_size``), and
+stops after the tile holding its last token's position: tiles wholly in the causal
+future are never read. Softmax is online (running max and sum in fp32), as in the
+Triton fused-attention tutorial.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import _checks
+from kernels._aot import AotSpec
+
+MAX_HEAD_DIM = 256
+_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+# Shape the kernel report uses for its bytes-moved column: a 2k-token prompt chunk
+# behind a 2k-token cached prefix, Llama-7B-like heads, fp16.
+REFERENCE_SHAPE: dict = {
+    "num_seqs": 4,
+    "new_len": 512,
+    "prefix_len": 512,
+    "num_heads": 32,
+    "num_kv_heads": 32,
+    "head_dim": 128,
+    "block_size": 16,
+    "dtype_bytes": 2,
+}
 
 
-def _todo(*args, **kwargs):
-    raise NotImplementedError
+@triton.jit
+def _prefill_kernel(
+    Q, K_cache, V_cache, Out,
+    block_tables, cu_seqlens_q, context_lens, tile_seq, tile_start,
+    scale_log2e,
+    stride_qt, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ot, stride_oh,
+    stride_bt,
+    group_size, head_dim, block_size,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    head = tl.program_id(1)
+    kv_head = head // group_size
+    seq = tl.load(tile_seq + tile)
+    m_start = tl.load(tile_start + tile)
+
+    q_begin = tl.load(cu_seqlens_q + seq)
+    new_len = tl.load(cu_seqlens_q + seq + 1) - q_begin
+    context_len = tl.load(context_lens + seq)
+    prefix_len = context_len - new_len
+
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < new_len
+    d_ok = offs_d < head_dim
+    # Absolute position of each query row; rows past new_len sit past the context,
+    # so they see every key, never an all-masked row (their output is not stored).
+    pos_m = prefix_len + offs_m
+
+    q_ptrs = Q + (q_begin + offs_m).to(tl.int64)[:, None] * stride_qt + head * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # Causal early exit: no row of this tile sees a key past its last row's position.
+    kv_end = tl.minimum(context_len, prefix_len + m_start + BLOCK_M)
+    table_row = block_tables + seq.to(tl.int64) * stride_bt
+    for start_n in range(0, kv_end, BLOCK_N):
+        pos_n = start_n + tl.arange(0, BLOCK_N)
+        col_ok = pos_n < kv_end
+        block = tl.load(table_row + pos_n // block_size, mask=col_ok, other=0).to(tl.int64)
+        in_block = pos_n % block_size
+        kv_mask = col_ok[:, None] & d_ok[None, :]
+        k = tl.load(
+            K_cache + block[:, None] * stride_kb + in_block[:, None] * stride_ks
+            + kv_head * stride_kh + offs_d[None, :],
+            mask=kv_mask, other=0.0,
+        )
+        v = tl.load(
+            V_cache + block[:, None] * stride_vb + in_block[:, None] * stride_vs
+            + kv_head * stride_vh + offs_d[None, :],
+            mask=kv_mask, other=0.0,
+        )
+        # fp32 caches get a true fp32 product, not the GPU's default tf32 rounding.
+        if Q.dtype.element_ty == tl.float32:
+            qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            qk = tl.dot(q, tl.trans(k))
+        visible = col_ok[None, :] & (pos_n[None, :] <= pos_m[:, None])
+        qk = tl.where(visible, qk * scale_log2e, float("-inf"))
+
+        # Every row has seen key 0 after the first tile, so m_new is finite from then
+        # on and fully masked later tiles contribute exp2(-inf) = 0.
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if Q.dtype.element_ty == tl.float32:
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    out = acc / l_i[:, None]
+    o_ptrs = Out + (q_begin + offs_m).to(tl.int64)[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
-kv_append = paged_decode_attention = paged_prefill_attention = _todo
+@dataclass(frozen=True)
+class PrefillConfig:
+    """Tile sizes and launch options of one compiled variant of the kernel."""
+
+    block_m: int
+    block_n: int
+    block_d: int
+    num_warps: int = 4
+    num_stages: int = 2
 
 
-def aot_specs():
-    return []
+def choose_config(head_dim: int, dtype: torch.dtype) -> PrefillConfig:
+    """The wrapper's tile rule.
+
+    ``block_d`` is the next power of two >= ``head_dim``, at least 32 (``tl.dot`` needs
+    16, and smaller heads are not worth their own compiled variant); the extra lanes
+    are masked. Key tiles shrink as rows get wider so that the Q tile and the
+    double-buffered K and V tiles stay well inside shared memory: ``block_n = 64`` up to
+    256 bytes per row, 32 up to 512, else 16. ``block_m`` is 64; 8 warps from
+    ``block_d = 128`` on, 4 below.
+    """
+    block_d = max(32, triton.next_power_of_2(head_dim))
+    row_bytes = block_d * torch.empty((), dtype=dtype).element_size()
+    block_n = 64 if row_bytes <= 256 else 32 if row_bytes <= 512 else 16
+    num_warps = 8 if block_d >= 128 else 4
+    return PrefillConfig(block_m=64, block_n=block_n, block_d=block_d, num_warps=num_warps)
+
+
+def plan_query_tiles(cu_seqlens_q: torch.Tensor, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split each sequence's new tokens into tiles of ``block_m``.
+
+    ``cu_seqlens_q`` is int ``[num_seqs + 1]``. Returns int32 ``tile_seq [num_tiles]``
+    (the sequence of each tile) and ``tile_start [num_tiles]`` (its first new-token
+    index within that sequence). A sequence with no new tokens gets no tile.
+    """
+    cu = cu_seqlens_q.to("cpu", torch.int64)
+    new_lens = cu[1:] - cu[:-1]
+    tiles_per_seq = (new_lens + block_m - 1) // block_m
+    tile_seq = torch.repeat_interleave(torch.arange(len(new_lens)), tiles_per_seq)
+    first_tile = torch.cumsum(tiles_per_seq, 0) - tiles_per_seq
+    tile_start = (torch.arange(len(tile_seq)) - first_tile[tile_seq]) * block_m
+    return tile_seq.to(torch.int32), tile_start.to(torch.int32)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float | None = None,
+    out: torch.Tensor | None = None,
+    *,
+    config: PrefillConfig | None = None,
+) -> torch.Tensor:
+    """Causal attention of packed new tokens over a paged KV cache.
+
+    q            [total_new_tokens, num_heads, head_dim]  new tokens of all sequences, packed
+    k_cache      [num_blocks, block_size, num_kv_heads, head_dim]  (new tokens' K already written)
+    v_cache      [num_blocks, block_size, num_kv_heads, head_dim]
+    block_tables int [num_seqs, max_blocks_per_seq]  physical block of each logical block
+    cu_seqlens_q int [num_seqs + 1]  sequence s owns q rows cu_seqlens_q[s] .. cu_seqlens_q[s+1]-1
+    context_lens int [num_seqs]  cached prefix + new tokens of each sequence
+    out          [total_new_tokens, num_heads, head_dim] (optional, written in place)
+
+    New token j of sequence s sits at position ``context_lens[s] - new_len + j`` and
+    attends to every key at a position <= its own. ``num_heads`` must be a multiple of
+    ``num_kv_heads`` (grouped-query attention); ``head_dim`` <= 256. ``config``
+    overrides the tile rule of ``choose_config`` (tests and the notebook use it).
+    Under the Triton interpreter, which has no bf16 arithmetic, bf16 inputs run
+    through an fp32 copy and the result is rounded back to bf16.
+    """
+    _checks.check_tensor("q", q, 3, _checks.FLOAT_DTYPES)
+    num_blocks, block_size, num_kv_heads, head_dim = _checks.check_kv_cache(k_cache, v_cache)
+    num_tokens, num_heads, q_dim = q.shape
+    if q_dim != head_dim:
+        raise ValueError(f"q has head_dim {q_dim}, but the cache has head_dim {head_dim}")
+    if q.dtype != k_cache.dtype:
+        raise ValueError(f"q has dtype {q.dtype}, but k_cache has dtype {k_cache.dtype}")
+    if q.stride(-1) != 1:
+        raise ValueError("q must be contiguous in its last (head_dim) dimension")
+    if head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"head_dim {head_dim} exceeds the supported maximum {MAX_HEAD_DIM}")
+    group_size = _checks.check_heads(num_heads, num_kv_heads)
+    _checks.check_same_device(
+        q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables,
+        cu_seqlens_q=cu_seqlens_q, context_lens=context_lens,
+    )
+    _checks.check_block_tables(block_tables, context_lens, num_blocks, block_size)
+    _checks.check_cu_seqlens_q(cu_seqlens_q, num_tokens, context_lens)
+    scale = _checks.default_scale(head_dim, scale)
+    out = _checks.check_out(out, q)
+    if out.stride(-1) != 1:
+        raise ValueError("out must be contiguous in its last (head_dim) dimension")
+    if num_tokens == 0:
+        return out
+
+    cfg = config or choose_config(head_dim, q.dtype)
+    if cfg.block_d < head_dim:
+        raise ValueError(f"config.block_d {cfg.block_d} is smaller than head_dim {head_dim}")
+    if q.dtype == torch.bfloat16 and _interpreting():
+        out_fp32 = paged_prefill_attention(
+            q.float(), k_cache.float(), v_cache.float(), block_tables, cu_seqlens_q, context_lens,
+            scale, config=cfg,
+        )
+        return out.copy_(out_fp32)
+
+    tile_seq, tile_start = (t.to(q.device) for t in plan_query_tiles(cu_seqlens_q, cfg.block_m))
+    tables = block_tables.to(torch.int32).contiguous()
+    grid = (tile_seq.numel(), num_heads)
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, out,
+        tables, cu_seqlens_q.to(torch.int32).contiguous(), context_lens.to(torch.int32).contiguous(),
+        tile_seq, tile_start,
+        scale * 1.4426950408889634,  # exp2 is cheaper than exp: fold log2(e) into the scale
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        out.stride(0), out.stride(1),
+        tables.stride(0),
+        group_size, head_dim, block_size,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
+def all_configs() -> list[tuple[torch.dtype, PrefillConfig]]:
+    """Every (dtype, config) pair ``choose_config`` can return for head_dim 1..256."""
+    seen: dict[tuple[torch.dtype, PrefillConfig], None] = {}
+    for dtype in _DTYPES:
+        for head_dim in (32, 64, 128, 256):
+            seen[(dtype, choose_config(head_dim, dtype))] = None
+    return list(seen)
+
+
+def aot_specs() -> list[AotSpec]:
+    """One spec per (dtype, tile config) the wrapper can launch.
+
+    ``head_dim``, ``block_size`` and the GQA group size are runtime arguments, so a
+    spec covers every head_dim with the same power-of-two tile and every block size.
+    """
+    specs = []
+    for dtype, cfg in all_configs():
+        ty = _DTYPES[dtype]
+        ptr = f"*{ty}"
+        signature = {
+            "Q": ptr, "K_cache": ptr, "V_cache": ptr, "Out": ptr,
+            "block_tables": "*i32", "cu_seqlens_q": "*i32", "context_lens": "*i32",
+            "tile_seq": "*i32", "tile_start": "*i32",
+            "scale_log2e": "fp32",
+            **{name: "i32" for name in (
+                "stride_qt", "stride_qh", "stride_kb", "stride_ks", "stride_kh",
+                "stride_vb", "stride_vs", "stride_vh", "stride_ot", "stride_oh", "stride_bt",
+                "group_size", "head_dim", "block_size",
+            )},
+            "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr",
+        }
+        specs.append(AotSpec(
+            kernel="paged_prefill_attention",
+            config=f"{ty} M{cfg.block_m} N{cfg.block_n} D{cfg.block_d} w{cfg.num_warps} s{cfg.num_stages}",
+            fn=_prefill_kernel,
+            signature=signature,
+            constexprs={"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_D": cfg.block_d},
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        ))
+    return specs
+
+
+def bytes_moved(shape: dict) -> int:
+    """Lower bound on HBM traffic of one call: every sequence's K/V read once, Q read
+    and the output written once, plus the block tables.
+
+    ``shape`` has num_seqs, new_len, prefix_len, num_heads, num_kv_heads, head_dim,
+    block_size, dtype_bytes (see ``REFERENCE_SHAPE``).
+    """
+    s = shape
+    context = s["prefix_len"] + s["new_len"]
+    kv = 2 * s["num_seqs"] * context * s["num_kv_heads"] * s["head_dim"] * s["dtype_bytes"]
+    q_and_out = 2 * s["num_seqs"] * s["new_len"] * s["num_heads"] * s["head_dim"] * s["dtype_bytes"]
+    tables = 4 * s["num_seqs"] * (-(-context // s["block_size"]) + 3)
+    return kv + q_and_out + tables
