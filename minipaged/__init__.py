@@ -3,3 +3,18 @@
 Data flows one way: request -> scheduler -> block manager -> worker -> sampler -> output.
 """
 __version__ = "0.1.0"
+
+__all__ = ["LLM", "SamplingParams"]
+
+
+def __getattr__(name: str):
+    # Lazy: `import minipaged` (e.g. for kernels or the block manager) must not load torch models.
+    if name == "LLM":
+        from minipaged.llm import LLM
+
+        return LLM
+    if name == "SamplingParams":
+        from minipaged.sampling_params import SamplingParams
+
+        return SamplingParams
+    raise AttributeError(f"module 'minipaged' has no attribute {name!r}")

@@ -1,0 +1,107 @@
+"""EngineConfig: everything ``LLM(...)`` accepts, validated once, never mutated.
+
+The one config object flows from the entry point (``LLM`` or the CLI) to the
+scheduler and the worker. Values that depend on the loaded model (the effective
+``max_model_len``, the number of KV blocks) are resolved into a *new* config with
+``dataclasses.replace`` rather than written into this one.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from minipaged.errors import InvalidEngineConfigError
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+# On CPU the KV cache is plain host memory; 1 GiB holds ~22k tokens of SmolLM2-135M in fp32.
+DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
+
+
+def _positive_int(name: str, value: Any, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidEngineConfigError(name, f"must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Engine settings (the keyword arguments of ``LLM``).
+
+    model: HF directory, ``.gguf`` path, or ``None`` for the embedded SmolLM2-135M-Instruct.
+    dtype: weights, activations and KV cache dtype ("float32", "float16", "bfloat16" or a torch.dtype).
+    block_size: tokens per KV block.
+    num_kv_blocks: explicit KV cache size in blocks; else sized from ``kv_cache_memory`` (bytes, CPU)
+        or ``gpu_memory_utilization`` (fraction of free device memory, CUDA).
+    max_num_seqs: most sequences in one step.  max_num_batched_tokens: token budget of one step.
+    max_model_len: longest prompt + output; ``None`` takes the model's ``max_position_embeddings``.
+    enable_prefix_caching: reuse full KV blocks of identical prefixes across requests.
+    attention_backend: "torch" | "triton" | None (triton on CUDA, torch otherwise).
+    seed: seeds the per-request generators of requests that give no seed of their own.
+    device: "cpu", "cuda" or None (CUDA when available).
+    """
+
+    model: str | None = None
+    dtype: str | torch.dtype = "float32"
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_memory: int | None = None
+    gpu_memory_utilization: float = 0.9
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    attention_backend: str | None = None
+    seed: int = 0
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.model is not None and not isinstance(self.model, str):
+            raise InvalidEngineConfigError("model", f"must be a path string or None, got {type(self.model).__name__}")
+        if not isinstance(self.dtype, torch.dtype) and self.dtype not in _DTYPES:
+            raise InvalidEngineConfigError("dtype", f"unknown dtype {self.dtype!r}; use one of {sorted(_DTYPES)}")
+        if self.torch_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise InvalidEngineConfigError("dtype", f"must be a floating dtype, got {self.dtype!r}")
+        _positive_int("block_size", self.block_size)
+        _positive_int("num_kv_blocks", self.num_kv_blocks, allow_none=True)
+        _positive_int("kv_cache_memory", self.kv_cache_memory, allow_none=True)
+        _positive_int("max_num_seqs", self.max_num_seqs)
+        _positive_int("max_num_batched_tokens", self.max_num_batched_tokens)
+        _positive_int("max_model_len", self.max_model_len, allow_none=True)
+        if not 0.0 < float(self.gpu_memory_utilization) <= 1.0:
+            raise InvalidEngineConfigError("gpu_memory_utilization", f"must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.attention_backend not in (None, "torch", "triton"):
+            raise InvalidEngineConfigError("attention_backend", f"must be 'torch', 'triton' or None, got {self.attention_backend!r}")
+        if self.device not in (None, "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            raise InvalidEngineConfigError("device", f"must be 'cpu', 'cuda' or None, got {self.device!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise InvalidEngineConfigError("seed", f"must be an integer, got {self.seed!r}")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise InvalidEngineConfigError("enable_prefix_caching", f"must be a bool, got {self.enable_prefix_caching!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return self.dtype if isinstance(self.dtype, torch.dtype) else _DTYPES[self.dtype]
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device is None:
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":
+        """Build from ``LLM(...)`` keyword arguments; an unknown name is a TypeError, never dropped."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"LLM got unexpected keyword argument(s) {unknown}; accepted: {sorted(known)}")
+        return cls(**kwargs)
