@@ -173,6 +173,33 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def check_prefill_args(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor,
+    dtypes: tuple[torch.dtype, ...] = _checks.FLOAT_DTYPES,
+) -> int:
+    """Validate prefill-attention arguments; raise ``ValueError``. Returns the GQA group size.
+
+    Shared with ``kernels.reference.paged_prefill_attention`` (which adds float64).
+    """
+    num_blocks, block_size, num_kv_heads, head_dim = _checks.check_kv_cache(k_cache, v_cache, dtypes)
+    _checks.check_tensor("q", q, 3, (k_cache.dtype,))
+    _checks.check_same_device(
+        q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables,
+        cu_seqlens_q=cu_seqlens_q, context_lens=context_lens,
+    )
+    if q.shape[2] != head_dim:
+        raise ValueError(f"q has head_dim {q.shape[2]}, but k_cache has head_dim {head_dim}")
+    if q.shape[2] > MAX_HEAD_DIM:
+        raise ValueError(f"q has head_dim {q.shape[2]}, above the supported maximum {MAX_HEAD_DIM}")
+    if q.stride(-1) != 1:
+        raise ValueError("q must be contiguous in its last (head_dim) dimension")
+    group = _checks.check_heads(q.shape[1], num_kv_heads)
+    _checks.check_block_tables(block_tables, context_lens, num_blocks, block_size)
+    _checks.check_cu_seqlens_q(cu_seqlens_q, q.shape[0], context_lens)
+    return group
+
+
 def paged_prefill_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -190,56 +217,47 @@ def paged_prefill_attention(
     q            [total_new_tokens, num_heads, head_dim]  new tokens of all sequences, packed
     k_cache      [num_blocks, block_size, num_kv_heads, head_dim]  (new tokens' K already written)
     v_cache      [num_blocks, block_size, num_kv_heads, head_dim]
-    block_tables int [num_seqs, max_blocks_per_seq]  physical block of each logical block
-    cu_seqlens_q int [num_seqs + 1]  sequence s owns q rows cu_seqlens_q[s] .. cu_seqlens_q[s+1]-1
-    context_lens int [num_seqs]  cached prefix + new tokens of each sequence
-    out          [total_new_tokens, num_heads, head_dim] (optional, written in place)
+    block_tables int32 (or int64) [num_seqs, max_blocks_per_seq]  physical block per logical block
+    cu_seqlens_q int32 (or int64) [num_seqs + 1]  sequence s owns q rows cu[s] .. cu[s+1]-1
+    context_lens int32 (or int64) [num_seqs]  cached prefix + new tokens, each >= 1
+    out          [total_new_tokens, num_heads, head_dim]  (allocated when None)
 
     New token j of sequence s sits at position ``context_lens[s] - new_len + j`` and
-    attends to every key at a position <= its own. ``num_heads`` must be a multiple of
-    ``num_kv_heads`` (grouped-query attention); ``head_dim`` <= 256. ``config``
-    overrides the tile rule of ``choose_config`` (tests and the notebook use it).
-    Under the Triton interpreter, which has no bf16 arithmetic, bf16 inputs run
-    through an fp32 copy and the result is rounded back to bf16.
+    attends to every key at a position <= its own; a sequence may have no new tokens.
+    q and the caches share one dtype (fp32, fp16, bf16); ``num_heads`` is a multiple of
+    ``num_kv_heads`` (query head h reads kv head ``h // group``); head_dim <= 256; any
+    block size. ``scale`` defaults to ``1/sqrt(head_dim)``. ``config`` overrides the
+    tile rule of ``choose_config`` (tests and the notebook use it).
+
+    Under the Triton interpreter (``TRITON_INTERPRET=1``), which has no bf16
+    arithmetic, bf16 inputs are upcast to fp32 around the kernel and the result
+    rounded to bf16; compiled, bf16 runs natively.
     """
-    _checks.check_tensor("q", q, 3, _checks.FLOAT_DTYPES)
-    num_blocks, block_size, num_kv_heads, head_dim = _checks.check_kv_cache(k_cache, v_cache)
-    num_tokens, num_heads, q_dim = q.shape
-    if q_dim != head_dim:
-        raise ValueError(f"q has head_dim {q_dim}, but the cache has head_dim {head_dim}")
-    if q.dtype != k_cache.dtype:
-        raise ValueError(f"q has dtype {q.dtype}, but k_cache has dtype {k_cache.dtype}")
-    if q.stride(-1) != 1:
-        raise ValueError("q must be contiguous in its last (head_dim) dimension")
-    if head_dim > MAX_HEAD_DIM:
-        raise ValueError(f"head_dim {head_dim} exceeds the supported maximum {MAX_HEAD_DIM}")
-    group_size = _checks.check_heads(num_heads, num_kv_heads)
-    _checks.check_same_device(
-        q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables,
-        cu_seqlens_q=cu_seqlens_q, context_lens=context_lens,
-    )
-    _checks.check_block_tables(block_tables, context_lens, num_blocks, block_size)
-    _checks.check_cu_seqlens_q(cu_seqlens_q, num_tokens, context_lens)
-    scale = _checks.default_scale(head_dim, scale)
+    group = check_prefill_args(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens)
+    scale = _checks.default_scale(q.shape[2], scale)
     out = _checks.check_out(out, q)
     if out.stride(-1) != 1:
         raise ValueError("out must be contiguous in its last (head_dim) dimension")
-    if num_tokens == 0:
+    cfg = config or choose_config(q.shape[2], q.dtype)
+    if cfg.block_d < q.shape[2]:
+        raise ValueError(f"config.block_d {cfg.block_d} is smaller than head_dim {q.shape[2]}")
+    if q.shape[0] == 0:
         return out
-
-    cfg = config or choose_config(head_dim, q.dtype)
-    if cfg.block_d < head_dim:
-        raise ValueError(f"config.block_d {cfg.block_d} is smaller than head_dim {head_dim}")
     if q.dtype == torch.bfloat16 and _interpreting():
-        out_fp32 = paged_prefill_attention(
-            q.float(), k_cache.float(), v_cache.float(), block_tables, cu_seqlens_q, context_lens,
-            scale, config=cfg,
-        )
-        return out.copy_(out_fp32)
+        result = _launch(q.float(), k_cache.float(), v_cache.float(), block_tables, cu_seqlens_q,
+                         context_lens, scale, torch.empty(q.shape, device=q.device), group, cfg)
+        return out.copy_(result)
+    return _launch(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, out, group, cfg)
 
+
+def _launch(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, scale: float, out: torch.Tensor,
+    group: int, cfg: PrefillConfig,
+) -> torch.Tensor:
     tile_seq, tile_start = (t.to(q.device) for t in plan_query_tiles(cu_seqlens_q, cfg.block_m))
     tables = block_tables.to(torch.int32).contiguous()
-    grid = (tile_seq.numel(), num_heads)
+    grid = (tile_seq.numel(), q.shape[1])
     _prefill_kernel[grid](
         q, k_cache, v_cache, out,
         tables, cu_seqlens_q.to(torch.int32).contiguous(), context_lens.to(torch.int32).contiguous(),
@@ -250,7 +268,7 @@ def paged_prefill_attention(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1),
         tables.stride(0),
-        group_size, head_dim, block_size,
+        group, q.shape[2], k_cache.shape[1],
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
