@@ -48,14 +48,17 @@ class LLM:
     """A continuous-batching engine over one model.
 
     ``model``: HF directory, ``.gguf`` file, ``None`` (the embedded SmolLM2-135M-Instruct), or an
-    already loaded ``minipaged.models.LoadedModel`` (tests build tiny ones). ``tokenizer`` overrides
+    already built ``LoadedModel`` / ``CausalLM`` (tests build tiny ones with ``build_model_from_hf``;
+    ``attention_backend`` is then the model's own). ``tokenizer`` overrides
     the loaded one (``None`` with a tokenizer-less model: prompts must be token ids, texts are "").
     Every other keyword is an ``EngineConfig`` field; an unknown keyword is a TypeError.
     """
 
     def __init__(self, model: Any = None, *, tokenizer: Any = None, **kwargs: Any) -> None:
-        from minipaged.models import LoadedModel, load_model
+        from minipaged.models import CausalLM, LoadedModel, load_model
 
+        if isinstance(model, CausalLM):
+            model = LoadedModel(model=model, tokenizer=tokenizer, config=model.config, name=type(model).__name__)
         if isinstance(model, LoadedModel):
             loaded = model
             config = EngineConfig.from_kwargs(model=loaded.name, **kwargs)
@@ -225,13 +228,14 @@ class LLM:
             req = s.request
             rows.append(row)
             seqs.append(req)
-            if req.params.n > 1 and not req.forked:
+            if req.params.n > 1 and req.index == 0 and not req.forked:
                 req.forked = True
                 group = self._groups[req.request_id]
                 for index in range(1, req.params.n):
                     child = self._new_sequence(req.request_id, index, req.prompt_token_ids, req.params,
                                                req.priority, req.arrival_order, group.metrics)
                     child.num_computed_tokens = req.num_computed_tokens
+                    child.forked = True
                     child.num_cached_tokens = req.num_cached_tokens
                     self.block_manager.fork(req.seq_id, child.seq_id)
                     self.scheduler.add_running(child)
