@@ -1,0 +1,110 @@
+"""Attention backends over one paged KV cache layout.
+
+Every layer's cache is a pair ``(k_cache, v_cache)``, each
+``[num_blocks, block_size, num_kv_heads, head_dim]``; a token's slot is
+``block_id * block_size + offset``. Two backends implement the same contract:
+
+- ``"torch"``: pure PyTorch, vectorised over the batch; the default without CUDA;
+- ``"triton"``: the Triton kernels in ``kernels`` (the Triton interpreter on CPU:
+  correct but slow, meant for tests and step-through).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Protocol
+
+import torch
+
+from minipaged.attention.metadata import AttentionMetadata, build_metadata, build_positions
+
+BACKENDS = ("torch", "triton")
+
+
+class AttentionBackend(Protocol):
+    name: str
+
+    def prepare(self, meta: AttentionMetadata, block_size: int, dtype: torch.dtype = torch.float32) -> AttentionMetadata:
+        """Return ``meta`` with anything this backend derives once per step attached."""
+        ...
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        """Write ``k``/``v`` ``[T, Hkv, D]`` into the caches at ``meta.slot_mapping``, then attend
+        causally over each sequence's paged prefix; ``q`` ``[T, Hq, D]`` -> ``[T, Hq, D]``."""
+        ...
+
+
+def get_attention_backend(name: str | None, device: torch.device | str) -> AttentionBackend:
+    """The backend called ``name``; ``None`` picks ``"triton"`` on CUDA and ``"torch"`` elsewhere."""
+    device = torch.device(device)
+    if name is None:
+        name = "triton" if device.type == "cuda" else "torch"
+    if name == "torch":
+        from minipaged.attention.torch_backend import TorchAttentionBackend
+
+        return TorchAttentionBackend()
+    if name == "triton":
+        _ensure_triton_can_run(device)
+        from minipaged.attention.triton_backend import TritonAttentionBackend
+
+        return TritonAttentionBackend()
+    raise ValueError(f"attention_backend must be one of {BACKENDS} or None, got {name!r}")
+
+
+def _ensure_triton_can_run(device: torch.device) -> None:
+    # The interpreter must be chosen before any @triton.jit kernel is defined, i.e.
+    # before `kernels` is first imported; after that it is too late to switch.
+    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    if "kernels" in sys.modules:
+        raise ValueError(
+            f"attention_backend='triton' on {device} needs the Triton interpreter, but `kernels` was "
+            "imported without TRITON_INTERPRET=1; set it before importing minipaged or kernels"
+        )
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
+def kv_cache_bytes_per_block(model_config, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes one block takes across all layers, keys and values."""
+    element = torch.empty((), dtype=dtype).element_size()
+    return 2 * model_config.num_layers * block_size * model_config.num_kv_heads * model_config.head_dim * element
+
+
+def allocate_kv_cache(
+    model_config, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device | str
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One zero-filled ``(k_cache, v_cache)`` pair per layer, each ``[num_blocks, block_size, num_kv_heads, head_dim]``.
+
+    Zero-filled so slots a sequence has not written yet hold finite values (the torch
+    backend multiplies masked-out keys' probabilities, 0, by their values).
+    """
+    if num_blocks < 1:
+        raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    shape = (num_blocks, block_size, model_config.num_kv_heads, model_config.head_dim)
+    return [
+        (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        for _ in range(model_config.num_layers)
+    ]
+
+
+__all__ = [
+    "AttentionBackend",
+    "AttentionMetadata",
+    "BACKENDS",
+    "allocate_kv_cache",
+    "build_metadata",
+    "build_positions",
+    "get_attention_backend",
+    "kv_cache_bytes_per_block",
+]

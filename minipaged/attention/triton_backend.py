@@ -1,0 +1,41 @@
+"""Paged attention through the Triton kernels in ``kernels`` (compiled on CUDA, interpreted on CPU).
+
+A step whose sequences all have one new token runs the decode kernel; any step with a
+longer query (prefill, chunked prefill, or a mix with decodes) runs the prefill kernel,
+which handles one-token sequences as well.
+"""
+from __future__ import annotations
+
+import torch
+
+import kernels
+from minipaged.attention.metadata import AttentionMetadata
+
+
+class TritonAttentionBackend:
+    """Attention backend calling ``kernels.kv_append`` then a paged attention kernel."""
+
+    name = "triton"
+
+    def prepare(self, meta: AttentionMetadata, block_size: int, dtype: torch.dtype = torch.float32) -> AttentionMetadata:
+        """Nothing to precompute: the kernels read the metadata tensors directly."""
+        return meta
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        """Write ``k``, ``v`` ``[T, Hkv, D]`` at ``meta.slot_mapping``, then attend; returns ``[T, Hq, D]``."""
+        kernels.kv_append(k.contiguous(), v.contiguous(), k_cache, v_cache, meta.slot_mapping)
+        q = q.contiguous()
+        if meta.max_query_len == 1:
+            return kernels.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale=scale)
+        return kernels.paged_prefill_attention(
+            q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q, meta.context_lens, scale=scale
+        )

