@@ -12,6 +12,7 @@ Time advances in decode steps of ``step_time`` seconds. In each step, in this or
    FCFS: a blocked head blocks everyone behind it); admission stores the prompt's KV;
 4. the memory is classified slot by slot (:class:`~minipaged.memsim.allocators.MemoryBreakdown`).
 
+Prefill and recomputation after a preemption are free in time (only memory is modelled).
 When nothing is running or waiting the clock jumps to the next arrival; those idle gaps
 are reported as ``idle_time`` but carry no memory samples, so every average below is over
 *busy* time, weighted by step duration. ``SimResult.series`` keeps the per-step time
@@ -126,6 +127,18 @@ class SimResult:
         return row
 
 
+def engine_utilization(steps) -> tuple[np.ndarray, np.ndarray]:
+    """(time [num_steps] in s, utilization [num_steps]) from an engine trace.
+
+    ``steps`` is any sequence of records with ``duration_s`` and ``utilization`` (the
+    engine's ``minipaged.trace.StepRecord``); time is taken at the start of each step,
+    as in :class:`StepSeries`, so the two curves overlay on one axis.
+    """
+    durations = np.array([s.duration_s for s in steps], dtype=np.float64)
+    util = np.array([s.utilization for s in steps], dtype=np.float64)
+    return np.concatenate([[0.0], np.cumsum(durations)[:-1]]) if len(durations) else durations, util
+
+
 @dataclass
 class _Waiting:
     request: Request
@@ -168,12 +181,14 @@ def simulate(trace: Trace, strategy: Strategy, config: SimConfig) -> SimResult:
     queued_at: dict[int, float] = {}  # step at which a request first joined the queue
     rec = _Recorder()
     delays: list[float] = []
-    t, nxt, rejected, delayed, preemptions, completed, idle = 0.0, 0, 0, 0, 0, 0, 0.0
+    step, nxt, rejected, delayed, preemptions, completed, idle = 0, 0, 0, 0, 0, 0, 0.0
     while nxt < len(requests) or queue or running:
+        t = step * config.step_time  # from an integer step count: no drift over long traces
         if not queue and not running and requests[nxt].arrival > t:
-            gap = requests[nxt].arrival - t
-            t += config.step_time * np.ceil(gap / config.step_time)  # stay on the step grid
-            idle += gap
+            idle_steps = int(np.ceil((requests[nxt].arrival - t) / config.step_time))
+            step += idle_steps
+            idle += idle_steps * config.step_time
+            t = step * config.step_time
         while nxt < len(requests) and requests[nxt].arrival <= t:
             req = requests[nxt]
             nxt += 1
@@ -192,7 +207,7 @@ def simulate(trace: Trace, strategy: Strategy, config: SimConfig) -> SimResult:
             delays.append(t - req.arrival)
         head = (queue[0].request, queue[0].tokens) if queue else None
         rec.add(t, config.step_time, strategy.snapshot(head), len(running), len(queue))
-        t += config.step_time
+        step += 1
     return SimResult(
         strategy=strategy.name,
         trace=trace.name,
@@ -205,7 +220,7 @@ def simulate(trace: Trace, strategy: Strategy, config: SimConfig) -> SimResult:
         preemptions=preemptions,
         idle_time=idle,
         mean_queue_delay=float(np.mean(delays)) if delays else 0.0,
-        makespan=t,
+        makespan=step * config.step_time,
     )
 
 
