@@ -306,3 +306,55 @@ def test_idle_gaps_carry_no_samples() -> None:
     assert res.series.time.tolist() == [0.0, 1.0, 10.0, 11.0]
     assert res.idle_time == 8.0 and res.makespan == 12.0
     assert res.series.token_states.tolist() == [1, 0, 1, 0]
+
+
+def test_paged_hand_trace_internal_fragmentation() -> None:
+    """Blocks of 4 slots. R1 has 5 prompt + 2 output tokens, R2 3 + 3.
+
+    t=0  R1 5 tokens in 2 blocks (3 empty), R2 3 in 1 block (1 empty) -> internal 4
+    t=1  R1 6 (2 empty), R2 4 (0 empty)                               -> internal 2
+    t=2  R1 reaches 7 and finishes; R2 5 tokens in 2 blocks (3 empty) -> internal 3
+    t=3  R2 reaches 6 and finishes                                    -> internal 0
+    """
+    res = simulate(_trace((0.0, 5, 2), (0.0, 3, 3)), PagedStrategy(32, 4), SimConfig(budget=32, step_time=1.0))
+    assert res.series.token_states.tolist() == [8, 10, 5, 0]
+    assert res.series.internal.tolist() == [4, 2, 3, 0]
+    assert res.series.free.tolist() == [20, 20, 24, 32]
+    np.testing.assert_allclose(res.series.utilization(), [8 / 12, 10 / 12, 5 / 8, 1.0])
+
+
+def test_paged_watermark_rejects_requests_that_could_not_come_back() -> None:
+    # 8 blocks of 4, 2 kept free at admission: 6 blocks = 24 tokens is the most a request may reach
+    trace = _trace((0.0, 10, 14), (0.0, 10, 15))
+    res = simulate(trace, PagedStrategy(32, 4, watermark_blocks=2), SimConfig(budget=32, step_time=1.0))
+    assert (res.completed, res.rejected) == (1, 1)
+
+
+def test_a_strategy_that_never_admits_is_reported_not_looped() -> None:
+    class Stuck:
+        name, budget, preempts = "stuck", 8, False
+
+        def fits_ever(self, req):
+            return True
+
+        def try_admit(self, seq_id, req, num_tokens):
+            return False
+
+    with pytest.raises(RuntimeError, match="request 0 cannot be admitted"):
+        simulate(_trace((0.0, 1, 1)), Stuck(), SimConfig(budget=8))
+
+
+def test_paged_preempts_the_newest_request_and_readmits_it_with_its_tokens() -> None:
+    """8 one-slot blocks; R1 and R2 both 3 prompt + 3 output tokens.
+
+    t=0  both admitted: 6 slots used.        t=1  both grow to 4: memory full.
+    t=2  R1 needs a slot: R2 (newest) is preempted with its 4 tokens; R1 grows to 5;
+         R2 needs 4 slots, 3 are free -> waits.
+    t=3  R1 reaches 6 and finishes; R2 is readmitted holding its 4 tokens.
+    t=4  R2 has 5.                           t=5  R2 reaches 6 and finishes.
+    """
+    res = simulate(_trace((0.0, 3, 3), (0.0, 3, 3)), PagedStrategy(8, 1), SimConfig(budget=8, step_time=1.0))
+    assert res.series.token_states.tolist() == [6, 8, 5, 4, 5, 0]
+    assert res.series.waiting.tolist() == [0, 0, 1, 0, 0, 0]
+    assert res.series.running.tolist() == [2, 2, 1, 1, 1, 0]
+    assert (res.preemptions, res.completed, res.delayed) == (1, 2, 0)

@@ -248,6 +248,7 @@ class PagedStrategy:
         self.name = f"paged (block {block_size})"
         self.budget = budget
         self.block_size = block_size
+        self.watermark_blocks = watermark_blocks
         self.manager = BlockManager(
             budget // block_size, block_size, enable_prefix_caching=False, watermark_blocks=watermark_blocks
         )
@@ -256,7 +257,9 @@ class PagedStrategy:
         return self.manager.blocks_for(num_tokens) * self.block_size
 
     def fits_ever(self, req: Request) -> bool:
-        return self.manager.blocks_for(req.total_len) <= self.manager.num_blocks
+        # Admission keeps the watermark free, and a preempted request is readmitted with
+        # up to total_len - 1 tokens: only this bound guarantees it can always come back.
+        return self.manager.blocks_for(req.total_len) + self.watermark_blocks <= self.manager.num_blocks
 
     def try_admit(self, seq_id: Hashable, req: Request, num_tokens: int) -> bool:
         tokens = [0] * num_tokens  # contents are irrelevant with prefix caching off

@@ -200,7 +200,13 @@ def simulate(trace: Trace, strategy: Strategy, config: SimConfig) -> SimResult:
         finished, preempted = _decode_step(strategy, running, queue)
         completed += finished
         preemptions += preempted
-        for req in _admit(strategy, running, queue, config.max_running):
+        admitted = _admit(strategy, running, queue, config.max_running)
+        if queue and not running:
+            raise RuntimeError(
+                f"{strategy.name}: request {queue[0].request.req_id} cannot be admitted into an empty memory "
+                f"of {config.budget} slots although fits_ever() accepted it"
+            )
+        for req in admitted:
             if req.req_id not in queued_at:
                 continue  # readmission after a preemption: its first admission was counted
             delayed += t > queued_at.pop(req.req_id)
