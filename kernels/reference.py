@@ -68,3 +68,43 @@ def paged_decode_attention(
         probs = torch.softmax(scores, dim=-1)
         out[seq] = torch.einsum("hn,nhd->hd", probs, v).to(out.dtype)
     return out
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Reference prefill/extend attention: per sequence, gather its blocks, build the
+    full score matrix with a causal mask shifted by the cached prefix, plain softmax.
+
+    ``q`` ``[total_new_tokens, num_heads, head_dim]`` packed by ``cu_seqlens_q``
+    ``[num_seqs + 1]``; caches ``[num_blocks, block_size, num_kv_heads, head_dim]``;
+    ``block_tables`` ``[num_seqs, max_blocks_per_seq]``; ``context_lens`` ``[num_seqs]``
+    (prefix + new tokens). Computes in float64 for float64 inputs, else in float32;
+    returns ``q``'s dtype.
+    """
+    from kernels.prefill_attention import check_prefill_args
+
+    group = check_prefill_args(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, REFERENCE_DTYPES)
+    out = check_out(out, q)
+    scale = default_scale(q.shape[2], scale)
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    cu = cu_seqlens_q.tolist()
+    for seq, context_len in enumerate(context_lens.tolist()):
+        begin, end = cu[seq], cu[seq + 1]
+        if begin == end:
+            continue
+        k = _gather(k_cache, block_tables[seq], context_len).to(compute).repeat_interleave(group, dim=1)
+        v = _gather(v_cache, block_tables[seq], context_len).to(compute).repeat_interleave(group, dim=1)
+        scores = torch.einsum("qhd,nhd->hqn", q[begin:end].to(compute), k) * scale
+        q_pos = torch.arange(context_len - (end - begin), context_len, device=q.device)
+        k_pos = torch.arange(context_len, device=q.device)
+        scores = scores.masked_fill(k_pos[None, None, :] > q_pos[None, :, None], float("-inf"))
+        out[begin:end] = torch.einsum("hqn,nhd->qhd", torch.softmax(scores, dim=-1), v).to(out.dtype)
+    return out
