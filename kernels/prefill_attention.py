@@ -169,6 +169,36 @@ def plan_query_tiles(cu_seqlens_q: torch.Tensor, block_m: int) -> tuple[torch.Te
     return tile_seq.to(torch.int32), tile_start.to(torch.int32)
 
 
+@dataclass(frozen=True)
+class TileReads:
+    """What one query-tile program of the kernel reads (per head): new-token rows
+    ``first_row .. first_row + num_rows - 1`` of sequence ``seq`` and keys
+    ``0 .. key_end - 1``, in ``ceil(key_end / block_n)`` key tiles."""
+
+    seq: int
+    first_row: int
+    num_rows: int
+    prefix_len: int
+    key_end: int
+
+
+def tile_reads(cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, block_m: int) -> list[TileReads]:
+    """The kernel's loop bounds, in Python, for drawing and checking them.
+
+    ``cu_seqlens_q`` int ``[num_seqs + 1]``, ``context_lens`` int ``[num_seqs]``.
+    Mirrors the kernel: a tile's last key is its last row's own position.
+    """
+    cu = cu_seqlens_q.tolist()
+    lens = context_lens.tolist()
+    reads = []
+    for seq, start in zip(*(t.tolist() for t in plan_query_tiles(cu_seqlens_q, block_m))):
+        new_len = cu[seq + 1] - cu[seq]
+        prefix_len = lens[seq] - new_len
+        key_end = min(lens[seq], prefix_len + start + block_m)
+        reads.append(TileReads(seq, start, min(block_m, new_len - start), prefix_len, key_end))
+    return reads
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
