@@ -28,8 +28,8 @@ from kernels._aot import AotSpec
 MAX_HEAD_DIM = 256
 _DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
-# Shape the kernel report uses for its bytes-moved column: a 2k-token prompt chunk
-# behind a 2k-token cached prefix, Llama-7B-like heads, fp16.
+# Shape the kernel report uses for its bytes-moved column: four sequences, each a
+# 512-token chunk behind a 512-token cached prefix, Llama-7B-like heads, fp16.
 REFERENCE_SHAPE: dict = {
     "num_seqs": 4,
     "new_len": 512,
