@@ -183,6 +183,26 @@ def test_one_new_token_equals_decode(dtype, device):
     assert_close(out, decode, dtype)
 
 
+def test_strided_views_int64_metadata_and_scale(device):
+    """q and out as views into wider buffers (as a fused QKV projection yields),
+    int64 metadata, and an explicit scale all reach the kernel."""
+    case = make_case([9, 0], [20, 13], block_size=8, num_kv_heads=2, group=2, head_dim=40,
+                     dtype=torch.float32, device=device, seed=8)
+    num_tokens, num_heads, head_dim = case.q.shape
+    q_buf = torch.randn(num_tokens, num_heads + 3, head_dim + 8, device=device)
+    q = q_buf[:, 1:1 + num_heads, 4:4 + head_dim]
+    q.copy_(case.q)
+    out_buf = torch.full((num_tokens, num_heads * 2, head_dim), float("nan"), device=device)
+    out = out_buf[:, ::2]
+    index = dict(block_tables=case.block_tables.long(), cu_seqlens_q=case.cu_seqlens_q.long(),
+                 context_lens=case.context_lens.long())
+    paged_prefill_attention(q, case.k_cache, case.v_cache, **index, scale=0.3, out=out)
+    ref = reference.paged_prefill_attention(case.q.double(), case.k_cache.double(), case.v_cache.double(),
+                                            **index, scale=0.3)
+    assert_close(out, ref, torch.float32)
+    assert out_buf[:, 1::2].isnan().all(), "kernel wrote outside the out view"
+
+
 def test_plan_query_tiles():
     cu = torch.tensor([0, 5, 5, 70, 71], dtype=torch.int32)
     tile_seq, tile_start = plan_query_tiles(cu, 32)
