@@ -23,10 +23,14 @@ pooled over all requests, i.e. the time-averaged memory saved while they run.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from minipaged.memsim.traces import Trace
+
+if TYPE_CHECKING:
+    from minipaged.block_manager import BlockManager
 
 
 @dataclass(frozen=True)
@@ -47,7 +51,7 @@ class SharingResult:
         return 1.0 - self.shared_block_steps / self.unshared_block_steps
 
 
-def _manager(num_blocks: int, block_size: int):
+def _manager(num_blocks: int, block_size: int) -> BlockManager:
     from minipaged.block_manager import BlockManager  # the real one, never a copy
 
     return BlockManager(num_blocks, block_size, enable_prefix_caching=False)
@@ -116,7 +120,9 @@ def beam_search_savings(
     return SharingResult("beam", width, block_size, trace.name, shared, unshared, copies)
 
 
-def _prune_and_fork(bm, beams: list[int], next_id: int, prune_prob: float, rng: np.random.Generator):
+def _prune_and_fork(
+    bm: BlockManager, beams: list[int], next_id: int, prune_prob: float, rng: np.random.Generator
+) -> tuple[list[int], int]:
     """Prune each beam with ``prune_prob``; refill from forks of random survivors. Returns (beams, next_id)."""
     pruned = rng.random(len(beams)) < prune_prob
     if pruned.all():
