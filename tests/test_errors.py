@@ -1,0 +1,113 @@
+"""Bad input raises a typed error naming the field, before any work, leaving other requests alone."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minipaged import LLM, SamplingParams
+from minipaged.errors import (
+    InvalidEngineConfigError, InvalidPromptError, InvalidSamplingParamsError, PromptTooLongError,
+    RequestTooLargeError, UnknownRequestError,
+)
+from minipaged.models import build_model_from_hf
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    import transformers
+
+    torch.manual_seed(3)
+    cfg = transformers.LlamaConfig(vocab_size=200, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def make_llm(hf_model, **kwargs) -> LLM:
+    kwargs.setdefault("num_kv_blocks", 16)
+    kwargs.setdefault("block_size", 4)
+    return LLM(build_model_from_hf(hf_model), **kwargs)
+
+
+GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+
+
+def ids(*tokens):
+    return {"prompt_token_ids": list(tokens)}
+
+
+@pytest.mark.parametrize("prompt, error, field", [
+    ("", InvalidPromptError, "prompt"),
+    (ids(), InvalidPromptError, "prompt"),
+    (ids(5, 200), InvalidPromptError, "prompt_token_ids"),
+    (ids(5, -1), InvalidPromptError, "prompt_token_ids"),
+    ({"prompt_token_ids": "abc"}, InvalidPromptError, "prompt_token_ids"),
+    (42, InvalidPromptError, "prompt"),
+    (ids(*range(1, 41)), PromptTooLongError, "prompt"),
+])
+def test_bad_prompt_rejected_before_any_work(hf_model, prompt, error, field):
+    llm = make_llm(hf_model, max_model_len=32, num_kv_blocks=64)
+    with pytest.raises(error) as info:
+        llm.generate([ids(1, 2, 3), prompt], GREEDY, use_tqdm=False)
+    assert info.value.field == field and field in str(info.value)
+    assert not llm.has_unfinished_requests() and llm.trace == []  # the good prompt was not started either
+    assert llm.block_manager.stats().used_blocks == 0
+
+
+def test_request_that_can_never_fit_the_cache(hf_model):
+    llm = make_llm(hf_model, num_kv_blocks=4, block_size=4)  # 16 token slots
+    with pytest.raises(RequestTooLargeError) as info:
+        llm.generate(ids(*range(1, 18)), GREEDY, use_tqdm=False)
+    assert info.value.field == "prompt"
+    with pytest.raises(RequestTooLargeError) as info:
+        llm.generate(ids(*range(1, 12)), SamplingParams(max_tokens=6), use_tqdm=False)
+    assert info.value.field == "max_tokens"
+    out = llm.generate(ids(*range(1, 11)), GREEDY, use_tqdm=False)[0]  # 10 + 6 = 16 slots: fits
+    assert len(out.outputs[0].token_ids) == 6
+
+
+def test_bad_request_leaves_running_requests_unaffected(hf_model):
+    reference = make_llm(hf_model).generate([ids(1, 2, 3), ids(9, 8)], GREEDY, use_tqdm=False)
+    llm = make_llm(hf_model)
+    first = llm.add_request(ids(1, 2, 3), GREEDY)
+    llm.step()
+    with pytest.raises(InvalidPromptError):
+        llm.add_request(ids(), GREEDY)
+    with pytest.raises(InvalidSamplingParamsError) as info:
+        llm.add_request(ids(1), SamplingParams(top_p=0))
+    assert info.value.field == "top_p"
+    second = llm.add_request(ids(9, 8), GREEDY)
+    done = {}
+    while llm.has_unfinished_requests():
+        done.update({o.request_id: o for o in llm.step()})
+    assert done[first].outputs[0].token_ids == reference[0].outputs[0].token_ids
+    assert done[second].outputs[0].token_ids == reference[1].outputs[0].token_ids
+    assert llm.block_manager.stats().used_blocks == 0
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"top_p": 1.01}, "top_p"),
+    ({"temperature": -1.0}, "temperature"),
+    ({"n": 0}, "n"),
+])
+def test_bad_sampling_params_are_typed(kwargs, field):
+    with pytest.raises(InvalidSamplingParamsError) as info:
+        SamplingParams(**kwargs)
+    assert info.value.field == field
+
+
+def test_engine_arguments(hf_model):
+    with pytest.raises(TypeError, match="block_sz"):
+        make_llm(hf_model, block_sz=8)
+    with pytest.raises(InvalidEngineConfigError) as info:
+        make_llm(hf_model, max_model_len=129)  # the model has 128 positions
+    assert info.value.field == "max_model_len"
+    llm = make_llm(hf_model)
+    with pytest.raises(UnknownRequestError):
+        llm.abort("no-such-request")
+    with pytest.raises(InvalidPromptError) as info:
+        llm.generate([ids(1), ids(2)], [GREEDY], use_tqdm=False)
+    assert info.value.field == "sampling_params"
+    with pytest.raises(InvalidPromptError) as info:
+        llm.generate(["text needs a tokenizer"], GREEDY, use_tqdm=False)
+    assert info.value.field == "prompt"
