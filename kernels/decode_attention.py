@@ -105,7 +105,9 @@ def _decode_kernel(
             k_base + blocks[:, None] * stride_kb + rows[:, None] * stride_ko + offs_d[None, :],
             mask=mask_nd, other=0.0,
         )
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+        # For fp32 inputs, tf32x3 (three TF32 MMAs) keeps about fp32 accuracy on tensor
+        # cores instead of a fully unrolled FMA loop; fp16/bf16 dots ignore it.
+        s = tl.dot(q, tl.trans(k), input_precision="tf32x3") * qk_scale
         s = tl.where(mask_n[None, :], s, float("-inf"))
         # Every tile holds at least one real token, so m_new is finite.
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -116,7 +118,7 @@ def _decode_kernel(
             v_base + blocks[:, None] * stride_vb + rows[:, None] * stride_vo + offs_d[None, :],
             mask=mask_nd, other=0.0,
         )
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="tf32x3")
         m_i = m_new
 
     out_ptrs = out_ptr + seq * stride_os + heads[:, None] * stride_oh + split * stride_op + offs_d[None, :]
@@ -207,7 +209,7 @@ def check_decode_args(
     """
     num_blocks, block_size, num_kv_heads, head_dim = check_kv_cache(k_cache, v_cache, dtypes)
     check_tensor("q", q, 3, (k_cache.dtype,))
-    check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables, context_lens=context_lens)
+    check_same_device(k_cache=k_cache, v_cache=v_cache, q=q, block_tables=block_tables, context_lens=context_lens)
     if q.shape[2] != head_dim:
         raise ValueError(f"q has head_dim {q.shape[2]} but k_cache has head_dim {head_dim}")
     if q.stride(-1) != 1:

@@ -71,7 +71,7 @@ def check_kv_append_args(
     check_tensor("key", key, 3, (k_cache.dtype,))
     check_tensor("value", value, 3, (k_cache.dtype,))
     check_tensor("slot_mapping", slot_mapping, 1, INDEX_DTYPES)
-    check_same_device(key=key, value=value, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping)
+    check_same_device(k_cache=k_cache, v_cache=v_cache, key=key, value=value, slot_mapping=slot_mapping)
     if tuple(key.shape[1:]) != (num_kv_heads, head_dim):
         raise ValueError(
             f"key has shape {tuple(key.shape)}, expected [num_tokens, {num_kv_heads}, {head_dim}] to match k_cache"

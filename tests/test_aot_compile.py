@@ -1,0 +1,66 @@
+"""Every kernel configuration the wrappers can pick compiles for sm_80 and sm_90 within
+shared memory.
+
+Compilation runs ``python -m kernels.report --json`` in a child process: this process
+defined the kernels under the interpreter, which ``triton.compile`` cannot take. The
+child gets an empty Triton cache so every configuration is really compiled.
+"""
+import importlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import triton
+
+from kernels import _aot, decode_attention, report
+
+# The package re-exports the kv_append function under the module's name.
+kv_append_module = importlib.import_module("kernels.kv_append")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory) -> list[dict]:
+    tmp = tmp_path_factory.mktemp("aot")
+    env = _aot.compile_mode_env()
+    env["TRITON_CACHE_DIR"] = str(tmp / "triton-cache")
+    out = tmp / "rows.json"
+    proc = subprocess.run([sys.executable, "-m", "kernels.report", "--json", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_every_spec_compiles_for_every_target(rows):
+    expected = {(spec.kernel, spec.config, target) for _, spec in report.discover() for target in _aot.TARGETS}
+    compiled = {(r["kernel"], r["config"], r["target"]) for r in rows if r["error"] is None}
+    failed = [(r["kernel"], r["config"], r["target"], r["error"]) for r in rows if r["error"] is not None]
+    assert not failed, failed
+    assert compiled == expected
+    kernel_names = {r["kernel"] for r in rows}
+    assert {"kv_append", "paged_decode_attention"} <= kernel_names
+
+
+def test_shared_memory_within_target_limit(rows):
+    over = [(r["kernel"], r["config"], r["target"], r["shared_bytes"]) for r in rows
+            if r["error"] is None and r["shared_bytes"] > _aot.SHARED_MEMORY_LIMIT[r["target"]]]
+    assert not over, over
+
+
+def test_decode_specs_cover_every_wrapper_choice():
+    """Each head_dim the wrapper accepts maps to a tile that has single, split and merge specs."""
+    configs = {spec.config for spec in decode_attention.aot_specs()}
+    for dtype in ("fp32", "fp16", "bf16"):
+        for head_dim in range(1, decode_attention.MAX_HEAD_DIM + 1):
+            tile = decode_attention.head_dim_tile(head_dim)
+            for stage in ("single", "split", "merge"):
+                assert f"{dtype} D{tile} {stage}" in configs
+    assert {triton.next_power_of_2(d) for d in (64, 80, 96, 128, 256)} <= set(decode_attention.HEAD_DIM_TILES)
+
+
+def test_kv_append_specs_cover_every_wrapper_choice():
+    configs = {spec.config for spec in kv_append_module.aot_specs()}
+    assert configs == {f"{dtypes} slots={index}" for dtypes in ("fp32", "fp16/bf16") for index in ("i32", "i64")}
