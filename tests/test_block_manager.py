@@ -491,3 +491,21 @@ def test_stats_are_computed_from_the_tables():
     st = bm.stats()
     assert st.used_blocks == 0 and st.tokens_stored == 0 and st.utilization == 1.0
     assert st.free_blocks == 30 and st.total_allocated == st.total_freed
+
+
+def test_hits_are_revived_before_fresh_blocks_are_taken():
+    """If fresh blocks were popped first, the least recently used hit could be evicted and handed out twice."""
+    bm = BlockManager(4, 2)
+    w = ToyWorker(bm)
+    for s, p in (("a", [1, 2, 5]), ("b", [3, 4, 6])):
+        w.allocate(s, p)
+        w.compute(s)
+    w.free("a")
+    w.free("b")
+    w.allocate("c", [7, 7, 7, 7])        # takes both plain free blocks
+    a_first = bm.free_block_ids()[0]     # a's cached block is now first in line for eviction
+    assert w.allocate("d", [1, 2, 8]) == 2
+    table = bm.block_table("d")
+    assert table[0] == a_first and table[1] != a_first and bm.ref_count(a_first) == 1
+    w.compute("d")
+    w.check_all()
