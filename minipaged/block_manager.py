@@ -71,18 +71,19 @@ class BlockStats:
 
     num_blocks: int
     block_size: int
-    free_blocks: int
-    used_blocks: int
-    cached_blocks: int
-    tokens_stored: int
-    utilization: float
-    internal_fragmentation: float
-    prefix_queries: int
-    prefix_hits: int
-    hit_rate: float
-    total_allocated: int
-    total_freed: int
-    total_copied: int
+    free_blocks: int               # allocatable now, including cached blocks that would be evicted
+    used_blocks: int               # ref_count > 0
+    cached_blocks: int             # free but still holding a reusable computed full block
+    tokens_stored: int             # tokens in used blocks; a block shared by k sequences counts once
+    utilization: float             # tokens_stored / (used_blocks * block_size); 1.0 when nothing is used
+    internal_fragmentation: float  # 1 - utilization: empty slots inside used blocks
+    prefix_queries: int            # tokens asked for by allocate (cumulative)
+    prefix_hits: int               # of those, tokens served from the prefix cache (cumulative)
+    hit_rate: float                # prefix_hits / prefix_queries; 0.0 before any query
+    total_allocated: int           # blocks taken from the free pool, fresh or revived (cumulative)
+    total_freed: int               # blocks returned to the free pool (cumulative)
+    total_copied: int              # copy-on-write block copies (cumulative)
+    total_evicted: int = 0         # cached blocks whose prefix was dropped to reuse them (cumulative)
 
 
 @dataclass
@@ -147,12 +148,25 @@ class BlockManager:
         self._prefix_hits = 0
         self._total_copied = 0
 
-    num_blocks = property(lambda self: self._num_blocks, doc="Physical blocks in the pool.")
-    block_size = property(lambda self: self._block_size, doc="Token slots per block.")
-    enable_prefix_caching = property(lambda self: self._enable_prefix_caching,
-                                     doc="Whether computed full blocks are reused.")
-    watermark_blocks = property(lambda self: self._watermark_blocks,
-                                doc="Blocks can_allocate keeps free for running sequences.")
+    @property
+    def num_blocks(self) -> int:
+        """Physical blocks in the pool."""
+        return self._num_blocks
+
+    @property
+    def block_size(self) -> int:
+        """Token slots per block."""
+        return self._block_size
+
+    @property
+    def enable_prefix_caching(self) -> bool:
+        """Whether computed full blocks are reused by later requests."""
+        return self._enable_prefix_caching
+
+    @property
+    def watermark_blocks(self) -> int:
+        """Blocks can_allocate keeps free, so running sequences can still grow."""
+        return self._watermark_blocks
 
     @property
     def num_free_blocks(self) -> int:
@@ -423,4 +437,5 @@ class BlockManager:
             total_allocated=pool.total_allocated,
             total_freed=pool.total_freed,
             total_copied=self._total_copied,
+            total_evicted=pool.total_evicted,
         )

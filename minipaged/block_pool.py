@@ -23,7 +23,7 @@ from typing import Iterator, Optional
 BlockHash = bytes
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Block:
     """One physical KV block: identity, sharing count and prefix-cache record.
 

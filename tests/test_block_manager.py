@@ -19,6 +19,7 @@ from minipaged.block_manager import (
     SequenceFinishedError,
     UnknownSequenceError,
 )
+from minipaged.block_pool import Block, FreeBlockQueue
 
 
 class ToyWorker:
@@ -382,7 +383,7 @@ def test_eviction_is_lru_and_drops_the_hash_entry():
     w.allocate("x", rand_tokens(rng, 20))
     evicted = set(old_blocks) - set(bm.cached_block_ids())
     assert len(evicted) == 1 and evicted <= set(bm.block_table("x"))
-    assert bm.stats().cached_blocks == 3
+    assert bm.stats().cached_blocks == 3 and bm.stats().total_evicted == 1
     w.free("x")
     assert w.allocate("new2", new) == 8       # the newer prefix is untouched
     assert w.allocate("old2", old) == 4       # old's chain is broken at its evicted second block
@@ -509,3 +510,28 @@ def test_hits_are_revived_before_fresh_blocks_are_taken():
     assert table[0] == a_first and table[1] != a_first and bm.ref_count(a_first) == 1
     w.compute("d")
     w.check_all()
+
+
+def test_free_queue_links_stay_consistent_under_removal_from_anywhere():
+    rng = random.Random(10)
+    blocks = [Block(i) for i in range(12)]
+    queue = FreeBlockQueue(blocks)
+    model = list(range(12))
+    for _ in range(300):
+        op = rng.randrange(4)
+        if op == 0 and model:
+            assert queue.popleft().block_id == model.pop(0)
+        elif op == 1 and model:
+            victim = rng.choice(model)
+            queue.remove(blocks[victim])
+            model.remove(victim)
+        else:
+            out = [i for i in range(12) if i not in model]
+            if out:
+                i = rng.choice(out)
+                (queue.append if op == 2 else queue.appendleft)(blocks[i])
+                model.append(i) if op == 2 else model.insert(0, i)
+        assert [b.block_id for b in queue] == model and len(queue) == len(model)
+        assert all(b.in_free_queue == (b.block_id in model) for b in blocks)
+    with pytest.raises(IndexError):
+        FreeBlockQueue([]).popleft()
