@@ -22,7 +22,7 @@ from kernels import decode_attention, reference
 REL_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 BLOCK_SIZES = (1, 8, 16, 32)
-HEAD_DIMS = (64, 80, 128)
+HEAD_DIMS = (40, 64, 80, 96, 128, 256)
 GROUPS = (1, 3, 4, 7, 8)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SPLITS = (1, 4, None)
@@ -80,6 +80,7 @@ def check_against_reference(q, k_cache, v_cache, block_tables, lens, num_splits,
 @pytest.mark.parametrize(
     "block_size,head_dim,group,dtype,num_splits,num_kv_heads",
     pairwise([BLOCK_SIZES, HEAD_DIMS, GROUPS, DTYPES, SPLITS, KV_HEADS]),
+    ids=lambda v: str(v).removeprefix("torch."),
 )
 def test_decode_matches_reference(block_size, head_dim, group, dtype, num_splits, num_kv_heads, device):
     seed = zlib.crc32(repr((block_size, head_dim, group, dtype, num_splits, num_kv_heads)).encode())
@@ -89,7 +90,7 @@ def test_decode_matches_reference(block_size, head_dim, group, dtype, num_splits
     check_against_reference(*batch, num_splits=num_splits)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
 def test_split_and_single_pass_agree(dtype, device):
     """Both paths, forced, on one batch; 9 partitions of a 300-token context leave the
     short sequences with empty partitions (lse = -inf) that the merge must ignore."""

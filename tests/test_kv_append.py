@@ -9,7 +9,7 @@ import kernels
 from kernels import reference
 
 BLOCK_SIZES = (1, 8, 16, 32)
-HEAD_DIMS = (64, 80, 96, 128)
+HEAD_DIMS = (8, 64, 80, 96, 128, 256)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SLOT_DTYPES = (torch.int32, torch.int64)
 BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
@@ -35,7 +35,8 @@ def _case(block_size, head_dim, dtype, slot_dtype, device, num_kv_heads=2, num_t
 
 
 @pytest.mark.parametrize(
-    "block_size,head_dim,dtype,slot_dtype", pairwise([BLOCK_SIZES, HEAD_DIMS, DTYPES, SLOT_DTYPES])
+    "block_size,head_dim,dtype,slot_dtype", pairwise([BLOCK_SIZES, HEAD_DIMS, DTYPES, SLOT_DTYPES]),
+    ids=lambda v: str(v).removeprefix("torch."),
 )
 def test_kv_append_matches_reference_bit_exact(block_size, head_dim, dtype, slot_dtype, device):
     key, value, k_cache, v_cache, slots = _case(block_size, head_dim, dtype, slot_dtype, device)
