@@ -28,6 +28,11 @@ from minipaged.trace import StepRecord, Trace
 from minipaged.worker import Worker, num_kv_blocks_for
 
 
+def _check_priority(priority: Any) -> None:
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise InvalidPromptError("priority", f"must be an integer, got {priority!r}")
+
+
 @dataclass
 class _RequestGroup:
     """One user request: a prompt and its ``n`` sequences."""
@@ -42,6 +47,27 @@ class _RequestGroup:
     @property
     def finished(self) -> bool:
         return len(self.seqs) == self.params.n and all(s.status.finished for s in self.seqs)
+
+
+def _prebuilt_model_kwargs(model: torch.nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Engine kwargs for an already built model: dtype, device and backend are the model's own.
+
+    Passing a different one is an error rather than a silently ignored setting.
+    """
+    weight = next(model.parameters())
+    own = {"dtype": weight.dtype, "device": weight.device.type, "attention_backend": model.attention_backend.name}
+    canonical = {
+        "dtype": lambda v: EngineConfig(dtype=v).torch_dtype,
+        "device": lambda v: torch.device(v).type,
+        "attention_backend": lambda v: v,
+    }
+    merged = dict(kwargs)
+    for name, value in own.items():
+        given = kwargs.get(name)
+        if given is not None and canonical[name](given) != canonical[name](value):
+            raise InvalidEngineConfigError(name, f"{given!r} differs from the prebuilt model's {value!r}")
+        merged[name] = value
+    return merged
 
 
 class LLM:
@@ -61,7 +87,7 @@ class LLM:
             model = LoadedModel(model=model, tokenizer=tokenizer, config=model.config, name=type(model).__name__)
         if isinstance(model, LoadedModel):
             loaded = model
-            config = EngineConfig.from_kwargs(model=loaded.name, **kwargs)
+            config = EngineConfig.from_kwargs(model=loaded.name, **_prebuilt_model_kwargs(loaded.model, kwargs))
         else:
             config = EngineConfig.from_kwargs(model=model, **kwargs)
             loaded = load_model(model, dtype=config.torch_dtype, device=config.torch_device,
@@ -148,8 +174,7 @@ class LLM:
 
     def _add_validated(self, text: str | None, ids: list[int], params: SamplingParams,
                        priority: int, request_id: str | None) -> str:
-        if isinstance(priority, bool) or not isinstance(priority, int):
-            raise InvalidPromptError("priority", f"must be an integer, got {priority!r}")
+        _check_priority(priority)
         rid = request_id if request_id is not None else str(next(self._ids))
         if rid in self._groups:
             raise InvalidPromptError("request_id", f"{rid!r} is already in use")
@@ -334,6 +359,8 @@ class LLM:
             priorities = list(priority)
             if len(priorities) != len(prompts):
                 raise InvalidPromptError("priority", f"has {len(priorities)} entries for {len(prompts)} prompts")
+        for pri in priorities:
+            _check_priority(pri)
         # Validate everything first: one bad prompt must not leave the others half-submitted.
         checked = [self._validate(pr, sp) for pr, sp in zip(prompts, params)]
         return [self._add_validated(t, ids, sp, pri, None) for (t, ids), sp, pri in zip(checked, params, priorities)]

@@ -102,7 +102,16 @@ def test_engine_arguments(hf_model):
     with pytest.raises(InvalidEngineConfigError) as info:
         make_llm(hf_model, max_model_len=129)  # the model has 128 positions
     assert info.value.field == "max_model_len"
-    llm = make_llm(hf_model)
+    with pytest.raises(InvalidEngineConfigError) as info:
+        make_llm(hf_model, attention_backend="triton")  # the prebuilt model runs the torch backend
+    assert info.value.field == "attention_backend"
+    with pytest.raises(InvalidEngineConfigError) as info:
+        make_llm(hf_model, dtype="float16")  # ... in float32: its KV cache must match
+    assert info.value.field == "dtype"
+    llm = make_llm(hf_model, dtype=torch.float32)
+    with pytest.raises(InvalidPromptError) as info:
+        llm.generate([ids(1), ids(2)], GREEDY, use_tqdm=False, priority=[0, "high"])
+    assert info.value.field == "priority" and not llm.has_unfinished_requests()
     with pytest.raises(UnknownRequestError):
         llm.abort("no-such-request")
     with pytest.raises(InvalidPromptError) as info:
