@@ -26,6 +26,8 @@ from kernels import _checks
 from kernels._aot import AotSpec
 
 MAX_HEAD_DIM = 256
+# Sequences with at most this many new tokens get 16-row query tiles (see the wrapper).
+SHORT_QUERY_LEN = 16
 _DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 # Shape the kernel report uses for its bytes-moved column: four sequences, each a
@@ -136,32 +138,41 @@ class PrefillConfig:
     num_stages: int = 2
 
 
-def choose_config(head_dim: int, dtype: torch.dtype) -> PrefillConfig:
-    """The wrapper's tile rule.
+def choose_config(head_dim: int, dtype: torch.dtype, short: bool = False) -> PrefillConfig:
+    """The wrapper's tile rule; ``short`` for sequences with at most ``SHORT_QUERY_LEN``
+    new tokens.
 
-    ``block_d`` is the next power of two >= ``head_dim``, at least 32 (``tl.dot`` needs
-    16, and smaller heads are not worth their own compiled variant); the extra lanes
-    are masked. Key tiles shrink as rows get wider so that the Q tile and the
-    double-buffered K and V tiles stay well inside shared memory: ``block_n = 64`` up to
-    256 bytes per row, 32 up to 512, else 16. ``block_m`` is 64; 8 warps from
-    ``block_d = 128`` on, 4 below.
+    ``block_d`` is the next power of two >= ``head_dim``, at least 64 (smaller heads
+    are rare and not worth their own compiled variants); the extra lanes are masked.
+    Key tiles shrink as rows get wider so that the Q tile and the double-buffered K
+    and V tiles stay well inside shared memory: ``block_n = 64`` up to 256 bytes per
+    row, 32 up to 512, else 16. ``block_m`` is 64 with 4 warps (8 from
+    ``block_d = 128`` on); short sequences in fp16/bf16 get ``block_m = 16`` with 4
+    warps. fp32, a dtype for checking rather than serving, keeps one variant per tile
+    width so the ahead-of-time build stays small.
     """
-    block_d = max(32, triton.next_power_of_2(head_dim))
+    block_d = max(64, triton.next_power_of_2(head_dim))
     row_bytes = block_d * torch.empty((), dtype=dtype).element_size()
     block_n = 64 if row_bytes <= 256 else 32 if row_bytes <= 512 else 16
-    num_warps = 8 if block_d >= 128 else 4
-    return PrefillConfig(block_m=64, block_n=block_n, block_d=block_d, num_warps=num_warps)
+    if short and dtype != torch.float32:
+        return PrefillConfig(block_m=16, block_n=block_n, block_d=block_d, num_warps=4)
+    return PrefillConfig(block_m=64, block_n=block_n, block_d=block_d, num_warps=8 if block_d >= 128 else 4)
 
 
-def plan_query_tiles(cu_seqlens_q: torch.Tensor, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+def plan_query_tiles(
+    cu_seqlens_q: torch.Tensor, block_m: int, include: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Split each sequence's new tokens into tiles of ``block_m``.
 
-    ``cu_seqlens_q`` is int ``[num_seqs + 1]``. Returns int32 ``tile_seq [num_tiles]``
+    ``cu_seqlens_q`` is int ``[num_seqs + 1]``; ``include`` (bool ``[num_seqs]``, all
+    when ``None``) picks the sequences to tile. Returns int32 ``tile_seq [num_tiles]``
     (the sequence of each tile) and ``tile_start [num_tiles]`` (its first new-token
     index within that sequence). A sequence with no new tokens gets no tile.
     """
     cu = cu_seqlens_q.to("cpu", torch.int64)
     new_lens = cu[1:] - cu[:-1]
+    if include is not None:
+        new_lens = torch.where(include.cpu(), new_lens, 0)
     tiles_per_seq = (new_lens + block_m - 1) // block_m
     tile_seq = torch.repeat_interleave(torch.arange(len(new_lens)), tiles_per_seq)
     first_tile = torch.cumsum(tiles_per_seq, 0) - tiles_per_seq
@@ -257,7 +268,11 @@ def paged_prefill_attention(
     q and the caches share one dtype (fp32, fp16, bf16); ``num_heads`` is a multiple of
     ``num_kv_heads`` (query head h reads kv head ``h // group``); head_dim <= 256; any
     block size. ``scale`` defaults to ``1/sqrt(head_dim)``. ``config`` overrides the
-    tile rule of ``choose_config`` (tests and the notebook use it).
+    tile rule (tests and the notebook use it) for one launch over all sequences.
+
+    Without ``config``, sequences with at most ``SHORT_QUERY_LEN`` new tokens (the
+    decodes that ride along in a chunked-prefill step) get their own launch with
+    16-row query tiles, so a one-token sequence does not pay for 64 rows.
 
     Under the Triton interpreter (``TRITON_INTERPRET=1``), which has no bf16
     arithmetic, bf16 inputs are upcast to fp32 around the kernel and the result
@@ -268,24 +283,42 @@ def paged_prefill_attention(
     out = _checks.check_out(out, q)
     if out.stride(-1) != 1:
         raise ValueError("out must be contiguous in its last (head_dim) dimension")
-    cfg = config or choose_config(q.shape[2], q.dtype)
-    if cfg.block_d < q.shape[2]:
-        raise ValueError(f"config.block_d {cfg.block_d} is smaller than head_dim {q.shape[2]}")
+    if config is not None and config.block_d < q.shape[2]:
+        raise ValueError(f"config.block_d {config.block_d} is smaller than head_dim {q.shape[2]}")
     if q.shape[0] == 0:
         return out
     if q.dtype == torch.bfloat16 and _interpreting():
-        result = _launch(q.float(), k_cache.float(), v_cache.float(), block_tables, cu_seqlens_q,
-                         context_lens, scale, torch.empty(q.shape, device=q.device), group, cfg)
+        result = _launch_all(q.float(), k_cache.float(), v_cache.float(), block_tables, cu_seqlens_q,
+                             context_lens, scale, torch.empty(q.shape, device=q.device), group, config)
         return out.copy_(result)
-    return _launch(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, out, group, cfg)
+    return _launch_all(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, out, group, config)
+
+
+def _launch_all(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, scale: float, out: torch.Tensor,
+    group: int, config: PrefillConfig | None,
+) -> torch.Tensor:
+    """One launch with ``config``, else a launch each for short and long sequences."""
+    args = (q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, out, group)
+    if config is not None:
+        return _launch(*args, config, None)
+    new_lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
+    short = new_lens <= SHORT_QUERY_LEN
+    for is_short, include in ((True, short), (False, ~short)):
+        if bool(include.any()):
+            _launch(*args, choose_config(q.shape[2], q.dtype, is_short), include)
+    return out
 
 
 def _launch(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, scale: float, out: torch.Tensor,
-    group: int, cfg: PrefillConfig,
+    group: int, cfg: PrefillConfig, include: torch.Tensor | None,
 ) -> torch.Tensor:
-    tile_seq, tile_start = (t.to(q.device) for t in plan_query_tiles(cu_seqlens_q, cfg.block_m))
+    tile_seq, tile_start = (t.to(q.device) for t in plan_query_tiles(cu_seqlens_q, cfg.block_m, include))
+    if tile_seq.numel() == 0:
+        return out
     tables = block_tables.to(torch.int32).contiguous()
     grid = (tile_seq.numel(), q.shape[1])
     _prefill_kernel[grid](
@@ -309,8 +342,9 @@ def all_configs() -> list[tuple[torch.dtype, PrefillConfig]]:
     """Every (dtype, config) pair ``choose_config`` can return for head_dim 1..256."""
     seen: dict[tuple[torch.dtype, PrefillConfig], None] = {}
     for dtype in _DTYPES:
-        for head_dim in (32, 64, 128, 256):
-            seen[(dtype, choose_config(head_dim, dtype))] = None
+        for head_dim in (64, 128, 256):
+            for short in (False, True):
+                seen[(dtype, choose_config(head_dim, dtype, short))] = None
     return list(seen)
 
 

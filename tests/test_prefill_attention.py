@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import kernels
 from kernels import reference
 from kernels.prefill_attention import (
-    PrefillConfig, choose_config, paged_prefill_attention, plan_query_tiles, tile_reads,
+    PrefillConfig, all_configs, aot_specs, choose_config, paged_prefill_attention, plan_query_tiles, tile_reads,
 )
 
 # Max |kernel - reference| relative to max |reference|. fp16 rounds P to fp16 before
@@ -208,14 +208,20 @@ def test_plan_query_tiles():
     tile_seq, tile_start = plan_query_tiles(cu, 32)
     assert tile_seq.tolist() == [0, 2, 2, 2, 3]
     assert tile_start.tolist() == [0, 0, 32, 64, 0]
+    tile_seq, tile_start = plan_query_tiles(cu, 16, include=torch.tensor([True, True, False, True]))
+    assert tile_seq.tolist() == [0, 3] and tile_start.tolist() == [0, 0]
 
 
 def test_choose_config_covers_head_dim():
+    compiled = all_configs()  # what aot_specs() builds
+    assert len(aot_specs()) == len(compiled)
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        for head_dim in (1, 33, 64, 80, 129, 256):
-            cfg = choose_config(head_dim, dtype)
-            assert cfg.block_d >= head_dim and cfg.block_d & (cfg.block_d - 1) == 0
-            assert min(cfg.block_m, cfg.block_n, cfg.block_d) >= 16  # tl.dot minimum
+        for head_dim in range(1, 257):
+            for short in (False, True):
+                cfg = choose_config(head_dim, dtype, short)
+                assert cfg.block_d >= head_dim and cfg.block_d & (cfg.block_d - 1) == 0
+                assert min(cfg.block_m, cfg.block_n, cfg.block_d) >= 16  # tl.dot minimum
+                assert (dtype, cfg) in compiled, f"{dtype} {cfg} is launched but not compiled ahead of time"
 
 
 def test_no_new_tokens_returns_untouched_out(device):
