@@ -30,7 +30,7 @@ class DecodeBatch:
     rows: slice | torch.Tensor  # which query rows are decode tokens (a slice when contiguous)
     block_ids: torch.Tensor  # int64 [num_decodes * max_blocks], each sequence's blocks in logical order
     max_blocks: int
-    key_bias: torch.Tensor  # [num_decodes, 1, max_blocks * block_size] 0 for real keys, -inf past context
+    key_bias: torch.Tensor  # [num_decodes, 1, 1, max_blocks * block_size] 0 for real keys, -inf past context
 
 
 @dataclass(frozen=True)
@@ -128,8 +128,8 @@ def _make_decode_batch(
     block_ids = meta.block_tables[seq_index, :max_blocks].to(torch.int64).reshape(-1)
     lens_t = torch.tensor(lens, device=device)
     key_pos = torch.arange(max_blocks * block_size, device=device)
-    bias = torch.zeros((len(seqs), 1, max_blocks * block_size), dtype=dtype, device=device)
-    bias.masked_fill_((key_pos[None, :] >= lens_t[:, None])[:, None, :], float("-inf"))
+    bias = torch.zeros((len(seqs), 1, 1, max_blocks * block_size), dtype=dtype, device=device)
+    bias.masked_fill_((key_pos[None, :] >= lens_t[:, None])[:, None, None, :], float("-inf"))
     return DecodeBatch(row_index, block_ids, max_blocks, bias)
 
 
@@ -138,21 +138,19 @@ def decode_attention(
 ) -> torch.Tensor:
     """One query token per sequence: ``q [B, Hq, D]`` -> ``[B, Hq, D]`` over each sequence's paged keys.
 
-    The gathered keys are ``[B, S, Hkv, D]`` (``S = max_blocks * block_size``). Query heads
-    that share a KV head are batched together (``[B, Hkv, G, D]``) so no KV head is
-    repeated; padding keys past a sequence's length get a ``-inf`` bias.
+    Each sequence's blocks are gathered whole (``[B, S, Hkv, D]``, ``S = max_blocks *
+    block_size``) and read head-major through a transposed view, with no further copy.
+    The ``group`` query heads sharing a KV head play the role of SDPA's query length, so
+    no KV head is repeated; keys past a sequence's length get a ``-inf`` bias.
     """
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
-    group = num_heads // num_kv_heads
     keys = batch.max_blocks * block_size
-    k = k_cache.index_select(0, batch.block_ids).view(num_seqs, keys, num_kv_heads, head_dim)
-    v = v_cache.index_select(0, batch.block_ids).view(num_seqs, keys, num_kv_heads, head_dim)
-    qg = q.view(num_seqs, num_kv_heads, group, head_dim) * scale
-    scores = torch.einsum("bhgd,bshd->bhgs", qg, k)
-    scores = scores.view(num_seqs, num_kv_heads * group, keys).add_(batch.key_bias)
-    probs = torch.softmax(scores, dim=-1).view(num_seqs, num_kv_heads, group, keys)
-    return torch.einsum("bhgs,bshd->bhgd", probs, v).reshape(num_seqs, num_heads, head_dim)
+    k = k_cache.index_select(0, batch.block_ids).view(num_seqs, keys, num_kv_heads, head_dim).transpose(1, 2)
+    v = v_cache.index_select(0, batch.block_ids).view(num_seqs, keys, num_kv_heads, head_dim).transpose(1, 2)
+    qg = q.reshape(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=batch.key_bias, scale=scale)
+    return out.reshape(num_seqs, num_heads, head_dim)
 
 
 def prefill_attention(

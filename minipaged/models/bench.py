@@ -1,0 +1,99 @@
+"""``python -m minipaged.models.bench``: decode-step throughput of our model vs transformers' own.
+
+Both run the same weights (the embedded SmolLM2 unless ``--model``), dtype and thread
+count, one decode token for each of ``--batch`` sequences at context ``--context``:
+ours over the paged cache with the chosen attention backend, transformers' model with
+its own KV cache (uniform lengths, so it wastes nothing on padding). Prints tokens/s.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from minipaged.attention import allocate_kv_cache, build_metadata, build_positions
+from minipaged.models.loader import ensure_default_model, load_model
+
+
+def time_steps(step, warmup: int, steps: int) -> tuple[float, float]:
+    """Median ``(wall, cpu)`` seconds per call of ``step(i)`` after ``warmup`` calls.
+
+    CPU time (all threads of this process) is reported next to wall time because on a
+    shared machine wall time mostly measures the neighbours.
+    """
+    for i in range(warmup):
+        step(i)
+    wall, cpu = [], []
+    for i in range(warmup, warmup + steps):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        step(i)
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return sorted(wall)[len(wall) // 2], sorted(cpu)[len(cpu) // 2]
+
+
+def bench_ours(model, batch: int, context: int, block_size: int, warmup: int, steps: int) -> tuple[float, float]:
+    max_len = context + warmup + steps
+    blocks_per_seq = -(-max_len // block_size)
+    caches = allocate_kv_cache(model.config, batch * blocks_per_seq + 1, block_size, torch.float32, "cpu")
+    tables = [list(range(1 + s * blocks_per_seq, 1 + (s + 1) * blocks_per_seq)) for s in range(batch)]
+    ids = torch.randint(0, model.config.vocab_size, (batch,))
+
+    def step(i: int) -> None:
+        lens = [context + i] * batch
+        meta = build_metadata([1] * batch, lens, tables, block_size)
+        hidden = model(ids, build_positions([1] * batch, lens), caches, meta)
+        model.compute_logits(hidden)
+
+    return time_steps(step, warmup, steps)
+
+
+@torch.inference_mode()
+def bench_transformers(hf_model, batch: int, context: int, warmup: int, steps: int) -> tuple[float, float]:
+    from transformers import DynamicCache
+
+    prompt = torch.randint(0, hf_model.config.vocab_size, (batch, context - 1))
+    cache = DynamicCache(config=hf_model.config)
+    hf_model(prompt, past_key_values=cache, use_cache=True)
+    ids = torch.randint(0, hf_model.config.vocab_size, (batch, 1))
+
+    def step(i: int) -> None:
+        hf_model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+
+    return time_steps(step, warmup, steps)
+
+
+def report(label: str, times: tuple[float, float], batch: int) -> None:
+    wall, cpu = times
+    print(f"{label:<27} {wall * 1e3:8.1f} ms/step wall ({batch / wall:7.1f} tokens/s)   {cpu * 1e3:8.1f} ms/step cpu")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m minipaged.models.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--context", type=int, default=200)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    parser.add_argument("--skip-transformers", action="store_true")
+    args = parser.parse_args(argv)
+    from transformers import AutoModelForCausalLM
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    loaded = load_model(None)
+    print(f"threads={torch.get_num_threads()} batch={args.batch} context={args.context} dtype=float32 model={loaded.name}")
+    ours = bench_ours(loaded.model, args.batch, args.context, args.block_size, args.warmup, args.steps)
+    report("minipaged (torch backend)", ours, args.batch)
+    if args.skip_transformers:
+        return
+    hf_model = AutoModelForCausalLM.from_pretrained(ensure_default_model(), dtype=torch.float32).eval()
+    theirs = bench_transformers(hf_model, args.batch, args.context, args.warmup, args.steps)
+    report("transformers (sdpa)", theirs, args.batch)
+    print(f"speed-up minipaged / transformers: {theirs[0] / ours[0]:.2f}x wall, {theirs[1] / ours[1]:.2f}x cpu")
+
+
+if __name__ == "__main__":
+    main()
