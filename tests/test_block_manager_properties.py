@@ -104,21 +104,26 @@ class BlockManagerMachine(RuleBasedStateMachine):
 
     # ---- rules -------------------------------------------------------------------------
 
-    @rule(data=st.data(), suffix=tokens_strategy(0, 12))
-    def allocate(self, data, suffix):
+    @rule(data=st.data(), suffix=tokens_strategy(0, 12), prefill=st.booleans())
+    def allocate(self, data, suffix, prefill):
         prefix: list[int] = []
-        if self.history and data.draw(st.booleans(), label="share a prefix"):
+        if self.history and data.draw(st.integers(0, 2), label="share a prefix") > 0:
             source = data.draw(st.sampled_from(self.history), label="source")
             prefix = source[:data.draw(st.integers(0, len(source)), label="prefix len")]
         prompt = prefix + suffix
         if not prompt:
             prompt = [0]
-        self._admit(self._new_id(), prompt)
+        seq_id = self._new_id()
+        self._admit(seq_id, prompt)
+        if prefill and seq_id in self.tokens:  # the engine computes the prompt in the same step
+            self._compute(seq_id, len(prompt))
 
     @precondition(lambda self: self.tokens)
     @rule(data=st.data(), new=tokens_strategy(1, 6))
     def append(self, data, new):
-        seq_id = data.draw(st.sampled_from(sorted(self.tokens)), label="seq")
+        self.append_to(data.draw(st.sampled_from(sorted(self.tokens)), label="seq"), new)
+
+    def append_to(self, seq_id: int, new: list[int]) -> None:
         needed = self.bm.blocks_needed_to_append(seq_id, len(new))
         free = self.bm.num_free_blocks
         assert self.bm.can_append([seq_id], len(new)) == (needed <= free)
@@ -153,6 +158,13 @@ class BlockManagerMachine(RuleBasedStateMachine):
         assert self.bm.num_free_blocks == free  # sharing takes no block
         self.tokens[child] = list(self.tokens[parent])
         self.computed[child] = self.computed[parent]
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data(), token=st.integers(0, VOCAB - 1))
+    def fork_and_diverge(self, data, token):
+        """Parallel sampling: fork, then the child samples its own token (copy-on-write if shared)."""
+        self.fork(data)
+        self.append_to(self.next_id, [token])
 
     @precondition(lambda self: self.tokens)
     @rule(data=st.data())
