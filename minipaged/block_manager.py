@@ -135,6 +135,8 @@ class BlockManager:
             raise ValueError(f"watermark_blocks={watermark_blocks} exceeds num_blocks={num_blocks}")
         if not isinstance(enable_prefix_caching, bool):
             raise ValueError(f"enable_prefix_caching must be a bool, got {enable_prefix_caching!r}")
+        if hash_fn is not None and not callable(hash_fn):
+            raise ValueError(f"hash_fn must be callable(parent_hash, token_ids) -> bytes, got {hash_fn!r}")
         self._num_blocks = num_blocks
         self._block_size = block_size
         self._enable_prefix_caching = enable_prefix_caching

@@ -145,6 +145,7 @@ class BlockPool:
 
     @property
     def num_free(self) -> int:
+        """Blocks in the free queue (plain and cached)."""
         return len(self.free_queue)
 
     def take_fresh(self, n: int) -> list[Block]:

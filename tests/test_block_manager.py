@@ -92,6 +92,7 @@ def rand_tokens(rng: random.Random, n: int, vocab: int = 1000) -> list[int]:
     (dict(num_blocks=4, block_size=16, watermark_blocks=-1), "watermark_blocks"),
     (dict(num_blocks=4, block_size=16, watermark_blocks=5), "watermark_blocks"),
     (dict(num_blocks=4, block_size=16, enable_prefix_caching=1), "enable_prefix_caching"),
+    (dict(num_blocks=4, block_size=16, hash_fn="blake2b"), "hash_fn"),
 ])
 def test_constructor_rejects_bad_arguments(kwargs, name):
     with pytest.raises(ValueError, match=name):
