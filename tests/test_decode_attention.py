@@ -77,6 +77,17 @@ def check_against_reference(q, k_cache, v_cache, block_tables, lens, num_splits,
     return out
 
 
+class LaunchCounter:
+    """Stands in for a Triton kernel and counts ``kernel[grid](...)`` launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
 @pytest.mark.parametrize(
     "block_size,head_dim,group,dtype,num_splits,num_kv_heads",
     pairwise([BLOCK_SIZES, HEAD_DIMS, GROUPS, DTYPES, SPLITS, KV_HEADS]),
@@ -91,22 +102,32 @@ def test_decode_matches_reference(block_size, head_dim, group, dtype, num_splits
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
-def test_split_and_single_pass_agree(dtype, device):
+def test_split_and_single_pass_agree(dtype, device, monkeypatch):
     """Both paths, forced, on one batch; 9 partitions of a 300-token context leave the
     short sequences with empty partitions (lse = -inf) that the merge must ignore."""
+    merge = LaunchCounter(decode_attention._merge_kernel)
+    monkeypatch.setattr(decode_attention, "_merge_kernel", merge)
     batch = make_batch([1, 15, 300, 40], 16, 2, 4, 96, dtype, device, seed=7)
     single = check_against_reference(*batch, num_splits=1)
+    assert merge.launches == 0
     split = check_against_reference(*batch, num_splits=9)
+    assert merge.launches == 1
     assert rel_error(split, single.double()) < REL_TOL[dtype]
 
 
-def test_auto_rule_splits_long_context_and_matches(device):
-    """One long sequence and one kv head: the automatic rule must pick the split path."""
+def test_auto_rule_picks_split_for_one_long_sequence(device, monkeypatch):
+    """One long sequence and one kv head: the automatic rule must take the split path,
+    and a short batch must not."""
+    merge = LaunchCounter(decode_attention._merge_kernel)
+    monkeypatch.setattr(decode_attention, "_merge_kernel", merge)
+    if device.type == "cuda":
+        monkeypatch.setattr(decode_attention, "_num_sms", lambda _: decode_attention.NOMINAL_NUM_SMS)
     lens = [2 * decode_attention.SPLIT_MIN_TOKENS + 37]
-    programs = len(lens)
-    assert decode_attention.choose_num_splits(programs, lens[0], decode_attention.NOMINAL_NUM_SMS) == 2
-    batch = make_batch(lens, 16, 1, 3, 64, torch.float32, device, seed=11)
-    check_against_reference(*batch, num_splits=None)
+    assert decode_attention.choose_num_splits(1, lens[0], decode_attention.NOMINAL_NUM_SMS) == 2
+    check_against_reference(*make_batch(lens, 16, 1, 3, 64, torch.float32, device, seed=11), num_splits=None)
+    assert merge.launches == 1
+    check_against_reference(*make_batch([40, 7], 16, 1, 3, 64, torch.float32, device, seed=12), num_splits=None)
+    assert merge.launches == 1
 
 
 def test_choose_num_splits_rule():
