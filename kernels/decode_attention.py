@@ -254,7 +254,9 @@ def paged_decode_attention(
     """
     group = check_decode_args(q, k_cache, v_cache, block_tables, context_lens)
     out = check_out(out, q)
-    if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
+    if out.stride(-1) != 1:
+        raise ValueError("out must be contiguous in its last (head_dim) dimension")
+    if num_splits is not None and (type(num_splits) is not int or num_splits < 1):
         raise ValueError(f"num_splits must be None or an int >= 1, got {num_splits!r}")
     head_dim = q.shape[2]
     if head_dim > MAX_HEAD_DIM:

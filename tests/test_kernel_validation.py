@@ -114,10 +114,16 @@ def test_decode_rejects(fn, case):
         fn(**args)
 
 
-@pytest.mark.parametrize("num_splits", [0, -2, 2.0, "4"])
+@pytest.mark.parametrize("num_splits", [0, -2, 2.0, "4", True])
 def test_decode_rejects_bad_num_splits(num_splits):
     with pytest.raises(ValueError, match="num_splits"):
         kernels.paged_decode_attention(**_decode_args(), num_splits=num_splits)
+
+
+def test_decode_rejects_out_strided_in_head_dim():
+    out = torch.empty(2, 64, 6).transpose(1, 2)
+    with pytest.raises(ValueError, match="out"):
+        kernels.paged_decode_attention(**_decode_args(), out=out)
 
 
 def test_decode_rejects_head_dim_over_256():
