@@ -6,7 +6,7 @@ and against a PyTorch baseline doing the same job on a contiguous cache
 (``scaled_dot_product_attention`` for attention, ``index_copy_`` for KV-append).
 Without CUDA it says so and exits 0: interpreter timings mean nothing. Not run in CI.
 
-Cases are generated per kernel (``kv_append_cases``, ``decode_cases``), one at a time
+Cases are generated per kernel (``kv_append_cases``, ``decode_cases``, ``prefill_cases``), one at a time
 so only one case's tensors live on the GPU; a kernel adds its own generator to
 ``CASE_BUILDERS``.
 """
@@ -104,7 +104,47 @@ def decode_cases(device: torch.device, dtype: torch.dtype) -> Iterator[BenchCase
                             module.bytes_moved(shape), run, baseline)
 
 
-CASE_BUILDERS: list[Callable[[torch.device, torch.dtype], Iterator[BenchCase]]] = [kv_append_cases, decode_cases]
+# (batch, new tokens per sequence, cached prefix per sequence): prompts of 512-8k tokens,
+# fresh and as a chunk behind a cached prefix.
+PREFILL_SHAPES = ((1, 512, 0), (1, 2048, 0), (1, 8192, 0), (8, 1024, 0),
+                  (1, 512, 4096), (1, 2048, 6144), (4, 1024, 3072), (16, 512, 1536))
+
+
+def prefill_cases(device: torch.device, dtype: torch.dtype) -> Iterator[BenchCase]:
+    """Prefill/extend attention; the baseline is SDPA with a bottom-right causal mask on
+    the same K/V gathered into a contiguous ``[batch, kv_heads, context, head_dim]``."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    module = importlib.import_module("kernels.prefill_attention")
+    for model, num_heads, num_kv_heads, head_dim in MODELS:
+        for batch, new_len, prefix_len in PREFILL_SHAPES:
+            context = prefix_len + new_len
+            k_cache, v_cache, tables = _paged_cache(batch, context, num_kv_heads, head_dim, dtype, device)
+            lens = torch.full((batch,), context, dtype=torch.int32, device=device)
+            cu = torch.arange(batch + 1, dtype=torch.int32, device=device) * new_len
+            q = torch.randn(batch * new_len, num_heads, head_dim, dtype=dtype, device=device)
+            out = torch.empty_like(q)
+            q_sdpa = q.view(batch, new_len, num_heads, head_dim).transpose(1, 2).contiguous()
+            k_flat, v_flat = (c[tables.long()].flatten(1, 2)[:, :context].transpose(1, 2).contiguous()
+                              for c in (k_cache, v_cache))
+            mask = causal_lower_right(new_len, context)
+            shape = {"num_seqs": batch, "new_len": new_len, "prefix_len": prefix_len, "num_heads": num_heads,
+                     "num_kv_heads": num_kv_heads, "head_dim": head_dim, "block_size": BLOCK_SIZE,
+                     "dtype_bytes": q.element_size()}
+
+            def run(q=q, k_cache=k_cache, v_cache=v_cache, tables=tables, cu=cu, lens=lens, out=out):
+                return module.paged_prefill_attention(q, k_cache, v_cache, tables, cu, lens, out=out)
+
+            def baseline(q=q_sdpa, k=k_flat, v=v_flat, mask=mask):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+            yield BenchCase("paged_prefill_attention", f"{model} b={batch} new={new_len} pre={prefix_len}",
+                            module.bytes_moved(shape), run, baseline)
+
+
+CASE_BUILDERS: list[Callable[[torch.device, torch.dtype], Iterator[BenchCase]]] = [
+    kv_append_cases, decode_cases, prefill_cases,
+]
 
 
 def time_case(case: BenchCase) -> tuple[float, float | None]:
