@@ -220,8 +220,9 @@ def check_prefill_args(
     """
     num_blocks, block_size, num_kv_heads, head_dim = _checks.check_kv_cache(k_cache, v_cache, dtypes)
     _checks.check_tensor("q", q, 3, (k_cache.dtype,))
+    # The cache comes first: the message then names whichever argument strays from it.
     _checks.check_same_device(
-        q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables,
+        k_cache=k_cache, v_cache=v_cache, q=q, block_tables=block_tables,
         cu_seqlens_q=cu_seqlens_q, context_lens=context_lens,
     )
     if q.shape[2] != head_dim:

@@ -253,6 +253,7 @@ BAD_INPUTS = {
     "context_lens vs table": lambda a: {"context_lens": torch.tensor([7, 100], dtype=torch.int32)},
     "block_tables id": lambda a: {"block_tables": a["block_tables"] * 0 + 10_000},
     "block_tables on meta": lambda a: {"block_tables": a["block_tables"].to("meta")},
+    "q on meta": lambda a: {"q": a["q"].to("meta")},
 }
 EXPECTED_NAME = {
     "q": "q", "q dtype": "q", "q head_dim": "head_dim", "q heads": "heads", "k_cache": "k_cache",
@@ -260,16 +261,18 @@ EXPECTED_NAME = {
     "cu_seqlens_q decreasing": "cu_seqlens_q", "cu_seqlens_q end": "cu_seqlens_q",
     "cu_seqlens_q dtype": "cu_seqlens_q", "new longer than context": "cu_seqlens_q",
     "context_lens vs table": "context_lens", "block_tables id": "block_tables",
-    "block_tables on meta": "block_tables",
+    "block_tables on meta": "block_tables", "q on meta": "q is on meta",
 }
 
 
+@pytest.mark.parametrize("fn", [paged_prefill_attention, reference.paged_prefill_attention],
+                         ids=["kernel", "reference"])
 @pytest.mark.parametrize("what", list(BAD_INPUTS))
-def test_bad_input_raises_value_error(what, device):
+def test_bad_input_raises_value_error(what, fn, device):
     args = _valid_args(device)
     args.update(BAD_INPUTS[what](args))
     with pytest.raises(ValueError, match=EXPECTED_NAME[what]):
-        paged_prefill_attention(**args)
+        fn(**args)
 
 
 @pytest.mark.parametrize("kwargs,name", [
