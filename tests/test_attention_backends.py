@@ -79,6 +79,20 @@ def test_torch_backend_matches_per_token_softmax(block_size, group, lens):
     torch.testing.assert_close(out, per_token_reference(q, k_cache, v_cache, meta, 0.3), rtol=1e-10, atol=1e-10)
 
 
+def test_ragged_decodes_split_into_length_buckets():
+    from minipaged.attention.torch_backend import TorchAttentionBackend, bucket_by_blocks
+
+    assert bucket_by_blocks([13] * 64, 16) == [list(range(64))]
+    assert sorted(map(sorted, bucket_by_blocks([1, 9, 1, 9, 30], 16, overhead=0))) == [[0, 2], [1, 3], [4]]
+    query_lens = [1, 1, 6, 1, 1, 1, 2, 1]
+    context_lens = [70, 2, 6, 65, 3, 33, 40, 1]
+    q, k, v, k_cache, v_cache, meta = random_paged_step(query_lens, context_lens, 4, 2, 3, 16, torch.float64, seed=4)
+    backend = TorchAttentionBackend(bucket_overhead_key_rows=0)
+    assert len(backend.prepare(meta, 4, torch.float64).backend_plan.decodes) >= 3
+    out = backend.forward(q, k, v, k_cache, v_cache, meta, 0.2)
+    torch.testing.assert_close(out, per_token_reference(q, k_cache, v_cache, meta, 0.2), rtol=1e-10, atol=1e-10)
+
+
 def _reference_step(q, k, v, k_cache, v_cache, meta, scale):
     kernels.reference.kv_append(k, v, k_cache, v_cache, meta.slot_mapping)
     if meta.max_query_len == 1:

@@ -23,14 +23,20 @@ import torch.nn.functional as F
 from minipaged.attention.metadata import AttentionMetadata
 
 
+# Cost model for splitting a step's decodes into length buckets, in "key rows" (one
+# sequence attending over one key): each bucket costs its padded keys plus a fixed
+# per-call overhead (gather + SDPA + scatter launches), so only long, ragged batches split.
+BUCKET_OVERHEAD_KEY_ROWS = 2048
+
+
 @dataclass(frozen=True)
 class DecodeBatch:
-    """The one-new-token sequences of a step, padded to a common number of blocks."""
+    """Some one-new-token sequences of a step, padded to their longest one's number of blocks."""
 
-    rows: slice | torch.Tensor  # which query rows are decode tokens (a slice when contiguous)
-    block_ids: torch.Tensor  # int64 [num_decodes * max_blocks], each sequence's blocks in logical order
+    rows: slice | torch.Tensor  # which query rows are these decode tokens (a slice when contiguous)
+    block_ids: torch.Tensor  # int64 [num_seqs * max_blocks], each sequence's blocks in logical order
     max_blocks: int
-    key_bias: torch.Tensor  # [num_decodes, 1, 1, max_blocks * block_size] 0 for real keys, -inf past context
+    key_bias: torch.Tensor  # [num_seqs, 1, 1, max_blocks * block_size] 0 for real keys, -inf past context
 
 
 @dataclass(frozen=True)
@@ -41,13 +47,13 @@ class PrefillSeq:
     end: int
     context_len: int
     block_ids: torch.Tensor  # int64 [ceil(context_len / block_size)]
-    causal_mask: torch.Tensor | None  # bool [end - start, context_len], None when there is no prefix (plain causal)
+    causal_mask: torch.Tensor | None  # bool [end - start, context_len]; None without a cached prefix
 
 
 @dataclass(frozen=True)
 class TorchAttentionPlan:
     block_size: int
-    decode: DecodeBatch | None
+    decodes: tuple[DecodeBatch, ...]  # length buckets of the one-token sequences
     prefills: tuple[PrefillSeq, ...]
 
 
@@ -56,11 +62,14 @@ class TorchAttentionBackend:
 
     name = "torch"
 
+    def __init__(self, bucket_overhead_key_rows: int = BUCKET_OVERHEAD_KEY_ROWS) -> None:
+        self.bucket_overhead_key_rows = bucket_overhead_key_rows
+
     def prepare(self, meta: AttentionMetadata, block_size: int, dtype: torch.dtype = torch.float32) -> AttentionMetadata:
         """Return ``meta`` with a ``TorchAttentionPlan`` attached (computed once per step)."""
         if isinstance(meta.backend_plan, TorchAttentionPlan) and meta.backend_plan.block_size == block_size:
             return meta
-        return replace(meta, backend_plan=make_plan(meta, block_size, dtype))
+        return replace(meta, backend_plan=make_plan(meta, block_size, dtype, self.bucket_overhead_key_rows))
 
     def forward(
         self,
@@ -82,55 +91,94 @@ class TorchAttentionBackend:
         k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
         v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
         out = torch.empty_like(q)
-        if plan.decode is not None:
-            out[plan.decode.rows] = decode_attention(q[plan.decode.rows], k_cache, v_cache, plan.decode, scale)
+        for batch in plan.decodes:
+            out[batch.rows] = decode_attention(q[batch.rows], k_cache, v_cache, batch, scale)
         for seq in plan.prefills:
-            out[seq.start : seq.end] = prefill_attention(q[seq.start : seq.end], k_cache, v_cache, seq, scale)
+            rows = slice(seq.start, seq.end)
+            out[rows] = prefill_attention(q[rows], k[rows], v[rows], k_cache, v_cache, seq, scale)
         return out
 
 
-def make_plan(meta: AttentionMetadata, block_size: int, dtype: torch.dtype) -> TorchAttentionPlan:
-    """Split a step into its decode batch and its prefill sequences, building gather indices and masks."""
+def make_plan(
+    meta: AttentionMetadata, block_size: int, dtype: torch.dtype, bucket_overhead: int = BUCKET_OVERHEAD_KEY_ROWS
+) -> TorchAttentionPlan:
+    """Split a step into decode buckets and prefill sequences, building gather indices and masks."""
     query_lens, context_lens = meta.host_lengths()
     device = meta.block_tables.device
-    decode_seqs = [i for i, n in enumerate(query_lens) if n == 1]
     starts = [0]
     for n in query_lens:
         starts.append(starts[-1] + n)
-    decode = None
-    if decode_seqs:
-        decode = _make_decode_batch(meta, decode_seqs, [starts[i] for i in decode_seqs], context_lens, block_size, dtype)
+    decode_seqs = [i for i, n in enumerate(query_lens) if n == 1]
+    buckets = bucket_by_blocks([-(-context_lens[i] // block_size) for i in decode_seqs], block_size, bucket_overhead)
+    decodes = tuple(
+        _make_decode_batch(meta, [decode_seqs[j] for j in bucket], starts, context_lens, block_size, dtype)
+        for bucket in buckets
+    )
     prefills = []
     for i, n in enumerate(query_lens):
         if n == 1:
             continue
         ctx = context_lens[i]
-        num_blocks = -(-ctx // block_size)
         mask = None
         if ctx > n:
             key_pos = torch.arange(ctx, device=device)
             query_pos = torch.arange(ctx - n, ctx, device=device)
             mask = key_pos[None, :] <= query_pos[:, None]
-        block_ids = meta.block_tables[i, :num_blocks].to(torch.int64)
+        block_ids = meta.block_tables[i, : -(-ctx // block_size)].to(torch.int64)
         prefills.append(PrefillSeq(starts[i], starts[i + 1], ctx, block_ids, mask))
-    return TorchAttentionPlan(block_size, decode, tuple(prefills))
+    return TorchAttentionPlan(block_size, decodes, tuple(prefills))
+
+
+def bucket_by_blocks(num_blocks: list[int], block_size: int, overhead: int = BUCKET_OVERHEAD_KEY_ROWS) -> list[list[int]]:
+    """Group sequence indices into length buckets minimising padded key rows plus a per-bucket overhead.
+
+    Buckets are contiguous ranges of the distinct block counts in sorted order, chosen by
+    an exact dynamic program over those (few) distinct counts. One bucket when
+    everything is about the same length; the original order when it is a single bucket.
+    """
+    if not num_blocks:
+        return []
+    counts: dict[int, int] = {}
+    for n in num_blocks:
+        counts[n] = counts.get(n, 0) + 1
+    values = sorted(counts)
+    best = [0.0] + [float("inf")] * len(values)  # best[j]: cost of covering values[:j]
+    cut = [0] * (len(values) + 1)
+    for j in range(1, len(values) + 1):
+        seqs = 0
+        for i in range(j - 1, -1, -1):
+            seqs += counts[values[i]]
+            cost = best[i] + seqs * values[j - 1] * block_size + overhead
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    if cut[len(values)] == 0:
+        return [list(range(len(num_blocks)))]
+    edges, j = [], len(values)
+    while j > 0:
+        edges.append((values[cut[j]], values[j - 1]))
+        j = cut[j]
+    return [[s for s, n in enumerate(num_blocks) if lo <= n <= hi] for lo, hi in reversed(edges)]
+
+
+def _as_index(ids: list[int], device: torch.device) -> slice | torch.Tensor:
+    """A slice when ``ids`` are consecutive (indexing then makes views, not copies), else a tensor."""
+    if ids == list(range(ids[0], ids[0] + len(ids))):
+        return slice(ids[0], ids[0] + len(ids))
+    return torch.tensor(ids, device=device)
 
 
 def _make_decode_batch(
-    meta: AttentionMetadata, seqs: list[int], rows: list[int], context_lens: tuple[int, ...], block_size: int, dtype: torch.dtype
+    meta: AttentionMetadata, seqs: list[int], starts: list[int], context_lens: tuple[int, ...], block_size: int, dtype: torch.dtype
 ) -> DecodeBatch:
     device = meta.block_tables.device
     lens = [context_lens[i] for i in seqs]
     max_blocks = -(-max(lens) // block_size)
-    contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
-    row_index = slice(rows[0], rows[0] + len(rows)) if contiguous else torch.tensor(rows, device=device)
-    seq_index = slice(seqs[0], seqs[0] + len(seqs)) if seqs == list(range(seqs[0], seqs[0] + len(seqs))) else torch.tensor(seqs, device=device)
-    block_ids = meta.block_tables[seq_index, :max_blocks].to(torch.int64).reshape(-1)
-    lens_t = torch.tensor(lens, device=device)
+    block_ids = meta.block_tables[_as_index(seqs, device), :max_blocks].to(torch.int64).reshape(-1)
     key_pos = torch.arange(max_blocks * block_size, device=device)
+    past_end = key_pos[None, :] >= torch.tensor(lens, device=device)[:, None]
     bias = torch.zeros((len(seqs), 1, 1, max_blocks * block_size), dtype=dtype, device=device)
-    bias.masked_fill_((key_pos[None, :] >= lens_t[:, None])[:, None, None, :], float("-inf"))
-    return DecodeBatch(row_index, block_ids, max_blocks, bias)
+    bias.masked_fill_(past_end[:, None, None, :], float("-inf"))
+    return DecodeBatch(_as_index([starts[i] for i in seqs], device), block_ids, max_blocks, bias)
 
 
 def decode_attention(
@@ -154,12 +202,23 @@ def decode_attention(
 
 
 def prefill_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq: PrefillSeq, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seq: PrefillSeq,
+    scale: float,
 ) -> torch.Tensor:
-    """Several new tokens of one sequence, ``q [n, Hq, D]``, attending causally over its paged prefix."""
-    _, _, num_kv_heads, head_dim = k_cache.shape
-    k = k_cache.index_select(0, seq.block_ids).view(-1, num_kv_heads, head_dim)[: seq.context_len]
-    v = v_cache.index_select(0, seq.block_ids).view(-1, num_kv_heads, head_dim)[: seq.context_len]
+    """Several new tokens of one sequence, ``q [n, Hq, D]``, attending causally over its paged prefix.
+
+    Without a cached prefix the keys are exactly this step's ``k``, ``v`` ``[n, Hkv, D]``,
+    so the cache is not read back.
+    """
+    if seq.causal_mask is not None:
+        _, _, num_kv_heads, head_dim = k_cache.shape
+        k = k_cache.index_select(0, seq.block_ids).view(-1, num_kv_heads, head_dim)[: seq.context_len]
+        v = v_cache.index_select(0, seq.block_ids).view(-1, num_kv_heads, head_dim)[: seq.context_len]
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1),
         k.transpose(0, 1),

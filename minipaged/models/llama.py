@@ -101,10 +101,12 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """``x [T, hidden]`` -> ``[T, hidden]``; writes this step's K/V into ``kv_cache``."""
         num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
-        q = apply_rope(q.view(num_tokens, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(k.view(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x)
+        q_size, kv_size, _ = self.split_sizes
+        # q and k share positions, so one rotation covers both heads' worth of columns.
+        qk = apply_rope(qkv[:, : q_size + kv_size].view(num_tokens, -1, self.head_dim), cos, sin)
+        q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+        v = qkv[:, q_size + kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
         out = self.backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
         return self.o_proj(out.view(num_tokens, -1))
 
