@@ -153,6 +153,22 @@ def test_explicit_scale_and_int64_tables(device):
     check_against_reference(q, k_cache, v_cache, block_tables.long(), lens.long(), num_splits=None, scale=0.3)
 
 
+def test_strided_q_out_and_cache_views(device):
+    """q sliced out of a fused QKV projection, out a slice of a wider buffer, and caches
+    that are one layer's views of a [layers, 2, ...] allocation."""
+    q, k_cache, v_cache, block_tables, lens = make_batch([3, 50], 8, 2, 4, 64, torch.float16, device, seed=13)
+    qkv = torch.randn(2, 8 + 2 * 2, 64, dtype=torch.float16, device=device)
+    qkv[:, :8] = q
+    layers = torch.randn(3, 2, *k_cache.shape, dtype=torch.float16, device=device)
+    layers[1, 0], layers[1, 1] = k_cache, v_cache
+    wide = torch.full((2, 8, 3 * 64), float("nan"), dtype=torch.float16, device=device)
+    out = wide[:, :, 64:128]
+    kernels.paged_decode_attention(qkv[:, :8], layers[1, 0], layers[1, 1], block_tables, lens, out=out)
+    ref = reference.paged_decode_attention(q.double(), k_cache.double(), v_cache.double(), block_tables, lens)
+    assert rel_error(out, ref) < REL_TOL[torch.float16]
+    assert torch.isnan(wide[:, :, :64]).all() and torch.isnan(wide[:, :, 128:]).all()
+
+
 def test_reference_matches_sdpa_on_contiguous_cache(device):
     """Guard the reference itself: on one sequence it equals PyTorch SDPA with GQA."""
     q, k_cache, v_cache, block_tables, lens = make_batch([37], 8, 2, 3, 64, torch.float64, device, seed=9)
