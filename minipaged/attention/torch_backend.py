@@ -36,7 +36,8 @@ class DecodeBatch:
     rows: slice | torch.Tensor  # which query rows are these decode tokens (a slice when contiguous)
     block_ids: torch.Tensor  # int64 [num_seqs * max_blocks], each sequence's blocks in logical order
     max_blocks: int
-    key_bias: torch.Tensor  # [num_seqs, 1, 1, max_blocks * block_size] 0 for real keys, -inf past context
+    max_context_len: int  # keys attended: the gathered blocks cut to the longest context
+    key_bias: torch.Tensor | None  # [num_seqs, 1, 1, max_context_len] 0 for real keys, -inf past a shorter context; None if all equal
 
 
 @dataclass(frozen=True)
@@ -174,11 +175,12 @@ def _make_decode_batch(
     lens = [context_lens[i] for i in seqs]
     max_blocks = -(-max(lens) // block_size)
     block_ids = meta.block_tables[_as_index(seqs, device), :max_blocks].to(torch.int64).reshape(-1)
-    key_pos = torch.arange(max_blocks * block_size, device=device)
-    past_end = key_pos[None, :] >= torch.tensor(lens, device=device)[:, None]
-    bias = torch.zeros((len(seqs), 1, 1, max_blocks * block_size), dtype=dtype, device=device)
-    bias.masked_fill_(past_end[:, None, None, :], float("-inf"))
-    return DecodeBatch(_as_index([starts[i] for i in seqs], device), block_ids, max_blocks, bias)
+    bias = None
+    if min(lens) != max(lens):
+        past_end = torch.arange(max(lens), device=device)[None, :] >= torch.tensor(lens, device=device)[:, None]
+        bias = torch.zeros((len(seqs), 1, 1, max(lens)), dtype=dtype, device=device)
+        bias.masked_fill_(past_end[:, None, None, :], float("-inf"))
+    return DecodeBatch(_as_index([starts[i] for i in seqs], device), block_ids, max_blocks, max(lens), bias)
 
 
 def decode_attention(
@@ -186,16 +188,17 @@ def decode_attention(
 ) -> torch.Tensor:
     """One query token per sequence: ``q [B, Hq, D]`` -> ``[B, Hq, D]`` over each sequence's paged keys.
 
-    Each sequence's blocks are gathered whole (``[B, S, Hkv, D]``, ``S = max_blocks *
-    block_size``) and read head-major through a transposed view, with no further copy.
+    Each sequence's blocks are gathered whole (``[B, max_blocks * block_size, Hkv, D]``)
+    and read head-major, cut to the longest context, through a transposed view with no
+    further copy.
     The ``group`` query heads sharing a KV head play the role of SDPA's query length, so
     no KV head is repeated; keys past a sequence's length get a ``-inf`` bias.
     """
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
-    keys = batch.max_blocks * block_size
-    k = k_cache.index_select(0, batch.block_ids).view(num_seqs, keys, num_kv_heads, head_dim).transpose(1, 2)
-    v = v_cache.index_select(0, batch.block_ids).view(num_seqs, keys, num_kv_heads, head_dim).transpose(1, 2)
+    shape = (num_seqs, batch.max_blocks * block_size, num_kv_heads, head_dim)
+    k = k_cache.index_select(0, batch.block_ids).view(shape)[:, : batch.max_context_len].transpose(1, 2)
+    v = v_cache.index_select(0, batch.block_ids).view(shape)[:, : batch.max_context_len].transpose(1, 2)
     qg = q.reshape(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
     out = F.scaled_dot_product_attention(qg, k, v, attn_mask=batch.key_bias, scale=scale)
     return out.reshape(num_seqs, num_heads, head_dim)
