@@ -142,7 +142,8 @@ def choose_config(head_dim: int, dtype: torch.dtype, short: bool = False) -> Pre
     Key tiles shrink as rows get wider so that the Q tile and the double-buffered K
     and V tiles stay well inside shared memory: ``block_n = 64`` up to 256 bytes per
     row, 32 up to 512, else 16. ``block_m`` is 64 with 4 warps (8 from
-    ``block_d = 128`` on); short sequences in fp16/bf16 get ``block_m = 16`` with 4
+    ``block_d = 128`` on), 32 for rows over 512 bytes (fp32 at head_dim > 128, whose
+    tf32x3 operand copies overflow sm_80's shared memory at 64); short sequences in fp16/bf16 get ``block_m = 16`` with 4
     warps. fp32, a dtype for checking rather than serving, keeps one variant per tile
     width so the ahead-of-time build stays small.
     """
@@ -151,7 +152,8 @@ def choose_config(head_dim: int, dtype: torch.dtype, short: bool = False) -> Pre
     block_n = 64 if row_bytes <= 256 else 32 if row_bytes <= 512 else 16
     if short and dtype != torch.float32:
         return PrefillConfig(block_m=16, block_n=block_n, block_d=block_d, num_warps=4)
-    return PrefillConfig(block_m=64, block_n=block_n, block_d=block_d, num_warps=8 if block_d >= 128 else 4)
+    block_m = 64 if row_bytes <= 512 else 32
+    return PrefillConfig(block_m=block_m, block_n=block_n, block_d=block_d, num_warps=8 if block_d >= 128 else 4)
 
 
 def plan_query_tiles(
