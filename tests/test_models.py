@@ -135,11 +135,15 @@ def test_chunked_prefill_equals_unchunked(make_config):
     torch.testing.assert_close(whole, hf_logits(hf, prompt), **TOL)
 
 
-@pytest.mark.parametrize("decodes_first", [True, False])
-@pytest.mark.parametrize("make_config", CONFIGS[:2], ids=lambda f: f.__name__)
-def test_mixed_prefill_and_decode_step_matches_per_sequence(make_config, decodes_first):
+@pytest.mark.parametrize(
+    "make_config, decodes_first, backend",
+    [(llama_gqa_untied, True, "torch"), (llama_gqa_untied, False, "torch"), (qwen2_bias_tied, True, "torch"),
+     (qwen2_bias_tied, False, "torch"), (qwen2_bias_tied, False, "triton")],
+    ids=lambda x: getattr(x, "__name__", str(x)),
+)
+def test_mixed_prefill_and_decode_step_matches_per_sequence(make_config, decodes_first, backend):
     hf = random_hf_model(make_config, seed=3)
-    ours = build_model_from_hf(hf)
+    ours = build_model_from_hf(hf, attention_backend=backend)
     gen = torch.Generator().manual_seed(3)
     # name -> (tokens already in the cache, tokens computed in the mixed step)
     plan = {
