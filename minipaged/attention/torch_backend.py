@@ -5,8 +5,9 @@ head_dim]``), vectorised across the batch so that a CPU decode step costs a few 
 tensor operations per layer instead of a Python loop per sequence:
 
 - new K/V go into the cache with one ``index_copy_`` on the flattened slot view;
-- all one-token (decode) sequences attend in one batched call over their gathered
-  blocks, with a key mask for the ragged ends;
+- one-token (decode) sequences attend in one batched SDPA call over their gathered
+  blocks, with a key mask for the ragged ends (a few calls when lengths are so ragged
+  that padding everything to the longest would cost more: see ``bucket_by_blocks``);
 - multi-token (prefill / chunked-prefill) sequences attend causally over their paged
   prefix with ``scaled_dot_product_attention``, one call each (they are few per step).
 
@@ -85,7 +86,9 @@ class TorchAttentionBackend:
         """Write ``k``, ``v`` ``[T, Hkv, D]`` at ``meta.slot_mapping``, then attend; returns ``[T, Hq, D]``.
 
         ``q`` is ``[T, Hq, D]``; the caches are ``[num_blocks, block_size, Hkv, D]`` and must
-        hold finite values in unused slots (``allocate_kv_cache`` zero-fills them).
+        hold finite values in unused slots (``allocate_kv_cache`` zero-fills them). Every
+        slot must be a real one: unlike ``kernels.kv_append``, negative (padding) slots
+        are an error here, since the engine never pads.
         """
         num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
         plan = self.prepare(meta, block_size, q.dtype).backend_plan
