@@ -2,8 +2,10 @@
 
 Both run the same weights (the embedded SmolLM2 unless ``--model``), dtype and thread
 count, one decode token for each of ``--batch`` sequences at context ``--context``:
-ours over the paged cache with the chosen attention backend, transformers' model with
-its own KV cache (uniform lengths, so it wastes nothing on padding). Prints tokens/s.
+ours over the paged cache with the torch attention backend, transformers' model with
+its own KV cache (uniform lengths, so it wastes nothing on padding). With ``--ragged``
+our contexts spread around that mean while transformers runs the padded batch a static
+batch would. Prints tokens/s, wall and CPU time.
 """
 from __future__ import annotations
 
@@ -33,20 +35,28 @@ def time_steps(step, warmup: int, steps: int) -> tuple[float, float]:
     return sorted(wall)[len(wall) // 2], sorted(cpu)[len(cpu) // 2]
 
 
-def bench_ours(model, batch: int, context: int, block_size: int, warmup: int, steps: int) -> tuple[float, float]:
-    max_len = context + warmup + steps
+def bench_ours(
+    model, batch: int, context: int, block_size: int, warmup: int, steps: int, ragged: bool = False
+) -> tuple[float, float]:
+    contexts = ragged_contexts(batch, context) if ragged else [context] * batch
+    max_len = max(contexts) + warmup + steps
     blocks_per_seq = -(-max_len // block_size)
     caches = allocate_kv_cache(model.config, batch * blocks_per_seq + 1, block_size, torch.float32, "cpu")
     tables = [list(range(1 + s * blocks_per_seq, 1 + (s + 1) * blocks_per_seq)) for s in range(batch)]
     ids = torch.randint(0, model.config.vocab_size, (batch,))
 
     def step(i: int) -> None:
-        lens = [context + i] * batch
+        lens = [c + i for c in contexts]
         meta = build_metadata([1] * batch, lens, tables, block_size)
         hidden = model(ids, build_positions([1] * batch, lens), caches, meta)
         model.compute_logits(hidden)
 
     return time_steps(step, warmup, steps)
+
+
+def ragged_contexts(batch: int, context: int) -> list[int]:
+    """``batch`` contexts spread evenly over ``[16, 2 * context - 16]`` (mean ``context``)."""
+    return [round(16 + (2 * context - 32) * i / max(batch - 1, 1)) for i in range(batch)]
 
 
 @torch.inference_mode()
@@ -77,6 +87,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    parser.add_argument("--ragged", action="store_true",
+                        help="ours: contexts spread over [16, 2*context-16]; transformers: a batch padded to the longest, as static batching runs it")
     parser.add_argument("--skip-transformers", action="store_true")
     args = parser.parse_args(argv)
     from transformers import AutoModelForCausalLM
@@ -84,13 +96,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     loaded = load_model(None)
-    print(f"threads={torch.get_num_threads()} batch={args.batch} context={args.context} dtype=float32 model={loaded.name}")
-    ours = bench_ours(loaded.model, args.batch, args.context, args.block_size, args.warmup, args.steps)
+    print(f"threads={torch.get_num_threads()} batch={args.batch} context={args.context} ragged={args.ragged} "
+          f"dtype=float32 model={loaded.name}")
+    ours = bench_ours(loaded.model, args.batch, args.context, args.block_size, args.warmup, args.steps, args.ragged)
     report("minipaged (torch backend)", ours, args.batch)
     if args.skip_transformers:
         return
     hf_model = AutoModelForCausalLM.from_pretrained(ensure_default_model(), dtype=torch.float32).eval()
-    theirs = bench_transformers(hf_model, args.batch, args.context, args.warmup, args.steps)
+    padded = max(ragged_contexts(args.batch, args.context)) if args.ragged else args.context
+    theirs = bench_transformers(hf_model, args.batch, padded, args.warmup, args.steps)
     report("transformers (sdpa)", theirs, args.batch)
     print(f"speed-up minipaged / transformers: {theirs[0] / ours[0]:.2f}x wall, {theirs[1] / ours[1]:.2f}x cpu")
 
