@@ -11,7 +11,6 @@ Every layer's cache is a pair ``(k_cache, v_cache)``, each
 from __future__ import annotations
 
 import os
-import sys
 from typing import Protocol
 
 import torch
@@ -61,16 +60,16 @@ def get_attention_backend(name: str | None, device: torch.device | str) -> Atten
 
 
 def _ensure_triton_can_run(device: torch.device) -> None:
-    # The interpreter must be chosen before any @triton.jit kernel is defined, i.e.
-    # before `kernels` is first imported; after that it is too late to switch.
-    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-        return
-    if "kernels" in sys.modules:
+    # Without CUDA, importing `kernels` turns on the Triton interpreter, unless
+    # TRITON_INTERPRET was set otherwise before (the switch only works before the
+    # kernels are defined): then compiled kernels would be handed CPU tensors.
+    import kernels  # noqa: F401
+
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
-            f"attention_backend='triton' on {device} needs the Triton interpreter, but `kernels` was "
-            "imported without TRITON_INTERPRET=1; set it before importing minipaged or kernels"
+            f"attention_backend='triton' on {device} needs the Triton interpreter, but TRITON_INTERPRET="
+            f"{os.environ.get('TRITON_INTERPRET')!r} was set before `kernels` was imported"
         )
-    os.environ["TRITON_INTERPRET"] = "1"
 
 
 def kv_cache_bytes_per_block(model_config, block_size: int, dtype: torch.dtype) -> int:
