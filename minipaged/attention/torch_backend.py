@@ -94,7 +94,7 @@ class TorchAttentionBackend:
         plan = self.prepare(meta, block_size, q.dtype).backend_plan
         k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
         v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
-        out = torch.empty_like(q)
+        out = q.new_empty(q.shape)  # contiguous even though q is a strided view
         for batch in plan.decodes:
             out[batch.rows] = decode_attention(q[batch.rows], k_cache, v_cache, batch, scale)
         for seq in plan.prefills:
