@@ -79,7 +79,7 @@ def test_torch_backend_matches_per_token_softmax(block_size, group, lens):
     torch.testing.assert_close(out, per_token_reference(q, k_cache, v_cache, meta, 0.3), rtol=1e-10, atol=1e-10)
 
 
-def test_ragged_decodes_split_into_length_buckets():
+def test_ragged_decodes_split_into_length_buckets_and_chunks():
     from minipaged.attention.torch_backend import TorchAttentionBackend, bucket_by_blocks
 
     assert bucket_by_blocks([13] * 64, 16) == [list(range(64))]
@@ -87,10 +87,13 @@ def test_ragged_decodes_split_into_length_buckets():
     query_lens = [1, 1, 6, 1, 1, 1, 2, 1]
     context_lens = [70, 2, 6, 65, 3, 33, 40, 1]
     q, k, v, k_cache, v_cache, meta = random_paged_step(query_lens, context_lens, 4, 2, 3, 16, torch.float64, seed=4)
-    backend = TorchAttentionBackend(bucket_overhead_key_rows=0)
-    assert len(backend.prepare(meta, 4, torch.float64).backend_plan.decodes) >= 3
-    out = backend.forward(q, k, v, k_cache, v_cache, meta, 0.2)
-    torch.testing.assert_close(out, per_token_reference(q, k_cache, v_cache, meta, 0.2), rtol=1e-10, atol=1e-10)
+    expected = None
+    for backend, at_least in [(TorchAttentionBackend(bucket_overhead_key_rows=0), 3),
+                              (TorchAttentionBackend(cpu_gather_chunk_bytes=1), 6)]:  # one sequence per chunk
+        assert len(backend.prepare(meta, k_cache).backend_plan.decodes) >= at_least
+        out = backend.forward(q, k, v, k_cache, v_cache, meta, 0.2)
+        expected = per_token_reference(q, k_cache, v_cache, meta, 0.2) if expected is None else expected
+        torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
 
 
 def _reference_step(q, k, v, k_cache, v_cache, meta, scale):

@@ -23,8 +23,9 @@ BACKENDS = ("torch", "triton")
 class AttentionBackend(Protocol):
     name: str
 
-    def prepare(self, meta: AttentionMetadata, block_size: int, dtype: torch.dtype = torch.float32) -> AttentionMetadata:
-        """Return ``meta`` with anything this backend derives once per step attached."""
+    def prepare(self, meta: AttentionMetadata, k_cache: torch.Tensor) -> AttentionMetadata:
+        """Return ``meta`` with anything this backend derives once per step (for caches shaped
+        like ``k_cache``) attached; the model calls it once per forward, before the layers."""
         ...
 
     def forward(

@@ -28,6 +28,10 @@ from minipaged.attention.metadata import AttentionMetadata
 # sequence attending over one key): each bucket costs its padded keys plus a fixed
 # per-call overhead (gather + SDPA + scatter launches), so only long, ragged batches split.
 BUCKET_OVERHEAD_KEY_ROWS = 2048
+# On CPU a bucket is cut into chunks whose gathered K and V fit in this many bytes, so
+# SDPA reads them back from the CPU's cache instead of DRAM (about 2x faster per layer
+# for SmolLM2 at batch 64, context 200-500, on a 2-core VM).
+CPU_GATHER_CHUNK_BYTES = 3 << 20
 
 
 @dataclass(frozen=True)
@@ -64,14 +68,21 @@ class TorchAttentionBackend:
 
     name = "torch"
 
-    def __init__(self, bucket_overhead_key_rows: int = BUCKET_OVERHEAD_KEY_ROWS) -> None:
+    def __init__(
+        self, bucket_overhead_key_rows: int = BUCKET_OVERHEAD_KEY_ROWS, cpu_gather_chunk_bytes: int = CPU_GATHER_CHUNK_BYTES
+    ) -> None:
         self.bucket_overhead_key_rows = bucket_overhead_key_rows
+        self.cpu_gather_chunk_bytes = cpu_gather_chunk_bytes
 
-    def prepare(self, meta: AttentionMetadata, block_size: int, dtype: torch.dtype = torch.float32) -> AttentionMetadata:
-        """Return ``meta`` with a ``TorchAttentionPlan`` attached (computed once per step)."""
+    def prepare(self, meta: AttentionMetadata, k_cache: torch.Tensor) -> AttentionMetadata:
+        """Return ``meta`` with a ``TorchAttentionPlan`` for caches shaped like ``k_cache`` (once per step)."""
+        block_size = k_cache.shape[1]
         if isinstance(meta.backend_plan, TorchAttentionPlan) and meta.backend_plan.block_size == block_size:
             return meta
-        return replace(meta, backend_plan=make_plan(meta, block_size, dtype, self.bucket_overhead_key_rows))
+        chunk_bytes = self.cpu_gather_chunk_bytes if k_cache.device.type == "cpu" else None
+        block_bytes = 2 * k_cache[0].nbytes  # one block of K and of V
+        plan = make_plan(meta, block_size, k_cache.dtype, self.bucket_overhead_key_rows, block_bytes, chunk_bytes)
+        return replace(meta, backend_plan=plan)
 
     def forward(
         self,
@@ -91,7 +102,7 @@ class TorchAttentionBackend:
         are an error here, since the engine never pads.
         """
         num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
-        plan = self.prepare(meta, block_size, q.dtype).backend_plan
+        plan = self.prepare(meta, k_cache).backend_plan
         k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
         v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
         out = q.new_empty(q.shape)  # contiguous even though q is a strided view
@@ -104,9 +115,16 @@ class TorchAttentionBackend:
 
 
 def make_plan(
-    meta: AttentionMetadata, block_size: int, dtype: torch.dtype, bucket_overhead: int = BUCKET_OVERHEAD_KEY_ROWS
+    meta: AttentionMetadata,
+    block_size: int,
+    dtype: torch.dtype,
+    bucket_overhead: int = BUCKET_OVERHEAD_KEY_ROWS,
+    block_bytes: int = 0,
+    chunk_bytes: int | None = None,
 ) -> TorchAttentionPlan:
-    """Split a step into decode buckets and prefill sequences, building gather indices and masks."""
+    """Split a step into decode batches (length buckets, cut into chunks of at most
+    ``chunk_bytes`` of gathered K/V when given) and prefill sequences, building gather
+    indices and masks."""
     query_lens, context_lens = meta.host_lengths()
     device = meta.block_tables.device
     starts = [0]
@@ -114,10 +132,16 @@ def make_plan(
         starts.append(starts[-1] + n)
     decode_seqs = [i for i, n in enumerate(query_lens) if n == 1]
     buckets = bucket_by_blocks([-(-context_lens[i] // block_size) for i in decode_seqs], block_size, bucket_overhead)
-    decodes = tuple(
-        _make_decode_batch(meta, [decode_seqs[j] for j in bucket], starts, context_lens, block_size, dtype)
-        for bucket in buckets
-    )
+    decodes = []
+    for bucket in buckets:
+        seqs = [decode_seqs[j] for j in bucket]
+        per_chunk = len(seqs)
+        if chunk_bytes is not None:
+            most_blocks = max(-(-context_lens[i] // block_size) for i in seqs)
+            per_chunk = max(1, chunk_bytes // (most_blocks * block_bytes))
+        for first in range(0, len(seqs), per_chunk):
+            chunk = seqs[first : first + per_chunk]
+            decodes.append(_make_decode_batch(meta, chunk, starts, context_lens, block_size, dtype))
     prefills = []
     for i, n in enumerate(query_lens):
         if n == 1:
@@ -130,7 +154,7 @@ def make_plan(
             mask = key_pos[None, :] <= query_pos[:, None]
         block_ids = meta.block_tables[i, : -(-ctx // block_size)].to(torch.int64)
         prefills.append(PrefillSeq(starts[i], starts[i + 1], ctx, block_ids, mask))
-    return TorchAttentionPlan(block_size, decodes, tuple(prefills))
+    return TorchAttentionPlan(block_size, tuple(decodes), tuple(prefills))
 
 
 def bucket_by_blocks(num_blocks: list[int], block_size: int, overhead: int = BUCKET_OVERHEAD_KEY_ROWS) -> list[list[int]]:

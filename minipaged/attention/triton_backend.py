@@ -17,7 +17,7 @@ class TritonAttentionBackend:
 
     name = "triton"
 
-    def prepare(self, meta: AttentionMetadata, block_size: int, dtype: torch.dtype = torch.float32) -> AttentionMetadata:
+    def prepare(self, meta: AttentionMetadata, k_cache: torch.Tensor) -> AttentionMetadata:
         """Nothing to precompute: the kernels read the metadata tensors directly."""
         return meta
 

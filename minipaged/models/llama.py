@@ -183,7 +183,7 @@ class CausalLM(nn.Module):
         at ``meta.slot_mapping`` before attention reads them.
         """
         self._check_inputs(input_ids, positions, kv_caches, meta)
-        meta = self.attention_backend.prepare(meta, kv_caches[0][0].shape[1], self.model.rotary_emb.cos.dtype)
+        meta = self.attention_backend.prepare(meta, kv_caches[0][0])
         cos, sin = self.model.rotary_emb(positions)
         h = self.model.embed_tokens(input_ids)
         for layer, kv_cache in zip(self.model.layers, kv_caches):
