@@ -10,7 +10,7 @@ import dataclasses
 import itertools
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 
@@ -26,6 +26,9 @@ from minipaged.sampling_params import SamplingParams
 from minipaged.scheduler import Scheduler, SchedulerOutput
 from minipaged.trace import StepRecord, Trace
 from minipaged.worker import Worker, num_kv_blocks_for
+
+if TYPE_CHECKING:
+    from minipaged.beam_search import BeamSearchOutput, BeamSearchParams
 
 
 def _check_priority(priority: Any) -> None:
@@ -301,8 +304,12 @@ class LLM:
             return RequestStatus.FINISHED_LENGTH
         return None
 
-    def _record(self, sched: SchedulerOutput, before, num_finished: int, duration: float) -> None:
+    def _record(self, sched: SchedulerOutput, before, num_finished: int, duration: float,
+                extra_held: Sequence[Request] = ()) -> None:
+        """Append the step's StepRecord; ``extra_held``: sequences holding blocks outside the queues (parked beams)."""
         after = self.block_manager.stats()
+        bm = self.block_manager
+        held = [r for r in itertools.chain(self.scheduler.running, extra_held) if bm.has_sequence(r.seq_id)]
         self.trace.append(StepRecord(
             step=len(self.trace),
             num_scheduled=len(sched.scheduled),
@@ -319,6 +326,8 @@ class LLM:
             free_blocks=after.free_blocks,
             cached_blocks=after.cached_blocks,
             utilization=after.utilization,
+            tokens_stored=after.tokens_stored,
+            logical_blocks=sum(len(bm.block_table(r.seq_id)) for r in held),
             num_finished=num_finished,
             duration_s=duration,
         ))
@@ -371,6 +380,17 @@ class LLM:
         ids = self._add_batch(prompts, sampling_params, priority)
         results = self._run(ids, use_tqdm)
         return [results[rid] for rid in ids]
+
+    def beam_search(self, prompts: Any, params: "BeamSearchParams") -> list["BeamSearchOutput"]:
+        """Beam search over each prompt (vLLM's ``LLM.beam_search``); outputs in input order.
+
+        Every beam is a block-manager sequence: survivors are forked from their parent beam
+        (shared blocks, copy-on-write) and pruned beams are freed at once; see
+        ``minipaged.beam_search``. Each output holds the best ``beam_width`` hypotheses, best first.
+        """
+        from minipaged.beam_search import BeamSearchRunner
+
+        return BeamSearchRunner(self).run(prompts, params)
 
     def chat(self, messages: Any, sampling_params: Any = None, *, use_tqdm: bool = True,
              add_generation_prompt: bool = True) -> list[RequestOutput]:

@@ -26,12 +26,19 @@ class StepRecord:
     free_blocks: int
     cached_blocks: int
     utilization: float  # tokens stored / slots of used blocks
+    tokens_stored: int  # tokens in used blocks; a block shared by several sequences counts once
+    logical_blocks: int  # sum of the block-table lengths of all sequences: used_blocks without sharing
     num_finished: int  # sequences that finished in this step
     duration_s: float
 
     @property
     def num_tokens(self) -> int:
         return self.num_prefill_tokens + self.num_decode_tokens
+
+    @property
+    def sharing_saving(self) -> float:
+        """Fraction of KV blocks block sharing saves now: ``1 - used_blocks / logical_blocks`` (0 when idle)."""
+        return 1.0 - self.used_blocks / self.logical_blocks if self.logical_blocks else 0.0
 
 
 class Trace(list):
