@@ -35,7 +35,7 @@ run: setup
 # Kernel tests run under the Triton interpreter on CPU (tests/conftest.py sets
 # TRITON_INTERPRET=1 when no CUDA device is present); notebooks run as tests too.
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 report: setup
 	$(PY) -m kernels.report
