@@ -159,3 +159,30 @@ def test_bad_prompt_and_params_type(hf):
         llm.beam_search({"prompt_token_ids": [5, VOCAB]}, BeamSearchParams(beam_width=2, max_tokens=3))
     assert err.value.field == "prompt_token_ids"
     assert_all_blocks_free(llm)
+
+
+def test_trace_blocks_and_measured_sharing(hf):
+    # The trace's block numbers are the block manager's own, and the memsim helpers read them back.
+    from minipaged.memsim import PagedStrategy, SimConfig, simulate
+    from minipaged.memsim.engine import batch_trace, measured_sharing, run_engine_batch, step_utilization
+
+    llm = make_llm(hf, block_size=4, num_kv_blocks=24, enable_prefix_caching=False)
+    prompts = prompts_for(seed=2, count=6)
+    outs = [random.Random(i).randint(3, 12) for i in range(6)]
+    steps = run_engine_batch(llm, prompts, outs)
+    util = step_utilization(steps)
+    for r, u in zip(steps, util):
+        assert u == (r.tokens_stored / (r.used_blocks * 4) if r.used_blocks else 1.0)
+        assert r.logical_blocks == r.used_blocks  # no prefix caching, no forks: nothing is shared
+    # The simulator replays the same batch on the same BlockManager: same first-step utilisation.
+    replay = simulate(batch_trace([len(p) for p in prompts], outs, "t"), PagedStrategy(96, 4), SimConfig(budget=96))
+    assert replay.series.utilization()[0] == pytest.approx(util[0])
+    start = len(llm.trace)
+    llm.beam_search([{"prompt_token_ids": p} for p in prompts[:2]], BeamSearchParams(beam_width=4, max_tokens=8, ignore_eos=True))
+    beam_steps = llm.trace[start:]
+    res = measured_sharing(beam_steps, mode="beam", width=4, block_size=4, name="tiny")
+    used = sum(r.used_blocks for r in beam_steps if r.logical_blocks)
+    assert res.saving == pytest.approx(1 - used / sum(r.logical_blocks for r in beam_steps)) and res.saving > 0.2
+    with pytest.raises(ValueError):
+        measured_sharing([], mode="beam", width=4, block_size=4, name="empty")
+    assert_all_blocks_free(llm)
