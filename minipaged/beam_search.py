@@ -18,6 +18,10 @@ is ``cum_logprob / num_generated_tokens ** length_penalty`` and the best ``k`` a
 ``False`` (default) stops when the best live beam, scored at its current length, can no
 longer beat the worst finished one; ``"never"`` scores it at ``max_tokens`` instead
 when ``length_penalty > 0`` (the canonical, exhaustive rule).
+
+Beams stay in lockstep under memory pressure: when the scheduler preempts a beam
+(recompute), its siblings whose logits are already in wait outside the running queue,
+keeping their blocks, until it catches up; the result is the same as without preemption.
 """
 from __future__ import annotations
 
