@@ -4,7 +4,7 @@ Data flows one way: request -> scheduler -> block manager -> worker -> sampler -
 """
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "SamplingParams"]
+__all__ = ["LLM", "SamplingParams", "BeamSearchParams"]
 
 
 def __getattr__(name: str):
@@ -17,4 +17,8 @@ def __getattr__(name: str):
         from minipaged.sampling_params import SamplingParams
 
         return SamplingParams
+    if name == "BeamSearchParams":
+        from minipaged.beam_search import BeamSearchParams
+
+        return BeamSearchParams
     raise AttributeError(f"module 'minipaged' has no attribute {name!r}")
