@@ -87,10 +87,11 @@ class Worker:
             if s.completes_sequence:
                 sample_rows.append(num_tokens - 1)
                 sampled.append(s)
-        meta = build_metadata(query_lens, context_lens, tables, self.config.block_size, self.device)
+        positions = build_positions(query_lens, context_lens)
+        meta = build_metadata(query_lens, context_lens, tables, self.config.block_size, self.device, positions)
         return ModelInputs(
             input_ids=torch.tensor(input_ids, dtype=torch.int64, device=self.device),
-            positions=build_positions(query_lens, context_lens).to(self.device),
+            positions=positions.to(self.device),
             meta=meta,
             sample_indices=torch.tensor(sample_rows, dtype=torch.int64, device=self.device),
             sampled=sampled,

@@ -75,6 +75,7 @@ def build_metadata(
     block_tables: Sequence[Sequence[int]],
     block_size: int,
     device: torch.device | str = "cpu",
+    positions: torch.Tensor | None = None,
 ) -> AttentionMetadata:
     """Pack per-sequence lengths and block tables into an ``AttentionMetadata``.
 
@@ -82,6 +83,8 @@ def build_metadata(
     ``context_lens[i] - query_lens[i] .. context_lens[i] - 1``; ``block_tables[i]`` lists
     its physical blocks in logical order (rows are padded with 0 to the longest table;
     padding is never read because ``context_lens`` bounds every read).
+    ``positions`` (CPU int64 ``[num_tokens]``, from ``build_positions``) may be passed by a
+    caller that also feeds them to the model, so they are computed once per step.
     """
     _check_lengths(query_lens, context_lens, block_tables, block_size)
     query_lens = tuple(int(q) for q in query_lens)
@@ -90,7 +93,8 @@ def build_metadata(
     tables = torch.zeros((len(block_tables), max(max_blocks, 1)), dtype=torch.int64)
     for i, table in enumerate(block_tables):
         tables[i, : len(table)] = torch.as_tensor(list(table), dtype=torch.int64)
-    positions = build_positions(query_lens, context_lens)
+    if positions is None:
+        positions = build_positions(query_lens, context_lens)
     seq_of_token = torch.repeat_interleave(torch.arange(len(query_lens)), torch.tensor(query_lens, dtype=torch.int64))
     slots = tables[seq_of_token, positions // block_size] * block_size + positions % block_size
     cu = torch.zeros(len(query_lens) + 1, dtype=torch.int32)
