@@ -5,16 +5,19 @@ count, one decode token for each of ``--batch`` sequences at context ``--context
 ours over the paged cache with the torch attention backend, transformers' model with
 its own KV cache (uniform lengths, so it wastes nothing on padding). With ``--ragged``
 our contexts spread around that mean while transformers runs the padded batch a static
-batch would. Prints tokens/s, wall and CPU time.
+batch would. ``--plain-linear`` turns off the oneDNN pre-packed weights
+(``minipaged.models.linear``) to show what they buy. Prints tokens/s, wall and CPU time.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import torch
 
 from minipaged.attention import allocate_kv_cache, build_metadata, build_positions
+from minipaged.models.linear import packed_gemm_disabled
 from minipaged.models.loader import ensure_default_model, load_model
 
 
@@ -90,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ragged", action="store_true",
                         help="ours: contexts spread over [16, 2*context-16]; transformers: a batch padded to the longest, as static batching runs it")
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--plain-linear", action="store_true", help="ours: F.linear instead of oneDNN pre-packed weights")
     args = parser.parse_args(argv)
     from transformers import AutoModelForCausalLM
 
@@ -98,8 +102,9 @@ def main(argv: list[str] | None = None) -> None:
     loaded = load_model(None)
     print(f"threads={torch.get_num_threads()} batch={args.batch} context={args.context} ragged={args.ragged} "
           f"dtype=float32 model={loaded.name}")
-    ours = bench_ours(loaded.model, args.batch, args.context, args.block_size, args.warmup, args.steps, args.ragged)
-    report("minipaged (torch backend)", ours, args.batch)
+    with packed_gemm_disabled() if args.plain_linear else contextlib.nullcontext():
+        ours = bench_ours(loaded.model, args.batch, args.context, args.block_size, args.warmup, args.steps, args.ragged)
+    report("minipaged (torch backend)" + (", plain F.linear" if args.plain_linear else ""), ours, args.batch)
     if args.skip_transformers:
         return
     hf_model = AutoModelForCausalLM.from_pretrained(ensure_default_model(), dtype=torch.float32).eval()

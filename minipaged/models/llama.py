@@ -3,9 +3,11 @@
 The model takes a flat batch of new tokens from many sequences (see
 ``minipaged.attention.metadata``) rather than a padded ``[batch, seq]`` tensor, so
 prefill chunks and decode tokens share one forward pass. Differences from the
-Hugging Face modules are for speed and do not change the arithmetic: q/k/v are one
-matmul (``qkv_proj``), gate/up are one matmul (``gate_up_proj``), and the rotary
-cos/sin tables are precomputed once and indexed by position.
+Hugging Face modules are for speed and do not change the formulas: q/k/v are one
+matmul (``qkv_proj``), gate/up are one matmul (``gate_up_proj``), the rotary cos/sin
+tables are precomputed once and indexed by position, and on CPU the linears multiply
+by oneDNN pre-packed weights (``minipaged.models.linear``), which sums in a different
+order than transformers' MKL path (differences of a few fp32 ulps).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from torch import nn
 from minipaged.attention import AttentionBackend
 from minipaged.attention.metadata import AttentionMetadata
 from minipaged.models.config import ModelConfig
+from minipaged.models.linear import PackedLinear, PackedWeight, linear
 
 
 class RMSNorm(nn.Module):
@@ -88,8 +91,8 @@ class Attention(nn.Module):
         self.backend = backend
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.split_sizes = (q_size, kv_size, kv_size)
-        self.qkv_proj = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.attention_bias)
-        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.o_proj_bias)
+        self.qkv_proj = PackedLinear(config.hidden_size, q_size + 2 * kv_size, bias=config.attention_bias)
+        self.o_proj = PackedLinear(q_size, config.hidden_size, bias=config.o_proj_bias)
 
     def forward(
         self,
@@ -114,8 +117,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj = PackedLinear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = PackedLinear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -162,7 +165,8 @@ class CausalLM(nn.Module):
         self.config = config
         self.attention_backend = attention_backend
         self.model = DecoderStack(config, attention_backend, dtype)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = None if config.tie_word_embeddings else PackedLinear(config.hidden_size, config.vocab_size, bias=False)
+        self._lm_head_packed = PackedWeight()  # for the tied case, where the head is the embedding matrix
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -193,7 +197,7 @@ class CausalLM(nn.Module):
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden [N, hidden_size]`` (only the rows that need a next token) -> fp32 ``[N, vocab_size]``."""
-        return F.linear(hidden, self.lm_head_weight).float()
+        return linear(hidden, self.lm_head_weight, None, self._lm_head_packed).float()
 
     def _check_inputs(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> None:
         if input_ids.dim() != 1 or positions.shape != input_ids.shape:

@@ -1,0 +1,97 @@
+"""Linear layers that multiply by a oneDNN pre-packed weight on CPU.
+
+A decode step multiplies a few rows (one per running sequence) by every weight of the
+model, so on a CPU it is bound by how fast the GEMM streams weights from memory. For
+such skinny products PyTorch's default fp32 path (MKL ``sgemm`` on a plain row-major
+weight) streams far below the memory bandwidth; oneDNN's inner-product primitive on a
+weight re-laid out once in its blocked format reads it 1.2-2.5x faster at 1-64 rows
+and is level with MKL on prefill-sized batches (measured on the project's 2-core AMD
+VM; compare ``python -m minipaged.models.bench`` with and without ``--plain-linear``).
+The ops are PyTorch's own (``mkldnn._reorder_linear_weight`` / ``_linear_pointwise``,
+which Inductor also emits for frozen CPU linears), called here directly.
+
+The packed copy is built lazily on the first CPU fp32 forward and rebuilt whenever the
+dense weight changes (``load_state_dict``, in-place edits), so ``weight`` stays the
+one source of truth that tests and loaders read. It costs a second copy of the
+weights in host memory. Anywhere else (CUDA, fp16/bf16, autograd, a PyTorch without
+oneDNN) the layer is a plain ``F.linear``.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def onednn_packing_available() -> bool:
+    """Whether this PyTorch build has oneDNN and the packed inner-product ops."""
+    return (
+        torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
+
+
+_ONEDNN = onednn_packing_available()
+_enabled = True  # flipped only inside ``packed_gemm_disabled`` (for A/B benchmarks)
+
+
+@contextlib.contextmanager
+def packed_gemm_disabled() -> Iterator[None]:
+    """Within this block every layer takes the plain ``F.linear`` path (to measure what packing buys)."""
+    global _enabled
+    previous, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = previous
+
+
+class PackedWeight:
+    """A oneDNN-packed copy of one dense ``[out_features, in_features]`` fp32 CPU weight, kept in step with it."""
+
+    def __init__(self) -> None:
+        self._key: tuple[int, int] | None = None
+        self._packed: torch.Tensor | None = None
+
+    def get(self, weight: torch.Tensor) -> torch.Tensor:
+        # data_ptr catches a swapped tensor, _version an in-place write into the same one
+        # (inference tensors have no version counter: only a swap is seen for them).
+        key = (weight.data_ptr(), 0 if weight.is_inference() else weight._version)
+        if key != self._key:
+            self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
+            self._key = key
+        return self._packed
+
+
+def uses_packed_gemm(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """True when ``linear`` would take the oneDNN packed path for these operands."""
+    return (
+        _ONEDNN
+        and _enabled
+        and x.device.type == "cpu"
+        and weight.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+    )
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: PackedWeight) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for ``x [T, in_features]``, through ``packed`` when that is faster here."""
+    if not uses_packed_gemm(x, weight):
+        return F.linear(x, weight, bias)
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed.get(weight), bias, "none", [], "")
+
+
+class PackedLinear(nn.Linear):
+    """``nn.Linear`` whose CPU fp32 forward uses a oneDNN pre-packed copy of its weight (module docstring)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, **kwargs) -> None:
+        super().__init__(in_features, out_features, bias=bias, **kwargs)
+        self.packed = PackedWeight()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias, self.packed)

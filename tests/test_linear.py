@@ -1,0 +1,77 @@
+"""PackedLinear (oneDNN pre-packed weights on CPU) against F.linear on the same dense weight."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minipaged.models.linear import PackedLinear, PackedWeight, linear, onednn_packing_available, uses_packed_gemm
+
+needs_onednn = pytest.mark.skipif(not onednn_packing_available(), reason="this PyTorch build has no oneDNN packed linear")
+
+
+def fresh_layer(in_features: int, out_features: int, bias: bool) -> PackedLinear:
+    layer = PackedLinear(in_features, out_features, bias=bias)
+    with torch.no_grad():
+        layer.weight.normal_()
+        if bias:
+            layer.bias.normal_()
+    return layer
+
+
+@needs_onednn
+@pytest.mark.parametrize("rows", [1, 3, 64, 257])
+@pytest.mark.parametrize("bias", [False, True])
+def test_matches_f_linear(rows, bias):
+    layer = fresh_layer(96, 160, bias)
+    x = torch.randn(rows, 96)
+    with torch.inference_mode():
+        assert uses_packed_gemm(x, layer.weight)
+        out = layer(x)
+    assert out.shape == (rows, 160)
+    torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-4)
+
+
+@needs_onednn
+def test_repacks_after_in_place_edit_and_load_state_dict():
+    layer = fresh_layer(32, 48, bias=False)
+    x = torch.randn(5, 32)
+    with torch.inference_mode():
+        first = layer(x)
+    with torch.no_grad():
+        layer.weight.mul_(-2.0)  # same storage, new version
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), -2.0 * first, rtol=1e-5, atol=1e-4)
+    replacement = torch.randn(48, 32)
+    layer.load_state_dict({"weight": replacement}, assign=True)  # a different tensor
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), F.linear(x, replacement), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_other_dtypes_take_the_plain_path(dtype):
+    layer = fresh_layer(16, 24, bias=True).to(dtype)
+    x = torch.randn(4, 16, dtype=dtype)
+    assert not uses_packed_gemm(x, layer.weight)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+def test_autograd_takes_the_plain_path_and_gets_gradients():
+    layer = fresh_layer(16, 24, bias=True)
+    x = torch.randn(4, 16, requires_grad=True)
+    assert not uses_packed_gemm(x, layer.weight)
+    layer(x).sum().backward()
+    assert layer.weight.grad is not None and x.grad is not None
+
+
+@needs_onednn
+def test_tied_head_helper_tracks_the_shared_weight():
+    embedding = torch.randn(50, 12)
+    packed = PackedWeight()
+    h = torch.randn(3, 12)
+    with torch.inference_mode():
+        torch.testing.assert_close(linear(h, embedding, None, packed), h @ embedding.T, rtol=1e-5, atol=1e-4)
+    embedding[7].fill_(3.0)
+    with torch.inference_mode():
+        torch.testing.assert_close(linear(h, embedding, None, packed), h @ embedding.T, rtol=1e-5, atol=1e-4)
