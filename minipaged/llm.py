@@ -232,8 +232,9 @@ class LLM:
         num_finished = 0
         if sampled:
             rows, seqs = self._fork_and_expand(sampled)
-            row_idx = torch.tensor(rows, dtype=torch.long, device=logits.device)
-            tokens = sample(logits[row_idx], [q.params for q in seqs], [q.generator for q in seqs])
+            if len(rows) != logits.shape[0]:  # n > 1 forks share their parent's row: copy it out
+                logits = logits[torch.tensor(rows, dtype=torch.long, device=logits.device)]
+            tokens = sample(logits, [q.params for q in seqs], [q.generator for q in seqs])
             now = time.monotonic()
             for seq, tok in zip(seqs, tokens):
                 self._append_token(seq, tok, now)
