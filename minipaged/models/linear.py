@@ -4,7 +4,7 @@ A decode step multiplies a few rows (one per running sequence) by every weight o
 model, so on a CPU it is bound by how fast the GEMM streams weights from memory. For
 such skinny products PyTorch's default fp32 path (MKL ``sgemm`` on a plain row-major
 weight) streams far below the memory bandwidth; oneDNN's inner-product primitive on a
-weight re-laid out once in its blocked format reads it 1.2-2.5x faster at 1-64 rows
+weight re-laid out once in its blocked format reads it 1.4-2.5x faster at 1-64 rows
 and is level with MKL on prefill-sized batches (measured on the project's 2-core AMD
 VM; compare ``python -m minipaged.models.bench`` with and without ``--plain-linear``).
 The ops are PyTorch's own (``mkldnn._reorder_linear_weight`` / ``_linear_pointwise``,
