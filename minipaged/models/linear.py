@@ -8,7 +8,7 @@ weight re-laid out once in its blocked format reads it 1.4-2.5x faster at 1-64 r
 and is level with MKL on prefill-sized batches (measured on the project's 2-core AMD
 VM; compare ``python -m minipaged.models.bench`` with and without ``--plain-linear``).
 The ops are PyTorch's own (``mkldnn._reorder_linear_weight`` / ``_linear_pointwise``,
-which Inductor also emits for frozen CPU linears), called here directly.
+the ones Inductor uses for its oneDNN linear fusions), called here directly.
 
 The packed copy is built lazily on the first CPU fp32 forward and rebuilt whenever the
 dense weight changes (``load_state_dict``, in-place edits), so ``weight`` stays the
