@@ -56,17 +56,28 @@ def flops_per_token(model: torch.nn.Module) -> float:
     return 2.0 * linear
 
 
-def run_minipaged(loaded, work: Workload, max_num_seqs: int) -> float:
+def run_minipaged(loaded, work: Workload, max_num_seqs: int) -> tuple[float, str]:
+    """Seconds for the whole workload, and ``step_breakdown`` of its steps."""
     from minipaged import LLM, SamplingParams
 
     llm = LLM(loaded, max_num_seqs=max_num_seqs, max_num_batched_tokens=2048, kv_cache_memory=2 << 30)
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in work.max_tokens]
     llm.generate([{"prompt_token_ids": work.prompts[0][:8]}], SamplingParams(max_tokens=2), use_tqdm=False)  # warm-up
+    first_step = len(llm.trace)
     t0 = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": p} for p in work.prompts], params, use_tqdm=True)
     elapsed = time.perf_counter() - t0
     assert sum(len(o.outputs[0].token_ids) for o in outs) == work.output_tokens
-    return elapsed
+    return elapsed, step_breakdown(llm.trace[first_step:])
+
+
+def step_breakdown(records) -> str:
+    """One line: time in steps that carry prompt tokens vs decode-only steps, and the mean decode batch."""
+    prefill = [r for r in records if r.num_prefill_tokens]
+    decode = [r for r in records if not r.num_prefill_tokens]
+    mean_batch = sum(r.num_decode_tokens for r in decode) / max(len(decode), 1)
+    return (f"  {len(records)} steps: {len(prefill)} with prompt tokens {sum(r.duration_s for r in prefill):.1f} s, "
+            f"{len(decode)} decode-only {sum(r.duration_s for r in decode):.1f} s (mean batch {mean_batch:.1f})")
 
 
 def run_hf_static(hf, work: Workload, batch_size: int, pad_id: int) -> float:
@@ -135,11 +146,12 @@ def main(argv: list[str] | None = None) -> int:
           f"output_tokens={work.output_tokens} fp32 matmul={gflops:.1f} GFLOP/s model={per_token / 1e6:.0f} MFLOP/token")
 
     results: dict[str, float | None] = {}
-    t = run_minipaged(loaded, work, max_num_seqs=max(64, args.num_requests))
+    t, breakdown = run_minipaged(loaded, work, max_num_seqs=max(64, args.num_requests))
     results["minipaged"] = work.output_tokens / t
     achieved = (work.prompt_tokens + work.output_tokens) * per_token / t / 1e9
     print(f"minipaged:                 {results['minipaged']:7.1f} output tok/s ({t:.1f} s); "
           f"{achieved:.1f} GFLOP/s incl. prefill = {achieved / gflops:.0%} of fp32 matmul")
+    print(breakdown)
     if not args.skip_hf:
         hf = AutoModelForCausalLM.from_pretrained(str(ensure_default_model()), dtype=torch.float32).eval()
         t = run_hf_static(hf, work, args.static_batch_size, pad_id=0)
