@@ -165,8 +165,10 @@ class CausalLM(nn.Module):
         self.config = config
         self.attention_backend = attention_backend
         self.model = DecoderStack(config, attention_backend, dtype)
-        self.lm_head = None if config.tie_word_embeddings else PackedLinear(config.hidden_size, config.vocab_size, bias=False)
-        self._lm_head_packed = PackedWeight()  # for the tied case, where the head is the embedding matrix
+        # Holds the untied head's weight only: compute_logits multiplies by lm_head_weight,
+        # tied or not, through one packed copy.
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._lm_head_packed = PackedWeight()
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
