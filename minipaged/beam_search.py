@@ -214,12 +214,7 @@ class BeamSearchRunner:
         sched = scheduler.schedule()
         if sched.is_empty:
             raise RuntimeError("beam search made no progress: the KV cache cannot hold the live beams")
-        logits, sampled = llm.worker.execute(sched.scheduled, sched.block_copies, bm)
-        for s in sched.scheduled:
-            s.request.num_computed_tokens = s.end
-            bm.mark_computed(s.request.seq_id, s.end)
-            if s.request.metrics.first_scheduled_time is None:
-                s.request.metrics.first_scheduled_time = t0
+        logits, sampled = llm._execute(sched)
         touched: list[_BeamGroup] = []
         if sampled:
             logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()

@@ -221,14 +221,7 @@ class LLM:
             if self.scheduler.running or self.scheduler.waiting:
                 raise RuntimeError("scheduler made no progress with requests pending (KV cache too small?)")
             return []
-        now = time.monotonic()
-        for s in sched.scheduled:
-            if s.request.metrics.first_scheduled_time is None:
-                s.request.metrics.first_scheduled_time = now
-        logits, sampled = self.worker.execute(sched.scheduled, sched.block_copies, self.block_manager)
-        for s in sched.scheduled:
-            s.request.num_computed_tokens = s.end
-            self.block_manager.mark_computed(s.request.seq_id, s.end)
+        logits, sampled = self._execute(sched)
         num_finished = 0
         if sampled:
             rows, seqs = self._fork_and_expand(sampled)
@@ -248,6 +241,22 @@ class LLM:
         for g in finished_groups:
             del self._groups[g.request_id]
         return [self._output(g) for g in finished_groups]
+
+    def _execute(self, sched: SchedulerOutput):
+        """Run the scheduled tokens through the worker and record them as computed.
+
+        Returns the worker's ``(logits [num_sampled, vocab], sampled requests)``; shared by
+        ``step`` and beam search, which differ only in what they do with the logits.
+        """
+        now = time.monotonic()
+        for s in sched.scheduled:
+            if s.request.metrics.first_scheduled_time is None:
+                s.request.metrics.first_scheduled_time = now
+        logits, sampled = self.worker.execute(sched.scheduled, sched.block_copies, self.block_manager)
+        for s in sched.scheduled:
+            s.request.num_computed_tokens = s.end
+            self.block_manager.mark_computed(s.request.seq_id, s.end)
+        return logits, sampled
 
     def _fork_and_expand(self, sampled) -> tuple[list[int], list[Request]]:
         """Logit row per sequence to sample; a finished n>1 prompt first forks into its n samples."""
