@@ -111,6 +111,14 @@ def check_out(out: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def check_kernel_out(out: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """``check_out`` for a kernel that stores rows of ``head_dim`` contiguous elements."""
+    out = check_out(out, like)
+    if out.stride(-1) != 1:
+        raise ValueError("out must be contiguous in its last (head_dim) dimension")
+    return out
+
+
 def default_scale(head_dim: int, scale: float | None) -> float:
     """Softmax scale, ``1/sqrt(head_dim)`` unless given; must be a positive finite number."""
     if scale is None:

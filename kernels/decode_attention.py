@@ -27,7 +27,7 @@ import triton.language as tl
 
 from kernels._aot import AotSpec
 from kernels._checks import (
-    FLOAT_DTYPES, check_block_tables, check_heads, check_kv_cache, check_out, check_same_device,
+    FLOAT_DTYPES, check_block_tables, check_heads, check_kv_cache, check_kernel_out, check_same_device,
     check_tensor, default_scale,
 )
 
@@ -253,9 +253,7 @@ def paged_decode_attention(
     rounded to bf16; compiled, bf16 runs natively.
     """
     group = check_decode_args(q, k_cache, v_cache, block_tables, context_lens)
-    out = check_out(out, q)
-    if out.stride(-1) != 1:
-        raise ValueError("out must be contiguous in its last (head_dim) dimension")
+    out = check_kernel_out(out, q)
     if num_splits is not None and (type(num_splits) is not int or num_splits < 1):
         raise ValueError(f"num_splits must be None or an int >= 1, got {num_splits!r}")
     head_dim = q.shape[2]

@@ -278,9 +278,7 @@ def paged_prefill_attention(
     """
     group = check_prefill_args(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens)
     scale = _checks.default_scale(q.shape[2], scale)
-    out = _checks.check_out(out, q)
-    if out.stride(-1) != 1:
-        raise ValueError("out must be contiguous in its last (head_dim) dimension")
+    out = _checks.check_kernel_out(out, q)
     if config is not None and config.block_d < q.shape[2]:
         raise ValueError(f"config.block_d {config.block_d} is smaller than head_dim {q.shape[2]}")
     if q.shape[0] == 0:
