@@ -37,8 +37,8 @@ def prompts_for(seed: int, count: int = 3):
 
 
 def hf_beams(hf, prompt, k, max_new, length_penalty=1.0, early_stopping=False, eos=None):
-    hf.generation_config.eos_token_id = None  # the config default (2) would otherwise stop beams
     """transformers' k best hypotheses: (generated tokens, sequence score)."""
+    hf.generation_config.eos_token_id = None  # the config default (2) would otherwise stop beams
     ids = torch.tensor([prompt])
     out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, num_beams=k,
                       num_return_sequences=k, do_sample=False, length_penalty=length_penalty,
