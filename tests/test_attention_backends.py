@@ -80,15 +80,23 @@ def test_torch_backend_matches_per_token_softmax(block_size, group, lens):
 
 
 def test_ragged_decodes_split_into_length_buckets_and_chunks():
-    from minipaged.attention.torch_backend import TorchAttentionBackend, bucket_by_blocks
+    from minipaged.attention.torch_backend import TorchAttentionBackend, bucket_by_blocks, chunk_by_blocks
 
     assert bucket_by_blocks([13] * 64, 16) == [list(range(64))]
     assert sorted(map(sorted, bucket_by_blocks([1, 9, 1, 9, 30], 16, overhead=0))) == [[0, 2], [1, 3], [4]]
+    # Sorted longest first; cut where padding outweighs a chunk's overhead, never above the cap.
+    assert chunk_by_blocks([1, 9, 1, 9, 30], max_chunk_blocks=100, overhead_blocks=0) == [[4], [1, 3], [0, 2]]
+    assert chunk_by_blocks([1, 9, 1, 9, 30], max_chunk_blocks=100, overhead_blocks=1000) == [[4], [1, 3, 0, 2]]
+    chunks = chunk_by_blocks([5] * 7, max_chunk_blocks=10, overhead_blocks=1000)
+    assert sorted(map(len, chunks)) == [1, 2, 2, 2] and sorted(sum(chunks, [])) == list(range(7))
+    assert chunk_by_blocks([50, 2], max_chunk_blocks=10, overhead_blocks=0) == [[0], [1]]  # too long for any chunk: alone
     query_lens = [1, 1, 6, 1, 1, 1, 2, 1]
     context_lens = [70, 2, 6, 65, 3, 33, 40, 1]
     q, k, v, k_cache, v_cache, meta = random_paged_step(query_lens, context_lens, 4, 2, 3, 16, torch.float64, seed=4)
+    on_gpu = TorchAttentionBackend(bucket_overhead_key_rows=0, cpu_gather_chunk_bytes=None)  # the bucket path, as on CUDA
     expected = None
-    for backend, at_least in [(TorchAttentionBackend(bucket_overhead_key_rows=0), 3),
+    for backend, at_least in [(on_gpu, 3),
+                              (TorchAttentionBackend(cpu_chunk_overhead_blocks=0), 4),  # one chunk per distinct length
                               (TorchAttentionBackend(cpu_gather_chunk_bytes=1), 6)]:  # one sequence per chunk
         assert len(backend.prepare(meta, k_cache).backend_plan.decodes) >= at_least
         out = backend.forward(q, k, v, k_cache, v_cache, meta, 0.2)
