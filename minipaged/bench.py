@@ -123,15 +123,23 @@ def run_hf_generate_batch(hf, work: Workload) -> tuple[float | None, str]:
     return time.perf_counter() - t0, note
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m minipaged.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num-requests", type=int, default=64)
+    parser.add_argument("--num-requests", type=positive_int, default=64)
     parser.add_argument("--input-len", type=int, nargs=2, default=(16, 256), metavar=("MIN", "MAX"))
     parser.add_argument("--output-len", type=int, nargs=2, default=(16, 256), metavar=("MIN", "MAX"))
-    parser.add_argument("--static-batch-sizes", type=int, nargs="+", default=[16, 32, 64], metavar="B",
+    parser.add_argument("--static-batch-sizes", type=positive_int, nargs="+", default=[16, 32, 64], metavar="B",
                         help="transformers static batch sizes to run; minipaged is compared with the fastest")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads for all three (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for every engine (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-hf", action="store_true", help="only run minipaged")
     args = parser.parse_args(argv)
@@ -160,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_hf:
         hf = AutoModelForCausalLM.from_pretrained(str(ensure_default_model()), dtype=torch.float32).eval()
         static = {}
-        for batch_size in args.static_batch_sizes:
+        for batch_size in dict.fromkeys(args.static_batch_sizes):  # each size once, in the order given
             t = run_hf_static(hf, work, batch_size, pad_id=0)
             static[batch_size] = work.output_tokens / t
             print(f"transformers static (bs={batch_size}): {static[batch_size]:7.1f} output tok/s ({t:.1f} s)", flush=True)

@@ -1,10 +1,13 @@
 """The throughput benchmark's bookkeeping (the benchmark itself is run by hand, never timed in tests)."""
 from __future__ import annotations
 
+import argparse
 import random
 from types import SimpleNamespace
 
-from minipaged.bench import make_workload, step_breakdown
+import pytest
+
+from minipaged.bench import main, make_workload, positive_int, step_breakdown
 
 
 def test_step_breakdown_splits_prompt_steps_from_decode_steps():
@@ -24,3 +27,12 @@ def test_workload_lengths_stay_in_range_and_are_reproducible():
     assert all(2 <= m <= 5 for m in work.max_tokens)
     assert work == make_workload(20, vocab=500, in_range=(3, 9), out_range=(2, 5), seed=7)
     assert work.output_tokens == sum(work.max_tokens)
+
+
+def test_batch_sizes_must_be_positive():
+    assert positive_int("32") == 32
+    for bad in ("0", "-3"):
+        with pytest.raises(argparse.ArgumentTypeError, match="must be >= 1"):
+            positive_int(bad)
+    with pytest.raises(SystemExit):  # argparse rejects it before any model is loaded
+        main(["--static-batch-sizes", "16", "0"])

@@ -32,8 +32,9 @@ from minipaged.attention.metadata import AttentionMetadata
 BUCKET_OVERHEAD_KEY_ROWS = 2048
 # On CPU, decodes are instead sorted by length and cut into chunks whose gathered K and
 # V fit in this many bytes, so SDPA reads them back from the CPU's cache instead of DRAM
-# (about 2x faster per layer for SmolLM2 at batch 64, context 200-500, on a 2-core AMD
-# VM), and each chunk pads its sequences only to the longest of similar lengths. A
+# (about 2x faster per layer for SmolLM2 at batch 64, context 200-500, on the 2-core AMD
+# VM this was tuned on; on a 2-core Intel VM with 2 MB of L2 per core, 1-32 MB measure
+# alike), and each chunk pads its sequences only to the longest of similar lengths. A
 # chunk's fixed cost (two gathers, one SDPA call, Python) is counted as this many blocks
 # of padding when choosing the cuts (8-32 measure alike).
 CPU_GATHER_CHUNK_BYTES = 3 << 20
@@ -141,6 +142,8 @@ def make_plan(
     given, into sorted chunks of at most that many bytes of gathered K/V
     (``chunk_by_blocks``; ``block_bytes`` is one block of K plus one of V).
     """
+    if chunk_bytes is not None and block_bytes < 1:
+        raise ValueError(f"chunk_bytes={chunk_bytes} needs the bytes of one K and V block, got block_bytes={block_bytes}")
     query_lens, context_lens = meta.host_lengths()
     device = meta.block_tables.device
     starts = [0]
@@ -151,9 +154,11 @@ def make_plan(
     if chunk_bytes is None:
         groups = bucket_by_blocks(blocks, block_size, bucket_overhead)
     else:
-        groups = chunk_by_blocks(blocks, max(1, chunk_bytes // max(block_bytes, 1)), chunk_overhead_blocks)
+        groups = chunk_by_blocks(blocks, max(1, chunk_bytes // block_bytes), chunk_overhead_blocks)
+    # Row order inside a batch is free; ascending order makes consecutive rows a slice (a view).
     decodes = [
-        _make_decode_batch(meta, [decode_seqs[j] for j in group], starts, context_lens, block_size, dtype) for group in groups
+        _make_decode_batch(meta, sorted(decode_seqs[j] for j in group), starts, context_lens, block_size, dtype)
+        for group in groups
     ]
     prefills = []
     for i, n in enumerate(query_lens):
