@@ -131,16 +131,21 @@ def positive_int(text: str) -> int:
     return value
 
 
+def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
+    """The workload's options, shared with ``minipaged.bench_vllm`` so both build the same prompts."""
+    parser.add_argument("--num-requests", type=positive_int, default=64)
+    parser.add_argument("--input-len", type=positive_int, nargs=2, default=(16, 256), metavar=("MIN", "MAX"))
+    parser.add_argument("--output-len", type=positive_int, nargs=2, default=(16, 256), metavar=("MIN", "MAX"))
+    parser.add_argument("--seed", type=int, default=0)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m minipaged.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num-requests", type=positive_int, default=64)
-    parser.add_argument("--input-len", type=int, nargs=2, default=(16, 256), metavar=("MIN", "MAX"))
-    parser.add_argument("--output-len", type=int, nargs=2, default=(16, 256), metavar=("MIN", "MAX"))
+    add_workload_arguments(parser)
     parser.add_argument("--static-batch-sizes", type=positive_int, nargs="+", default=[16, 32, 64], metavar="B",
                         help="transformers static batch sizes to run; minipaged is compared with the fastest")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for every engine (default: torch's)")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-hf", action="store_true", help="only run minipaged")
     args = parser.parse_args(argv)
     if args.threads:

@@ -20,16 +20,13 @@ import argparse
 import json
 import time
 
-from minipaged.bench import make_workload, positive_int
+from minipaged.bench import add_workload_arguments, make_workload
 from minipaged.models.loader import default_model_dir
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m minipaged.bench_vllm", description=__doc__.splitlines()[0])
-    parser.add_argument("--num-requests", type=positive_int, default=64)
-    parser.add_argument("--input-len", type=positive_int, nargs=2, default=(16, 256), metavar=("MIN", "MAX"))
-    parser.add_argument("--output-len", type=positive_int, nargs=2, default=(16, 256), metavar=("MIN", "MAX"))
-    parser.add_argument("--seed", type=int, default=0)
+    add_workload_arguments(parser)
     args = parser.parse_args(argv)
     try:
         from vllm import LLM, SamplingParams
