@@ -4,6 +4,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+@dataclass(frozen=True)
+class Logprob:
+    """Log-probability of one token at one position (vLLM-shaped).
+
+    ``rank``: 1 for the most likely token under the model's raw logits. ``decoded_token``:
+    the token's text, filled in by the output processor (the engine core has no tokenizer).
+    """
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
 @dataclass
 class RequestMetrics:
     """Wall-clock times (``time.monotonic()`` seconds) of one request's life."""
@@ -28,6 +41,9 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: str | None  # "stop" (eos / stop token / stop string), "length", "abort", or None while running
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    # With SamplingParams.logprobs: one dict per generated token, the sampled token and the top-k alternatives.
+    logprobs: list[dict[int, Logprob]] | None = None
+    cumulative_logprob: float | None = None  # sum of the sampled tokens' logprobs (with ``logprobs`` set)
 
     @property
     def finished(self) -> bool:
