@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from minipaged.server.cli import add_serve_parser
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m minipaged", description=__doc__)
@@ -25,11 +27,14 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="float32")
     gen.add_argument("--stream", action="store_true", help="print tokens as they are generated (one prompt)")
     gen.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_serve_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "serve":
+        return args.func(args)
     from minipaged import LLM, SamplingParams
 
     params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
