@@ -47,7 +47,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from minipaged.server.app import build_app
-    from minipaged.server._interim_async_llm import AsyncLLM  # TEMPORARY: minipaged.async_llm once on main
+    from minipaged.async_llm import AsyncLLM
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     engine = AsyncLLM(args.model, **engine_kwargs(args))
