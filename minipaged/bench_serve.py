@@ -205,6 +205,55 @@ def summarize(results: Sequence[RequestResult], duration: float, count_tokens: C
     }
 
 
+async def sweep(base_url: str, requests: Sequence[BenchRequest], rates: Sequence[float], *, seed: int,
+                model: str | None, usage: bool, count_tokens: Callable[[str], int], prompt_tokens: Sequence[int],
+                extra: dict[str, Any] | None = None, on_tick: Callable[[float], Any] | None = None,
+                label: str = "") -> list[dict[str, Any]]:
+    """One run per rate, one after the other, against the same server; a summary per run."""
+    runs = []
+    for rate in rates:
+        results, duration = await run_load(base_url, requests, rate, seed=seed, model=model, usage=usage,
+                                           extra=extra, on_tick=on_tick)
+        summary = summarize(results, duration, count_tokens, prompt_tokens)
+        runs.append({"rate": rate, **summary})
+        print(f"  {label} rate={rate}: {summary['successful']} ok, {summary['failed']} failed, "
+              f"{summary['output_throughput']:.1f} tok/s", file=sys.stderr, flush=True)
+    return runs
+
+
+def parse_prometheus(text: str) -> dict[str, float]:
+    """``{series: value}`` of a Prometheus text exposition (label sets kept in the series name)."""
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
+@dataclass
+class MetricsTrace:
+    """Snapshots of a minipaged server's /metrics taken during a run (pass ``tick`` as ``on_tick``)."""
+
+    base_url: str
+    rows: list[dict[str, float]] = field(default_factory=list)
+    start: float = field(default_factory=time.perf_counter)
+
+    FIELDS = {"running": "minipaged_num_requests_running", "waiting": "minipaged_num_requests_waiting",
+              "kv_used": "minipaged_kv_blocks_used", "kv_cached": "minipaged_kv_blocks_cached",
+              "kv_total": "minipaged_kv_blocks_total", "preemptions": "minipaged_num_preemptions_total",
+              "generation_tokens": "minipaged_generation_tokens_total"}
+
+    async def tick(self, _elapsed: float = 0.0) -> None:
+        import httpx
+
+        async with httpx.AsyncClient(base_url=self.base_url, timeout=30) as http:
+            values = parse_prometheus((await http.get("/metrics")).text)
+        row = {"t": time.perf_counter() - self.start}
+        row.update({key: values.get(name, float("nan")) for key, name in self.FIELDS.items()})
+        self.rows.append(row)
+
+
 # ---- servers --------------------------------------------------------------------------------
 @dataclass
 class Target:
@@ -278,14 +327,9 @@ def bench_target(target: Target, requests: Sequence[BenchRequest], rates: Sequen
         if warm:
             asyncio.run(run_load(target.base_url, warm, math.inf, seed=0, model=model, usage=target.usage,
                                  extra=target.extra))
-        runs = []
-        for rate in rates:
-            results, duration = asyncio.run(run_load(target.base_url, requests, rate, seed=args.seed, model=model,
-                                                     usage=target.usage, extra=target.extra))
-            summary = summarize(results, duration, count_tokens, prompt_tokens)
-            runs.append({"rate": rate, **summary})
-            print(f"  {target.name} rate={rate}: {summary['successful']} ok, {summary['failed']} failed, "
-                  f"{summary['output_throughput']:.1f} tok/s", file=sys.stderr, flush=True)
+        runs = asyncio.run(sweep(target.base_url, requests, rates, seed=args.seed, model=model, usage=target.usage,
+                                 extra=target.extra, count_tokens=count_tokens, prompt_tokens=prompt_tokens,
+                                 label=target.name))
         rss = server.peak_rss_bytes() if server is not None else None
         return {"server": target.name, "base_url": target.base_url, "command": target.command,
                 "peak_rss_bytes": rss, "runs": runs}
