@@ -276,7 +276,7 @@ def make_targets(args: argparse.Namespace) -> list[Target]:
             extra_args = (["--model", model] if model else []) + args.minipaged_args.split()
             targets.append(Target(name, url, minipaged_command(port, *extra_args, "--log-level", "warning"), True))
         elif name in ("hf", "hf-cb"):
-            hf_model = model or str(_default_model_dir())
+            hf_model = str(hf_model_dir(Path(model) if model else _default_model_dir(), Path(args.log_dir)))
             cmd = [*args.hf_command.split(), "serve", hf_model, "--port", str(port),
                    "--host", "127.0.0.1", "--device", "cpu", "--dtype", "float32"]
             if name == "hf-cb":
@@ -288,6 +288,24 @@ def make_targets(args: argparse.Namespace) -> list[Target]:
     if args.base_url:
         targets.append(Target(args.base_url_name, args.base_url.rstrip("/"), None, args.base_url_usage))
     return targets
+
+
+def hf_model_dir(model: Path, scratch: Path) -> Path:
+    """``model``, or where its config names no architecture (minipaged's GGUF-converted SmolLM2), a copy
+    under ``scratch`` whose config.json does: ``transformers serve`` picks the model class from it.
+    The other files are symlinked, not copied."""
+    config = json.loads((model / "config.json").read_text())
+    if config.get("architectures"):
+        return model
+    out = scratch / f"{model.name}-for-transformers"
+    out.mkdir(parents=True, exist_ok=True)
+    for item in model.iterdir():
+        link = out / item.name
+        if item.name != "config.json" and not link.exists():
+            link.symlink_to(item.resolve())
+    arch = {"llama": "LlamaForCausalLM"}.get(config.get("model_type"), "AutoModelForCausalLM")
+    (out / "config.json").write_text(json.dumps({**config, "architectures": [arch]}, indent=1))
+    return out
 
 
 def _default_model_dir() -> Path:

@@ -91,13 +91,9 @@ def greedy(offline, prompts, max_tokens, **kw):
 
 
 def scrape(server) -> dict[str, float]:
-    text = httpx.get(server.base_url + "/metrics").text
-    values = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            values[name] = float(value)
-    return values
+    from minipaged.bench_serve import parse_prometheus
+
+    return parse_prometheus(httpx.get(server.base_url + "/metrics").text)
 
 
 def wait_idle(server, limit_s: float = 120.0) -> dict[str, float]:
@@ -293,6 +289,22 @@ def test_chat_logprobs_shape(client):
         assert math.isclose(c.logprob, c.top_logprobs[0].logprob)
 
 
+@pytest.mark.skipif(not _engine_has("logit_bias"), reason="SamplingParams has no penalties / logit_bias yet")
+def test_penalties_logit_bias_and_min_tokens_reach_the_engine(client, offline):
+    forced = 1234  # +100 on one token makes greedy pick it every time
+    r = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=5, temperature=0,
+                                  logit_bias={str(forced): 100}, logprobs=0)
+    assert r.choices[0].logprobs.tokens == [offline.tokenizer.decode([forced])] * 5
+    kw = dict(repetition_penalty=1.5, presence_penalty=0.5, frequency_penalty=0.5, min_tokens=4)
+    ref = greedy(offline, ["Hello"], 10, **kw)[0].outputs[0]
+    resp = client.completions.create(model="tiny", prompt="Hello", max_tokens=10, temperature=0,
+                                     presence_penalty=0.5, frequency_penalty=0.5,
+                                     extra_body={"repetition_penalty": 1.5, "min_tokens": 4})
+    assert resp.choices[0].text == ref.text
+    plain = greedy(offline, ["Hello"], 10)[0].outputs[0]
+    assert ref.token_ids != plain.token_ids  # the penalties changed something, so the equality above means something
+
+
 # ---- errors --------------------------------------------------------------------------------
 BAD_COMPLETIONS = [
     ({"max_tokens": 0}, "max_tokens"),
@@ -316,6 +328,10 @@ BAD_COMPLETIONS = [
     ({"stream_options": {"include_usage": True}}, "stream_options"),
     ({"user": 5}, "user"),
     ({"logit_bias": {"abc": 1.0}}, "logit_bias"),
+    ({"logit_bias": {"1": "x"}}, "logit_bias"),
+    ({"presence_penalty": "high"}, "presence_penalty"),
+    ({"repetition_penalty": [1]}, "repetition_penalty"),
+    ({"min_tokens": 1.5}, "min_tokens"),
     ({"best_of": 2}, "best_of"),
     ({"prompt": ""}, "prompt"),
     ({"prompt": []}, "prompt"),
