@@ -157,6 +157,8 @@ def build_app(engine: Any, *, model_name: str | None = None, api_key: str | None
 
     @app.get("/health")
     async def health() -> Response:
+        if not getattr(engine, "is_running", True):  # the engine loop failed: nothing can be served
+            return error_response(APIError(503, "the engine loop has stopped"))
         return Response(status_code=200)
 
     @app.get("/metrics")
