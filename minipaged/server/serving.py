@@ -194,12 +194,28 @@ def _prompt_text(prompt: Any, out: RequestOutput, tokenizer: Any) -> str:
     return "" if tokenizer is None else tokenizer.decode(out.prompt_token_ids)
 
 
-class CompletionHandler:
-    """POST /v1/completions."""
+class _Handler:
+    """What both endpoints share: the engine, the served name, and the envelope of a streamed chunk."""
+
+    chunk_object: str
 
     def __init__(self, engine: Any, model_name: str) -> None:
         self.engine = engine
         self.model_name = model_name
+
+    def _chunk(self, rid: str, created: int, choices: list[dict], usage: Any = ...) -> dict[str, Any]:
+        """One chunk (or the whole completion); ``usage`` is left out unless given (None included)."""
+        payload = {"id": rid, "object": self.chunk_object, "created": created, "model": self.model_name,
+                   "choices": choices}
+        if usage is not ...:
+            payload["usage"] = usage
+        return payload
+
+
+class CompletionHandler(_Handler):
+    """POST /v1/completions."""
+
+    chunk_object = "text_completion"
 
     def prepare(self, body: CompletionRequest) -> tuple[list[Any], SamplingParams]:
         """Check the whole request (model, every prompt) before anything is submitted."""
@@ -212,13 +228,6 @@ class CompletionHandler:
         for prompt in prompts:
             self.engine.validate(prompt, params)
         return prompts, params
-
-    def _chunk(self, rid: str, created: int, choices: list[dict], usage: Any = ...) -> dict[str, Any]:
-        payload = {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
-                   "choices": choices}
-        if usage is not ...:
-            payload["usage"] = usage
-        return payload
 
     def _logprobs(self, d: _Delta, offset: int) -> dict | None:
         if d.logprobs is None:
@@ -278,12 +287,10 @@ class CompletionHandler:
         yield DONE
 
 
-class ChatHandler:
+class ChatHandler(_Handler):
     """POST /v1/chat/completions: messages through the model's chat template."""
 
-    def __init__(self, engine: Any, model_name: str) -> None:
-        self.engine = engine
-        self.model_name = model_name
+    chunk_object = "chat.completion.chunk"
 
     def prepare(self, body: ChatCompletionRequest) -> tuple[list[Any], SamplingParams]:
         check_model(body, self.model_name)
@@ -297,13 +304,6 @@ class ChatHandler:
         params = sampling_params(body, max_tokens=max_tokens, logprobs=logprobs)
         self.engine.validate(prompt, params)
         return [prompt], params
-
-    def _chunk(self, rid: str, created: int, choices: list[dict], usage: Any = ...) -> dict[str, Any]:
-        payload = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
-                   "choices": choices}
-        if usage is not ...:
-            payload["usage"] = usage
-        return payload
 
     def _logprobs(self, token_ids: list[int], logprobs: list | None, body: ChatCompletionRequest) -> dict | None:
         if not body.logprobs or logprobs is None:
