@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from typing import Any
 
 _log = logging.getLogger("minipaged.server")
@@ -49,8 +50,15 @@ def run_serve(args: argparse.Namespace) -> int:
     from minipaged.server.app import build_app
     from minipaged.async_llm import AsyncLLM
 
+    from minipaged.errors import InputError
+    from minipaged.models.loader import ModelNotFoundError
+
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    engine = AsyncLLM(args.model, **engine_kwargs(args))
+    try:
+        engine = AsyncLLM(args.model, **engine_kwargs(args))
+    except (InputError, ModelNotFoundError) as err:  # a bad option or path: say which, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     app = build_app(engine, model_name=args.served_model_name, api_key=args.api_key)
     _log.info("serving %s on http://%s:%d (max_model_len=%d)", args.served_model_name or engine.model_name,
               args.host, args.port, engine.config.max_model_len)
