@@ -186,5 +186,4 @@ class AsyncLLM:
         except Exception as exc:  # the engine is unusable: wake every waiter with the cause
             self._dead = exc
             for queue in self._queues.values():
-                queue.put_nowait(exc)
-            raise
+                queue.put_nowait(exc)  # delivered to the waiters; the task itself ends quietly

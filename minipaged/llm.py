@@ -138,7 +138,9 @@ class LLM:
                 return rid
 
     def _in_use(self, request_id: str) -> bool:
-        return request_id in self._owners or self.engine_core.has_request(request_id)
+        """Live, or finished with its output not yet returned by ``step()``."""
+        return (request_id in self._owners or self.engine_core.has_request(request_id)
+                or any(out.request_id == request_id for out in self._manual.done))
 
     def add_request(self, prompt: Any, sampling_params: SamplingParams | None = None, *,
                     priority: int = 0, request_id: str | None = None) -> str:
@@ -152,6 +154,10 @@ class LLM:
 
         A ``stream`` or ``generate`` waiting for it receives it with ``finish_reason="abort"``.
         """
+        waiting = [out for out in self._manual.done if out.request_id == request_id]
+        if waiting:  # finished, but not returned yet: the caller no longer wants it
+            self._manual.done.remove(waiting[0])
+            return
         if request_id not in self._owners:
             raise UnknownRequestError(request_id)
         self._abort(request_id)
@@ -222,12 +228,16 @@ class LLM:
     def stream(self, prompts: Any, sampling_params: Any = None, *, priority: Any = None) -> Iterator[StreamChunk]:
         """Yield new tokens per completion as each step produces them (text deltas, stop strings cut).
 
-        The joined text of a completion's chunks equals ``generate``'s text. Closing the iterator
-        early aborts its unfinished requests; an ``abort`` of one of them ends its completions
-        with ``finish_reason="abort"``.
+        The prompts are validated and queued at once (bad input raises here, not on the first
+        ``next``). The joined text of a completion's chunks equals ``generate``'s text. Closing
+        the iterator early aborts its unfinished requests; an ``abort`` of one of them ends its
+        completions with ``finish_reason="abort"``.
         """
         buffer = _StreamBuffer()
-        ids = self._submit(normalize_batch(prompts, sampling_params, priority), buffer)
+        ids = self._submit(normalize_batch(prompts, sampling_params, priority), buffer)  # bad input raises here
+        return self._stream(buffer, ids)
+
+    def _stream(self, buffer: _StreamBuffer, ids: list[str]) -> Iterator[StreamChunk]:
         position = {rid: i for i, rid in enumerate(ids)}
         try:
             while True:
