@@ -157,7 +157,6 @@ class _Delta:
     text: str
     token_ids: list[int]
     logprobs: list | None
-    text_offset: int
     finish_reason: str | None
 
 
@@ -180,7 +179,7 @@ class _DeltaTracker:
             if not text and c.finish_reason is None and not (self.want_logprobs and ids):
                 continue
             lps = c.logprobs[cur.tokens:] if (self.want_logprobs and c.logprobs is not None) else None
-            found.append(_Delta(index, text, ids, lps, cur.text_offset, c.finish_reason))
+            found.append(_Delta(index, text, ids, lps, c.finish_reason))
             cur.chars, cur.tokens = len(c.text), len(c.token_ids)
             cur.finished = c.finish_reason is not None
         return found
