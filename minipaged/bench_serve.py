@@ -20,6 +20,7 @@ import asyncio
 import json
 import math
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -402,6 +403,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the servers launched here are stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.num_prompts < 1 or args.max_tokens < 1:
         raise SystemExit("--num-prompts and --max-tokens must be >= 1")
     if any(r <= 0 for r in args.request_rate):
@@ -419,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
                       "peak_rss_bytes": None}
             print(f"  {target.name} failed: {exc}", file=sys.stderr)
         report["servers"].append(result)
-    Path(args.output).write_text(json.dumps(jsonable(report), indent=1))
+        Path(args.output).write_text(json.dumps(jsonable(report), indent=1))  # after each server: partial runs survive
     print(format_table(report))
     print(f"wrote {args.output}", file=sys.stderr)
     return 0
