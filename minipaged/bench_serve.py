@@ -70,13 +70,25 @@ def synthetic_requests(num: int, seed: int, *, mean_input_words: int = 60, mean_
     return out
 
 
-def build_requests(args: argparse.Namespace) -> list[BenchRequest]:
+def as_chat_prompts(prompts: Sequence[str], tokenizer: Any) -> list[str]:
+    """Each prompt as one user turn through the model's chat template, as text for /v1/completions.
+
+    An instruct model given a bare question in completion mode often ends it at once (SmolLM2 emits
+    EOS first for most of the shipped prompts), which would measure nothing but prefill.
+    """
+    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                          add_generation_prompt=True) for p in prompts]
+
+
+def build_requests(args: argparse.Namespace, tokenizer: Any) -> list[BenchRequest]:
     if args.dataset == "synthetic":
         return synthetic_requests(args.num_prompts, args.seed, max_output=args.max_tokens)
     prompts = load_jsonl_prompts(None if args.dataset == "default" else args.dataset)
     rng = random.Random(args.seed)
     chosen = [prompts[i % len(prompts)] for i in range(args.num_prompts)]
     rng.shuffle(chosen)
+    if not args.raw_prompts:
+        chosen = as_chat_prompts(chosen, tokenizer)
     return [BenchRequest(p, args.max_tokens) for p in chosen]
 
 
@@ -325,11 +337,15 @@ def _served_model(base_url: str) -> str | None:
         return None
 
 
-def _token_counter(model: str | None) -> Callable[[str], int]:
+def load_tokenizer(model: str | None) -> Any:
+    """The tokenizer of ``model`` (default: SmolLM2), for chat templating and counting tokens client-side."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model or str(_default_model_dir()))
-    return lambda text: len(tok.encode(text, add_special_tokens=False))
+    return AutoTokenizer.from_pretrained(model or str(_default_model_dir()))
+
+
+def token_counter(tokenizer: Any) -> Callable[[str], int]:
+    return lambda text: len(tokenizer.encode(text, add_special_tokens=False))
 
 
 def bench_target(target: Target, requests: Sequence[BenchRequest], rates: Sequence[float], args: argparse.Namespace,
@@ -390,6 +406,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="how to run the 'transformers' CLI (e.g. /work/hf-serve-venv/bin/transformers)")
     p.add_argument("--hf-args", default="", help="extra 'transformers serve' options, one string (e.g. --cb-num-blocks)")
     p.add_argument("--dataset", default="default", help="'default' (shipped JSONL), 'synthetic', or a JSONL path")
+    p.add_argument("--raw-prompts", action="store_true",
+                   help="send the JSONL prompts as they are (default: through the model's chat template)")
     p.add_argument("--num-prompts", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=64, help="max_tokens per request (synthetic: the cap)")
     p.add_argument("--request-rate", nargs="+", type=float, default=[math.inf], help="requests/s; 'inf' = all at once")
@@ -409,8 +427,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--num-prompts and --max-tokens must be >= 1")
     if any(r <= 0 for r in args.request_rate):
         raise SystemExit("--request-rate must be > 0 (or inf)")
-    requests = build_requests(args)
-    count_tokens = _token_counter(args.model)
+    tokenizer = load_tokenizer(args.model)
+    requests = build_requests(args, tokenizer)
+    count_tokens = token_counter(tokenizer)
     prompt_tokens = [count_tokens(r.prompt) for r in requests]
     report = {"config": vars(args), "num_requests": len(requests), "servers": []}
     for target in make_targets(args):
