@@ -327,7 +327,8 @@ def _default_model_dir() -> Path:
     return ensure_default_model()
 
 
-def _served_model(base_url: str) -> str | None:
+def served_model(base_url: str) -> str | None:
+    """The first model id the server lists at /v1/models (None when it has no such route)."""
     import httpx
 
     try:
@@ -357,7 +358,7 @@ def bench_target(target: Target, requests: Sequence[BenchRequest], rates: Sequen
         log.parent.mkdir(parents=True, exist_ok=True)
         server = ServerProcess(target.command, target.base_url, log_path=log).start(timeout=args.startup_timeout)
     try:
-        model = _served_model(target.base_url)
+        model = served_model(target.base_url)
         warm = [BenchRequest(requests[0].prompt, 8)] * args.warmup
         if warm:
             asyncio.run(run_load(target.base_url, warm, math.inf, seed=0, model=model, usage=target.usage,
