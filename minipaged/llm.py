@@ -227,7 +227,10 @@ class LLM:
             rows, seqs = self._fork_and_expand(sampled)
             if len(rows) != logits.shape[0]:  # n > 1 forks share their parent's row: copy it out
                 logits = logits[torch.tensor(rows, dtype=torch.long, device=logits.device)]
-            tokens = sample(logits, [q.params for q in seqs], [q.generator for q in seqs])
+            tokens = sample(logits, [q.params for q in seqs], [q.generator for q in seqs],
+                            prompt_token_ids=[q.prompt_token_ids for q in seqs],
+                            output_token_ids=[q.output_token_ids for q in seqs],
+                            eos_token_ids=self._eos_ids).token_ids
             now = time.monotonic()
             for seq, tok in zip(seqs, tokens):
                 self._append_token(seq, tok, now)
@@ -303,7 +306,7 @@ class LLM:
             # Only the tail can hold a newly completed stop string.
             search_from = max(0, len(seq.text) - max(len(s) for s in p.stop))
             hits = [(text.find(s, search_from), s) for s in p.stop]
-            hits = [(i, s) for i, s in hits if i >= 0]
+            hits = [(i, s) for i, s in hits if i >= 0 and len(seq.output_token_ids) >= p.min_tokens]
             seq.text = text
             if hits:
                 cut, stop = min(hits)
