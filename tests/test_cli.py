@@ -130,6 +130,12 @@ def test_bad_prompts_and_models(model_dir, tmp_path, capsys):
     assert err[1].startswith(PREFIX + "argument prompts: text prompts need a tokenizer")
 
 
+def test_logprobs_flag_prints_a_line_per_token(model_dir, capsys):
+    assert main(cli(model_dir, "w3 w4", "--max-tokens", "3", "--min-tokens", "3", "--logprobs", "2")) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 4 and all(line.startswith("  '") and "(rank " in line for line in out[1:]), out
+
+
 def test_logprobs_lines(capsys):
     from minipaged.__main__ import _print_logprobs
     from minipaged.outputs import CompletionOutput, Logprob

@@ -78,3 +78,28 @@ def test_min_tokens_masks_eos_like_min_new_tokens(hf_model):
             assert tokens == hf_generate(hf_model, prompt, eos, 10, min_tokens)
             assert eos not in tokens[:min_tokens]
     assert llm.block_manager.stats().used_blocks == 0
+
+
+def test_logprobs_are_transformers_raw_log_softmax(hf_model):
+    batch = prompts(seed=9, count=3)
+    llm = llm_with_eos(hf_model, eos=2)
+    params = SamplingParams(temperature=0, max_tokens=5, min_tokens=5, logprobs=3, repetition_penalty=1.5)
+    outs = llm.generate([{"prompt_token_ids": p} for p in batch], params, use_tqdm=False)
+    for prompt, out in zip(batch, outs):
+        completion = out.outputs[0]
+        ids = torch.tensor([prompt])
+        hf = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, min_new_tokens=5,
+                               do_sample=False, pad_token_id=0, repetition_penalty=1.5, output_logits=True,
+                               return_dict_in_generate=True)
+        assert completion.token_ids == hf.sequences[0, len(prompt):].tolist()
+        assert len(completion.logprobs) == 5
+        for token, entry, raw in zip(completion.token_ids, completion.logprobs, hf.logits):
+            reference = torch.log_softmax(raw[0].double(), dim=-1)  # raw: before the repetition penalty
+            order = torch.argsort(reference, descending=True).tolist()
+            assert set(entry) == set(order[:3]) | {token}
+            for t, lp in entry.items():
+                assert lp.rank == order.index(t) + 1
+                assert abs(lp.logprob - float(reference[t])) < 1e-4
+        assert abs(completion.cumulative_logprob - sum(d[t].logprob for d, t in zip(completion.logprobs,
+                                                                                     completion.token_ids))) < 1e-9
+    assert llm.block_manager.stats().used_blocks == 0
