@@ -8,6 +8,7 @@ Penalties, ``logit_bias``, ``min_tokens`` and ``logprobs`` follow vLLM's semanti
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -177,9 +178,11 @@ def _as_logit_bias(value: Any) -> LogitBias | None:
         raise InvalidSamplingParamsError("logit_bias", f"must be a dict {{token_id: bias}}, got {value!r}")
     items: dict[int, float] = {}
     for token, bias in value.items():
-        if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+        # numbers.Integral / Real take numpy scalars too; JSON's string keys are the server's to convert.
+        if isinstance(token, bool) or not isinstance(token, numbers.Integral) or token < 0:
             raise InvalidSamplingParamsError("logit_bias", f"token ids must be integers >= 0, got {token!r}")
-        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -LOGIT_BIAS_LIMIT <= bias <= LOGIT_BIAS_LIMIT:
+        if (isinstance(bias, bool) or not isinstance(bias, numbers.Real)
+                or not -LOGIT_BIAS_LIMIT <= bias <= LOGIT_BIAS_LIMIT):
             raise InvalidSamplingParamsError("logit_bias", f"bias of token {token} must be a number in [-100, 100], got {bias!r}")
-        items[token] = float(bias)
+        items[int(token)] = float(bias)
     return LogitBias(items) if items else None

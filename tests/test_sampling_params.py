@@ -127,3 +127,10 @@ def test_new_fields_defaults_and_normalisation():
     assert SamplingParams(logit_bias={}) == SamplingParams()
     assert SamplingParams(logprobs=20).logprobs == 20
     assert SamplingParams(presence_penalty=-2, frequency_penalty=2).has_penalties
+
+
+def test_logit_bias_takes_numpy_scalars_as_plain_numbers():
+    import numpy as np
+
+    p = SamplingParams(logit_bias={np.int64(4): np.float32(-1.5)})
+    assert p.logit_bias == {4: -1.5} and type(next(iter(p.logit_bias))) is int
