@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import random
 import signal
 import sys
@@ -228,7 +229,8 @@ async def sweep(base_url: str, requests: Sequence[BenchRequest], rates: Sequence
         results, duration = await run_load(base_url, requests, rate, seed=seed, model=model, usage=usage,
                                            extra=extra, on_tick=on_tick)
         summary = summarize(results, duration, count_tokens, prompt_tokens)
-        runs.append({"rate": rate, **summary})
+        # The machine's 1-minute load average as the run ended: on a shared machine, context for the numbers.
+        runs.append({"rate": rate, **summary, "loadavg_1m": os.getloadavg()[0]})
         print(f"  {label} rate={rate}: {summary['successful']} ok, {summary['failed']} failed, "
               f"{summary['output_throughput']:.1f} tok/s", file=sys.stderr, flush=True)
     return runs
