@@ -1,4 +1,5 @@
-"""Command line: ``python -m minipaged generate "prompt"`` (add ``--chat`` to use the chat template).
+"""Command line: ``python -m minipaged generate "prompt"`` (add ``--chat`` to use the chat template),
+and ``python -m minipaged serve`` (the OpenAI-compatible server, ``minipaged/server/cli.py``).
 
 Defaults to the embedded SmolLM2-135M-Instruct and greedy decoding.
 
