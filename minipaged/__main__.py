@@ -1,4 +1,5 @@
-"""Command line: ``python -m minipaged generate "prompt"`` (add ``--chat`` to use the chat template).
+"""Command line: ``python -m minipaged generate "prompt"`` (add ``--chat`` to use the chat template),
+and ``python -m minipaged serve`` (the OpenAI-compatible server, ``minipaged/server/cli.py``).
 
 Defaults to the embedded SmolLM2-135M-Instruct and greedy decoding.
 
@@ -13,6 +14,9 @@ import argparse
 import sys
 import warnings
 from typing import Any, Callable, NoReturn
+
+from minipaged.engine_args import add_engine_arguments, engine_kwargs
+from minipaged.server.cli import add_serve_parser
 
 PROG = "python -m minipaged"
 
@@ -31,44 +35,6 @@ class _Parser(argparse.ArgumentParser):
 
 def _print_error(message: str) -> None:
     print(f"{PROG}: error: {message}", file=sys.stderr)
-
-
-def _byte_size(text: str) -> int:
-    """``1073741824``, ``512M``, ``1G``, ``2GiB`` -> bytes (binary multiples)."""
-    units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    value = text.strip().lower().removesuffix("ib").removesuffix("b")
-    unit = value[-1:] if value[-1:] in units else ""
-    try:
-        number = float(value[: len(value) - len(unit)])
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r} (bytes, or with K/M/G/T, e.g. 512M)") from None
-    return int(number * units[unit])
-
-
-def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options that build the engine (``LLM(...)`` keywords); shared by every subcommand."""
-    group = parser.add_argument_group("engine")
-    group.add_argument("--model", default=None, help="HF directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
-    group.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
-    group.add_argument("--attention-backend", choices=("torch", "triton"), default=None)
-    group.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default 16)")
-    group.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache size in blocks")
-    group.add_argument("--kv-cache-memory", type=_byte_size, default=None,
-                       help="KV cache size in bytes on CPU, e.g. 512M or 2G (default 1G)")
-    group.add_argument("--max-num-seqs", type=int, default=None, help="most sequences in one step (default 128)")
-    group.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget of one step (default 2048)")
-    group.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output (default: the model's)")
-    group.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV blocks of shared prefixes")
-
-
-def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """``LLM(...)`` keywords from ``add_engine_arguments``' options; unset options keep the engine's defaults."""
-    names = ("dtype", "attention_backend", "block_size", "num_kv_blocks", "kv_cache_memory", "max_num_seqs",
-             "max_num_batched_tokens", "max_model_len")
-    kwargs = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-    if args.no_prefix_caching:
-        kwargs["enable_prefix_caching"] = False
-    return kwargs
 
 
 def _add_generate(sub: Any) -> None:
@@ -101,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_generate(sub)
+    add_serve_parser(sub)
     return parser
 
 

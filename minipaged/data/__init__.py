@@ -1,0 +1,1 @@
+"""Data files shipped with minipaged (the default serving-benchmark prompts)."""

@@ -1,0 +1,96 @@
+"""Prometheus metrics of one server (``GET /metrics``), in a registry of its own.
+
+Engine state (queues, KV blocks, preemptions, token counters) is read from ``engine.stats()``
+at scrape time; latencies are observed by the request handlers as outputs reach them, so
+they are what the HTTP layer sees (TTFT includes queueing). A registry per app, not
+prometheus-client's global default, lets several apps live in one process (tests).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class _EngineCollector(Collector):
+    """Gauges and counters read from one ``engine.stats()`` snapshot per scrape."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[Any]:
+        s = self.engine.stats()
+        gauges = {
+            "minipaged_num_requests_running": ("sequences in the running batch", s.num_running),
+            "minipaged_num_requests_waiting": ("sequences queued for a first (or post-preemption) step", s.num_waiting),
+            "minipaged_kv_blocks_total": ("KV cache blocks", s.num_blocks),
+            "minipaged_kv_blocks_used": ("KV blocks referenced by a live sequence", s.used_blocks),
+            "minipaged_kv_blocks_cached": ("free KV blocks still holding a reusable prefix", s.cached_blocks),
+            "minipaged_kv_blocks_free": ("allocatable KV blocks (cached ones included)", s.free_blocks),
+        }
+        for name, (doc, value) in gauges.items():
+            yield GaugeMetricFamily(name, doc, value=value)
+        counters = {
+            "minipaged_num_preemptions": ("sequences preempted (recomputed later)", s.num_preemptions),
+            "minipaged_prompt_tokens": ("prompt tokens computed (prefix-cache hits excluded)", s.prompt_tokens_total),
+            "minipaged_generation_tokens": ("tokens generated", s.generation_tokens_total),
+        }
+        for name, (doc, value) in counters.items():
+            yield CounterMetricFamily(name, doc, value=value)
+
+
+class ServerMetrics:
+    """The app's registry and the latency histograms the handlers feed."""
+
+    def __init__(self, engine: Any) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(_EngineCollector(engine))
+        self.ttft = Histogram("minipaged_time_to_first_token_seconds", "request arrival to its first token",
+                              buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.inter_token = Histogram("minipaged_inter_token_latency_seconds",
+                                     "time between successive outputs of one request", buckets=_ITL_BUCKETS,
+                                     registry=self.registry)
+        self.e2e = Histogram("minipaged_e2e_request_latency_seconds", "request arrival to its last token",
+                             buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.finished = Counter("minipaged_request_finished", "finished requests by finish reason",
+                                ["finish_reason"], registry=self.registry)
+        self.http_errors = Counter("minipaged_request_errors", "requests answered with an error status",
+                                   ["status"], registry=self.registry)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def timer(self) -> "RequestTimer":
+        return RequestTimer(self)
+
+
+@dataclass
+class RequestTimer:
+    """Latency bookkeeping of one HTTP request (all its prompts and samples together)."""
+
+    metrics: ServerMetrics
+    arrival: float = field(default_factory=time.monotonic)
+    last_token: float | None = None
+
+    def on_tokens(self) -> None:
+        """Call when an output that carries new tokens reaches the handler."""
+        now = time.monotonic()
+        if self.last_token is None:
+            self.metrics.ttft.observe(now - self.arrival)
+        else:
+            self.metrics.inter_token.observe(now - self.last_token)
+        self.last_token = now
+
+    def on_finish(self, finish_reasons: list[str | None]) -> None:
+        self.metrics.e2e.observe(time.monotonic() - self.arrival)
+        for reason in finish_reasons:
+            self.metrics.finished.labels(finish_reason=reason or "none").inc()

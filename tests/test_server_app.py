@@ -1,0 +1,120 @@
+"""The app in-process over a scripted fake engine: failure paths a real model cannot be made to hit on cue."""
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from dataclasses import dataclass
+
+import pytest
+
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+
+from minipaged.engine_core import EngineStats  # noqa: E402
+from minipaged.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput  # noqa: E402
+from minipaged.server.app import build_app  # noqa: E402
+from minipaged.server.logprobs import chat_logprobs, completion_logprobs  # noqa: E402
+
+
+@dataclass
+class _Config:
+    max_model_len: int = 64
+
+
+class FakeEngine:
+    """Yields two growing outputs per request, then fails (``fail=True``) or finishes."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.is_running = True
+        self.tokenizer = None
+        self.config = _Config()
+        self.model_name = "fake"
+        self.closed: list[str] = []
+
+    def validate(self, prompt, params):
+        return None, [1, 2]
+
+    def stats(self) -> EngineStats:
+        return EngineStats(0, 0, 8, 0, 0, 8, 0, 0, 0)
+
+    async def generate(self, prompt, params, request_id):
+        try:
+            for i, text in enumerate(("ab", "abcd")):
+                await asyncio.sleep(0)
+                finished = i == 1 and not self.fail
+                comp = CompletionOutput(0, text, [5] * (i + 1), "length" if finished else None)
+                yield RequestOutput(request_id, None, [1, 2], [comp], finished, RequestMetrics(0.0))
+            if self.fail:
+                raise RuntimeError("boom")
+        finally:
+            self.closed.append(request_id)
+
+    async def shutdown(self):
+        pass
+
+
+def _client(engine) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=build_app(engine), raise_app_exceptions=False), base_url="http://test")
+
+
+def test_engine_failure_mid_stream_is_an_in_band_error_then_done():
+    async def go():
+        async with _client(FakeEngine(fail=True)) as http:
+            r = await http.post("/v1/completions", json={"prompt": [1, 2], "stream": True})
+            return r.status_code, r.text
+
+    status, text = asyncio.run(go())
+    events = [e for e in text.split("\n\n") if e]
+    assert status == 200 and events[-1] == "data: [DONE]"
+    assert "".join(json.loads(e[6:])["choices"][0]["text"] for e in events[:-2]) == "abcd"
+    err = json.loads(events[-2][6:])["error"]
+    assert err["code"] == 500 and "boom" in err["message"]
+
+
+def test_engine_failure_without_stream_is_a_500_and_health_reports_a_dead_engine():
+    engine = FakeEngine(fail=True)
+
+    async def go():
+        async with _client(engine) as http:
+            r = await http.post("/v1/completions", json={"prompt": "x"})
+            ok = (await http.get("/health")).status_code
+            engine.is_running = False
+            dead = await http.get("/health")
+            return r, ok, dead
+
+    r, ok, dead = asyncio.run(go())
+    assert r.status_code == 500 and r.json()["error"]["type"] == "InternalServerError"
+    assert ok == 200 and dead.status_code == 503 and dead.json()["error"]["code"] == 503
+    assert engine.closed  # the engine iterator was closed
+
+
+def test_two_apps_in_one_process_keep_their_own_metrics():
+    async def go():
+        a, b = FakeEngine(), FakeEngine()
+        async with _client(a) as ha, _client(b) as hb:
+            await ha.post("/v1/completions", json={"prompt": [3], "n": 1})
+            return (await ha.get("/metrics")).text, (await hb.get("/metrics")).text
+
+    ma, mb = asyncio.run(go())
+    assert "minipaged_e2e_request_latency_seconds_count 1.0" in ma
+    assert "minipaged_e2e_request_latency_seconds_count 0.0" in mb
+
+
+class _Tok:
+    def decode(self, ids):
+        return "".join(chr(ord("a") + i) for i in ids)
+
+
+def test_logprob_shapes_by_hand():
+    lps = [{0: Logprob(-0.1, 1), 1: Logprob(-2.5, 2), 2: Logprob(-3.0, 3)},
+           {2: Logprob(-math.inf, 9), 0: Logprob(-0.2, 1), 1: Logprob(-1.0, 2)}]
+    out = completion_logprobs([0, 2], lps, _Tok(), first_offset=5)
+    assert out == {"tokens": ["a", "c"], "token_logprobs": [-0.1, -9999.0],
+                   "top_logprobs": [{"a": -0.1, "b": -2.5, "c": -3.0}, {"c": -9999.0, "a": -0.2, "b": -1.0}],
+                   "text_offset": [5, 6]}
+    chat = chat_logprobs([0, 2], lps, _Tok(), top_logprobs=2)["content"]
+    assert [c["token"] for c in chat] == ["a", "c"] and chat[1]["logprob"] == -9999.0
+    assert [t["token"] for t in chat[1]["top_logprobs"]] == ["a", "b"]  # by rank; the sampled rank-9 token is not top-2
+    assert chat[0]["bytes"] == [97]
