@@ -190,6 +190,11 @@ def copy_blocks(cache: KVCache, src: torch.Tensor, dst: torch.Tensor) -> None:
         cache.scale[dst] = cache.scale[src]
 
 
+def data_and_scale(cache: KVCache) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What the Triton kernels take: the stored tensor and its scale (``None`` for a float cache)."""
+    return (cache, None) if isinstance(cache, torch.Tensor) else (cache.data, cache.scale)
+
+
 def compute_dtype(cache: KVCache) -> torch.dtype:
     """The dtype attention computes in for this cache."""
     return cache.dtype if isinstance(cache, torch.Tensor) else cache.compute_dtype

@@ -63,4 +63,26 @@ def test_decode_specs_cover_every_wrapper_choice():
 
 def test_kv_append_specs_cover_every_wrapper_choice():
     configs = {spec.config for spec in kv_append_module.aot_specs()}
-    assert configs == {f"{dtypes} slots={index}" for dtypes in ("fp32", "fp16/bf16") for index in ("i32", "i64")}
+    copies = {f"{dtypes} slots={index}" for dtypes in ("fp32", "fp16/bf16") for index in ("i32", "i64")}
+    quantizing = {f"{dtype}->{cache} {scale}" for dtype in ("fp32", "fp16", "bf16")
+                  for cache in ("int8", "fp8e4m3") for scale in ("token", "layer")}
+    assert configs == copies | quantizing
+
+
+def test_quantized_cache_specs_cover_every_wrapper_choice():
+    """Decode (single and split) and prefill have an int8 and an fp8 build of every float configuration."""
+    from kernels import prefill_attention
+
+    for module in (decode_attention, prefill_attention):
+        configs = {spec.config for spec in module.aot_specs()}
+        plain = {c for c in configs if " kv=" not in c and not c.endswith("merge")}
+        for cache in ("int8", "fp8e4m3"):
+            assert {f"{c} kv={cache}" for c in plain} <= configs
+
+
+def test_quantized_specs_compile_for_sm80_and_sm90(rows):
+    """fp8 decodes with bit operations, so its builds exist (and fit) on sm_80 too."""
+    quantized = {(r["kernel"], r["target"]) for r in rows if ("kv=" in r["config"] or "->" in r["config"])
+                 and r["error"] is None}
+    for kernel in ("kv_append", "paged_decode_attention", "paged_prefill_attention"):
+        assert {(kernel, 80), (kernel, 90)} <= quantized
