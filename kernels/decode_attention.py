@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from kernels import _kv_quant
-from kernels._aot import AotSpec
+from kernels._aot import AotSpec, in_ci_subset
 from kernels._checks import (
     FLOAT_DTYPES, check_block_tables, check_heads, check_kv_cache, check_kernel_out, check_same_device,
     check_tensor, default_scale,
@@ -421,5 +421,5 @@ def _stage1_spec(dtype: str, block_d: int, split: bool, quant: int, ints: tuple[
     return AotSpec(
         kernel="paged_decode_attention", config=f"{dtype} D{block_d} {'split' if split else 'single'}{kv}",
         fn=_decode_kernel, signature=signature, constexprs=constexprs,
-        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES, in_ci=not quant or in_ci_subset(dtype, block_d),
     )

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from kernels import _checks, _kv_quant
-from kernels._aot import AotSpec
+from kernels._aot import AotSpec, in_ci_subset
 
 MAX_HEAD_DIM = 256
 # Sequences with at most this many new tokens get 16-row query tiles (see the wrapper).
@@ -424,6 +424,7 @@ def _spec(dtype: torch.dtype, cfg: PrefillConfig, quant: int) -> AotSpec:
         constexprs=constexprs,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
+        in_ci=not quant or in_ci_subset(ty, cfg.block_d),
     )
 
 

@@ -1,9 +1,11 @@
 """What a quantized KV cache costs in accuracy and buys in capacity: the numbers of notebook 08.
 
-    python -m minipaged.kv_quant_eval                 # everything, ~10 min on 2 CPU cores
-    python -m minipaged.kv_quant_eval --prompts 50    # fewer greedy prompts
+    python -m minipaged.kv_quant_eval                          # every part
+    python -m minipaged.kv_quant_eval --parts greedy --prompts 50  # one part, fewer prompts
 
-Writes ``figures/08_kv_quant_eval.json`` (``--out``), which the notebook loads:
+Updates ``figures/08_kv_quant_eval.json`` (``--out``; each part replaces its own entry and
+records the command that produced it, so parts can run in separate processes), which the
+notebook loads:
 
 - ``kernel_errors``: the Triton decode kernel (the interpreter without CUDA) on a quantized
   cache vs the float64 reference over the *unquantized* cache (what quantization costs),
@@ -36,6 +38,7 @@ import torch
 from minipaged import kv_quant
 
 DTYPES = ("auto", "int8", "fp8_e4m3")
+PARTS = ("kernel_errors", "perplexity", "greedy", "capacity")
 # Scale schemes compared at the kernel and perplexity level: (label, cache dtype, per_token, calibrated).
 SCHEMES = (
     ("int8 per token", "int8", True, False),
@@ -47,6 +50,10 @@ SCHEMES = (
 DOC_MODULES = ("argparse", "collections", "functools", "itertools", "json", "pathlib", "re", "string", "textwrap",
                "typing", "subprocess", "os", "shutil", "random", "statistics", "datetime", "logging", "heapq",
                "bisect", "contextlib", "dataclasses", "enum", "fractions", "decimal", "csv", "io", "inspect")
+# The perplexity part scores the engine's two schemes and calibrated fp8 (each scoring is a
+# full forward over the text; the kernel part compares all of SCHEMES).
+PPL_SCHEMES = tuple(s for s in SCHEMES if s[0] in ("int8 per token", "fp8 per layer (scale 1)",
+                                                  "fp8 per layer (calibrated)"))
 PPL_CHUNK = 128
 BLOCK_SIZE = 16
 
@@ -182,11 +189,12 @@ def perplexity(num_tokens: int) -> dict:
 
     fp_caches = allocate_kv_cache(cfg, num_blocks, BLOCK_SIZE, torch.float32, "cpu")
     result = {"num_tokens": len(ids), "text": "module docstrings of " + ", ".join(DOC_MODULES), "auto": score(fp_caches)}
+    print(f"perplexity auto: {result['auto']:.3f}", flush=True)
     # Per-layer amax of K and V over the whole text: the calibration the calibrated schemes use.
     amax = [(float(k.abs().max()), float(v.abs().max())) for k, v in fp_caches]
     result["layer_amax"] = amax
     shape = (num_blocks, BLOCK_SIZE, cfg.num_kv_heads, cfg.head_dim)
-    for label, kind, per_token, calibrated in SCHEMES:
+    for label, kind, per_token, calibrated in PPL_SCHEMES:
         caches = [tuple(kv_quant.allocate(shape, kind, torch.float32, "cpu", per_token) for _ in "kv")
                   for _ in range(cfg.num_layers)]
         if calibrated:
@@ -234,30 +242,39 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m minipaged.kv_quant_eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="figures/08_kv_quant_eval.json")
+    parser.add_argument("--parts", nargs="+", choices=tuple(PARTS), default=list(PARTS))
     parser.add_argument("--prompts", type=int, default=200)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--ppl-tokens", type=int, default=2048)
     parser.add_argument("--kv-cache-memory", type=int, default=48 << 20)
     parser.add_argument("--capacity-requests", type=int, default=32)
+    parser.add_argument("--capacity-output-len", type=int, nargs=2, default=(16, 128))
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    t0 = time.perf_counter()
-    result = {
-        "command": "python -m " + " ".join(["minipaged.kv_quant_eval", *(sys.argv[1:] if argv is None else argv)]),
-        "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "kernel_errors": kernel_errors(),
+    command = "python -m " + " ".join(["minipaged.kv_quant_eval", *(sys.argv[1:] if argv is None else argv)])
+    runs = {
+        "kernel_errors": lambda: kernel_errors(),
+        "perplexity": lambda: perplexity(args.ppl_tokens),
+        "greedy": lambda: greedy_agreement(args.prompts, args.max_tokens),
+        "capacity": lambda: capacity(args.kv_cache_memory, args.capacity_requests, (16, 256),
+                                     tuple(args.capacity_output_len)),
     }
-    print("kernel errors done", flush=True)
-    result["perplexity"] = perplexity(args.ppl_tokens)
-    result["greedy"] = greedy_agreement(args.prompts, args.max_tokens)
-    result["capacity"] = capacity(args.kv_cache_memory, args.capacity_requests, (16, 256), (16, 128))
-    result["total_s"] = time.perf_counter() - t0
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.out} in {result['total_s']:.0f}s")
+    for part in args.parts:
+        t0 = time.perf_counter()
+        value = runs[part]()
+        elapsed = time.perf_counter() - t0
+        out = Path(args.out)
+        result = json.loads(out.read_text()) if out.exists() else {}  # read late: parts may run side by side
+        result[part] = value
+        result.setdefault("runs", {})[part] = {
+            "command": command, "seconds": round(elapsed, 1), "torch": torch.__version__,
+            "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+        }
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
+        print(f"{part}: {elapsed:.0f}s, written to {out}", flush=True)
     return 0
 
 
