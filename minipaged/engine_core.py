@@ -168,7 +168,7 @@ class EngineCore:
         vocab = self.vocab_size
         if min(ids) < 0 or max(ids) >= vocab:
             raise InvalidPromptError("prompt_token_ids", f"token ids must be in [0, {vocab}), got {min(ids)}..{max(ids)}")
-        for name, values in (("stop_token_ids", params.stop_token_ids), ("logit_bias", getattr(params, "logit_bias", None) or ())):
+        for name, values in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias or ())):
             bad = [t for t in values if t >= vocab]
             if bad:
                 raise InvalidPromptError(name, f"token ids must be < the vocabulary size {vocab}, got {bad[:5]}")
@@ -306,9 +306,11 @@ class EngineCore:
         return logits, sampled
 
     def _sample(self, logits: torch.Tensor, seqs: list[Request]) -> tuple[list[int], list[list[dict[int, Logprob]] | None]]:
-        tokens = sample(logits, [q.params for q in seqs], [q.generator for q in seqs])
-        self._generation_tokens_total += len(tokens)
-        return tokens, [None] * len(tokens)
+        out = sample(logits, [q.params for q in seqs], [q.generator for q in seqs],
+                     prompt_token_ids=[q.prompt_token_ids for q in seqs],
+                     output_token_ids=[q.output_token_ids for q in seqs], eos_token_ids=self.eos_token_ids)
+        self._generation_tokens_total += len(out.token_ids)
+        return out.token_ids, [None if lp is None else [lp] for lp in out.logprobs]
 
     def _fork_and_expand(self, sampled: list[ScheduledRequest]) -> tuple[list[int], list[Request]]:
         """Logit row per sequence to sample; a finished n>1 prompt first forks into its n samples.
@@ -353,7 +355,7 @@ class EngineCore:
     def _check_stop(self, seq: Request, token: int) -> RequestStatus | None:
         """EOS, stop tokens and length; stop strings are the output processor's (it has the tokenizer)."""
         p = seq.params
-        if len(seq.output_token_ids) >= getattr(p, "min_tokens", 0):
+        if len(seq.output_token_ids) >= p.min_tokens:
             if token in self.eos_token_ids and not p.ignore_eos:
                 return RequestStatus.FINISHED_STOPPED
             if token in p.stop_token_ids:
