@@ -29,7 +29,9 @@ class AotSpec:
     """One compilable configuration of a Triton kernel.
 
     ``signature`` maps every parameter name to a Triton type string ("*fp16", "i32",
-    "fp32", "constexpr"); ``constexprs`` gives the constexpr values.
+    "fp32", "constexpr"); ``constexprs`` gives the constexpr values. ``in_ci``: whether the
+    test suite compiles it too (``python -m kernels.report`` always does); False only for
+    quantized-cache variants outside ``in_ci_subset``, which take twice as long to build.
     """
 
     kernel: str
@@ -40,6 +42,14 @@ class AotSpec:
     num_warps: int = 4
     num_stages: int = 2
     extra: dict[str, Any] = field(default_factory=dict)
+    in_ci: bool = True
+
+
+def in_ci_subset(query_dtype: str, block_d: int) -> bool:
+    """The quantized-cache attention builds the test suite compiles: fp16 / bf16 queries at
+    head_dim tile 64 (SmolLM2's); the report compiles every other one (int8 and fp8 share
+    all code but the load and the conversion, so these catch what breaks either)."""
+    return query_dtype in ("fp16", "bf16") and block_d == 64
 
 
 @dataclass(frozen=True)

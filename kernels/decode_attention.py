@@ -15,6 +15,11 @@ Tiles: the query heads of a group are padded to ``GROUP_TILE`` = 16 rows (``tl.d
 wants at least 16; a group above 16 uses several head tiles), head_dim to the next
 power of two (at least 64), and every ragged edge (group, head_dim, last block,
 partition end) is masked.
+
+A quantized cache (int8 or fp8 e4m3 with fp32 scales, ``kernels._kv_quant``) is read as
+1-byte rows plus one scale per row (a per-layer scale is a stride-0 view) and
+dequantized in registers into ``q``'s dtype before each dot: the kernel then moves a
+quarter (fp32) or half (fp16/bf16) of the cache bytes, and accumulates in fp32 as before.
 """
 from __future__ import annotations
 
@@ -25,7 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._aot import AotSpec
+from kernels import _kv_quant
+from kernels._aot import AotSpec, in_ci_subset
 from kernels._checks import (
     FLOAT_DTYPES, check_block_tables, check_heads, check_kv_cache, check_kernel_out, check_same_device,
     check_tensor, default_scale,
@@ -55,15 +61,17 @@ REFERENCE_SHAPE = {
 
 @triton.jit
 def _decode_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr, lse_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr, context_lens_ptr, out_ptr, lse_ptr,
     qk_scale, group_size, head_dim, block_size, tokens_per_split,
     stride_qs, stride_qh,
     stride_kb, stride_ko, stride_kh,
     stride_vb, stride_vo, stride_vh,
+    stride_sb, stride_so, stride_sh,
     stride_bts,
     stride_os, stride_oh, stride_op,
     stride_ls, stride_lh,
     GROUP_TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr,
+    QUANT: tl.constexpr = 0,
 ):
     """Grid ``(num_seqs, num_kv_heads * head_tiles, num_splits)``.
 
@@ -71,6 +79,8 @@ def _decode_kernel(
     ``SPLIT=True``: ``out`` is the fp32 partial ``[num_seqs, num_heads, num_splits, head_dim]``
     (normalised within the partition) and ``lse`` the fp32 ``[num_seqs, num_heads, num_splits]``
     log2-sum-exp of the scaled scores; an empty partition writes zeros and ``-inf``.
+    ``QUANT`` (``_kv_quant`` code): 0 for a float cache, else the scale pointers and
+    strides address one fp32 scale per cached row.
     """
     seq = tl.program_id(0).to(tl.int64)
     head_tiles = tl.cdiv(group_size, GROUP_TILE)
@@ -105,6 +115,10 @@ def _decode_kernel(
             k_base + blocks[:, None] * stride_kb + rows[:, None] * stride_ko + offs_d[None, :],
             mask=mask_nd, other=0.0,
         )
+        if QUANT != 0:
+            scale_offs = blocks * stride_sb + rows * stride_so + kv_head * stride_sh
+            k_scale = tl.load(k_scale_ptr + scale_offs, mask=mask_n, other=0.0)
+            k = _kv_quant.dequantize(k, k_scale[:, None], QUANT).to(q.dtype)
         # For fp32 inputs, tf32x3 (three TF32 MMAs) keeps about fp32 accuracy on tensor
         # cores instead of a fully unrolled FMA loop; fp16/bf16 dots ignore it.
         s = tl.dot(q, tl.trans(k), input_precision="tf32x3") * qk_scale
@@ -118,6 +132,9 @@ def _decode_kernel(
             v_base + blocks[:, None] * stride_vb + rows[:, None] * stride_vo + offs_d[None, :],
             mask=mask_nd, other=0.0,
         )
+        if QUANT != 0:
+            v_scale = tl.load(v_scale_ptr + scale_offs, mask=mask_n, other=0.0)
+            v = _kv_quant.dequantize(v, v_scale[:, None], QUANT).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="tf32x3")
         m_i = m_new
 
@@ -202,13 +219,16 @@ def _interpreted() -> bool:
 def check_decode_args(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     context_lens: torch.Tensor, dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES,
+    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> int:
     """Validate decode-attention arguments; raise ``ValueError``. Returns the GQA group size.
 
-    Shared with ``kernels.reference.paged_decode_attention`` (which adds float64).
+    Shared with ``kernels.reference.paged_decode_attention`` (which adds float64). A
+    quantized cache takes ``q`` of any of ``dtypes`` and needs its scales.
     """
-    num_blocks, block_size, num_kv_heads, head_dim = check_kv_cache(k_cache, v_cache, dtypes)
-    check_tensor("q", q, 3, (k_cache.dtype,))
+    num_blocks, block_size, num_kv_heads, head_dim = check_kv_cache(k_cache, v_cache, dtypes + _kv_quant.QUANT_DTYPES)
+    quant = _kv_quant.check_kv_scales(k_cache, v_cache, k_scale, v_scale)
+    check_tensor("q", q, 3, dtypes if quant else (k_cache.dtype,))
     check_same_device(k_cache=k_cache, v_cache=v_cache, q=q, block_tables=block_tables, context_lens=context_lens)
     if q.shape[2] != head_dim:
         raise ValueError(f"q has head_dim {q.shape[2]} but k_cache has head_dim {head_dim}")
@@ -230,6 +250,9 @@ def paged_decode_attention(
     scale: float | None = None,
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
+    *,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one query token per sequence over its paged KV cache.
 
@@ -251,8 +274,12 @@ def paged_decode_attention(
     Under the Triton interpreter (``TRITON_INTERPRET=1``), which has no bf16
     arithmetic, bf16 inputs are upcast to fp32 around the kernel and the result
     rounded to bf16; compiled, bf16 runs natively.
+
+    Quantized caches: ``k_cache``/``v_cache`` int8 or ``float8_e4m3fn`` with fp32
+    ``k_scale``/``v_scale`` ``[num_blocks, block_size, num_kv_heads]`` or ``[1]``
+    (``kernels._kv_quant``); ``q`` fp32, fp16 or bf16.
     """
-    group = check_decode_args(q, k_cache, v_cache, block_tables, context_lens)
+    group = check_decode_args(q, k_cache, v_cache, block_tables, context_lens, FLOAT_DTYPES, k_scale, v_scale)
     out = check_kernel_out(out, q)
     if num_splits is not None and (type(num_splits) is not int or num_splits < 1):
         raise ValueError(f"num_splits must be None or an int >= 1, got {num_splits!r}")
@@ -263,17 +290,24 @@ def paged_decode_attention(
     num_seqs = q.shape[0]
     if num_seqs == 0:
         return out
+    kv = (k_cache, v_cache, k_scale, v_scale)
     if q.dtype == torch.bfloat16 and _interpreted():
-        result = _launch(q.float(), k_cache.float(), v_cache.float(), block_tables, context_lens,
+        if k_scale is None:
+            kv = (k_cache.float(), v_cache.float(), None, None)
+        result = _launch(q.float(), *kv, block_tables, context_lens,
                          scale, torch.empty(q.shape, dtype=torch.float32, device=q.device), group, num_splits)
         return out.copy_(result)
-    return _launch(q, k_cache, v_cache, block_tables, context_lens, scale, out, group, num_splits)
+    return _launch(q, *kv, block_tables, context_lens, scale, out, group, num_splits)
 
 
 def _launch(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor | None,
+    v_scale: torch.Tensor | None, block_tables: torch.Tensor,
     context_lens: torch.Tensor, scale: float, out: torch.Tensor, group: int, num_splits: int | None,
 ) -> torch.Tensor:
+    quant = _kv_quant.quant_code(k_cache.dtype)
+    k_cache, k_scale = _kv_quant.kernel_views(k_cache, k_scale)
+    v_cache, v_scale = _kv_quant.kernel_views(v_cache, v_scale)
     num_seqs, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     block_tables = block_tables.to(torch.int32)
@@ -296,14 +330,15 @@ def _launch(
         target_strides = (out.stride(0), out.stride(1), 0)
         lse_strides = (0, 0)
     _decode_kernel[grid](
-        q, k_cache, v_cache, block_tables, context_lens, target, lse,
+        q, k_cache, v_cache, k_scale, v_scale, block_tables, context_lens, target, lse,
         scale * _LOG2E, group, head_dim, block_size, tokens_per_split,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        *_kv_quant.scale_strides(k_scale),
         block_tables.stride(0),
         *target_strides, *lse_strides,
-        GROUP_TILE=GROUP_TILE, BLOCK_N=BLOCK_N, BLOCK_D=block_d, SPLIT=split,
+        GROUP_TILE=GROUP_TILE, BLOCK_N=BLOCK_N, BLOCK_D=block_d, SPLIT=split, QUANT=quant,
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     if split:
@@ -318,11 +353,13 @@ def _launch(
 def bytes_moved(shape: dict) -> int:
     """Bytes a decode call must move at least: every cached K and V row once, q in, out back.
 
-    The split-K path adds its fp32 partials on top of this floor.
+    The split-K path adds its fp32 partials on top of this floor. ``cache_bytes`` (default
+    ``dtype_bytes``) and ``scale_bytes`` (per row, default 0) describe a quantized cache.
     """
-    kv = 2 * shape["num_seqs"] * shape["context_len"] * shape["num_kv_heads"] * shape["head_dim"]
-    qo = 2 * shape["num_seqs"] * shape["num_heads"] * shape["head_dim"]
-    return (kv + qo) * shape["dtype_bytes"]
+    rows = 2 * shape["num_seqs"] * shape["context_len"] * shape["num_kv_heads"]
+    kv = rows * (shape["head_dim"] * shape.get("cache_bytes", shape["dtype_bytes"]) + shape.get("scale_bytes", 0))
+    qo = 2 * shape["num_seqs"] * shape["num_heads"] * shape["head_dim"] * shape["dtype_bytes"]
+    return kv + qo
 
 
 _TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -337,28 +374,14 @@ def aot_specs() -> list[AotSpec]:
     """
     ints = ("group_size", "head_dim", "block_size", "tokens_per_split",
             "stride_qs", "stride_qh", "stride_kb", "stride_ko", "stride_kh", "stride_vb", "stride_vo",
-            "stride_vh", "stride_bts", "stride_os", "stride_oh", "stride_op", "stride_ls", "stride_lh")
+            "stride_vh", "stride_sb", "stride_so", "stride_sh",
+            "stride_bts", "stride_os", "stride_oh", "stride_op", "stride_ls", "stride_lh")
     specs = []
     for dtype in _TRITON_DTYPE.values():
         for block_d in HEAD_DIM_TILES:
-            for split in (False, True):
-                signature = {
-                    "q_ptr": f"*{dtype}", "k_cache_ptr": f"*{dtype}", "v_cache_ptr": f"*{dtype}",
-                    "block_tables_ptr": "*i32", "context_lens_ptr": "*i32",
-                    "out_ptr": "*fp32" if split else f"*{dtype}",
-                    "lse_ptr": "*fp32" if split else "constexpr",
-                    "qk_scale": "fp32",
-                    **{name: "i32" for name in ints},
-                    "GROUP_TILE": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr", "SPLIT": "constexpr",
-                }
-                constexprs = {"GROUP_TILE": GROUP_TILE, "BLOCK_N": BLOCK_N, "BLOCK_D": block_d, "SPLIT": split}
-                if not split:
-                    constexprs["lse_ptr"] = None
-                specs.append(AotSpec(
-                    kernel="paged_decode_attention", config=f"{dtype} D{block_d} {'split' if split else 'single'}",
-                    fn=_decode_kernel, signature=signature, constexprs=constexprs,
-                    num_warps=NUM_WARPS, num_stages=NUM_STAGES,
-                ))
+            for quant in (_kv_quant.QUANT_NONE, _kv_quant.QUANT_INT8, _kv_quant.QUANT_FP8):
+                for split in (False, True):
+                    specs.append(_stage1_spec(dtype, block_d, split, quant, ints))
             specs.append(AotSpec(
                 kernel="paged_decode_attention", config=f"{dtype} D{block_d} merge", fn=_merge_kernel,
                 signature={
@@ -370,3 +393,33 @@ def aot_specs() -> list[AotSpec]:
                 constexprs={"BLOCK_D": block_d}, num_warps=MERGE_NUM_WARPS, num_stages=1,
             ))
     return specs
+
+
+_CACHE_POINTER = {_kv_quant.QUANT_INT8: "*i8", _kv_quant.QUANT_FP8: "*u8"}
+
+
+def _stage1_spec(dtype: str, block_d: int, split: bool, quant: int, ints: tuple[str, ...]) -> AotSpec:
+    """The decode kernel for one query dtype, head_dim tile, pass (single / split) and cache kind."""
+    cache = _CACHE_POINTER.get(quant, f"*{dtype}")
+    signature = {
+        "q_ptr": f"*{dtype}", "k_cache_ptr": cache, "v_cache_ptr": cache,
+        "k_scale_ptr": "*fp32" if quant else "constexpr", "v_scale_ptr": "*fp32" if quant else "constexpr",
+        "block_tables_ptr": "*i32", "context_lens_ptr": "*i32",
+        "out_ptr": "*fp32" if split else f"*{dtype}",
+        "lse_ptr": "*fp32" if split else "constexpr",
+        "qk_scale": "fp32",
+        **{name: "i32" for name in ints},
+        "GROUP_TILE": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr", "SPLIT": "constexpr",
+        "QUANT": "constexpr",
+    }
+    constexprs = {"GROUP_TILE": GROUP_TILE, "BLOCK_N": BLOCK_N, "BLOCK_D": block_d, "SPLIT": split, "QUANT": quant}
+    if not split:
+        constexprs["lse_ptr"] = None
+    if not quant:
+        constexprs["k_scale_ptr"] = constexprs["v_scale_ptr"] = None
+    kv = f" kv={_kv_quant.QUANT_NAMES[quant]}" if quant else ""
+    return AotSpec(
+        kernel="paged_decode_attention", config=f"{dtype} D{block_d} {'split' if split else 'single'}{kv}",
+        fn=_decode_kernel, signature=signature, constexprs=constexprs,
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES, in_ci=not quant or in_ci_subset(dtype, block_d),
+    )

@@ -12,6 +12,10 @@ block (``block_tables[s, pos // block_size] * block_size + pos % block_size``), 
 stops after the tile holding its last token's position: tiles wholly in the causal
 future are never read. Softmax is online (running max and sum in fp32), as in the
 Triton fused-attention tutorial.
+
+A quantized cache (int8 or fp8 e4m3 with fp32 scales, ``kernels._kv_quant``) is read as
+1-byte rows and one scale per row, dequantized in registers into ``q``'s dtype before
+the dots; tiles and accumulation are those of ``q``'s dtype.
 """
 from __future__ import annotations
 
@@ -22,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import _checks
-from kernels._aot import AotSpec
+from kernels import _checks, _kv_quant
+from kernels._aot import AotSpec, in_ci_subset
 
 MAX_HEAD_DIM = 256
 # Sequences with at most this many new tokens get 16-row query tiles (see the wrapper).
@@ -46,16 +50,17 @@ REFERENCE_SHAPE: dict = {
 
 @triton.jit
 def _prefill_kernel(
-    Q, K_cache, V_cache, Out,
+    Q, K_cache, V_cache, K_scale, V_scale, Out,
     block_tables, cu_seqlens_q, context_lens, tile_seq, tile_start,
     scale_log2e,
     stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
+    stride_sb, stride_ss, stride_sh,
     stride_ot, stride_oh,
     stride_bt,
     group_size, head_dim, block_size,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, QUANT: tl.constexpr = 0,
 ):
     tile = tl.program_id(0)
     head = tl.program_id(1)
@@ -102,6 +107,12 @@ def _prefill_kernel(
             + kv_head * stride_vh + offs_d[None, :],
             mask=kv_mask, other=0.0,
         )
+        if QUANT != 0:
+            scale_offs = block * stride_sb + in_block * stride_ss + kv_head * stride_sh
+            k_scale = tl.load(K_scale + scale_offs, mask=col_ok, other=0.0)
+            v_scale = tl.load(V_scale + scale_offs, mask=col_ok, other=0.0)
+            k = _kv_quant.dequantize(k, k_scale[:, None], QUANT).to(q.dtype)
+            v = _kv_quant.dequantize(v, v_scale[:, None], QUANT).to(q.dtype)
         # fp32 inputs: tf32x3 (three TF32 MMAs) keeps about fp32 accuracy on tensor
         # cores, where plain tf32 would round to 10 bits; fp16/bf16 dots ignore it.
         qk = tl.dot(q, tl.trans(k), input_precision="tf32x3")
@@ -215,13 +226,18 @@ def check_prefill_args(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor,
     dtypes: tuple[torch.dtype, ...] = _checks.FLOAT_DTYPES,
+    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> int:
     """Validate prefill-attention arguments; raise ``ValueError``. Returns the GQA group size.
 
-    Shared with ``kernels.reference.paged_prefill_attention`` (which adds float64).
+    Shared with ``kernels.reference.paged_prefill_attention`` (which adds float64). A
+    quantized cache takes ``q`` of any of ``dtypes`` and needs its scales.
     """
-    num_blocks, block_size, num_kv_heads, head_dim = _checks.check_kv_cache(k_cache, v_cache, dtypes)
-    _checks.check_tensor("q", q, 3, (k_cache.dtype,))
+    num_blocks, block_size, num_kv_heads, head_dim = _checks.check_kv_cache(
+        k_cache, v_cache, dtypes + _kv_quant.QUANT_DTYPES
+    )
+    quant = _kv_quant.check_kv_scales(k_cache, v_cache, k_scale, v_scale)
+    _checks.check_tensor("q", q, 3, dtypes if quant else (k_cache.dtype,))
     # The cache comes first: the message then names whichever argument strays from it.
     _checks.check_same_device(
         k_cache=k_cache, v_cache=v_cache, q=q, block_tables=block_tables,
@@ -250,6 +266,8 @@ def paged_prefill_attention(
     out: torch.Tensor | None = None,
     *,
     config: PrefillConfig | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of packed new tokens over a paged KV cache.
 
@@ -275,28 +293,38 @@ def paged_prefill_attention(
     Under the Triton interpreter (``TRITON_INTERPRET=1``), which has no bf16
     arithmetic, bf16 inputs are upcast to fp32 around the kernel and the result
     rounded to bf16; compiled, bf16 runs natively.
+
+    Quantized caches: ``k_cache``/``v_cache`` int8 or ``float8_e4m3fn`` with fp32
+    ``k_scale``/``v_scale`` ``[num_blocks, block_size, num_kv_heads]`` or ``[1]``
+    (``kernels._kv_quant``); ``q`` fp32, fp16 or bf16.
     """
-    group = check_prefill_args(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens)
+    group = check_prefill_args(
+        q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, _checks.FLOAT_DTYPES, k_scale, v_scale
+    )
     scale = _checks.default_scale(q.shape[2], scale)
     out = _checks.check_kernel_out(out, q)
     if config is not None and config.block_d < q.shape[2]:
         raise ValueError(f"config.block_d {config.block_d} is smaller than head_dim {q.shape[2]}")
     if q.shape[0] == 0:
         return out
+    kv = (k_cache, v_cache, k_scale, v_scale)
     if q.dtype == torch.bfloat16 and _interpreting():
-        result = _launch_all(q.float(), k_cache.float(), v_cache.float(), block_tables, cu_seqlens_q,
+        if k_scale is None:
+            kv = (k_cache.float(), v_cache.float(), None, None)
+        result = _launch_all(q.float(), *kv, block_tables, cu_seqlens_q,
                              context_lens, scale, torch.empty(q.shape, device=q.device), group, config)
         return out.copy_(result)
-    return _launch_all(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, out, group, config)
+    return _launch_all(q, *kv, block_tables, cu_seqlens_q, context_lens, scale, out, group, config)
 
 
 def _launch_all(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor | None,
+    v_scale: torch.Tensor | None, block_tables: torch.Tensor,
     cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, scale: float, out: torch.Tensor,
     group: int, config: PrefillConfig | None,
 ) -> torch.Tensor:
     """One launch with ``config``, else a launch each for short and long sequences."""
-    args = (q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, out, group)
+    args = (q, k_cache, v_cache, k_scale, v_scale, block_tables, cu_seqlens_q, context_lens, scale, out, group)
     if config is not None:
         return _launch(*args, config, None)
     new_lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
@@ -308,7 +336,8 @@ def _launch_all(
 
 
 def _launch(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor | None,
+    v_scale: torch.Tensor | None, block_tables: torch.Tensor,
     cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, scale: float, out: torch.Tensor,
     group: int, cfg: PrefillConfig, include: torch.Tensor | None,
 ) -> torch.Tensor:
@@ -317,18 +346,22 @@ def _launch(
         return out
     tables = block_tables.to(torch.int32).contiguous()
     grid = (tile_seq.numel(), q.shape[1])
+    quant = _kv_quant.quant_code(k_cache.dtype)
+    k_cache, k_scale = _kv_quant.kernel_views(k_cache, k_scale)
+    v_cache, v_scale = _kv_quant.kernel_views(v_cache, v_scale)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, out,
+        q, k_cache, v_cache, k_scale, v_scale, out,
         tables, cu_seqlens_q.to(torch.int32).contiguous(), context_lens.to(torch.int32).contiguous(),
         tile_seq, tile_start,
         scale * 1.4426950408889634,  # exp2 is cheaper than exp: fold log2(e) into the scale
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        *_kv_quant.scale_strides(k_scale),
         out.stride(0), out.stride(1),
         tables.stride(0),
         group, q.shape[2], k_cache.shape[1],
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, QUANT=quant,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
@@ -352,30 +385,47 @@ def aot_specs() -> list[AotSpec]:
     """
     specs = []
     for dtype, cfg in all_configs():
-        ty = _DTYPES[dtype]
-        ptr = f"*{ty}"
-        signature = {
-            "Q": ptr, "K_cache": ptr, "V_cache": ptr, "Out": ptr,
-            "block_tables": "*i32", "cu_seqlens_q": "*i32", "context_lens": "*i32",
-            "tile_seq": "*i32", "tile_start": "*i32",
-            "scale_log2e": "fp32",
-            **{name: "i32" for name in (
-                "stride_qt", "stride_qh", "stride_kb", "stride_ks", "stride_kh",
-                "stride_vb", "stride_vs", "stride_vh", "stride_ot", "stride_oh", "stride_bt",
-                "group_size", "head_dim", "block_size",
-            )},
-            "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr",
-        }
-        specs.append(AotSpec(
-            kernel="paged_prefill_attention",
-            config=f"{ty} M{cfg.block_m} N{cfg.block_n} D{cfg.block_d} w{cfg.num_warps} s{cfg.num_stages}",
-            fn=_prefill_kernel,
-            signature=signature,
-            constexprs={"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_D": cfg.block_d},
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
-        ))
+        for quant in (_kv_quant.QUANT_NONE, _kv_quant.QUANT_INT8, _kv_quant.QUANT_FP8):
+            specs.append(_spec(dtype, cfg, quant))
     return specs
+
+
+_CACHE_POINTER = {_kv_quant.QUANT_INT8: "*i8", _kv_quant.QUANT_FP8: "*u8"}
+
+
+def _spec(dtype: torch.dtype, cfg: PrefillConfig, quant: int) -> AotSpec:
+    """The kernel for one query dtype, tile config and cache kind (float, int8, fp8 bits)."""
+    ty = _DTYPES[dtype]
+    ptr = f"*{ty}"
+    cache = _CACHE_POINTER.get(quant, ptr)
+    signature = {
+        "Q": ptr, "K_cache": cache, "V_cache": cache,
+        "K_scale": "*fp32" if quant else "constexpr", "V_scale": "*fp32" if quant else "constexpr", "Out": ptr,
+        "block_tables": "*i32", "cu_seqlens_q": "*i32", "context_lens": "*i32",
+        "tile_seq": "*i32", "tile_start": "*i32",
+        "scale_log2e": "fp32",
+        **{name: "i32" for name in (
+            "stride_qt", "stride_qh", "stride_kb", "stride_ks", "stride_kh",
+            "stride_vb", "stride_vs", "stride_vh", "stride_sb", "stride_ss", "stride_sh",
+            "stride_ot", "stride_oh", "stride_bt",
+            "group_size", "head_dim", "block_size",
+        )},
+        "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr", "QUANT": "constexpr",
+    }
+    constexprs = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_D": cfg.block_d, "QUANT": quant}
+    if not quant:
+        constexprs["K_scale"] = constexprs["V_scale"] = None
+    kv = f" kv={_kv_quant.QUANT_NAMES[quant]}" if quant else ""
+    return AotSpec(
+        kernel="paged_prefill_attention",
+        config=f"{ty} M{cfg.block_m} N{cfg.block_n} D{cfg.block_d} w{cfg.num_warps} s{cfg.num_stages}{kv}",
+        fn=_prefill_kernel,
+        signature=signature,
+        constexprs=constexprs,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+        in_ci=not quant or in_ci_subset(ty, cfg.block_d),
+    )
 
 
 def bytes_moved(shape: dict) -> int:

@@ -59,11 +59,12 @@ def flops_per_token(model: torch.nn.Module) -> float:
     return 2.0 * linear
 
 
-def run_minipaged(loaded, work: Workload, max_num_seqs: int) -> tuple[float, str]:
+def run_minipaged(loaded, work: Workload, max_num_seqs: int, kv_cache_dtype: str = "auto") -> tuple[float, str]:
     """Seconds for the whole workload, and ``step_breakdown`` of its steps."""
     from minipaged import LLM, SamplingParams
 
-    llm = LLM(loaded, max_num_seqs=max_num_seqs, max_num_batched_tokens=2048, kv_cache_memory=2 << 30)
+    llm = LLM(loaded, max_num_seqs=max_num_seqs, max_num_batched_tokens=2048, kv_cache_memory=2 << 30,
+              kv_cache_dtype=kv_cache_dtype)
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in work.max_tokens]
     llm.generate([{"prompt_token_ids": work.prompts[0][:8]}], SamplingParams(max_tokens=2), use_tqdm=False)  # warm-up
     first_step = len(llm.trace)
@@ -147,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="transformers static batch sizes to run; minipaged is compared with the fastest")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for every engine (default: torch's)")
     parser.add_argument("--skip-hf", action="store_true", help="only run minipaged")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "int8", "fp8_e4m3"),
+                        help="minipaged's KV cache dtype (see minipaged.kv_quant)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -164,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
           f"output_tokens={work.output_tokens} fp32 matmul={gflops:.1f} GFLOP/s model={per_token / 1e6:.0f} MFLOP/token")
 
     results: dict[str, float | None] = {}
-    t, breakdown = run_minipaged(loaded, work, max_num_seqs=max(64, args.num_requests))
+    t, breakdown = run_minipaged(loaded, work, max_num_seqs=max(64, args.num_requests), kv_cache_dtype=args.kv_cache_dtype)
     results["minipaged"] = work.output_tokens / t
     achieved = (work.prompt_tokens + work.output_tokens) * per_token / t / 1e9
     print(f"minipaged:                 {results['minipaged']:7.1f} output tok/s ({t:.1f} s); "

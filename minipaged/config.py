@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from minipaged import kv_quant
 from minipaged.errors import InvalidEngineConfigError
 from minipaged.sampling_params import MAX_SEED
 
@@ -48,6 +49,7 @@ class EngineConfig:
     attention_backend: "torch" | "triton" | None (triton on CUDA, torch otherwise).
     seed: seeds the per-request generators of requests that give no seed of their own; in [0, 2**64 - 1].
     device: "cpu", "cuda" or None (CUDA when available).
+    kv_cache_dtype: "auto" (the model dtype), "int8" or "fp8_e4m3" (see ``minipaged.kv_quant``).
     """
 
     model: str | None = None
@@ -63,6 +65,7 @@ class EngineConfig:
     attention_backend: str | None = None
     seed: int = 0
     device: str | None = None
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if self.model is not None and not isinstance(self.model, str):
@@ -87,6 +90,7 @@ class EngineConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
             raise InvalidEngineConfigError("seed", f"must be an integer in [0, 2**64 - 1] (torch.Generator's range), "
                                                    f"got {self.seed!r}")
+        kv_quant.check_kv_cache_dtype(self.kv_cache_dtype)
         if not isinstance(self.enable_prefix_caching, bool):
             raise InvalidEngineConfigError("enable_prefix_caching", f"must be a bool, got {self.enable_prefix_caching!r}")
 

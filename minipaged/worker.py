@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from minipaged import kv_quant
 from minipaged.attention import allocate_kv_cache, kv_cache_bytes_per_block
 from minipaged.attention.metadata import AttentionMetadata, build_metadata, build_positions
 from minipaged.block_manager import BlockCopy, BlockManager
@@ -33,10 +34,11 @@ class ModelInputs:
 def num_kv_blocks_for(config: EngineConfig, model_config) -> int:
     """KV cache size in blocks: explicit, else from a byte budget (CPU) or free memory (CUDA).
 
-    Checked against the memory the device has free now (the model already loaded), so an
-    impossible size is an ``InvalidEngineConfigError`` naming the bytes, not a failed allocation.
+    Bytes per block count the ``kv_cache_dtype``'s scales. Checked against the memory the
+    device has free now (the model already loaded), so an impossible size is an
+    ``InvalidEngineConfigError`` naming the bytes, not a failed allocation.
     """
-    per_block = kv_cache_bytes_per_block(model_config, config.block_size, config.torch_dtype)
+    per_block = kv_cache_bytes_per_block(model_config, config.block_size, config.torch_dtype, config.kv_cache_dtype)
     device = config.torch_device
     if config.num_kv_blocks is not None:
         num_blocks, field = config.num_kv_blocks, "num_kv_blocks"
@@ -87,17 +89,23 @@ class Worker:
         self.config = config
         self.device = config.torch_device
         self.num_blocks = num_blocks
-        self.kv_caches = allocate_kv_cache(model.config, num_blocks, config.block_size, config.torch_dtype, self.device)
+        backend = getattr(model, "attention_backend", None)
+        kv_quant.check_backend_support(
+            config.kv_cache_dtype, getattr(backend, "name", ""), self.device, model.config.head_dim
+        )
+        self.kv_caches = allocate_kv_cache(
+            model.config, num_blocks, config.block_size, config.torch_dtype, self.device, config.kv_cache_dtype
+        )
 
     def copy_blocks(self, copies: list[BlockCopy]) -> None:
-        """Copy-on-write: ``cache[dst] = cache[src]`` in every layer's K and V."""
+        """Copy-on-write: ``cache[dst] = cache[src]`` in every layer's K and V (and their scales)."""
         if not copies:
             return
         src = torch.tensor([c.src for c in copies], dtype=torch.long, device=self.device)
         dst = torch.tensor([c.dst for c in copies], dtype=torch.long, device=self.device)
         for k_cache, v_cache in self.kv_caches:
-            k_cache[dst] = k_cache[src]
-            v_cache[dst] = v_cache[src]
+            kv_quant.copy_blocks(k_cache, src, dst)
+            kv_quant.copy_blocks(v_cache, src, dst)
 
     def prepare_inputs(self, scheduled: list[ScheduledRequest], bm: BlockManager) -> ModelInputs:
         """Pack the step's tokens into flat tensors (one host->device copy per tensor)."""

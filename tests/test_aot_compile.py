@@ -28,14 +28,14 @@ def rows(tmp_path_factory) -> list[dict]:
     env = _aot.compile_mode_env()
     env["TRITON_CACHE_DIR"] = str(tmp / "triton-cache")
     out = tmp / "rows.json"
-    proc = subprocess.run([sys.executable, "-m", "kernels.report", "--json", str(out)], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", "kernels.report", "--ci", "--json", str(out)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text())
 
 
 def test_every_spec_compiles_for_every_target(rows):
-    expected = {(spec.kernel, spec.config, target) for _, spec in report.discover() for target in _aot.TARGETS}
+    expected = {(spec.kernel, spec.config, target) for _, spec in report.discover(ci=True) for target in _aot.TARGETS}
     compiled = {(r["kernel"], r["config"], r["target"]) for r in rows if r["error"] is None}
     failed = [(r["kernel"], r["config"], r["target"], r["error"]) for r in rows if r["error"] is not None]
     assert not failed, failed
@@ -63,4 +63,35 @@ def test_decode_specs_cover_every_wrapper_choice():
 
 def test_kv_append_specs_cover_every_wrapper_choice():
     configs = {spec.config for spec in kv_append_module.aot_specs()}
-    assert configs == {f"{dtypes} slots={index}" for dtypes in ("fp32", "fp16/bf16") for index in ("i32", "i64")}
+    copies = {f"{dtypes} slots={index}" for dtypes in ("fp32", "fp16/bf16") for index in ("i32", "i64")}
+    quantizing = {f"{dtype}->{cache} {scale}" for dtype in ("fp32", "fp16", "bf16")
+                  for cache in ("int8", "fp8e4m3") for scale in ("token", "layer")}
+    assert configs == copies | quantizing
+
+
+def test_quantized_cache_specs_cover_every_wrapper_choice():
+    """Decode (single and split) and prefill have an int8 and an fp8 build of every float configuration."""
+    from kernels import prefill_attention
+
+    for module in (decode_attention, prefill_attention):
+        configs = {spec.config for spec in module.aot_specs()}
+        plain = {c for c in configs if " kv=" not in c and not c.endswith("merge")}
+        for cache in ("int8", "fp8e4m3"):
+            assert {f"{c} kv={cache}" for c in plain} <= configs
+
+
+def test_quantized_specs_compile_for_sm80_and_sm90(rows):
+    """fp8 decodes with bit operations, so its builds exist (and fit) on sm_80 too; the suite
+    compiles the ``in_ci_subset`` of them (``python -m kernels.report`` compiles all)."""
+    quantized = {(r["kernel"], r["config"].split(" kv=")[-1], r["target"]) for r in rows
+                 if ("kv=" in r["config"] or "->" in r["config"]) and r["error"] is None}
+    for kernel in ("paged_decode_attention", "paged_prefill_attention"):
+        for cache in ("int8", "fp8e4m3"):
+            assert {(kernel, cache, 80), (kernel, cache, 90)} <= quantized
+    assert {(k, t) for k, _, t in quantized if k == "kv_append"} == {("kv_append", 80), ("kv_append", 90)}
+
+
+def test_ci_subset_keeps_every_float_spec():
+    every, ci = report.discover(), report.discover(ci=True)
+    assert {s.config for _, s in every if " kv=" not in s.config} == {s.config for _, s in ci if " kv=" not in s.config}
+    assert len(ci) < len(every)

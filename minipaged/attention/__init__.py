@@ -2,7 +2,9 @@
 
 Every layer's cache is a pair ``(k_cache, v_cache)``, each
 ``[num_blocks, block_size, num_kv_heads, head_dim]``; a token's slot is
-``block_id * block_size + offset``. Two backends implement the same contract:
+``block_id * block_size + offset``. With ``kv_cache_dtype`` "int8" or "fp8_e4m3" each is a
+``minipaged.kv_quant.QuantizedCache`` (1-byte data plus fp32 scales), which both backends
+dequantize on read. Two backends implement the same contract:
 
 - ``"torch"``: pure PyTorch, vectorised over the batch; the default without CUDA;
 - ``"triton"``: the Triton kernels in ``kernels`` (the Triton interpreter on CPU:
@@ -15,6 +17,7 @@ from typing import Protocol
 
 import torch
 
+from minipaged import kv_quant
 from minipaged.attention.metadata import AttentionMetadata, build_metadata, build_positions
 from minipaged.errors import InvalidEngineConfigError
 
@@ -76,17 +79,24 @@ def _ensure_triton_can_run(device: torch.device) -> None:
         )
 
 
-def kv_cache_bytes_per_block(model_config, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes one block takes across all layers, keys and values."""
-    element = torch.empty((), dtype=dtype).element_size()
-    return 2 * model_config.num_layers * block_size * model_config.num_kv_heads * model_config.head_dim * element
+def kv_cache_bytes_per_block(model_config, block_size: int, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
+    """Bytes one block takes across all layers, keys and values, scales included.
+
+    ``dtype`` is the model dtype (the cache's for ``kv_cache_dtype="auto"``); int8 adds a
+    4-byte scale per (token, KV head), fp8's per-layer scales take no per-block bytes.
+    """
+    row = kv_quant.bytes_per_token_head(kv_cache_dtype, model_config.head_dim, dtype)
+    return 2 * model_config.num_layers * block_size * model_config.num_kv_heads * row
 
 
 def allocate_kv_cache(
-    model_config, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device | str
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    model_config, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device | str,
+    kv_cache_dtype: str = "auto",
+) -> list[tuple[kv_quant.KVCache, kv_quant.KVCache]]:
     """One zero-filled ``(k_cache, v_cache)`` pair per layer, each ``[num_blocks, block_size, num_kv_heads, head_dim]``.
 
+    ``kv_cache_dtype="auto"``: plain tensors of ``dtype``; "int8" / "fp8_e4m3":
+    ``kv_quant.QuantizedCache`` pairs that dequantize to ``dtype`` (see ``minipaged.kv_quant``).
     Zero-filled so slots a sequence has not written yet hold finite values (the torch
     backend multiplies masked-out keys' probabilities, 0, by their values).
     """
@@ -94,9 +104,16 @@ def allocate_kv_cache(
         raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
+    if kv_cache_dtype not in kv_quant.KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {kv_quant.KV_CACHE_DTYPES}, got {kv_cache_dtype!r}")
     shape = (num_blocks, block_size, model_config.num_kv_heads, model_config.head_dim)
+    if kv_cache_dtype == "auto":
+        return [
+            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            for _ in range(model_config.num_layers)
+        ]
     return [
-        (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        (kv_quant.allocate(shape, kv_cache_dtype, dtype, device), kv_quant.allocate(shape, kv_cache_dtype, dtype, device))
         for _ in range(model_config.num_layers)
     ]
 

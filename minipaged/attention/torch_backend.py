@@ -15,6 +15,11 @@ tensor operations per layer instead of a Python loop per sequence:
 
 Everything derived from the metadata (gather indices, masks) is computed once per step
 by ``prepare`` and shared by all layers.
+
+A quantized cache (``minipaged.kv_quant.QuantizedCache``) is written through
+``kv_quant.write_slots`` and read through ``kv_quant.gather_blocks``, which gathers the
+1-byte blocks and dequantizes after the gather; prefills then always read their keys back
+from the cache, so attention sees the rounded values the kernels see.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from minipaged import kv_quant
 from minipaged.attention.metadata import AttentionMetadata
 
 
@@ -85,15 +91,17 @@ class TorchAttentionBackend:
         self.cpu_gather_chunk_bytes = cpu_gather_chunk_bytes
         self.cpu_chunk_overhead_blocks = cpu_chunk_overhead_blocks
 
-    def prepare(self, meta: AttentionMetadata, k_cache: torch.Tensor) -> AttentionMetadata:
+    def prepare(self, meta: AttentionMetadata, k_cache: kv_quant.KVCache) -> AttentionMetadata:
         """Return ``meta`` with a ``TorchAttentionPlan`` for caches shaped like ``k_cache`` (once per step)."""
         block_size = k_cache.shape[1]
         if isinstance(meta.backend_plan, TorchAttentionPlan) and meta.backend_plan.block_size == block_size:
             return meta
         chunk_bytes = self.cpu_gather_chunk_bytes if k_cache.device.type == "cpu" else None
-        block_bytes = 2 * k_cache[0].nbytes  # one block of K and of V
+        dtype = kv_quant.compute_dtype(k_cache)
+        # One block of K and of V as gathered for SDPA (after dequantization).
+        block_bytes = 2 * k_cache.shape[1:].numel() * torch.empty((), dtype=dtype).element_size()
         plan = make_plan(
-            meta, block_size, k_cache.dtype, self.bucket_overhead_key_rows, block_bytes, chunk_bytes, self.cpu_chunk_overhead_blocks
+            meta, block_size, dtype, self.bucket_overhead_key_rows, block_bytes, chunk_bytes, self.cpu_chunk_overhead_blocks
         )
         return replace(meta, backend_plan=plan)
 
@@ -102,8 +110,8 @@ class TorchAttentionBackend:
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
+        k_cache: kv_quant.KVCache,
+        v_cache: kv_quant.KVCache,
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:
@@ -114,10 +122,9 @@ class TorchAttentionBackend:
         slot must be a real one: unlike ``kernels.kv_append``, negative (padding) slots
         are an error here, since the engine never pads.
         """
-        num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
         plan = self.prepare(meta, k_cache).backend_plan
-        k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
-        v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+        kv_quant.write_slots(k_cache, meta.slot_mapping, k)
+        kv_quant.write_slots(v_cache, meta.slot_mapping, v)
         out = q.new_empty(q.shape)  # contiguous even though q is a strided view
         for batch in plan.decodes:
             out[batch.rows] = decode_attention(q[batch.rows], k_cache, v_cache, batch, scale)
@@ -257,7 +264,7 @@ def _make_decode_batch(
 
 
 def decode_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: DecodeBatch, scale: float
+    q: torch.Tensor, k_cache: kv_quant.KVCache, v_cache: kv_quant.KVCache, batch: DecodeBatch, scale: float
 ) -> torch.Tensor:
     """One query token per sequence: ``q [B, Hq, D]`` -> ``[B, Hq, D]`` over each sequence's paged keys.
 
@@ -270,8 +277,8 @@ def decode_attention(
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     shape = (num_seqs, batch.max_blocks * block_size, num_kv_heads, head_dim)
-    k = k_cache.index_select(0, batch.block_ids).view(shape)[:, : batch.max_context_len].transpose(1, 2)
-    v = v_cache.index_select(0, batch.block_ids).view(shape)[:, : batch.max_context_len].transpose(1, 2)
+    k = kv_quant.gather_blocks(k_cache, batch.block_ids).view(shape)[:, : batch.max_context_len].transpose(1, 2)
+    v = kv_quant.gather_blocks(v_cache, batch.block_ids).view(shape)[:, : batch.max_context_len].transpose(1, 2)
     qg = q.reshape(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
     out = F.scaled_dot_product_attention(qg, k, v, attn_mask=batch.key_bias, scale=scale)
     return out.reshape(num_seqs, num_heads, head_dim)
@@ -281,20 +288,21 @@ def prefill_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
+    k_cache: kv_quant.KVCache,
+    v_cache: kv_quant.KVCache,
     seq: PrefillSeq,
     scale: float,
 ) -> torch.Tensor:
     """Several new tokens of one sequence, ``q [n, Hq, D]``, attending causally over its paged prefix.
 
-    Without a cached prefix the keys are exactly this step's ``k``, ``v`` ``[n, Hkv, D]``,
-    so the cache is not read back.
+    Without a cached prefix the keys of an unquantized cache are exactly this step's
+    ``k``, ``v`` ``[n, Hkv, D]``, so the cache is not read back; a quantized cache is,
+    so the prefill attends to the rounded values later steps will see.
     """
-    if seq.causal_mask is not None:
+    if seq.causal_mask is not None or isinstance(k_cache, kv_quant.QuantizedCache):
         _, _, num_kv_heads, head_dim = k_cache.shape
-        k = k_cache.index_select(0, seq.block_ids).view(-1, num_kv_heads, head_dim)[: seq.context_len]
-        v = v_cache.index_select(0, seq.block_ids).view(-1, num_kv_heads, head_dim)[: seq.context_len]
+        k = kv_quant.gather_blocks(k_cache, seq.block_ids).view(-1, num_kv_heads, head_dim)[: seq.context_len]
+        v = kv_quant.gather_blocks(v_cache, seq.block_ids).view(-1, num_kv_heads, head_dim)[: seq.context_len]
     # A leading batch dimension of 1: PyTorch's CPU flash kernel takes only 4-D inputs, and
     # 3-D ones fall back to the unfused math path (2-2.5x slower for SmolLM2's prompts).
     out = F.scaled_dot_product_attention(
