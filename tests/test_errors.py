@@ -58,11 +58,13 @@ def test_request_that_can_never_fit_the_cache(hf_model):
     with pytest.raises(RequestTooLargeError) as info:
         llm.generate(ids(*range(1, 18)), GREEDY, use_tqdm=False)
     assert info.value.field == "prompt"
-    with pytest.raises(RequestTooLargeError) as info:
-        llm.generate(ids(*range(1, 12)), SamplingParams(max_tokens=6), use_tqdm=False)
+    with pytest.raises(RequestTooLargeError) as info:  # 12 + 6 tokens, the last never stored: 17 slots
+        llm.generate(ids(*range(1, 13)), SamplingParams(max_tokens=6), use_tqdm=False)
     assert info.value.field == "max_tokens"
-    out = llm.generate(ids(*range(1, 11)), GREEDY, use_tqdm=False)[0]  # 10 + 6 = 16 slots: fits
-    assert len(out.outputs[0].token_ids) == 6
+    # 11 + 6 = 17 tokens fit in 16 slots: the last sampled token never needs a KV slot.
+    out = llm.generate(ids(*range(1, 12)), GREEDY, use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == 6 and out.outputs[0].finish_reason == "length"
+    assert llm.block_manager.stats().used_blocks == 0
 
 
 def test_bad_request_leaves_running_requests_unaffected(hf_model):
