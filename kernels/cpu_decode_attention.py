@@ -214,7 +214,9 @@ def paged_decode_attention(
     if q.device.type != "cpu":
         raise ValueError(f"the CPU decode kernel needs CPU tensors, got q on {q.device}")
     scale = default_scale(q.shape[2], scale)
-    return decode_unchecked(q, k_cache, v_cache, block_tables.numpy(), context_lens.numpy(), scale, out)
+    # int32 always, so int64 inputs do not compile a second specialisation of the kernel.
+    tables = block_tables.to(torch.int32).contiguous().numpy()
+    return decode_unchecked(q, k_cache, v_cache, tables, context_lens.to(torch.int32).numpy(), scale, out)
 
 
 def decode_unchecked(
@@ -227,7 +229,9 @@ def decode_unchecked(
     out: torch.Tensor,
 ) -> torch.Tensor:
     """``paged_decode_attention`` without argument checks, for a caller that validated once
-    per step (the torch attention backend): ``block_tables``/``context_lens`` as numpy."""
+    per step (the torch attention backend): ``block_tables``/``context_lens`` as int32 numpy
+    arrays (``[num_seqs, max_blocks]``, ``[num_seqs]``), every block id valid (numba does not
+    bounds-check), ``out`` of ``q``'s shape and dtype."""
     if numba is None:
         raise RuntimeError("the CPU decode kernel needs numba: pip install 'minipaged[cpu]'")
     if q.shape[0] == 0:
