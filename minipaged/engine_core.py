@@ -306,9 +306,11 @@ class EngineCore:
         return logits, sampled
 
     def _sample(self, logits: torch.Tensor, seqs: list[Request]) -> tuple[list[int], list[list[dict[int, Logprob]] | None]]:
-        tokens = sample(logits, [q.params for q in seqs], [q.generator for q in seqs])
-        self._generation_tokens_total += len(tokens)
-        return tokens, [None] * len(tokens)
+        out = sample(logits, [q.params for q in seqs], [q.generator for q in seqs],
+                     prompt_token_ids=[q.prompt_token_ids for q in seqs],
+                     output_token_ids=[q.output_token_ids for q in seqs], eos_token_ids=self.eos_token_ids)
+        self._generation_tokens_total += len(out.token_ids)
+        return out.token_ids, [None if lp is None else [lp] for lp in out.logprobs]
 
     def _fork_and_expand(self, sampled: list[ScheduledRequest]) -> tuple[list[int], list[Request]]:
         """Logit row per sequence to sample; a finished n>1 prompt first forks into its n samples.
