@@ -314,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.child:
         return child_main(args)
+    if args.vllm_python and not os.access(args.vllm_python, os.X_OK):
+        parser.error(f"--vllm-python {args.vllm_python} is not an executable file")
 
     from minipaged.models.loader import ensure_default_model
 

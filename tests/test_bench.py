@@ -38,6 +38,8 @@ def test_batch_sizes_must_be_positive():
             positive_int(bad)
     with pytest.raises(SystemExit):  # argparse rejects it before any model is loaded
         main(["--static-batch-sizes", "16", "0"])
+    with pytest.raises(SystemExit):
+        main(["--vllm-python", "/nonexistent/python"])
 
 
 def test_vllm_peer_benchmark_says_what_it_needs_without_vllm(capsys):
