@@ -168,7 +168,7 @@ class EngineCore:
         vocab = self.vocab_size
         if min(ids) < 0 or max(ids) >= vocab:
             raise InvalidPromptError("prompt_token_ids", f"token ids must be in [0, {vocab}), got {min(ids)}..{max(ids)}")
-        for name, values in (("stop_token_ids", params.stop_token_ids), ("logit_bias", getattr(params, "logit_bias", None) or ())):
+        for name, values in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias or ())):
             bad = [t for t in values if t >= vocab]
             if bad:
                 raise InvalidPromptError(name, f"token ids must be < the vocabulary size {vocab}, got {bad[:5]}")
@@ -355,7 +355,7 @@ class EngineCore:
     def _check_stop(self, seq: Request, token: int) -> RequestStatus | None:
         """EOS, stop tokens and length; stop strings are the output processor's (it has the tokenizer)."""
         p = seq.params
-        if len(seq.output_token_ids) >= getattr(p, "min_tokens", 0):
+        if len(seq.output_token_ids) >= p.min_tokens:
             if token in self.eos_token_ids and not p.ignore_eos:
                 return RequestStatus.FINISHED_STOPPED
             if token in p.stop_token_ids:

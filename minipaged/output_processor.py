@@ -120,7 +120,7 @@ class OutputProcessor:
             comp = state.completions.get(out.index)
             if comp is None:
                 comp = state.completions[out.index] = _Completion(out.index)
-                if getattr(state.params, "logprobs", None) is not None:
+                if state.params.logprobs is not None:
                     comp.logprobs = []
             state.num_cached_tokens = max(state.num_cached_tokens, out.num_cached_tokens)
             before = comp.released
@@ -167,7 +167,7 @@ class OutputProcessor:
             return None  # already cut at its stop string
         text = self.tokenizer.decode(comp.token_ids, skip_special_tokens=params.skip_special_tokens)
         hit = None
-        if params.stop and len(comp.token_ids) >= getattr(params, "min_tokens", 0):
+        if params.stop and len(comp.token_ids) >= params.min_tokens:
             # A new match can only end in the new text: start one stop-length before it.
             start = max(0, len(comp.text) - max(len(s) for s in params.stop))
             found = [(i, s) for s in params.stop if (i := text.find(s, start)) >= 0]

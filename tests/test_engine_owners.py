@@ -304,3 +304,20 @@ def test_random_interleavings(hf, reference, ops):
     for (sid, _), tokens in stream_tokens.items():
         assert tokens == expected[streams[sid][0]]
     assert_all_free(llm)
+
+
+def test_logit_bias_ids_outside_the_vocabulary_are_refused(hf):
+    llm = make_llm(hf)
+    with pytest.raises(InvalidPromptError) as info:
+        llm.generate(ids([5]), greedy(2, logit_bias={VOCAB + 3: 1.0}), use_tqdm=False)
+    assert info.value.field == "logit_bias"
+    assert_all_free(llm)
+
+
+def test_seed_overflow_is_refused_before_anything_is_queued(hf):
+    llm = make_llm(hf)
+    with pytest.raises(InvalidSamplingParamsError):
+        llm.generate([ids([5]), ids([6])], SamplingParams(seed=2**70), use_tqdm=False)
+    with pytest.raises(InvalidSamplingParamsError):
+        SamplingParams(seed=2**64 - 1, n=2)
+    assert_all_free(llm)
