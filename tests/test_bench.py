@@ -7,7 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from minipaged.bench import main, make_workload, positive_int, step_breakdown
+from minipaged.bench import (
+    UNIFORM, Workload, main, make_workload, positive_int, step_breakdown, summarise, token_agreement, workload_specs,
+)
 
 
 def test_step_breakdown_splits_prompt_steps_from_decode_steps():
@@ -36,6 +38,8 @@ def test_batch_sizes_must_be_positive():
             positive_int(bad)
     with pytest.raises(SystemExit):  # argparse rejects it before any model is loaded
         main(["--static-batch-sizes", "16", "0"])
+    with pytest.raises(SystemExit):
+        main(["--vllm-python", "/nonexistent/python"])
 
 
 def test_vllm_peer_benchmark_says_what_it_needs_without_vllm(capsys):
@@ -48,3 +52,46 @@ def test_vllm_peer_benchmark_says_what_it_needs_without_vllm(capsys):
     with pytest.raises(SystemExit):
         bench_vllm.main([])
     assert "vLLM is not importable" in capsys.readouterr().err
+
+
+def test_workload_choice_builds_the_peer_and_the_mixed_workloads():
+    parser = argparse.ArgumentParser()
+    from minipaged.bench import add_workload_arguments
+
+    add_workload_arguments(parser)
+    parser.add_argument("--workload", default="both")
+    args = parser.parse_args(["--num-requests", "5", "--input-len", "3", "9", "--seed", "4"])
+    specs = workload_specs(args)
+    assert list(specs) == ["uniform", "mixed"]
+    assert specs["uniform"] == {**UNIFORM, "seed": 4}
+    assert specs["mixed"] == {"num_requests": 5, "input_len": (3, 9), "output_len": (16, 256), "seed": 4}
+    args.workload = "uniform"
+    assert list(workload_specs(args)) == ["uniform"]
+    uniform = make_workload(UNIFORM["num_requests"], 1000, UNIFORM["input_len"], UNIFORM["output_len"], 0)
+    assert {len(p) for p in uniform.prompts} == {64} and set(uniform.max_tokens) == {64} and len(uniform.prompts) == 32
+
+
+def test_token_agreement_counts_identical_requests_and_common_prefixes():
+    ours = [[1, 2, 3, 4], [5, 6, 7, 8], [9, 9]]
+    theirs = [[1, 2, 3, 4], [5, 6, 0, 8], [1, 9]]
+    assert token_agreement(ours, theirs) == (1, (4 + 2 + 0) / 10)
+    with pytest.raises(ValueError):
+        token_agreement(ours, theirs[:2])  # one list per request, or it is a bug
+
+
+def test_summary_prints_ratios_from_the_same_run():
+    work = Workload(prompts=[[1, 2], [3]], max_tokens=[4, 6])  # 10 output tokens
+    engine = dict(startup_s=3.0, peak_rss=2**30, latency_s=2.0)
+    results = {
+        "vLLM CPU (before)": dict(engine, seconds=0.5),  # 20 tok/s
+        "minipaged": dict(engine, seconds=0.25, tokens=[[7] * 4, [8] * 6], breakdown="  steps"),  # 40 tok/s
+        "transformers static": dict(engine, seconds=1.0, tokens=[[7] * 4, [8] * 5 + [0]], static={"16": 1.0},
+                                    best_batch_size=16),
+        "vLLM CPU (after)": {"error": "exit 1: boom"},
+    }
+    text = "\n".join(summarise("uniform", "float32", work, results))
+    assert "minipaged / vLLM CPU: 2.00x" in text
+    assert "minipaged / transformers best static: 4.00x" in text
+    assert "1/2 requests identical, 90.0% of tokens" in text
+    assert "vLLM CPU (after)" in text and "failed: exit 1: boom" in text
+    assert "start-up   3.0 s" in text and "peak RSS 1.00 GiB" in text

@@ -5,7 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minipaged.models.linear import PackedLinear, PackedWeight, linear, onednn_packing_available, uses_packed_gemm
+from minipaged.models.linear import (
+    PackedLinear, PackedWeight, linear, onednn_bf16_packing_available, onednn_packing_available, uses_packed_gemm,
+)
 
 needs_onednn = pytest.mark.skipif(not onednn_packing_available(), reason="this PyTorch build has no oneDNN packed linear")
 
@@ -48,8 +50,22 @@ def test_repacks_after_in_place_edit_and_load_state_dict():
         torch.testing.assert_close(layer(x), F.linear(x, replacement), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.skipif(not onednn_bf16_packing_available(), reason="oneDNN has no bf16 inner product on this CPU")
+@pytest.mark.parametrize("rows", [1, 64])
+def test_bf16_packed_matches_f_linear(rows):
+    layer = fresh_layer(96, 160, bias=True).to(torch.bfloat16)
+    x = torch.randn(rows, 96, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        assert uses_packed_gemm(x, layer.weight)
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), rtol=2e-2, atol=5e-2)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_other_dtypes_take_the_plain_path(dtype):
+    if dtype == torch.bfloat16 and onednn_bf16_packing_available():
+        pytest.skip("bf16 is packed on this CPU (test_bf16_packed_matches_f_linear)")
     layer = fresh_layer(16, 24, bias=True).to(dtype)
     x = torch.randn(4, 16, dtype=dtype)
     assert not uses_packed_gemm(x, layer.weight)

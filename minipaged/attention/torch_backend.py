@@ -5,11 +5,15 @@ head_dim]``), vectorised across the batch so that a CPU decode step costs a few 
 tensor operations per layer instead of a Python loop per sequence:
 
 - new K/V go into the cache with one ``index_copy_`` on the flattened slot view;
-- one-token (decode) sequences attend in batched SDPA calls over their gathered
-  blocks, with a key mask for the ragged ends: on CPU a few chunks of similar lengths
-  sized to stay in the CPU's cache (``chunk_by_blocks``), elsewhere one call unless
-  lengths are so ragged that padding everything to the longest costs more
-  (``bucket_by_blocks``);
+- one-token (decode) sequences on CPU go, when numba is installed, to the fused
+  paged decode kernel ``kernels.cpu_decode_attention`` (one call per layer for all of
+  them; it reads each K/V row once, in place). Otherwise, and always for caches of
+  another dtype than fp32/fp16/bf16 (quantized caches) or off CPU, they attend in
+  batched SDPA calls over their gathered blocks, with a key mask for the ragged ends:
+  on CPU a few chunks of similar lengths sized to stay in the CPU's cache
+  (``chunk_by_blocks``), elsewhere one call unless lengths are so ragged that padding
+  everything to the longest costs more (``bucket_by_blocks``). The gather path is the
+  reference the fused one is tested against; ``decode_kernel="gather"`` selects it;
 - multi-token (prefill / chunked-prefill) sequences attend causally over their paged
   prefix with ``scaled_dot_product_attention``, one call each (they are few per step).
 
@@ -25,11 +29,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from minipaged import kv_quant
 from minipaged.attention.metadata import AttentionMetadata
+
+try:
+    from kernels import cpu_decode_attention
+except ImportError:  # kernels needs triton; without it the gather path still works
+    cpu_decode_attention = None
 
 
 # Cost model for splitting a step's decodes into length buckets, in "key rows" (one
@@ -45,6 +55,16 @@ BUCKET_OVERHEAD_KEY_ROWS = 2048
 # of padding when choosing the cuts (8-32 measure alike).
 CPU_GATHER_CHUNK_BYTES = 3 << 20
 CPU_CHUNK_OVERHEAD_BLOCKS = 16
+# How CPU decodes attend: "fused" (kernels.cpu_decode_attention, needs numba),
+# "gather" (block gather + SDPA), or "auto" (fused when numba imports).
+DECODE_KERNELS = ("auto", "fused", "gather")
+# Cache dtypes the fused kernel reads; any other (a quantized cache) takes the gather path.
+FUSED_CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def fused_decode_available() -> bool:
+    """Whether the numba CPU decode kernel can run here (numba and ``kernels`` import)."""
+    return cpu_decode_attention is not None and cpu_decode_attention.available()
 
 
 @dataclass(frozen=True)
@@ -70,10 +90,20 @@ class PrefillSeq:
 
 
 @dataclass(frozen=True)
+class FusedDecode:
+    """All one-new-token sequences of a step, for one call of the fused CPU kernel per layer."""
+
+    rows: slice | torch.Tensor  # which query rows are these decode tokens
+    block_tables: np.ndarray  # int32 [num_seqs, max_blocks], each sequence's blocks in logical order
+    context_lens: np.ndarray  # int32 [num_seqs]
+
+
+@dataclass(frozen=True)
 class TorchAttentionPlan:
     block_size: int
-    decodes: tuple[DecodeBatch, ...]  # length buckets of the one-token sequences
+    decodes: tuple[DecodeBatch, ...]  # length buckets of the one-token sequences (gather path)
     prefills: tuple[PrefillSeq, ...]
+    fused_decode: FusedDecode | None = None  # set instead of ``decodes`` on the fused path
 
 
 class TorchAttentionBackend:
@@ -86,10 +116,27 @@ class TorchAttentionBackend:
         bucket_overhead_key_rows: int = BUCKET_OVERHEAD_KEY_ROWS,
         cpu_gather_chunk_bytes: int | None = CPU_GATHER_CHUNK_BYTES,
         cpu_chunk_overhead_blocks: int = CPU_CHUNK_OVERHEAD_BLOCKS,
+        decode_kernel: str = "auto",
     ) -> None:
+        if decode_kernel not in DECODE_KERNELS:
+            raise ValueError(f"decode_kernel must be one of {DECODE_KERNELS}, got {decode_kernel!r}")
+        if decode_kernel == "fused" and not fused_decode_available():
+            raise ValueError("decode_kernel='fused' needs numba: pip install 'minipaged[cpu]'")
         self.bucket_overhead_key_rows = bucket_overhead_key_rows
         self.cpu_gather_chunk_bytes = cpu_gather_chunk_bytes
         self.cpu_chunk_overhead_blocks = cpu_chunk_overhead_blocks
+        self.decode_kernel = decode_kernel
+
+    def uses_fused_decode(self, k_cache: kv_quant.KVCache) -> bool:
+        """The dispatch point: whether decodes over ``k_cache`` go to the fused CPU kernel.
+
+        Quantized caches take the gather path, which dequantizes after the gather; the numba
+        kernel reads plain float blocks only.
+        """
+        if (self.decode_kernel == "gather" or not isinstance(k_cache, torch.Tensor)
+                or k_cache.device.type != "cpu" or k_cache.dtype not in FUSED_CACHE_DTYPES):
+            return False
+        return self.decode_kernel == "fused" or fused_decode_available()
 
     def prepare(self, meta: AttentionMetadata, k_cache: kv_quant.KVCache) -> AttentionMetadata:
         """Return ``meta`` with a ``TorchAttentionPlan`` for caches shaped like ``k_cache`` (once per step)."""
@@ -101,7 +148,8 @@ class TorchAttentionBackend:
         # One block of K and of V as gathered for SDPA (after dequantization).
         block_bytes = 2 * k_cache.shape[1:].numel() * torch.empty((), dtype=dtype).element_size()
         plan = make_plan(
-            meta, block_size, dtype, self.bucket_overhead_key_rows, block_bytes, chunk_bytes, self.cpu_chunk_overhead_blocks
+            meta, block_size, dtype, self.bucket_overhead_key_rows, block_bytes, chunk_bytes,
+            self.cpu_chunk_overhead_blocks, fused=self.uses_fused_decode(k_cache),
         )
         return replace(meta, backend_plan=plan)
 
@@ -126,6 +174,8 @@ class TorchAttentionBackend:
         kv_quant.write_slots(k_cache, meta.slot_mapping, k)
         kv_quant.write_slots(v_cache, meta.slot_mapping, v)
         out = q.new_empty(q.shape)  # contiguous even though q is a strided view
+        if plan.fused_decode is not None:
+            fused_decode_attention(q, k_cache, v_cache, plan.fused_decode, scale, out)
         for batch in plan.decodes:
             out[batch.rows] = decode_attention(q[batch.rows], k_cache, v_cache, batch, scale)
         for seq in plan.prefills:
@@ -142,10 +192,12 @@ def make_plan(
     block_bytes: int = 0,
     chunk_bytes: int | None = None,
     chunk_overhead_blocks: int = CPU_CHUNK_OVERHEAD_BLOCKS,
+    fused: bool = False,
 ) -> TorchAttentionPlan:
     """Split a step into decode batches and prefill sequences, building gather indices and masks.
 
-    Decodes go into length buckets (``bucket_by_blocks``) or, when ``chunk_bytes`` is
+    With ``fused``, all decodes form one ``FusedDecode`` for the CPU kernel. Otherwise
+    they go into length buckets (``bucket_by_blocks``) or, when ``chunk_bytes`` is
     given, into sorted chunks of at most that many bytes of gathered K/V
     (``chunk_by_blocks``; ``block_bytes`` is one block of K plus one of V).
     """
@@ -158,7 +210,11 @@ def make_plan(
         starts.append(starts[-1] + n)
     decode_seqs = [i for i, n in enumerate(query_lens) if n == 1]
     blocks = [-(-context_lens[i] // block_size) for i in decode_seqs]
-    if chunk_bytes is None:
+    fused_decode = None
+    if fused and decode_seqs:
+        fused_decode = _make_fused_decode(meta, decode_seqs, starts, context_lens, max(blocks))
+        groups = []
+    elif chunk_bytes is None:
         groups = bucket_by_blocks(blocks, block_size, bucket_overhead)
     else:
         groups = chunk_by_blocks(blocks, max(1, chunk_bytes // block_bytes), chunk_overhead_blocks)
@@ -179,7 +235,7 @@ def make_plan(
             mask = key_pos[None, :] <= query_pos[:, None]
         block_ids = meta.block_tables[i, : -(-ctx // block_size)].to(torch.int64)
         prefills.append(PrefillSeq(starts[i], starts[i + 1], ctx, block_ids, mask))
-    return TorchAttentionPlan(block_size, tuple(decodes), tuple(prefills))
+    return TorchAttentionPlan(block_size, tuple(decodes), tuple(prefills), fused_decode)
 
 
 def bucket_by_blocks(num_blocks: list[int], block_size: int, overhead: int = BUCKET_OVERHEAD_KEY_ROWS) -> list[list[int]]:
@@ -248,6 +304,15 @@ def _as_index(ids: list[int], device: torch.device) -> slice | torch.Tensor:
     return torch.tensor(ids, device=device)
 
 
+def _make_fused_decode(
+    meta: AttentionMetadata, seqs: list[int], starts: list[int], context_lens: tuple[int, ...], max_blocks: int
+) -> FusedDecode:
+    index = _as_index(seqs, meta.block_tables.device)
+    tables = meta.block_tables[index, :max_blocks].to(device="cpu", dtype=torch.int32).contiguous().numpy()
+    lens = np.array([context_lens[i] for i in seqs], dtype=np.int32)
+    return FusedDecode(_as_index([starts[i] for i in seqs], meta.block_tables.device), tables, lens)
+
+
 def _make_decode_batch(
     meta: AttentionMetadata, seqs: list[int], starts: list[int], context_lens: tuple[int, ...], block_size: int, dtype: torch.dtype
 ) -> DecodeBatch:
@@ -282,6 +347,21 @@ def decode_attention(
     qg = q.reshape(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
     out = F.scaled_dot_product_attention(qg, k, v, attn_mask=batch.key_bias, scale=scale)
     return out.reshape(num_seqs, num_heads, head_dim)
+
+
+def fused_decode_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, fused: FusedDecode, scale: float, out: torch.Tensor
+) -> None:
+    """Write ``out[fused.rows]`` (``[B, Hq, D]``) with the numba kernel, in place when the rows are a slice."""
+    if isinstance(fused.rows, slice):
+        cpu_decode_attention.decode_unchecked(
+            q[fused.rows], k_cache, v_cache, fused.block_tables, fused.context_lens, scale, out[fused.rows]
+        )
+    else:
+        target = q.new_empty((fused.context_lens.shape[0], *q.shape[1:]))
+        out[fused.rows] = cpu_decode_attention.decode_unchecked(
+            q[fused.rows], k_cache, v_cache, fused.block_tables, fused.context_lens, scale, target
+        )
 
 
 def prefill_attention(

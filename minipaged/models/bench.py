@@ -6,7 +6,10 @@ ours over the paged cache with the torch attention backend, transformers' model 
 its own KV cache (uniform lengths, so it wastes nothing on padding). With ``--ragged``
 our contexts spread around that mean while transformers runs the padded batch a static
 batch would. ``--plain-linear`` turns off the oneDNN pre-packed weights
-(``minipaged.models.linear``) to show what they buy. Prints tokens/s, wall and CPU time.
+(``minipaged.models.linear``) to show what they buy. ``--decode-kernel fused gather``
+times our step with each CPU decode-attention path (``minipaged.attention.torch_backend``),
+alternating them ``--rounds`` times in this one process so their ratio means something
+on a busy machine. Prints tokens/s, wall and CPU time.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import time
 import torch
 
 from minipaged.attention import allocate_kv_cache, build_metadata, build_positions
+from minipaged.attention.torch_backend import DECODE_KERNELS
 from minipaged.models.linear import packed_gemm_disabled
 from minipaged.models.loader import ensure_default_model, load_model
 
@@ -39,12 +43,13 @@ def time_steps(step, warmup: int, steps: int) -> tuple[float, float]:
 
 
 def bench_ours(
-    model, batch: int, context: int, block_size: int, warmup: int, steps: int, ragged: bool = False
+    model, batch: int, context: int, block_size: int, warmup: int, steps: int, ragged: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[float, float]:
     contexts = ragged_contexts(batch, context) if ragged else [context] * batch
     max_len = max(contexts) + warmup + steps
     blocks_per_seq = -(-max_len // block_size)
-    caches = allocate_kv_cache(model.config, batch * blocks_per_seq + 1, block_size, torch.float32, "cpu")
+    caches = allocate_kv_cache(model.config, batch * blocks_per_seq + 1, block_size, dtype, "cpu")
     tables = [list(range(1 + s * blocks_per_seq, 1 + (s + 1) * blocks_per_seq)) for s in range(batch)]
     ids = torch.randint(0, model.config.vocab_size, (batch,))
 
@@ -77,6 +82,9 @@ def bench_transformers(hf_model, batch: int, context: int, warmup: int, steps: i
     return time_steps(step, warmup, steps)
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
 def report(label: str, times: tuple[float, float], batch: int) -> None:
     wall, cpu = times
     print(f"{label:<27} {wall * 1e3:8.1f} ms/step wall ({batch / wall:7.1f} tokens/s)   {cpu * 1e3:8.1f} ms/step cpu")
@@ -94,20 +102,34 @@ def main(argv: list[str] | None = None) -> None:
                         help="ours: contexts spread over [16, 2*context-16]; transformers: a batch padded to the longest, as static batching runs it")
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--plain-linear", action="store_true", help="ours: F.linear instead of oneDNN pre-packed weights")
+    parser.add_argument("--decode-kernel", nargs="+", choices=DECODE_KERNELS, default=["auto"],
+                        help="ours: CPU decode attention path(s) to time, alternated --rounds times")
+    parser.add_argument("--rounds", type=int, default=1, help="with several --decode-kernel values: times to alternate them")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     args = parser.parse_args(argv)
     from transformers import AutoModelForCausalLM
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    loaded = load_model(None)
+    dtype = DTYPES[args.dtype]
+    loaded = load_model(None, dtype=dtype, attention_backend="torch")
     print(f"threads={torch.get_num_threads()} batch={args.batch} context={args.context} ragged={args.ragged} "
-          f"dtype=float32 model={loaded.name}")
+          f"dtype={args.dtype} model={loaded.name}")
+    backend = loaded.model.attention_backend
+    results: dict[str, list[tuple[float, float]]] = {kernel: [] for kernel in args.decode_kernel}
     with packed_gemm_disabled() if args.plain_linear else contextlib.nullcontext():
-        ours = bench_ours(loaded.model, args.batch, args.context, args.block_size, args.warmup, args.steps, args.ragged)
-    report("minipaged (torch backend)" + (", plain F.linear" if args.plain_linear else ""), ours, args.batch)
+        for _ in range(args.rounds):
+            for kernel in results:
+                backend.decode_kernel = kernel
+                results[kernel].append(bench_ours(loaded.model, args.batch, args.context, args.block_size, args.warmup,
+                                                  args.steps, args.ragged, dtype))
+    medians = {kernel: tuple(sorted(t[i] for t in times)[len(times) // 2] for i in range(2)) for kernel, times in results.items()}
+    for kernel, times in medians.items():
+        report(f"minipaged (torch, {kernel})" + (", plain F.linear" if args.plain_linear else ""), times, args.batch)
+    ours = medians[args.decode_kernel[0]]
     if args.skip_transformers:
         return
-    hf_model = AutoModelForCausalLM.from_pretrained(ensure_default_model(), dtype=torch.float32).eval()
+    hf_model = AutoModelForCausalLM.from_pretrained(ensure_default_model(), dtype=dtype).eval()
     padded = max(ragged_contexts(args.batch, args.context)) if args.ragged else args.context
     theirs = bench_transformers(hf_model, args.batch, padded, args.warmup, args.steps)
     report("transformers (sdpa)", theirs, args.batch)

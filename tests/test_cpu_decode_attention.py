@@ -1,0 +1,105 @@
+"""The numba CPU paged decode kernel against the gather-then-softmax reference (float64),
+and the torch backend's dispatch to it.
+
+Inputs come from ``test_decode_attention.make_batch``: fresh random q/K/V in shuffled
+blocks, ragged contexts (1, block_size +- 1, hundreds), rows past each context and
+blocks no sequence owns poisoned with NaN, unused table entries -1, and ``out``
+poisoned too, so reading or skipping the wrong thing shows up.
+"""
+import random
+
+import pytest
+import torch
+
+pytest.importorskip("numba")
+
+from kernels import cpu_decode_attention, reference  # noqa: E402
+from minipaged.attention.torch_backend import TorchAttentionBackend  # noqa: E402
+from test_attention_backends import MIXED, per_token_reference, random_paged_step  # noqa: E402
+from test_decode_attention import REL_TOL, make_batch, rel_error  # noqa: E402
+
+CASES = [  # (block_size, head_dim, num_kv_heads, group, dtype)
+    (16, 64, 3, 3, torch.float32),  # SmolLM2's attention shape
+    (1, 40, 2, 4, torch.float32),
+    (7, 5, 1, 7, torch.float32),  # odd block size and head_dim, one kv head
+    (3, 128, 2, 1, torch.bfloat16),  # no GQA
+    (16, 64, 3, 3, torch.bfloat16),
+    (5, 80, 2, 3, torch.float16),
+]
+
+
+@pytest.mark.parametrize("block_size, head_dim, num_kv_heads, group, dtype", CASES)
+def test_matches_reference(block_size, head_dim, num_kv_heads, group, dtype):
+    rng = random.Random()
+    lens = [1, block_size - 1 or 1, block_size, block_size + 1, rng.randint(100, 400), rng.randint(1, 60)]
+    rng.shuffle(lens)
+    q, k_cache, v_cache, tables, context_lens = make_batch(
+        lens, block_size, num_kv_heads, group, head_dim, dtype, "cpu", seed=rng.randrange(1 << 30)
+    )
+    out = torch.full_like(q, float("nan"))
+    scale = rng.uniform(0.05, 0.5)
+    result = cpu_decode_attention.paged_decode_attention(q, k_cache, v_cache, tables, context_lens, scale, out)
+    assert result is out
+    ref = reference.paged_decode_attention(q.double(), k_cache.double(), v_cache.double(), tables, context_lens, scale)
+    assert torch.isfinite(out).all(), "kernel left NaN in out or read a poisoned cache row"
+    err = rel_error(out, ref)
+    assert err < REL_TOL[dtype], f"relative error {err:.2e} above {REL_TOL[dtype]:.0e} for {dtype}"
+
+
+def test_fp16_rows_widen_exactly():
+    """Every fp16 bit pattern widens to the fp32 torch gives (the kernel reads fp16 by its bits)."""
+    import numpy as np
+
+    halves = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16)
+    bits = np.array([cpu_decode_attention._fp16_bits_to_fp32_bits(np.uint32(np.uint16(h))) for h in halves.numpy()],
+                    dtype=np.uint32)
+    expected = halves.view(torch.float16).float()
+    torch.testing.assert_close(torch.from_numpy(bits.view(np.float32)), expected, rtol=0, atol=0, equal_nan=True)
+
+
+def test_strided_q_and_int64_tables_and_empty_batch():
+    q, k_cache, v_cache, tables, lens = make_batch([9, 33], 8, 2, 3, 16, torch.float32, "cpu", seed=3)
+    wide = torch.randn(2, 12, 16)
+    wide[:, :6] = q  # q as a strided view, as the model hands it over
+    out = cpu_decode_attention.paged_decode_attention(wide[:, :6], k_cache, v_cache, tables.long(), lens.long())
+    ref = reference.paged_decode_attention(q.double(), k_cache.double(), v_cache.double(), tables, lens)
+    assert rel_error(out, ref) < REL_TOL[torch.float32]
+    empty = cpu_decode_attention.paged_decode_attention(q[:0], k_cache, v_cache, tables[:0], lens[:0])
+    assert empty.shape == (0, 6, 16)
+
+
+def test_rejects_bad_arguments():
+    q, k_cache, v_cache, tables, lens = make_batch([4, 9], 4, 2, 2, 16, torch.float32, "cpu", seed=5)
+    with pytest.raises(ValueError, match="context_lens"):
+        cpu_decode_attention.paged_decode_attention(q, k_cache, v_cache, tables, torch.tensor([4, 0], dtype=torch.int32))
+    with pytest.raises(ValueError, match="dtype"):
+        cpu_decode_attention.paged_decode_attention(q.double(), k_cache, v_cache, tables, lens)
+    with pytest.raises(ValueError, match="out"):
+        cpu_decode_attention.paged_decode_attention(q, k_cache, v_cache, tables, lens, out=torch.empty(3, 4, 16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lens", MIXED + [([1, 4, 1, 1, 2, 1], [30, 4, 1, 17, 9, 64])])
+def test_torch_backend_fused_path_matches_gather_path(dtype, lens):
+    """Mixed steps (decode rows not contiguous): fused and gather paths agree, and both match float64."""
+    fused, gather = TorchAttentionBackend(decode_kernel="fused"), TorchAttentionBackend(decode_kernel="gather")
+    q, k, v, k_cache, v_cache, meta = random_paged_step(*lens, 4, 2, 3, 32, dtype, seed=random.randrange(1 << 30))
+    assert fused.prepare(meta, k_cache).backend_plan.fused_decode is not None
+    assert gather.prepare(meta, k_cache).backend_plan.fused_decode is None
+    k_gather, v_gather = k_cache.clone(), v_cache.clone()
+    out = fused.forward(q, k, v, k_cache, v_cache, meta, 0.2)
+    expected = gather.forward(q, k, v, k_gather, v_gather, meta, 0.2)
+    assert torch.equal(k_cache, k_gather) and torch.equal(v_cache, v_gather)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out, expected, **tol)
+    torch.testing.assert_close(out.double(), per_token_reference(q, k_cache, v_cache, meta, 0.2), **tol)
+
+
+def test_backend_dispatch_keeps_other_caches_on_the_gather_path():
+    backend = TorchAttentionBackend()
+    assert backend.uses_fused_decode(torch.empty(1, 4, 1, 8))
+    assert not backend.uses_fused_decode(torch.empty(1, 4, 1, 8, dtype=torch.float64))
+    assert not backend.uses_fused_decode(torch.empty(1, 4, 1, 8, dtype=torch.uint8))  # quantized caches
+    assert not TorchAttentionBackend(decode_kernel="gather").uses_fused_decode(torch.empty(1, 4, 1, 8))
+    with pytest.raises(ValueError, match="decode_kernel"):
+        TorchAttentionBackend(decode_kernel="flash")
