@@ -295,3 +295,17 @@ def test_kv_cache_memory_buys_proportionally_more_blocks(tiny):
         nbytes = sum(t.nbytes if isinstance(t, torch.Tensor) else t.data.nbytes + (t.scale.nbytes if t.per_token else 0)
                      for pair in caches for t in pair)
         assert nbytes == 5 * kv_cache_bytes_per_block(model.config, 8, torch.float32, kind)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_cpu_decode_leaves_quantized_caches_to_the_gather_path(kind):
+    """The numba kernel reads float blocks only: even when asked for, it must not get a
+    quantized cache (which has no ``dtype``); those dequantize after the gather."""
+    from minipaged.attention.torch_backend import fused_decode_available
+
+    if not fused_decode_available():
+        pytest.skip("numba not installed")
+    backend = TorchAttentionBackend(decode_kernel="fused")
+    _, k_cache, v_cache, _, _ = make_batch([5, 19], 8, 2, 2, 64, torch.float32, "cpu", 11)
+    kq = _quantize_cache(k_cache, kind, True)
+    assert backend.uses_fused_decode(k_cache) and not backend.uses_fused_decode(kq)
