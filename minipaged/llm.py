@@ -25,7 +25,8 @@ from minipaged.sampler import sample
 from minipaged.sampling_params import SamplingParams
 from minipaged.scheduler import Scheduler, SchedulerOutput
 from minipaged.trace import StepRecord, Trace
-from minipaged.worker import Worker, num_kv_blocks_for
+from minipaged.executor import build_executor
+from minipaged.worker import num_kv_blocks_for
 
 if TYPE_CHECKING:
     from minipaged.beam_search import BeamSearchOutput, BeamSearchParams
@@ -99,7 +100,7 @@ class LLM:
         self.model_config = loaded.config
         self.tokenizer = tokenizer if tokenizer is not None else loaded.tokenizer
         self.config = self._resolve(config)
-        self.worker = Worker(self.model, self.config, self.config.num_kv_blocks)
+        self.worker = build_executor(self.model, self.config)
         self.block_manager = BlockManager(self.config.num_kv_blocks, self.config.block_size,
                                           enable_prefix_caching=self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=self.config.max_num_seqs,
