@@ -111,9 +111,9 @@ def num_kv_blocks_for(config: EngineConfig, model_config) -> int:
     Under tensor parallelism the budget is per rank and a block holds only the rank's KV
     heads, so N ranks hold N times the blocks one process would in the same budget each.
     """
+    rank_config = rank_model_config(model_config, config.tensor_parallel_size)
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
-    rank_config = rank_model_config(model_config, config.tensor_parallel_size)
     per_block = kv_cache_bytes_per_block(rank_config, config.block_size, config.torch_dtype)
     device = config.torch_device
     if config.kv_cache_memory is not None:
