@@ -24,7 +24,7 @@ from minipaged.distributed import CommStats
 from minipaged.errors import InvalidEngineConfigError
 from minipaged.executor import TensorParallelExecutor, WorkerDiedError
 from minipaged.models import build_model_from_hf
-from minipaged.models.parallel_linear import ColumnParallelLinear, RowParallelLinear
+from minipaged.models.parallel_linear import ColumnParallelLinear, RowParallelLinear, rank_slices
 from minipaged.worker import StepBatch
 from tests.test_engine import assert_all_blocks_free, hf_greedy, make_prompts, tiny_hf_model
 
@@ -83,6 +83,11 @@ def test_ranks_hold_half_the_heads_and_kv_cache(case):
     attn = executor.worker.model.model.layers[0].self_attn
     assert (attn.num_heads, attn.num_kv_heads) == (cfg.num_heads // 2, cfg.num_kv_heads // 2)
     assert isinstance(attn.qkv_proj, ColumnParallelLinear) and isinstance(attn.o_proj, RowParallelLinear)
+    shards = rank_slices(cfg, 2)
+    assert shards[0].params == sum(p.numel() for p in executor.worker.model.parameters())
+    assert rank_slices(cfg, 1)[0].params == sum(p.numel() for p in case.single.worker.model.parameters())
+    assert shards[1].kv_heads == (cfg.num_kv_heads // 2, cfg.num_kv_heads)
+    assert shards[0].kv_bytes_per_token * 8 * TP_BLOCKS == executor.kv_cache_bytes_per_rank
 
 
 def test_alone_matches_single_process_and_transformers(case):

@@ -30,6 +30,7 @@ full model per rank.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -38,6 +39,7 @@ from minipaged.models.linear import PackedLinear, linear
 
 if TYPE_CHECKING:
     from minipaged.distributed import TensorParallelGroup
+    from minipaged.models.config import ModelConfig
 
 
 def _split(size: int, world_size: int, what: str) -> int:
@@ -132,3 +134,36 @@ def shard_state_dict(model: torch.nn.Module, full_state: dict[str, torch.Tensor]
                 full = module.shard_weight(full) if param_name == "weight" else module.shard_bias(full)
             out[name] = full
     return out
+
+
+@dataclass(frozen=True)
+class RankSlice:
+    """What one rank of ``world_size`` holds of a Llama-family model (``[start, stop)`` ranges)."""
+
+    rank: int
+    query_heads: tuple[int, int]
+    kv_heads: tuple[int, int]
+    mlp_features: tuple[int, int]
+    params: int  # parameters this rank stores (replicated embedding and norms included; LM head on rank 0)
+    kv_bytes_per_token: int  # this rank's KV cache bytes per cached token (all layers, K and V)
+
+
+def rank_slices(config: "ModelConfig", world_size: int, dtype_bytes: int = 4) -> list[RankSlice]:
+    """Per-rank view of how ``world_size`` ranks split ``config`` (notebook 09 draws it)."""
+    h, kv, inter, d = config.num_heads, config.num_kv_heads, config.intermediate_size, config.head_dim
+    for name, size in (("num_heads", h), ("num_kv_heads", kv), ("intermediate_size", inter)):
+        _split(size, world_size, name)
+    hq, hkv, f = h // world_size, kv // world_size, inter // world_size
+    hidden = config.hidden_size
+    per_layer = hidden * (hq + 2 * hkv) * d + hq * d * hidden + 3 * hidden * f + 2 * hidden
+    if config.attention_bias:
+        per_layer += (hq + 2 * hkv) * d
+    if config.o_proj_bias:
+        per_layer += hidden
+    shared = config.vocab_size * hidden + hidden  # embedding and final norm, on every rank
+    head = 0 if config.tie_word_embeddings else config.vocab_size * hidden
+    return [RankSlice(rank=r, query_heads=(r * hq, (r + 1) * hq), kv_heads=(r * hkv, (r + 1) * hkv),
+                      mlp_features=(r * f, (r + 1) * f),
+                      params=config.num_layers * per_layer + shared + (head if r == 0 else 0),
+                      kv_bytes_per_token=2 * config.num_layers * hkv * d * dtype_bytes)
+            for r in range(world_size)]
