@@ -4,8 +4,8 @@
 
 Both engines live in this process (rank 0 of the TP one spawns the other ranks) and
 run the same prompts (random token ids, ``ignore_eos``) in alternating rounds, so the
-ratio is a same-run A/B. The machine's cores are split evenly: one process gets all of
-them, each TP rank ``cores / tp``. For the TP engine it also prints how much of rank 0's
+ratios are a same-run A/B. One process runs twice, with all the machine's cores and with
+``cores / tp`` threads (what each TP rank gets). For the TP engine it also prints how much of rank 0's
 step time is spent inside collectives (all-reduces after the row-parallel layers, and the
 per-step broadcast); that time includes waiting for the slower rank.
 
@@ -72,37 +72,36 @@ def main(argv: list[str] | None = None) -> int:
     kw = dict(num_kv_blocks=2048, block_size=16, max_model_len=512)
     single = LLM(model, **kw)
     tp = LLM(model, tensor_parallel_size=args.tp, **kw)
-    threads = {1: cores, args.tp: max(1, cores // args.tp)}
-    engines = {1: single, args.tp: tp}
-    print(f"cores={cores} model={'random SmolLM2-sized Llama' if args.model is None else args.model} "
-          f"requests={len(work.prompts)} output_tokens={work.output_tokens} threads/rank: "
-          f"TP=1 {threads[1]}, TP={args.tp} {threads[args.tp]}")
-    times: dict[int, list[float]] = {1: [], args.tp: []}
-    step_s = 0.0
+    per_rank = max(1, cores // args.tp)
+    # (label, engine, torch threads in this process); the TP engine's other ranks use per_rank threads each
+    runs = [(f"TP=1 x {cores} threads", single, cores), (f"TP=1 x {per_rank} threads", single, per_rank),
+            (f"TP={args.tp} x {per_rank} threads/rank", tp, per_rank)]
+    print(f"cores={cores} load average={os.getloadavg()[0]:.1f} "
+          f"model={'random SmolLM2-sized Llama' if args.model is None else args.model} "
+          f"requests={len(work.prompts)} output_tokens={work.output_tokens}")
+    times: dict[str, list[float]] = {label: [] for label, _, _ in runs}
     stats = tp.worker.tp.stats
-    for round_index in range(args.rounds + 1):  # round 0 warms both up and is not counted
-        for size, llm in engines.items():
-            torch.set_num_threads(threads[size])
+    for round_index in range(args.rounds + 1):  # round 0 warms every engine up and is not counted
+        for label, llm, threads in runs:
+            torch.set_num_threads(threads)
             before = (stats.all_reduce_s, stats.broadcast_s, stats.all_reduces, len(tp.trace))
             elapsed, in_steps = run_round(llm, work)
             if round_index == 0:
                 continue
-            times[size].append(elapsed)
-            if size == args.tp:
-                step_s += in_steps
-                reduce_s = stats.all_reduce_s - before[0]
-                bcast_s = stats.broadcast_s - before[1]
-                reduces = stats.all_reduces - before[2]
+            times[label].append(elapsed)
+            line = f"round {round_index}: {label}: {elapsed:.2f} s"
+            if llm is tp:
+                reduce_s, bcast_s = stats.all_reduce_s - before[0], stats.broadcast_s - before[1]
                 steps = len(tp.trace) - before[3]
-                print(f"round {round_index}: TP={args.tp} {elapsed:.2f} s, {steps} steps, rank 0 inside collectives "
-                      f"{(reduce_s + bcast_s) / in_steps:.0%} of step time (all-reduce {reduce_s / in_steps:.0%}, "
-                      f"{reduces // max(steps, 1)} per step; step broadcast {bcast_s / in_steps:.0%})")
-            else:
-                print(f"round {round_index}: TP=1 {elapsed:.2f} s")
+                line += (f", {steps} steps, rank 0 inside collectives {(reduce_s + bcast_s) / in_steps:.0%} of step "
+                         f"time (all-reduce {reduce_s / in_steps:.0%}, {(stats.all_reduces - before[2]) // steps} "
+                         f"per step; step broadcast {bcast_s / in_steps:.0%})")
+            print(line, flush=True)
     tok = work.output_tokens
-    best = {size: min(ts) for size, ts in times.items()}
-    print(f"TP=1 {tok / best[1]:.1f} tok/s | TP={args.tp} {tok / best[args.tp]:.1f} tok/s | "
-          f"TP={args.tp}/TP=1 throughput {best[1] / best[args.tp]:.2f}x (best of {args.rounds} interleaved rounds)")
+    best = {label: min(ts) for label, ts in times.items()}
+    baseline = runs[0][0]
+    print(" | ".join(f"{label}: {tok / t:.1f} tok/s ({best[baseline] / t:.2f}x)" for label, t in best.items())
+          + f"  (best of {args.rounds} interleaved rounds; ratios against {baseline})")
     print(f"per-rank KV cache: TP=1 {single.worker.kv_cache_bytes / 2**20:.0f} MiB, "
           f"TP={args.tp} {tp.worker.kv_cache_bytes_per_rank / 2**20:.0f} MiB for the same {kw['num_kv_blocks']} blocks")
     tp.worker.shutdown()

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -39,25 +39,45 @@ TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 @dataclass(frozen=True)
 class Rendezvous:
-    """Where the ranks meet: rank 0's TCP store (``MASTER_ADDR``/``MASTER_PORT`` in torchrun's terms)."""
+    """Where the ranks meet: rank 0's TCP key-value store (``MASTER_ADDR``/``MASTER_PORT`` in torchrun's terms).
+
+    ``port`` is ``None`` under torchrun, whose own store the ranks join (``env://``).
+    """
 
     host: str
-    port: int
-
-    @property
-    def init_method(self) -> str:
-        return f"tcp://{self.host}:{self.port}"
+    port: int | None
 
     @classmethod
-    def from_env_or_free_port(cls) -> "Rendezvous":
-        """``MASTER_ADDR``/``MASTER_PORT`` when set (torchrun, a cluster launcher), else a free local port."""
-        host = os.environ.get("MASTER_ADDR", "127.0.0.1")
-        port = os.environ.get("MASTER_PORT")
-        if port is not None:
-            return cls(host, int(port))
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
-            return cls(host, s.getsockname()[1])
+    def for_spawn(cls) -> "Rendezvous":
+        """``MASTER_ADDR``/``MASTER_PORT`` when set, else this host and a port the store picks (0)."""
+        return cls(os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", 0)))
+
+    def open_store(self, rank: int, world_size: int, timeout_s: float) -> dist.TCPStore:
+        """Rank 0 hosts the store (without waiting for the others); the other ranks connect to it."""
+        return dist.TCPStore(self.host, self.port or 0, world_size, is_master=rank == 0,
+                             timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
+
+
+def announce_ready(store: dist.Store, rank: int) -> None:
+    """A spawned rank is up and about to join (rank 0 waits for this before it blocks in the join)."""
+    store.set(f"minipaged/ready/{rank}", "1")
+
+
+def wait_until_ready(store: dist.Store, world_size: int, dead_ranks: Callable[[], list], timeout_s: float) -> None:
+    """Rank 0: poll until every other rank announced itself, stopping early if ``dead_ranks()`` names any.
+
+    Joining the process group blocks without a way out until its timeout; checking
+    first turns a rank that died while starting (import error, out of memory) into an
+    error at once.
+    """
+    keys = [f"minipaged/ready/{r}" for r in range(1, world_size)]
+    deadline = time.monotonic() + timeout_s
+    while not store.check(keys):
+        if dead_ranks():
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"tensor-parallel ranks did not start within {timeout_s:.0f} s")
+        time.sleep(0.02)
 
 
 @dataclass
@@ -111,9 +131,9 @@ def device_backend(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def init_process_groups(rank: int, world_size: int, device: torch.device, rendezvous: Rendezvous,
+def init_process_groups(rank: int, world_size: int, device: torch.device, store: dist.Store | None,
                         collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S) -> TensorParallelGroup:
-    """Join the ``world_size``-rank world as ``rank``; every rank calls this with the same rendezvous.
+    """Join the ``world_size``-rank world as ``rank`` through ``store`` (``None``: torchrun's ``env://``).
 
     Blocks until all ranks have joined (or ``collective_timeout_s`` passes).
     """
@@ -123,8 +143,8 @@ def init_process_groups(rank: int, world_size: int, device: torch.device, rendez
     if device.type == "cuda":
         torch.cuda.set_device(device)
     timeout = datetime.timedelta(seconds=collective_timeout_s)
-    dist.init_process_group(device_backend(device), init_method=rendezvous.init_method, rank=rank,
-                            world_size=world_size, timeout=timeout)
+    where = dict(init_method="env://") if store is None else dict(store=store)
+    dist.init_process_group(device_backend(device), rank=rank, world_size=world_size, timeout=timeout, **where)
     control = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=CONTROL_TIMEOUT_S))
     return TensorParallelGroup(rank, world_size, device, dist.group.WORLD, control)
 

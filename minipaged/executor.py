@@ -28,6 +28,7 @@ serves rank 0's steps until it shuts down, then exits the process.
 from __future__ import annotations
 
 import os
+import pickle
 import sys
 import threading
 import time
@@ -42,8 +43,8 @@ import torch.multiprocessing as mp
 from minipaged.block_manager import BlockCopy, BlockManager
 from minipaged.config import EngineConfig
 from minipaged.distributed import (
-    DEFAULT_COLLECTIVE_TIMEOUT_S, Rendezvous, TensorParallelGroup, check_tensor_parallel_size,
-    destroy_process_groups, init_process_groups, torchrun_rank,
+    DEFAULT_COLLECTIVE_TIMEOUT_S, Rendezvous, TensorParallelGroup, announce_ready, check_tensor_parallel_size,
+    destroy_process_groups, init_process_groups, torchrun_rank, wait_until_ready,
 )
 from minipaged.errors import InvalidEngineConfigError, MinipagedError
 from minipaged.scheduler import ScheduledRequest
@@ -133,13 +134,12 @@ def rank_device(config: EngineConfig, rank: int, device_offset: int = 0) -> torc
     return torch.device("cpu")
 
 
-def _build_rank(spec: _RankSpec, rank: int) -> tuple[TensorParallelGroup, Worker]:
+def _build_rank(spec: _RankSpec, rank: int, store: torch.distributed.Store | None) -> tuple[TensorParallelGroup, Worker]:
     """Join the world as ``rank`` and build this rank's model slice and KV-cache slice."""
     from minipaged.models.loader import build_sharded_model
 
     device = rank_device(spec.config, rank, spec.device_offset)
-    tp = init_process_groups(rank, spec.config.tensor_parallel_size, device, spec.rendezvous,
-                             spec.collective_timeout_s)
+    tp = init_process_groups(rank, spec.config.tensor_parallel_size, device, store, spec.collective_timeout_s)
     model = build_sharded_model(spec.model_config, spec.full_state, tp, dtype=spec.config.torch_dtype,
                                 device=device, attention_backend=spec.attention_backend)
     spec.full_state = {}  # release the shared full weights: this rank keeps its slice only
@@ -169,7 +169,10 @@ def _rank_main(index: int, spec: _RankSpec) -> None:
     """Entry point of spawned rank ``index + 1``."""
     torch.set_num_threads(spec.num_threads)
     _exit_when_parent_dies()
-    tp, worker = _build_rank(spec, index + 1)
+    rank = index + 1
+    store = spec.rendezvous.open_store(rank, spec.config.tensor_parallel_size, spec.collective_timeout_s)
+    announce_ready(store, rank)
+    tp, worker = _build_rank(spec, rank, store)
     try:
         serve_steps(tp, worker)
     finally:
@@ -220,6 +223,7 @@ class TensorParallelExecutor:
         self.config = config
         self.world_size = world
         self._processes: list = []
+        self._error_files: list[str] = []
         self._failure = _Failure()
         self._closed = False
         launched = torchrun_rank()
@@ -234,16 +238,26 @@ class TensorParallelExecutor:
             device_offset = config.torch_device.index or 0
         full_state = {name: t.detach().cpu() for name, t in model.state_dict().items()}
         threads = num_threads_per_rank or max(1, (os.cpu_count() or 1) // world)
-        spec = _RankSpec(config, model.config, model.attention_backend.name, full_state,
-                         Rendezvous.from_env_or_free_port(), collective_timeout_s, threads, device_offset)
+        store = None
+        rendezvous = Rendezvous(os.environ.get("MASTER_ADDR", "127.0.0.1"), None)
+        if launched is None:  # rank 0 hosts the store, then tells the spawned ranks its port
+            store = Rendezvous.for_spawn().open_store(0, world, collective_timeout_s)
+            rendezvous = Rendezvous(Rendezvous.for_spawn().host, store.port)
+        self._store = store  # the process group keeps it too; rank 0 must outlive every client
+        spec = _RankSpec(config, model.config, model.attention_backend.name, full_state, rendezvous,
+                         collective_timeout_s, threads, device_offset)
         if launched is None:
             context = mp.start_processes(_rank_main, args=(spec,), nprocs=world - 1, join=False, daemon=True,
                                          start_method="spawn")
             self._processes = list(context.processes)
-            self._context = context
+            self._error_files = list(context.error_files)
         self._finalizer = weakref.finalize(self, _release, self._processes)
         try:
-            self.tp, self.worker = _build_rank(spec, rank)
+            if store is not None:
+                wait_until_ready(store, world, self._dead_ranks, collective_timeout_s)
+                if self._dead_ranks():
+                    raise self._fail(None, starting=True)
+            self.tp, self.worker = _build_rank(spec, rank, store)
         except BaseException:
             self._finalizer()
             raise
@@ -253,6 +267,15 @@ class TensorParallelExecutor:
             sys.exit(0)
         self.device = self.worker.device
         self.channel = StepChannel(self.tp)
+
+    def _child_tracebacks(self) -> str:
+        """The exceptions spawned ranks died of, as ``torch.multiprocessing`` recorded them ("" if none)."""
+        parts = []
+        for index, path in enumerate(self._error_files):
+            if path and os.access(path, os.R_OK) and os.path.getsize(path) > 0:
+                with open(path, "rb") as f:
+                    parts.append(f"\n-- rank {index + 1}:\n{pickle.load(f)}")
+        return "".join(parts)
 
     @property
     def worker_pids(self) -> list[int]:
@@ -286,7 +309,7 @@ class TensorParallelExecutor:
         if self._dead_ranks():
             raise self._fail(None)
 
-    def _fail(self, exc: BaseException | None) -> WorkerDiedError:
+    def _fail(self, exc: BaseException | None, starting: bool = False) -> WorkerDiedError:
         """Turn a failed collective or a dead process into one ``WorkerDiedError``; stop every rank."""
         deadline = time.monotonic() + 2.0  # a rank killed mid-step may take a moment to be reaped
         while not self._dead_ranks() and time.monotonic() < deadline and self._processes:
@@ -294,7 +317,8 @@ class TensorParallelExecutor:
         dead = self._dead_ranks()
         if dead:
             what = ", ".join(f"rank {r} ({_describe_exit(code)})" for r, code in dead)
-            message = f"tensor-parallel {what} died; the engine cannot continue"
+            when = " while the ranks were starting" if starting else "; the engine cannot continue"
+            message = f"tensor-parallel {what} died{when}{self._child_tracebacks()}"
         else:
             message = f"a tensor-parallel collective failed: {exc}"
         self._failure.error = WorkerDiedError(message)

@@ -8,9 +8,12 @@ The sharding arithmetic itself is checked without processes, against full-size l
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
 import random
 import signal
+import threading
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -261,6 +264,36 @@ def test_shutdown_leaves_no_processes(case):
     with pytest.raises(RuntimeError, match="shut down"):
         case.tp.generate({"prompt_token_ids": case.prompts[0]}, SamplingParams(max_tokens=2), use_tqdm=False)
     assert_all_blocks_free(case.tp)
+
+
+def test_rank_killed_while_starting_raises(case):
+    """A rank that dies before joining (OOM killer, import error) is an error at once, not a timeout."""
+    if case.arch != "llama":
+        pytest.skip("needs the shared llama engine shut down (the test before)")
+    known = {p.pid for p in multiprocessing.active_children()}
+    stop = threading.Event()
+
+    def kill_new_children() -> None:
+        while not stop.is_set():
+            for child in multiprocessing.active_children():
+                if child.pid not in known:
+                    os.kill(child.pid, signal.SIGKILL)
+                    return
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_new_children, daemon=True)
+    killer.start()
+    start = time.monotonic()
+    try:
+        with pytest.raises(WorkerDiedError, match=r"rank 1 \(killed by signal 9\)"):
+            llm = LLM(build_model_from_hf(case.hf), tensor_parallel_size=2, num_kv_blocks=16, block_size=8)
+            # Killed just after joining: then the first step finds it dead.
+            llm.generate({"prompt_token_ids": case.prompts[0]}, SamplingParams(max_tokens=2), use_tqdm=False)
+    finally:
+        stop.set()
+        killer.join()
+    assert time.monotonic() - start < 60
+    assert not torch.distributed.is_initialized()  # left for the next engine
 
 
 def test_killed_rank_raises_instead_of_hanging(case):
