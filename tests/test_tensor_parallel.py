@@ -8,6 +8,7 @@ The sharding arithmetic itself is checked without processes, against full-size l
 """
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import random
@@ -321,3 +322,45 @@ def test_killed_rank_raises_instead_of_hanging(case):
         llm.abort(rid)
     assert_all_blocks_free(llm)
     assert not any(_alive(pid) for pid in pids)
+
+
+TORCHRUN_SCRIPT = """
+import json, sys
+sys.path.insert(0, {root!r})
+import torch
+from minipaged import LLM, SamplingParams
+from minipaged.models import build_model_from_hf
+from tests.test_engine import tiny_hf_model
+
+llm = LLM(build_model_from_hf(tiny_hf_model("qwen2")), tensor_parallel_size=2, num_kv_blocks=32, block_size=8)
+# Only rank 0 gets here: on rank 1, LLM(...) served rank 0's steps and then ended the process.
+outs = llm.generate([{{"prompt_token_ids": p}} for p in {prompts!r}],
+                    SamplingParams(temperature=0, max_tokens=5, ignore_eos=True), use_tqdm=False)
+print("TOKENS", json.dumps([o.outputs[0].token_ids for o in outs]))
+llm.worker.shutdown()
+"""
+
+
+def test_torchrun_launch_spawns_nothing(tmp_path):
+    """Under torchrun every rank runs the script; rank 0's LLM is the engine, the others serve it."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    prompts, _ = make_prompts(seed=9, count=2)
+    root = str(Path(__file__).resolve().parent.parent)
+    script = tmp_path / "tp_script.py"
+    script.write_text(TORCHRUN_SCRIPT.format(root=root, prompts=prompts))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    with socket.socket() as s:  # torchrun's store needs a concrete port
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-addr", "127.0.0.1", "--master-port", str(port), str(script)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(l for l in done.stdout.splitlines() if l.startswith("TOKENS"))
+    hf = tiny_hf_model("qwen2")
+    assert json.loads(line.split(" ", 1)[1]) == [hf_greedy(hf, p, 5) for p in prompts]
