@@ -30,18 +30,10 @@ from minipaged.executor import TensorParallelExecutor, WorkerDiedError
 from minipaged.models import build_model_from_hf
 from minipaged.models.parallel_linear import ColumnParallelLinear, RowParallelLinear, rank_slices
 from minipaged.worker import StepBatch
+from tests.test_beam_search import one_thread  # noqa: F401  autouse: one torch thread per rank on the 2 CI cores
 from tests.test_engine import assert_all_blocks_free, hf_greedy, make_prompts, tiny_hf_model
 
 TP_BLOCKS = 18  # x 8 tokens: the 12-prompt batch cannot all fit, so the scheduler preempts
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two ranks on the 2 shared CI cores: one thread each (the executor gives spawned ranks cpu_count // N).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @dataclass
