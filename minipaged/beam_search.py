@@ -21,25 +21,34 @@ when ``length_penalty > 0`` (the canonical, exhaustive rule).
 
 Beams stay in lockstep under memory pressure: when the scheduler preempts a beam
 (recompute), its siblings whose logits are already in wait outside the running queue,
-keeping their blocks, until it catches up; the result is the same as without preemption.
+keeping their blocks, until it catches up. If the waiting beams' blocks are what keeps
+the others from running, they give their blocks back (their logits are kept) and are
+recomputed from their tokens after the next selection, so a request whose single
+sequence fits the cache always completes, however few blocks there are; the result is
+the same as without preemption. Beams never grow past ``max_model_len``.
+
+Beam search drives the ``EngineCore``'s public scheduler, block manager and ``execute``
+itself rather than submitting requests, because its sequences are not independent
+requests. (vLLM instead runs beam search outside its core as one-token requests asking
+for ``2 * beam_width`` logprobs and relies on prefix caching; here the forks and frees
+are the point: they show the PagedAttention paper's sharing argument block by block.)
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import torch
 
+from minipaged.engine_core import EngineCore
 from minipaged.errors import InvalidSamplingParamsError
 from minipaged.outputs import RequestMetrics
 from minipaged.request import Request, RequestStatus
 from minipaged.sampling_params import SamplingParams
-
-if TYPE_CHECKING:
-    from minipaged.llm import LLM
 
 
 @dataclass(frozen=True)
@@ -170,30 +179,35 @@ class _BeamGroup:
 
 
 class BeamSearchRunner:
-    """Drives ``llm``'s scheduler, worker and block manager for beam search requests."""
+    """Drives an ``EngineCore``'s scheduler, worker and block manager for beam search requests."""
 
-    def __init__(self, llm: "LLM") -> None:
-        self.llm = llm
+    def __init__(self, core: EngineCore, tokenizer: Any = None) -> None:
+        self.core = core
+        self.tokenizer = tokenizer
         self.parked: list[Request] = []  # beams whose logits are in while a sibling still computes
+        self.evicted: list[Request] = []  # parked beams that gave their blocks back (logits kept)
 
-    def run(self, prompts: Any, params: BeamSearchParams) -> list[BeamSearchOutput]:
-        llm = self.llm
+    def run(self, prompts: Sequence[tuple[str | None, list[int]]], params: BeamSearchParams) -> list[BeamSearchOutput]:
+        """Beam search over ``(text, token ids)`` prompts; outputs in input order."""
+        core = self.core
         if not isinstance(params, BeamSearchParams):
             raise TypeError(f"params must be BeamSearchParams, got {type(params).__name__}")
-        if isinstance(prompts, (str, dict)):
-            prompts = [prompts]
-        # Beams are ordinary sequences to the scheduler; these params only size validation checks.
+        # Beams are ordinary sequences to the scheduler; these params only size the validation checks.
         seq_params = SamplingParams(temperature=0.0, max_tokens=params.max_tokens, ignore_eos=True)
-        checked = [llm._validate(p, seq_params) for p in prompts]
+        for _, ids in prompts:
+            core.check_request(ids, seq_params)
         groups: dict[str, _BeamGroup] = {}
         order = []
-        for text, ids in checked:
-            rid = f"beam-{next(llm._ids)}"
+        for text, ids in prompts:
+            arrival = core.next_arrival()
+            rid = f"beam-{arrival}"
             metrics = RequestMetrics(arrival_time=time.monotonic())
-            first = Request(rid, 0, list(ids), seq_params, torch.Generator(), 0, next(llm._arrivals), metrics)
-            state = BeamState(params, llm._eos_ids)
+            first = Request(rid, 0, list(ids), seq_params, torch.Generator(), 0, arrival, metrics)
+            # A beam stops at max_model_len as generate's sequences do (one token at least, as vLLM).
+            room = max(1, core.config.max_model_len - len(ids))
+            state = BeamState(dataclasses.replace(params, max_tokens=min(params.max_tokens, room)), core.eos_token_ids)
             groups[rid] = _BeamGroup(rid, text, list(ids), state, [first], metrics)
-            llm.scheduler.add(first)
+            core.scheduler.add(first)
             order.append(rid)
         results: dict[str, BeamSearchOutput] = {}
         try:
@@ -207,14 +221,26 @@ class BeamSearchRunner:
             raise
         return [results[rid] for rid in order]
 
+    def _schedule(self):
+        """The next step's schedule; when parked beams' blocks block everything, they give them back."""
+        scheduler, bm = self.core.scheduler, self.core.block_manager
+        while True:
+            sched = scheduler.schedule()
+            if not sched.is_empty or not self.parked:
+                return sched
+            beam = self.parked.pop()
+            bm.free(beam.seq_id)
+            beam.num_computed_tokens = 0
+            self.evicted.append(beam)
+
     def _step(self, groups: dict[str, _BeamGroup]) -> list[_BeamGroup]:
-        llm, bm, scheduler = self.llm, self.llm.block_manager, self.llm.scheduler
+        core, scheduler = self.core, self.core.scheduler
         t0 = time.monotonic()
-        before = bm.stats()
-        sched = scheduler.schedule()
+        before = core.block_manager.stats()
+        sched = self._schedule()
         if sched.is_empty:
-            raise RuntimeError("beam search made no progress: the KV cache cannot hold the live beams")
-        logits, sampled = llm._execute(sched)
+            raise RuntimeError("beam search made no progress: the KV cache cannot hold one beam")
+        logits, sampled = core.execute(sched)
         touched: list[_BeamGroup] = []
         if sampled:
             logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
@@ -239,12 +265,12 @@ class BeamSearchRunner:
                     if id(b) in group.pending and b in scheduler.running:
                         scheduler.running.remove(b)
                         self.parked.append(b)
-        llm._record(sched, before, num_finished, time.monotonic() - t0, extra_held=self.parked)
+        core.record_step(sched, before, num_finished, time.monotonic() - t0, extra_held=self.parked)
         return done
 
     def _advance(self, group: _BeamGroup) -> int:
         """Select the next beams: fork survivors from their parents, free the pruned ones."""
-        scheduler, bm = self.llm.scheduler, self.llm.block_manager
+        scheduler, bm = self.core.scheduler, self.core.block_manager
         beams = group.live
         logprobs = torch.stack([group.pending[id(b)] for b in beams])
         group.pending.clear()
@@ -265,8 +291,11 @@ class BeamSearchRunner:
                                 output_token_ids=list(parent.output_token_ids),
                                 num_computed_tokens=parent.num_computed_tokens,
                                 num_cached_tokens=parent.num_cached_tokens)
-                # Before the parent's new token reaches the block manager: the child shares every block.
-                bm.fork(parent.seq_id, child.seq_id)
+                if bm.has_sequence(parent.seq_id):
+                    # Before the parent's new token reaches the block manager: the child shares every block.
+                    bm.fork(parent.seq_id, child.seq_id)
+                else:  # the parent gave its blocks back: the child recomputes (the prefix cache helps)
+                    child.num_computed_tokens = 0
             new_live.append((child, c.token))
         for i, b in enumerate(beams):
             if i not in reused:
@@ -278,7 +307,11 @@ class BeamSearchRunner:
                 child.metrics.first_token_time = now
             if child in self.parked:
                 self.parked.remove(child)
-            if child not in scheduler.running:
+            if child in self.evicted:
+                self.evicted.remove(child)
+            if not bm.has_sequence(child.seq_id):
+                scheduler.add(child)  # waits for blocks like any recompute
+            elif child not in scheduler.running:
                 scheduler.add_running(child)
             group.live.append(child)
         return max(0, len(group.state.finished) - before)
@@ -286,7 +319,9 @@ class BeamSearchRunner:
     def _finish(self, beam: Request, status: RequestStatus) -> None:
         if beam in self.parked:
             self.parked.remove(beam)
-        self.llm.scheduler.finish(beam, status)
+        if beam in self.evicted:
+            self.evicted.remove(beam)
+        self.core.scheduler.finish(beam, status)
 
     def _release(self, group: _BeamGroup) -> None:
         for b in group.live:
@@ -294,7 +329,7 @@ class BeamSearchRunner:
         group.live = []
 
     def _output(self, group: _BeamGroup) -> BeamSearchOutput:
-        tok = self.llm.tokenizer
+        tok = self.tokenizer
         seqs = group.state.finished
         if tok is not None:
             for s in seqs:

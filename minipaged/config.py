@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from minipaged.errors import InvalidEngineConfigError
+from minipaged.sampling_params import MAX_SEED
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -47,7 +48,7 @@ class EngineConfig:
     max_model_len: longest prompt + output; ``None`` takes the model's ``max_position_embeddings``.
     enable_prefix_caching: reuse full KV blocks of identical prefixes across requests.
     attention_backend: "torch" | "triton" | None (triton on CUDA, torch otherwise).
-    seed: seeds the per-request generators of requests that give no seed of their own.
+    seed: seeds the per-request generators of requests that give no seed of their own; in [0, 2**64 - 1].
     device: "cpu", "cuda" or None (CUDA when available).
     tensor_parallel_size: processes (one per GPU on CUDA) that each hold 1/N of every layer's heads,
         MLP features and KV cache; 1 runs everything in this process (see ``minipaged.executor``).
@@ -81,14 +82,16 @@ class EngineConfig:
         _positive_int("max_num_seqs", self.max_num_seqs)
         _positive_int("max_num_batched_tokens", self.max_num_batched_tokens)
         _positive_int("max_model_len", self.max_model_len, allow_none=True)
-        if not 0.0 < float(self.gpu_memory_utilization) <= 1.0:
-            raise InvalidEngineConfigError("gpu_memory_utilization", f"must be in (0, 1], got {self.gpu_memory_utilization}")
+        util = self.gpu_memory_utilization
+        if isinstance(util, bool) or not isinstance(util, (int, float)) or not 0.0 < util <= 1.0:
+            raise InvalidEngineConfigError("gpu_memory_utilization", f"must be a number in (0, 1], got {util!r}")
         if self.attention_backend not in (None, "torch", "triton"):
             raise InvalidEngineConfigError("attention_backend", f"must be 'torch', 'triton' or None, got {self.attention_backend!r}")
         if self.device not in (None, "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise InvalidEngineConfigError("device", f"must be 'cpu', 'cuda' or None, got {self.device!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise InvalidEngineConfigError("seed", f"must be an integer, got {self.seed!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise InvalidEngineConfigError("seed", f"must be an integer in [0, 2**64 - 1] (torch.Generator's range), "
+                                                   f"got {self.seed!r}")
         if not isinstance(self.enable_prefix_caching, bool):
             raise InvalidEngineConfigError("enable_prefix_caching", f"must be a bool, got {self.enable_prefix_caching!r}")
         _positive_int("tensor_parallel_size", self.tensor_parallel_size)

@@ -1,26 +1,66 @@
-"""Sampler: next token per sequence from fp32 logits.
+"""Sampler: next token (and optionally its logprobs) per sequence from fp32 logits.
 
-Greedy rows take the argmax. The others go temperature -> top-k -> top-p -> min-p ->
-a draw from that request's own ``torch.Generator``, so a seeded request gives the
-same tokens whether it runs alone or in any batch.
+Per row, in vLLM's order:
+
+1. ``logit_bias`` is added;
+2. ``min_tokens``: EOS (unless ``ignore_eos``) and ``stop_token_ids`` are masked to -inf while the
+   sequence has fewer output tokens than that;
+3. penalties: ``repetition_penalty`` over prompt + output tokens, then ``frequency_penalty`` and
+   ``presence_penalty`` over output tokens;
+4. greedy rows take the argmax; the others go temperature -> top-k -> top-p -> min-p -> a draw
+   from that request's own ``torch.Generator``, so a seeded request gives the same tokens
+   whether it runs alone or in any batch.
+
+Logprobs are those of the model's raw logits (``log_softmax`` before step 1, vLLM's default
+"raw_logprobs"). A step that uses none of 1-3 runs exactly the code it always did.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import AbstractSet, Sequence
 
 import torch
 
+from minipaged.outputs import Logprob
 from minipaged.sampling_params import SamplingParams
 
 
-def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator]) -> list[int]:
+@dataclass
+class SamplerOutput:
+    """One entry per row: the sampled token, and its logprobs dict when the row asked for them.
+
+    ``logprobs[i]`` maps the sampled token and the row's top-``params.logprobs`` tokens to their
+    ``Logprob`` (rank 1 = the most likely token under the raw logits); ``None`` without ``logprobs``.
+    """
+
+    token_ids: list[int]
+    logprobs: list[dict[int, Logprob] | None]
+
+
+def sample(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator],
+    *,
+    prompt_token_ids: Sequence[Sequence[int]],
+    output_token_ids: Sequence[Sequence[int]],
+    eos_token_ids: AbstractSet[int] = frozenset(),
+) -> SamplerOutput:
     """Next token id of every row.
 
-    logits: ``[num_seqs, vocab_size]`` float32; ``params``/``generators``: one per row.
+    logits: ``[num_seqs, vocab_size]`` (made float32); ``params``, ``generators``, ``prompt_token_ids``
+    and ``output_token_ids`` (the tokens generated so far): one per row. ``eos_token_ids``: the model's
+    EOS ids, masked by ``min_tokens``. The input tensor is never modified.
     """
-    if logits.dim() != 2 or logits.shape[0] != len(params) or len(params) != len(generators):
-        raise ValueError(f"logits {tuple(logits.shape)} needs one row per params ({len(params)}) and generator")
+    num_rows = len(params)
+    if logits.dim() != 2 or logits.shape[0] != num_rows or len(generators) != num_rows:
+        raise ValueError(f"logits {tuple(logits.shape)} needs one row per params ({num_rows}) and generator")
+    if len(prompt_token_ids) != num_rows or len(output_token_ids) != num_rows:
+        raise ValueError(f"prompt_token_ids ({len(prompt_token_ids)}) and output_token_ids "
+                         f"({len(output_token_ids)}) need one entry per row ({num_rows})")
     logits = logits.float()
+    raw = logits
+    logits = process_logits(logits, params, prompt_token_ids, output_token_ids, eos_token_ids)
     tokens = torch.argmax(logits, dim=-1)
     random_rows = [i for i, p in enumerate(params) if not p.greedy]
     if random_rows:
@@ -28,7 +68,124 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: S
         probs = filtered_probs(logits[rows], [params[i] for i in random_rows])
         for j, i in enumerate(random_rows):
             tokens[i] = torch.multinomial(probs[j], 1, generator=generators[i])[0]
-    return tokens.tolist()
+    return SamplerOutput(tokens.tolist(), token_logprobs(raw, tokens, [p.logprobs for p in params]))
+
+
+def process_logits(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    prompt_token_ids: Sequence[Sequence[int]],
+    output_token_ids: Sequence[Sequence[int]],
+    eos_token_ids: AbstractSet[int] = frozenset(),
+) -> torch.Tensor:
+    """Steps 1-3 of the module docstring: logit bias, min_tokens masking, penalties.
+
+    logits: ``[num_seqs, vocab_size]`` float32 -> a new tensor of the same shape, or ``logits``
+    itself when no row uses any of them.
+    """
+    vocab = logits.shape[1]
+    bias = [(i, p.logit_bias) for i, p in enumerate(params) if p.logit_bias]
+    if bias:
+        rows = [i for i, b in bias for _ in b]
+        cols = [t for _, b in bias for t in b]
+        if max(cols) >= vocab:
+            raise ValueError(f"logit_bias names token {max(cols)}, outside the vocabulary of {vocab}")
+        values = torch.tensor([v for _, b in bias for v in b.values()], dtype=logits.dtype, device=logits.device)
+        logits = logits.index_put((_long(rows, logits), _long(cols, logits)), values, accumulate=True)
+    # Ids beyond the vocabulary can never be sampled, so there is nothing to mask for them.
+    pairs = [(i, t) for i, p in enumerate(params) if len(output_token_ids[i]) < p.min_tokens
+             for t in _min_tokens_masked_ids(p, eos_token_ids) if t < vocab]
+    if pairs:
+        rows, cols = [i for i, _ in pairs], [t for _, t in pairs]
+        logits = logits.index_put((_long(rows, logits), _long(cols, logits)),
+                                  torch.tensor(float("-inf"), device=logits.device))
+    penalised = [i for i, p in enumerate(params) if p.has_penalties]
+    if penalised:
+        logits = apply_penalties(logits, penalised, [params[i] for i in penalised],
+                                 [prompt_token_ids[i] for i in penalised], [output_token_ids[i] for i in penalised])
+    return logits
+
+
+def _min_tokens_masked_ids(p: SamplingParams, eos_token_ids: AbstractSet[int]) -> list[int]:
+    ids = set(p.stop_token_ids)
+    if not p.ignore_eos:
+        ids |= set(eos_token_ids)  # with ignore_eos EOS stops nothing, so (like vLLM) it stays sampleable
+    return sorted(ids)
+
+
+def apply_penalties(
+    logits: torch.Tensor,
+    rows: Sequence[int],
+    params: Sequence[SamplingParams],
+    prompt_token_ids: Sequence[Sequence[int]],
+    output_token_ids: Sequence[Sequence[int]],
+) -> torch.Tensor:
+    """Repetition, frequency and presence penalties of ``rows`` (vLLM's ``apply_penalties``).
+
+    logits: ``[num_seqs, vocab_size]`` -> a new tensor; token counts come from one ``bincount``
+    over ``row * vocab + token`` of all the rows' tokens laid end to end.
+    """
+    vocab = logits.shape[1]
+    device = logits.device
+    output_counts = _token_counts(output_token_ids, vocab, device)  # [R, vocab]
+    seen = (_token_counts(prompt_token_ids, vocab, device) > 0) | (output_counts > 0)
+    index = _long(rows, logits)
+    x = logits[index]
+    rep = torch.tensor([p.repetition_penalty for p in params], dtype=x.dtype, device=device).unsqueeze(1)
+    rep = torch.where(seen, rep, torch.ones_like(rep))
+    x = torch.where(x > 0, x / rep, x * rep)
+    freq = torch.tensor([p.frequency_penalty for p in params], dtype=x.dtype, device=device).unsqueeze(1)
+    pres = torch.tensor([p.presence_penalty for p in params], dtype=x.dtype, device=device).unsqueeze(1)
+    x = x - freq * output_counts - pres * (output_counts > 0).to(x.dtype)
+    out = logits.clone()
+    out[index] = x
+    return out
+
+
+def _token_counts(token_ids: Sequence[Sequence[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """``[len(token_ids), vocab]`` float32: how often each token occurs in each row's list."""
+    lengths = torch.tensor([len(t) for t in token_ids], dtype=torch.long)
+    flat = torch.tensor([t for row in token_ids for t in row], dtype=torch.long)
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= vocab):
+        raise ValueError(f"token ids must be in [0, {vocab}), got {int(flat.min())}..{int(flat.max())}")
+    rows = torch.repeat_interleave(torch.arange(len(token_ids)), lengths)
+    counts = torch.bincount(rows * vocab + flat, minlength=len(token_ids) * vocab)
+    return counts.view(len(token_ids), vocab).to(device=device, dtype=torch.float32)
+
+
+def token_logprobs(
+    raw_logits: torch.Tensor, tokens: torch.Tensor, num_logprobs: Sequence[int | None]
+) -> list[dict[int, Logprob] | None]:
+    """Per row: ``None``, or the sampled token's and the top-``k`` tokens' raw log-probabilities.
+
+    raw_logits: ``[num_seqs, vocab_size]`` float32 before any processing; tokens: ``[num_seqs]``.
+    The sampled token's rank is 1 + the number of tokens strictly more likely.
+    """
+    out: list[dict[int, Logprob] | None] = [None] * len(num_logprobs)
+    wanted = [i for i, k in enumerate(num_logprobs) if k is not None]
+    if not wanted:
+        return out
+    index = _long(wanted, raw_logits)
+    logprobs = torch.log_softmax(raw_logits[index], dim=-1)  # [W, vocab]
+    chosen = tokens[index].unsqueeze(1)
+    chosen_logprob = logprobs.gather(1, chosen)  # [W, 1]
+    ranks = (logprobs > chosen_logprob).sum(dim=1) + 1
+    k_max = max(num_logprobs[i] for i in wanted)
+    top = torch.topk(logprobs, k_max, dim=-1) if k_max else None
+    chosen_list, chosen_lp, ranks_list = chosen[:, 0].tolist(), chosen_logprob[:, 0].tolist(), ranks.tolist()
+    top_ids = top.indices.tolist() if top is not None else [[] for _ in wanted]
+    top_lps = top.values.tolist() if top is not None else [[] for _ in wanted]
+    for j, i in enumerate(wanted):
+        entry = {chosen_list[j]: Logprob(chosen_lp[j], ranks_list[j])}
+        k = num_logprobs[i]
+        for rank, (token, lp) in enumerate(zip(top_ids[j][:k], top_lps[j][:k]), start=1):
+            entry.setdefault(token, Logprob(lp, rank))
+        out[i] = entry
+    return out
+
+
+def _long(values: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long, device=like.device)
 
 
 def filtered_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:

@@ -9,6 +9,7 @@ a forked sequence writes its new token into its private copy of a shared block.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 import torch
@@ -108,25 +109,54 @@ def rank_model_config(model_config: ModelConfig, tp_size: int) -> ModelConfig:
 def num_kv_blocks_for(config: EngineConfig, model_config) -> int:
     """KV cache size in blocks: explicit, else from a byte budget (CPU) or free memory (CUDA).
 
-    Under tensor parallelism the budget is per rank and a block holds only the rank's KV
-    heads, so N ranks hold N times the blocks one process would in the same budget each.
+    Checked against the memory the device has free now (the model already loaded), so an
+    impossible size is an ``InvalidEngineConfigError`` naming the bytes, not a failed allocation.
+    Under tensor parallelism a block holds only one rank's KV heads and the budget is per
+    rank (per GPU), so N ranks hold N times the blocks one process would in the same budget
+    each; on CPU the ranks share the host's memory, so all N slices are checked against it.
     """
     rank_config = rank_model_config(model_config, config.tensor_parallel_size)
-    if config.num_kv_blocks is not None:
-        return config.num_kv_blocks
     per_block = kv_cache_bytes_per_block(rank_config, config.block_size, config.torch_dtype)
     device = config.torch_device
-    if config.kv_cache_memory is not None:
-        budget = config.kv_cache_memory
-    elif device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        budget = int(free * config.gpu_memory_utilization)
+    if config.num_kv_blocks is not None:
+        num_blocks, field = config.num_kv_blocks, "num_kv_blocks"
     else:
-        budget = DEFAULT_CPU_KV_CACHE_BYTES
-    num_blocks = budget // per_block
-    if num_blocks < 1:
-        raise InvalidEngineConfigError("kv_cache_memory", f"{budget} bytes hold no KV block of {per_block} bytes")
+        if config.kv_cache_memory is not None:
+            budget, field = config.kv_cache_memory, "kv_cache_memory"
+        elif device.type == "cuda":
+            free, _total = torch.cuda.mem_get_info(device)
+            budget, field = int(free * config.gpu_memory_utilization), "gpu_memory_utilization"
+        else:
+            budget, field = DEFAULT_CPU_KV_CACHE_BYTES, "kv_cache_memory"
+        num_blocks = budget // per_block
+        if num_blocks < 1:
+            raise InvalidEngineConfigError(field, f"{budget} bytes hold no KV block of {per_block} bytes")
+    needed = num_blocks * per_block * (config.tensor_parallel_size if device.type == "cpu" else 1)
+    available = available_memory_bytes(device)
+    if available is not None and needed > available:
+        raise InvalidEngineConfigError(
+            field, f"a KV cache of {num_blocks} blocks x {per_block} bytes needs {needed:,} bytes but only "
+                   f"{available:,} bytes are available on {device}; ask for fewer blocks (num_kv_blocks) or bytes "
+                   "(kv_cache_memory)")
     return num_blocks
+
+
+def available_memory_bytes(device: torch.device) -> int | None:
+    """Bytes that can be allocated on ``device`` now: CUDA's free memory, or the host's
+    ``MemAvailable`` (``/proc/meminfo``; else free pages per ``sysconf``); None when unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # reported in kB
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 class Worker:

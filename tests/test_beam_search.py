@@ -83,7 +83,7 @@ def test_eos_and_length_penalty_match_transformers(hf, length_penalty, early_sto
                                      BeamSearchParams(beam_width=k, max_tokens=12, ignore_eos=True))
     eos = probe[0].sequences[0].tokens[1]  # the best beam's 2nd token: EOS is then a strong candidate
     llm = make_llm(hf, block_size=4)
-    llm._eos_ids = frozenset({eos})
+    llm.engine_core.eos_token_ids = frozenset({eos})
     params = BeamSearchParams(beam_width=k, max_tokens=12, length_penalty=length_penalty, early_stopping=early_stopping)
     outs = llm.beam_search([{"prompt_token_ids": p} for p in prompts], params)
     stopped = 0
@@ -102,13 +102,13 @@ def test_beams_share_blocks_and_free_them(hf):
     llm = make_llm(hf, block_size=4, num_kv_blocks=64)
     prompt = prompts_for(seed=5, count=1)[0] * 2  # a longer prompt: many shared blocks
     seen_refs: list[int] = []
-    runner_step = llm._record
+    runner_step = llm.engine_core.record_step
 
     def spy(*args, **kwargs):
         runner_step(*args, **kwargs)
         seen_refs.append(max_ref_count(llm))
 
-    llm._record = spy
+    llm.engine_core.record_step = spy
     out = llm.beam_search({"prompt_token_ids": prompt}, BeamSearchParams(beam_width=k, max_tokens=9, ignore_eos=True))[0]
     assert len(out.sequences) == k
     assert max(seen_refs) >= 2  # blocks held by several beams at once

@@ -165,7 +165,7 @@ def test_stop_token_ids_and_eos(case):
     assert out.token_ids == expected[i][:cut] and out.finish_reason == "stop" and out.stop_reason == stop
     # The model's EOS id ends a request unless ignore_eos: pretend the 3rd greedy token is EOS.
     eos_llm = make_llm(hf)
-    eos_llm._eos_ids = frozenset({expected[i][2]})
+    eos_llm.engine_core.eos_token_ids = frozenset({expected[i][2]})
     eos_out = eos_llm.generate({"prompt_token_ids": prompts[i]}, SamplingParams(temperature=0, max_tokens=max_tokens[i]),
                                use_tqdm=False)[0].outputs[0]
     assert eos_out.token_ids == expected[i][: expected[i].index(expected[i][2]) + 1]

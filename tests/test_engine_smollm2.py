@@ -70,3 +70,20 @@ def test_stop_string_cuts_the_text(engines):
     assert full.token_ids[: len(cut.token_ids)] == cut.token_ids
     streamed = "".join(c.text for c in llm.stream(llm.chat_prompts(chat)[0], SamplingParams(temperature=0, max_tokens=MAX_TOKENS)))
     assert streamed == full.text
+
+
+@pytest.mark.parametrize("stop", ["ris.\n\n", "\n\nThe", "Paris."])
+def test_streamed_text_equals_generated_text_with_token_spanning_stops(engines, stop):
+    """Issue 14's examples: a stop string that starts inside a token must never be streamed."""
+    from minipaged import SamplingParams
+
+    llm, _ = engines
+    prompt = "The capital of France is"  # greedy: " Paris.\n\nThe answer is: ..."
+    params = SamplingParams(temperature=0, max_tokens=40, stop=[stop])
+    generated = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0]
+    assert generated.finish_reason == "stop" and generated.stop_reason == stop
+    chunks = list(llm.stream(prompt, params))
+    assert "".join(c.text for c in chunks) == generated.text
+    assert stop not in generated.text and " Paris.\n\nThe".startswith(generated.text)
+    stats = llm.block_manager.stats()
+    assert stats.used_blocks == 0

@@ -58,11 +58,13 @@ def test_request_that_can_never_fit_the_cache(hf_model):
     with pytest.raises(RequestTooLargeError) as info:
         llm.generate(ids(*range(1, 18)), GREEDY, use_tqdm=False)
     assert info.value.field == "prompt"
-    with pytest.raises(RequestTooLargeError) as info:
-        llm.generate(ids(*range(1, 12)), SamplingParams(max_tokens=6), use_tqdm=False)
+    with pytest.raises(RequestTooLargeError) as info:  # 12 + 6 tokens, the last never stored: 17 slots
+        llm.generate(ids(*range(1, 13)), SamplingParams(max_tokens=6), use_tqdm=False)
     assert info.value.field == "max_tokens"
-    out = llm.generate(ids(*range(1, 11)), GREEDY, use_tqdm=False)[0]  # 10 + 6 = 16 slots: fits
-    assert len(out.outputs[0].token_ids) == 6
+    # 11 + 6 = 17 tokens fit in 16 slots: the last sampled token never needs a KV slot.
+    out = llm.generate(ids(*range(1, 12)), GREEDY, use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == 6 and out.outputs[0].finish_reason == "length"
+    assert llm.block_manager.stats().used_blocks == 0
 
 
 def test_bad_request_leaves_running_requests_unaffected(hf_model):
@@ -120,3 +122,49 @@ def test_engine_arguments(hf_model):
     with pytest.raises(InvalidPromptError) as info:
         llm.generate(["text needs a tokenizer"], GREEDY, use_tqdm=False)
     assert info.value.field == "prompt"
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"gpu_memory_utilization": "x"}, "gpu_memory_utilization"),
+    ({"gpu_memory_utilization": True}, "gpu_memory_utilization"),
+    ({"seed": -1}, "seed"),
+    ({"seed": 2**64}, "seed"),
+    ({"seed": 2**70}, "seed"),
+    ({"seed": 1.5}, "seed"),
+])
+def test_engine_config_values_are_typed_errors(hf_model, kwargs, field):
+    with pytest.raises(InvalidEngineConfigError) as info:
+        make_llm(hf_model, **kwargs)
+    assert info.value.field == field
+
+
+def test_largest_engine_seed_runs(hf_model):
+    llm = make_llm(hf_model, seed=2**64 - 1)
+    out = llm.generate(ids(1, 2), SamplingParams(temperature=1.0, max_tokens=3, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 3
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"num_kv_blocks": 10**9}, "num_kv_blocks"),
+    ({"num_kv_blocks": None, "kv_cache_memory": 2**60}, "kv_cache_memory"),
+])
+def test_kv_cache_larger_than_memory_is_refused_before_allocating(hf_model, kwargs, field):
+    with pytest.raises(InvalidEngineConfigError) as info:
+        make_llm(hf_model, **kwargs)
+    message = str(info.value)
+    assert info.value.field == field and "bytes are available" in message and "needs" in message
+
+
+def test_kv_cache_memory_check_boundary(hf_model, monkeypatch):
+    import minipaged.worker
+    from minipaged.attention import kv_cache_bytes_per_block
+    from minipaged.config import EngineConfig
+
+    model = build_model_from_hf(hf_model)
+    per_block = kv_cache_bytes_per_block(model.config, 4, torch.float32)
+    monkeypatch.setattr(minipaged.worker, "available_memory_bytes", lambda device: 16 * per_block)
+    config = EngineConfig(num_kv_blocks=16, block_size=4)
+    assert minipaged.worker.num_kv_blocks_for(config, model.config) == 16  # exactly fits
+    with pytest.raises(InvalidEngineConfigError) as info:
+        minipaged.worker.num_kv_blocks_for(EngineConfig(num_kv_blocks=17, block_size=4), model.config)
+    assert f"{17 * per_block:,} bytes" in str(info.value) and f"{16 * per_block:,} bytes" in str(info.value)

@@ -26,7 +26,7 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
-def saved_tiny_model(path, **save_kwargs):
+def saved_tiny_model(path, *, with_tokenizer: bool = True, **save_kwargs):
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
@@ -36,7 +36,8 @@ def saved_tiny_model(path, **save_kwargs):
         for p in hf.parameters():
             p.normal_(0.0, 0.2)
     hf.save_pretrained(path, **save_kwargs)
-    tiny_tokenizer().save_pretrained(path)
+    if with_tokenizer:
+        tiny_tokenizer().save_pretrained(path)
     return hf
 
 
@@ -60,6 +61,30 @@ def test_safetensors_dir_loads_back_identically(tmp_path, shard):
     tokens = torch.randint(0, VOCAB, (19,)).tolist()
     with torch.no_grad():
         torch.testing.assert_close(prefill_logits(loaded.model, tokens), hf(torch.tensor([tokens])).logits[0], rtol=1e-4, atol=1e-4)
+
+
+def test_dir_without_tokenizer_loads_with_a_warning_and_serves_token_ids(tmp_path):
+    from minipaged import LLM, SamplingParams
+    from minipaged.errors import InvalidPromptError
+
+    hf = saved_tiny_model(tmp_path, with_tokenizer=False)
+    assert not any(p.name.startswith(("tokenizer", "vocab")) for p in tmp_path.iterdir())
+    with pytest.warns(UserWarning, match="no tokenizer files"):
+        loaded = load_model(tmp_path)
+    assert loaded.tokenizer is None
+    with pytest.warns(UserWarning, match="no tokenizer files"):
+        llm = LLM(str(tmp_path), num_kv_blocks=16, block_size=4)
+    prompt = [3, 17, 9, 40, 11]
+    out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=6, min_tokens=6),
+                       use_tqdm=False)[0].outputs[0]
+    ids = torch.tensor([prompt])
+    want = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                       pad_token_id=0)[0, len(prompt):].tolist()
+    assert out.token_ids == want and out.text == ""
+    with pytest.raises(InvalidPromptError) as info:
+        llm.generate("w3 w4", use_tqdm=False)
+    assert info.value.field == "prompt" and "need a tokenizer" in str(info.value)
+    assert llm.block_manager.stats().used_blocks == 0
 
 
 def test_load_in_bfloat16_casts_every_weight(tmp_path):

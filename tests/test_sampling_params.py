@@ -1,5 +1,6 @@
 """SamplingParams / EngineConfig validation: typed errors naming the field."""
 import pytest
+import torch
 
 from minipaged.config import EngineConfig
 from minipaged.errors import InputError, InvalidEngineConfigError, InvalidSamplingParamsError
@@ -23,6 +24,35 @@ from minipaged.sampling_params import SamplingParams
     ({"stop": [3]}, "stop"),
     ({"stop_token_ids": [-2]}, "stop_token_ids"),
     ({"stop_token_ids": ["a"]}, "stop_token_ids"),
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"presence_penalty": "1"}, "presence_penalty"),
+    ({"frequency_penalty": -2.01}, "frequency_penalty"),
+    ({"frequency_penalty": float("nan")}, "frequency_penalty"),
+    ({"repetition_penalty": 0.0}, "repetition_penalty"),
+    ({"repetition_penalty": -1.0}, "repetition_penalty"),
+    ({"repetition_penalty": float("inf")}, "repetition_penalty"),
+    ({"logit_bias": {5: 101}}, "logit_bias"),
+    ({"logit_bias": {5: -100.5}}, "logit_bias"),
+    ({"logit_bias": {5: float("nan")}}, "logit_bias"),
+    ({"logit_bias": {-1: 1.0}}, "logit_bias"),
+    ({"logit_bias": {"5": 1.0}}, "logit_bias"),
+    ({"logit_bias": {True: 1.0}}, "logit_bias"),
+    ({"logit_bias": {5: "x"}}, "logit_bias"),
+    ({"logit_bias": [(5, 1.0)]}, "logit_bias"),
+    ({"logprobs": -1}, "logprobs"),
+    ({"logprobs": 21}, "logprobs"),
+    ({"logprobs": 1.0}, "logprobs"),
+    ({"logprobs": True}, "logprobs"),
+    ({"min_tokens": -1}, "min_tokens"),
+    ({"min_tokens": 17, "max_tokens": 16}, "min_tokens"),
+    ({"ignore_eos": "yes"}, "ignore_eos"),
+    ({"ignore_eos": 1}, "ignore_eos"),
+    ({"skip_special_tokens": None}, "skip_special_tokens"),
+    ({"seed": 2**64}, "seed"),
+    ({"seed": 2**70}, "seed"),
+    ({"seed": 2**64 - 1, "n": 2}, "seed"),
+    ({"seed": 2**64 - 4, "n": 5}, "seed"),
+    ({"seed": 1.5}, "seed"),
 ])
 def test_bad_sampling_params_name_the_field(kwargs, field):
     with pytest.raises(InvalidSamplingParamsError) as info:
@@ -65,3 +95,42 @@ def test_unknown_engine_kwarg_is_a_type_error():
     assert cfg.block_size == 8 and str(cfg.torch_dtype) == "torch.float16"
     with pytest.raises(Exception):
         cfg.block_size = 4  # frozen: never mutated after construction
+
+
+@pytest.mark.parametrize("n", [1, 2, 7])
+def test_largest_seed_fits_every_sample_generator(n):
+    """seed + i for each sample i must be accepted by torch.Generator.manual_seed: [0, 2**64 - n] is."""
+    top = 2**64 - n
+    p = SamplingParams(seed=top, n=n)
+    for i in range(n):
+        assert torch.Generator().manual_seed(p.seed + i).initial_seed() == p.seed + i
+    with pytest.raises(ValueError):  # the bound is torch's, not an arbitrary one
+        torch.Generator().manual_seed(top + n)
+    with pytest.raises(InvalidSamplingParamsError):
+        SamplingParams(seed=top + 1, n=n)
+    assert SamplingParams(seed=0, n=n).seed == 0
+
+
+def test_new_fields_defaults_and_normalisation():
+    p = SamplingParams()
+    assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (0.0, 0.0, 1.0)
+    assert p.logit_bias is None and p.logprobs is None and p.min_tokens == 0 and not p.has_penalties
+    bias = {3: 1, 9: -2.5}
+    q = SamplingParams(logit_bias=bias, logprobs=0, min_tokens=16, repetition_penalty=1.1)
+    bias[4] = 7.0  # a later edit of the caller's dict does not reach the params
+    assert dict(q.logit_bias) == {3: 1.0, 9: -2.5} and isinstance(q.logit_bias[3], float)
+    assert q.logit_bias == {3: 1.0, 9: -2.5} and q.has_penalties
+    with pytest.raises(TypeError):
+        q.logit_bias[3] = 0.0  # immutable
+    assert hash(q) == hash(SamplingParams(logit_bias={9: -2.5, 3: 1.0}, logprobs=0, min_tokens=16,
+                                          repetition_penalty=1.1))
+    assert SamplingParams(logit_bias={}) == SamplingParams()
+    assert SamplingParams(logprobs=20).logprobs == 20
+    assert SamplingParams(presence_penalty=-2, frequency_penalty=2).has_penalties
+
+
+def test_logit_bias_takes_numpy_scalars_as_plain_numbers():
+    import numpy as np
+
+    p = SamplingParams(logit_bias={np.int64(4): np.float32(-1.5)})
+    assert p.logit_bias == {4: -1.5} and type(next(iter(p.logit_bias))) is int

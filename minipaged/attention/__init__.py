@@ -16,6 +16,7 @@ from typing import Protocol
 import torch
 
 from minipaged.attention.metadata import AttentionMetadata, build_metadata, build_positions
+from minipaged.errors import InvalidEngineConfigError
 
 BACKENDS = ("torch", "triton")
 
@@ -61,15 +62,17 @@ def get_attention_backend(name: str | None, device: torch.device | str) -> Atten
 
 
 def _ensure_triton_can_run(device: torch.device) -> None:
-    # Without CUDA, importing `kernels` turns on the Triton interpreter, unless
-    # TRITON_INTERPRET was set otherwise before (the switch only works before the
-    # kernels are defined): then compiled kernels would be handed CPU tensors.
+    # Without CUDA, importing `kernels` turns on the Triton interpreter (and makes triton's own
+    # library interpretable if triton was imported first), unless TRITON_INTERPRET was set to
+    # something else before: then compiled kernels would be handed CPU tensors.
     import kernels  # noqa: F401
 
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(
-            f"attention_backend='triton' on {device} needs the Triton interpreter, but TRITON_INTERPRET="
-            f"{os.environ.get('TRITON_INTERPRET')!r} was set before `kernels` was imported"
+        raise InvalidEngineConfigError(
+            "attention_backend",
+            f"'triton' on {device} runs under the Triton interpreter, but TRITON_INTERPRET="
+            f"{os.environ.get('TRITON_INTERPRET')!r} was set before `kernels` was imported; unset it (or set "
+            "TRITON_INTERPRET=1) before starting Python, or use attention_backend='torch'",
         )
 
 

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
@@ -35,6 +36,9 @@ DTYPES = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
 }
+# Any of these in a model directory means it ships a tokenizer (fast, sentencepiece, BPE or WordPiece files).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json",
+                   "vocab.txt", "merges.txt", "tiktoken.model")
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -44,7 +48,7 @@ class ModelNotFoundError(FileNotFoundError):
 @dataclass
 class LoadedModel:
     model: CausalLM
-    tokenizer: Any  # a transformers tokenizer
+    tokenizer: Any  # a transformers tokenizer, or None for a directory without tokenizer files
     config: ModelConfig
     name: str
 
@@ -179,7 +183,11 @@ def fuse_hf_weights(config: ModelConfig, hf_state: Mapping[str, torch.Tensor], d
 
 
 def load_hf_dir(path: Path, dtype: torch.dtype, device, attention_backend: str | None) -> LoadedModel:
-    """Load a Hugging Face model directory holding config.json, tokenizer files and safetensors weights."""
+    """Load a Hugging Face model directory holding config.json, safetensors weights and tokenizer files.
+
+    Without tokenizer files the model still loads, with ``tokenizer=None`` and a warning (vLLM's
+    ``skip_tokenizer_init``): prompts must then be token ids.
+    """
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoTokenizer
 
@@ -193,8 +201,17 @@ def load_hf_dir(path: Path, dtype: torch.dtype, device, attention_backend: str |
         state.update(load_file(str(file)))
     hf_config = AutoConfig.from_pretrained(path)
     model = build_model_from_hf(hf_config, state, dtype=dtype, device=device, attention_backend=attention_backend)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path) if has_tokenizer_files(path) else None
+    if tokenizer is None:
+        warnings.warn(f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...): loading without a "
+                      "tokenizer; prompts must be token ids ({'prompt_token_ids': [...]}) and outputs have no text",
+                      stacklevel=3)
     return LoadedModel(model, tokenizer, model.config, path.name)
+
+
+def has_tokenizer_files(path: Path) -> bool:
+    """Whether the directory ``path`` holds any file a transformers tokenizer loads from."""
+    return any((path / name).is_file() for name in TOKENIZER_FILES)
 
 
 def read_gguf(path: Path) -> tuple[Any, Any]:

@@ -1,0 +1,207 @@
+"""AsyncLLM: concurrent generate() calls batch together, equal the offline engine, cancel cleanly.
+
+A tiny random Llama with SmolLM2's tokenizer; asyncio.run per test, no timed assertions.
+"""
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+import torch
+
+from minipaged import LLM, SamplingParams
+from minipaged.async_llm import AsyncLLM, EngineDeadError
+from minipaged.errors import InvalidPromptError, InvalidSamplingParamsError, PromptTooLongError
+from minipaged.models import build_model_from_hf
+
+VOCAB = 49152
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from minipaged.models.loader import ensure_default_model
+
+    return AutoTokenizer.from_pretrained(str(ensure_default_model()))
+
+
+@pytest.fixture(scope="module")
+def hf():
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                   bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
+    torch.manual_seed(1)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def engine_kwargs(**kw):
+    kw.setdefault("num_kv_blocks", 48)
+    kw.setdefault("block_size", 4)
+    return kw
+
+
+def prompts(seed: int, count: int) -> list[dict]:
+    rng = random.Random(seed)
+    return [{"prompt_token_ids": [rng.randrange(3, VOCAB) for _ in range(rng.randint(2, 10))]} for _ in range(count)]
+
+
+def greedy(n_tokens: int, **kw) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=n_tokens, ignore_eos=True, **kw)
+
+
+def assert_idle_and_free(engine: AsyncLLM) -> None:
+    stats = engine.engine_core.stats()
+    assert stats.used_blocks == 0 and stats.num_running == 0 and stats.num_waiting == 0, stats
+    assert not engine.processor.states and not engine._queues
+
+
+async def collect(engine: AsyncLLM, prompt, params, rid=None):
+    outs = [o async for o in engine.generate(prompt, params, rid)]
+    texts = [o.outputs[0].text for o in outs]
+    assert all(b.startswith(a) for a, b in zip(texts, texts[1:])), "cumulative text must only grow"
+    assert outs[-1].finished and not any(o.finished for o in outs[:-1])
+    return outs[-1]
+
+
+def test_concurrent_requests_batch_and_match_offline(hf, tokenizer):
+    ps = prompts(0, 12)
+    lens = [random.Random(i).randint(3, 16) for i in range(12)]
+    offline = LLM(build_model_from_hf(hf), tokenizer=tokenizer, **engine_kwargs(num_kv_blocks=256))
+    expected = offline.generate(ps, [greedy(m) for m in lens], use_tqdm=False)
+
+    async def main():
+        engine = AsyncLLM(build_model_from_hf(hf), tokenizer=tokenizer, **engine_kwargs(num_kv_blocks=256))
+        outs = await asyncio.gather(*(collect(engine, p, greedy(m)) for p, m in zip(ps, lens)))
+        assert max(r.num_scheduled for r in engine.engine_core.trace) > 1  # they shared steps
+        assert_idle_and_free(engine)
+        await engine.shutdown()
+        return outs
+
+    got = asyncio.run(main())
+    for g, e in zip(got, expected):
+        assert g.outputs[0].token_ids == e.outputs[0].token_ids and g.outputs[0].text == e.outputs[0].text
+
+
+def test_stop_strings_and_n_over_async_equal_offline(hf, tokenizer):
+    offline = LLM(build_model_from_hf(hf), tokenizer=tokenizer, **engine_kwargs())
+    p = prompts(1, 1)[0]
+    full = offline.generate(p, greedy(20), use_tqdm=False)[0].outputs[0].text
+    stop = full[5:8]
+    params = [greedy(20, stop=[stop]), SamplingParams(n=3, temperature=0.8, seed=5, max_tokens=6)]
+    expected = offline.generate([p, p], params, use_tqdm=False)
+
+    async def main():
+        engine = AsyncLLM(build_model_from_hf(hf), tokenizer=tokenizer, **engine_kwargs())
+        outs = await asyncio.gather(*(collect(engine, p, sp) for sp in params))
+        await engine.shutdown()
+        return outs
+
+    got = asyncio.run(main())
+    assert got[0].outputs[0].text == expected[0].outputs[0].text and stop not in got[0].outputs[0].text
+    assert [c.token_ids for c in got[1].outputs] == [c.token_ids for c in expected[1].outputs]
+
+
+def test_cancel_midway_aborts_and_frees_blocks(hf):
+    async def main():
+        engine = AsyncLLM(build_model_from_hf(hf), **engine_kwargs())
+        seen: dict[int, int] = {}
+
+        async def consume(i, p):
+            async for out in engine.generate(p, greedy(40), f"r{i}"):
+                seen[i] = len(out.outputs[0].token_ids)
+            return out
+
+        tasks = [asyncio.create_task(consume(i, p)) for i, p in enumerate(prompts(2, 8))]
+        while len(seen) < 8 or min(seen.values()) < 3:
+            await asyncio.sleep(0.01)
+        for t in tasks[::2]:
+            t.cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.sleep(0)  # let the loop apply the aborts
+        while engine.engine_core.has_unfinished() or engine._aborts:
+            await asyncio.sleep(0.01)
+        assert all(isinstance(r, asyncio.CancelledError) for r in results[::2])
+        assert all(len(r.outputs[0].token_ids) == 40 for r in results[1::2])
+        assert_idle_and_free(engine)
+        # Idle: the loop waits on its event instead of stepping.
+        steps = len(engine.engine_core.trace)
+        await asyncio.sleep(0.2)
+        assert len(engine.engine_core.trace) == steps and not engine._loop_task.done()
+        await engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_abort_ends_generate_with_abort(hf):
+    async def main():
+        engine = AsyncLLM(build_model_from_hf(hf), **engine_kwargs())
+        last = None
+        async for out in engine.generate(prompts(3, 1)[0], greedy(50), "victim"):
+            last = out
+            if len(out.outputs[0].token_ids) == 2:
+                await engine.abort("victim")
+        await engine.abort("victim")  # idempotent
+        await engine.abort("never-existed")
+        assert last.finished and last.outputs[0].finish_reason == "abort"
+        assert_idle_and_free(engine)
+        await engine.shutdown()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("prompt, params, error, field", [
+    ("", greedy(2), InvalidPromptError, "prompt"),
+    ({"prompt_token_ids": [1] * 200}, greedy(2), PromptTooLongError, "prompt"),
+    ({"prompt_token_ids": [VOCAB]}, greedy(2), InvalidPromptError, "prompt_token_ids"),
+    ({"prompt_token_ids": [5]}, {"temperature": 0}, InvalidSamplingParamsError, "sampling_params"),
+])
+def test_bad_input_raises_before_anything_is_queued(hf, tokenizer, prompt, params, error, field):
+    async def main():
+        engine = AsyncLLM(build_model_from_hf(hf), tokenizer=tokenizer, **engine_kwargs())
+        good = asyncio.create_task(collect(engine, prompts(4, 1)[0], greedy(8)))
+        with pytest.raises(error) as info:
+            async for _ in engine.generate(prompt, params):
+                pass
+        assert info.value.field == field
+        out = await good  # a bad request never disturbs the others
+        assert len(out.outputs[0].token_ids) == 8
+        assert_idle_and_free(engine)
+        await engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_duplicate_request_id_is_refused(hf):
+    async def main():
+        engine = AsyncLLM(build_model_from_hf(hf), **engine_kwargs())
+        first = engine.generate(prompts(5, 1)[0], greedy(5), "same")
+        await first.__anext__()
+        with pytest.raises(InvalidPromptError):
+            await engine.generate(prompts(5, 1)[0], greedy(5), "same").__anext__()
+        await first.aclose()
+        await engine.shutdown()
+        assert_idle_and_free(engine)
+
+    asyncio.run(main())
+
+
+def test_engine_failure_reaches_every_waiter(hf, monkeypatch):
+    async def main():
+        engine = AsyncLLM(build_model_from_hf(hf), **engine_kwargs())
+
+        def broken_step():
+            raise RuntimeError("poisoned step")
+
+        monkeypatch.setattr(engine.engine_core, "step", broken_step)
+        tasks = [asyncio.create_task(collect(engine, p, greedy(4))) for p in prompts(6, 3)]
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert all(isinstance(r, EngineDeadError) and "poisoned" in str(r) for r in results)
+        assert not engine.is_running
+        with pytest.raises(EngineDeadError):
+            await engine.generate(prompts(6, 1)[0], greedy(2)).__anext__()
+
+    asyncio.run(main())
