@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
           f"model={'random SmolLM2-sized Llama' if args.model is None else args.model} "
           f"requests={len(work.prompts)} output_tokens={work.output_tokens}")
     times: dict[str, list[float]] = {label: [] for label, _, _ in runs}
-    stats = tp.worker.tp.stats
+    stats = tp.engine_core.worker.tp.stats
     for round_index in range(args.rounds + 1):  # round 0 warms every engine up and is not counted
         for label, llm, threads in runs:
             torch.set_num_threads(threads)
@@ -102,9 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     baseline = runs[0][0]
     print(" | ".join(f"{label}: {tok / t:.1f} tok/s ({best[baseline] / t:.2f}x)" for label, t in best.items())
           + f"  (best of {args.rounds} interleaved rounds; ratios against {baseline})")
-    print(f"per-rank KV cache: TP=1 {single.worker.kv_cache_bytes / 2**20:.0f} MiB, "
-          f"TP={args.tp} {tp.worker.kv_cache_bytes_per_rank / 2**20:.0f} MiB for the same {kw['num_kv_blocks']} blocks")
-    tp.worker.shutdown()
+    print(f"per-rank KV cache: TP=1 {single.engine_core.worker.kv_cache_bytes / 2**20:.0f} MiB, "
+          f"TP={args.tp} {tp.engine_core.worker.kv_cache_bytes_per_rank / 2**20:.0f} MiB for the same {kw['num_kv_blocks']} blocks")
+    tp.engine_core.worker.shutdown()
     return 0
 
 

@@ -283,6 +283,11 @@ class TensorParallelExecutor:
         return [p.pid for p in self._processes]
 
     @property
+    def model(self) -> torch.nn.Module:
+        """Rank 0's slice of the model."""
+        return self.worker.model
+
+    @property
     def kv_cache_bytes_per_rank(self) -> int:
         """Bytes of one rank's KV cache slice (every rank holds the same)."""
         return self.worker.kv_cache_bytes

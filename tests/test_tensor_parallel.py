@@ -59,7 +59,7 @@ def case(request):
     expected = [hf_greedy(hf, p, m) for p, m in zip(prompts, max_tokens)]
     tp, single = engines(hf)
     yield Case(request.param, hf, tp, single, prompts, max_tokens, expected)
-    tp.worker.shutdown()
+    tp.engine_core.worker.shutdown()
 
 
 def greedy(llm: LLM, prompts, max_tokens) -> list[list[int]]:
@@ -70,18 +70,18 @@ def greedy(llm: LLM, prompts, max_tokens) -> list[list[int]]:
 
 
 def test_ranks_hold_half_the_heads_and_kv_cache(case):
-    executor = case.tp.worker
+    executor = case.tp.engine_core.worker
     assert isinstance(executor, TensorParallelExecutor) and len(executor.worker_pids) == 1
     k_cache, v_cache = executor.worker.kv_caches[0]
     cfg = case.tp.model_config
     assert k_cache.shape == v_cache.shape == (TP_BLOCKS, 8, cfg.num_kv_heads // 2, cfg.head_dim)
-    assert executor.kv_cache_bytes_per_rank * 2 == case.single.worker.kv_cache_bytes
+    assert executor.kv_cache_bytes_per_rank * 2 == case.single.engine_core.worker.kv_cache_bytes
     attn = executor.worker.model.model.layers[0].self_attn
     assert (attn.num_heads, attn.num_kv_heads) == (cfg.num_heads // 2, cfg.num_kv_heads // 2)
     assert isinstance(attn.qkv_proj, ColumnParallelLinear) and isinstance(attn.o_proj, RowParallelLinear)
     shards = rank_slices(cfg, 2)
     assert shards[0].params == sum(p.numel() for p in executor.worker.model.parameters())
-    assert rank_slices(cfg, 1)[0].params == sum(p.numel() for p in case.single.worker.model.parameters())
+    assert rank_slices(cfg, 1)[0].params == sum(p.numel() for p in case.single.engine_core.worker.model.parameters())
     assert shards[1].kv_heads == (cfg.num_kv_heads // 2, cfg.num_kv_heads)
     assert shards[0].kv_bytes_per_token * 8 * TP_BLOCKS == executor.kv_cache_bytes_per_rank
 
@@ -140,7 +140,7 @@ def test_beam_search_matches_single_process(case):
 
 
 def test_communication_is_counted(case):
-    stats: CommStats = case.tp.worker.tp.stats
+    stats: CommStats = case.tp.engine_core.worker.tp.stats
     layers = case.tp.model_config.num_layers
     # Two all-reduces per layer per step (after o_proj and down_proj), one broadcast per step at least.
     assert stats.all_reduces % (2 * layers) == 0 and stats.all_reduces >= 2 * layers * len(case.tp.trace)
@@ -240,8 +240,8 @@ def test_parallel_linears_reassemble_the_full_layer(world):
 def test_single_process_has_no_tensor_parallel_machinery():
     hf = tiny_hf_model("qwen2")
     llm = LLM(build_model_from_hf(hf), num_kv_blocks=16)
-    assert type(llm.worker).__name__ == "Worker" and llm.worker.model.tp is None
-    layer = llm.worker.model.model.layers[0]
+    assert type(llm.engine_core.worker).__name__ == "Worker" and llm.engine_core.worker.model.tp is None
+    layer = llm.engine_core.worker.model.model.layers[0]
     assert type(layer.self_attn.o_proj).__name__ == "PackedLinear"
 
 
@@ -249,10 +249,10 @@ def test_single_process_has_no_tensor_parallel_machinery():
 def test_shutdown_leaves_no_processes(case):
     if case.arch != "llama":
         pytest.skip("the qwen2 engine ends with a killed rank instead")
-    pids = case.tp.worker.worker_pids
+    pids = case.tp.engine_core.worker.worker_pids
     assert all(_alive(pid) for pid in pids)
-    case.tp.worker.shutdown()
-    case.tp.worker.shutdown()  # idempotent
+    case.tp.engine_core.worker.shutdown()
+    case.tp.engine_core.worker.shutdown()  # idempotent
     assert not any(_alive(pid) for pid in pids)
     with pytest.raises(RuntimeError, match="shut down"):
         case.tp.generate({"prompt_token_ids": case.prompts[0]}, SamplingParams(max_tokens=2), use_tqdm=False)
@@ -294,9 +294,9 @@ def test_killed_rank_raises_instead_of_hanging(case):
     if case.arch != "qwen2":
         pytest.skip("the llama engine ends with a clean shutdown instead")
     llm = case.tp
-    pids = llm.worker.worker_pids
-    for p, m in zip(case.prompts[:4], case.max_tokens[:4]):
-        llm.add_request({"prompt_token_ids": p}, SamplingParams(temperature=0, max_tokens=m, ignore_eos=True))
+    pids = llm.engine_core.worker.worker_pids
+    rids = [llm.add_request({"prompt_token_ids": p}, SamplingParams(temperature=0, max_tokens=m, ignore_eos=True))
+            for p, m in zip(case.prompts[:4], case.max_tokens[:4])]
     llm.step()
     os.kill(pids[0], signal.SIGKILL)
     previous = signal.signal(signal.SIGALRM, lambda *_: pytest.fail("the engine hung on a dead rank"))
@@ -310,8 +310,9 @@ def test_killed_rank_raises_instead_of_hanging(case):
         signal.signal(signal.SIGALRM, previous)
     with pytest.raises(WorkerDiedError):  # and it stays dead
         llm.step()
-    for rid in list(llm._groups):
-        llm.abort(rid)
+    for rid in rids:
+        if llm.engine_core.has_request(rid):
+            llm.abort(rid)
     assert_all_blocks_free(llm)
     assert not any(_alive(pid) for pid in pids)
 
@@ -329,7 +330,7 @@ llm = LLM(build_model_from_hf(tiny_hf_model("qwen2")), tensor_parallel_size=2, n
 outs = llm.generate([{{"prompt_token_ids": p}} for p in {prompts!r}],
                     SamplingParams(temperature=0, max_tokens=5, ignore_eos=True), use_tqdm=False)
 print("TOKENS", json.dumps([o.outputs[0].token_ids for o in outs]))
-llm.worker.shutdown()
+llm.engine_core.worker.shutdown()
 """
 
 
