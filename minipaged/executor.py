@@ -34,7 +34,7 @@ import threading
 import time
 import traceback
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -121,7 +121,7 @@ class _RankSpec:
     model_config: Any
     attention_backend: str
     full_state: dict[str, torch.Tensor]  # CPU; sent through shared memory, read once
-    rendezvous: Rendezvous
+    rendezvous: Rendezvous | None  # rank 0's store; None under torchrun (env://)
     collective_timeout_s: float
     num_threads: int
     device_offset: int = 0  # rank r runs on cuda:(device_offset + r)
@@ -200,12 +200,6 @@ def _release(processes: list) -> None:
     destroy_process_groups()
 
 
-@dataclass
-class _Failure:
-    error: WorkerDiedError | None = None
-    dead_ranks: list[int] = field(default_factory=list)
-
-
 class TensorParallelExecutor:
     """Rank 0 of a tensor-parallel engine: owns the other ranks' processes (see module docstring).
 
@@ -216,48 +210,30 @@ class TensorParallelExecutor:
     def __init__(self, model: torch.nn.Module, config: EngineConfig, *,
                  collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S,
                  num_threads_per_rank: int | None = None) -> None:
-        world = config.tensor_parallel_size
-        check_tensor_parallel_size(world, model.config)
+        check_tensor_parallel_size(config.tensor_parallel_size, model.config)
         if config.num_kv_blocks is None:
             raise ValueError("resolve config.num_kv_blocks (num_kv_blocks_for) before building the executor")
         self.config = config
-        self.world_size = world
+        self.world_size = config.tensor_parallel_size
         self._processes: list = []
         self._error_files: list[str] = []
-        self._failure = _Failure()
+        self._error: WorkerDiedError | None = None
         self._closed = False
         launched = torchrun_rank()
-        rank, device_offset = 0, 0
-        if launched is not None:
-            rank, env_world = launched
-            if env_world != world:
-                raise InvalidEngineConfigError("tensor_parallel_size", f"{world} differs from torchrun's "
-                                               f"WORLD_SIZE={env_world}")
-            device_offset = int(os.environ.get("LOCAL_RANK", rank)) - rank
-        elif config.torch_device.type == "cuda":
-            device_offset = config.torch_device.index or 0
-        full_state = {name: t.detach().cpu() for name, t in model.state_dict().items()}
-        threads = num_threads_per_rank or max(1, (os.cpu_count() or 1) // world)
-        store = None
-        rendezvous = Rendezvous(os.environ.get("MASTER_ADDR", "127.0.0.1"), None)
-        if launched is None:  # rank 0 hosts the store, then tells the spawned ranks its port
-            store = Rendezvous.for_spawn().open_store(0, world, collective_timeout_s)
-            rendezvous = Rendezvous(Rendezvous.for_spawn().host, store.port)
-        self._store = store  # the process group keeps it too; rank 0 must outlive every client
-        spec = _RankSpec(config, model.config, model.attention_backend.name, full_state, rendezvous,
-                         collective_timeout_s, threads, device_offset)
-        if launched is None:
-            context = mp.start_processes(_rank_main, args=(spec,), nprocs=world - 1, join=False, daemon=True,
-                                         start_method="spawn")
-            self._processes = list(context.processes)
-            self._error_files = list(context.error_files)
+        rank, device_offset = self._placement(config, launched)
+        threads = num_threads_per_rank or max(1, (os.cpu_count() or 1) // self.world_size)
+        spec = _RankSpec(config, model.config, model.attention_backend.name,
+                         {name: t.detach().cpu() for name, t in model.state_dict().items()},
+                         None, collective_timeout_s, threads, device_offset)
+        # Rank 0 hosts the store (the process group keeps it too); under torchrun, torchrun does.
+        self._store = self._spawn(spec) if launched is None else None
         self._finalizer = weakref.finalize(self, _release, self._processes)
         try:
-            if store is not None:
-                wait_until_ready(store, world, self._dead_ranks, collective_timeout_s)
+            if self._store is not None:
+                wait_until_ready(self._store, self.world_size, self._dead_ranks, collective_timeout_s)
                 if self._dead_ranks():
                     raise self._fail(None, starting=True)
-            self.tp, self.worker = _build_rank(spec, rank, store)
+            self.tp, self.worker = _build_rank(spec, rank, self._store)
         except BaseException:
             self._finalizer()
             raise
@@ -267,6 +243,27 @@ class TensorParallelExecutor:
             sys.exit(0)
         self.device = self.worker.device
         self.channel = StepChannel(self.tp)
+
+    def _placement(self, config: EngineConfig, launched: tuple[int, int] | None) -> tuple[int, int]:
+        """``(this process's rank, offset of rank 0's GPU)``: 0 unless torchrun started us."""
+        if launched is None:
+            return 0, (config.torch_device.index or 0) if config.torch_device.type == "cuda" else 0
+        rank, env_world = launched
+        if env_world != self.world_size:
+            raise InvalidEngineConfigError("tensor_parallel_size", f"{self.world_size} differs from torchrun's "
+                                           f"WORLD_SIZE={env_world}")
+        return rank, int(os.environ.get("LOCAL_RANK", rank)) - rank
+
+    def _spawn(self, spec: _RankSpec) -> torch.distributed.TCPStore:
+        """Host the rendezvous store, then start ranks 1..N-1 pointed at it; returns the store."""
+        where = Rendezvous.for_spawn()
+        store = where.open_store(0, self.world_size, spec.collective_timeout_s)
+        spec.rendezvous = Rendezvous(where.host, store.port)
+        context = mp.start_processes(_rank_main, args=(spec,), nprocs=self.world_size - 1, join=False,
+                                     daemon=True, start_method="spawn")
+        self._processes.extend(context.processes)  # the finalizer holds this very list
+        self._error_files = list(context.error_files)
+        return store
 
     def _child_tracebacks(self) -> str:
         """The exceptions spawned ranks died of, as ``torch.multiprocessing`` recorded them ("" if none)."""
@@ -307,8 +304,8 @@ class TensorParallelExecutor:
         return [(i + 1, p.exitcode) for i, p in enumerate(self._processes) if not p.is_alive()]
 
     def _check_usable(self) -> None:
-        if self._failure.error is not None:
-            raise self._failure.error
+        if self._error is not None:
+            raise self._error
         if self._closed:
             raise RuntimeError("the tensor-parallel executor was shut down")
         if self._dead_ranks():
@@ -326,11 +323,10 @@ class TensorParallelExecutor:
             message = f"tensor-parallel {what} died{when}{self._child_tracebacks()}"
         else:
             message = f"a tensor-parallel collective failed: {exc}"
-        self._failure.error = WorkerDiedError(message)
-        self._failure.dead_ranks = [r for r, _ in dead]
+        self._error = WorkerDiedError(message)
         self._closed = True
         self._finalizer()
-        return self._failure.error
+        return self._error
 
     def shutdown(self) -> None:
         """Tell every rank to stop, wait for them (then terminate stragglers), leave the process group."""
