@@ -290,15 +290,26 @@ def test_rank_killed_while_starting_raises(case):
 
 
 def test_killed_rank_raises_instead_of_hanging(case):
-    """Kill rank 1 between steps of a generation: the next step raises, blocks are freed, no process is left."""
+    """Kill rank 1 in the middle of a step, as rank 0 enters an all-reduce: that step raises, blocks are
+    freed, no process is left."""
     if case.arch != "qwen2":
         pytest.skip("the llama engine ends with a clean shutdown instead")
     llm = case.tp
-    pids = llm.engine_core.worker.worker_pids
+    executor = llm.engine_core.worker
+    pids = executor.worker_pids
     rids = [llm.add_request({"prompt_token_ids": p}, SamplingParams(temperature=0, max_tokens=m, ignore_eos=True))
             for p, m in zip(case.prompts[:4], case.max_tokens[:4])]
     llm.step()
-    os.kill(pids[0], signal.SIGKILL)
+    group, all_reduce = executor.tp, executor.tp.all_reduce
+
+    def kill_then_reduce(x):  # the third all-reduce of the next step: layer 1's attention output
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(pids[0], signal.SIGKILL)
+        return all_reduce(x)
+
+    calls: list[int] = []
+    object.__setattr__(group, "all_reduce", kill_then_reduce)  # the group is a frozen dataclass
     previous = signal.signal(signal.SIGALRM, lambda *_: pytest.fail("the engine hung on a dead rank"))
     signal.alarm(60)
     try:
@@ -308,6 +319,7 @@ def test_killed_rank_raises_instead_of_hanging(case):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+    assert len(calls) == 3  # the step that lost its rank raised; no further collective was tried
     with pytest.raises(WorkerDiedError):  # and it stays dead
         llm.step()
     for rid in rids:
