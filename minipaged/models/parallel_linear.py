@@ -24,8 +24,8 @@ LM-head GEMM alone; for big-vocabulary models on many GPUs vLLM's vocab-parallel
 embedding and head with a gather to rank 0 are the better trade (not done here).
 
 The layers load already-sliced weights: ``shard_weight`` / ``shard_bias`` cut a rank's
-slice out of a full tensor (or a lazily read one), so the loader never has to build a
-full model per rank.
+slice out of the full tensor, so no rank builds a full model of its own (the full weights
+exist once, in the engine process, shared with the other ranks through shared memory).
 """
 from __future__ import annotations
 
