@@ -8,6 +8,8 @@ scheduler and the worker. Values that depend on the loaded model (the effective
 from __future__ import annotations
 
 import dataclasses
+import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +52,8 @@ class EngineConfig:
     seed: seeds the per-request generators of requests that give no seed of their own; in [0, 2**64 - 1].
     device: "cpu", "cuda" or None (CUDA when available).
     kv_cache_dtype: "auto" (the model dtype), "int8" or "fp8_e4m3" (see ``minipaged.kv_quant``).
+    tensor_parallel_size: processes (one per GPU on CUDA) that each hold 1/N of every layer's heads,
+        MLP features and KV cache; 1 runs everything in this process (see ``minipaged.executor``).
     """
 
     model: str | None = None
@@ -66,6 +70,7 @@ class EngineConfig:
     seed: int = 0
     device: str | None = None
     kv_cache_dtype: str = "auto"
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if self.model is not None and not isinstance(self.model, str):
@@ -93,6 +98,21 @@ class EngineConfig:
         kv_quant.check_kv_cache_dtype(self.kv_cache_dtype)
         if not isinstance(self.enable_prefix_caching, bool):
             raise InvalidEngineConfigError("enable_prefix_caching", f"must be a bool, got {self.enable_prefix_caching!r}")
+        _positive_int("tensor_parallel_size", self.tensor_parallel_size)
+        self._check_tensor_parallel_devices()
+
+    def _check_tensor_parallel_devices(self) -> None:
+        # One GPU per rank is required; on CPU more ranks than cores only oversubscribe them.
+        tp = self.tensor_parallel_size
+        if tp == 1:
+            return
+        if self.torch_device.type == "cuda":
+            available = torch.cuda.device_count()
+            if tp > available:
+                raise InvalidEngineConfigError("tensor_parallel_size", f"{tp} ranks need {tp} GPUs; {available} visible")
+        elif tp > (os.cpu_count() or 1):
+            warnings.warn(f"tensor_parallel_size={tp} exceeds the {os.cpu_count()} CPU cores: the ranks will "
+                          "share cores and wait on each other at every all-reduce", RuntimeWarning, stacklevel=3)
 
     @property
     def torch_dtype(self) -> torch.dtype:

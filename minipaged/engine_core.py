@@ -28,13 +28,14 @@ import torch
 from minipaged.block_manager import BlockManager, BlockStats
 from minipaged.config import EngineConfig
 from minipaged.errors import InvalidEngineConfigError, InvalidPromptError, PromptTooLongError, RequestTooLargeError
+from minipaged.executor import build_executor
 from minipaged.outputs import Logprob, RequestMetrics
 from minipaged.request import Request, RequestStatus
 from minipaged.sampler import sample
 from minipaged.sampling_params import SamplingParams
 from minipaged.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from minipaged.trace import StepRecord, Trace
-from minipaged.worker import Worker, num_kv_blocks_for
+from minipaged.worker import num_kv_blocks_for
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,7 @@ class EngineCore:
         self.model_config = model_config
         self.model_name = model_name or config.model or type(model).__name__
         self.config = self._resolve(config)
-        self.worker = Worker(model, self.config, self.config.num_kv_blocks)
+        self.worker = build_executor(model, self.config)
         self.block_manager = BlockManager(self.config.num_kv_blocks, self.config.block_size,
                                           enable_prefix_caching=self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=self.config.max_num_seqs,

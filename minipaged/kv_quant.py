@@ -195,6 +195,13 @@ def data_and_scale(cache: KVCache) -> tuple[torch.Tensor, torch.Tensor | None]:
     return (cache, None) if isinstance(cache, torch.Tensor) else (cache.data, cache.scale)
 
 
+def nbytes(cache: KVCache) -> int:
+    """Bytes a cache tensor holds, its scales included."""
+    if isinstance(cache, QuantizedCache):
+        return cache.data.nbytes + cache.scale.nbytes
+    return cache.nbytes
+
+
 def compute_dtype(cache: KVCache) -> torch.dtype:
     """The dtype attention computes in for this cache."""
     return cache.dtype if isinstance(cache, torch.Tensor) else cache.compute_dtype

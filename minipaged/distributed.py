@@ -1,0 +1,176 @@
+"""Tensor-parallel process groups and the few collectives the engine uses, on ``torch.distributed``.
+
+A tensor-parallel engine is ``world_size`` processes, one rank each; rank 0 is the
+engine process (scheduler, block manager, sampler) and also runs its own slice of the
+model. Two process groups connect them, as in vLLM:
+
+- the **device group** (NCCL on CUDA, gloo on CPU) carries the one all-reduce after each
+  row-parallel layer; its timeout is short, so a rank that stops answering mid-step
+  turns into an error on the others instead of a hang;
+- the **control group** (always gloo, on CPU tensors) carries each step's flat metadata
+  from rank 0 to the others, one broadcast per step. Workers wait on it between steps,
+  so its timeout is long: an idle engine is not an error. On CUDA this keeps the
+  host-side metadata off the GPU stream.
+
+Both are created by ``init_process_groups`` on the default ``torch.distributed`` world,
+which is per process: one tensor-parallel engine per process at a time (vLLM has the
+same rule). ``destroy_process_groups`` tears it down so another engine can start.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from minipaged.errors import InvalidEngineConfigError
+
+# In-step collectives: a healthy step takes far less; a dead or stuck peer surfaces after this.
+DEFAULT_COLLECTIVE_TIMEOUT_S = 120.0
+# Between steps workers wait for rank 0's next message; an idle server must not time them out.
+CONTROL_TIMEOUT_S = 7 * 24 * 3600.0
+
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where the ranks meet: rank 0's TCP key-value store (``MASTER_ADDR``/``MASTER_PORT`` in torchrun's terms).
+
+    ``port`` is ``None`` under torchrun, whose own store the ranks join (``env://``).
+    """
+
+    host: str
+    port: int | None
+
+    @classmethod
+    def for_spawn(cls) -> "Rendezvous":
+        """``MASTER_ADDR``/``MASTER_PORT`` when set, else this host and a port the store picks (0)."""
+        return cls(os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", 0)))
+
+    def open_store(self, rank: int, world_size: int, timeout_s: float) -> dist.TCPStore:
+        """Rank 0 hosts the store (without waiting for the others); the other ranks connect to it."""
+        return dist.TCPStore(self.host, self.port or 0, world_size, is_master=rank == 0,
+                             timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
+
+
+def announce_ready(store: dist.Store, rank: int) -> None:
+    """A spawned rank is up and about to join (rank 0 waits for this before it blocks in the join)."""
+    store.set(f"minipaged/ready/{rank}", "1")
+
+
+def wait_until_ready(store: dist.Store, world_size: int, dead_ranks: Callable[[], list], timeout_s: float) -> None:
+    """Rank 0: poll until every other rank announced itself, stopping early if ``dead_ranks()`` names any.
+
+    Joining the process group blocks without a way out until its timeout; checking
+    first turns a rank that died while starting (import error, out of memory) into an
+    error at once.
+    """
+    keys = [f"minipaged/ready/{r}" for r in range(1, world_size)]
+    deadline = time.monotonic() + timeout_s
+    while not store.check(keys):
+        if dead_ranks():
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"tensor-parallel ranks did not start within {timeout_s:.0f} s")
+        time.sleep(0.02)
+
+
+@dataclass
+class CommStats:
+    """Wall time this rank spent inside collectives (includes waiting for slower ranks)."""
+
+    all_reduce_s: float = 0.0
+    all_reduces: int = 0
+    broadcast_s: float = 0.0
+    broadcasts: int = 0
+
+    @property
+    def total_s(self) -> float:
+        return self.all_reduce_s + self.broadcast_s
+
+
+@dataclass(frozen=True)
+class TensorParallelGroup:
+    """One rank's view of the tensor-parallel world: who it is and the groups it talks over.
+
+    Model layers hold this object (not a module global) and call its collectives.
+    """
+
+    rank: int
+    world_size: int
+    device: torch.device
+    device_group: dist.ProcessGroup
+    control_group: dist.ProcessGroup
+    stats: CommStats = field(default_factory=CommStats)
+
+    @property
+    def is_driver(self) -> bool:
+        """Rank 0: the engine process, the only rank that samples."""
+        return self.rank == 0
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum ``x`` over all ranks in place (the row-parallel layers' partial products); returns ``x``."""
+        start = time.perf_counter()
+        dist.all_reduce(x, group=self.device_group)
+        self.stats.all_reduce_s += time.perf_counter() - start
+        self.stats.all_reduces += 1
+        return x
+
+    def broadcast_control(self, buffer: torch.Tensor) -> None:
+        """Rank 0's CPU int64 ``buffer`` into every rank's buffer of the same shape (one step's metadata)."""
+        dist.broadcast(buffer, src=0, group=self.control_group)
+
+
+def device_backend(device: torch.device) -> str:
+    """The collective backend for ``device``: NCCL on CUDA, gloo on CPU."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def init_process_groups(rank: int, world_size: int, device: torch.device, store: dist.Store | None,
+                        collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S) -> TensorParallelGroup:
+    """Join the ``world_size``-rank world as ``rank`` through ``store`` (``None``: torchrun's ``env://``).
+
+    Blocks until all ranks have joined (or ``collective_timeout_s`` passes).
+    """
+    if dist.is_initialized():
+        raise RuntimeError("torch.distributed is already initialised in this process: one tensor-parallel "
+                           "engine per process (shut the previous one down first)")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    timeout = datetime.timedelta(seconds=collective_timeout_s)
+    where = dict(init_method="env://") if store is None else dict(store=store)
+    dist.init_process_group(device_backend(device), rank=rank, world_size=world_size, timeout=timeout, **where)
+    control = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=CONTROL_TIMEOUT_S))
+    return TensorParallelGroup(rank, world_size, device, dist.group.WORLD, control)
+
+
+def destroy_process_groups() -> None:
+    """Leave the world (idempotent)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def torchrun_rank() -> tuple[int, int] | None:
+    """``(rank, world_size)`` when this process was started by torchrun (or alike), else ``None``."""
+    if all(name in os.environ for name in TORCHRUN_ENV) and int(os.environ["WORLD_SIZE"]) > 1:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    return None
+
+
+def check_tensor_parallel_size(tp_size: int, model_config) -> None:
+    """InvalidEngineConfigError naming the first model dimension ``tp_size`` does not divide.
+
+    Ranks split the query heads, the KV heads (the KV cache is split by KV head, never
+    within one) and the MLP's intermediate features evenly.
+    """
+    dims = (("num_attention_heads", model_config.num_heads), ("num_key_value_heads", model_config.num_kv_heads),
+            ("intermediate_size", model_config.intermediate_size))
+    for name, size in dims:
+        if size % tp_size:
+            raise InvalidEngineConfigError("tensor_parallel_size", f"{tp_size} does not divide the model's "
+                                           f"{name}={size}; use a divisor of it")
