@@ -127,7 +127,7 @@ class AsyncLLM:
         return self._stats
 
     async def shutdown(self) -> None:
-        """Stop the engine loop (pending requests are aborted)."""
+        """Stop the engine loop (pending requests are aborted), then the worker processes, if any."""
         self._aborts.extend(self._queues)
         self._stopping = True
         task = self._loop_task
@@ -135,6 +135,7 @@ class AsyncLLM:
             self._wakeup.set()
             await asyncio.gather(task, return_exceptions=True)  # the step in flight finishes first
         self._apply_inbox()
+        self.engine_core.shutdown()
 
     # ---- the engine loop ----------------------------------------------------------------
     def _kick(self) -> None:

@@ -35,12 +35,16 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget of one step (default 2048)")
     group.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output (default: the model's)")
     group.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV blocks of shared prefixes")
+    group.add_argument("--kv-cache-dtype", choices=("auto", "int8", "fp8_e4m3"), default=None,
+                       help="KV cache storage: auto (the model dtype, default), int8 or fp8_e4m3 (see minipaged.kv_quant)")
+    group.add_argument("--tensor-parallel-size", type=int, default=None,
+                       help="processes that each hold 1/N of every layer's heads and KV cache (default 1)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """``LLM(...)`` keywords from ``add_engine_arguments``' options; unset options keep the engine's defaults."""
     names = ("dtype", "attention_backend", "block_size", "num_kv_blocks", "kv_cache_memory", "max_num_seqs",
-             "max_num_batched_tokens", "max_model_len")
+             "max_num_batched_tokens", "max_model_len", "kv_cache_dtype", "tensor_parallel_size")
     kwargs = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if args.no_prefix_caching:
         kwargs["enable_prefix_caching"] = False

@@ -366,6 +366,10 @@ class EngineCore:
             return RequestStatus.FINISHED_LENGTH
         return None
 
+    def shutdown(self) -> None:
+        """Release the worker (stops tensor-parallel ranks; nothing to do in one process). Idempotent."""
+        self.worker.shutdown()
+
     # ---- observing ----------------------------------------------------------------------
     def stats(self) -> EngineStats:
         s: BlockStats = self.block_manager.stats()

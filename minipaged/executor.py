@@ -211,6 +211,10 @@ class TensorParallelExecutor:
                  collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S,
                  num_threads_per_rank: int | None = None) -> None:
         check_tensor_parallel_size(config.tensor_parallel_size, model.config)
+        if torch.distributed.is_initialized():
+            # Checked before anything is spawned: failing later would tear down the running engine's groups.
+            raise InvalidEngineConfigError("tensor_parallel_size", "another tensor-parallel engine is running in this "
+                                           "process (torch.distributed is initialised); shut it down first")
         if config.num_kv_blocks is None:
             raise ValueError("resolve config.num_kv_blocks (num_kv_blocks_for) before building the executor")
         self.config = config

@@ -111,6 +111,20 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.tokenizer
 
+    def shutdown(self) -> None:
+        """Stop the engine's worker processes (``tensor_parallel_size > 1``); a no-op in one process.
+
+        Also done when the engine is garbage collected and at interpreter exit; ``with LLM(...) as llm``
+        does it on leaving the block.
+        """
+        self.engine_core.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()
+
     # ---- submission (all checks before any request is queued) ----------------------------
     def validate(self, prompt: Any, params: Any) -> tuple[str | None, list[int]]:
         """``(text, token ids)`` of a prompt, or the typed error it would raise; queues nothing."""

@@ -72,6 +72,18 @@ def test_sampling_flags_reach_the_params(model_dir, capsys):
     assert capsys.readouterr().out.splitlines() == [f"[{i}] {text}" for i, text in enumerate(want)]
 
 
+def test_engine_flags_reach_the_engine(model_dir, capsys):
+    """--kv-cache-dtype and --tensor-parallel-size build the engine LLM(...) would (int8 rounding
+    changes tokens on this tiny model, so the comparison is with an int8 engine)."""
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    with LLM(model_dir, num_kv_blocks=32, block_size=4, kv_cache_dtype="int8") as llm:
+        want = llm.generate(["w3 w4 w5"], params, use_tqdm=False)[0].outputs[0].text.strip()
+    for extra in ([], ["--tensor-parallel-size", "2"]):
+        assert main(cli(model_dir, "w3 w4 w5", "--max-tokens", "8", "--ignore-eos", "--kv-cache-dtype", "int8",
+                        *extra)) == 0
+        assert capsys.readouterr().out.splitlines() == [want], extra
+
+
 def test_stream_prints_the_same_text(model_dir, capsys):
     assert main(cli(model_dir, "w11 w12", "--max-tokens", "5")) == 0
     whole = capsys.readouterr().out
@@ -98,6 +110,9 @@ def test_stream_prints_the_same_text(model_dir, capsys):
     (["--num-kv-blocks", str(10**12)], "argument --num-kv-blocks: a KV cache of"),
     (["--max-model-len", "1000"], "argument --max-model-len:"),
     (["--max-tokens", "abc"], "argument --max-tokens: invalid int value"),
+    (["--kv-cache-dtype", "int4"], "argument --kv-cache-dtype: invalid choice"),
+    (["--tensor-parallel-size", "0"], "argument --tensor-parallel-size:"),
+    (["--tensor-parallel-size", "3"], "argument --tensor-parallel-size:"),
     (["--stream", "--n", "2"], "--stream"),
     (["w5", "--stream"], "--stream"),
 ])
@@ -109,7 +124,8 @@ def test_invalid_values_print_one_line_and_exit_2(model_dir, capsys, argv, needl
         status = exit_.code
     captured = capsys.readouterr()
     assert status == 2 and captured.out == ""
-    lines = captured.err.strip().splitlines()
+    # A warning line may come first (more tensor-parallel ranks than this machine's cores).
+    lines = [line for line in captured.err.strip().splitlines() if not line.startswith("python -m minipaged: warning:")]
     assert len(lines) == 1 and lines[0].startswith(PREFIX) and needle in lines[0], captured.err
 
 

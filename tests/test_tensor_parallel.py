@@ -59,7 +59,7 @@ def case(request):
     expected = [hf_greedy(hf, p, m) for p, m in zip(prompts, max_tokens)]
     tp, single = engines(hf)
     yield Case(request.param, hf, tp, single, prompts, max_tokens, expected)
-    tp.engine_core.worker.shutdown()
+    tp.shutdown()
 
 
 def greedy(llm: LLM, prompts, max_tokens) -> list[list[int]]:
@@ -245,18 +245,37 @@ def test_single_process_has_no_tensor_parallel_machinery():
     assert type(layer.self_attn.o_proj).__name__ == "PackedLinear"
 
 
-# ---- these two end the shared engines: keep them last ---------------------------------------------------
+# ---- these end the shared engines or need them ended: keep them last ---------------------------------------------------
 def test_shutdown_leaves_no_processes(case):
     if case.arch != "llama":
         pytest.skip("the qwen2 engine ends with a killed rank instead")
     pids = case.tp.engine_core.worker.worker_pids
     assert all(_alive(pid) for pid in pids)
-    case.tp.engine_core.worker.shutdown()
-    case.tp.engine_core.worker.shutdown()  # idempotent
+    # One tensor-parallel engine per process: a second is refused before it spawns anything,
+    # and the running one is unharmed.
+    with pytest.raises(InvalidEngineConfigError, match="another tensor-parallel engine"):
+        LLM(build_model_from_hf(case.hf), tensor_parallel_size=2, num_kv_blocks=TP_BLOCKS, block_size=8)
+    assert greedy(case.tp, case.prompts[:2], case.max_tokens[:2]) == case.expected[:2]
+    case.tp.shutdown()
+    case.tp.shutdown()  # idempotent
     assert not any(_alive(pid) for pid in pids)
     with pytest.raises(RuntimeError, match="shut down"):
         case.tp.generate({"prompt_token_ids": case.prompts[0]}, SamplingParams(max_tokens=2), use_tqdm=False)
     assert_all_blocks_free(case.tp)
+
+
+def test_quantized_kv_cache_splits_by_head(case):
+    """An int8 cache (scales per token and KV head) splits with its heads: TP=2 gives the
+    single-process int8 engine's tokens, each rank holding half of its bytes, scales included."""
+    if case.arch != "llama":
+        pytest.skip("needs the shared llama engine shut down (the shutdown test)")
+    kwargs = dict(num_kv_blocks=TP_BLOCKS, block_size=8, kv_cache_dtype="int8")
+    single = LLM(build_model_from_hf(case.hf), **kwargs)
+    with LLM(build_model_from_hf(case.hf), tensor_parallel_size=2, **kwargs) as tp:
+        pids = tp.engine_core.worker.worker_pids
+        assert greedy(tp, case.prompts, case.max_tokens) == greedy(single, case.prompts, case.max_tokens)
+        assert tp.engine_core.worker.kv_cache_bytes_per_rank * 2 == single.engine_core.worker.kv_cache_bytes
+    assert not any(_alive(pid) for pid in pids)  # leaving the with-block stopped the ranks
 
 
 def test_rank_killed_while_starting_raises(case):
@@ -342,7 +361,7 @@ llm = LLM(build_model_from_hf(tiny_hf_model("qwen2")), tensor_parallel_size=2, n
 outs = llm.generate([{{"prompt_token_ids": p}} for p in {prompts!r}],
                     SamplingParams(temperature=0, max_tokens=5, ignore_eos=True), use_tqdm=False)
 print("TOKENS", json.dumps([o.outputs[0].token_ids for o in outs]))
-llm.engine_core.worker.shutdown()
+llm.shutdown()
 """
 
 
