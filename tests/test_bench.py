@@ -95,3 +95,17 @@ def test_summary_prints_ratios_from_the_same_run():
     assert "1/2 requests identical, 90.0% of tokens" in text
     assert "vLLM CPU (after)" in text and "failed: exit 1: boom" in text
     assert "start-up   3.0 s" in text and "peak RSS 1.00 GiB" in text
+
+
+def test_summary_compares_each_kv_cache_dtype_with_the_float_cache():
+    work = Workload(prompts=[[1, 2], [3]], max_tokens=[4, 6])
+    engine = dict(startup_s=3.0, peak_rss=2**30, latency_s=2.0)
+    results = {
+        "minipaged": dict(engine, seconds=0.5, tokens=[[7] * 4, [8] * 6]),  # 20 tok/s
+        "minipaged kv int8": dict(engine, seconds=0.4, tokens=[[7] * 4, [8] * 2 + [9] * 4]),  # 25 tok/s
+    }
+    text = "\n".join(summarise("mixed", "float32", work, results))
+    assert "minipaged kv int8 / minipaged: 1.25x" in text
+    assert "1/2 requests identical, 60.0% before the first difference" in text
+    with pytest.raises(SystemExit):  # an unknown cache dtype is refused before any engine starts
+        main(["--kv-cache-dtype", "auto", "int4"])
