@@ -22,3 +22,29 @@ def device() -> torch.device:
     if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda")
+
+
+SMOLLM2_VOCAB = 49152
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """SmolLM2's real tokenizer (stop strings, chat templates, detokenising), shared by the engine tests."""
+    from transformers import AutoTokenizer
+
+    from minipaged.models.loader import ensure_default_model
+
+    return AutoTokenizer.from_pretrained(str(ensure_default_model()))
+
+
+@pytest.fixture(scope="session")
+def hf():
+    """A tiny random Llama over SmolLM2's vocabulary, so text prompts and stop strings are real.
+    Tests build engines from copies of its weights and never change it."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=SMOLLM2_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                   bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval()

@@ -8,34 +8,13 @@ import asyncio
 import random
 
 import pytest
-import torch
 
 from minipaged import LLM, SamplingParams
 from minipaged.async_llm import AsyncLLM, EngineDeadError
 from minipaged.errors import InvalidPromptError, InvalidSamplingParamsError, PromptTooLongError
 from minipaged.models import build_model_from_hf
 
-VOCAB = 49152
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    from minipaged.models.loader import ensure_default_model
-
-    return AutoTokenizer.from_pretrained(str(ensure_default_model()))
-
-
-@pytest.fixture(scope="module")
-def hf():
-    import transformers
-
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                   bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
-    torch.manual_seed(1)
-    return transformers.LlamaForCausalLM(cfg).eval()
+from conftest import SMOLLM2_VOCAB as VOCAB
 
 
 def engine_kwargs(**kw):
@@ -155,7 +134,7 @@ def test_abort_ends_generate_with_abort(hf):
 
 @pytest.mark.parametrize("prompt, params, error, field", [
     ("", greedy(2), InvalidPromptError, "prompt"),
-    ({"prompt_token_ids": [1] * 200}, greedy(2), PromptTooLongError, "prompt"),
+    ({"prompt_token_ids": [1] * 300}, greedy(2), PromptTooLongError, "prompt"),
     ({"prompt_token_ids": [VOCAB]}, greedy(2), InvalidPromptError, "prompt_token_ids"),
     ({"prompt_token_ids": [5]}, {"temperature": 0}, InvalidSamplingParamsError, "sampling_params"),
 ])

@@ -9,7 +9,6 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -17,27 +16,7 @@ from minipaged import LLM, BeamSearchParams, SamplingParams
 from minipaged.errors import InvalidPromptError, InvalidSamplingParamsError, RequestTooLargeError, UnknownRequestError
 from minipaged.models import build_model_from_hf
 
-VOCAB = 49152  # SmolLM2's tokenizer
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    from minipaged.models.loader import ensure_default_model
-
-    return AutoTokenizer.from_pretrained(str(ensure_default_model()))
-
-
-@pytest.fixture(scope="module")
-def hf():
-    import transformers
-
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                   bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg).eval()
+from conftest import SMOLLM2_VOCAB as VOCAB
 
 
 def make_llm(hf, tokenizer=None, **kwargs) -> LLM:
