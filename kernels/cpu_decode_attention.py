@@ -25,7 +25,11 @@ numba is optional (``pip install minipaged[cpu]``): ``available()`` says whether
 imports. Compiled code is cached on disk (``cache=True``), so only the first call in a
 fresh checkout pays the compile (a few seconds per cache dtype). fp32, fp16 and bf16
 caches are supported; fp16/bf16 rows are widened to fp32 as they are read (bf16 by
-its bit pattern, since numpy has no bf16).
+its bit pattern, since numpy has no bf16). So are the quantized caches of
+``minipaged.kv_quant``, as the Triton kernel takes them: int8 or fp8 e4m3 rows with
+``k_scale``/``v_scale`` per (block, row, kv head) or one per layer. The 1-byte rows are
+widened as they are read (fp8 through a 256-entry table) and the scale is applied to
+the row's score and to its probability, not to every element: ``q . (s k) = s (q . k)``.
 """
 from __future__ import annotations
 
@@ -86,6 +90,26 @@ def _fp16_bits_to_fp32_bits(h):
 if numba is not None:
     _fp16_bits_to_fp32_bits = numba.njit(cache=True)(_fp16_bits_to_fp32_bits)
 
+# fp8 e4m3 byte -> fp32, every one of the 256 patterns (numba freezes a global array as a constant).
+_FP8_E4M3_TABLE = (torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy()
+                   if hasattr(torch, "float8_e4m3fn") else np.zeros(256, np.float32))
+
+
+def _row_scale(scale, block, row, kv_head):
+    """The dequantization scale of ``cache[block, row, kv_head]``: 1 for a float cache (``None``)."""
+    raise NotImplementedError("only called from compiled code")
+
+
+if numba is not None:
+    @numba.extending.overload(_row_scale, inline="always")
+    def _row_scale_typed(scale, block, row, kv_head):
+        # Chosen at compile time, like _load_row: no scale, one per layer, or one per row.
+        if isinstance(scale, numba.types.NoneType):
+            return lambda scale, block, row, kv_head: np.float32(1.0)
+        if scale.ndim == 1:
+            return lambda scale, block, row, kv_head: scale[0]
+        return lambda scale, block, row, kv_head: scale[block, row, kv_head]
+
 
 def _load_row(cache, block, row, kv_head, bits, row_f32):
     """``row_f32[:] = cache[block, row, kv_head, :]`` widened to fp32 (``bits`` is the same buffer as uint32)."""
@@ -109,19 +133,27 @@ if numba is not None:
                 for d in range(bits.shape[0]):
                     bits[d] = _fp16_bits_to_fp32_bits(np.uint32(np.uint16(src[d])))
             return load_fp16
+        if cache.dtype == numba.types.uint8:  # fp8 e4m3 bits
+            def load_fp8(cache, block, row, kv_head, bits, row_f32):
+                src = cache[block, row, kv_head]
+                for d in range(row_f32.shape[0]):
+                    row_f32[d] = _FP8_E4M3_TABLE[src[d]]
+            return load_fp8
 
-        def load(cache, block, row, kv_head, bits, row_f32):
+        def load(cache, block, row, kv_head, bits, row_f32):  # fp32, or int8 codes
             src = cache[block, row, kv_head]
             for d in range(row_f32.shape[0]):
                 row_f32[d] = np.float32(src[d])
         return load
 
 
-def _decode_kernel(q, k_cache, v_cache, block_tables, context_lens, scale, out):
+def _decode_kernel(q, k_cache, v_cache, k_scale, v_scale, block_tables, context_lens, scale, out):
     """``out[s, h] = softmax(scale * q[s, h] . K[s]) V[s]`` for one token per sequence.
 
     ``q``/``out`` fp32 ``[num_seqs, num_heads, head_dim]``; caches ``[num_blocks,
-    block_size, num_kv_heads, head_dim]`` (fp32, or bf16/fp16 as their 16-bit patterns);
+    block_size, num_kv_heads, head_dim]`` (fp32, bf16/fp16 as their 16-bit patterns,
+    int8, or fp8 as uint8 bits); ``k_scale``/``v_scale`` ``None``, ``[1]`` or
+    ``[num_blocks, block_size, num_kv_heads]`` fp32;
     ``block_tables`` ``[num_seqs, max_blocks]``; ``context_lens`` ``[num_seqs]``, each >= 1.
     """
     num_seqs, num_heads, head_dim = q.shape
@@ -145,11 +177,12 @@ def _decode_kernel(q, k_cache, v_cache, block_tables, context_lens, scale, out):
             for t in range(n):  # s = q . K^T, each K row read once for its GQA group
                 for kv_head in range(num_kv_heads):
                     _load_row(k_cache, block, t, kv_head, bits, row)
+                    row_scale = _row_scale(k_scale, block, t, kv_head)
                     for h in range(kv_head * group, (kv_head + 1) * group):
                         dot = np.float32(0.0)
                         for d in range(head_dim):
                             dot += qs[h, d] * row[d]
-                        s[h, t] = dot
+                        s[h, t] = dot * row_scale
             # Online softmax: every tile holds at least one real token, so m_new is finite.
             for h in range(num_heads):
                 m_new = m_i[h]
@@ -168,8 +201,9 @@ def _decode_kernel(q, k_cache, v_cache, block_tables, context_lens, scale, out):
             for t in range(n):  # acc += p V, each V row read once
                 for kv_head in range(num_kv_heads):
                     _load_row(v_cache, block, t, kv_head, bits, row)
+                    row_scale = _row_scale(v_scale, block, t, kv_head)
                     for h in range(kv_head * group, (kv_head + 1) * group):
-                        p = s[h, t]
+                        p = s[h, t] * row_scale
                         for d in range(head_dim):
                             acc[h, d] += p * row[d]
         for h in range(num_heads):
@@ -182,8 +216,11 @@ _decode_kernel = _jit(_decode_kernel)
 
 
 def _as_numpy(cache: torch.Tensor) -> np.ndarray:
-    """A zero-copy numpy view of a CPU cache: fp32 as is, bf16 as uint16 bits, fp16 as int16 bits
-    (numpy has no bf16 and numba no fp16; ``_load_row`` tells them apart by that integer type)."""
+    """A zero-copy numpy view of a CPU cache: fp32 and int8 as they are, bf16 as uint16 bits,
+    fp16 as int16 bits, fp8 as uint8 bits (numpy has no bf16 or fp8 and numba no fp16;
+    ``_load_row`` tells them apart by that integer type)."""
+    if cache.dtype == getattr(torch, "float8_e4m3fn", None):
+        return cache.view(torch.uint8).numpy()
     if cache.dtype == torch.bfloat16:
         return cache.view(torch.int16).numpy().view(np.uint16)
     if cache.dtype == torch.float16:
@@ -199,24 +236,30 @@ def paged_decode_attention(
     context_lens: torch.Tensor,
     scale: float | None = None,
     out: torch.Tensor | None = None,
+    *,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one query token per sequence over its paged KV cache, on CPU.
 
     Same contract as ``kernels.paged_decode_attention`` (and ``kernels.reference``):
     ``q`` ``[num_seqs, num_heads, head_dim]``; caches ``[num_blocks, block_size,
-    num_kv_heads, head_dim]`` of ``q``'s dtype (fp32, fp16 or bf16); ``block_tables``
+    num_kv_heads, head_dim]`` of ``q``'s dtype (fp32, fp16 or bf16), or int8 / fp8 e4m3
+    with fp32 ``k_scale``/``v_scale`` (``[num_blocks, block_size, num_kv_heads]`` or
+    ``[1]``; ``minipaged.kv_quant``'s scheme) for a ``q`` of any of those; ``block_tables``
     int32/int64 ``[num_seqs, max_blocks_per_seq]``; ``context_lens`` ``[num_seqs]``,
     each >= 1. Returns ``out`` ``[num_seqs, num_heads, head_dim]``. Raises ``ValueError``
     on bad arguments and ``RuntimeError`` without numba.
     """
-    check_decode_args(q, k_cache, v_cache, block_tables, context_lens)
+    check_decode_args(q, k_cache, v_cache, block_tables, context_lens, k_scale=k_scale, v_scale=v_scale)
     out = check_kernel_out(out, q)
     if q.device.type != "cpu":
         raise ValueError(f"the CPU decode kernel needs CPU tensors, got q on {q.device}")
     scale = default_scale(q.shape[2], scale)
     # int32 always, so int64 inputs do not compile a second specialisation of the kernel.
     tables = block_tables.to(torch.int32).contiguous().numpy()
-    return decode_unchecked(q, k_cache, v_cache, tables, context_lens.to(torch.int32).numpy(), scale, out)
+    return decode_unchecked(q, k_cache, v_cache, tables, context_lens.to(torch.int32).numpy(), scale, out,
+                            k_scale, v_scale)
 
 
 def decode_unchecked(
@@ -227,11 +270,13 @@ def decode_unchecked(
     context_lens: np.ndarray,
     scale: float,
     out: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``paged_decode_attention`` without argument checks, for a caller that validated once
     per step (the torch attention backend): ``block_tables``/``context_lens`` as int32 numpy
     arrays (``[num_seqs, max_blocks]``, ``[num_seqs]``), every block id valid (numba does not
-    bounds-check), ``out`` of ``q``'s shape and dtype."""
+    bounds-check), ``out`` of ``q``'s shape and dtype, scales fp32 and contiguous."""
     if numba is None:
         raise RuntimeError("the CPU decode kernel needs numba: pip install 'minipaged[cpu]'")
     if q.shape[0] == 0:
@@ -240,8 +285,10 @@ def decode_unchecked(
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
     q32 = q.float().contiguous()
     target = out if out.dtype == torch.float32 and out.is_contiguous() else torch.empty(q.shape, dtype=torch.float32)
-    _decode_kernel(q32.numpy(), _as_numpy(k_cache), _as_numpy(v_cache), block_tables, context_lens, np.float32(scale),
-                   target.numpy())
+    k_scale_np = None if k_scale is None else k_scale.float().contiguous().numpy()
+    v_scale_np = None if v_scale is None else v_scale.float().contiguous().numpy()
+    _decode_kernel(q32.numpy(), _as_numpy(k_cache), _as_numpy(v_cache), k_scale_np, v_scale_np, block_tables,
+                   context_lens, np.float32(scale), target.numpy())
     if target is not out:
         out.copy_(target)
     return out

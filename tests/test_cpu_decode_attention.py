@@ -14,6 +14,7 @@ import torch
 pytest.importorskip("numba")
 
 from kernels import cpu_decode_attention, reference  # noqa: E402
+from minipaged import kv_quant  # noqa: E402
 from minipaged.attention.torch_backend import TorchAttentionBackend  # noqa: E402
 from test_attention_backends import MIXED, per_token_reference, random_paged_step  # noqa: E402
 from test_decode_attention import REL_TOL, make_batch, rel_error  # noqa: E402
@@ -44,6 +45,34 @@ def test_matches_reference(block_size, head_dim, num_kv_heads, group, dtype):
     assert torch.isfinite(out).all(), "kernel left NaN in out or read a poisoned cache row"
     err = rel_error(out, ref)
     assert err < REL_TOL[dtype], f"relative error {err:.2e} above {REL_TOL[dtype]:.0e} for {dtype}"
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp8_e4m3"])
+@pytest.mark.parametrize("per_token", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_cache_matches_reference(kind, per_token, dtype):
+    """int8 / fp8 rows with per-row or per-layer scales (minipaged.kv_quant's scheme): the kernel
+    equals float64 attention over the dequantized cache, as the Triton kernel is tested."""
+    rng = random.Random()
+    lens = [1, 15, 16, 17, rng.randint(100, 300)]
+    q, k_cache, v_cache, tables, context_lens = make_batch(lens, 16, 3, 3, 64, torch.float32, "cpu",
+                                                           seed=rng.randrange(1 << 30))
+    layer_scale = None if per_token else torch.full((1,), rng.uniform(0.01, 0.05))
+    (kd, ks), (vd, vs) = (kv_quant.quantize(c, kind, layer_scale) for c in (k_cache, v_cache))
+    q = q.to(dtype)
+    out = torch.full_like(q, float("nan"))
+    cpu_decode_attention.paged_decode_attention(q, kd, vd, tables, context_lens, 0.125, out, k_scale=ks, v_scale=vs)
+    ref = reference.paged_decode_attention(q.double(), kd, vd, tables, context_lens, 0.125, k_scale=ks, v_scale=vs)
+    assert torch.isfinite(out).all()
+    assert rel_error(out, ref) < REL_TOL[dtype]
+
+
+def test_fp8_rows_widen_exactly():
+    """The kernel's fp8 table is torch's float8_e4m3fn -> float32 for all 256 bytes."""
+    codes = torch.arange(256, dtype=torch.uint8)
+    expected = codes.view(torch.float8_e4m3fn).float()
+    torch.testing.assert_close(torch.from_numpy(cpu_decode_attention._FP8_E4M3_TABLE), expected, rtol=0, atol=0,
+                               equal_nan=True)
 
 
 def test_fp16_rows_widen_exactly():
@@ -99,7 +128,7 @@ def test_backend_dispatch_keeps_other_caches_on_the_gather_path():
     backend = TorchAttentionBackend()
     assert backend.uses_fused_decode(torch.empty(1, 4, 1, 8))
     assert not backend.uses_fused_decode(torch.empty(1, 4, 1, 8, dtype=torch.float64))
-    assert not backend.uses_fused_decode(torch.empty(1, 4, 1, 8, dtype=torch.uint8))  # quantized caches
+    assert not backend.uses_fused_decode(torch.empty(1, 4, 1, 8, dtype=torch.uint8))  # bytes without scales
     assert not TorchAttentionBackend(decode_kernel="gather").uses_fused_decode(torch.empty(1, 4, 1, 8))
     with pytest.raises(ValueError, match="decode_kernel"):
         TorchAttentionBackend(decode_kernel="flash")

@@ -298,14 +298,22 @@ def test_kv_cache_memory_buys_proportionally_more_blocks(tiny):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_fused_cpu_decode_leaves_quantized_caches_to_the_gather_path(kind):
-    """The numba kernel reads float blocks only: even when asked for, it must not get a
-    quantized cache (which has no ``dtype``); those dequantize after the gather."""
+def test_fused_cpu_decode_equals_the_gather_path_on_quantized_caches(tiny, kind):
+    """The numba decode kernel dequantizes in place; the gather path dequantizes gathered
+    blocks. Engines differing only in that give the same tokens, and nothing leaks."""
     from minipaged.attention.torch_backend import fused_decode_available
 
     if not fused_decode_available():
         pytest.skip("numba not installed")
-    backend = TorchAttentionBackend(decode_kernel="fused")
-    _, k_cache, v_cache, _, _ = make_batch([5, 19], 8, 2, 2, 64, torch.float32, "cpu", 11)
-    kq = _quantize_cache(k_cache, kind, True)
-    assert backend.uses_fused_decode(k_cache) and not backend.uses_fused_decode(kq)
+    hf, prompts, max_tokens = tiny
+    outputs = []
+    for decode_kernel in ("fused", "gather"):
+        llm = make_llm(hf, kv_cache_dtype=kind)
+        backend = TorchAttentionBackend(decode_kernel=decode_kernel)
+        llm.model.attention_backend = backend
+        for layer in llm.model.model.layers:
+            layer.self_attn.backend = backend
+        cache = llm.engine_core.worker.kv_caches[0][0]
+        assert isinstance(cache, kv_quant.QuantizedCache) and backend.uses_fused_decode(cache) == (decode_kernel == "fused")
+        outputs.append(_generate(llm, prompts[:8], [min(m, 12) for m in max_tokens[:8]], n=2))
+    assert outputs[0] == outputs[1]

@@ -7,8 +7,8 @@ tensor operations per layer instead of a Python loop per sequence:
 - new K/V go into the cache with one ``index_copy_`` on the flattened slot view;
 - one-token (decode) sequences on CPU go, when numba is installed, to the fused
   paged decode kernel ``kernels.cpu_decode_attention`` (one call per layer for all of
-  them; it reads each K/V row once, in place). Otherwise, and always for caches of
-  another dtype than fp32/fp16/bf16 (quantized caches) or off CPU, they attend in
+  them; it reads each K/V row once, in place, and dequantizes int8/fp8 rows as it reads
+  them). Otherwise (no numba, off CPU, or ``decode_kernel="gather"``) they attend in
   batched SDPA calls over their gathered blocks, with a key mask for the ragged ends:
   on CPU a few chunks of similar lengths sized to stay in the CPU's cache
   (``chunk_by_blocks``), elsewhere one call unless lengths are so ragged that padding
@@ -21,8 +21,9 @@ Everything derived from the metadata (gather indices, masks) is computed once pe
 by ``prepare`` and shared by all layers.
 
 A quantized cache (``minipaged.kv_quant.QuantizedCache``) is written through
-``kv_quant.write_slots`` and read through ``kv_quant.gather_blocks``, which gathers the
-1-byte blocks and dequantizes after the gather; prefills then always read their keys back
+``kv_quant.write_slots`` and, outside the fused decode kernel, read through
+``kv_quant.gather_blocks``, which gathers the 1-byte blocks and dequantizes after the
+gather; prefills then always read their keys back
 from the cache, so attention sees the rounded values the kernels see.
 """
 from __future__ import annotations
@@ -130,11 +131,11 @@ class TorchAttentionBackend:
     def uses_fused_decode(self, k_cache: kv_quant.KVCache) -> bool:
         """The dispatch point: whether decodes over ``k_cache`` go to the fused CPU kernel.
 
-        Quantized caches take the gather path, which dequantizes after the gather; the numba
-        kernel reads plain float blocks only.
+        Quantized caches qualify too: the kernel widens their 1-byte rows and applies the
+        scales itself, as the Triton kernel does.
         """
-        if (self.decode_kernel == "gather" or not isinstance(k_cache, torch.Tensor)
-                or k_cache.device.type != "cpu" or k_cache.dtype not in FUSED_CACHE_DTYPES):
+        if (self.decode_kernel == "gather" or k_cache.device.type != "cpu"
+                or kv_quant.compute_dtype(k_cache) not in FUSED_CACHE_DTYPES):
             return False
         return self.decode_kernel == "fused" or fused_decode_available()
 
@@ -350,18 +351,16 @@ def decode_attention(
 
 
 def fused_decode_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, fused: FusedDecode, scale: float, out: torch.Tensor
+    q: torch.Tensor, k_cache: kv_quant.KVCache, v_cache: kv_quant.KVCache, fused: FusedDecode, scale: float,
+    out: torch.Tensor,
 ) -> None:
     """Write ``out[fused.rows]`` (``[B, Hq, D]``) with the numba kernel, in place when the rows are a slice."""
-    if isinstance(fused.rows, slice):
-        cpu_decode_attention.decode_unchecked(
-            q[fused.rows], k_cache, v_cache, fused.block_tables, fused.context_lens, scale, out[fused.rows]
-        )
-    else:
-        target = q.new_empty((fused.context_lens.shape[0], *q.shape[1:]))
-        out[fused.rows] = cpu_decode_attention.decode_unchecked(
-            q[fused.rows], k_cache, v_cache, fused.block_tables, fused.context_lens, scale, target
-        )
+    (k_data, k_scale), (v_data, v_scale) = kv_quant.data_and_scale(k_cache), kv_quant.data_and_scale(v_cache)
+    target = out[fused.rows] if isinstance(fused.rows, slice) else q.new_empty((fused.context_lens.shape[0], *q.shape[1:]))
+    cpu_decode_attention.decode_unchecked(q[fused.rows], k_data, v_data, fused.block_tables, fused.context_lens, scale,
+                                          target, k_scale, v_scale)
+    if not isinstance(fused.rows, slice):
+        out[fused.rows] = target
 
 
 def prefill_attention(
