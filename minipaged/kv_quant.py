@@ -32,7 +32,8 @@ references below compute on the same numbers. Accumulation stays fp32 as for "au
 Each layer's cache stays a ``(k_cache, v_cache)`` pair: a plain tensor for "auto", a
 ``QuantizedCache`` (data + scale) otherwise. ``write_slots``, ``gather_blocks`` and
 ``copy_blocks`` are the one dispatch point for the torch backend and the worker; the
-Triton backend passes ``data`` and ``scale`` to the kernels.
+Triton backend and the torch backend's CPU decode kernel (numba) pass ``data`` and
+``scale`` (``data_and_scale``) to kernels that dequantize as they read.
 
 fp8 on GPUs: the kernels encode and decode e4m3 with integer bit operations instead of
 the hardware conversion (which Triton allows only on sm_89+), so the same compiled code
