@@ -60,12 +60,12 @@ def available() -> bool:
     return numba is not None
 
 
-def _jit(fn):
+def _jit(fn, parallel: bool = True):
     # fastmath: only reassociation and contraction, so the head_dim reductions vectorise
     # (SIMD partial sums, FMA) while -inf stays meaningful for the online softmax.
     if numba is None:
         return fn
-    return numba.njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})(fn)
+    return numba.njit(parallel=parallel, cache=True, fastmath={"reassoc", "contract"})(fn)
 
 
 def _fp16_bits_to_fp32_bits(h):
@@ -112,7 +112,8 @@ if numba is not None:
 
 
 def _load_row(cache, block, row, kv_head, bits, row_f32):
-    """``row_f32[:] = cache[block, row, kv_head, :]`` widened to fp32 (``bits`` is the same buffer as uint32)."""
+    """``cache[block, row, kv_head, :]`` as fp32: the row itself for an fp32 cache, else widened
+    into ``row_f32`` (``bits`` is the same buffer as uint32), which is returned."""
     raise NotImplementedError("only called from compiled code")
 
 
@@ -126,25 +127,31 @@ if numba is not None:
                 src = cache[block, row, kv_head]
                 for d in range(bits.shape[0]):
                     bits[d] = np.uint32(src[d]) << np.uint32(16)
+                return row_f32
             return load_bf16
         if cache.dtype == numba.types.int16:  # fp16 bits (numba has no float16 on CPU)
             def load_fp16(cache, block, row, kv_head, bits, row_f32):
                 src = cache[block, row, kv_head]
                 for d in range(bits.shape[0]):
                     bits[d] = _fp16_bits_to_fp32_bits(np.uint32(np.uint16(src[d])))
+                return row_f32
             return load_fp16
         if cache.dtype == numba.types.uint8:  # fp8 e4m3 bits
             def load_fp8(cache, block, row, kv_head, bits, row_f32):
                 src = cache[block, row, kv_head]
                 for d in range(row_f32.shape[0]):
                     row_f32[d] = _FP8_E4M3_TABLE[src[d]]
+                return row_f32
             return load_fp8
+        if cache.dtype == numba.types.float32:  # read in place, no copy
+            return lambda cache, block, row, kv_head, bits, row_f32: cache[block, row, kv_head]
 
-        def load(cache, block, row, kv_head, bits, row_f32):  # fp32, or int8 codes
+        def load_int8(cache, block, row, kv_head, bits, row_f32):
             src = cache[block, row, kv_head]
             for d in range(row_f32.shape[0]):
                 row_f32[d] = np.float32(src[d])
-        return load
+            return row_f32
+        return load_int8
 
 
 def _decode_kernel(q, k_cache, v_cache, k_scale, v_scale, block_tables, context_lens, scale, out):
@@ -176,12 +183,12 @@ def _decode_kernel(q, k_cache, v_cache, k_scale, v_scale, block_tables, context_
             n = min(block_size, end - n0)
             for t in range(n):  # s = q . K^T, each K row read once for its GQA group
                 for kv_head in range(num_kv_heads):
-                    _load_row(k_cache, block, t, kv_head, bits, row)
+                    k_row = _load_row(k_cache, block, t, kv_head, bits, row)
                     row_scale = _row_scale(k_scale, block, t, kv_head)
                     for h in range(kv_head * group, (kv_head + 1) * group):
                         dot = np.float32(0.0)
                         for d in range(head_dim):
-                            dot += qs[h, d] * row[d]
+                            dot += qs[h, d] * k_row[d]
                         s[h, t] = dot * row_scale
             # Online softmax: every tile holds at least one real token, so m_new is finite.
             for h in range(num_heads):
@@ -200,18 +207,21 @@ def _decode_kernel(q, k_cache, v_cache, k_scale, v_scale, block_tables, context_
                 m_i[h] = m_new
             for t in range(n):  # acc += p V, each V row read once
                 for kv_head in range(num_kv_heads):
-                    _load_row(v_cache, block, t, kv_head, bits, row)
+                    v_row = _load_row(v_cache, block, t, kv_head, bits, row)
                     row_scale = _row_scale(v_scale, block, t, kv_head)
                     for h in range(kv_head * group, (kv_head + 1) * group):
                         p = s[h, t] * row_scale
                         for d in range(head_dim):
-                            acc[h, d] += p * row[d]
+                            acc[h, d] += p * v_row[d]
         for h in range(num_heads):
             inv = np.float32(1.0) / l_i[h]
             for d in range(head_dim):
                 out[seq, h, d] = acc[h, d] * inv
 
 
+# The same loop compiled twice: starting numba's thread pool costs ~0.1 ms a call, more
+# than one sequence's attention, so a lone sequence (or one thread) runs it serially.
+_decode_kernel_serial = _jit(_decode_kernel, parallel=False)
 _decode_kernel = _jit(_decode_kernel)
 
 
@@ -287,7 +297,9 @@ def decode_unchecked(
     target = out if out.dtype == torch.float32 and out.is_contiguous() else torch.empty(q.shape, dtype=torch.float32)
     k_scale_np = None if k_scale is None else k_scale.float().contiguous().numpy()
     v_scale_np = None if v_scale is None else v_scale.float().contiguous().numpy()
-    _decode_kernel(q32.numpy(), _as_numpy(k_cache), _as_numpy(v_cache), k_scale_np, v_scale_np, block_tables,
+    threads = numba.get_num_threads()
+    kernel = _decode_kernel_serial if q.shape[0] == 1 or threads == 1 else _decode_kernel
+    kernel(q32.numpy(), _as_numpy(k_cache), _as_numpy(v_cache), k_scale_np, v_scale_np, block_tables,
                    context_lens, np.float32(scale), target.numpy())
     if target is not out:
         out.copy_(target)
