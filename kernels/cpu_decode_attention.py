@@ -297,10 +297,9 @@ def decode_unchecked(
     target = out if out.dtype == torch.float32 and out.is_contiguous() else torch.empty(q.shape, dtype=torch.float32)
     k_scale_np = None if k_scale is None else k_scale.float().contiguous().numpy()
     v_scale_np = None if v_scale is None else v_scale.float().contiguous().numpy()
-    threads = numba.get_num_threads()
-    kernel = _decode_kernel_serial if q.shape[0] == 1 or threads == 1 else _decode_kernel
-    kernel(q32.numpy(), _as_numpy(k_cache), _as_numpy(v_cache), k_scale_np, v_scale_np, block_tables,
-                   context_lens, np.float32(scale), target.numpy())
+    kernel = _decode_kernel_serial if q.shape[0] == 1 or numba.get_num_threads() == 1 else _decode_kernel
+    kernel(q32.numpy(), _as_numpy(k_cache), _as_numpy(v_cache), k_scale_np, v_scale_np, block_tables, context_lens,
+           np.float32(scale), target.numpy())
     if target is not out:
         out.copy_(target)
     return out
