@@ -59,7 +59,7 @@ CPU_CHUNK_OVERHEAD_BLOCKS = 16
 # How CPU decodes attend: "fused" (kernels.cpu_decode_attention, needs numba),
 # "gather" (block gather + SDPA), or "auto" (fused when numba imports).
 DECODE_KERNELS = ("auto", "fused", "gather")
-# Cache dtypes the fused kernel reads; any other (a quantized cache) takes the gather path.
+# Compute dtypes the fused kernel handles (a quantized cache's is the model dtype); others gather.
 FUSED_CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
