@@ -86,6 +86,46 @@ def test_fp16_rows_widen_exactly():
     torch.testing.assert_close(torch.from_numpy(bits.view(np.float32)), expected, rtol=0, atol=0, equal_nan=True)
 
 
+def test_exp_within_a_few_ulp_of_exp():
+    """The kernel's vectorised exp against float64 exp over everything a softmax feeds it: scores
+    at or below their max (down to -inf for an empty row), ~2 ulp at most, and the sum it returns."""
+    import numpy as np
+
+    rng = np.random.default_rng()
+    n = 4096
+    x = np.concatenate([rng.uniform(-80, 0, n - 6), [0.0, -1e-30, -0.34657, -0.34658, -80.0, -79.99]])
+    m = np.float32(rng.uniform(-20, 20))
+    x = (x + m).astype(np.float32)
+    shifted = (x - m).astype(np.float64)  # the fp32 difference the kernel forms, then exact exp
+    got = x.copy()
+    total = cpu_decode_attention._exp_shifted(got, n, m, np.empty(n, np.uint32))
+    expected = np.exp(shifted)
+    ulp = np.spacing(expected.astype(np.float32)).astype(np.float64)
+    worst = (np.abs(got - expected) / ulp).max()
+    assert worst <= 2.5, f"exp off by {worst:.2f} ulp"
+    assert abs(total - expected.sum()) <= 1e-6 * expected.sum()
+    far = np.array([-1e4, -np.inf, -85.0], np.float32)  # clamped: tiny and finite, never NaN
+    tail = far.copy()
+    cpu_decode_attention._exp_shifted(tail, 3, np.float32(0), np.empty(3, np.uint32))
+    assert np.isfinite(tail).all() and (tail >= 0).all() and (tail < 1e-34).all()
+
+
+def test_serial_and_parallel_launchers_agree():
+    """The one-thread launcher (a lone sequence) and the prange one run the same program: equal bits."""
+    import numpy as np
+
+    q, k_cache, v_cache, tables, lens = make_batch([1, 17, 250, 64], 16, 3, 3, 64, torch.float32, "cpu",
+                                                   seed=random.randrange(1 << 30))
+    outs = []
+    for launch in (cpu_decode_attention._decode_serial, cpu_decode_attention._decode_parallel):
+        out = torch.full_like(q, float("nan"))
+        launch(q.numpy(), k_cache.numpy(), v_cache.numpy(), None, None, tables.to(torch.int32).numpy(),
+               lens.to(torch.int32).numpy(), np.float32(0.125), out.numpy())
+        outs.append(out)
+    assert torch.isfinite(outs[0]).all()
+    assert torch.equal(outs[0], outs[1])
+
+
 def test_strided_q_and_int64_tables_and_empty_batch():
     q, k_cache, v_cache, tables, lens = make_batch([9, 33], 8, 2, 3, 16, torch.float32, "cpu", seed=3)
     wide = torch.randn(2, 12, 16)
