@@ -16,7 +16,7 @@ tiles. The differences are the CPU's:
 - a tile is one cache block (``block_size`` tokens) instead of ``BLOCK_N`` tokens;
 - the dot products are loops over ``head_dim`` that LLVM vectorises (``fastmath``
   reassociation only), not ``tl.dot``; the scores' ``exp`` is a polynomial that
-  vectorises too (``_exp_shifted``), not ``tl.exp2``;
+  vectorises too (``kernels._cpu_jit.exp_shifted``), not ``tl.exp2``;
 - no split-K: a CPU has few cores and a batch already has more sequences than that.
 
 Compared with the pure-PyTorch path (gather every block into a contiguous buffer,
@@ -36,35 +36,19 @@ the row's score and to its probability, not to every element: ``q . (s k) = s (q
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import torch
 
 from kernels._checks import check_kernel_out, default_scale
+from kernels._cpu_jit import FASTMATH as _FASTMATH
+from kernels._cpu_jit import exp_shifted, numba
 from kernels.decode_attention import check_decode_args
-
-try:
-    import numba
-except ImportError:  # optional dependency: callers check available()
-    numba = None
-
-if numba is not None and "NUMBA_THREADING_LAYER" not in os.environ:
-    # numba's default OpenMP layer loads the system libgomp beside the copy bundled with
-    # torch; once both pools exist, every later torch op in the process measured ~300x
-    # slower (a 36x1536 SiLU: 54 us -> 20 ms, 1 thread). numba's own "workqueue" pool
-    # does not interfere. Set before the first parallel call; the variable still wins.
-    numba.config.THREADING_LAYER = "workqueue"
 
 
 def available() -> bool:
     """Whether numba is importable, i.e. ``paged_decode_attention`` can run."""
     return numba is not None
-
-
-# fastmath: only reassociation and contraction, so the head_dim reductions vectorise
-# (SIMD partial sums, FMA) while -inf stays meaningful for the online softmax.
-_FASTMATH = {"reassoc", "contract"}
 
 
 def _fp16_bits_to_fp32_bits(h):
@@ -153,38 +137,6 @@ if numba is not None:
         return load_int8
 
 
-# exp(x) = 2^k exp(r), k = round(x / ln 2), |r| <= ln(2) / 2: Cephes' expf, fp32 throughout.
-_LOG2E = np.float32(1.4426950408889634)
-_LN2_HI = np.float32(0.693359375)  # ln 2 split in two so that k * _LN2_HI is exact
-_LN2_LO = np.float32(-2.12194440e-4)
-_EXP_MIN = np.float32(-80.0)  # exp(-80) ~ 2e-35: below anything a softmax whose max is exp(0) = 1 can see
-_EXP_POLY = tuple(np.float32(c) for c in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2,
-                                          1.6666665459e-1, 5.0000001201e-1))
-
-
-def _exp_shifted(x, n, m, pow2):
-    """``x[:n] = exp(x[:n] - m)`` in place; returns their sum. ``pow2``: ``n`` uint32 of scratch.
-
-    numba's ``math.exp`` is one libm call per score and took most of the kernel's time
-    (a lone sequence of 240 tokens: 0.13 ms a layer, 0.04 ms with this). The polynomial
-    (within a few fp32 ulp of exp) vectorises: the first loop evaluates ``exp(r)`` and
-    writes ``2^k`` as its fp32 bit pattern, the second multiplies the two.
-    """
-    c0, c1, c2, c3, c4, c5 = _EXP_POLY
-    for t in range(n):
-        y = max(x[t] - m, _EXP_MIN)  # also catches -inf
-        k = np.floor(y * _LOG2E + np.float32(0.5))
-        r = y - k * _LN2_HI - k * _LN2_LO
-        x[t] = (((((c0 * r + c1) * r + c2) * r + c3) * r + c4) * r + c5) * (r * r) + r + np.float32(1.0)
-        pow2[t] = np.uint32(np.int32(k) + np.int32(127)) << np.uint32(23)
-    scales = pow2.view(np.float32)
-    total = np.float32(0.0)
-    for t in range(n):
-        x[t] *= scales[t]
-        total += x[t]
-    return total
-
-
 def _decode_program(q, k_cache, v_cache, k_scale, v_scale, block_tables, context_lens, scale, out, seq):
     """One program: ``out[seq, h] = softmax(scale * q[seq, h] . K[seq]) V[seq]`` for all heads ``h``.
 
@@ -207,7 +159,7 @@ def _decode_program(q, k_cache, v_cache, k_scale, v_scale, block_tables, context
     s = np.empty((num_heads, block_size), np.float32)  # one tile's scores, then probabilities
     bits = np.empty(head_dim, np.uint32)
     row = bits.view(np.float32)  # one K or V row widened to fp32
-    pow2 = np.empty(block_size, np.uint32)  # _exp_shifted's scratch
+    pow2 = np.empty(block_size, np.uint32)  # exp_shifted's scratch
     end = context_lens[seq]
     for n0 in range(0, end, block_size):  # one tile = one cache block
         block = block_tables[seq, n0 // block_size]
@@ -227,7 +179,7 @@ def _decode_program(q, k_cache, v_cache, k_scale, v_scale, block_tables, context
             for t in range(n):
                 m_new = max(m_new, s[h, t])
             alpha = math.exp(m_i[h] - m_new)
-            l_i[h] = l_i[h] * alpha + _exp_shifted(s[h], n, m_new, pow2)
+            l_i[h] = l_i[h] * alpha + exp_shifted(s[h], n, m_new, pow2)
             for d in range(head_dim):
                 acc[h, d] *= alpha
             m_i[h] = m_new
@@ -263,7 +215,6 @@ def _decode_parallel(q, k_cache, v_cache, k_scale, v_scale, block_tables, contex
 # pool costs more than one sequence's attention, so a lone sequence or one thread runs
 # the serial launcher.
 if numba is not None:
-    _exp_shifted = numba.njit(inline="always", fastmath=_FASTMATH)(_exp_shifted)
     _decode_program = numba.njit(cache=True, fastmath=_FASTMATH)(_decode_program)
     _decode_serial = numba.njit(cache=True, fastmath=_FASTMATH)(_decode_serial)
     _decode_parallel = numba.njit(parallel=True, cache=True, fastmath=_FASTMATH)(_decode_parallel)

@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("numba")
 
-from kernels import cpu_decode_attention, reference  # noqa: E402
+from kernels import _cpu_jit, cpu_decode_attention, reference  # noqa: E402
 from minipaged import kv_quant  # noqa: E402
 from minipaged.attention.torch_backend import TorchAttentionBackend  # noqa: E402
 from test_attention_backends import MIXED, per_token_reference, random_paged_step  # noqa: E402
@@ -87,27 +87,31 @@ def test_fp16_rows_widen_exactly():
 
 
 def test_exp_within_a_few_ulp_of_exp():
-    """The kernel's vectorised exp against float64 exp over everything a softmax feeds it: scores
-    at or below their max (down to -inf for an empty row), ~2 ulp at most, and the sum it returns."""
+    """The kernels' vectorised exp against float64 exp over everything fed to it: softmax scores
+    at or below their max (down to -inf for an empty row) and SiLU's exp(-x) up to 88: ~1 ulp
+    measured, 2.5 allowed; also the sum it returns for a softmax row and the clamped tails."""
     import numpy as np
 
     rng = np.random.default_rng()
     n = 4096
-    x = np.concatenate([rng.uniform(-80, 0, n - 6), [0.0, -1e-30, -0.34657, -0.34658, -80.0, -79.99]])
+    x = np.concatenate([rng.uniform(-80, 88, n - 8), [0.0, -1e-30, 1e-30, -0.34657, -0.34658, -80.0, -79.99, 88.0]])
     m = np.float32(rng.uniform(-20, 20))
     x = (x + m).astype(np.float32)
     shifted = (x - m).astype(np.float64)  # the fp32 difference the kernel forms, then exact exp
     got = x.copy()
-    total = cpu_decode_attention._exp_shifted(got, n, m, np.empty(n, np.uint32))
+    _cpu_jit.exp_shifted(got, n, m, np.empty(n, np.uint32))
     expected = np.exp(shifted)
     ulp = np.spacing(expected.astype(np.float32)).astype(np.float64)
     worst = (np.abs(got - expected) / ulp).max()
     assert worst <= 2.5, f"exp off by {worst:.2f} ulp"
-    assert abs(total - expected.sum()) <= 1e-6 * expected.sum()
-    far = np.array([-1e4, -np.inf, -85.0], np.float32)  # clamped: tiny and finite, never NaN
+    scores = (rng.uniform(-30, 0, 256) + m).astype(np.float32)  # a softmax row: its sum stays in fp32's range
+    total = _cpu_jit.exp_shifted(scores, 256, m, np.empty(256, np.uint32))
+    assert abs(total - scores.astype(np.float64).sum()) <= 1e-6 * total
+    far = np.array([-1e4, -np.inf, -85.0, 1e4, np.inf], np.float32)  # clamped to [exp(-80), exp(88)], never NaN
     tail = far.copy()
-    cpu_decode_attention._exp_shifted(tail, 3, np.float32(0), np.empty(3, np.uint32))
-    assert np.isfinite(tail).all() and (tail >= 0).all() and (tail < 1e-34).all()
+    _cpu_jit.exp_shifted(tail, 5, np.float32(0), np.empty(5, np.uint32))
+    assert np.isfinite(tail).all() and (tail[:3] < 1e-34).all() and (tail[:3] >= 0).all()
+    assert np.allclose(tail[3:], np.exp(88.0), rtol=1e-6)
 
 
 def test_serial_and_parallel_launchers_agree():

@@ -24,6 +24,11 @@ from minipaged.models.config import ModelConfig
 from minipaged.models.linear import PackedWeight, linear
 from minipaged.models.parallel_linear import column_linear, row_linear
 
+try:
+    from kernels import cpu_fused_ops
+except ImportError:  # kernels needs triton; the PyTorch formulas below still work
+    cpu_fused_ops = None
+
 if TYPE_CHECKING:
     from minipaged.distributed import TensorParallelGroup
 
@@ -34,11 +39,20 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [T, hidden]`` -> normalised ``[T, hidden]``, statistics in fp32 as in transformers."""
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add the residual stream, then normalise: ``(rms_norm(x + residual), x + residual)``,
+        each ``[T, hidden]`` (``x`` alone without ``residual``); statistics in fp32 as in transformers.
+
+        The sum is written into ``x``. Taking the add here lets fp32 CPU runs do both in one
+        pass (``kernels.cpu_fused_ops``, vLLM's ``fused_add_rms_norm``).
+        """
+        if cpu_fused_ops is not None and cpu_fused_ops.applies_to(x):
+            return cpu_fused_ops.add_rms_norm(x, self.weight, self.eps, residual)
+        if residual is not None:
+            x = x.add_(residual)
         if x.dtype == torch.float32:
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps), x
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype), x
 
 
 def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
@@ -83,7 +97,10 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x [T, H, head_dim]`` (rotate-half convention, as transformers' Llama)."""
+    """Rotate ``x [T, H, head_dim]`` (rotate-half convention, as transformers' Llama); a new tensor,
+    or ``x`` itself rotated in place on fp32 CPU runs (``kernels.cpu_fused_ops.rope_``)."""
+    if cpu_fused_ops is not None and cpu_fused_ops.applies_to(x):
+        return cpu_fused_ops.rope_(x, cos, sin)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
@@ -145,15 +162,21 @@ class DecoderLayer(nn.Module):
 
     def forward(
         self,
-        h: torch.Tensor,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
         cos: torch.Tensor,
         sin: torch.Tensor,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        """Pre-norm residual block: ``h [T, hidden]`` -> ``[T, hidden]``."""
-        h = self.self_attn(self.input_layernorm(h), cos, sin, kv_cache, meta).add_(h)
-        return self.mlp(self.post_attention_layernorm(h)).add_(h)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-norm residual block: ``(x, residual)`` -> ``(mlp_out, residual)``, each ``[T, hidden]``.
+
+        The hidden state is ``x + residual`` (``x`` alone for the first layer's ``None``);
+        the add is left to the next RMSNorm, which does it in the same pass.
+        """
+        x, residual = self.input_layernorm(x, residual)
+        x, residual = self.post_attention_layernorm(self.self_attn(x, cos, sin, kv_cache, meta), residual)
+        return self.mlp(x), residual
 
 
 class DecoderStack(nn.Module):
@@ -207,10 +230,10 @@ class CausalLM(nn.Module):
         self._check_inputs(input_ids, positions, kv_caches, meta)
         meta = self.attention_backend.prepare(meta, kv_caches[0][0])
         cos, sin = self.model.rotary_emb(positions)
-        h = self.model.embed_tokens(input_ids)
+        h, residual = self.model.embed_tokens(input_ids), None
         for layer, kv_cache in zip(self.model.layers, kv_caches):
-            h = layer(h, cos, sin, kv_cache, meta)
-        return self.model.norm(h)
+            h, residual = layer(h, residual, cos, sin, kv_cache, meta)
+        return self.model.norm(h, residual)[0]
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

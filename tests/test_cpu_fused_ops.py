@@ -1,0 +1,84 @@
+"""The numba fused RMSNorm (+ residual add) and RoPE against the PyTorch formulas they replace.
+
+Fresh random inputs each run (shapes from one row to a prefill, SmolLM2's and odd ones),
+outputs poisoned with NaN before the call, and the model-level switch checked both ways.
+"""
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("numba")
+
+from kernels import cpu_fused_ops  # noqa: E402
+from minipaged.models import llama  # noqa: E402
+
+SHAPES = [(1, 576), (32, 576), (257, 64), (3, 7)]
+
+
+def _reference_rope(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+@pytest.mark.parametrize("rows, dim", SHAPES)
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_add_rms_norm_matches_torch(rows, dim, with_residual):
+    scale = random.uniform(0.1, 30.0)  # hidden states grow through a model; eps must not dominate
+    x = torch.randn(rows, dim) * scale
+    residual = torch.randn(rows, dim) * scale if with_residual else None
+    weight = torch.randn(dim)
+    eps = random.choice([1e-5, 1e-6])
+    summed = x + residual if with_residual else x.clone()
+    expected = F.rms_norm(summed, (dim,), weight, eps)
+    out, new_residual = cpu_fused_ops.add_rms_norm(x, weight, eps, residual)
+    assert new_residual is x, "the sum is written into x, which becomes the residual"
+    torch.testing.assert_close(new_residual, summed, rtol=0, atol=0)  # one fp32 add: exact
+    torch.testing.assert_close(out, expected, rtol=3e-6, atol=1e-6)
+
+
+def test_add_rms_norm_leaves_nothing_unwritten():
+    """Every output element comes from this call (the output is fresh; a NaN input row stays in its row)."""
+    x = torch.randn(5, 64)
+    x[2, 10] = float("nan")
+    out, _ = cpu_fused_ops.add_rms_norm(x, torch.ones(64), 1e-5)
+    assert torch.isnan(out[2]).all() and torch.isfinite(out[[0, 1, 3, 4]]).all()
+
+
+@pytest.mark.parametrize("rows, heads, head_dim", [(1, 12, 64), (32, 12, 64), (300, 5, 6), (2, 1, 2)])
+def test_rope_matches_torch_in_place_on_strided_columns(rows, heads, head_dim):
+    """As the model calls it: the q and k columns of a qkv product (a strided view), rotated in
+    place, v's columns untouched."""
+    v_cols = random.randint(1, 3) * head_dim
+    qkv = torch.randn(rows, heads * head_dim + v_cols)
+    before = qkv.clone()
+    x = qkv[:, : heads * head_dim].view(rows, heads, head_dim)
+    angles = torch.rand(rows, 1, head_dim // 2) * 100
+    cos, sin = angles.cos(), angles.sin()
+    expected = _reference_rope(before[:, : heads * head_dim].view(rows, heads, head_dim), cos, sin)
+    assert cpu_fused_ops.rope_(x, cos, sin) is x
+    torch.testing.assert_close(x, expected, rtol=0, atol=0)  # same products and order: bit-equal
+    torch.testing.assert_close(qkv[:, heads * head_dim :], before[:, heads * head_dim :], rtol=0, atol=0)
+
+
+def test_model_takes_the_fused_ops_only_for_fp32_cpu():
+    x = torch.randn(4, 8)
+    assert cpu_fused_ops.applies_to(x)
+    assert not cpu_fused_ops.applies_to(x.bfloat16())
+    assert not cpu_fused_ops.applies_to(x.double())
+    assert not cpu_fused_ops.applies_to(x.requires_grad_())
+
+
+def test_rmsnorm_module_fused_equals_unfused(monkeypatch):
+    """The model's RMSNorm returns the same (normalised, residual) pair with and without numba."""
+    norm = llama.RMSNorm(96, 1e-6)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x, residual = torch.randn(7, 96) * 4, torch.randn(7, 96) * 4
+    with torch.inference_mode():
+        fused = norm(x.clone(), residual)
+        monkeypatch.setattr(llama, "cpu_fused_ops", None)
+        plain = norm(x.clone(), residual)
+    torch.testing.assert_close(fused[1], plain[1], rtol=0, atol=0)
+    torch.testing.assert_close(fused[0], plain[0], rtol=3e-6, atol=1e-6)
