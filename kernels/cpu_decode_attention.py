@@ -287,12 +287,16 @@ def decode_unchecked(
     if q.shape[0] == 0:
         return out
     # Follow torch's thread count (numba keeps its own), within the pool numba started with.
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if q.shape[0] == 1 or threads == 1:
+        kernel = _decode_serial
+    else:
+        numba.set_num_threads(threads)
+        kernel = _decode_parallel
     q32 = q.float().contiguous()
     target = out if out.dtype == torch.float32 and out.is_contiguous() else torch.empty(q.shape, dtype=torch.float32)
     k_scale_np = None if k_scale is None else k_scale.float().contiguous().numpy()
     v_scale_np = None if v_scale is None else v_scale.float().contiguous().numpy()
-    kernel = _decode_serial if q.shape[0] == 1 or numba.get_num_threads() == 1 else _decode_parallel
     kernel(q32.numpy(), _as_numpy(k_cache), _as_numpy(v_cache), k_scale_np, v_scale_np, block_tables, context_lens,
            np.float32(scale), target.numpy())
     if target is not out:

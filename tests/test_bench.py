@@ -109,3 +109,15 @@ def test_summary_compares_each_kv_cache_dtype_with_the_float_cache():
     assert "1/2 requests identical, 60.0% before the first difference" in text
     with pytest.raises(SystemExit):  # an unknown cache dtype is refused before any engine starts
         main(["--kv-cache-dtype", "auto", "int4"])
+
+
+def test_vllm_child_imports_no_numba():
+    """``bench_vllm`` runs inside vLLM's CPU build, whose start-up scans every loaded module's
+    attributes and fails on llvmlite's (``'_lib_fn_wrapper' object has no attribute 'get'``):
+    importing it, and the model loader it uses, must not load numba."""
+    import subprocess
+    import sys
+
+    code = "import sys, minipaged.bench_vllm; print(sorted(m for m in ('numba', 'llvmlite') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

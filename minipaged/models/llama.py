@@ -11,7 +11,9 @@ order than transformers' MKL path (differences of a few fp32 ulps).
 """
 from __future__ import annotations
 
+import functools
 import math
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 import torch
@@ -24,10 +26,23 @@ from minipaged.models.config import ModelConfig
 from minipaged.models.linear import PackedWeight, linear
 from minipaged.models.parallel_linear import column_linear, row_linear
 
-try:
-    from kernels import cpu_fused_ops
-except ImportError:  # kernels needs triton; the PyTorch formulas below still work
-    cpu_fused_ops = None
+
+@functools.cache
+def cpu_fused_ops() -> ModuleType | None:
+    """``kernels.cpu_fused_ops``, imported on first use (it loads numba, which vLLM's CPU
+    build, importing this module in ``bench_vllm``, must not find loaded); ``None`` when
+    ``kernels`` does not import (it needs triton): the PyTorch formulas below still work."""
+    try:
+        from kernels import cpu_fused_ops as module
+    except ImportError:
+        return None
+    return module
+
+
+def _fused(x: torch.Tensor) -> ModuleType | None:
+    """The fused CPU ops module when it applies to ``x`` (fp32 CPU, numba present), else ``None``."""
+    module = cpu_fused_ops()
+    return module if module is not None and module.applies_to(x) else None
 
 if TYPE_CHECKING:
     from minipaged.distributed import TensorParallelGroup
@@ -46,8 +61,8 @@ class RMSNorm(nn.Module):
         The sum is written into ``x``. Taking the add here lets fp32 CPU runs do both in one
         pass (``kernels.cpu_fused_ops``, vLLM's ``fused_add_rms_norm``).
         """
-        if cpu_fused_ops is not None and cpu_fused_ops.applies_to(x):
-            return cpu_fused_ops.add_rms_norm(x, self.weight, self.eps, residual)
+        if (fused := _fused(x)) is not None:
+            return fused.add_rms_norm(x, self.weight, self.eps, residual)
         if residual is not None:
             x = x.add_(residual)
         if x.dtype == torch.float32:
@@ -99,8 +114,8 @@ class RotaryEmbedding(nn.Module):
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate ``x [T, H, head_dim]`` (rotate-half convention, as transformers' Llama); a new tensor,
     or ``x`` itself rotated in place on fp32 CPU runs (``kernels.cpu_fused_ops.rope_``)."""
-    if cpu_fused_ops is not None and cpu_fused_ops.applies_to(x):
-        return cpu_fused_ops.rope_(x, cos, sin)
+    if (fused := _fused(x)) is not None:
+        return fused.rope_(x, cos, sin)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
