@@ -5,9 +5,12 @@ The model takes a flat batch of new tokens from many sequences (see
 prefill chunks and decode tokens share one forward pass. Differences from the
 Hugging Face modules are for speed and do not change the formulas: q/k/v are one
 matmul (``qkv_proj``), gate/up are one matmul (``gate_up_proj``), the rotary cos/sin
-tables are precomputed once and indexed by position, and on CPU the linears multiply
-by oneDNN pre-packed weights (``minipaged.models.linear``), which sums in a different
-order than transformers' MKL path (differences of a few fp32 ulps).
+tables are precomputed once and indexed by position, the residual stream travels beside
+the hidden state so that each RMSNorm does the residual add too, and on CPU the linears
+multiply by oneDNN pre-packed weights (``minipaged.models.linear``), which sums in a
+different order than transformers' MKL path (differences of a few fp32 ulps). fp32 CPU
+runs do RMSNorm (+ add) and RoPE in numba (``kernels.cpu_fused_ops``), within an ulp or so
+of the PyTorch formulas used everywhere else.
 """
 from __future__ import annotations
 
