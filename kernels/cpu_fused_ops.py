@@ -26,11 +26,6 @@ import torch
 from kernels._cpu_jit import FASTMATH, numba
 
 
-def available() -> bool:
-    """Whether numba is importable, i.e. these ops can run."""
-    return numba is not None
-
-
 def applies_to(x: torch.Tensor) -> bool:
     """Whether the fused ops take ``x``: numba present, an fp32 CPU tensor, no autograd."""
     return (numba is not None and x.device.type == "cpu" and x.dtype == torch.float32

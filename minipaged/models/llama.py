@@ -29,6 +29,9 @@ from minipaged.models.config import ModelConfig
 from minipaged.models.linear import PackedWeight, linear
 from minipaged.models.parallel_linear import column_linear, row_linear
 
+if TYPE_CHECKING:
+    from minipaged.distributed import TensorParallelGroup
+
 
 @functools.cache
 def cpu_fused_ops() -> ModuleType | None:
@@ -46,9 +49,6 @@ def _fused(x: torch.Tensor) -> ModuleType | None:
     """The fused CPU ops module when it applies to ``x`` (fp32 CPU, numba present), else ``None``."""
     module = cpu_fused_ops()
     return module if module is not None and module.applies_to(x) else None
-
-if TYPE_CHECKING:
-    from minipaged.distributed import TensorParallelGroup
 
 
 class RMSNorm(nn.Module):
