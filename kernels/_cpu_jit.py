@@ -5,21 +5,71 @@ and callers fall back to PyTorch.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
+import torch
 
 try:
     import numba
 except ImportError:  # optional dependency: callers check available()
     numba = None
 
+
+def _torch_uses_openmp() -> bool:
+    """Whether torch's intra-op threads are an OpenMP pool (its Linux wheels: the bundled libgomp)."""
+    return "ATen parallel backend: OpenMP" in torch.__config__.parallel_info()
+
+
+def _omp_layer_importable() -> bool:
+    """Whether numba's OpenMP threading layer was built and its libgomp found."""
+    try:
+        from numba.np.ufunc import omppool  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 if numba is not None and "NUMBA_THREADING_LAYER" not in os.environ:
-    # numba's default OpenMP layer loads the system libgomp beside the copy bundled with
-    # torch; once both pools exist, every later torch op in the process measured ~300x
-    # slower (a 36x1536 SiLU: 54 us -> 20 ms, 1 thread). numba's own "workqueue" pool
-    # does not interfere. Set before the first parallel call; the variable still wins.
-    numba.config.THREADING_LAYER = "workqueue"
+    # A prange launch runs on torch's own OpenMP threads when numba's "omp" layer can load:
+    # torch puts its libgomp in the process's global symbol scope first, so the OpenMP calls
+    # of numba's layer bind to it, and the two share one pool. numba's own "workqueue" pool
+    # instead raced torch's OpenMP worker, which keeps spinning for a while after each torch
+    # op: a 32-sequence decode attention right after a linear took 2.2-2.4 ms with
+    # workqueue against 1.1 ms with omp (1.2 / 0.9 ms back to back), and a whole batch-32
+    # SmolLM2 decode step spent 23-25 ms in attention against 12.5-13 (2 threads, AMD EPYC).
+    # (numba's layer also sets the runtime's nesting on; torch never opens nested regions.)
+    # The variable, when set, still wins.
+    numba.config.THREADING_LAYER = "omp" if _torch_uses_openmp() and _omp_layer_importable() else "workqueue"
+
+
+@functools.cache
+def _pool_owner() -> int:
+    """Start numba's thread pool once, keeping torch's thread count; the pid that owns the pool.
+
+    Starting numba's OpenMP layer calls ``omp_set_num_threads(NUMBA_NUM_THREADS)``, which in a
+    shared runtime is torch's own setting, so it is put back.
+    """
+    threads = torch.get_num_threads()
+    numba.get_num_threads()  # starts the pool
+    torch.set_num_threads(threads)
+    return os.getpid()
+
+
+def set_launch_threads() -> int:
+    """Set numba's thread count for this thread's next ``prange`` launch to torch's count (within
+    numba's pool) and return it.
+
+    Returns 1, to run serially, in a process forked after the pool started: GNU OpenMP is
+    not fork-safe, and numba's OpenMP layer kills such a child on its first parallel launch.
+    """
+    if numba is None or _pool_owner() != os.getpid():
+        return 1
+    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(threads)
+    return threads
+
 
 # fastmath: only reassociation and contraction, so reductions vectorise (SIMD partial
 # sums, FMA) while -inf and NaN keep their meaning.

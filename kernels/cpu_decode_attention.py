@@ -42,7 +42,7 @@ import torch
 
 from kernels._checks import check_kernel_out, default_scale
 from kernels._cpu_jit import FASTMATH as _FASTMATH
-from kernels._cpu_jit import exp_shifted, numba
+from kernels._cpu_jit import exp_shifted, numba, set_launch_threads
 from kernels.decode_attention import check_decode_args
 
 
@@ -286,13 +286,7 @@ def decode_unchecked(
         raise RuntimeError("the CPU decode kernel needs numba: pip install 'minipaged[cpu]'")
     if q.shape[0] == 0:
         return out
-    # Follow torch's thread count (numba keeps its own), within the pool numba started with.
-    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    if q.shape[0] == 1 or threads == 1:
-        kernel = _decode_serial
-    else:
-        numba.set_num_threads(threads)
-        kernel = _decode_parallel
+    kernel = _decode_serial if q.shape[0] == 1 or set_launch_threads() == 1 else _decode_parallel
     q32 = q.float().contiguous()
     target = out if out.dtype == torch.float32 and out.is_contiguous() else torch.empty(q.shape, dtype=torch.float32)
     k_scale_np = None if k_scale is None else k_scale.float().contiguous().numpy()

@@ -6,7 +6,12 @@ blocks, ragged contexts (1, block_size +- 1, hundreds), rows past each context a
 blocks no sequence owns poisoned with NaN, unused table entries -1, and ``out``
 poisoned too, so reading or skipping the wrong thing shows up.
 """
+import json
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +23,8 @@ from minipaged import kv_quant  # noqa: E402
 from minipaged.attention.torch_backend import TorchAttentionBackend  # noqa: E402
 from test_attention_backends import MIXED, per_token_reference, random_paged_step  # noqa: E402
 from test_decode_attention import REL_TOL, make_batch, rel_error  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CASES = [  # (block_size, head_dim, num_kv_heads, group, dtype)
     (16, 64, 3, 3, torch.float32),  # SmolLM2's attention shape
@@ -176,3 +183,51 @@ def test_backend_dispatch_keeps_other_caches_on_the_gather_path():
     assert not TorchAttentionBackend(decode_kernel="gather").uses_fused_decode(torch.empty(1, 4, 1, 8))
     with pytest.raises(ValueError, match="decode_kernel"):
         TorchAttentionBackend(decode_kernel="flash")
+
+
+_POOL_CHILD = r"""
+import json, os, sys
+import torch
+from kernels import _cpu_jit, cpu_decode_attention, reference
+from test_decode_attention import make_batch
+
+threads = lambda: len(os.listdir("/proc/self/task"))
+q, k_cache, v_cache, tables, lens = make_batch([5, 40, 17, 200], 16, 3, 3, 64, torch.float32, "cpu", seed=int(sys.argv[1]))
+ref = reference.paged_decode_attention(q.double(), k_cache.double(), v_cache.double(), tables, lens, 0.125)
+err = lambda out: float((out.double() - ref).abs().max())
+report = {"layer": _cpu_jit.numba.config.THREADING_LAYER}
+torch.set_num_threads(2)
+torch.randn(512, 512) @ torch.randn(512, 512)  # torch's OpenMP team of 2 now exists
+report["threads_before"] = threads()
+torch.set_num_threads(1)  # numba's pool starts here
+report["err_one_thread"] = err(cpu_decode_attention.paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.125))
+report["torch_threads_after_pool_start"] = torch.get_num_threads()
+torch.set_num_threads(2)
+report["err_parallel"] = err(cpu_decode_attention.paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.125))
+report["threads_after"] = threads()
+child = os.fork()
+if child == 0:  # GNU OpenMP is not fork-safe: the child must take the serial launcher
+    ok = err(cpu_decode_attention.paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.125)) < 1e-4
+    os._exit(0 if ok else 1)
+report["child_status"] = os.waitpid(child, 0)[1]
+print(json.dumps(report))
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task") or not hasattr(os, "fork"), reason="needs Linux")
+def test_parallel_launch_runs_on_torchs_openmp_pool():
+    """Where torch's threads are OpenMP (its Linux wheels), the kernel's prange launch runs on
+    torch's own pool: no thread appears, torch's thread count is left as set, and a process
+    forked afterwards still gets right answers (serially: numba's OpenMP layer would kill it)."""
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests")])
+    proc = subprocess.run([sys.executable, "-c", _POOL_CHILD, str(random.randrange(1 << 30))], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["err_one_thread"] < 1e-4 and report["err_parallel"] < 1e-4, report
+    assert report["torch_threads_after_pool_start"] == 1, report
+    assert report["child_status"] == 0, report
+    if _cpu_jit._torch_uses_openmp() and _cpu_jit._omp_layer_importable():
+        assert report["layer"] == "omp", report
+        assert report["threads_after"] == report["threads_before"], report
