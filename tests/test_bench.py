@@ -79,36 +79,94 @@ def test_token_agreement_counts_identical_requests_and_common_prefixes():
         token_agreement(ours, theirs[:2])  # one list per request, or it is a bug
 
 
-def test_summary_prints_ratios_from_the_same_run():
-    work = Workload(prompts=[[1, 2], [3]], max_tokens=[4, 6])  # 10 output tokens
-    engine = dict(startup_s=3.0, peak_rss=2**30, latency_s=2.0)
+def rounds(*seconds: float, latency: float = 2.0, tokens=None, **extra) -> list[dict]:
+    return [dict(seconds=s, latency_s=latency, tokens=tokens, **extra) for s in seconds]
+
+
+def test_summary_prints_paired_ratios_over_rounds():
+    work = Workload(prompts=[[1, 2], [3]], max_tokens=[4, 6])  # 10 output tokens a round
+    engine = dict(startup_s=3.0, peak_rss=2**30)
     results = {
-        "vLLM CPU (before)": dict(engine, seconds=0.5),  # 20 tok/s
-        "minipaged": dict(engine, seconds=0.25, tokens=[[7] * 4, [8] * 6], breakdown="  steps"),  # 40 tok/s
-        "transformers static": dict(engine, seconds=1.0, tokens=[[7] * 4, [8] * 5 + [0]], static={"16": 1.0},
-                                    best_batch_size=16),
-        "vLLM CPU (after)": {"error": "exit 1: boom"},
+        # vLLM's rounds drift (20, 10, 40 tok/s); minipaged's ran between them at twice, 1.5x and 3x the speed
+        "vLLM CPU": dict(engine, rounds=rounds(0.5, 1.0, 0.25, latency=3.0)),
+        "minipaged": dict(engine, rounds=rounds(0.25, 0.5 / 0.75, 0.25 / 3, tokens=[[7] * 4, [8] * 6],
+                                                breakdown="  steps")),
+        "transformers static": dict(engine, rounds=rounds(1.0, tokens=[[7] * 4, [8] * 5 + [0]], static={"16": 1.0},
+                                                          best_batch_size=16)),
+        "minipaged kv int8": {"error": "exit 1: boom"},
     }
     text = "\n".join(summarise("uniform", "float32", work, results))
-    assert "minipaged / vLLM CPU: 2.00x" in text
-    assert "minipaged / transformers best static: 4.00x" in text
+    assert "minipaged / vLLM CPU: 2.00x (rounds 2.00x 1.50x 3.00x)" in text
+    assert "single-request latency minipaged / vLLM: 0.67x (rounds 0.67x 0.67x 0.67x)" in text
+    assert "minipaged / transformers best static: 4.00x" in text  # paired with minipaged's first round
     assert "1/2 requests identical, 90.0% of tokens" in text
-    assert "vLLM CPU (after)" in text and "failed: exit 1: boom" in text
+    assert "minipaged kv int8" in text and "failed: exit 1: boom" in text
+    assert "20.0 tok/s (   0.5 s, rounds 10.0-40.0)" in text  # vLLM's median round and its spread
     assert "start-up   3.0 s" in text and "peak RSS 1.00 GiB" in text
 
 
 def test_summary_compares_each_kv_cache_dtype_with_the_float_cache():
     work = Workload(prompts=[[1, 2], [3]], max_tokens=[4, 6])
-    engine = dict(startup_s=3.0, peak_rss=2**30, latency_s=2.0)
+    engine = dict(startup_s=3.0, peak_rss=2**30)
     results = {
-        "minipaged": dict(engine, seconds=0.5, tokens=[[7] * 4, [8] * 6]),  # 20 tok/s
-        "minipaged kv int8": dict(engine, seconds=0.4, tokens=[[7] * 4, [8] * 2 + [9] * 4]),  # 25 tok/s
+        "minipaged": dict(engine, rounds=rounds(0.5, tokens=[[7] * 4, [8] * 6])),  # 20 tok/s
+        "minipaged kv int8": dict(engine, rounds=rounds(0.4, tokens=[[7] * 4, [8] * 2 + [9] * 4])),  # 25 tok/s
     }
     text = "\n".join(summarise("mixed", "float32", work, results))
-    assert "minipaged kv int8 / minipaged: 1.25x" in text
+    assert "minipaged kv int8 / minipaged: 1.25x;" in text
     assert "1/2 requests identical, 60.0% before the first difference" in text
     with pytest.raises(SystemExit):  # an unknown cache dtype is refused before any engine starts
         main(["--kv-cache-dtype", "auto", "int4"])
+
+
+def test_rounds_keep_the_lengths_and_change_the_token_ids():
+    first = make_workload(12, vocab=5000, in_range=(3, 40), out_range=(2, 9), seed=5)
+    assert first == make_workload(12, vocab=5000, in_range=(3, 40), out_range=(2, 9), seed=5, round_index=0)
+    later = [make_workload(12, vocab=5000, in_range=(3, 40), out_range=(2, 9), seed=5, round_index=i) for i in (1, 2)]
+    for work in later:
+        assert work.max_tokens == first.max_tokens
+        assert [len(p) for p in work.prompts] == [len(p) for p in first.prompts]
+        assert all(100 <= t < 5000 for p in work.prompts for t in p)
+    assert len({tuple(map(tuple, w.prompts)) for w in [first, *later]}) == 3
+
+
+_FAKE_ENGINE = r"""
+import sys, time
+from minipaged.bench import RoundServer, Workload
+name, fail_at = sys.argv[1], int(sys.argv[2])
+path = sys.argv[sys.argv.index("--result-json") + 1]
+buffer = [0] * 2_000_000  # ~16 MB resident, for the RSS sampler to see
+
+def run_round(work):
+    index = work.prompts[0][0]
+    if index == fail_at:
+        print(f"{name} boom at round {index}", flush=True)
+        sys.exit(3)
+    time.sleep(0.3)  # long enough for the RSS sampler
+    return {"seconds": 0.1, "latency_s": 0.1, "tokens": [[index]], "done_ns": time.monotonic_ns(), "name": name}
+
+RoundServer(path, lambda index: Workload([[index]], [1])).serve(run_round)
+"""
+
+
+def test_engines_take_turns_and_a_failed_one_is_reported():
+    """Real child processes speaking the round protocol: each is started once, rounds rotate
+    the order, a child that dies mid-way is reported with its output and the others go on."""
+    import subprocess  # noqa: F401  (run_engines launches them)
+    import sys
+
+    from minipaged.bench import run_engines
+
+    child = [sys.executable, "-c", _FAKE_ENGINE]
+    engines = {"a": (child + ["a", "99"], None), "b": (child + ["b", "99"], None), "c": (child + ["c", "1"], None)}
+    results = run_engines(engines, rounds=3)
+    assert "exit 3" in results["c"]["error"] and "c boom at round 1" in results["c"]["error"]
+    for name in "ab":
+        r = results[name]
+        assert [x["tokens"] for x in r["rounds"]] == [[[0]], [[1]], [[2]]]
+        assert 0 < r["startup_s"] < 120 and r["peak_rss"] > 16 * 2**20
+    done = sorted((x["done_ns"], x["name"]) for name in "ab" for x in results[name]["rounds"])
+    assert [n for _, n in done] == ["a", "b", "b", "a", "a", "b"]  # round 0 a b (c), round 1 b (c dies) a, round 2 a b
 
 
 def test_vllm_child_imports_no_numba():
