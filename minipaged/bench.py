@@ -375,7 +375,13 @@ def minipaged_label(kv_cache_dtype: str) -> str:
 
 def paired_ratio(numerator: dict, denominator: dict, key: str) -> tuple[float, list[float]]:
     """``denominator[round][key] / numerator[round][key]`` for each round both engines ran (a speed-up
-    when ``key`` is seconds), and their median."""
+    when ``key`` is seconds), and their median. An engine that ran one round against one that ran
+    several (the transformers baseline) is compared with the other's median round instead: its one
+    round was not run beside any particular round of the other's."""
+    if len(numerator["rounds"]) != len(denominator["rounds"]):
+        ratio = statistics.median(d[key] for d in denominator["rounds"]) / statistics.median(
+            n[key] for n in numerator["rounds"])
+        return ratio, [ratio]
     ratios = [d[key] / n[key] for n, d in zip(numerator["rounds"], denominator["rounds"])]
     return statistics.median(ratios), ratios
 
