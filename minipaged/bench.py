@@ -341,7 +341,8 @@ def run_engines(engines: dict[str, tuple[list[str], dict[str, str] | None]], rou
                 results[label] = {"error": str(exc)}
         for index in range(rounds):
             alive = [label for label in children if "error" not in results[label]]
-            for label in alive[index % max(len(alive), 1):] + alive[: index % max(len(alive), 1)]:
+            shift = index % len(alive) if alive else 0
+            for label in alive[shift:] + alive[:shift]:
                 try:
                     results[label]["rounds"].append(children[label].run_round(index))
                 except ChildFailed as exc:
