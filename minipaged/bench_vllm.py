@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds-from-stdin", action="store_true",
                         help="after warm-up, run a round for each line read from stdin (python -m minipaged.bench does)")
     args = parser.parse_args(argv)
+    if args.rounds_from_stdin and not args.result_json:
+        parser.error("--rounds-from-stdin needs --result-json")
     try:
         from vllm import LLM, SamplingParams
         from vllm.inputs import TokensPrompt
@@ -73,8 +75,6 @@ def main(argv: list[str] | None = None) -> int:
                 "tokens": [list(o.outputs[0].token_ids) for o in outs]}
 
     if args.rounds_from_stdin:
-        if not args.result_json:
-            parser.error("--rounds-from-stdin needs --result-json")
         RoundServer(args.result_json, lambda index: make_workload(*spec, round_index=index)).serve(run_round)
         return 0
     ready_at = time.time()
