@@ -11,7 +11,7 @@ import torch
 from transformers import MinNewTokensLengthLogitsProcessor, RepetitionPenaltyLogitsProcessor
 
 from minipaged.outputs import Logprob
-from minipaged.sampler import SamplerOutput, filtered_probs, process_logits
+from minipaged.sampler import SamplerOutput, filtered_probs, greedy_tokens, process_logits
 from minipaged.sampler import sample as sample_with_history
 from minipaged.sampling_params import SamplingParams
 
@@ -53,6 +53,18 @@ def test_greedy_is_argmax():
     params = [SamplingParams(temperature=0)] * 7
     gens = [torch.Generator().manual_seed(i) for i in range(7)]
     assert sample(logits, params, gens) == torch.argmax(logits, -1).tolist()
+
+
+def test_greedy_tokens_match_torch_argmax_on_ties_nan_and_strided_rows():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(6, 2 * 1000, generator=g).round(decimals=1)[:, ::2]  # strided rows, many ties
+    logits[1, 7] = float("nan")
+    logits[2] = float("-inf")
+    logits[3, 10:20] = 9.0  # a tie for the maximum: the first one wins
+    want = torch.argmax(logits, dim=-1)
+    got = greedy_tokens(logits)
+    assert got.dtype == torch.int64 and got.tolist() == want.tolist()
+    assert got[1] == 7 and got[2] == 0 and got[3] == 10
 
 
 @pytest.mark.parametrize("trial", range(4))
