@@ -22,6 +22,7 @@ from minipaged.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from minipaged.distributed import check_tensor_parallel_size
 from minipaged.errors import InvalidEngineConfigError
 from minipaged.models.config import ModelConfig
+from minipaged.models.linear import pack_in_place
 from minipaged.scheduler import ScheduledRequest
 
 
@@ -184,6 +185,9 @@ class Worker:
         )
         self.kv_caches = allocate_kv_cache(self.rank_config, num_blocks, config.block_size, config.torch_dtype,
                                            self.device, config.kv_cache_dtype)
+        # On CPU every linear multiplies by a oneDNN-packed weight; keeping the dense one beside
+        # it would hold the model twice (SmolLM2 fp32: 0.4 GiB), so the packed copy replaces it.
+        self.dense_weight_bytes_released = pack_in_place(model) if self.device.type == "cpu" else 0
 
     @property
     def kv_cache_bytes(self) -> int:

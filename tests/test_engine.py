@@ -13,6 +13,7 @@ import torch
 
 from minipaged import LLM, SamplingParams
 from minipaged.models import build_model_from_hf
+from minipaged.models.linear import PackedLinear, onednn_packing_available
 
 VOCAB = 384
 NEW_TOKENS = (5, 24)  # range of max_tokens per prompt
@@ -102,6 +103,13 @@ def test_greedy_matches_transformers(case, setting):
         assert out.prompt_token_ids == prompt
         assert out.outputs[0].token_ids == exp
         assert out.outputs[0].finish_reason == "length"
+    if setting == {} and onednn_packing_available():
+        # The CPU worker swapped every projection's dense weight for its packed copy before
+        # these tokens were computed, and says how much it released.
+        worker = llm.engine_core.worker
+        layers = [m for m in worker.model.modules() if isinstance(m, PackedLinear)]
+        assert layers and all(m.weight.is_mkldnn for m in layers)
+        assert worker.dense_weight_bytes_released == sum(m.weight.numel() * 4 for m in layers)
     if setting.get("num_kv_blocks") == 18:
         assert llm.num_preemptions > 0
         assert any(r.preemptions for r in llm.trace)

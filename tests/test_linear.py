@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from minipaged.models.linear import (
-    PackedLinear, PackedWeight, linear, onednn_bf16_packing_available, onednn_packing_available, uses_packed_gemm,
+    PackedLinear, PackedWeight, linear, onednn_bf16_packing_available, onednn_packing_available, pack_in_place,
+    packed_gemm_disabled, uses_packed_gemm,
 )
 
 needs_onednn = pytest.mark.skipif(not onednn_packing_available(), reason="this PyTorch build has no oneDNN packed linear")
@@ -91,3 +92,30 @@ def test_tied_head_helper_tracks_the_shared_weight():
     embedding[7].fill_(3.0)
     with torch.inference_mode():
         torch.testing.assert_close(linear(h, embedding, None, packed), h @ embedding.T, rtol=1e-5, atol=1e-4)
+
+
+@needs_onednn
+def test_pack_in_place_replaces_dense_weights_and_keeps_the_products():
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(fresh_layer(40, 72, bias=True), torch.nn.ReLU(), fresh_layer(72, 24, bias=False),
+                                torch.nn.Linear(24, 8))  # a plain nn.Linear is not ours to repack
+    trained = fresh_layer(24, 8, bias=False)  # a weight that trains keeps its dense form
+    model.append(trained)
+    model.requires_grad_(False)  # as the loader leaves a model
+    trained.weight.requires_grad_(True)
+    dense = {i: model[i].weight.detach().clone() for i in (0, 2)}
+    x = torch.randn(9, 40)
+    with torch.inference_mode():
+        want = model[:4](x)
+    assert pack_in_place(model) == (72 * 40 + 24 * 72) * 4
+    assert model[0].weight.is_mkldnn and model[2].weight.is_mkldnn
+    assert not model[3].weight.is_mkldnn and not trained.weight.is_mkldnn
+    for i, w in dense.items():
+        assert torch.equal(model[i].weight.to_dense(), w)  # the packed weight is the same numbers
+    with torch.inference_mode():
+        torch.testing.assert_close(model[:4](x), want, rtol=1e-5, atol=1e-5)
+        with packed_gemm_disabled():  # the A/B path unpacks
+            torch.testing.assert_close(model[:4](x), want, rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="float32 CPU inputs only"):
+            model[0](x.double())
+    assert pack_in_place(model) == 0  # nothing dense is left to release

@@ -19,9 +19,12 @@ EPYC VM) oneDNN refuses to pack bf16, and a plain bf16 ``F.linear`` there measur
 
 The packed copy is built lazily on the first CPU forward and rebuilt whenever the
 dense weight changes (``load_state_dict``, in-place edits), so ``weight`` stays the
-one source of truth that tests and loaders read. It costs a second copy of the
-weights in host memory. Anywhere else (CUDA, fp16, bf16 without CPU support,
-autograd, a PyTorch without oneDNN) the layer is a plain ``F.linear``.
+one source of truth that tests and loaders read. That costs a second copy of the
+weights in host memory, so the engine's CPU worker calls ``pack_in_place``: each
+layer's weight *becomes* its packed copy (a oneDNN tensor; ``weight.to_dense()``
+gives the dense values back exactly) and the dense one is freed, ~0.4 GiB for
+SmolLM2 in fp32. Anywhere else (CUDA, fp16, bf16 without CPU support, autograd, a
+PyTorch without oneDNN) the layer is a plain ``F.linear``.
 """
 from __future__ import annotations
 
@@ -95,10 +98,42 @@ def uses_packed_gemm(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: PackedWeight) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` for ``x [T, in_features]``, through ``packed`` when that is faster here."""
+    """``F.linear(x, weight, bias)`` for ``x [T, in_features]``, through ``packed`` when that is faster here.
+
+    ``weight`` may be packed already (``pack_in_place``); ``x`` must then be a CPU tensor of its dtype.
+    """
+    if weight.is_mkldnn:
+        if x.device.type != "cpu" or x.dtype != weight.dtype:
+            raise ValueError(f"a packed {weight.dtype} weight multiplies {weight.dtype} CPU inputs only, "
+                             f"got {x.dtype} on {x.device}")
+        if not _enabled:  # an A/B against the plain path: unpack for the comparison
+            return F.linear(x, weight.to_dense(), bias)
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
     if not uses_packed_gemm(x, weight):
         return F.linear(x, weight, bias)
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed.get(weight), bias, "none", [], "")
+
+
+def pack_in_place(module: nn.Module) -> int:
+    """Make the weight of every ``PackedLinear`` in ``module`` that takes the packed path (a CPU
+    weight of a packable dtype that does not require grad) its oneDNN-packed copy, freeing the dense one.
+
+    Returns the bytes of dense weights released. From then on the layer's ``weight`` is a oneDNN
+    tensor: ``linear`` multiplies by it directly and ``weight.to_dense()`` recovers the dense values
+    exactly; in-place edits and ``load_state_dict`` no longer apply to it (the engine never does either).
+    """
+    released = 0
+    for layer in module.modules():
+        weight = layer.weight if isinstance(layer, PackedLinear) else None
+        # The weight's own first row stands in for an input of the same device and dtype.
+        if (weight is None or weight.is_mkldnn or weight.requires_grad
+                or not uses_packed_gemm(weight.detach()[:1], weight.detach())):
+            continue
+        released += weight.numel() * weight.element_size()
+        layer.weight = nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous()),
+                                    requires_grad=False)
+        layer.packed = PackedWeight()  # drop a lazily built copy, if any
+    return released
 
 
 class PackedLinear(nn.Linear):
