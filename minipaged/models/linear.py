@@ -84,15 +84,17 @@ class PackedWeight:
         return self._packed
 
 
+def _packable(weight: torch.Tensor) -> bool:
+    """Whether oneDNN can pack ``weight`` here: a CPU weight of a packable dtype, packing not disabled."""
+    return _ONEDNN and _enabled and weight.device.type == "cpu" and weight.dtype in _PACKED_DTYPES
+
+
 def uses_packed_gemm(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """True when ``linear`` would take the oneDNN packed path for these operands."""
     return (
-        _ONEDNN
-        and _enabled
+        _packable(weight)
         and x.device.type == "cpu"
-        and weight.device.type == "cpu"
         and x.dtype == weight.dtype
-        and x.dtype in _PACKED_DTYPES
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
     )
 
@@ -108,10 +110,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pac
                              f"got {x.dtype} on {x.device}")
         if not _enabled:  # an A/B against the plain path: unpack for the comparison
             return F.linear(x, weight.to_dense(), bias)
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
-    if not uses_packed_gemm(x, weight):
+        packed_weight = weight
+    elif uses_packed_gemm(x, weight):
+        packed_weight = packed.get(weight)
+    else:
         return F.linear(x, weight, bias)
-    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed.get(weight), bias, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed_weight, bias, "none", [], "")
 
 
 def pack_in_place(module: nn.Module) -> int:
@@ -125,9 +129,7 @@ def pack_in_place(module: nn.Module) -> int:
     released = 0
     for layer in module.modules():
         weight = layer.weight if isinstance(layer, PackedLinear) else None
-        # The weight's own first row stands in for an input of the same device and dtype.
-        if (weight is None or weight.is_mkldnn or weight.requires_grad
-                or not uses_packed_gemm(weight.detach()[:1], weight.detach())):
+        if weight is None or weight.is_mkldnn or weight.requires_grad or not _packable(weight):
             continue
         released += weight.numel() * weight.element_size()
         layer.weight = nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous()),
