@@ -31,6 +31,7 @@ import time
 
 from minipaged.bench import (
     LATENCY_NEW_TOKENS, RoundServer, Workload, add_workload_arguments, latency_prompt, workload_from_args,
+    write_json_atomic,
 )
 from minipaged.models.loader import default_model_dir
 
@@ -83,8 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"vLLM CPU: {work.output_tokens / result['seconds']:7.1f} output tok/s ({result['seconds']:.1f} s); "
           f"one request x {LATENCY_NEW_TOKENS} tokens {result['latency_s']:.2f} s")
     if args.result_json:
-        with open(args.result_json, "w") as f:
-            json.dump({"ready_at": ready_at, **result}, f)
+        write_json_atomic(args.result_json, {"ready_at": ready_at, **result})
     return 0
 
 

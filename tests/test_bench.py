@@ -153,7 +153,6 @@ RoundServer(path, lambda index: Workload([[index]], [1])).serve(run_round)
 def test_engines_take_turns_and_a_failed_one_is_reported():
     """Real child processes speaking the round protocol: each is started once, rounds rotate
     the order, a child that dies mid-way is reported with its output and the others go on."""
-    import subprocess  # noqa: F401  (run_engines launches them)
     import sys
 
     from minipaged.bench import run_engines
