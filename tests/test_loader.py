@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -61,6 +62,12 @@ def test_safetensors_dir_loads_back_identically(tmp_path, shard):
     tokens = torch.randint(0, VOCAB, (19,)).tolist()
     with torch.no_grad():
         torch.testing.assert_close(prefill_logits(loaded.model, tokens), hf(torch.tensor([tokens])).logits[0], rtol=1e-4, atol=1e-4)
+    # Nothing of the model is left a view of the memory-mapped files, so once loading is
+    # over no mapping of them remains to hold their pages (Linux lists mappings in /proc).
+    maps = Path("/proc/self/maps")
+    if maps.exists():
+        mapped = [line for line in maps.read_text().splitlines() if str(tmp_path) in line]
+        assert not mapped, mapped
 
 
 def test_dir_without_tokenizer_loads_with_a_warning_and_serves_token_ids(tmp_path):

@@ -201,12 +201,28 @@ def load_hf_dir(path: Path, dtype: torch.dtype, device, attention_backend: str |
         state.update(load_file(str(file)))
     hf_config = AutoConfig.from_pretrained(path)
     model = build_model_from_hf(hf_config, state, dtype=dtype, device=device, attention_backend=attention_backend)
+    _copy_off_the_file(model, state)
     tokenizer = AutoTokenizer.from_pretrained(path) if has_tokenizer_files(path) else None
     if tokenizer is None:
         warnings.warn(f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...): loading without a "
                       "tokenizer; prompts must be token ids ({'prompt_token_ids': [...]}) and outputs have no text",
                       stacklevel=3)
     return LoadedModel(model, tokenizer, model.config, path.name)
+
+
+def _copy_off_the_file(model: torch.nn.Module, file_tensors: Mapping[str, torch.Tensor]) -> None:
+    """Give ``model`` its own copy of every parameter that is still a view of a loaded safetensors file.
+
+    ``load_file`` memory-maps the file and returns views of that mapping; the model takes
+    the ones it does not convert or concatenate as they are. While any one of them (the
+    embedding, a norm) lives, the mapping stays, and with it every page of the file that
+    was ever read counts in the process's memory: ~0.4 GiB for SmolLM2 once loading and
+    packing have read the weights, on top of the model's own copies.
+    """
+    mapped = {t.untyped_storage().data_ptr() for t in file_tensors.values()}
+    for param in model.parameters():
+        if param.untyped_storage().data_ptr() in mapped:
+            param.data = param.data.clone()
 
 
 def has_tokenizer_files(path: Path) -> bool:
