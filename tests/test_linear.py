@@ -119,3 +119,24 @@ def test_pack_in_place_replaces_dense_weights_and_keeps_the_products():
         with pytest.raises(ValueError, match="float32 CPU inputs only"):
             model[0](x.double())
     assert pack_in_place(model) == 0  # nothing dense is left to release
+
+
+@needs_onednn
+def test_pack_in_place_keeping_dense_sends_few_rows_to_the_gemv_kernel():
+    gemv = pytest.importorskip("kernels.cpu_gemv")
+    torch.manual_seed(4)
+    layer = fresh_layer(48, 40, bias=True)
+    layer.requires_grad_(False)
+    dense = layer.weight.detach().clone()
+    assert pack_in_place(layer, keep_dense=True) == 0  # nothing released: the dense weight stays
+    assert layer.weight.is_mkldnn and torch.equal(layer.dense_weight, dense)
+    few, many = torch.randn(gemv.MAX_ROWS, 48), torch.randn(gemv.MAX_ROWS + 5, 48)
+    with torch.inference_mode():
+        for x in (few, many):
+            torch.testing.assert_close(layer(x), F.linear(x, dense, layer.bias), rtol=1e-5, atol=1e-5)
+        # Which path served each: a poisoned dense weight shows in the few-row product only.
+        layer.dense_weight = torch.full_like(dense, float("nan"))
+        assert layer(few).isnan().all()
+        assert not layer(many).isnan().any()
+        with packed_gemm_disabled():  # the A/B plain path skips the kernel too
+            assert not layer(few).isnan().any()

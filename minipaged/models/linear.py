@@ -29,7 +29,9 @@ PyTorch without oneDNN) the layer is a plain ``F.linear``.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +50,17 @@ def onednn_packing_available() -> bool:
 def onednn_bf16_packing_available() -> bool:
     """Whether oneDNN can pack and multiply bf16 weights on this CPU (AVX-512 BF16/AMX or AVX-NE-CONVERT)."""
     return onednn_packing_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+@functools.cache
+def cpu_gemv() -> ModuleType | None:
+    """``kernels.cpu_gemv`` when it can run (numba installed), imported on first use like
+    ``llama.cpu_fused_ops`` (vLLM's CPU build, in ``bench_vllm``, must not find numba loaded); else ``None``."""
+    try:
+        from kernels import cpu_gemv as module
+    except ImportError:
+        return None
+    return module if module.available() else None
 
 
 _ONEDNN = onednn_packing_available()
@@ -99,11 +112,18 @@ def uses_packed_gemm(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: PackedWeight) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: PackedWeight,
+           dense: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for ``x [T, in_features]``, through ``packed`` when that is faster here.
 
     ``weight`` may be packed already (``pack_in_place``); ``x`` must then be a CPU tensor of its dtype.
+    ``dense``, the same weight kept dense beside a packed one, serves the few-row products that
+    ``kernels.cpu_gemv`` streams faster than the packed GEMM (1-4 fp32 rows on CPU).
     """
+    if dense is not None and _enabled and x.dim() == 2:
+        gemv = cpu_gemv()
+        if gemv is not None and gemv.applies_to(x, dense):
+            return gemv.linear(x, dense, bias)
     if weight.is_mkldnn:
         if x.device.type != "cpu" or x.dtype != weight.dtype:
             raise ValueError(f"a packed {weight.dtype} weight multiplies {weight.dtype} CPU inputs only, "
@@ -118,23 +138,29 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pac
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed_weight, bias, "none", [], "")
 
 
-def pack_in_place(module: nn.Module) -> int:
+def pack_in_place(module: nn.Module, keep_dense: bool = False) -> int:
     """Make the weight of every ``PackedLinear`` in ``module`` that takes the packed path (a CPU
-    weight of a packable dtype that does not require grad) its oneDNN-packed copy, freeing the dense one.
+    weight of a packable dtype that does not require grad) its oneDNN-packed copy.
 
-    Returns the bytes of dense weights released. From then on the layer's ``weight`` is a oneDNN
-    tensor: ``linear`` multiplies by it directly and ``weight.to_dense()`` recovers the dense values
-    exactly; in-place edits and ``load_state_dict`` no longer apply to it (the engine never does either).
+    With ``keep_dense`` the dense weight stays beside it as ``layer.dense_weight``, for the
+    few-row products ``kernels.cpu_gemv`` runs faster (fp32 only: other dtypes are freed anyway);
+    otherwise it is freed. Returns the bytes of dense weights released. From then on the
+    layer's ``weight`` is a oneDNN tensor: ``linear`` multiplies by it directly and
+    ``weight.to_dense()`` recovers the dense values exactly; in-place edits and
+    ``load_state_dict`` no longer apply to it (the engine never does either).
     """
     released = 0
     for layer in module.modules():
         weight = layer.weight if isinstance(layer, PackedLinear) else None
         if weight is None or weight.is_mkldnn or weight.requires_grad or not _packable(weight):
             continue
-        released += weight.numel() * weight.element_size()
-        layer.weight = nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous()),
-                                    requires_grad=False)
+        dense = weight.detach().contiguous()
+        layer.weight = nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(dense), requires_grad=False)
         layer.packed = PackedWeight()  # drop a lazily built copy, if any
+        if keep_dense and dense.dtype == torch.float32:
+            layer.dense_weight = dense
+        else:
+            released += weight.numel() * weight.element_size()
     return released
 
 
@@ -144,6 +170,7 @@ class PackedLinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, **kwargs) -> None:
         super().__init__(in_features, out_features, bias=bias, **kwargs)
         self.packed = PackedWeight()
+        self.dense_weight: torch.Tensor | None = None  # set by pack_in_place(keep_dense=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self.packed)
+        return linear(x, self.weight, self.bias, self.packed, self.dense_weight)
