@@ -122,7 +122,7 @@ def test_pack_in_place_replaces_dense_weights_and_keeps_the_products():
 
 
 @needs_onednn
-def test_pack_in_place_keeping_dense_sends_few_rows_to_the_gemv_kernel():
+def test_pack_in_place_keeping_dense_sends_few_rows_to_the_gemv_kernel(monkeypatch):
     gemv = pytest.importorskip("kernels.cpu_gemv")
     torch.manual_seed(4)
     layer = fresh_layer(48, 40, bias=True)
@@ -138,5 +138,8 @@ def test_pack_in_place_keeping_dense_sends_few_rows_to_the_gemv_kernel():
         layer.dense_weight = torch.full_like(dense, float("nan"))
         assert layer(few).isnan().all()
         assert not layer(many).isnan().any()
-        with packed_gemm_disabled():  # the A/B plain path skips the kernel too
-            assert not layer(few).isnan().any()
+        # The A/B plain path multiplies by the kept dense weight with F.linear, not the kernel.
+        layer.dense_weight = dense
+        monkeypatch.setattr(gemv, "linear", lambda *args: pytest.fail("the plain path called cpu_gemv"))
+        with packed_gemm_disabled():
+            torch.testing.assert_close(layer(few), F.linear(few, dense, layer.bias), rtol=1e-5, atol=1e-5)

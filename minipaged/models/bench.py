@@ -6,10 +6,12 @@ ours over the paged cache with the torch attention backend, transformers' model 
 its own KV cache (uniform lengths, so it wastes nothing on padding). With ``--ragged``
 our contexts spread around that mean while transformers runs the padded batch a static
 batch would. ``--plain-linear`` turns off the oneDNN pre-packed weights
-(``minipaged.models.linear``) to show what they buy. ``--decode-kernel fused gather``
-times our step with each CPU decode-attention path (``minipaged.attention.torch_backend``),
-alternating them ``--rounds`` times in this one process so their ratio means something
-on a busy machine. Prints tokens/s, wall and CPU time.
+(``minipaged.models.linear``) to show what they buy. Our model's weights are packed as the
+engine's CPU worker packs them, dense copies kept for ``kernels.cpu_gemv`` (1-4 rows).
+``--decode-kernel fused gather`` times our step with each CPU decode-attention path
+(``minipaged.attention.torch_backend``) and ``--few-row-linear on off`` with and without that
+kernel, alternating every combination ``--rounds`` times in this one process so their ratios
+mean something on a busy machine. Prints tokens/s, wall and CPU time.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import torch
 
 from minipaged.attention import allocate_kv_cache, build_metadata, build_positions
 from minipaged.attention.torch_backend import DECODE_KERNELS
-from minipaged.models.linear import packed_gemm_disabled
+from minipaged.models.linear import PackedLinear, cpu_gemv, pack_in_place, packed_gemm_disabled
 from minipaged.models.loader import ensure_default_model, load_model
 
 
@@ -87,7 +89,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def report(label: str, times: tuple[float, float], batch: int) -> None:
     wall, cpu = times
-    print(f"{label:<27} {wall * 1e3:8.1f} ms/step wall ({batch / wall:7.1f} tokens/s)   {cpu * 1e3:8.1f} ms/step cpu")
+    print(f"{label:<40} {wall * 1e3:8.1f} ms/step wall ({batch / wall:7.1f} tokens/s)   {cpu * 1e3:8.1f} ms/step cpu")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -104,7 +106,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plain-linear", action="store_true", help="ours: F.linear instead of oneDNN pre-packed weights")
     parser.add_argument("--decode-kernel", nargs="+", choices=DECODE_KERNELS, default=["auto"],
                         help="ours: CPU decode attention path(s) to time, alternated --rounds times")
-    parser.add_argument("--rounds", type=int, default=1, help="with several --decode-kernel values: times to alternate them")
+    parser.add_argument("--few-row-linear", nargs="+", choices=("on", "off"), default=["on"],
+                        help="ours: 1-4 row linears through kernels.cpu_gemv (on, where numba runs) or the packed GEMM (off)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="with several --decode-kernel / --few-row-linear values: times to alternate them")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     args = parser.parse_args(argv)
     from transformers import AutoModelForCausalLM
@@ -116,17 +121,25 @@ def main(argv: list[str] | None = None) -> None:
     print(f"threads={torch.get_num_threads()} batch={args.batch} context={args.context} ragged={args.ragged} "
           f"dtype={args.dtype} model={loaded.name}")
     backend = loaded.model.attention_backend
-    results: dict[str, list[tuple[float, float]]] = {kernel: [] for kernel in args.decode_kernel}
+    if not args.plain_linear:  # as the engine's CPU worker does
+        pack_in_place(loaded.model, keep_dense=cpu_gemv() is not None)
+    layers = [m for m in loaded.model.modules() if isinstance(m, PackedLinear)]
+    dense = [m.dense_weight for m in layers]
+    variants = [(kernel, few) for kernel in args.decode_kernel for few in args.few_row_linear]
+    results: dict[tuple[str, str], list[tuple[float, float]]] = {v: [] for v in variants}
     with packed_gemm_disabled() if args.plain_linear else contextlib.nullcontext():
         for _ in range(args.rounds):
-            for kernel in results:
+            for kernel, few in variants:
                 backend.decode_kernel = kernel
-                results[kernel].append(bench_ours(loaded.model, args.batch, args.context, args.block_size, args.warmup,
-                                                  args.steps, args.ragged, dtype))
-    medians = {kernel: tuple(sorted(t[i] for t in times)[len(times) // 2] for i in range(2)) for kernel, times in results.items()}
-    for kernel, times in medians.items():
-        report(f"minipaged (torch, {kernel})" + (", plain F.linear" if args.plain_linear else ""), times, args.batch)
-    ours = medians[args.decode_kernel[0]]
+                for layer, weight in zip(layers, dense):
+                    layer.dense_weight = weight if few == "on" else None
+                results[kernel, few].append(bench_ours(loaded.model, args.batch, args.context, args.block_size,
+                                                       args.warmup, args.steps, args.ragged, dtype))
+    medians = {v: tuple(sorted(t[i] for t in times)[len(times) // 2] for i in range(2)) for v, times in results.items()}
+    for (kernel, few), times in medians.items():
+        label = f"minipaged (torch, {kernel}" + (", few-row off)" if few == "off" else ")")
+        report(label + (", plain F.linear" if args.plain_linear else ""), times, args.batch)
+    ours = medians[variants[0]]
     if args.skip_transformers:
         return
     hf_model = AutoModelForCausalLM.from_pretrained(ensure_default_model(), dtype=dtype).eval()

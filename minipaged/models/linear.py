@@ -128,8 +128,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pac
         if x.device.type != "cpu" or x.dtype != weight.dtype:
             raise ValueError(f"a packed {weight.dtype} weight multiplies {weight.dtype} CPU inputs only, "
                              f"got {x.dtype} on {x.device}")
-        if not _enabled:  # an A/B against the plain path: unpack for the comparison
-            return F.linear(x, weight.to_dense(), bias)
+        if not _enabled:  # an A/B against the plain path: the dense weight, unpacked if not kept
+            return F.linear(x, weight.to_dense() if dense is None else dense, bias)
         packed_weight = weight
     elif uses_packed_gemm(x, weight):
         packed_weight = packed.get(weight)
