@@ -188,8 +188,9 @@ class Worker:
         # On CPU every linear multiplies by a oneDNN-packed weight. The dense one is kept beside it
         # only where kernels.cpu_gemv runs (numba installed): with 1-4 sequences it streams the
         # dense weights 1.2-1.45x faster than the packed GEMM (SmolLM2 fp32: 0.4 GiB more held).
-        keep_dense = cpu_gemv() is not None
-        self.dense_weight_bytes_released = pack_in_place(model, keep_dense) if self.device.type == "cpu" else 0
+        self.dense_weight_bytes_released = 0
+        if self.device.type == "cpu":
+            self.dense_weight_bytes_released = pack_in_place(model, keep_dense=cpu_gemv() is not None)
 
     @property
     def kv_cache_bytes(self) -> int:

@@ -1,7 +1,8 @@
 """The numba few-row linear (kernels.cpu_gemv) against F.linear in float64.
 
-Fresh random operands each run, SmolLM2's shapes and odd ones, one and two threads,
-with and without bias; and the refusals that send a product back to the packed path.
+Fresh random operands each run (the seed is in the test's output when it fails),
+SmolLM2's shapes and odd ones, the serial and the parallel launcher, with and without
+bias; and the refusals that send a product back to the packed path.
 """
 import random
 
@@ -18,15 +19,23 @@ def _reference(x, weight, bias):
     return F.linear(x.double(), weight.double(), None if bias is None else bias.double()).float()
 
 
+def _operands(rows, in_features, out_features, with_bias):
+    seed = random.randrange(2**31)
+    print(f"seed {seed}")  # shown by pytest when the test fails
+    gen = torch.Generator().manual_seed(seed)
+    scale = 0.1 + 10.0 * torch.rand((), generator=gen).item()
+    x = torch.randn(rows, in_features, generator=gen) * scale
+    weight = torch.randn(out_features, in_features, generator=gen) / in_features ** 0.5
+    bias = torch.randn(out_features, generator=gen) if with_bias else None
+    return x, weight, bias, scale
+
+
 @pytest.mark.parametrize("in_features, out_features", [(576, 960), (1536, 576), (7, 3), (64, 1)])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4])
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_matches_f_linear(in_features, out_features, rows, with_bias, threads):
-    scale = random.uniform(0.1, 10.0)
-    x = torch.randn(rows, in_features) * scale
-    weight = torch.randn(out_features, in_features) / in_features ** 0.5
-    bias = torch.randn(out_features) if with_bias else None
+    x, weight, bias, scale = _operands(rows, in_features, out_features, with_bias)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -34,6 +43,17 @@ def test_matches_f_linear(in_features, out_features, rows, with_bias, threads):
     finally:
         torch.set_num_threads(previous)
     assert out.shape == (rows, out_features) and out.dtype == torch.float32
+    torch.testing.assert_close(out, _reference(x, weight, bias), rtol=2e-5, atol=2e-5 * scale)
+
+
+@pytest.mark.parametrize("chunks", [1, 3, 8, 40])
+def test_parallel_launcher_covers_every_row_once(chunks):
+    # Called directly, so its row ranges are checked however many threads this machine
+    # has (linear() runs the serial launcher with one thread); 40 chunks > 33 rows
+    # leaves some chunks empty.
+    x, weight, bias, scale = _operands(3, 128, 33, with_bias=True)
+    out = torch.full((3, 33), float("nan"))
+    cpu_gemv._rows_parallel(x.numpy(), weight.numpy(), bias.numpy(), out.numpy(), chunks)
     torch.testing.assert_close(out, _reference(x, weight, bias), rtol=2e-5, atol=2e-5 * scale)
 
 
@@ -55,13 +75,18 @@ def test_refuses_what_it_does_not_take():
         "bf16 weight": (torch.randn(2, 16), weight.bfloat16()),
         "wrong in_features": (torch.randn(2, 15), weight),
         "1-d input": (torch.randn(16), weight),
+        "oneDNN-packed weight": (torch.randn(2, 16), weight.to_mkldnn()),
+        "meta weight": (torch.randn(2, 16), weight.to("meta")),
     }
     for why, (x, w) in refused.items():
         assert not cpu_gemv.applies_to(x, w), why
         with pytest.raises(ValueError, match="cpu_gemv.linear takes"):
             cpu_gemv.linear(x, w)
-    with pytest.raises(ValueError, match="bias must be"):
-        cpu_gemv.linear(torch.randn(2, 16), weight, torch.randn(9))
+    x = torch.randn(2, 16)
+    for bad_bias in (torch.randn(9), torch.randn(8, dtype=torch.float64)):
+        assert not cpu_gemv.applies_to(x, weight, bad_bias)
+        with pytest.raises(ValueError, match="bias"):
+            cpu_gemv.linear(x, weight, bad_bias)
     grad_weight = weight.clone().requires_grad_(True)
     assert not cpu_gemv.applies_to(torch.randn(2, 16), grad_weight)
     with torch.no_grad():

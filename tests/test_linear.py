@@ -143,3 +143,9 @@ def test_pack_in_place_keeping_dense_sends_few_rows_to_the_gemv_kernel(monkeypat
         monkeypatch.setattr(gemv, "linear", lambda *args: pytest.fail("the plain path called cpu_gemv"))
         with packed_gemm_disabled():
             torch.testing.assert_close(layer(few), F.linear(few, dense, layer.bias), rtol=1e-5, atol=1e-5)
+    # A weight assigned after packing retires the kept copy: few rows follow the new weight.
+    monkeypatch.undo()
+    fresh = torch.randn(40, 48)
+    layer.load_state_dict({"weight": fresh, "bias": layer.bias.detach()}, assign=True)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(few), F.linear(few, fresh, layer.bias), rtol=1e-5, atol=1e-5)

@@ -87,6 +87,34 @@ def bench_transformers(hf_model, batch: int, context: int, warmup: int, steps: i
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+def time_variants(model, args: argparse.Namespace, dtype: torch.dtype) -> dict[tuple[str, str], tuple[float, float]]:
+    """Median ``(wall, cpu)`` step time of our model for every (decode kernel, few-row linear)
+    pair asked for, the pairs alternated ``args.rounds`` times.
+
+    Without ``--few-row-linear`` the kernel is on where the engine would use it. Raises
+    ``SystemExit`` when "on" is asked for but no layer kept a dense weight (no numba, a dtype
+    other than fp32, or ``--plain-linear``), rather than time one path under two labels.
+    """
+    layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    dense = [m.dense_weight for m in layers]
+    kept = any(d is not None for d in dense)
+    few_row = args.few_row_linear or (["on"] if kept else ["off"])
+    if "on" in few_row and not kept:
+        raise SystemExit("--few-row-linear on: no layer kept a dense weight for kernels.cpu_gemv here "
+                         "(it needs numba, fp32 and the packed path); pass --few-row-linear off")
+    variants = [(kernel, few) for kernel in args.decode_kernel for few in few_row]
+    results: dict[tuple[str, str], list[tuple[float, float]]] = {v: [] for v in variants}
+    with packed_gemm_disabled() if args.plain_linear else contextlib.nullcontext():
+        for _ in range(args.rounds):
+            for kernel, few in variants:
+                model.attention_backend.decode_kernel = kernel
+                for layer, weight in zip(layers, dense):
+                    layer.dense_weight = weight if few == "on" else None
+                results[kernel, few].append(bench_ours(model, args.batch, args.context, args.block_size,
+                                                       args.warmup, args.steps, args.ragged, dtype))
+    return {v: tuple(sorted(t[i] for t in times)[len(times) // 2] for i in range(2)) for v, times in results.items()}
+
+
 def report(label: str, times: tuple[float, float], batch: int) -> None:
     wall, cpu = times
     print(f"{label:<40} {wall * 1e3:8.1f} ms/step wall ({batch / wall:7.1f} tokens/s)   {cpu * 1e3:8.1f} ms/step cpu")
@@ -106,8 +134,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plain-linear", action="store_true", help="ours: F.linear instead of oneDNN pre-packed weights")
     parser.add_argument("--decode-kernel", nargs="+", choices=DECODE_KERNELS, default=["auto"],
                         help="ours: CPU decode attention path(s) to time, alternated --rounds times")
-    parser.add_argument("--few-row-linear", nargs="+", choices=("on", "off"), default=["on"],
-                        help="ours: 1-4 row linears through kernels.cpu_gemv (on, where numba runs) or the packed GEMM (off)")
+    parser.add_argument("--few-row-linear", nargs="+", choices=("on", "off"), default=None,
+                        help="ours: 1-4 row linears through kernels.cpu_gemv (on) or the packed GEMM (off); "
+                             "default: on where the engine would use it (numba, fp32, packed weights)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="with several --decode-kernel / --few-row-linear values: times to alternate them")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
@@ -120,26 +149,13 @@ def main(argv: list[str] | None = None) -> None:
     loaded = load_model(None, dtype=dtype, attention_backend="torch")
     print(f"threads={torch.get_num_threads()} batch={args.batch} context={args.context} ragged={args.ragged} "
           f"dtype={args.dtype} model={loaded.name}")
-    backend = loaded.model.attention_backend
     if not args.plain_linear:  # as the engine's CPU worker does
         pack_in_place(loaded.model, keep_dense=cpu_gemv() is not None)
-    layers = [m for m in loaded.model.modules() if isinstance(m, PackedLinear)]
-    dense = [m.dense_weight for m in layers]
-    variants = [(kernel, few) for kernel in args.decode_kernel for few in args.few_row_linear]
-    results: dict[tuple[str, str], list[tuple[float, float]]] = {v: [] for v in variants}
-    with packed_gemm_disabled() if args.plain_linear else contextlib.nullcontext():
-        for _ in range(args.rounds):
-            for kernel, few in variants:
-                backend.decode_kernel = kernel
-                for layer, weight in zip(layers, dense):
-                    layer.dense_weight = weight if few == "on" else None
-                results[kernel, few].append(bench_ours(loaded.model, args.batch, args.context, args.block_size,
-                                                       args.warmup, args.steps, args.ragged, dtype))
-    medians = {v: tuple(sorted(t[i] for t in times)[len(times) // 2] for i in range(2)) for v, times in results.items()}
+    medians = time_variants(loaded.model, args, dtype)
     for (kernel, few), times in medians.items():
         label = f"minipaged (torch, {kernel}" + (", few-row off)" if few == "off" else ")")
         report(label + (", plain F.linear" if args.plain_linear else ""), times, args.batch)
-    ours = medians[variants[0]]
+    ours = next(iter(medians.values()))
     if args.skip_transformers:
         return
     hf_model = AutoModelForCausalLM.from_pretrained(ensure_default_model(), dtype=dtype).eval()

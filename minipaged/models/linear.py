@@ -22,9 +22,11 @@ dense weight changes (``load_state_dict``, in-place edits), so ``weight`` stays 
 one source of truth that tests and loaders read. That costs a second copy of the
 weights in host memory, so the engine's CPU worker calls ``pack_in_place``: each
 layer's weight *becomes* its packed copy (a oneDNN tensor; ``weight.to_dense()``
-gives the dense values back exactly) and the dense one is freed, ~0.4 GiB for
-SmolLM2 in fp32. Anywhere else (CUDA, fp16, bf16 without CPU support, autograd, a
-PyTorch without oneDNN) the layer is a plain ``F.linear``.
+gives the dense values back exactly). Where numba runs, the fp32 dense weight stays
+beside it (``keep_dense``) for the 1-4 row products ``kernels.cpu_gemv`` streams faster
+than the packed GEMM; otherwise it is freed, ~0.4 GiB for SmolLM2 in fp32. Anywhere else
+(CUDA, fp16, bf16 without CPU support, autograd, a PyTorch without oneDNN) the layer is
+a plain ``F.linear``.
 """
 from __future__ import annotations
 
@@ -117,12 +119,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pac
     """``F.linear(x, weight, bias)`` for ``x [T, in_features]``, through ``packed`` when that is faster here.
 
     ``weight`` may be packed already (``pack_in_place``); ``x`` must then be a CPU tensor of its dtype.
-    ``dense``, the same weight kept dense beside a packed one, serves the few-row products that
-    ``kernels.cpu_gemv`` streams faster than the packed GEMM (1-4 fp32 rows on CPU).
+    ``dense``, the dense copy ``pack_in_place`` kept of a packed ``weight``, serves the few-row
+    products that ``kernels.cpu_gemv`` streams faster than the packed GEMM (1-4 fp32 rows on
+    CPU); it is ignored once ``weight`` is no longer packed (a weight assigned since).
     """
-    if dense is not None and _enabled and x.dim() == 2:
+    if dense is not None and weight.is_mkldnn and _enabled and x.dim() == 2:
         gemv = cpu_gemv()
-        if gemv is not None and gemv.applies_to(x, dense):
+        if gemv is not None and gemv.applies_to(x, dense, bias):
             return gemv.linear(x, dense, bias)
     if weight.is_mkldnn:
         if x.device.type != "cpu" or x.dtype != weight.dtype:
@@ -146,8 +149,11 @@ def pack_in_place(module: nn.Module, keep_dense: bool = False) -> int:
     few-row products ``kernels.cpu_gemv`` runs faster (fp32 only: other dtypes are freed anyway);
     otherwise it is freed. Returns the bytes of dense weights released. From then on the
     layer's ``weight`` is a oneDNN tensor: ``linear`` multiplies by it directly and
-    ``weight.to_dense()`` recovers the dense values exactly; in-place edits and
-    ``load_state_dict`` no longer apply to it (the engine never does either).
+    ``weight.to_dense()`` recovers the dense values exactly. In-place edits no longer reach
+    the packed weight, while a kept ``dense_weight`` is the layer's former tensor itself (no
+    copy), shared with whatever it shared storage with: edit neither once packed (the engine
+    never does). Assigning a new ``weight`` (``load_state_dict(assign=True)``) retires the
+    dense copy: ``linear`` then packs the new one lazily.
     """
     released = 0
     for layer in module.modules():
