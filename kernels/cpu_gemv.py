@@ -96,6 +96,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
                          f"in_features and an fp32 CPU bias of its out_features or none, got x {tuple(x.shape)} "
                          f"{x.dtype} on {x.device}, weight {tuple(weight.shape)} {weight.dtype} ({weight.layout}) on "
                          f"{weight.device}, bias {got_bias}")
+    return linear_unchecked(x, weight, bias)
+
+
+def linear_unchecked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``linear`` without its checks, for a caller that has just asked ``applies_to`` (the model's
+    layers, on every forward: the checks would run twice per product)."""
     out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
     x_np, w_np = x.detach().contiguous().numpy(), weight.detach().contiguous().numpy()
     b_np = None if bias is None else bias.detach().contiguous().numpy()

@@ -140,7 +140,8 @@ def test_pack_in_place_keeping_dense_sends_few_rows_to_the_gemv_kernel(monkeypat
         assert not layer(many).isnan().any()
         # The A/B plain path multiplies by the kept dense weight with F.linear, not the kernel.
         layer.dense_weight = dense
-        monkeypatch.setattr(gemv, "linear", lambda *args: pytest.fail("the plain path called cpu_gemv"))
+        for name in ("linear", "linear_unchecked"):
+            monkeypatch.setattr(gemv, name, lambda *args: pytest.fail("the plain path called cpu_gemv"))
         with packed_gemm_disabled():
             torch.testing.assert_close(layer(few), F.linear(few, dense, layer.bias), rtol=1e-5, atol=1e-5)
     # A weight assigned after packing retires the kept copy: few rows follow the new weight.

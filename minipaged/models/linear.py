@@ -123,10 +123,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pac
     products that ``kernels.cpu_gemv`` streams faster than the packed GEMM (1-4 fp32 rows on
     CPU); it is ignored once ``weight`` is no longer packed (a weight assigned since).
     """
-    if dense is not None and weight.is_mkldnn and _enabled and x.dim() == 2:
+    if dense is not None and weight.is_mkldnn and _enabled:
         gemv = cpu_gemv()
         if gemv is not None and gemv.applies_to(x, dense, bias):
-            return gemv.linear(x, dense, bias)
+            return gemv.linear_unchecked(x, dense, bias)
     if weight.is_mkldnn:
         if x.device.type != "cpu" or x.dtype != weight.dtype:
             raise ValueError(f"a packed {weight.dtype} weight multiplies {weight.dtype} CPU inputs only, "
