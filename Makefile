@@ -38,10 +38,10 @@ test: setup
 	$(PY) -m pytest -q --durations=15 tests
 
 report: setup
-	$(PY) -m kernels.report
+	$(PY) -m minipaged_kernels.report
 
 bench: setup
-	$(PY) -m minipaged.bench
+	$(PY) -m minipaged bench throughput
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -10,7 +10,7 @@ __all__ = ["LLM", "SamplingParams", "BeamSearchParams"]
 def __getattr__(name: str):
     # Lazy: `import minipaged` (e.g. for kernels or the block manager) must not load torch models.
     if name == "LLM":
-        from minipaged.llm import LLM
+        from minipaged.engine.llm import LLM
 
         return LLM
     if name == "SamplingParams":
@@ -18,7 +18,7 @@ def __getattr__(name: str):
 
         return SamplingParams
     if name == "BeamSearchParams":
-        from minipaged.beam_search import BeamSearchParams
+        from minipaged.engine.beam_search import BeamSearchParams
 
         return BeamSearchParams
     raise AttributeError(f"module 'minipaged' has no attribute {name!r}")

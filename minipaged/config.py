@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from minipaged import kv_quant
+from minipaged.attention import kv_quant
 from minipaged.errors import InvalidEngineConfigError
 from minipaged.sampling_params import MAX_SEED
 
@@ -51,9 +51,9 @@ class EngineConfig:
     attention_backend: "torch" | "triton" | None (triton on CUDA, torch otherwise).
     seed: seeds the per-request generators of requests that give no seed of their own; in [0, 2**64 - 1].
     device: "cpu", "cuda" or None (CUDA when available).
-    kv_cache_dtype: "auto" (the model dtype), "int8" or "fp8_e4m3" (see ``minipaged.kv_quant``).
+    kv_cache_dtype: "auto" (the model dtype), "int8" or "fp8_e4m3" (see ``minipaged.attention.kv_quant``).
     tensor_parallel_size: processes (one per GPU on CUDA) that each hold 1/N of every layer's heads,
-        MLP features and KV cache; 1 runs everything in this process (see ``minipaged.executor``).
+        MLP features and KV cache; 1 runs everything in this process (see ``minipaged.worker.executor``).
     """
 
     model: str | None = None

@@ -3,7 +3,7 @@
 ``top_k=None`` disables top-k (vLLM uses -1/0 for that; here ``None`` says it and
 any integer must be >= 1). ``temperature=0`` means greedy: argmax of the fp32 logits.
 Penalties, ``logit_bias``, ``min_tokens`` and ``logprobs`` follow vLLM's semantics
-(see ``minipaged.sampler`` for the order they are applied in).
+(see ``minipaged.worker.sampler`` for the order they are applied in).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Every kernel configuration the wrappers can pick compiles for sm_80 and sm_90 within
 shared memory.
 
-Compilation runs ``python -m kernels.report --json`` in a child process: this process
+Compilation runs ``python -m minipaged_kernels.report --json`` in a child process: this process
 defined the kernels under the interpreter, which ``triton.compile`` cannot take. The
 child gets an empty Triton cache so every configuration is really compiled.
 """
@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import triton
 
-from kernels import _aot, decode_attention, report
+from minipaged_kernels import _aot, decode_attention, report
 
 # The package re-exports the kv_append function under the module's name.
-kv_append_module = importlib.import_module("kernels.kv_append")
+kv_append_module = importlib.import_module("minipaged_kernels.kv_append")
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,7 +28,7 @@ def rows(tmp_path_factory) -> list[dict]:
     env = _aot.compile_mode_env()
     env["TRITON_CACHE_DIR"] = str(tmp / "triton-cache")
     out = tmp / "rows.json"
-    proc = subprocess.run([sys.executable, "-m", "kernels.report", "--ci", "--json", str(out)], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", "minipaged_kernels.report", "--ci", "--json", str(out)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text())
@@ -71,7 +71,7 @@ def test_kv_append_specs_cover_every_wrapper_choice():
 
 def test_quantized_cache_specs_cover_every_wrapper_choice():
     """Decode (single and split) and prefill have an int8 and an fp8 build of every float configuration."""
-    from kernels import prefill_attention
+    from minipaged_kernels import prefill_attention
 
     for module in (decode_attention, prefill_attention):
         configs = {spec.config for spec in module.aot_specs()}
@@ -82,7 +82,7 @@ def test_quantized_cache_specs_cover_every_wrapper_choice():
 
 def test_quantized_specs_compile_for_sm80_and_sm90(rows):
     """fp8 decodes with bit operations, so its builds exist (and fit) on sm_80 too; the suite
-    compiles the ``in_ci_subset`` of them (``python -m kernels.report`` compiles all)."""
+    compiles the ``in_ci_subset`` of them (``python -m minipaged_kernels.report`` compiles all)."""
     quantized = {(r["kernel"], r["config"].split(" kv=")[-1], r["target"]) for r in rows
                  if ("kv=" in r["config"] or "->" in r["config"]) and r["error"] is None}
     for kernel in ("paged_decode_attention", "paged_prefill_attention"):

@@ -10,7 +10,7 @@ import random
 import pytest
 
 from minipaged import LLM, SamplingParams
-from minipaged.async_llm import AsyncLLM, EngineDeadError
+from minipaged.engine.async_llm import AsyncLLM, EngineDeadError
 from minipaged.errors import InvalidPromptError, InvalidSamplingParamsError, PromptTooLongError
 from minipaged.models import build_model_from_hf
 

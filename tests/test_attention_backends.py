@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-import kernels
+import minipaged_kernels
 from minipaged.attention import (
     allocate_kv_cache,
     build_metadata,
@@ -105,12 +105,12 @@ def test_ragged_decodes_split_into_length_buckets_and_chunks():
 
 
 def _reference_step(q, k, v, k_cache, v_cache, meta, scale):
-    kernels.reference.kv_append(k, v, k_cache, v_cache, meta.slot_mapping)
+    minipaged_kernels.reference.kv_append(k, v, k_cache, v_cache, meta.slot_mapping)
     if meta.max_query_len == 1:
-        return kernels.reference.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale=scale)
-    if not hasattr(kernels.reference, "paged_prefill_attention"):
-        pytest.skip("kernels.reference.paged_prefill_attention has not landed yet")
-    return kernels.reference.paged_prefill_attention(
+        return minipaged_kernels.reference.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale=scale)
+    if not hasattr(minipaged_kernels.reference, "paged_prefill_attention"):
+        pytest.skip("minipaged_kernels.reference.paged_prefill_attention has not landed yet")
+    return minipaged_kernels.reference.paged_prefill_attention(
         q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q, meta.context_lens, scale=scale
     )
 
@@ -130,9 +130,9 @@ def test_torch_backend_matches_kernel_reference(dtype, lens):
 def _kernels_available() -> bool:
     q, k, v, k_cache, v_cache, meta = random_paged_step([1], [3], 4, 1, 1, 16, torch.float32)
     try:
-        kernels.kv_append(k, v, k_cache, v_cache, meta.slot_mapping)
-        kernels.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens)
-        kernels.paged_prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q, meta.context_lens)
+        minipaged_kernels.kv_append(k, v, k_cache, v_cache, meta.slot_mapping)
+        minipaged_kernels.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens)
+        minipaged_kernels.paged_prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q, meta.context_lens)
     except NotImplementedError:
         return False
     return True

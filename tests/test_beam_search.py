@@ -12,7 +12,7 @@ import random
 import pytest
 import torch
 
-from minipaged.beam_search import BeamSearchParams
+from minipaged.engine.beam_search import BeamSearchParams
 from minipaged.errors import InvalidSamplingParamsError
 from tests.test_engine import VOCAB, assert_all_blocks_free, make_llm, tiny_hf_model
 

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from minipaged.bench import (
+from minipaged.benchmarks.throughput import (
     UNIFORM, Workload, main, make_workload, positive_int, step_breakdown, summarise, token_agreement, workload_specs,
 )
 
@@ -45,18 +45,18 @@ def test_batch_sizes_must_be_positive():
 def test_vllm_peer_benchmark_says_what_it_needs_without_vllm(capsys):
     import importlib.util
 
-    from minipaged import bench_vllm
+    from minipaged.benchmarks import vllm_peer
 
     if importlib.util.find_spec("vllm") is not None:
         pytest.skip("vLLM is installed here; this checks the message shown without it")
     with pytest.raises(SystemExit):
-        bench_vllm.main([])
+        vllm_peer.main([])
     assert "vLLM is not importable" in capsys.readouterr().err
 
 
 def test_workload_choice_builds_the_peer_and_the_mixed_workloads():
     parser = argparse.ArgumentParser()
-    from minipaged.bench import add_workload_arguments
+    from minipaged.benchmarks.throughput import add_workload_arguments
 
     add_workload_arguments(parser)
     parser.add_argument("--workload", default="both")
@@ -133,7 +133,7 @@ def test_rounds_keep_the_lengths_and_change_the_token_ids():
 
 _FAKE_ENGINE = r"""
 import sys, time
-from minipaged.bench import RoundServer, Workload
+from minipaged.benchmarks.throughput import RoundServer, Workload
 name, fail_at = sys.argv[1], int(sys.argv[2])
 path = sys.argv[sys.argv.index("--result-json") + 1]
 buffer = [0] * 2_000_000  # ~16 MB resident, for the RSS sampler to see
@@ -155,7 +155,7 @@ def test_engines_take_turns_and_a_failed_one_is_reported():
     the order, a child that dies mid-way is reported with its output and the others go on."""
     import sys
 
-    from minipaged.bench import run_engines
+    from minipaged.benchmarks.throughput import run_engines
 
     child = [sys.executable, "-c", _FAKE_ENGINE]
     engines = {"a": (child + ["a", "99"], None), "b": (child + ["b", "99"], None), "c": (child + ["c", "1"], None)}
@@ -176,6 +176,6 @@ def test_vllm_child_imports_no_numba():
     import subprocess
     import sys
 
-    code = "import sys, minipaged.bench_vllm; print(sorted(m for m in ('numba', 'llvmlite') if m in sys.modules))"
+    code = "import sys, minipaged.benchmarks.vllm_peer; print(sorted(m for m in ('numba', 'llvmlite') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from minipaged import bench_serve as bs
+from minipaged.benchmarks import serve as bs
 
 
 def test_default_prompt_set_ships_with_the_package():

@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from minipaged.block_manager import (
+from minipaged.core.block_manager import (
     BlockCopy,
     BlockManager,
     DuplicateSequenceError,
@@ -19,7 +19,7 @@ from minipaged.block_manager import (
     SequenceFinishedError,
     UnknownSequenceError,
 )
-from minipaged.block_pool import Block, FreeBlockQueue
+from minipaged.core.block_pool import Block, FreeBlockQueue
 
 
 class ToyWorker:

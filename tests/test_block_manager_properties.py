@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, seed, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
 
-from minipaged.block_manager import (
+from minipaged.core.block_manager import (
     BlockManager,
     NoFreeBlocksError,
     SequenceFinishedError,

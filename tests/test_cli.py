@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from minipaged import LLM, SamplingParams
-from minipaged.__main__ import main
+from minipaged.entrypoints.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 64
-PREFIX = "python -m minipaged: error: "
+PREFIX = "minipaged: error: "
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_invalid_values_print_one_line_and_exit_2(model_dir, capsys, argv, needl
     captured = capsys.readouterr()
     assert status == 2 and captured.out == ""
     # A warning line may come first (more tensor-parallel ranks than this machine's cores).
-    lines = [line for line in captured.err.strip().splitlines() if not line.startswith("python -m minipaged: warning:")]
+    lines = [line for line in captured.err.strip().splitlines() if not line.startswith("minipaged: warning:")]
     assert len(lines) == 1 and lines[0].startswith(PREFIX) and needle in lines[0], captured.err
 
 
@@ -153,7 +153,7 @@ def test_logprobs_flag_prints_a_line_per_token(model_dir, capsys):
 
 
 def test_logprobs_lines(capsys):
-    from minipaged.__main__ import _print_logprobs
+    from minipaged.entrypoints.cli import _print_logprobs
     from minipaged.outputs import CompletionOutput, Logprob
 
     completion = CompletionOutput(0, "", [5, 9], "length", logprobs=[

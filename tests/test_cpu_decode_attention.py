@@ -18,8 +18,10 @@ import torch
 
 pytest.importorskip("numba")
 
-from kernels import _cpu_jit, cpu_decode_attention, reference  # noqa: E402
-from minipaged import kv_quant  # noqa: E402
+from minipaged_kernels import reference
+from minipaged_kernels.cpu import _jit as _cpu_jit
+from minipaged_kernels.cpu import decode_attention as cpu_decode_attention  # noqa: E402
+from minipaged.attention import kv_quant  # noqa: E402
 from minipaged.attention.torch_backend import TorchAttentionBackend  # noqa: E402
 from test_attention_backends import MIXED, per_token_reference, random_paged_step  # noqa: E402
 from test_decode_attention import REL_TOL, make_batch, rel_error  # noqa: E402
@@ -58,7 +60,7 @@ def test_matches_reference(block_size, head_dim, num_kv_heads, group, dtype):
 @pytest.mark.parametrize("per_token", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_quantized_cache_matches_reference(kind, per_token, dtype):
-    """int8 / fp8 rows with per-row or per-layer scales (minipaged.kv_quant's scheme): the kernel
+    """int8 / fp8 rows with per-row or per-layer scales (minipaged.attention.kv_quant's scheme): the kernel
     equals float64 attention over the dequantized cache, as the Triton kernel is tested."""
     rng = random.Random()
     lens = [1, 15, 16, 17, rng.randint(100, 300)]
@@ -188,7 +190,9 @@ def test_backend_dispatch_keeps_other_caches_on_the_gather_path():
 _POOL_CHILD = r"""
 import json, os, sys
 import torch
-from kernels import _cpu_jit, cpu_decode_attention, reference
+from minipaged_kernels import reference
+from minipaged_kernels.cpu import _jit as _cpu_jit
+from minipaged_kernels.cpu import decode_attention as cpu_decode_attention
 from test_decode_attention import make_batch
 
 threads = lambda: len(os.listdir("/proc/self/task"))

@@ -1,4 +1,4 @@
-"""The numba few-row linear (kernels.cpu_gemv) against F.linear in float64.
+"""The numba few-row linear (minipaged_kernels.cpu.gemv) against F.linear in float64.
 
 Fresh random operands each run (the seed is in the test's output when it fails),
 SmolLM2's shapes and odd ones, the serial and the parallel launcher, with and without
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("numba")
 
-from kernels import cpu_gemv  # noqa: E402
+from minipaged_kernels.cpu import gemv as cpu_gemv  # noqa: E402
 
 
 def _reference(x, weight, bias):

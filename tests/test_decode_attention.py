@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from pairwise import pairwise
 
-import kernels
-from kernels import decode_attention, reference
+import minipaged_kernels
+from minipaged_kernels import decode_attention, reference
 
 # Bound on max|out - ref| / max|ref| against the float64 reference. fp32 accumulates
 # in fp32; fp16/bf16 round the output (and, for fp16, the probabilities fed to the
@@ -66,7 +66,7 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def check_against_reference(q, k_cache, v_cache, block_tables, lens, num_splits, scale=None):
     out = torch.full_like(q, float("nan"))
-    result = kernels.paged_decode_attention(q, k_cache, v_cache, block_tables, lens, scale=scale, out=out,
+    result = minipaged_kernels.paged_decode_attention(q, k_cache, v_cache, block_tables, lens, scale=scale, out=out,
                                             num_splits=num_splits)
     assert result is out
     ref = reference.paged_decode_attention(q.double(), k_cache.double(), v_cache.double(), block_tables, lens,
@@ -163,7 +163,7 @@ def test_strided_q_out_and_cache_views(device):
     layers[1, 0], layers[1, 1] = k_cache, v_cache
     wide = torch.full((2, 8, 3 * 64), float("nan"), dtype=torch.float16, device=device)
     out = wide[:, :, 64:128]
-    kernels.paged_decode_attention(qkv[:, :8], layers[1, 0], layers[1, 1], block_tables, lens, out=out)
+    minipaged_kernels.paged_decode_attention(qkv[:, :8], layers[1, 0], layers[1, 1], block_tables, lens, out=out)
     ref = reference.paged_decode_attention(q.double(), k_cache.double(), v_cache.double(), block_tables, lens)
     assert rel_error(out, ref) < REL_TOL[torch.float16]
     assert torch.isnan(wide[:, :, :64]).all() and torch.isnan(wide[:, :, 128:]).all()

@@ -13,7 +13,8 @@ import torch
 
 from minipaged import LLM, SamplingParams
 from minipaged.models import build_model_from_hf
-from minipaged.models.linear import PackedLinear, cpu_gemv, onednn_packing_available
+from minipaged.models.linear import PackedLinear, onednn_packing_available
+from minipaged_kernels import cpu as cpu_kernels
 
 VOCAB = 384
 NEW_TOKENS = (5, 24)  # range of max_tokens per prompt
@@ -110,7 +111,7 @@ def test_greedy_matches_transformers(case, setting):
         worker = llm.engine_core.worker
         layers = [m for m in worker.model.modules() if isinstance(m, PackedLinear)]
         assert layers and all(m.weight.is_mkldnn for m in layers)
-        if cpu_gemv() is not None:
+        if cpu_kernels.load("gemv") is not None:
             assert worker.dense_weight_bytes_released == 0
             assert all(torch.equal(m.dense_weight, m.weight.to_dense()) for m in layers)
         else:

@@ -156,15 +156,15 @@ def test_kv_cache_larger_than_memory_is_refused_before_allocating(hf_model, kwar
 
 
 def test_kv_cache_memory_check_boundary(hf_model, monkeypatch):
-    import minipaged.worker
+    import minipaged.worker.worker
     from minipaged.attention import kv_cache_bytes_per_block
     from minipaged.config import EngineConfig
 
     model = build_model_from_hf(hf_model)
     per_block = kv_cache_bytes_per_block(model.config, 4, torch.float32)
-    monkeypatch.setattr(minipaged.worker, "available_memory_bytes", lambda device: 16 * per_block)
+    monkeypatch.setattr(minipaged.worker.worker, "available_memory_bytes", lambda device: 16 * per_block)
     config = EngineConfig(num_kv_blocks=16, block_size=4)
-    assert minipaged.worker.num_kv_blocks_for(config, model.config) == 16  # exactly fits
+    assert minipaged.worker.worker.num_kv_blocks_for(config, model.config) == 16  # exactly fits
     with pytest.raises(InvalidEngineConfigError) as info:
-        minipaged.worker.num_kv_blocks_for(EngineConfig(num_kv_blocks=17, block_size=4), model.config)
+        minipaged.worker.worker.num_kv_blocks_for(EngineConfig(num_kv_blocks=17, block_size=4), model.config)
     assert f"{17 * per_block:,} bytes" in str(info.value) and f"{16 * per_block:,} bytes" in str(info.value)

@@ -9,8 +9,8 @@ from typing import Callable
 import pytest
 import torch
 
-import kernels
-from kernels import reference
+import minipaged_kernels
+from minipaged_kernels import reference
 
 
 def _append_args() -> dict:
@@ -80,7 +80,7 @@ DECODE_CASES = {
 
 
 @pytest.mark.parametrize("case", list(APPEND_CASES), ids=list(APPEND_CASES))
-@pytest.mark.parametrize("fn", [kernels.kv_append, reference.kv_append], ids=["kernel", "reference"])
+@pytest.mark.parametrize("fn", [minipaged_kernels.kv_append, reference.kv_append], ids=["kernel", "reference"])
 def test_kv_append_rejects(fn, case):
     args = _append_args()
     mutate, name = APPEND_CASES[case]
@@ -94,12 +94,12 @@ def test_kv_append_rejects(fn, case):
 
 def test_kv_append_accepts_the_valid_call():
     args = _append_args()
-    kernels.kv_append(**args)
+    minipaged_kernels.kv_append(**args)
     assert torch.equal(args["k_cache"].flatten(0, 1)[[0, 9, 23]], args["key"][[0, 1, 3]])
 
 
 @pytest.mark.parametrize("case", list(DECODE_CASES), ids=list(DECODE_CASES))
-@pytest.mark.parametrize("fn", [kernels.paged_decode_attention, reference.paged_decode_attention],
+@pytest.mark.parametrize("fn", [minipaged_kernels.paged_decode_attention, reference.paged_decode_attention],
                          ids=["kernel", "reference"])
 def test_decode_rejects(fn, case):
     args = _decode_args()
@@ -117,13 +117,13 @@ def test_decode_rejects(fn, case):
 @pytest.mark.parametrize("num_splits", [0, -2, 2.0, "4", True])
 def test_decode_rejects_bad_num_splits(num_splits):
     with pytest.raises(ValueError, match="num_splits"):
-        kernels.paged_decode_attention(**_decode_args(), num_splits=num_splits)
+        minipaged_kernels.paged_decode_attention(**_decode_args(), num_splits=num_splits)
 
 
 def test_decode_rejects_out_strided_in_head_dim():
     out = torch.empty(2, 64, 6).transpose(1, 2)
     with pytest.raises(ValueError, match="out"):
-        kernels.paged_decode_attention(**_decode_args(), out=out)
+        minipaged_kernels.paged_decode_attention(**_decode_args(), out=out)
 
 
 def test_decode_rejects_head_dim_over_256():
@@ -132,11 +132,11 @@ def test_decode_rejects_head_dim_over_256():
     args["k_cache"] = torch.randn(5, 4, 2, 320)
     args["v_cache"] = torch.randn(5, 4, 2, 320)
     with pytest.raises(ValueError, match="head_dim"):
-        kernels.paged_decode_attention(**args)
+        minipaged_kernels.paged_decode_attention(**args)
 
 
 def test_decode_accepts_the_valid_call():
     args = _decode_args()
-    out = kernels.paged_decode_attention(**args)
+    out = minipaged_kernels.paged_decode_attention(**args)
     ref = reference.paged_decode_attention(**args)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

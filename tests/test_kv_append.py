@@ -5,8 +5,8 @@ import pytest
 import torch
 from pairwise import pairwise
 
-import kernels
-from kernels import reference
+import minipaged_kernels
+from minipaged_kernels import reference
 
 BLOCK_SIZES = (1, 8, 16, 32)
 HEAD_DIMS = (8, 64, 80, 96, 128, 256)
@@ -43,7 +43,7 @@ def test_kv_append_matches_reference_bit_exact(block_size, head_dim, dtype, slot
     k_old, v_old = k_cache.clone(), v_cache.clone()
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
 
-    kernels.kv_append(key, value, k_cache, v_cache, slots)
+    minipaged_kernels.kv_append(key, value, k_cache, v_cache, slots)
     reference.kv_append(key, value, k_ref, v_ref, slots)
 
     assert torch.equal(_bits(k_cache), _bits(k_ref))
@@ -72,7 +72,7 @@ def test_kv_append_strided_key_value(head_dim, device):
     slots = torch.tensor([19, 0, -1, 7, 4, 13, -3, 2, 11], dtype=torch.int32, device=device)
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
 
-    kernels.kv_append(key, value, k_cache, v_cache, slots)
+    minipaged_kernels.kv_append(key, value, k_cache, v_cache, slots)
     reference.kv_append(key, value, k_ref, v_ref, slots)
 
     assert torch.equal(_bits(k_cache), _bits(k_ref))
@@ -83,6 +83,6 @@ def test_kv_append_strided_key_value(head_dim, device):
 def test_kv_append_all_padding_and_empty(device):
     key, value, k_cache, v_cache, slots = _case(8, 64, torch.float32, torch.int64, device)
     k_old = k_cache.clone()
-    kernels.kv_append(key, value, k_cache, v_cache, torch.full_like(slots, -1))
-    kernels.kv_append(key[:0], value[:0], k_cache, v_cache, slots[:0])
+    minipaged_kernels.kv_append(key, value, k_cache, v_cache, torch.full_like(slots, -1))
+    minipaged_kernels.kv_append(key[:0], value[:0], k_cache, v_cache, slots[:0])
     assert torch.equal(_bits(k_cache), _bits(k_old))

@@ -1,7 +1,7 @@
 """Quantized KV cache (int8, fp8 e4m3): kernels vs references, the engine vs a fake-quant twin.
 
 Kernels run under the Triton interpreter on small grids. The quantizing KV-append must
-give the bits of ``minipaged.kv_quant.quantize`` (the scheme's definition), the attention
+give the bits of ``minipaged.attention.kv_quant.quantize`` (the scheme's definition), the attention
 kernels the float64 reference over the dequantized cache. The engine with a quantized
 cache must produce exactly the tokens of an engine whose cache is float but whose K/V are
 rounded the same way before they are stored, and most of the tokens of the float cache.
@@ -18,8 +18,8 @@ from pairwise import pairwise
 from test_decode_attention import REL_TOL, make_batch, rel_error
 from test_engine import assert_all_blocks_free, make_llm, make_prompts, tiny_hf_model
 
-import kernels
-from kernels import _kv_quant, reference
+import minipaged_kernels
+from minipaged_kernels import _kv_quant, reference
 from minipaged import LLM, SamplingParams, kv_quant
 from minipaged.attention import allocate_kv_cache, kv_cache_bytes_per_block
 from minipaged.attention.torch_backend import TorchAttentionBackend
@@ -114,7 +114,7 @@ def test_kv_append_quantizes_bit_exact(kind, per_token, dtype, head_dim):
     key[0, 0] = 0  # a zero row
     slots = torch.randperm(40, generator=gen)[:num_tokens]
     slots[3] = -1  # padding
-    kernels.kv_append(key, value, ours.data, ours_v.data, slots, ours.scale, ours_v.scale)
+    minipaged_kernels.kv_append(key, value, ours.data, ours_v.data, slots, ours.scale, ours_v.scale)
     reference.kv_append(key, value, ref.data, ref_v.data, slots, ref.scale, ref_v.scale)
     for a, b in ((ours, ref), (ours_v, ref_v)):
         assert torch.equal(a.data.view(torch.uint8), b.data.view(torch.uint8))
@@ -140,7 +140,7 @@ def test_decode_on_quantized_cache_matches_reference(kind, per_token, dtype, blo
     kq, vq = _quantize_cache(k_cache, kind, per_token), _quantize_cache(v_cache, kind, per_token)
     q = q.to(dtype)
     out = torch.full_like(q, float("nan"))
-    kernels.paged_decode_attention(q, kq.data, vq.data, tables, lens, out=out, num_splits=2 if group == 4 else 1,
+    minipaged_kernels.paged_decode_attention(q, kq.data, vq.data, tables, lens, out=out, num_splits=2 if group == 4 else 1,
                                    k_scale=kq.scale, v_scale=vq.scale)
     ref = reference.paged_decode_attention(q.double(), kq.data, vq.data, tables, lens, k_scale=kq.scale,
                                            v_scale=vq.scale)
@@ -156,7 +156,7 @@ def test_prefill_on_quantized_cache_matches_reference(kind, per_token, dtype, bl
     cu = torch.tensor([0, 1, 21, 40], dtype=torch.int32)  # a decode, a chunk behind a prefix, a whole prompt
     q = torch.randn(40, 2 * group, 64, generator=torch.Generator().manual_seed(seed)).to(dtype)
     out = torch.full_like(q, float("nan"))
-    kernels.paged_prefill_attention(q, kq.data, vq.data, tables, cu, lens, out=out, k_scale=kq.scale, v_scale=vq.scale)
+    minipaged_kernels.paged_prefill_attention(q, kq.data, vq.data, tables, cu, lens, out=out, k_scale=kq.scale, v_scale=vq.scale)
     ref = reference.paged_prefill_attention(q.double(), kq.data, vq.data, tables, cu, lens, k_scale=kq.scale,
                                             v_scale=vq.scale)
     assert torch.isfinite(out).all()
@@ -167,14 +167,14 @@ def test_quantized_kernels_reject_bad_scales():
     q, k_cache, v_cache, tables, lens = make_batch([5], 8, 2, 1, 64, torch.float32, "cpu", 1)
     kq, vq = _quantize_cache(k_cache, "int8", True), _quantize_cache(v_cache, "int8", True)
     with pytest.raises(ValueError, match="needs k_scale"):
-        kernels.paged_decode_attention(q, kq.data, vq.data, tables, lens)
+        minipaged_kernels.paged_decode_attention(q, kq.data, vq.data, tables, lens)
     with pytest.raises(ValueError, match="k_scale has shape"):
-        kernels.paged_decode_attention(q, kq.data, vq.data, tables, lens, k_scale=kq.scale[:, :, :1],
+        minipaged_kernels.paged_decode_attention(q, kq.data, vq.data, tables, lens, k_scale=kq.scale[:, :, :1],
                                        v_scale=vq.scale)
     with pytest.raises(ValueError, match="go with int8 or fp8"):
-        kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens, k_scale=kq.scale, v_scale=vq.scale)
+        minipaged_kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens, k_scale=kq.scale, v_scale=vq.scale)
     with pytest.raises(ValueError, match="v_scale shape"):
-        kernels.kv_append(q[:, :2], q[:, :2], kq.data, vq.data, torch.tensor([0]), kq.scale, torch.ones(1))
+        minipaged_kernels.kv_append(q[:, :2], q[:, :2], kq.data, vq.data, torch.tensor([0]), kq.scale, torch.ones(1))
 
 
 # ---------------------------------------------------------------- the engine

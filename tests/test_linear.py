@@ -123,7 +123,7 @@ def test_pack_in_place_replaces_dense_weights_and_keeps_the_products():
 
 @needs_onednn
 def test_pack_in_place_keeping_dense_sends_few_rows_to_the_gemv_kernel(monkeypatch):
-    gemv = pytest.importorskip("kernels.cpu_gemv")
+    gemv = pytest.importorskip("minipaged_kernels.cpu.gemv")
     torch.manual_seed(4)
     layer = fresh_layer(48, 40, bias=True)
     layer.requires_grad_(False)

@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import reference
-from kernels.prefill_attention import (
+import minipaged_kernels
+from minipaged_kernels import reference
+from minipaged_kernels.prefill_attention import (
     PrefillConfig, all_configs, aot_specs, choose_config, paged_prefill_attention, plan_query_tiles, tile_reads,
 )
 
@@ -59,7 +59,7 @@ def make_case(
         keys.append(torch.randn(ctx, num_kv_heads, head_dim, generator=gen).to(dtype))
         values.append(torch.randn(ctx, num_kv_heads, head_dim, generator=gen).to(dtype))
         # As in the engine: the cache is written by the KV-append kernel.
-        kernels.kv_append(keys[-1].to(device), values[-1].to(device), k_cache, v_cache, slots.to(device))
+        minipaged_kernels.kv_append(keys[-1].to(device), values[-1].to(device), k_cache, v_cache, slots.to(device))
     q = torch.randn(sum(new_lens), num_kv_heads * group, head_dim, generator=gen).to(dtype)
     cu = torch.tensor([0] + torch.tensor(new_lens).cumsum(0).tolist(), dtype=torch.int32)
     return Case(
@@ -176,7 +176,7 @@ def test_one_new_token_equals_decode(dtype, device):
     case = make_case(prefixes, [1] * len(prefixes), block_size=8, num_kv_heads=2, group=4, head_dim=80,
                      dtype=dtype, device=device, seed=21)
     out = run_kernel(case)
-    decode = kernels.paged_decode_attention(
+    decode = minipaged_kernels.paged_decode_attention(
         case.q, case.k_cache, case.v_cache, case.block_tables, case.context_lens,
         out=torch.full_like(case.q, float("nan")),
     )

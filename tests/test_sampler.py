@@ -11,8 +11,8 @@ import torch
 from transformers import MinNewTokensLengthLogitsProcessor, RepetitionPenaltyLogitsProcessor
 
 from minipaged.outputs import Logprob
-from minipaged.sampler import SamplerOutput, filtered_probs, greedy_tokens, process_logits
-from minipaged.sampler import sample as sample_with_history
+from minipaged.worker.sampler import SamplerOutput, filtered_probs, greedy_tokens, process_logits
+from minipaged.worker.sampler import sample as sample_with_history
 from minipaged.sampling_params import SamplingParams
 
 

@@ -13,11 +13,11 @@ import random
 import pytest
 import torch
 
-from minipaged.block_manager import BlockManager
+from minipaged.core.block_manager import BlockManager
 from minipaged.outputs import RequestMetrics
-from minipaged.request import Request, RequestStatus
+from minipaged.core.request import Request, RequestStatus
 from minipaged.sampling_params import SamplingParams
-from minipaged.scheduler import Scheduler
+from minipaged.core.scheduler import Scheduler
 
 
 def next_token(tokens: list[int]) -> int:

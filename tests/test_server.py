@@ -21,7 +21,7 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from minipaged.server.launch import ServerProcess, free_port, minipaged_command  # noqa: E402
+from minipaged.entrypoints.openai.launch import ServerProcess, free_port, minipaged_command  # noqa: E402
 
 SMOL_DIR = Path.home() / ".cache/minipaged/models/SmolLM2-135M-Instruct"
 API_KEY = "test-key-123"
@@ -91,7 +91,7 @@ def greedy(offline, prompts, max_tokens, **kw):
 
 
 def scrape(server) -> dict[str, float]:
-    from minipaged.bench_serve import parse_prometheus
+    from minipaged.benchmarks.serve import parse_prometheus
 
     return parse_prometheus(httpx.get(server.base_url + "/metrics").text)
 

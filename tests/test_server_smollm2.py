@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
-from minipaged.server.launch import ServerProcess, free_port, minipaged_command  # noqa: E402
+from minipaged.entrypoints.openai.launch import ServerProcess, free_port, minipaged_command  # noqa: E402
 
 ROOT = str(Path(__file__).resolve().parent.parent)
 

@@ -21,15 +21,15 @@ import pytest
 import torch
 
 from minipaged import LLM, SamplingParams
-from minipaged.beam_search import BeamSearchParams
-from minipaged.block_manager import BlockCopy
+from minipaged.engine.beam_search import BeamSearchParams
+from minipaged.core.block_manager import BlockCopy
 from minipaged.config import EngineConfig
-from minipaged.distributed import CommStats
+from minipaged.worker.distributed import CommStats
 from minipaged.errors import InvalidEngineConfigError
-from minipaged.executor import TensorParallelExecutor, WorkerDiedError
+from minipaged.worker.executor import TensorParallelExecutor, WorkerDiedError
 from minipaged.models import build_model_from_hf
 from minipaged.models.parallel_linear import ColumnParallelLinear, RowParallelLinear, rank_slices
-from minipaged.worker import StepBatch
+from minipaged.worker.worker import StepBatch
 from tests.test_beam_search import one_thread  # noqa: F401  autouse: one torch thread per rank on the 2 CI cores
 from tests.test_engine import assert_all_blocks_free, hf_greedy, make_prompts, tiny_hf_model
 

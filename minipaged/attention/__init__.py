@@ -3,7 +3,7 @@
 Every layer's cache is a pair ``(k_cache, v_cache)``, each
 ``[num_blocks, block_size, num_kv_heads, head_dim]``; a token's slot is
 ``block_id * block_size + offset``. With ``kv_cache_dtype`` "int8" or "fp8_e4m3" each is a
-``minipaged.kv_quant.QuantizedCache`` (1-byte data plus fp32 scales), which both backends
+``minipaged.attention.kv_quant.QuantizedCache`` (1-byte data plus fp32 scales), which both backends
 dequantize on read. Two backends implement the same contract:
 
 - ``"torch"``: pure PyTorch, vectorised over the batch; the default without CUDA;
@@ -17,7 +17,7 @@ from typing import Protocol
 
 import torch
 
-from minipaged import kv_quant
+from minipaged.attention import kv_quant
 from minipaged.attention.metadata import AttentionMetadata, build_metadata, build_positions
 from minipaged.errors import InvalidEngineConfigError
 
@@ -96,7 +96,7 @@ def allocate_kv_cache(
     """One zero-filled ``(k_cache, v_cache)`` pair per layer, each ``[num_blocks, block_size, num_kv_heads, head_dim]``.
 
     ``kv_cache_dtype="auto"``: plain tensors of ``dtype``; "int8" / "fp8_e4m3":
-    ``kv_quant.QuantizedCache`` pairs that dequantize to ``dtype`` (see ``minipaged.kv_quant``).
+    ``kv_quant.QuantizedCache`` pairs that dequantize to ``dtype`` (see ``minipaged.attention.kv_quant``).
     Zero-filled so slots a sequence has not written yet hold finite values (the torch
     backend multiplies masked-out keys' probabilities, 0, by their values).
     """

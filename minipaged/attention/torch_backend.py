@@ -6,7 +6,7 @@ tensor operations per layer instead of a Python loop per sequence:
 
 - new K/V go into the cache with one ``index_copy_`` on the flattened slot view;
 - one-token (decode) sequences on CPU go, when numba is installed, to the fused
-  paged decode kernel ``kernels.cpu_decode_attention`` (one call per layer for all of
+  paged decode kernel ``minipaged_kernels.cpu.decode_attention`` (one call per layer for all of
   them; it reads each K/V row once, in place, and dequantizes int8/fp8 rows as it reads
   them). Otherwise (no numba, off CPU, or ``decode_kernel="gather"``) they attend in
   batched SDPA calls over their gathered blocks, with a key mask for the ragged ends:
@@ -20,7 +20,7 @@ tensor operations per layer instead of a Python loop per sequence:
 Everything derived from the metadata (gather indices, masks) is computed once per step
 by ``prepare`` and shared by all layers.
 
-A quantized cache (``minipaged.kv_quant.QuantizedCache``) is written through
+A quantized cache (``minipaged.attention.kv_quant.QuantizedCache``) is written through
 ``kv_quant.write_slots`` and, outside the fused decode kernel, read through
 ``kv_quant.gather_blocks``, which gathers the 1-byte blocks and dequantizes after the
 gather; prefills then always read their keys back
@@ -34,14 +34,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from minipaged import kv_quant
+from minipaged.attention import kv_quant
 from minipaged.attention.metadata import AttentionMetadata
 
-try:
-    from kernels import cpu_decode_attention
-except ImportError:  # kernels needs triton; without it the gather path still works
-    cpu_decode_attention = None
-
+from minipaged_kernels import cpu as cpu_kernels
 
 # Cost model for splitting a step's decodes into length buckets, in "key rows" (one
 # sequence attending over one key): each bucket costs its padded keys plus a fixed
@@ -56,7 +52,7 @@ BUCKET_OVERHEAD_KEY_ROWS = 2048
 # of padding when choosing the cuts (8-32 measure alike).
 CPU_GATHER_CHUNK_BYTES = 3 << 20
 CPU_CHUNK_OVERHEAD_BLOCKS = 16
-# How CPU decodes attend: "fused" (kernels.cpu_decode_attention, needs numba),
+# How CPU decodes attend: "fused" (minipaged_kernels.cpu.decode_attention, needs numba),
 # "gather" (block gather + SDPA), or "auto" (fused when numba imports).
 DECODE_KERNELS = ("auto", "fused", "gather")
 # Compute dtypes the fused kernel handles (a quantized cache's is the model dtype); others gather.
@@ -64,8 +60,8 @@ FUSED_CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def fused_decode_available() -> bool:
-    """Whether the numba CPU decode kernel can run here (numba and ``kernels`` import)."""
-    return cpu_decode_attention is not None and cpu_decode_attention.available()
+    """Whether the numba CPU decode kernel can run here (numba imports)."""
+    return cpu_kernels.load("decode_attention") is not None
 
 
 @dataclass(frozen=True)
@@ -168,7 +164,7 @@ class TorchAttentionBackend:
 
         ``q`` is ``[T, Hq, D]``; the caches are ``[num_blocks, block_size, Hkv, D]`` and must
         hold finite values in unused slots (``allocate_kv_cache`` zero-fills them). Every
-        slot must be a real one: unlike ``kernels.kv_append``, negative (padding) slots
+        slot must be a real one: unlike ``minipaged_kernels.kv_append``, negative (padding) slots
         are an error here, since the engine never pads.
         """
         plan = self.prepare(meta, k_cache).backend_plan
@@ -357,7 +353,7 @@ def fused_decode_attention(
     """Write ``out[fused.rows]`` (``[B, Hq, D]``) with the numba kernel, in place when the rows are a slice."""
     (k_data, k_scale), (v_data, v_scale) = kv_quant.data_and_scale(k_cache), kv_quant.data_and_scale(v_cache)
     target = out[fused.rows] if isinstance(fused.rows, slice) else q.new_empty((fused.context_lens.shape[0], *q.shape[1:]))
-    cpu_decode_attention.decode_unchecked(q[fused.rows], k_data, v_data, fused.block_tables, fused.context_lens, scale,
+    cpu_kernels.load("decode_attention").decode_unchecked(q[fused.rows], k_data, v_data, fused.block_tables, fused.context_lens, scale,
                                           target, k_scale, v_scale)
     if not isinstance(fused.rows, slice):
         out[fused.rows] = target

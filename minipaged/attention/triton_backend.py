@@ -2,7 +2,7 @@
 
 A step whose sequences all have one new token runs the decode kernel; any step with a
 longer query (prefill, chunked prefill, or a mix with decodes) runs the prefill kernel,
-which handles one-token sequences as well. A quantized cache (``minipaged.kv_quant``)
+which handles one-token sequences as well. A quantized cache (``minipaged.attention.kv_quant``)
 goes to the same kernels as its 1-byte data and fp32 scales: they quantize on write and
 dequantize on read.
 """
@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import torch
 
-import kernels
-from minipaged import kv_quant
+import minipaged_kernels
+from minipaged.attention import kv_quant
 from minipaged.attention.metadata import AttentionMetadata
 
 
 class TritonAttentionBackend:
-    """Attention backend calling ``kernels.kv_append`` then a paged attention kernel."""
+    """Attention backend calling ``minipaged_kernels.kv_append`` then a paged attention kernel."""
 
     name = "triton"
 
@@ -38,12 +38,12 @@ class TritonAttentionBackend:
         k_cache, k_scale = kv_quant.data_and_scale(k_cache)
         v_cache, v_scale = kv_quant.data_and_scale(v_cache)
         scales = {"k_scale": k_scale, "v_scale": v_scale}
-        kernels.kv_append(k.contiguous(), v.contiguous(), k_cache, v_cache, meta.slot_mapping, **scales)
+        minipaged_kernels.kv_append(k.contiguous(), v.contiguous(), k_cache, v_cache, meta.slot_mapping, **scales)
         q = q.contiguous()
         if meta.max_query_len == 1:
-            return kernels.paged_decode_attention(
+            return minipaged_kernels.paged_decode_attention(
                 q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale=scale, **scales
             )
-        return kernels.paged_prefill_attention(
+        return minipaged_kernels.paged_prefill_attention(
             q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q, meta.context_lens, scale=scale, **scales
         )

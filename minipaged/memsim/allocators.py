@@ -17,7 +17,7 @@ these states (see :class:`MemoryBreakdown`):
 
 Contiguous strategies (the paper's Orca baselines) place each request's reservation in
 one range of a :class:`FirstFitAllocator`; the paged strategy drives minipaged's real
-:class:`~minipaged.block_manager.BlockManager`.
+:class:`~minipaged.core.block_manager.BlockManager`.
 """
 from __future__ import annotations
 
@@ -239,7 +239,7 @@ class PagedStrategy:
     preempts = True
 
     def __init__(self, budget: int, block_size: int, *, watermark_blocks: int = 0) -> None:
-        from minipaged.block_manager import BlockManager  # the real one, never a copy
+        from minipaged.core.block_manager import BlockManager  # the real one, never a copy
 
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
@@ -269,7 +269,7 @@ class PagedStrategy:
         return True
 
     def append(self, seq_id: Hashable) -> bool:
-        from minipaged.block_manager import NoFreeBlocksError
+        from minipaged.core.block_manager import NoFreeBlocksError
 
         try:
             self.manager.append_tokens(seq_id, [0])

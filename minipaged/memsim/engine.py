@@ -1,6 +1,6 @@
 """The real engine next to the simulation: its measured KV utilisation and beam-search sharing.
 
-The engine's per-step ``StepRecord`` (``minipaged.trace``) carries the block manager's
+The engine's per-step ``StepRecord`` (``minipaged.engine.trace``) carries the block manager's
 ``BlockStats`` after each step (``used_blocks``, ``tokens_stored``, ``utilization``) and
 ``logical_blocks``, the blocks the same sequences would hold without sharing. These
 helpers turn a run into the quantities the simulator reports, so the two overlay.
@@ -15,8 +15,8 @@ from minipaged.memsim.sharing import SharingResult
 from minipaged.memsim.traces import Request, Trace
 
 if TYPE_CHECKING:
-    from minipaged.llm import LLM
-    from minipaged.trace import StepRecord
+    from minipaged.engine.llm import LLM
+    from minipaged.engine.trace import StepRecord
 
 
 def batch_trace(input_lens: Sequence[int], output_lens: Sequence[int], name: str) -> Trace:

@@ -1,7 +1,7 @@
 """KV memory saved by block sharing: parallel sampling and beam search on the real BlockManager.
 
 Each request of a trace is replayed on its own, token by token, through
-:class:`~minipaged.block_manager.BlockManager` with ``fork`` / ``append_tokens`` /
+:class:`~minipaged.core.block_manager.BlockManager` with ``fork`` / ``append_tokens`` /
 ``free``, so copy-on-write and reference counting are the block manager's own. At every
 step we record the blocks in use (``BlockStats.used_blocks``) and, for comparison, the
 blocks the same sequences would hold without sharing (each one its own copy:
@@ -30,7 +30,7 @@ import numpy as np
 from minipaged.memsim.traces import Trace
 
 if TYPE_CHECKING:
-    from minipaged.block_manager import BlockManager
+    from minipaged.core.block_manager import BlockManager
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class SharingResult:
 
 
 def _manager(num_blocks: int, block_size: int) -> BlockManager:
-    from minipaged.block_manager import BlockManager  # the real one, never a copy
+    from minipaged.core.block_manager import BlockManager  # the real one, never a copy
 
     return BlockManager(num_blocks, block_size, enable_prefix_caching=False)
 

@@ -6,7 +6,7 @@ such skinny products PyTorch's default fp32 path (MKL ``sgemm`` on a plain row-m
 weight) streams far below the memory bandwidth; oneDNN's inner-product primitive on a
 weight re-laid out once in its blocked format reads it 1.4-2.5x faster at 1-64 rows
 and is level with MKL on prefill-sized batches (measured on the project's 2-core AMD
-VM; compare ``python -m minipaged.models.bench`` with and without ``--plain-linear``).
+VM; compare ``python -m minipaged.benchmarks.step`` with and without ``--plain-linear``).
 The ops are PyTorch's own (``mkldnn._reorder_linear_weight`` / ``_linear_pointwise``,
 the ones Inductor uses for its oneDNN linear fusions), called here directly.
 
@@ -23,7 +23,7 @@ one source of truth that tests and loaders read. That costs a second copy of the
 weights in host memory, so the engine's CPU worker calls ``pack_in_place``: each
 layer's weight *becomes* its packed copy (a oneDNN tensor; ``weight.to_dense()``
 gives the dense values back exactly). Where numba runs, the fp32 dense weight stays
-beside it (``keep_dense``) for the 1-4 row products ``kernels.cpu_gemv`` streams faster
+beside it (``keep_dense``) for the 1-4 row products ``minipaged_kernels.cpu.gemv`` streams faster
 than the packed GEMM; otherwise it is freed, ~0.4 GiB for SmolLM2 in fp32. Anywhere else
 (CUDA, fp16, bf16 without CPU support, autograd, a PyTorch without oneDNN) the layer is
 a plain ``F.linear``.
@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minipaged_kernels import cpu as cpu_kernels
+
 
 def onednn_packing_available() -> bool:
     """Whether this PyTorch build has oneDNN and the packed inner-product ops."""
@@ -52,17 +54,6 @@ def onednn_packing_available() -> bool:
 def onednn_bf16_packing_available() -> bool:
     """Whether oneDNN can pack and multiply bf16 weights on this CPU (AVX-512 BF16/AMX or AVX-NE-CONVERT)."""
     return onednn_packing_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-@functools.cache
-def cpu_gemv() -> ModuleType | None:
-    """``kernels.cpu_gemv`` when it can run (numba installed), imported on first use like
-    ``llama.cpu_fused_ops`` (vLLM's CPU build, in ``bench_vllm``, must not find numba loaded); else ``None``."""
-    try:
-        from kernels import cpu_gemv as module
-    except ImportError:
-        return None
-    return module if module.available() else None
 
 
 _ONEDNN = onednn_packing_available()
@@ -120,11 +111,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pac
 
     ``weight`` may be packed already (``pack_in_place``); ``x`` must then be a CPU tensor of its dtype.
     ``dense``, the dense copy ``pack_in_place`` kept of a packed ``weight``, serves the few-row
-    products that ``kernels.cpu_gemv`` streams faster than the packed GEMM (1-4 fp32 rows on
+    products that ``minipaged_kernels.cpu.gemv`` streams faster than the packed GEMM (1-4 fp32 rows on
     CPU); it is ignored once ``weight`` is no longer packed (a weight assigned since).
     """
     if dense is not None and weight.is_mkldnn and _enabled:
-        gemv = cpu_gemv()
+        gemv = cpu_kernels.load("gemv")
         if gemv is not None and gemv.applies_to(x, dense, bias):
             return gemv.linear_unchecked(x, dense, bias)
     if weight.is_mkldnn:
@@ -146,7 +137,7 @@ def pack_in_place(module: nn.Module, keep_dense: bool = False) -> int:
     weight of a packable dtype that does not require grad) its oneDNN-packed copy.
 
     With ``keep_dense`` the dense weight stays beside it as ``layer.dense_weight``, for the
-    few-row products ``kernels.cpu_gemv`` runs faster (fp32 only: other dtypes are freed anyway);
+    few-row products ``minipaged_kernels.cpu.gemv`` runs faster (fp32 only: other dtypes are freed anyway);
     otherwise it is freed. Returns the bytes of dense weights released. From then on the
     layer's ``weight`` is a oneDNN tensor: ``linear`` multiplies by it directly and
     ``weight.to_dense()`` recovers the dense values exactly. In-place edits no longer reach

@@ -9,7 +9,7 @@ tables are precomputed once and indexed by position, the residual stream travels
 the hidden state so that each RMSNorm does the residual add too, and on CPU the linears
 multiply by oneDNN pre-packed weights (``minipaged.models.linear``), which sums in a
 different order than transformers' MKL path (differences of a few fp32 ulps). fp32 CPU
-runs do RMSNorm (+ add) and RoPE in numba (``kernels.cpu_fused_ops``), within an ulp or so
+runs do RMSNorm (+ add) and RoPE in numba (``minipaged_kernels.cpu.fused_ops``), within an ulp or so
 of the PyTorch formulas used everywhere else.
 """
 from __future__ import annotations
@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minipaged_kernels import cpu as cpu_kernels
+
 from minipaged.attention import AttentionBackend
 from minipaged.attention.metadata import AttentionMetadata
 from minipaged.models.config import ModelConfig
@@ -30,24 +32,12 @@ from minipaged.models.linear import PackedWeight, linear
 from minipaged.models.parallel_linear import column_linear, row_linear
 
 if TYPE_CHECKING:
-    from minipaged.distributed import TensorParallelGroup
-
-
-@functools.cache
-def cpu_fused_ops() -> ModuleType | None:
-    """``kernels.cpu_fused_ops``, imported on first use (it loads numba, which vLLM's CPU
-    build, importing this module in ``bench_vllm``, must not find loaded); ``None`` when
-    ``kernels`` does not import (it needs triton): the PyTorch formulas below still work."""
-    try:
-        from kernels import cpu_fused_ops as module
-    except ImportError:
-        return None
-    return module
+    from minipaged.worker.distributed import TensorParallelGroup
 
 
 def _fused(x: torch.Tensor) -> ModuleType | None:
     """The fused CPU ops module when it applies to ``x`` (fp32 CPU, numba present), else ``None``."""
-    module = cpu_fused_ops()
+    module = cpu_kernels.load("fused_ops")
     return module if module is not None and module.applies_to(x) else None
 
 
@@ -62,7 +52,7 @@ class RMSNorm(nn.Module):
         each ``[T, hidden]`` (``x`` alone without ``residual``); statistics in fp32 as in transformers.
 
         The sum is written into ``x``. Taking the add here lets fp32 CPU runs do both in one
-        pass (``kernels.cpu_fused_ops``, vLLM's ``fused_add_rms_norm``).
+        pass (``minipaged_kernels.cpu.fused_ops``, vLLM's ``fused_add_rms_norm``).
         """
         if (fused := _fused(x)) is not None:
             return fused.add_rms_norm(x, self.weight, self.eps, residual)
@@ -116,7 +106,7 @@ class RotaryEmbedding(nn.Module):
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate ``x [T, H, head_dim]`` (rotate-half convention, as transformers' Llama); a new tensor,
-    or ``x`` itself rotated in place on fp32 CPU runs (``kernels.cpu_fused_ops.rope_``)."""
+    or ``x`` itself rotated in place on fp32 CPU runs (``minipaged_kernels.cpu.fused_ops.rope_``)."""
     if (fused := _fused(x)) is not None:
         return fused.rope_(x, cos, sin)
     x1, x2 = x.chunk(2, dim=-1)

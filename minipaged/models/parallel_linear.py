@@ -38,7 +38,7 @@ import torch
 from minipaged.models.linear import PackedLinear, linear
 
 if TYPE_CHECKING:
-    from minipaged.distributed import TensorParallelGroup
+    from minipaged.worker.distributed import TensorParallelGroup
     from minipaged.models.config import ModelConfig
 
 

@@ -1,0 +1,409 @@
+"""EngineCore: token ids in, token ids out, one step at a time (vLLM v1's ``EngineCore``).
+
+The core owns the scheduler, the block manager and the worker, and nothing that
+touches text: it has no tokenizer. Its whole public surface is
+
+- ``check_request`` / ``add_request``: validate then queue token ids with their ``SamplingParams``;
+- ``step()``: schedule -> worker -> sampler -> EOS / stop-token / length checks, returning one
+  ``CoreOutput`` per sequence that gained a token or finished in this step;
+- ``finish_sequence`` / ``abort``: end a sequence or a whole request now, its blocks freed at once
+  (stop strings are found by the output processor, which then finishes the sequence here);
+- ``stats()`` / ``trace``: what the queues and the KV cache look like.
+
+Front ends (the offline ``LLM``, ``AsyncLLM``, beam search) drive one core through these
+methods and never reach into each other. A prompt with ``n > 1`` samples is one request
+group here: its first sequence computes the prompt, then forks into ``n`` sequences that
+share the prompt's blocks (copy-on-write).
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from minipaged.core.block_manager import BlockManager, BlockStats
+from minipaged.config import EngineConfig
+from minipaged.errors import InvalidEngineConfigError, InvalidPromptError, PromptTooLongError, RequestTooLargeError
+from minipaged.worker.executor import build_executor
+from minipaged.outputs import Logprob, RequestMetrics
+from minipaged.core.request import Request, RequestStatus
+from minipaged.worker.sampler import sample
+from minipaged.sampling_params import SamplingParams
+from minipaged.core.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
+from minipaged.engine.trace import StepRecord, Trace
+from minipaged.worker.worker import num_kv_blocks_for
+
+
+@dataclass(frozen=True)
+class CoreOutput:
+    """What one sequence gained in one step (or how it ended)."""
+
+    request_id: str
+    index: int  # completion index, 0..n-1
+    new_token_ids: list[int]
+    new_logprobs: list[dict[int, Logprob]] | None  # one dict per new token, with SamplingParams.logprobs
+    finish_reason: str | None  # "stop", "length", "abort", or None while running
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the queues and the KV cache (what /metrics and notebooks show)."""
+
+    num_running: int
+    num_waiting: int
+    num_blocks: int
+    used_blocks: int
+    cached_blocks: int
+    free_blocks: int
+    num_preemptions: int
+    prompt_tokens_total: int  # prompt tokens computed, recomputation after preemption included
+    generation_tokens_total: int  # tokens sampled
+
+
+@dataclass
+class _Group:
+    """One request: a prompt and its ``n`` sequences (index 0 until the prompt is computed)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    priority: int
+    arrival_order: int
+    metrics: RequestMetrics
+    seqs: list[Request]
+
+    @property
+    def finished(self) -> bool:
+        return len(self.seqs) == self.params.n and all(s.status.finished for s in self.seqs)
+
+
+def _prebuilt_model_kwargs(model: torch.nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Engine kwargs for an already built model: dtype, device and backend are the model's own.
+
+    Passing a different one is an error rather than a silently ignored setting.
+    """
+    weight = next(model.parameters())
+    own = {"dtype": weight.dtype, "device": weight.device.type, "attention_backend": model.attention_backend.name}
+    canonical = {
+        "dtype": lambda v: EngineConfig(dtype=v).torch_dtype,
+        "device": lambda v: torch.device(v).type,
+        "attention_backend": lambda v: v,
+    }
+    merged = dict(kwargs)
+    for name, value in own.items():
+        given = kwargs.get(name)
+        if given is not None and canonical[name](given) != canonical[name](value):
+            raise InvalidEngineConfigError(name, f"{given!r} differs from the prebuilt model's {value!r}")
+        merged[name] = value
+    return merged
+
+
+def load_engine(model: Any = None, tokenizer: Any = None, **kwargs: Any) -> tuple["EngineCore", Any]:
+    """Build the model named by ``model`` (or take a prebuilt one) and an ``EngineCore`` over it.
+
+    Returns ``(core, tokenizer)``: the tokenizer is the given one, else the model's own (``None``
+    for a tokenizer-less model). Every keyword is an ``EngineConfig`` field.
+    """
+    from minipaged.models import CausalLM, LoadedModel, load_model
+
+    if isinstance(model, CausalLM):
+        model = LoadedModel(model=model, tokenizer=tokenizer, config=model.config, name=type(model).__name__)
+    if isinstance(model, LoadedModel):
+        loaded = model
+        config = EngineConfig.from_kwargs(model=loaded.name, **_prebuilt_model_kwargs(loaded.model, kwargs))
+    else:
+        config = EngineConfig.from_kwargs(model=model, **kwargs)
+        loaded = load_model(model, dtype=config.torch_dtype, device=config.torch_device,
+                            attention_backend=config.attention_backend)
+    core = EngineCore(loaded.model, loaded.config, config, model_name=loaded.name)
+    return core, tokenizer if tokenizer is not None else loaded.tokenizer
+
+
+class EngineCore:
+    """Scheduler + block manager + worker behind add / step / abort (see the module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, model_config: Any, config: EngineConfig, *,
+                 model_name: str | None = None) -> None:
+        self.model_config = model_config
+        self.model_name = model_name or config.model or type(model).__name__
+        self.config = self._resolve(config)
+        self.worker = build_executor(model, self.config)
+        self.block_manager = BlockManager(self.config.num_kv_blocks, self.config.block_size,
+                                          enable_prefix_caching=self.config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs=self.config.max_num_seqs,
+                                   max_num_batched_tokens=self.config.max_num_batched_tokens)
+        self.trace = Trace()
+        self.eos_token_ids = frozenset(model_config.eos_token_ids or ())
+        self._groups: dict[str, _Group] = {}
+        self._arrivals = itertools.count()
+        self._seed_rng = torch.Generator().manual_seed(self.config.seed)
+        self._prompt_tokens_total = 0
+        self._generation_tokens_total = 0
+
+    def _resolve(self, config: EngineConfig) -> EngineConfig:
+        """A new config with the model-dependent values filled in (the given one is never mutated)."""
+        model_max = self.model_config.max_position_embeddings
+        if config.max_model_len is not None and config.max_model_len > model_max:
+            raise InvalidEngineConfigError("max_model_len", f"{config.max_model_len} exceeds the model's "
+                                           f"max_position_embeddings={model_max}")
+        max_len = config.max_model_len or model_max
+        return dataclasses.replace(config, max_model_len=max_len,
+                                   num_kv_blocks=num_kv_blocks_for(config, self.model_config))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model_config.vocab_size
+
+    # ---- requests in ------------------------------------------------------------------
+    def check_request(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
+        """Raise the typed error a request with these token ids and params would hit; no side effect."""
+        ids = prompt_token_ids
+        if not ids:
+            raise InvalidPromptError("prompt", "has no tokens")
+        vocab = self.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise InvalidPromptError("prompt_token_ids", f"token ids must be in [0, {vocab}), got {min(ids)}..{max(ids)}")
+        for name, values in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias or ())):
+            bad = [t for t in values if t >= vocab]
+            if bad:
+                raise InvalidPromptError(name, f"token ids must be < the vocabulary size {vocab}, got {bad[:5]}")
+        max_len = self.config.max_model_len
+        if len(ids) > max_len:
+            raise PromptTooLongError("prompt", f"has {len(ids)} tokens, more than max_model_len={max_len}")
+        bm = self.block_manager
+        if bm.blocks_for(len(ids)) > bm.num_blocks:
+            raise RequestTooLargeError("prompt", f"{len(ids)} tokens need more than the KV cache's {bm.num_blocks} blocks")
+        slots = self.max_kv_slots(len(ids), params.max_tokens)
+        if bm.blocks_for(slots) > bm.num_blocks:
+            raise RequestTooLargeError("max_tokens", f"prompt + max_tokens need {slots} KV slots in "
+                                       f"{bm.blocks_for(slots)} blocks; the KV cache has {bm.num_blocks}")
+
+    def max_kv_slots(self, num_prompt_tokens: int, max_tokens: int) -> int:
+        """KV slots one sequence can ever hold: every token but the last sampled one, which is never fed back.
+
+        A prompt of exactly ``max_model_len`` tokens still samples one token (as vLLM does).
+        """
+        total = min(num_prompt_tokens + max_tokens, self.config.max_model_len)
+        return max(num_prompt_tokens, total - 1)
+
+    def add_request(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams, *,
+                    priority: int = 0, arrival_time: float | None = None) -> None:
+        """Queue a request (after ``check_request``); its sequences join the batch at the next step."""
+        if request_id in self._groups:
+            raise InvalidPromptError("request_id", f"{request_id!r} is already in use")
+        ids = list(prompt_token_ids)
+        metrics = RequestMetrics(arrival_time=time.monotonic() if arrival_time is None else arrival_time)
+        group = _Group(request_id, ids, params, priority, next(self._arrivals), metrics, [])
+        group.seqs.append(self.new_sequence(group, 0))
+        self._groups[request_id] = group
+        self.scheduler.add(group.seqs[0])
+
+    def new_sequence(self, group: _Group, index: int) -> Request:
+        """Sequence ``index`` of a request, with its own sampling generator."""
+        params = group.params
+        # Explicit seeds give sample i the seed seed+i; otherwise the engine's seeded stream decides,
+        # so a run is reproducible for a given submission order either way.
+        seed = params.seed + index if params.seed is not None else int(torch.randint(2**62, (1,), generator=self._seed_rng))
+        gen = torch.Generator(device=self.worker.device).manual_seed(seed)
+        return Request(group.request_id, index, list(group.prompt_token_ids), params, gen, group.priority,
+                       group.arrival_order, group.metrics)
+
+    def next_arrival(self) -> int:
+        """A fresh FCFS arrival number (beam search queues its own sequences)."""
+        return next(self._arrivals)
+
+    def has_request(self, request_id: str) -> bool:
+        return request_id in self._groups
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def metrics(self, request_id: str) -> RequestMetrics:
+        return self._groups[request_id].metrics
+
+    # ---- requests out -----------------------------------------------------------------
+    def finish_sequence(self, request_id: str, index: int, status: RequestStatus,
+                        stop_reason: int | str | None = None) -> None:
+        """End one sequence now (a stop string found by the output processor); frees its blocks."""
+        group = self._groups.get(request_id)
+        if group is None:
+            return
+        for seq in group.seqs:
+            if seq.index == index and not seq.status.finished:
+                seq.stop_reason = stop_reason
+                self.scheduler.finish(seq, status)
+        self._forget_if_finished(group, time.monotonic())
+
+    def abort(self, request_ids: Iterable[str]) -> list[str]:
+        """Stop these requests now and free their blocks; unknown or finished ids are ignored.
+
+        Returns the ids that were actually aborted (idempotent, so a racing abort is harmless).
+        """
+        aborted = []
+        now = time.monotonic()
+        for rid in request_ids:
+            group = self._groups.pop(rid, None)
+            if group is None:
+                continue
+            for seq in group.seqs:
+                if not seq.status.finished:
+                    self.scheduler.finish(seq, RequestStatus.FINISHED_ABORTED)
+            group.metrics.finished_time = now
+            aborted.append(rid)
+        return aborted
+
+    def _forget_if_finished(self, group: _Group, now: float) -> None:
+        if group.finished and self._groups.get(group.request_id) is group:
+            group.metrics.finished_time = now
+            del self._groups[group.request_id]
+
+    # ---- one step -----------------------------------------------------------------------
+    def step(self) -> list[CoreOutput]:
+        """Run one iteration; one ``CoreOutput`` per sequence that gained a token in it."""
+        t0 = time.monotonic()
+        before = self.block_manager.stats()
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            if self.scheduler.has_unfinished():
+                raise RuntimeError("scheduler made no progress with requests pending (KV cache too small?)")
+            return []
+        logits, sampled = self.execute(sched)
+        outputs: list[CoreOutput] = []
+        if sampled:
+            rows, seqs = self._fork_and_expand(sampled)
+            if len(rows) != logits.shape[0]:  # n > 1 forks share their parent's row: copy it out
+                logits = logits[torch.tensor(rows, dtype=torch.long, device=logits.device)]
+            tokens, logprobs = self._sample(logits, seqs)
+            now = time.monotonic()
+            for seq, tok, lp in zip(seqs, tokens, logprobs):
+                outputs.append(self._append_token(seq, tok, lp, now))
+            for group in {id(self._groups[s.request_id]): self._groups[s.request_id] for s in seqs}.values():
+                self._forget_if_finished(group, now)
+        num_finished = sum(o.finish_reason is not None for o in outputs)
+        self.record_step(sched, before, num_finished, time.monotonic() - t0)
+        return outputs
+
+    def execute(self, sched: SchedulerOutput) -> tuple[torch.Tensor | None, list[ScheduledRequest]]:
+        """Run the scheduled tokens through the worker and record them as computed.
+
+        Returns the worker's ``(logits [num_sampled, vocab], sampled requests)``; shared by
+        ``step`` and beam search, which differ only in what they do with the logits.
+        """
+        now = time.monotonic()
+        for s in sched.scheduled:
+            if s.request.metrics.first_scheduled_time is None:
+                s.request.metrics.first_scheduled_time = now
+        logits, sampled = self.worker.execute(sched.scheduled, sched.block_copies, self.block_manager)
+        for s in sched.scheduled:
+            s.request.num_computed_tokens = s.end
+            self.block_manager.mark_computed(s.request.seq_id, s.end)
+        self._prompt_tokens_total += sched.num_prefill_tokens
+        return logits, sampled
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Request]) -> tuple[list[int], list[list[dict[int, Logprob]] | None]]:
+        out = sample(logits, [q.params for q in seqs], [q.generator for q in seqs],
+                     prompt_token_ids=[q.prompt_token_ids for q in seqs],
+                     output_token_ids=[q.output_token_ids for q in seqs], eos_token_ids=self.eos_token_ids)
+        self._generation_tokens_total += len(out.token_ids)
+        return out.token_ids, [None if lp is None else [lp] for lp in out.logprobs]
+
+    def _fork_and_expand(self, sampled: list[ScheduledRequest]) -> tuple[list[int], list[Request]]:
+        """Logit row per sequence to sample; a finished n>1 prompt first forks into its n samples.
+
+        Children beyond ``max_num_seqs`` are not forked: they wait in the queue holding no blocks,
+        and the prefix cache gives the prompt's blocks back when they are admitted.
+        """
+        rows: list[int] = []
+        seqs: list[Request] = []
+        for row, s in enumerate(sampled):
+            req = s.request
+            rows.append(row)
+            seqs.append(req)
+            if req.params.n > 1 and req.index == 0 and not req.forked:
+                req.forked = True
+                group = self._groups[req.request_id]
+                for index in range(1, req.params.n):
+                    child = self.new_sequence(group, index)
+                    child.forked = True
+                    child.num_cached_tokens = req.num_cached_tokens
+                    if len(self.scheduler.running) < self.scheduler.max_num_seqs:
+                        child.num_computed_tokens = req.num_computed_tokens
+                        self.block_manager.fork(req.seq_id, child.seq_id)
+                        self.scheduler.add_running(child)
+                    else:
+                        self.scheduler.add(child)
+                    group.seqs.append(child)
+                    rows.append(row)
+                    seqs.append(child)
+        return rows, seqs
+
+    def _append_token(self, seq: Request, token: int, logprobs, now: float) -> CoreOutput:
+        seq.output_token_ids.append(token)
+        if seq.metrics.first_token_time is None:
+            seq.metrics.first_token_time = now
+        status = self._check_stop(seq, token)
+        if status is not None:
+            self.scheduler.finish(seq, status)
+        return CoreOutput(seq.request_id, seq.index, [token], logprobs, seq.finish_reason, seq.stop_reason,
+                          seq.num_cached_tokens)
+
+    def _check_stop(self, seq: Request, token: int) -> RequestStatus | None:
+        """EOS, stop tokens and length; stop strings are the output processor's (it has the tokenizer)."""
+        p = seq.params
+        if len(seq.output_token_ids) >= p.min_tokens:
+            if token in self.eos_token_ids and not p.ignore_eos:
+                return RequestStatus.FINISHED_STOPPED
+            if token in p.stop_token_ids:
+                seq.stop_reason = token
+                return RequestStatus.FINISHED_STOPPED
+        if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.config.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def shutdown(self) -> None:
+        """Release the worker (stops tensor-parallel ranks; nothing to do in one process). Idempotent."""
+        self.worker.shutdown()
+
+    # ---- observing ----------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        s: BlockStats = self.block_manager.stats()
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            num_blocks=s.num_blocks, used_blocks=s.used_blocks, cached_blocks=s.cached_blocks,
+            free_blocks=s.free_blocks, num_preemptions=self.scheduler.num_preemptions,
+            prompt_tokens_total=self._prompt_tokens_total, generation_tokens_total=self._generation_tokens_total,
+        )
+
+    def record_step(self, sched: SchedulerOutput, before: BlockStats, num_finished: int, duration: float,
+                    extra_held: Sequence[Request] = ()) -> None:
+        """Append the step's StepRecord; ``extra_held``: sequences holding blocks outside the queues (parked beams)."""
+        after = self.block_manager.stats()
+        bm = self.block_manager
+        held = [r for r in itertools.chain(self.scheduler.running, extra_held) if bm.has_sequence(r.seq_id)]
+        self.trace.append(StepRecord(
+            step=len(self.trace),
+            num_scheduled=len(sched.scheduled),
+            scheduled=tuple((s.request.request_id, s.request.index, s.num_new_tokens) for s in sched.scheduled),
+            num_prefill_tokens=sched.num_prefill_tokens,
+            num_decode_tokens=sched.num_decode_tokens,
+            blocks_allocated=after.total_allocated - before.total_allocated,
+            blocks_freed=after.total_freed - before.total_freed,
+            blocks_copied=after.total_copied - before.total_copied,
+            preemptions=len(sched.preempted),
+            num_waiting=len(self.scheduler.waiting),
+            num_running=len(self.scheduler.running),
+            used_blocks=after.used_blocks,
+            free_blocks=after.free_blocks,
+            cached_blocks=after.cached_blocks,
+            utilization=after.utilization,
+            tokens_stored=after.tokens_stored,
+            logical_blocks=sum(len(bm.block_table(r.seq_id)) for r in held),
+            num_finished=num_finished,
+            duration_s=duration,
+        ))

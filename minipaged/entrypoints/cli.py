@@ -1,0 +1,161 @@
+"""Command line: ``python -m minipaged generate "prompt"`` (add ``--chat`` to use the chat template),
+and ``python -m minipaged serve`` (the OpenAI-compatible server, ``minipaged/entrypoints/openai/cli.py``).
+
+Defaults to the embedded SmolLM2-135M-Instruct and greedy decoding.
+
+Every invalid value, whether argparse or the engine finds it, ends the run with one line
+``python -m minipaged: error: ...`` on stderr and exit status 2, like argparse; no traceback.
+Subcommands register themselves in ``_parser`` with ``set_defaults(run=...)``; engine options
+come from ``add_engine_arguments`` / ``engine_kwargs`` so every subcommand spells them alike.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from typing import Any, Callable, NoReturn
+
+from minipaged.entrypoints.engine_args import add_engine_arguments, engine_kwargs
+from minipaged.entrypoints.openai.cli import add_serve_parser
+
+PROG = "minipaged"
+
+
+class CliError(Exception):
+    """A usage error found after parsing (e.g. incompatible options); ends the run with exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (no usage block), so every error looks alike."""
+
+    def error(self, message: str) -> NoReturn:
+        _print_error(message)
+        raise SystemExit(2)
+
+
+def _print_error(message: str) -> None:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+
+
+def _add_generate(sub: Any) -> None:
+    gen = sub.add_parser("generate", help="generate text for one or more prompts")
+    gen.add_argument("prompts", nargs="+", help="prompt text (several prompts run as one batch)")
+    gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
+    add_engine_arguments(gen)
+    s = gen.add_argument_group("sampling")
+    s.add_argument("--max-tokens", type=int, default=128)
+    s.add_argument("--min-tokens", type=int, default=0, help="EOS and stop tokens are masked until this many tokens")
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (default: all)")
+    s.add_argument("--min-p", type=float, default=0.0)
+    s.add_argument("--presence-penalty", type=float, default=0.0)
+    s.add_argument("--frequency-penalty", type=float, default=0.0)
+    s.add_argument("--repetition-penalty", type=float, default=1.0)
+    s.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop string (repeatable)")
+    s.add_argument("--ignore-eos", action="store_true", help="keep generating past the model's EOS")
+    s.add_argument("--logprobs", type=int, default=None, metavar="K",
+                   help="print each token's log-probability and the K most likely alternatives")
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--n", type=int, default=1, help="samples per prompt")
+    gen.add_argument("--stream", action="store_true", help="print tokens as they are generated (one prompt, --n 1)")
+    gen.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    gen.set_defaults(run=_generate)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_generate(sub)
+    add_serve_parser(sub)
+    return parser
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from minipaged import LLM, SamplingParams
+
+    if args.stream and (len(args.prompts) > 1 or args.n > 1):
+        raise CliError("--stream prints one completion as it grows: give one prompt and --n 1 (or drop --stream)")
+    params = SamplingParams(
+        n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+        repetition_penalty=args.repetition_penalty, logprobs=args.logprobs, seed=args.seed,
+        max_tokens=args.max_tokens, min_tokens=args.min_tokens, stop=tuple(args.stop or ()), ignore_eos=args.ignore_eos,
+    )
+    llm = LLM(args.model, **engine_kwargs(args))
+    prompts: list = args.prompts
+    if args.chat:
+        prompts = llm.chat_prompts([[{"role": "user", "content": p}] for p in args.prompts])
+    if args.stream:
+        for chunk in llm.stream(prompts[0], params):
+            print(chunk.text, end="", flush=True)
+        print()
+        return 0
+    outputs = llm.generate(prompts, params, use_tqdm=not args.no_progress)
+    for prompt_text, out in zip(args.prompts, outputs):
+        if len(outputs) > 1:
+            print(f"### {prompt_text}")
+        for completion in out.outputs:
+            prefix = f"[{completion.index}] " if len(out.outputs) > 1 else ""
+            print(prefix + completion.text.strip())
+            if args.logprobs is not None:
+                _print_logprobs(completion, llm.tokenizer)
+    return 0
+
+
+def _print_logprobs(completion: Any, tokenizer: Any) -> None:
+    """One line per generated token: the token, its logprob and rank, then the alternatives."""
+    if completion.logprobs is None:
+        print(f"{PROG}: warning: this engine returned no logprobs", file=sys.stderr)
+        return
+
+    def name(token: int) -> str:
+        return repr(tokenizer.decode([token])) if tokenizer is not None else str(token)
+
+    for token, entry in zip(completion.token_ids, completion.logprobs):
+        chosen = entry[token]
+        others = sorted((lp.rank or 0, t, lp.logprob) for t, lp in entry.items() if t != token)
+        alternatives = ", ".join(f"{name(t)} {lp:.3f}" for _, t, lp in others)
+        print(f"  {name(token)} {chosen.logprob:.3f} (rank {chosen.rank})" + (f" | {alternatives}" if alternatives else ""))
+
+
+def _error_line(err: Exception, args: argparse.Namespace) -> str:
+    """``argument --max-tokens: must be ...`` for a typed input error whose field is a CLI option."""
+    field = getattr(err, "field", None)
+    message = str(err)
+    if field is None:
+        return message
+    message = message.removeprefix(f"{field}: ")
+    if field in ("prompt", "prompts", "messages"):
+        return f"argument prompts: {message}"
+    if field in vars(args):  # every option's dest is its flag without the dashes
+        return f"argument --{field.replace('_', '-')}: {message}"
+    return f"{field}: {message}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (2 for any invalid value, like argparse)."""
+    from minipaged.errors import InputError
+    from minipaged.models.loader import ModelNotFoundError
+
+    parser = _parser()
+    args = parser.parse_args(argv)
+    run: Callable[[argparse.Namespace], int] = args.run
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        try:
+            return run(args)
+        except CliError as err:
+            _print_error(str(err))
+        except ModelNotFoundError as err:
+            _print_error(f"argument --model: {err}")
+        except InputError as err:
+            _print_error(_error_line(err, args))
+        except KeyboardInterrupt:
+            return 130
+    return 2
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"{PROG}: warning: {message}", file=sys.stderr)
+

@@ -1,0 +1,168 @@
+"""The FastAPI app: routes, API-key check, error mapping and client-disconnect handling.
+
+``build_app(engine, ...)`` takes any object with AsyncLLM's interface (``generate``,
+``validate``, ``chat_prompt``, ``stats``, ``tokenizer``, ``config``, ``shutdown``), so the
+app holds no global state and several can live in one process.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+from contextlib import asynccontextmanager
+from typing import Any, Awaitable, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from minipaged.errors import InputError
+from minipaged.entrypoints.openai.errors import APIError, from_input_error, from_validation_error
+from minipaged.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
+from minipaged.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
+from minipaged.entrypoints.openai.serving import ChatHandler, CompletionHandler, as_api_error
+
+# HTTP has no status for "the client left"; nginx's 499 is the usual choice. Nobody reads it.
+_CLIENT_CLOSED = 499
+
+
+class _ClosingStreamingResponse(StreamingResponse):
+    """A StreamingResponse that always closes its body iterator, also when the client disconnected.
+
+    Starlette cancels the send loop on ``http.disconnect`` but leaves closing the abandoned
+    generator to the garbage collector; closing it here aborts the engine requests at once.
+    """
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
+class _APIKeyMiddleware:
+    """401 for /v1 requests without ``Authorization: Bearer <api_key>``, checked before the body is read.
+
+    A plain ASGI middleware, not Starlette's BaseHTTPMiddleware, so streamed responses and
+    disconnect notices pass through untouched.
+    """
+
+    def __init__(self, app: Any, *, api_key: str, reject: Callable[[APIError], Response]) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+        self.reject = reject
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                err = APIError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')")
+                await self.reject(err)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def with_cancellation(request: Request, work: Awaitable[Any]) -> Any:
+    """Run ``work`` unless the client disconnects first; then cancel it (aborting its engine requests)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+    if task.cancelled():
+        await asyncio.gather(task, return_exceptions=True)
+        return Response(status_code=_CLIENT_CLOSED)
+    return task.result()
+
+
+def build_app(engine: Any, *, model_name: str | None = None, api_key: str | None = None) -> FastAPI:
+    """The OpenAI-compatible app over ``engine``; ``api_key``: required as ``Authorization: Bearer`` on /v1."""
+    served = model_name or engine.model_name
+    metrics = ServerMetrics(engine)
+    completions = CompletionHandler(engine, served)
+    chat = ChatHandler(engine, served)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        await engine.shutdown()
+
+    app = FastAPI(title="minipaged", lifespan=lifespan)
+    app.state.engine = engine
+    app.state.metrics = metrics
+
+    def error_response(err: APIError) -> JSONResponse:
+        metrics.http_errors.labels(status=str(err.status)).inc()
+        return err.response()
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, err: APIError) -> JSONResponse:
+        return error_response(err)
+
+    @app.exception_handler(InputError)
+    async def _input_error(_: Request, err: InputError) -> JSONResponse:
+        return error_response(from_input_error(err))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
+        return error_response(from_validation_error(err))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
+        return error_response(APIError(err.status_code, str(err.detail)))
+
+    @app.exception_handler(Exception)
+    async def _internal_error(_: Request, err: Exception) -> JSONResponse:
+        return error_response(as_api_error(err))
+
+    if api_key is not None:
+        app.add_middleware(_APIKeyMiddleware, api_key=api_key, reject=error_response)
+
+    async def generate(handler: Any, body: Any, request: Request) -> Response:
+        if body.stream_options is not None and not body.stream:
+            raise APIError(400, "stream_options: only allowed with stream=true", "stream_options")
+        timer = metrics.timer()
+        prompts, params = handler.prepare(body)  # raises before anything is queued
+        if body.stream:
+            return _ClosingStreamingResponse(handler.stream(body, prompts, params, timer),
+                                             media_type="text/event-stream")
+        result = await with_cancellation(request, handler.full(body, prompts, params, timer))
+        return result if isinstance(result, Response) else JSONResponse(result)
+
+    @app.post("/v1/completions")
+    async def create_completion(body: CompletionRequest, request: Request) -> Response:
+        return await generate(completions, body, request)
+
+    @app.post("/v1/chat/completions")
+    async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
+        return await generate(chat, body, request)
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        card = {"id": served, "object": "model", "created": int(time.time()), "owned_by": "minipaged",
+                "max_model_len": engine.config.max_model_len}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not getattr(engine, "is_running", True):  # the engine loop failed: nothing can be served
+            return error_response(APIError(503, "the engine loop has stopped"))
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    return app

@@ -1,0 +1,47 @@
+"""``python -m minipaged serve``: argument parsing and the uvicorn launch."""
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+from minipaged.entrypoints.engine_args import add_engine_arguments, engine_kwargs
+
+_log = logging.getLogger("minipaged.entrypoints.openai")
+
+
+def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register the ``serve`` sub-command on ``subparsers`` (from ``ArgumentParser.add_subparsers``)."""
+    p = subparsers.add_parser("serve", help="serve an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)")
+    p.add_argument("--served-model-name", default=None, help="name clients send as 'model' (default: the model's)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    add_engine_arguments(p)
+    p.add_argument("--seed", type=int, default=None, help="engine seed for requests that give none (default 0)")
+    p.set_defaults(run=run_serve)
+    return p
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Load the model, then serve until interrupted; returns the exit status.
+
+    A bad engine option or model path raises the engine's typed error before anything listens
+    (``python -m minipaged`` turns it into a one-line message and exit status 2).
+    """
+    import uvicorn
+
+    from minipaged.engine.async_llm import AsyncLLM
+    from minipaged.entrypoints.openai.app import build_app
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    kwargs = engine_kwargs(args)
+    if args.seed is not None:
+        kwargs["seed"] = args.seed
+    engine = AsyncLLM(args.model, **kwargs)
+    app = build_app(engine, model_name=args.served_model_name, api_key=args.api_key)
+    _log.info("serving %s on http://%s:%d (max_model_len=%d)", args.served_model_name or engine.model_name,
+              args.host, args.port, engine.config.max_model_len)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    return 0

@@ -1,0 +1,355 @@
+"""The two generation endpoints: request body -> engine requests -> OpenAI response or SSE stream.
+
+Every prompt of a request is validated (``engine.validate``) before any is submitted, so a bad
+prompt in a batch leaves nothing half-queued. Each prompt becomes one engine request
+(``{completion id}-{prompt index}``); the engine yields cumulative outputs, and the stream
+sends each choice the part of its text (and tokens) it has not sent yet, so the
+concatenated deltas equal the non-streamed text. Choice ``k`` of prompt ``i`` has index
+``i * n + k`` (OpenAI's convention for batched prompts).
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Sequence
+
+from minipaged.outputs import CompletionOutput, RequestOutput
+from minipaged.sampling_params import SamplingParams
+from minipaged.errors import InputError
+from minipaged.entrypoints.openai.errors import APIError, from_input_error
+from minipaged.entrypoints.openai.logprobs import chat_logprobs, completion_logprobs
+from minipaged.entrypoints.openai.metrics import RequestTimer
+from minipaged.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+
+DONE = "data: [DONE]\n\n"
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+# Request fields passed to SamplingParams under the same name when given.
+_PASSTHROUGH = ("top_k", "seed", "stop_token_ids", "ignore_eos", "presence_penalty", "frequency_penalty",
+                "repetition_penalty", "min_tokens")
+
+
+def as_api_error(err: Exception) -> APIError:
+    """The OpenAI-shaped error for any exception: typed input errors are 400s naming their field."""
+    if isinstance(err, APIError):
+        return err
+    if isinstance(err, InputError):
+        return from_input_error(err)
+    return APIError(500, f"{type(err).__name__}: {err}")
+
+
+def sse(payload: dict[str, Any]) -> str:
+    """One server-sent event in OpenAI's framing."""
+    return f"data: {json.dumps(payload, separators=(',', ':'), ensure_ascii=False)}\n\n"
+
+
+def sampling_params(body: SamplingFields, *, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    """SamplingParams from the request's fields; the ranges are SamplingParams' to check."""
+    kwargs: dict[str, Any] = {"n": body.n, "max_tokens": max_tokens,
+                              "temperature": 1.0 if body.temperature is None else body.temperature,
+                              "top_p": 1.0 if body.top_p is None else body.top_p,
+                              "min_p": 0.0 if body.min_p is None else body.min_p,
+                              "stop": [body.stop] if isinstance(body.stop, str) else (body.stop or [])}
+    for name in _PASSTHROUGH:
+        value = getattr(body, name)
+        if value is not None and value is not False:
+            kwargs[name] = value
+    if body.logit_bias:
+        kwargs["logit_bias"] = _logit_bias(body.logit_bias)
+    if logprobs is not None:
+        kwargs["logprobs"] = logprobs
+    known = {f.name for f in dataclasses.fields(SamplingParams)}
+    for name in kwargs:
+        if name not in known:
+            raise APIError(400, f"{name}: not supported by this engine", name)
+    return SamplingParams(**kwargs)
+
+
+def _logit_bias(bias: dict[str, float]) -> dict[int, float]:
+    out = {}
+    for key, value in bias.items():
+        try:
+            out[int(key)] = value
+        except ValueError:
+            raise APIError(400, f"logit_bias: keys must be token ids, got {key!r}", "logit_bias") from None
+    return out
+
+
+def check_model(body: SamplingFields, served: str) -> None:
+    if body.model is not None and body.model != served:
+        raise APIError(404, f"model {body.model!r} does not exist; this server serves {served!r}", "model")
+
+
+def completion_prompts(prompt: Any) -> list[Any]:
+    """OpenAI's four prompt shapes as a list of engine prompts (text, or ``{"prompt_token_ids": [...]}``)."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise APIError(400, "prompt: is empty", "prompt")
+    if isinstance(prompt[0], int):
+        return [{"prompt_token_ids": list(prompt)}]
+    if isinstance(prompt[0], list):
+        return [{"prompt_token_ids": list(ids)} for ids in prompt]
+    return list(prompt)
+
+
+async def merged_outputs(engine: Any, prompts: Sequence[Any], params: SamplingParams,
+                         request_id: str) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """``(prompt index, cumulative output)`` from one engine request per prompt, as they come.
+
+    Closing or cancelling this iterator cancels every pump task, which closes its ``generate``
+    iterator and so aborts the engine request (its KV blocks are freed at once).
+    """
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, prompt: Any) -> None:
+        gen = engine.generate(prompt, params, f"{request_id}-{i}")
+        try:
+            async for out in gen:
+                queue.put_nowait((i, out, None))
+            queue.put_nowait((i, None, None))
+        except Exception as exc:  # handed to the consumer, which re-raises it
+            queue.put_nowait((i, None, exc))
+        finally:
+            await gen.aclose()
+
+    tasks = [asyncio.create_task(pump(i, p)) for i, p in enumerate(prompts)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, out, exc = await queue.get()
+            if exc is not None:
+                raise exc
+            if out is None:
+                remaining -= 1
+            else:
+                yield i, out
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _usage(finals: Sequence[RequestOutput | None]) -> dict[str, int]:
+    prompt = sum(len(o.prompt_token_ids) for o in finals if o is not None)
+    completion = sum(len(c.token_ids) for o in finals if o is not None for c in o.outputs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+@dataclass
+class _ChoiceCursor:
+    """What one streamed choice has sent so far."""
+
+    chars: int = 0
+    tokens: int = 0
+    text_offset: int = 0
+    started: bool = False
+    finished: bool = False
+
+
+@dataclass
+class _Delta:
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list | None
+    finish_reason: str | None
+
+
+@dataclass
+class _DeltaTracker:
+    """Turns cumulative outputs into per-choice deltas (text, tokens, logprobs not yet sent)."""
+
+    n: int
+    want_logprobs: bool
+    cursors: dict[int, _ChoiceCursor] = field(default_factory=dict)
+
+    def deltas(self, prompt_index: int, out: RequestOutput) -> list[_Delta]:
+        found = []
+        for c in out.outputs:
+            index = prompt_index * self.n + c.index
+            cur = self.cursors.setdefault(index, _ChoiceCursor())
+            if cur.finished:
+                continue
+            text, ids = c.text[cur.chars:], c.token_ids[cur.tokens:]
+            if not text and c.finish_reason is None and not (self.want_logprobs and ids):
+                continue
+            lps = c.logprobs[cur.tokens:] if (self.want_logprobs and c.logprobs is not None) else None
+            found.append(_Delta(index, text, ids, lps, c.finish_reason))
+            cur.chars, cur.tokens = len(c.text), len(c.token_ids)
+            cur.finished = c.finish_reason is not None
+        return found
+
+
+def _prompt_text(prompt: Any, out: RequestOutput, tokenizer: Any) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    if out.prompt is not None:
+        return out.prompt
+    return "" if tokenizer is None else tokenizer.decode(out.prompt_token_ids)
+
+
+class _Handler:
+    """What both endpoints share: the engine, the served name, and the envelope of a streamed chunk."""
+
+    chunk_object: str
+
+    def __init__(self, engine: Any, model_name: str) -> None:
+        self.engine = engine
+        self.model_name = model_name
+
+    def _chunk(self, rid: str, created: int, choices: list[dict], usage: Any = ...) -> dict[str, Any]:
+        """One chunk (or the whole completion); ``usage`` is left out unless given (None included)."""
+        payload = {"id": rid, "object": self.chunk_object, "created": created, "model": self.model_name,
+                   "choices": choices}
+        if usage is not ...:
+            payload["usage"] = usage
+        return payload
+
+
+class CompletionHandler(_Handler):
+    """POST /v1/completions."""
+
+    chunk_object = "text_completion"
+
+    def prepare(self, body: CompletionRequest) -> tuple[list[Any], SamplingParams]:
+        """Check the whole request (model, every prompt) before anything is submitted."""
+        check_model(body, self.model_name)
+        if body.echo and body.logprobs is not None:
+            raise APIError(400, "echo with logprobs needs prompt logprobs, which this engine does not compute", "echo")
+        prompts = completion_prompts(body.prompt)
+        max_tokens = DEFAULT_COMPLETION_MAX_TOKENS if body.max_tokens is None else body.max_tokens
+        params = sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs)
+        for prompt in prompts:
+            self.engine.validate(prompt, params)
+        return prompts, params
+
+    def _logprobs(self, d: _Delta, offset: int) -> dict | None:
+        if d.logprobs is None:
+            return None
+        return completion_logprobs(d.token_ids, d.logprobs, self.engine.tokenizer, offset)
+
+    async def full(self, body: CompletionRequest, prompts: list[Any], params: SamplingParams,
+                   timer: RequestTimer) -> dict[str, Any]:
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        finals: list[RequestOutput | None] = [None] * len(prompts)
+        async for i, out in merged_outputs(self.engine, prompts, params, rid):
+            timer.on_tokens()
+            finals[i] = out
+        choices = []
+        want_lp = body.logprobs is not None
+        for i, out in enumerate(finals):
+            echo = _prompt_text(prompts[i], out, self.engine.tokenizer) if body.echo else ""
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                lp = None
+                if want_lp and c.logprobs is not None:
+                    lp = completion_logprobs(c.token_ids, c.logprobs, self.engine.tokenizer, len(echo))
+                choices.append({"index": i * params.n + c.index, "text": echo + c.text, "logprobs": lp,
+                                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+        timer.on_finish([c["finish_reason"] for c in choices])
+        return self._chunk(rid, created, choices, _usage(finals))
+
+    async def stream(self, body: CompletionRequest, prompts: list[Any], params: SamplingParams,
+                     timer: RequestTimer) -> AsyncIterator[str]:
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        usage_field = None if include_usage else ...
+        tracker = _DeltaTracker(params.n, body.logprobs is not None)
+        finals: list[RequestOutput | None] = [None] * len(prompts)
+        reasons = []
+        try:
+            async for i, out in merged_outputs(self.engine, prompts, params, rid):
+                timer.on_tokens()
+                finals[i] = out
+                for d in tracker.deltas(i, out):
+                    cur = tracker.cursors[d.index]
+                    text = d.text
+                    if body.echo and not cur.started:
+                        text = _prompt_text(prompts[i], out, self.engine.tokenizer) + text
+                        cur.text_offset = len(text) - len(d.text)
+                    cur.started = True
+                    lp = self._logprobs(d, cur.text_offset)
+                    cur.text_offset += sum(map(len, lp["tokens"])) if lp else len(d.text)
+                    if d.finish_reason is not None:
+                        reasons.append(d.finish_reason)
+                    choice = {"index": d.index, "text": text, "logprobs": lp, "finish_reason": d.finish_reason}
+                    yield sse(self._chunk(rid, created, [choice], usage_field))
+            if include_usage:
+                yield sse(self._chunk(rid, created, [], _usage(finals)))
+            timer.on_finish(reasons)
+        except Exception as err:  # noqa: BLE001 -- the 200 status line is already sent: report in-band
+            yield sse(as_api_error(err).body())
+        yield DONE
+
+
+class ChatHandler(_Handler):
+    """POST /v1/chat/completions: messages through the model's chat template."""
+
+    chunk_object = "chat.completion.chunk"
+
+    def prepare(self, body: ChatCompletionRequest) -> tuple[list[Any], SamplingParams]:
+        check_model(body, self.model_name)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs: needs logprobs=true", "top_logprobs")
+        prompt = self.engine.chat_prompt([m.as_template_dict() for m in body.messages])
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        if max_tokens is None:  # vLLM's default: whatever room the context leaves
+            max_tokens = max(1, self.engine.config.max_model_len - len(prompt["prompt_token_ids"]))
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        params = sampling_params(body, max_tokens=max_tokens, logprobs=logprobs)
+        self.engine.validate(prompt, params)
+        return [prompt], params
+
+    def _logprobs(self, token_ids: list[int], logprobs: list | None, body: ChatCompletionRequest) -> dict | None:
+        if not body.logprobs or logprobs is None:
+            return None
+        return chat_logprobs(token_ids, logprobs, self.engine.tokenizer, body.top_logprobs or 0)
+
+    async def full(self, body: ChatCompletionRequest, prompts: list[Any], params: SamplingParams,
+                   timer: RequestTimer) -> dict[str, Any]:
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        final: RequestOutput | None = None
+        async for _, out in merged_outputs(self.engine, prompts, params, rid):
+            timer.on_tokens()
+            final = out
+        completions: list[CompletionOutput] = sorted(final.outputs, key=lambda c: c.index)
+        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                    "logprobs": self._logprobs(c.token_ids, c.logprobs, body),
+                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in completions]
+        timer.on_finish([c.finish_reason for c in completions])
+        return {"id": rid, "object": "chat.completion", "created": created, "model": self.model_name,
+                "choices": choices, "usage": _usage([final])}
+
+    async def stream(self, body: ChatCompletionRequest, prompts: list[Any], params: SamplingParams,
+                     timer: RequestTimer) -> AsyncIterator[str]:
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        usage_field = None if include_usage else ...
+        tracker = _DeltaTracker(params.n, body.logprobs)
+        final: RequestOutput | None = None
+        reasons = []
+        try:
+            for index in range(params.n):
+                role = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                        "finish_reason": None}
+                yield sse(self._chunk(rid, created, [role], usage_field))
+            async for i, out in merged_outputs(self.engine, prompts, params, rid):
+                timer.on_tokens()
+                final = out
+                for d in tracker.deltas(i, out):
+                    if d.finish_reason is not None:
+                        reasons.append(d.finish_reason)
+                    choice = {"index": d.index, "delta": {"content": d.text} if d.text else {},
+                              "logprobs": self._logprobs(d.token_ids, d.logprobs, body),
+                              "finish_reason": d.finish_reason}
+                    yield sse(self._chunk(rid, created, [choice], usage_field))
+            if include_usage:
+                yield sse(self._chunk(rid, created, [], _usage([final])))
+            timer.on_finish(reasons)
+        except Exception as err:  # noqa: BLE001 -- the 200 status line is already sent: report in-band
+            yield sse(as_api_error(err).body())
+        yield DONE

@@ -1,0 +1,368 @@
+"""Executors: what the engine calls to run a step, in one process or over tensor-parallel ranks.
+
+``build_executor(model, config)`` returns
+
+- with ``tensor_parallel_size == 1``: the plain ``Worker`` (nothing else is started, no
+  collective is ever called: a single process pays nothing for tensor parallelism);
+- with ``N > 1``: a ``TensorParallelExecutor``. The engine process is rank 0: it keeps
+  the scheduler, block manager and sampler, and runs its own slice of the model. It
+  spawns ranks ``1..N-1`` (``torch.multiprocessing``, "spawn"), each of which builds its
+  slice of the model and its slice of the KV cache and then loops: receive a step,
+  run the forward (joining the all-reduces), wait for the next one.
+
+One step on rank 0: pack the scheduled batch (token ids, lengths, block tables,
+copy-on-write copies, sampled rows) into one int64 tensor, broadcast it, run the
+forward; only rank 0 computes logits. The others never see a request object.
+
+Both executors answer ``execute(scheduled, copies, bm) -> (logits | None, sampled)`` and
+``shutdown()``. The tensor-parallel one also tears its processes down when garbage
+collected or at interpreter exit, and turns a rank that dies mid-run into a
+``WorkerDiedError`` (the collectives fail when a peer's connection drops, and time out
+after ``collective_timeout_s`` if it hangs) instead of a hang.
+
+Under ``torchrun`` (``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT`` set, with
+``WORLD_SIZE == tensor_parallel_size``) nothing is spawned: every process runs the same
+script, rank 0's ``LLM(...)`` becomes the engine, and on every other rank ``LLM(...)``
+serves rank 0's steps until it shuts down, then exits the process.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+import threading
+import time
+import traceback
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+
+from minipaged.core.block_manager import BlockCopy, BlockManager
+from minipaged.config import EngineConfig
+from minipaged.worker.distributed import (
+    DEFAULT_COLLECTIVE_TIMEOUT_S, Rendezvous, TensorParallelGroup, announce_ready, check_no_running_engine,
+    check_tensor_parallel_size, destroy_process_groups, init_process_groups, torchrun_rank, wait_until_ready,
+)
+from minipaged.errors import InvalidEngineConfigError, MinipagedError
+from minipaged.core.scheduler import ScheduledRequest
+from minipaged.worker.worker import StepBatch, Worker
+
+
+class WorkerDiedError(MinipagedError, RuntimeError):
+    """A tensor-parallel rank died or stopped answering; the engine cannot continue."""
+
+
+# ---- the per-step channel (rank 0 -> every rank) --------------------------------------------------------
+_STEP, _SHUTDOWN, _GROW = 1, 2, 3
+_HEADER = 3  # tag, payload length, new capacity (for _GROW)
+
+
+class StepChannel:
+    """Rank 0 sends each step's packed ``StepBatch`` to all ranks in one broadcast.
+
+    Every rank keeps a buffer of the same capacity, so a receiver knows how much to
+    receive before it knows the step: ``[tag, length, capacity, payload..., unused]``. A
+    step that does not fit first sends a ``_GROW`` message (both sides double the buffer
+    until it fits), so a long run settles at one broadcast per step.
+    """
+
+    def __init__(self, tp: TensorParallelGroup, capacity: int = 4096) -> None:
+        self.tp = tp
+        self.buffer = torch.zeros(capacity, dtype=torch.int64)
+
+    def _broadcast(self) -> None:
+        start = time.perf_counter()
+        self.tp.broadcast_control(self.buffer)
+        self.tp.stats.broadcast_s += time.perf_counter() - start
+        self.tp.stats.broadcasts += 1
+
+    def send(self, batch: StepBatch | None) -> None:
+        """Rank 0: broadcast ``batch`` (``None``: tell the workers to shut down)."""
+        if batch is None:
+            self.buffer[:_HEADER] = torch.tensor([_SHUTDOWN, 0, 0])
+            self._broadcast()
+            return
+        payload = batch.pack()
+        needed = _HEADER + payload.numel()
+        if needed > self.buffer.numel():
+            capacity = self.buffer.numel()
+            while capacity < needed:
+                capacity *= 2
+            self.buffer[:_HEADER] = torch.tensor([_GROW, 0, capacity])
+            self._broadcast()
+            self.buffer = torch.zeros(capacity, dtype=torch.int64)
+        self.buffer[:_HEADER] = torch.tensor([_STEP, payload.numel(), 0])
+        self.buffer[_HEADER:needed] = payload
+        self._broadcast()
+
+    def receive(self) -> StepBatch | None:
+        """Ranks > 0: the next step's batch, or ``None`` when rank 0 shuts down."""
+        while True:
+            self._broadcast()
+            tag, length, capacity = self.buffer[:_HEADER].tolist()
+            if tag == _STEP:
+                return StepBatch.unpack(self.buffer[_HEADER:_HEADER + length])
+            if tag == _SHUTDOWN:
+                return None
+            if tag != _GROW:
+                raise RuntimeError(f"unknown step-channel message tag {tag}")
+            self.buffer = torch.zeros(capacity, dtype=torch.int64)
+
+
+# ---- the worker processes ---------------------------------------------------------------------------------
+@dataclass
+class _RankSpec:
+    """What a spawned rank needs to build its slice of the engine (pickled to it by ``spawn``)."""
+
+    config: EngineConfig
+    model_config: Any
+    attention_backend: str
+    full_state: dict[str, torch.Tensor]  # CPU; sent through shared memory, read once
+    rendezvous: Rendezvous | None  # rank 0's store; None under torchrun (env://)
+    collective_timeout_s: float
+    num_threads: int
+    device_offset: int = 0  # rank r runs on cuda:(device_offset + r)
+
+
+def rank_device(config: EngineConfig, rank: int, device_offset: int = 0) -> torch.device:
+    """Rank ``r``'s device: ``cuda:(offset + r)`` on CUDA (one GPU per rank), else the CPU."""
+    if config.torch_device.type == "cuda":
+        return torch.device("cuda", device_offset + rank)
+    return torch.device("cpu")
+
+
+def _build_rank(spec: _RankSpec, rank: int, store: torch.distributed.Store | None) -> tuple[TensorParallelGroup, Worker]:
+    """Join the world as ``rank`` and build this rank's model slice and KV-cache slice."""
+    from minipaged.models.loader import build_sharded_model
+
+    device = rank_device(spec.config, rank, spec.device_offset)
+    tp = init_process_groups(rank, spec.config.tensor_parallel_size, device, store, spec.collective_timeout_s)
+    model = build_sharded_model(spec.model_config, spec.full_state, tp, dtype=spec.config.torch_dtype,
+                                device=device, attention_backend=spec.attention_backend)
+    spec.full_state = {}  # release the shared full weights: this rank keeps its slice only
+    return tp, Worker(model, spec.config, spec.config.num_kv_blocks, device=device)
+
+
+def _exit_when_parent_dies() -> None:
+    # A SIGKILLed engine leaves no one to shut its ranks down; they notice being re-parented.
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="minipaged-parent-watch", daemon=True).start()
+
+
+def serve_steps(tp: TensorParallelGroup, worker: Worker) -> None:
+    """Ranks > 0: run every step rank 0 broadcasts until it says to shut down."""
+    channel = StepChannel(tp)
+    while (batch := channel.receive()) is not None:
+        worker.run(batch)
+
+
+def _rank_main(index: int, spec: _RankSpec) -> None:
+    """Entry point of spawned rank ``index + 1``."""
+    torch.set_num_threads(spec.num_threads)
+    _exit_when_parent_dies()
+    rank = index + 1
+    store = spec.rendezvous.open_store(rank, spec.config.tensor_parallel_size, spec.collective_timeout_s)
+    announce_ready(store, rank)
+    tp, worker = _build_rank(spec, rank, store)
+    try:
+        serve_steps(tp, worker)
+    finally:
+        destroy_process_groups()
+
+
+# ---- rank 0 -----------------------------------------------------------------------------------------------
+def _stop_processes(processes: list, timeout_s: float = 5.0) -> None:
+    """Wait up to ``timeout_s`` for ``processes`` to exit, then terminate, then kill what is left; reap all."""
+    deadline = time.monotonic() + timeout_s
+    for p in processes:
+        p.join(max(0.0, deadline - time.monotonic()))
+    for p in processes:
+        if p.is_alive():
+            p.terminate()
+            p.join(2.0)
+        if p.is_alive():
+            p.kill()
+            p.join(2.0)
+
+
+def _release(processes: list) -> None:
+    """Garbage-collection / interpreter-exit teardown: no goodbye message, just stop the ranks and leave."""
+    _stop_processes(processes, timeout_s=0.0)
+    destroy_process_groups()
+
+
+class TensorParallelExecutor:
+    """Rank 0 of a tensor-parallel engine: owns the other ranks' processes (see module docstring).
+
+    ``model``: the full ``CausalLM``; its weights are shared with the spawned ranks through
+    shared memory (one host copy), each rank copies out only its slice.
+    """
+
+    def __init__(self, model: torch.nn.Module, config: EngineConfig, *,
+                 collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S,
+                 num_threads_per_rank: int | None = None) -> None:
+        check_tensor_parallel_size(config.tensor_parallel_size, model.config)
+        check_no_running_engine()  # before anything is spawned
+        if config.num_kv_blocks is None:
+            raise ValueError("resolve config.num_kv_blocks (num_kv_blocks_for) before building the executor")
+        self.config = config
+        self.world_size = config.tensor_parallel_size
+        self._processes: list = []
+        self._error_files: list[str] = []
+        self._error: WorkerDiedError | None = None
+        self._closed = False
+        launched = torchrun_rank()
+        rank, device_offset = self._placement(config, launched)
+        threads = num_threads_per_rank or max(1, (os.cpu_count() or 1) // self.world_size)
+        spec = _RankSpec(config, model.config, model.attention_backend.name,
+                         {name: t.detach().cpu() for name, t in model.state_dict().items()},
+                         None, collective_timeout_s, threads, device_offset)
+        # Rank 0 hosts the store (the process group keeps it too); under torchrun, torchrun does.
+        self._store = self._spawn(spec) if launched is None else None
+        self._finalizer = weakref.finalize(self, _release, self._processes)
+        try:
+            if self._store is not None:
+                wait_until_ready(self._store, self.world_size, self._dead_ranks, collective_timeout_s)
+                if self._dead_ranks():
+                    raise self._fail(None, starting=True)
+            self.tp, self.worker = _build_rank(spec, rank, self._store)
+        except BaseException:
+            self._finalizer()
+            raise
+        if rank != 0:  # torchrun: this process serves rank 0 and then ends
+            serve_steps(self.tp, self.worker)
+            destroy_process_groups()
+            sys.exit(0)
+        self.device = self.worker.device
+        self.channel = StepChannel(self.tp)
+
+    def _placement(self, config: EngineConfig, launched: tuple[int, int] | None) -> tuple[int, int]:
+        """``(this process's rank, offset of rank 0's GPU)``: 0 unless torchrun started us."""
+        if launched is None:
+            return 0, (config.torch_device.index or 0) if config.torch_device.type == "cuda" else 0
+        rank, env_world = launched
+        if env_world != self.world_size:
+            raise InvalidEngineConfigError("tensor_parallel_size", f"{self.world_size} differs from torchrun's "
+                                           f"WORLD_SIZE={env_world}")
+        return rank, int(os.environ.get("LOCAL_RANK", rank)) - rank
+
+    def _spawn(self, spec: _RankSpec) -> torch.distributed.TCPStore:
+        """Host the rendezvous store, then start ranks 1..N-1 pointed at it; returns the store."""
+        where = Rendezvous.for_spawn()
+        store = where.open_store(0, self.world_size, spec.collective_timeout_s)
+        spec.rendezvous = Rendezvous(where.host, store.port)
+        context = mp.start_processes(_rank_main, args=(spec,), nprocs=self.world_size - 1, join=False,
+                                     daemon=True, start_method="spawn")
+        self._processes.extend(context.processes)  # the finalizer holds this very list
+        self._error_files = list(context.error_files)
+        return store
+
+    def _child_tracebacks(self) -> str:
+        """The exceptions spawned ranks died of, as ``torch.multiprocessing`` recorded them ("" if none)."""
+        parts = []
+        for index, path in enumerate(self._error_files):
+            if path and os.access(path, os.R_OK) and os.path.getsize(path) > 0:
+                with open(path, "rb") as f:
+                    parts.append(f"\n-- rank {index + 1}:\n{pickle.load(f)}")
+        return "".join(parts)
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """Process ids of the spawned ranks (1..N-1)."""
+        return [p.pid for p in self._processes]
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """Rank 0's slice of the model."""
+        return self.worker.model
+
+    @property
+    def kv_cache_bytes_per_rank(self) -> int:
+        """Bytes of one rank's KV cache slice (every rank holds the same)."""
+        return self.worker.kv_cache_bytes
+
+    def execute(self, scheduled: list[ScheduledRequest], copies: list[BlockCopy], bm: BlockManager):
+        """Run one step on every rank. Returns ``(logits [num_sampled, vocab] float32 | None, sampled requests)``."""
+        self._check_usable()
+        batch, sampled = StepBatch.from_schedule(scheduled, copies, bm)
+        try:
+            self.channel.send(batch)
+            logits = self.worker.run(batch)
+        except RuntimeError as exc:  # torch.distributed's errors (DistBackendError, ...) are RuntimeErrors
+            raise self._fail(exc) from exc
+        return (logits, sampled) if sampled else (None, [])
+
+    def _dead_ranks(self) -> list[tuple[int, int | None]]:
+        return [(i + 1, p.exitcode) for i, p in enumerate(self._processes) if not p.is_alive()]
+
+    def _check_usable(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._closed:
+            raise RuntimeError("the tensor-parallel executor was shut down")
+        if self._dead_ranks():
+            raise self._fail(None)
+
+    def _fail(self, exc: BaseException | None, starting: bool = False) -> WorkerDiedError:
+        """Turn a failed collective or a dead process into one ``WorkerDiedError``; stop every rank."""
+        deadline = time.monotonic() + 2.0  # a rank killed mid-step may take a moment to be reaped
+        while not self._dead_ranks() and time.monotonic() < deadline and self._processes:
+            time.sleep(0.05)
+        dead = self._dead_ranks()
+        if dead:
+            what = ", ".join(f"rank {r} ({_describe_exit(code)})" for r, code in dead)
+            when = " while the ranks were starting" if starting else "; the engine cannot continue"
+            message = f"tensor-parallel {what} died{when}{self._child_tracebacks()}"
+        else:
+            message = f"a tensor-parallel collective failed: {exc}"
+        self._error = WorkerDiedError(message)
+        self._closed = True
+        self._finalizer()
+        return self._error
+
+    def shutdown(self) -> None:
+        """Tell every rank to stop, wait for them (then terminate stragglers), leave the process group."""
+        if self._closed:
+            self._finalizer()
+            return
+        self._closed = True
+        try:
+            if not self._dead_ranks():
+                self.channel.send(None)
+        except RuntimeError:
+            traceback.print_exc()
+        _stop_processes(self._processes)
+        self._finalizer()
+
+    def __enter__(self) -> "TensorParallelExecutor":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.shutdown()
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def build_executor(model: torch.nn.Module, config: EngineConfig) -> Worker | TensorParallelExecutor:
+    """What the engine core runs steps on: the plain ``Worker`` for one process, else a tensor-parallel executor.
+
+    ``config`` must be resolved (``num_kv_blocks`` set); ``model`` is the full ``CausalLM``.
+    """
+    if config.tensor_parallel_size == 1:
+        return Worker(model, config, config.num_kv_blocks)
+    return TensorParallelExecutor(model, config)
