@@ -3,7 +3,8 @@ axes, appears in some case, without the full cartesian product (the interpreter 
 from __future__ import annotations
 
 import itertools
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 
 def pairwise(axes: Sequence[Sequence[Any]]) -> list[tuple[Any, ...]]:

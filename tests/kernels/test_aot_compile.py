@@ -19,7 +19,7 @@ from minipaged_kernels import _aot, decode_attention, report
 # The package re-exports the kv_append function under the module's name.
 kv_append_module = importlib.import_module("minipaged_kernels.kv_append")
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

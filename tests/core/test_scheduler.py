@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from minipaged.core.block_manager import BlockManager
-from minipaged.outputs import RequestMetrics
 from minipaged.core.request import Request, RequestStatus
-from minipaged.sampling_params import SamplingParams
 from minipaged.core.scheduler import Scheduler
+from minipaged.outputs import RequestMetrics
+from minipaged.sampling_params import SamplingParams
 
 
 def next_token(tokens: list[int]) -> int:

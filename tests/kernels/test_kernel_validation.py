@@ -4,7 +4,7 @@ Each case starts from a valid call, breaks one thing, and checks both the kernel
 wrapper and the reference refuse it (they share the checks, so a call one accepts the
 other accepts too).
 """
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch

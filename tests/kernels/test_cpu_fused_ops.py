@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 pytest.importorskip("numba")
 
-from minipaged_kernels.cpu import fused_ops as cpu_fused_ops  # noqa: E402
 from minipaged.models import llama  # noqa: E402
+from minipaged_kernels.cpu import fused_ops as cpu_fused_ops  # noqa: E402
 
 SHAPES = [(1, 576), (32, 576), (257, 64), (3, 7)]
 

@@ -1,7 +1,7 @@
 """Quantized KV cache (int8, fp8 e4m3): kernels vs references, the engine vs a fake-quant twin.
 
 Kernels run under the Triton interpreter on small grids. The quantizing KV-append must
-give the bits of ``minipaged.attention.kv_quant.quantize`` (the scheme's definition), the attention
+give the bits of ``minipaged_kernels.kv_quant.quantize`` (the scheme's definition), the attention
 kernels the float64 reference over the dequantized cache. The engine with a quantized
 cache must produce exactly the tokens of an engine whose cache is float but whose K/V are
 rounded the same way before they are stored, and most of the tokens of the float cache.
@@ -16,15 +16,15 @@ import triton
 import triton.language as tl
 from pairwise import pairwise
 from test_decode_attention import REL_TOL, make_batch, rel_error
-from test_engine import assert_all_blocks_free, make_llm, make_prompts, tiny_hf_model
+from tiny_models import assert_all_blocks_free, make_llm, make_prompts, tiny_hf_model
 
 import minipaged_kernels
-from minipaged_kernels import _kv_quant, reference
-from minipaged import LLM, SamplingParams, kv_quant
+from minipaged import LLM, SamplingParams
 from minipaged.attention import allocate_kv_cache, kv_cache_bytes_per_block
 from minipaged.attention.torch_backend import TorchAttentionBackend
 from minipaged.errors import InvalidEngineConfigError
 from minipaged.models import build_model_from_hf
+from minipaged_kernels import _kv_quant, kv_quant, reference
 
 KINDS = ("int8", "fp8_e4m3")
 

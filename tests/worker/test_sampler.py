@@ -11,9 +11,9 @@ import torch
 from transformers import MinNewTokensLengthLogitsProcessor, RepetitionPenaltyLogitsProcessor
 
 from minipaged.outputs import Logprob
+from minipaged.sampling_params import SamplingParams
 from minipaged.worker.sampler import SamplerOutput, filtered_probs, greedy_tokens, process_logits
 from minipaged.worker.sampler import sample as sample_with_history
-from minipaged.sampling_params import SamplingParams
 
 
 def sample(logits, params, generators):

@@ -6,8 +6,12 @@ import torch
 
 from minipaged import LLM, SamplingParams
 from minipaged.errors import (
-    InvalidEngineConfigError, InvalidPromptError, InvalidSamplingParamsError, PromptTooLongError,
-    RequestTooLargeError, UnknownRequestError,
+    InvalidEngineConfigError,
+    InvalidPromptError,
+    InvalidSamplingParamsError,
+    PromptTooLongError,
+    RequestTooLargeError,
+    UnknownRequestError,
 )
 from minipaged.models import build_model_from_hf
 

@@ -10,7 +10,7 @@ openai = pytest.importorskip("openai")
 
 from minipaged.entrypoints.openai.launch import ServerProcess, free_port, minipaged_command  # noqa: E402
 
-ROOT = str(Path(__file__).resolve().parent.parent)
+ROOT = str(Path(__file__).resolve().parents[2])
 
 
 @pytest.mark.slow
@@ -30,8 +30,7 @@ def test_smollm2_server_matches_offline(tmp_path):
 
     port = free_port()
     cmd = minipaged_command(port, "--kv-cache-memory", str(64 << 20), "--log-level", "warning")
-    with ServerProcess(cmd, f"http://127.0.0.1:{port}", log_path=tmp_path / "server.log", cwd=ROOT,
-                       env={"PYTHONPATH": ROOT}) as server:
+    with ServerProcess(cmd, f"http://127.0.0.1:{port}", log_path=tmp_path / "server.log", cwd=ROOT) as server:
         client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=300)
         model = client.models.list().data[0].id
         assert model == "SmolLM2-135M-Instruct"

@@ -18,15 +18,16 @@ import torch
 
 pytest.importorskip("numba")
 
-from minipaged_kernels import reference
-from minipaged_kernels.cpu import _jit as _cpu_jit
-from minipaged_kernels.cpu import decode_attention as cpu_decode_attention  # noqa: E402
-from minipaged.attention import kv_quant  # noqa: E402
-from minipaged.attention.torch_backend import TorchAttentionBackend  # noqa: E402
 from test_attention_backends import MIXED, per_token_reference, random_paged_step  # noqa: E402
 from test_decode_attention import REL_TOL, make_batch, rel_error  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+from minipaged.attention import kv_quant  # noqa: E402
+from minipaged.attention.torch_backend import TorchAttentionBackend  # noqa: E402
+from minipaged_kernels import reference
+from minipaged_kernels.cpu import _jit as _cpu_jit
+from minipaged_kernels.cpu import decode_attention as cpu_decode_attention  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
 
 CASES = [  # (block_size, head_dim, num_kv_heads, group, dtype)
     (16, 64, 3, 3, torch.float32),  # SmolLM2's attention shape
@@ -224,7 +225,7 @@ def test_parallel_launch_runs_on_torchs_openmp_pool():
     torch's own pool: no thread appears, torch's thread count is left as set, and a process
     forked afterwards still gets right answers (serially: numba's OpenMP layer would kill it)."""
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests")])
+    env["PYTHONPATH"] = str(Path(__file__).parent)  # the child imports make_batch from test_decode_attention
     proc = subprocess.run([sys.executable, "-c", _POOL_CHILD, str(random.randrange(1 << 30))], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -12,9 +12,9 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
 from minipaged.engine.core import EngineStats  # noqa: E402
-from minipaged.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput  # noqa: E402
 from minipaged.entrypoints.openai.app import build_app  # noqa: E402
 from minipaged.entrypoints.openai.logprobs import chat_logprobs, completion_logprobs  # noqa: E402
+from minipaged.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput  # noqa: E402
 
 
 @dataclass

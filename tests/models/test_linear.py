@@ -6,8 +6,14 @@ import torch
 import torch.nn.functional as F
 
 from minipaged.models.linear import (
-    PackedLinear, PackedWeight, linear, onednn_bf16_packing_available, onednn_packing_available, pack_in_place,
-    packed_gemm_disabled, uses_packed_gemm,
+    PackedLinear,
+    PackedWeight,
+    linear,
+    onednn_bf16_packing_available,
+    onednn_packing_available,
+    pack_in_place,
+    packed_gemm_disabled,
+    uses_packed_gemm,
 )
 
 needs_onednn = pytest.mark.skipif(not onednn_packing_available(), reason="this PyTorch build has no oneDNN packed linear")

@@ -15,7 +15,13 @@ import torch.nn.functional as F
 import minipaged_kernels
 from minipaged_kernels import reference
 from minipaged_kernels.prefill_attention import (
-    PrefillConfig, all_configs, aot_specs, choose_config, paged_prefill_attention, plan_query_tiles, tile_reads,
+    PrefillConfig,
+    all_configs,
+    aot_specs,
+    choose_config,
+    paged_prefill_attention,
+    plan_query_tiles,
+    tile_reads,
 )
 
 # Max |kernel - reference| relative to max |reference|. fp16 rounds P to fp16 before

@@ -8,7 +8,15 @@ from types import SimpleNamespace
 import pytest
 
 from minipaged.benchmarks.throughput import (
-    UNIFORM, Workload, main, make_workload, positive_int, step_breakdown, summarise, token_agreement, workload_specs,
+    UNIFORM,
+    Workload,
+    main,
+    make_workload,
+    positive_int,
+    step_breakdown,
+    summarise,
+    token_agreement,
+    workload_specs,
 )
 
 

@@ -17,11 +17,18 @@ from __future__ import annotations
 import copy
 import os
 import random
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from hypothesis import HealthCheck, seed, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 from minipaged.core.block_manager import (
     BlockManager,
@@ -34,7 +41,7 @@ SEED = int(os.environ.get("BM_HYPOTHESIS_SEED", random.SystemRandom().randrange(
 VOCAB = 3
 
 
-def weak_hash(parent: Optional[bytes], tokens: Sequence[int]) -> bytes:
+def weak_hash(parent: bytes | None, tokens: Sequence[int]) -> bytes:
     """Four possible keys: nearly every lookup meets a colliding entry."""
     return bytes([(sum(tokens) + (parent[0] if parent else 0)) % 4])
 

@@ -11,7 +11,6 @@ import asyncio
 import json
 import math
 import re
-import shutil
 import time
 from pathlib import Path
 
@@ -21,9 +20,10 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
+from tiny_models import SMOL_DIR, make_tiny_model_dir  # noqa: E402
+
 from minipaged.entrypoints.openai.launch import ServerProcess, free_port, minipaged_command  # noqa: E402
 
-SMOL_DIR = Path.home() / ".cache/minipaged/models/SmolLM2-135M-Instruct"
 API_KEY = "test-key-123"
 MAX_MODEL_LEN = 2048
 NUM_KV_BLOCKS = 64  # 1024 tokens, less than max_model_len: a request can be too large for the cache
@@ -31,29 +31,11 @@ PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):", 
            "The quick brown fox", "In a galaxy far away", "Paged attention stores", "Hello"]
 
 
-def make_tiny_model_dir(out: Path) -> Path:
-    """A random-weight 2-layer Llama with SmolLM2's vocabulary and tokenizer files, as an HF directory."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    out.mkdir(parents=True, exist_ok=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if (SMOL_DIR / name).exists():
-            shutil.copy(SMOL_DIR / name, out / name)
-    torch.manual_seed(0)
-    # A wide init gives peaked logits, so greedy argmax is far from ties (batching noise cannot flip it).
-    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_MODEL_LEN,
-                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=True, initializer_range=0.2)
-    LlamaForCausalLM(config).save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     if not (SMOL_DIR / "tokenizer.json").exists():
         pytest.skip("SmolLM2 tokenizer not prepared (make setup)")
-    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"))
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"), MAX_MODEL_LEN)
 
 
 ENGINE_ARGS = ["--num-kv-blocks", str(NUM_KV_BLOCKS), "--block-size", "16", "--max-num-seqs", "32"]
@@ -65,9 +47,8 @@ def server(model_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("server-log") / "server.log"
     cmd = minipaged_command(port, "--model", str(model_dir), "--served-model-name", "tiny", "--api-key", API_KEY,
                             "--log-level", "warning", *ENGINE_ARGS)
-    root = str(Path(__file__).resolve().parent.parent)
-    with ServerProcess(cmd, f"http://127.0.0.1:{port}", log_path=log, cwd=root,
-                       env={"PYTHONPATH": root}) as proc:
+    root = str(Path(__file__).resolve().parents[2])
+    with ServerProcess(cmd, f"http://127.0.0.1:{port}", log_path=log, cwd=root) as proc:
         yield proc
 
 
@@ -405,7 +386,7 @@ def test_malformed_json_unknown_model_and_api_key(server, client):
 
 
 # ---- concurrency and disconnects -------------------------------------------------------------
-async def _stream_one(http: "httpx.AsyncClient", body: dict, *, hang_up: bool) -> tuple[str, str | None]:
+async def _stream_one(http: httpx.AsyncClient, body: dict, *, hang_up: bool) -> tuple[str, str | None]:
     """Stream one completion; with ``hang_up`` close the connection after the first content chunk."""
     text, finish = "", None
     async with http.stream("POST", "/v1/completions", json=body) as r:

@@ -74,7 +74,7 @@ def test_summarize_by_hand():
 
 @pytest.mark.slow
 def test_bench_against_a_tiny_minipaged_server(tmp_path):
-    from test_server import SMOL_DIR, make_tiny_model_dir
+    from tiny_models import SMOL_DIR, make_tiny_model_dir
 
     if not (SMOL_DIR / "tokenizer.json").exists():
         pytest.skip("SmolLM2 tokenizer not prepared (make setup)")

@@ -11,19 +11,10 @@ import random
 
 import pytest
 import torch
+from tiny_models import VOCAB, assert_all_blocks_free, make_llm, one_thread, tiny_hf_model  # noqa: F401  one_thread: autouse
 
 from minipaged.engine.beam_search import BeamSearchParams
 from minipaged.errors import InvalidSamplingParamsError
-from tests.test_engine import VOCAB, assert_all_blocks_free, make_llm, tiny_hf_model
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls: extra threads only add contention on the shared CI cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])

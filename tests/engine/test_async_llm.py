@@ -8,13 +8,12 @@ import asyncio
 import random
 
 import pytest
+from conftest import SMOLLM2_VOCAB as VOCAB
 
 from minipaged import LLM, SamplingParams
 from minipaged.engine.async_llm import AsyncLLM, EngineDeadError
 from minipaged.errors import InvalidPromptError, InvalidSamplingParamsError, PromptTooLongError
 from minipaged.models import build_model_from_hf
-
-from conftest import SMOLLM2_VOCAB as VOCAB
 
 
 def engine_kwargs(**kw):

@@ -9,14 +9,13 @@ from __future__ import annotations
 import random
 
 import pytest
+from conftest import SMOLLM2_VOCAB as VOCAB
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from minipaged import LLM, BeamSearchParams, SamplingParams
 from minipaged.errors import InvalidPromptError, InvalidSamplingParamsError, RequestTooLargeError, UnknownRequestError
 from minipaged.models import build_model_from_hf
-
-from conftest import SMOLLM2_VOCAB as VOCAB
 
 
 def make_llm(hf, tokenizer=None, **kwargs) -> LLM:

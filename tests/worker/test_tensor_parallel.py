@@ -19,19 +19,18 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from tiny_models import assert_all_blocks_free, hf_greedy, make_prompts, one_thread, tiny_hf_model  # noqa: F401  one_thread: autouse
 
 from minipaged import LLM, SamplingParams
-from minipaged.engine.beam_search import BeamSearchParams
-from minipaged.core.block_manager import BlockCopy
 from minipaged.config import EngineConfig
-from minipaged.worker.distributed import CommStats
+from minipaged.core.block_manager import BlockCopy
+from minipaged.engine.beam_search import BeamSearchParams
 from minipaged.errors import InvalidEngineConfigError
-from minipaged.worker.executor import TensorParallelExecutor, WorkerDiedError
 from minipaged.models import build_model_from_hf
 from minipaged.models.parallel_linear import ColumnParallelLinear, RowParallelLinear, rank_slices
+from minipaged.worker.distributed import CommStats
+from minipaged.worker.executor import TensorParallelExecutor, WorkerDiedError
 from minipaged.worker.worker import StepBatch
-from tests.test_beam_search import one_thread  # noqa: F401  autouse: one torch thread per rank on the 2 CI cores
-from tests.test_engine import assert_all_blocks_free, hf_greedy, make_prompts, tiny_hf_model
 
 TP_BLOCKS = 18  # x 8 tokens: the 12-prompt batch cannot all fit, so the scheduler preempts
 
@@ -350,11 +349,10 @@ def test_killed_rank_raises_instead_of_hanging(case):
 
 TORCHRUN_SCRIPT = """
 import json, sys
-sys.path.insert(0, {root!r})
 import torch
 from minipaged import LLM, SamplingParams
 from minipaged.models import build_model_from_hf
-from tests.test_engine import tiny_hf_model
+from tiny_models import tiny_hf_model
 
 llm = LLM(build_model_from_hf(tiny_hf_model("qwen2")), tensor_parallel_size=2, num_kv_blocks=32, block_size=8)
 # Only rank 0 gets here: on rank 1, LLM(...) served rank 0's steps and then ended the process.
@@ -373,11 +371,10 @@ def test_torchrun_launch_spawns_nothing(tmp_path):
     from pathlib import Path
 
     prompts, _ = make_prompts(seed=9, count=2)
-    root = str(Path(__file__).resolve().parent.parent)
     script = tmp_path / "tp_script.py"
-    script.write_text(TORCHRUN_SCRIPT.format(root=root, prompts=prompts))
+    script.write_text(TORCHRUN_SCRIPT.format(prompts=prompts))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])  # the script imports the tests' tiny_models
     with socket.socket() as s:  # torchrun's store needs a concrete port
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter path is the CPU one")
 
@@ -62,7 +62,6 @@ except InvalidEngineConfigError as e:
 
 def run_child(code: str, **env_overrides: str | None) -> str:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT)
     env.update({k: v for k, v in env_overrides.items() if v is not None})
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,0 +1,130 @@
+"""Tiny random-weight models and engine helpers shared by tests in several layers.
+
+Greedy tokens of these models are compared with transformers' own ``generate``; the
+SmolLM2 tokenizer files come from ``make setup`` (``SMOL_DIR``).
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from minipaged import LLM
+from minipaged.models import build_model_from_hf
+
+VOCAB = 384
+NEW_TOKENS = (5, 24)  # range of max_tokens per prompt
+
+
+SMOL_DIR = Path.home() / ".cache/minipaged/models/SmolLM2-135M-Instruct"
+
+
+def tiny_hf_model(arch: str):
+    import transformers
+
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rope_theta=10000.0,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    if arch == "llama":
+        cfg = transformers.LlamaConfig(tie_word_embeddings=False, **common)
+        cls = transformers.LlamaForCausalLM
+    else:
+        cfg = transformers.Qwen2Config(tie_word_embeddings=True, **common)
+        cls = transformers.Qwen2ForCausalLM
+    torch.manual_seed({"llama": 0, "qwen2": 1}[arch])
+    model = cls(cfg).eval()
+    if arch == "qwen2":
+        with torch.no_grad():  # transformers initialises biases to 0; make them matter
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.5)
+    return model
+
+
+def make_prompts(seed: int, count: int = 12, shared_prefix: int = 40):
+    """Mixed lengths (1..~90 tokens); half share a prefix so the prefix cache has something to find."""
+    rng = random.Random(seed)
+    prefix = [rng.randrange(3, VOCAB) for _ in range(shared_prefix)]
+    prompts = []
+    for i in range(count):
+        body = [rng.randrange(3, VOCAB) for _ in range(rng.choice([1, 3, 9, 17, 33, 50]))]
+        prompts.append((prefix if i % 2 else []) + body)
+    max_tokens = [rng.randint(*NEW_TOKENS) for _ in range(count)]
+    return prompts, max_tokens
+
+
+def make_llm(hf, backend="torch", **kwargs) -> LLM:
+    model = build_model_from_hf(hf, attention_backend=backend)
+    kwargs.setdefault("num_kv_blocks", 256)
+    kwargs.setdefault("block_size", 8)
+    return LLM(model, **kwargs)
+
+
+def assert_all_blocks_free(llm: LLM) -> None:
+    stats = llm.block_manager.stats()
+    assert stats.used_blocks == 0 and stats.free_blocks == stats.num_blocks, stats
+    assert not llm.has_unfinished_requests()
+
+
+def make_tiny_model_dir(out: Path, max_model_len: int = 2048) -> Path:
+    """A random-weight 2-layer Llama with SmolLM2's vocabulary and tokenizer files, as an HF directory."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (SMOL_DIR / name).exists():
+            shutil.copy(SMOL_DIR / name, out / name)
+    torch.manual_seed(0)
+    # A wide init gives peaked logits, so greedy argmax is far from ties (batching noise cannot flip it).
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_model_len,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=True,
+        initializer_range=0.2,
+    )
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out
+
+
+def hf_greedy(hf_model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    out = hf_model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+    )
+    return out[0, len(prompt) :].tolist()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny matmuls: extra threads only add contention on the shared CI cores.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
