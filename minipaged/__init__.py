@@ -2,6 +2,7 @@
 
 Data flows one way: request -> scheduler -> block manager -> worker -> sampler -> output.
 """
+
 __version__ = "0.1.0"
 
 __all__ = ["LLM", "SamplingParams", "BeamSearchParams"]

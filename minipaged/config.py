@@ -5,6 +5,7 @@ scheduler and the worker. Values that depend on the loaded model (the effective
 ``max_model_len``, the number of KV blocks) are resolved into a *new* config with
 ``dataclasses.replace`` rather than written into this one.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,9 +21,13 @@ from minipaged.errors import InvalidEngineConfigError
 from minipaged.sampling_params import MAX_SEED
 
 _DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
 }
 
 # On CPU the KV cache is plain host memory; 1 GiB holds ~22k tokens of SmolLM2-135M in fp32.
@@ -89,15 +94,20 @@ class EngineConfig:
         if isinstance(util, bool) or not isinstance(util, (int, float)) or not 0.0 < util <= 1.0:
             raise InvalidEngineConfigError("gpu_memory_utilization", f"must be a number in (0, 1], got {util!r}")
         if self.attention_backend not in (None, "torch", "triton"):
-            raise InvalidEngineConfigError("attention_backend", f"must be 'torch', 'triton' or None, got {self.attention_backend!r}")
+            raise InvalidEngineConfigError(
+                "attention_backend", f"must be 'torch', 'triton' or None, got {self.attention_backend!r}"
+            )
         if self.device not in (None, "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise InvalidEngineConfigError("device", f"must be 'cpu', 'cuda' or None, got {self.device!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
-            raise InvalidEngineConfigError("seed", f"must be an integer in [0, 2**64 - 1] (torch.Generator's range), "
-                                                   f"got {self.seed!r}")
+            raise InvalidEngineConfigError(
+                "seed", f"must be an integer in [0, 2**64 - 1] (torch.Generator's range), got {self.seed!r}"
+            )
         kv_quant.check_kv_cache_dtype(self.kv_cache_dtype)
         if not isinstance(self.enable_prefix_caching, bool):
-            raise InvalidEngineConfigError("enable_prefix_caching", f"must be a bool, got {self.enable_prefix_caching!r}")
+            raise InvalidEngineConfigError(
+                "enable_prefix_caching", f"must be a bool, got {self.enable_prefix_caching!r}"
+            )
         _positive_int("tensor_parallel_size", self.tensor_parallel_size)
         self._check_tensor_parallel_devices()
 
@@ -109,10 +119,16 @@ class EngineConfig:
         if self.torch_device.type == "cuda":
             available = torch.cuda.device_count()
             if tp > available:
-                raise InvalidEngineConfigError("tensor_parallel_size", f"{tp} ranks need {tp} GPUs; {available} visible")
+                raise InvalidEngineConfigError(
+                    "tensor_parallel_size", f"{tp} ranks need {tp} GPUs; {available} visible"
+                )
         elif tp > (os.cpu_count() or 1):
-            warnings.warn(f"tensor_parallel_size={tp} exceeds the {os.cpu_count()} CPU cores: the ranks will "
-                          "share cores and wait on each other at every all-reduce", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"tensor_parallel_size={tp} exceeds the {os.cpu_count()} CPU cores: the ranks will "
+                "share cores and wait on each other at every all-reduce",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -125,7 +141,7 @@ class EngineConfig:
         return torch.device(self.device)
 
     @classmethod
-    def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":
+    def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
         """Build from ``LLM(...)`` keyword arguments; an unknown name is a TypeError, never dropped."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(kwargs) - known)

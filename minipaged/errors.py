@@ -5,6 +5,7 @@ Every input error names the offending field (``err.field``) and subclasses
 which check failed. Input checks run before any work is scheduled: a bad request
 never reaches the block manager, and the other requests of a batch are unaffected.
 """
+
 from __future__ import annotations
 
 

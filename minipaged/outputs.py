@@ -1,4 +1,5 @@
 """What ``LLM.generate`` returns (vLLM-shaped): RequestOutput > CompletionOutput, plus timings."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

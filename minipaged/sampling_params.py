@@ -5,12 +5,14 @@ any integer must be >= 1). ``temperature=0`` means greedy: argmax of the fp32 lo
 Penalties, ``logit_bias``, ``min_tokens`` and ``logprobs`` follow vLLM's semantics
 (see ``minipaged.worker.sampler`` for the order they are applied in).
 """
+
 from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 from minipaged.errors import InvalidSamplingParamsError
 
@@ -111,7 +113,8 @@ class SamplingParams:
         _check_int("min_tokens", self.min_tokens, 0)
         if self.min_tokens > self.max_tokens:
             raise InvalidSamplingParamsError(
-                "min_tokens", f"must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}")
+                "min_tokens", f"must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}"
+            )
         if self.top_k is not None:
             _check_int("top_k", self.top_k, 1)
         if _check_float("temperature", self.temperature) < 0 or math.isinf(self.temperature):
@@ -130,12 +133,14 @@ class SamplingParams:
             _check_int("logprobs", self.logprobs, 0)
             if self.logprobs > MAX_LOGPROBS:
                 raise InvalidSamplingParamsError(
-                    "logprobs", f"at most {MAX_LOGPROBS} alternatives can be returned, got {self.logprobs}")
+                    "logprobs", f"at most {MAX_LOGPROBS} alternatives can be returned, got {self.logprobs}"
+                )
         if self.seed is not None:
             _check_int("seed", self.seed, 0)
             if self.seed > MAX_SEED - (self.n - 1):
                 raise InvalidSamplingParamsError(
-                    "seed", f"must be <= 2**64 - n = {MAX_SEED - self.n + 1} (sample i uses seed + i), got {self.seed}")
+                    "seed", f"must be <= 2**64 - n = {MAX_SEED - self.n + 1} (sample i uses seed + i), got {self.seed}"
+                )
         _check_bool("ignore_eos", self.ignore_eos)
         _check_bool("skip_special_tokens", self.skip_special_tokens)
         # Normalising to tuples keeps the dataclass hashable and immune to later edits of a caller's list.
@@ -181,8 +186,13 @@ def _as_logit_bias(value: Any) -> LogitBias | None:
         # numbers.Integral / Real take numpy scalars too; JSON's string keys are the server's to convert.
         if isinstance(token, bool) or not isinstance(token, numbers.Integral) or token < 0:
             raise InvalidSamplingParamsError("logit_bias", f"token ids must be integers >= 0, got {token!r}")
-        if (isinstance(bias, bool) or not isinstance(bias, numbers.Real)
-                or not -LOGIT_BIAS_LIMIT <= bias <= LOGIT_BIAS_LIMIT):
-            raise InvalidSamplingParamsError("logit_bias", f"bias of token {token} must be a number in [-100, 100], got {bias!r}")
+        if (
+            isinstance(bias, bool)
+            or not isinstance(bias, numbers.Real)
+            or not -LOGIT_BIAS_LIMIT <= bias <= LOGIT_BIAS_LIMIT
+        ):
+            raise InvalidSamplingParamsError(
+                "logit_bias", f"bias of token {token} must be a number in [-100, 100], got {bias!r}"
+            )
         items[int(token)] = float(bias)
     return LogitBias(items) if items else None

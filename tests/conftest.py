@@ -3,6 +3,7 @@
 TRITON_INTERPRET must be set before any ``@triton.jit`` kernel is defined, so this
 runs before the test modules import ``kernels``.
 """
+
 import os
 
 if "TRITON_INTERPRET" not in os.environ:
@@ -43,8 +44,17 @@ def hf():
     Tests build engines from copies of its weights and never change it."""
     import transformers
 
-    cfg = transformers.LlamaConfig(vocab_size=SMOLLM2_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                   bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
+    cfg = transformers.LlamaConfig(
+        vocab_size=SMOLLM2_VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(cfg).eval()

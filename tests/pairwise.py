@@ -1,5 +1,6 @@
 """All-pairs test cases: every value of every axis, and every pair of values of any two
 axes, appears in some case, without the full cartesian product (the interpreter is slow)."""
+
 from __future__ import annotations
 
 import itertools
@@ -12,11 +13,13 @@ def pairwise(axes: Sequence[Sequence[Any]]) -> list[tuple[Any, ...]]:
     uncovered = {
         (i, a, j, b)
         for i, j in itertools.combinations(range(len(axes)), 2)
-        for a in range(len(axes[i])) for b in range(len(axes[j]))
+        for a in range(len(axes[i]))
+        for b in range(len(axes[j]))
     }
     candidates = list(itertools.product(*(range(len(axis)) for axis in axes)))
     cases = []
     while uncovered:
+
         def gain(case: tuple[int, ...]) -> int:
             return sum((i, case[i], j, case[j]) in uncovered for i, j in itertools.combinations(range(len(axes)), 2))
 

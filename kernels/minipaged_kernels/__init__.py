@@ -17,6 +17,7 @@ interpreter cannot call ("Cannot call @triton.jit'd outside of the scope of a ke
 even though our kernels, defined below, are interpreted. ``_interpret_triton_language``
 converts them, leaving triton as an import under ``TRITON_INTERPRET=1`` would have.
 """
+
 import os as _os
 import sys as _sys
 
@@ -42,7 +43,9 @@ def _interpret_triton_language() -> int:
             converted[id(fn)] = InterpretedFunction(fn.fn)
         return converted[id(fn)]
 
-    modules = [m for name, m in list(_sys.modules.items()) if name == "triton.language" or name.startswith("triton.language.")]
+    modules = [
+        m for name, m in list(_sys.modules.items()) if name == "triton.language" or name.startswith("triton.language.")
+    ]
     for module in modules:
         for name, value in list(vars(module).items()):
             if isinstance(value, JITFunction):

@@ -9,6 +9,7 @@ Compilation needs the kernels defined in compiled mode: a process that imported
 ``triton.compile`` cannot take (helpers they call included), so tests compile in a
 child process started with ``compile_mode_env()``.
 """
+
 from __future__ import annotations
 
 import os

@@ -3,6 +3,7 @@
 Every check raises ``ValueError`` naming the offending argument, so a wrong call
 fails loudly instead of reading or writing out of bounds.
 """
+
 from __future__ import annotations
 
 import torch
@@ -67,9 +68,7 @@ def check_block_tables(
     check_tensor("context_lens", context_lens, 1, INDEX_DTYPES)
     num_seqs, max_blocks = block_tables.shape
     if context_lens.shape[0] != num_seqs:
-        raise ValueError(
-            f"context_lens has {context_lens.shape[0]} entries but block_tables has {num_seqs} rows"
-        )
+        raise ValueError(f"context_lens has {context_lens.shape[0]} entries but block_tables has {num_seqs} rows")
     if num_seqs == 0:
         return
     lens = context_lens.to("cpu", torch.int64)
@@ -122,7 +121,7 @@ def check_kernel_out(out: torch.Tensor | None, like: torch.Tensor) -> torch.Tens
 def default_scale(head_dim: int, scale: float | None) -> float:
     """Softmax scale, ``1/sqrt(head_dim)`` unless given; must be a positive finite number."""
     if scale is None:
-        return head_dim ** -0.5
+        return head_dim**-0.5
     scale = float(scale)
     if not (scale > 0 and scale < float("inf")):
         raise ValueError(f"scale must be a positive finite number, got {scale}")
@@ -139,9 +138,7 @@ def check_cu_seqlens_q(cu_seqlens_q: torch.Tensor, num_tokens: int, context_lens
     check_tensor("cu_seqlens_q", cu_seqlens_q, 1, INDEX_DTYPES)
     num_seqs = context_lens.shape[0]
     if cu_seqlens_q.shape[0] != num_seqs + 1:
-        raise ValueError(
-            f"cu_seqlens_q has {cu_seqlens_q.shape[0]} entries, expected num_seqs + 1 = {num_seqs + 1}"
-        )
+        raise ValueError(f"cu_seqlens_q has {cu_seqlens_q.shape[0]} entries, expected num_seqs + 1 = {num_seqs + 1}")
     cu = cu_seqlens_q.to("cpu", torch.int64)
     if int(cu[0]) != 0:
         raise ValueError(f"cu_seqlens_q must start at 0, got {int(cu[0])}")

@@ -13,6 +13,7 @@ Triton's ``float8e4nv`` casts: those compile only for sm_89+, and the interprete
 float->fp8 cast truncates where torch (and the hardware) round to nearest even. The bit
 version compiles for sm_80 and sm_90 alike and gives torch's bits exactly.
 """
+
 from __future__ import annotations
 
 import torch
@@ -67,9 +68,7 @@ def check_kv_scales(
     return code
 
 
-def kernel_views(
-    cache: torch.Tensor, scale: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+def kernel_views(cache: torch.Tensor, scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """What a kernel gets: the cache (fp8 as its uint8 bits) and the scale as a
     ``[num_blocks, block_size, num_kv_heads]`` view (per-layer scale: strides 0)."""
     if scale is None:

@@ -10,13 +10,14 @@ Cases are generated per kernel (``kv_append_cases``, ``decode_cases``, ``prefill
 so only one case's tensors live on the GPU; a kernel adds its own generator to
 ``CASE_BUILDERS``.
 """
+
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +29,17 @@ MAX_CACHE_BYTES = 16 * 2**30
 # (name, num_heads, num_kv_heads, head_dim)
 MODELS = (("llama7b", 32, 32, 128), ("smollm2", 9, 3, 64))
 # (batch, context) pairs spanning 1-256 sequences and 128-32k tokens.
-DECODE_SHAPES = ((1, 128), (1, 4096), (1, 32768), (8, 4096), (16, 32768), (64, 1024), (64, 4096),
-                 (256, 128), (256, 2048))
+DECODE_SHAPES = (
+    (1, 128),
+    (1, 4096),
+    (1, 32768),
+    (8, 4096),
+    (16, 32768),
+    (64, 1024),
+    (64, 4096),
+    (256, 128),
+    (256, 2048),
+)
 APPEND_TOKENS = (1, 64, 256, 4096)
 
 
@@ -44,8 +54,9 @@ class BenchCase:
     baseline: Callable[[], object] | None
 
 
-def _paged_cache(batch: int, context: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _paged_cache(
+    batch: int, context: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Shuffled physical blocks holding ``batch`` sequences of ``context`` tokens."""
     blocks_per_seq = -(-context // BLOCK_SIZE)
     num_blocks = batch * blocks_per_seq
@@ -65,8 +76,12 @@ def kv_append_cases(device: torch.device, dtype: torch.dtype) -> Iterator[BenchC
             key = torch.randn(num_tokens, num_kv_heads, head_dim, dtype=dtype, device=device)
             value = torch.randn_like(key)
             slots = torch.randperm(num_blocks * BLOCK_SIZE, device=device)[:num_tokens]
-            shape = {"num_tokens": num_tokens, "num_kv_heads": num_kv_heads, "head_dim": head_dim,
-                     "dtype_bytes": k_cache.element_size()}
+            shape = {
+                "num_tokens": num_tokens,
+                "num_kv_heads": num_kv_heads,
+                "head_dim": head_dim,
+                "dtype_bytes": k_cache.element_size(),
+            }
 
             def run(key=key, value=value, k_cache=k_cache, v_cache=v_cache, slots=slots):
                 module.kv_append(key, value, k_cache, v_cache, slots)
@@ -91,8 +106,14 @@ def decode_cases(device: torch.device, dtype: torch.dtype) -> Iterator[BenchCase
             out = torch.empty_like(q)
             k_flat = torch.randn(batch, num_kv_heads, context, head_dim, dtype=dtype, device=device)
             v_flat = torch.randn_like(k_flat)
-            shape = {"num_seqs": batch, "context_len": context, "num_heads": num_heads,
-                     "num_kv_heads": num_kv_heads, "head_dim": head_dim, "dtype_bytes": q.element_size()}
+            shape = {
+                "num_seqs": batch,
+                "context_len": context,
+                "num_heads": num_heads,
+                "num_kv_heads": num_kv_heads,
+                "head_dim": head_dim,
+                "dtype_bytes": q.element_size(),
+            }
 
             def run(q=q, k_cache=k_cache, v_cache=v_cache, tables=tables, lens=lens, out=out):
                 module.paged_decode_attention(q, k_cache, v_cache, tables, lens, out=out)
@@ -100,14 +121,27 @@ def decode_cases(device: torch.device, dtype: torch.dtype) -> Iterator[BenchCase
             def baseline(q=q, k_flat=k_flat, v_flat=v_flat):
                 F.scaled_dot_product_attention(q.unsqueeze(2), k_flat, v_flat, enable_gqa=True)
 
-            yield BenchCase("paged_decode_attention", f"{model} batch={batch} ctx={context}",
-                            module.bytes_moved(shape), run, baseline)
+            yield BenchCase(
+                "paged_decode_attention",
+                f"{model} batch={batch} ctx={context}",
+                module.bytes_moved(shape),
+                run,
+                baseline,
+            )
 
 
 # (batch, new tokens per sequence, cached prefix per sequence): prompts of 512-8k tokens,
 # fresh and as a chunk behind a cached prefix.
-PREFILL_SHAPES = ((1, 512, 0), (1, 2048, 0), (1, 8192, 0), (8, 1024, 0),
-                  (1, 512, 4096), (1, 2048, 6144), (4, 1024, 3072), (16, 512, 1536))
+PREFILL_SHAPES = (
+    (1, 512, 0),
+    (1, 2048, 0),
+    (1, 8192, 0),
+    (8, 1024, 0),
+    (1, 512, 4096),
+    (1, 2048, 6144),
+    (4, 1024, 3072),
+    (16, 512, 1536),
+)
 
 
 def prefill_cases(device: torch.device, dtype: torch.dtype) -> Iterator[BenchCase]:
@@ -125,12 +159,20 @@ def prefill_cases(device: torch.device, dtype: torch.dtype) -> Iterator[BenchCas
             q = torch.randn(batch * new_len, num_heads, head_dim, dtype=dtype, device=device)
             out = torch.empty_like(q)
             q_sdpa = q.view(batch, new_len, num_heads, head_dim).transpose(1, 2).contiguous()
-            k_flat, v_flat = (c[tables.long()].flatten(1, 2)[:, :context].transpose(1, 2).contiguous()
-                              for c in (k_cache, v_cache))
+            k_flat, v_flat = (
+                c[tables.long()].flatten(1, 2)[:, :context].transpose(1, 2).contiguous() for c in (k_cache, v_cache)
+            )
             mask = causal_lower_right(new_len, context)
-            shape = {"num_seqs": batch, "new_len": new_len, "prefix_len": prefix_len, "num_heads": num_heads,
-                     "num_kv_heads": num_kv_heads, "head_dim": head_dim, "block_size": BLOCK_SIZE,
-                     "dtype_bytes": q.element_size()}
+            shape = {
+                "num_seqs": batch,
+                "new_len": new_len,
+                "prefix_len": prefix_len,
+                "num_heads": num_heads,
+                "num_kv_heads": num_kv_heads,
+                "head_dim": head_dim,
+                "block_size": BLOCK_SIZE,
+                "dtype_bytes": q.element_size(),
+            }
 
             def run(q=q, k_cache=k_cache, v_cache=v_cache, tables=tables, cu=cu, lens=lens, out=out):
                 return module.paged_prefill_attention(q, k_cache, v_cache, tables, cu, lens, out=out)
@@ -138,12 +180,19 @@ def prefill_cases(device: torch.device, dtype: torch.dtype) -> Iterator[BenchCas
             def baseline(q=q_sdpa, k=k_flat, v=v_flat, mask=mask):
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
-            yield BenchCase("paged_prefill_attention", f"{model} b={batch} new={new_len} pre={prefix_len}",
-                            module.bytes_moved(shape), run, baseline)
+            yield BenchCase(
+                "paged_prefill_attention",
+                f"{model} b={batch} new={new_len} pre={prefix_len}",
+                module.bytes_moved(shape),
+                run,
+                baseline,
+            )
 
 
 CASE_BUILDERS: list[Callable[[torch.device, torch.dtype], Iterator[BenchCase]]] = [
-    kv_append_cases, decode_cases, prefill_cases,
+    kv_append_cases,
+    decode_cases,
+    prefill_cases,
 ]
 
 
@@ -162,23 +211,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peak-gbps", type=float, default=None, help="device DRAM bandwidth, for a %% column")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        print("minipaged_kernels.bench: no CUDA device here; the benchmark times compiled kernels on a GPU "
-              "(interpreter timings are meaningless), so there is nothing to measure. Exiting.")
+        print(
+            "minipaged_kernels.bench: no CUDA device here; the benchmark times compiled kernels on a GPU "
+            "(interpreter timings are meaningless), so there is nothing to measure. Exiting."
+        )
         return 0
     device = torch.device("cuda")
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     print(f"{torch.cuda.get_device_name(device)}, {args.dtype}, block_size={BLOCK_SIZE}, median of do_bench")
-    print(f"{'kernel':<24} {'case':<28} {'floor MB':>9} {'ms':>9} {'GB/s':>8} {'%peak':>6} "
-          f"{'torch ms':>9} {'torch GB/s':>10} {'speedup':>8}")
+    print(
+        f"{'kernel':<24} {'case':<28} {'floor MB':>9} {'ms':>9} {'GB/s':>8} {'%peak':>6} "
+        f"{'torch ms':>9} {'torch GB/s':>10} {'speedup':>8}"
+    )
     for build in CASE_BUILDERS:
         for case in build(device, dtype):
             kernel_ms, base_ms = time_case(case)
             gbps = case.bytes_moved / kernel_ms / 1e6
             peak = f"{100 * gbps / args.peak_gbps:>5.0f}%" if args.peak_gbps else f"{'-':>6}"
-            base = (f"{base_ms:>9.4f} {case.bytes_moved / base_ms / 1e6:>10.0f} {base_ms / kernel_ms:>7.2f}x"
-                    if base_ms is not None else f"{'-':>9} {'-':>10} {'-':>8}")
-            print(f"{case.kernel:<24} {case.name:<28} {case.bytes_moved / 1e6:>9.1f} {kernel_ms:>9.4f} "
-                  f"{gbps:>8.0f} {peak} {base}")
+            base = (
+                f"{base_ms:>9.4f} {case.bytes_moved / base_ms / 1e6:>10.0f} {base_ms / kernel_ms:>7.2f}x"
+                if base_ms is not None
+                else f"{'-':>9} {'-':>10} {'-':>8}"
+            )
+            print(
+                f"{case.kernel:<24} {case.name:<28} {case.bytes_moved / 1e6:>9.1f} {kernel_ms:>9.4f} "
+                f"{gbps:>8.0f} {peak} {base}"
+            )
         torch.cuda.empty_cache()
     return 0
 

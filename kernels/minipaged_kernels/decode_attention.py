@@ -21,6 +21,7 @@ A quantized cache (int8 or fp8 e4m3 with fp32 scales, ``minipaged_kernels._kv_qu
 dequantized in registers into ``q``'s dtype before each dot: the kernel then moves a
 quarter (fp32) or half (fp16/bf16) of the cache bytes, and accumulates in fp32 as before.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,8 +34,14 @@ import triton.language as tl
 from minipaged_kernels import _kv_quant
 from minipaged_kernels._aot import AotSpec, in_ci_subset
 from minipaged_kernels._checks import (
-    FLOAT_DTYPES, check_block_tables, check_heads, check_kv_cache, check_kernel_out, check_same_device,
-    check_tensor, default_scale,
+    FLOAT_DTYPES,
+    check_block_tables,
+    check_heads,
+    check_kernel_out,
+    check_kv_cache,
+    check_same_device,
+    check_tensor,
+    default_scale,
 )
 
 GROUP_TILE = 16
@@ -54,23 +61,52 @@ _LOG2E = 1.4426950408889634
 # The report's bytes-moved shape: 64 sequences x 4096 tokens of context on a
 # Llama-7B-like layer (32 query and 32 kv heads x 128), fp16.
 REFERENCE_SHAPE = {
-    "num_seqs": 64, "context_len": 4096, "num_heads": 32, "num_kv_heads": 32, "head_dim": 128,
+    "num_seqs": 64,
+    "context_len": 4096,
+    "num_heads": 32,
+    "num_kv_heads": 32,
+    "head_dim": 128,
     "dtype_bytes": 2,
 }
 
 
 @triton.jit
 def _decode_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr, context_lens_ptr, out_ptr, lse_ptr,
-    qk_scale, group_size, head_dim, block_size, tokens_per_split,
-    stride_qs, stride_qh,
-    stride_kb, stride_ko, stride_kh,
-    stride_vb, stride_vo, stride_vh,
-    stride_sb, stride_so, stride_sh,
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
+    block_tables_ptr,
+    context_lens_ptr,
+    out_ptr,
+    lse_ptr,
+    qk_scale,
+    group_size,
+    head_dim,
+    block_size,
+    tokens_per_split,
+    stride_qs,
+    stride_qh,
+    stride_kb,
+    stride_ko,
+    stride_kh,
+    stride_vb,
+    stride_vo,
+    stride_vh,
+    stride_sb,
+    stride_so,
+    stride_sh,
     stride_bts,
-    stride_os, stride_oh, stride_op,
-    stride_ls, stride_lh,
-    GROUP_TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr,
+    stride_os,
+    stride_oh,
+    stride_op,
+    stride_ls,
+    stride_lh,
+    GROUP_TILE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SPLIT: tl.constexpr,
     QUANT: tl.constexpr = 0,
 ):
     """Grid ``(num_seqs, num_kv_heads * head_tiles, num_splits)``.
@@ -113,7 +149,8 @@ def _decode_kernel(
         mask_nd = mask_n[:, None] & mask_d[None, :]
         k = tl.load(
             k_base + blocks[:, None] * stride_kb + rows[:, None] * stride_ko + offs_d[None, :],
-            mask=mask_nd, other=0.0,
+            mask=mask_nd,
+            other=0.0,
         )
         if QUANT != 0:
             scale_offs = blocks * stride_sb + rows * stride_so + kv_head * stride_sh
@@ -130,7 +167,8 @@ def _decode_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(
             v_base + blocks[:, None] * stride_vb + rows[:, None] * stride_vo + offs_d[None, :],
-            mask=mask_nd, other=0.0,
+            mask=mask_nd,
+            other=0.0,
         )
         if QUANT != 0:
             v_scale = tl.load(v_scale_ptr + scale_offs, mask=mask_n, other=0.0)
@@ -151,10 +189,18 @@ def _decode_kernel(
 
 @triton.jit
 def _merge_kernel(
-    part_ptr, lse_ptr, out_ptr, num_splits, head_dim,
-    stride_ps, stride_ph, stride_pp,
-    stride_ls, stride_lh,
-    stride_os, stride_oh,
+    part_ptr,
+    lse_ptr,
+    out_ptr,
+    num_splits,
+    head_dim,
+    stride_ps,
+    stride_ph,
+    stride_pp,
+    stride_ls,
+    stride_lh,
+    stride_os,
+    stride_oh,
     BLOCK_D: tl.constexpr,
 ):
     """Grid ``(num_seqs, num_heads)``: merge a head's partitions by log-sum-exp.
@@ -217,9 +263,14 @@ def _interpreted() -> bool:
 
 
 def check_decode_args(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-    context_lens: torch.Tensor, dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES,
-    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> int:
     """Validate decode-attention arguments; raise ``ValueError``. Returns the GQA group size.
 
@@ -294,16 +345,32 @@ def paged_decode_attention(
     if q.dtype == torch.bfloat16 and _interpreted():
         if k_scale is None:
             kv = (k_cache.float(), v_cache.float(), None, None)
-        result = _launch(q.float(), *kv, block_tables, context_lens,
-                         scale, torch.empty(q.shape, dtype=torch.float32, device=q.device), group, num_splits)
+        result = _launch(
+            q.float(),
+            *kv,
+            block_tables,
+            context_lens,
+            scale,
+            torch.empty(q.shape, dtype=torch.float32, device=q.device),
+            group,
+            num_splits,
+        )
         return out.copy_(result)
     return _launch(q, *kv, block_tables, context_lens, scale, out, group, num_splits)
 
 
 def _launch(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor | None,
-    v_scale: torch.Tensor | None, block_tables: torch.Tensor,
-    context_lens: torch.Tensor, scale: float, out: torch.Tensor, group: int, num_splits: int | None,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    v_scale: torch.Tensor | None,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    out: torch.Tensor,
+    group: int,
+    num_splits: int | None,
 ) -> torch.Tensor:
     quant = _kv_quant.quant_code(k_cache.dtype)
     k_cache, k_scale = _kv_quant.kernel_views(k_cache, k_scale)
@@ -330,22 +397,54 @@ def _launch(
         target_strides = (out.stride(0), out.stride(1), 0)
         lse_strides = (0, 0)
     _decode_kernel[grid](
-        q, k_cache, v_cache, k_scale, v_scale, block_tables, context_lens, target, lse,
-        scale * _LOG2E, group, head_dim, block_size, tokens_per_split,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        q,
+        k_cache,
+        v_cache,
+        k_scale,
+        v_scale,
+        block_tables,
+        context_lens,
+        target,
+        lse,
+        scale * _LOG2E,
+        group,
+        head_dim,
+        block_size,
+        tokens_per_split,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
         *_kv_quant.scale_strides(k_scale),
         block_tables.stride(0),
-        *target_strides, *lse_strides,
-        GROUP_TILE=GROUP_TILE, BLOCK_N=BLOCK_N, BLOCK_D=block_d, SPLIT=split, QUANT=quant,
-        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        *target_strides,
+        *lse_strides,
+        GROUP_TILE=GROUP_TILE,
+        BLOCK_N=BLOCK_N,
+        BLOCK_D=block_d,
+        SPLIT=split,
+        QUANT=quant,
+        num_warps=NUM_WARPS,
+        num_stages=NUM_STAGES,
     )
     if split:
         _merge_kernel[(num_seqs, num_heads)](
-            target, lse, out, num_splits, head_dim,
-            *target_strides, *lse_strides, out.stride(0), out.stride(1),
-            BLOCK_D=block_d, num_warps=MERGE_NUM_WARPS, num_stages=1,
+            target,
+            lse,
+            out,
+            num_splits,
+            head_dim,
+            *target_strides,
+            *lse_strides,
+            out.stride(0),
+            out.stride(1),
+            BLOCK_D=block_d,
+            num_warps=MERGE_NUM_WARPS,
+            num_stages=1,
         )
     return out
 
@@ -372,26 +471,65 @@ def aot_specs() -> list[AotSpec]:
     head_dim 1..256) x {single pass, split stage 1, merge}. Block size, group size,
     context length and split count are runtime values and change no compiled code.
     """
-    ints = ("group_size", "head_dim", "block_size", "tokens_per_split",
-            "stride_qs", "stride_qh", "stride_kb", "stride_ko", "stride_kh", "stride_vb", "stride_vo",
-            "stride_vh", "stride_sb", "stride_so", "stride_sh",
-            "stride_bts", "stride_os", "stride_oh", "stride_op", "stride_ls", "stride_lh")
+    ints = (
+        "group_size",
+        "head_dim",
+        "block_size",
+        "tokens_per_split",
+        "stride_qs",
+        "stride_qh",
+        "stride_kb",
+        "stride_ko",
+        "stride_kh",
+        "stride_vb",
+        "stride_vo",
+        "stride_vh",
+        "stride_sb",
+        "stride_so",
+        "stride_sh",
+        "stride_bts",
+        "stride_os",
+        "stride_oh",
+        "stride_op",
+        "stride_ls",
+        "stride_lh",
+    )
     specs = []
     for dtype in _TRITON_DTYPE.values():
         for block_d in HEAD_DIM_TILES:
             for quant in (_kv_quant.QUANT_NONE, _kv_quant.QUANT_INT8, _kv_quant.QUANT_FP8):
                 for split in (False, True):
                     specs.append(_stage1_spec(dtype, block_d, split, quant, ints))
-            specs.append(AotSpec(
-                kernel="paged_decode_attention", config=f"{dtype} D{block_d} merge", fn=_merge_kernel,
-                signature={
-                    "part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": f"*{dtype}",
-                    **{name: "i32" for name in ("num_splits", "head_dim", "stride_ps", "stride_ph", "stride_pp",
-                                                "stride_ls", "stride_lh", "stride_os", "stride_oh")},
-                    "BLOCK_D": "constexpr",
-                },
-                constexprs={"BLOCK_D": block_d}, num_warps=MERGE_NUM_WARPS, num_stages=1,
-            ))
+            specs.append(
+                AotSpec(
+                    kernel="paged_decode_attention",
+                    config=f"{dtype} D{block_d} merge",
+                    fn=_merge_kernel,
+                    signature={
+                        "part_ptr": "*fp32",
+                        "lse_ptr": "*fp32",
+                        "out_ptr": f"*{dtype}",
+                        **{
+                            name: "i32"
+                            for name in (
+                                "num_splits",
+                                "head_dim",
+                                "stride_ps",
+                                "stride_ph",
+                                "stride_pp",
+                                "stride_ls",
+                                "stride_lh",
+                                "stride_os",
+                                "stride_oh",
+                            )
+                        },
+                        "BLOCK_D": "constexpr",
+                    },
+                    constexprs={"BLOCK_D": block_d},
+                    num_warps=MERGE_NUM_WARPS,
+                    num_stages=1,
+                )
+            )
     return specs
 
 
@@ -402,14 +540,21 @@ def _stage1_spec(dtype: str, block_d: int, split: bool, quant: int, ints: tuple[
     """The decode kernel for one query dtype, head_dim tile, pass (single / split) and cache kind."""
     cache = _CACHE_POINTER.get(quant, f"*{dtype}")
     signature = {
-        "q_ptr": f"*{dtype}", "k_cache_ptr": cache, "v_cache_ptr": cache,
-        "k_scale_ptr": "*fp32" if quant else "constexpr", "v_scale_ptr": "*fp32" if quant else "constexpr",
-        "block_tables_ptr": "*i32", "context_lens_ptr": "*i32",
+        "q_ptr": f"*{dtype}",
+        "k_cache_ptr": cache,
+        "v_cache_ptr": cache,
+        "k_scale_ptr": "*fp32" if quant else "constexpr",
+        "v_scale_ptr": "*fp32" if quant else "constexpr",
+        "block_tables_ptr": "*i32",
+        "context_lens_ptr": "*i32",
         "out_ptr": "*fp32" if split else f"*{dtype}",
         "lse_ptr": "*fp32" if split else "constexpr",
         "qk_scale": "fp32",
         **{name: "i32" for name in ints},
-        "GROUP_TILE": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr", "SPLIT": "constexpr",
+        "GROUP_TILE": "constexpr",
+        "BLOCK_N": "constexpr",
+        "BLOCK_D": "constexpr",
+        "SPLIT": "constexpr",
         "QUANT": "constexpr",
     }
     constexprs = {"GROUP_TILE": GROUP_TILE, "BLOCK_N": BLOCK_N, "BLOCK_D": block_d, "SPLIT": split, "QUANT": quant}
@@ -419,7 +564,12 @@ def _stage1_spec(dtype: str, block_d: int, split: bool, quant: int, ints: tuple[
         constexprs["k_scale_ptr"] = constexprs["v_scale_ptr"] = None
     kv = f" kv={_kv_quant.QUANT_NAMES[quant]}" if quant else ""
     return AotSpec(
-        kernel="paged_decode_attention", config=f"{dtype} D{block_d} {'split' if split else 'single'}{kv}",
-        fn=_decode_kernel, signature=signature, constexprs=constexprs,
-        num_warps=NUM_WARPS, num_stages=NUM_STAGES, in_ci=not quant or in_ci_subset(dtype, block_d),
+        kernel="paged_decode_attention",
+        config=f"{dtype} D{block_d} {'split' if split else 'single'}{kv}",
+        fn=_decode_kernel,
+        signature=signature,
+        constexprs=constexprs,
+        num_warps=NUM_WARPS,
+        num_stages=NUM_STAGES,
+        in_ci=not quant or in_ci_subset(dtype, block_d),
     )

@@ -15,6 +15,7 @@ write: one program per (token, kv head) makes a first pass over the row for its 
 layer's fixed scale), then a second pass stores the rounded row; both loop over
 ``head_dim`` in ``BLOCK_D`` lanes, so one build serves every head_dim.
 """
+
 from __future__ import annotations
 
 import os
@@ -42,12 +43,23 @@ _BIT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloa
 
 @triton.jit
 def _kv_append_kernel(
-    key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
-    block_size, head_dim,
-    stride_kt, stride_kh,
-    stride_vt, stride_vh,
-    stride_kcb, stride_kco, stride_kch,
-    stride_vcb, stride_vco, stride_vch,
+    key_ptr,
+    value_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    slot_ptr,
+    block_size,
+    head_dim,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_kcb,
+    stride_kco,
+    stride_kch,
+    stride_vcb,
+    stride_vco,
+    stride_vch,
     BLOCK_D: tl.constexpr,
 ):
     """One program per (token, kv head): copy one key row and one value row."""
@@ -70,14 +82,31 @@ def _kv_append_kernel(
 
 @triton.jit
 def _kv_append_quant_kernel(
-    key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, slot_ptr,
-    block_size, head_dim,
-    stride_kt, stride_kh,
-    stride_vt, stride_vh,
-    stride_kcb, stride_kco, stride_kch,
-    stride_vcb, stride_vco, stride_vch,
-    stride_sb, stride_so, stride_sh,
-    BLOCK_D: tl.constexpr, QUANT: tl.constexpr, PER_TOKEN: tl.constexpr,
+    key_ptr,
+    value_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
+    slot_ptr,
+    block_size,
+    head_dim,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_kcb,
+    stride_kco,
+    stride_kch,
+    stride_vcb,
+    stride_vco,
+    stride_vch,
+    stride_sb,
+    stride_so,
+    stride_sh,
+    BLOCK_D: tl.constexpr,
+    QUANT: tl.constexpr,
+    PER_TOKEN: tl.constexpr,
 ):
     """One program per (token, kv head): quantize one key row and one value row into the cache.
 
@@ -121,8 +150,13 @@ def _kv_append_quant_kernel(
 
 
 def check_kv_append_args(
-    key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
     dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES,
 ) -> int:
     """Validate KV-append arguments (shapes, dtypes, devices, slot range); raise ``ValueError``.
@@ -161,8 +195,13 @@ def check_kv_append_args(
 
 
 def kv_append(
-    key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """Write ``key``/``value`` ``[num_tokens, num_kv_heads, head_dim]`` into the caches in place.
 
@@ -188,34 +227,69 @@ def kv_append(
     bits = _BIT_VIEW[k_cache.dtype]
     kc, vc = k_cache.view(bits), v_cache.view(bits)
     _kv_append_kernel[(num_tokens, num_kv_heads)](
-        key.view(bits), value.view(bits), kc, vc, slot_mapping,
-        k_cache.shape[1], head_dim,
-        key.stride(0), key.stride(1),
-        value.stride(0), value.stride(1),
-        kc.stride(0), kc.stride(1), kc.stride(2),
-        vc.stride(0), vc.stride(1), vc.stride(2),
-        BLOCK_D=BLOCK_D, num_warps=NUM_WARPS, num_stages=1,
+        key.view(bits),
+        value.view(bits),
+        kc,
+        vc,
+        slot_mapping,
+        k_cache.shape[1],
+        head_dim,
+        key.stride(0),
+        key.stride(1),
+        value.stride(0),
+        value.stride(1),
+        kc.stride(0),
+        kc.stride(1),
+        kc.stride(2),
+        vc.stride(0),
+        vc.stride(1),
+        vc.stride(2),
+        BLOCK_D=BLOCK_D,
+        num_warps=NUM_WARPS,
+        num_stages=1,
     )
 
 
 def _launch_quant(
-    key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor, quant: int,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor,
+    v_scale: torch.Tensor,
+    quant: int,
 ) -> None:
     if key.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
         key, value = key.float(), value.float()  # the interpreter has no bf16 arithmetic
     kc, ks = _kv_quant.kernel_views(k_cache, k_scale)
     vc, vs = _kv_quant.kernel_views(v_cache, v_scale)
     _kv_append_quant_kernel[(key.shape[0], key.shape[1])](
-        key, value, kc, vc, ks, vs, slot_mapping,
-        k_cache.shape[1], key.shape[2],
-        key.stride(0), key.stride(1),
-        value.stride(0), value.stride(1),
-        kc.stride(0), kc.stride(1), kc.stride(2),
-        vc.stride(0), vc.stride(1), vc.stride(2),
+        key,
+        value,
+        kc,
+        vc,
+        ks,
+        vs,
+        slot_mapping,
+        k_cache.shape[1],
+        key.shape[2],
+        key.stride(0),
+        key.stride(1),
+        value.stride(0),
+        value.stride(1),
+        kc.stride(0),
+        kc.stride(1),
+        kc.stride(2),
+        vc.stride(0),
+        vc.stride(1),
+        vc.stride(2),
         *_kv_quant.scale_strides(ks),
-        BLOCK_D=BLOCK_D, QUANT=quant, PER_TOKEN=k_scale.dim() == 3,
-        num_warps=NUM_WARPS, num_stages=1,
+        BLOCK_D=BLOCK_D,
+        QUANT=quant,
+        PER_TOKEN=k_scale.dim() == 3,
+        num_warps=NUM_WARPS,
+        num_stages=1,
     )
 
 
@@ -236,19 +310,41 @@ def aot_specs() -> list[AotSpec]:
     for elem, dtypes in (("i32", "fp32"), ("i16", "fp16/bf16")):
         for index in ("i32", "i64"):
             signature = {
-                "key_ptr": f"*{elem}", "value_ptr": f"*{elem}",
-                "k_cache_ptr": f"*{elem}", "v_cache_ptr": f"*{elem}", "slot_ptr": f"*{index}",
-                "block_size": "i32", "head_dim": "i32",
-                **{name: "i32" for name in (
-                    "stride_kt", "stride_kh", "stride_vt", "stride_vh",
-                    "stride_kcb", "stride_kco", "stride_kch", "stride_vcb", "stride_vco", "stride_vch",
-                )},
+                "key_ptr": f"*{elem}",
+                "value_ptr": f"*{elem}",
+                "k_cache_ptr": f"*{elem}",
+                "v_cache_ptr": f"*{elem}",
+                "slot_ptr": f"*{index}",
+                "block_size": "i32",
+                "head_dim": "i32",
+                **{
+                    name: "i32"
+                    for name in (
+                        "stride_kt",
+                        "stride_kh",
+                        "stride_vt",
+                        "stride_vh",
+                        "stride_kcb",
+                        "stride_kco",
+                        "stride_kch",
+                        "stride_vcb",
+                        "stride_vco",
+                        "stride_vch",
+                    )
+                },
                 "BLOCK_D": "constexpr",
             }
-            specs.append(AotSpec(
-                kernel="kv_append", config=f"{dtypes} slots={index}", fn=_kv_append_kernel,
-                signature=signature, constexprs={"BLOCK_D": BLOCK_D}, num_warps=NUM_WARPS, num_stages=1,
-            ))
+            specs.append(
+                AotSpec(
+                    kernel="kv_append",
+                    config=f"{dtypes} slots={index}",
+                    fn=_kv_append_kernel,
+                    signature=signature,
+                    constexprs={"BLOCK_D": BLOCK_D},
+                    num_warps=NUM_WARPS,
+                    num_stages=1,
+                )
+            )
     return specs + quant_aot_specs()
 
 
@@ -263,22 +359,46 @@ def quant_aot_specs() -> list[AotSpec]:
         for quant, cache_ty in ((_kv_quant.QUANT_INT8, "i8"), (_kv_quant.QUANT_FP8, "u8")):
             for per_token in (True, False):
                 signature = {
-                    "key_ptr": f"*{in_ty}", "value_ptr": f"*{in_ty}",
-                    "k_cache_ptr": f"*{cache_ty}", "v_cache_ptr": f"*{cache_ty}",
-                    "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32", "slot_ptr": "*i64",
-                    "block_size": "i32", "head_dim": "i32",
-                    **{name: "i32" for name in (
-                        "stride_kt", "stride_kh", "stride_vt", "stride_vh",
-                        "stride_kcb", "stride_kco", "stride_kch", "stride_vcb", "stride_vco", "stride_vch",
-                        "stride_sb", "stride_so", "stride_sh",
-                    )},
-                    "BLOCK_D": "constexpr", "QUANT": "constexpr", "PER_TOKEN": "constexpr",
+                    "key_ptr": f"*{in_ty}",
+                    "value_ptr": f"*{in_ty}",
+                    "k_cache_ptr": f"*{cache_ty}",
+                    "v_cache_ptr": f"*{cache_ty}",
+                    "k_scale_ptr": "*fp32",
+                    "v_scale_ptr": "*fp32",
+                    "slot_ptr": "*i64",
+                    "block_size": "i32",
+                    "head_dim": "i32",
+                    **{
+                        name: "i32"
+                        for name in (
+                            "stride_kt",
+                            "stride_kh",
+                            "stride_vt",
+                            "stride_vh",
+                            "stride_kcb",
+                            "stride_kco",
+                            "stride_kch",
+                            "stride_vcb",
+                            "stride_vco",
+                            "stride_vch",
+                            "stride_sb",
+                            "stride_so",
+                            "stride_sh",
+                        )
+                    },
+                    "BLOCK_D": "constexpr",
+                    "QUANT": "constexpr",
+                    "PER_TOKEN": "constexpr",
                 }
-                specs.append(AotSpec(
-                    kernel="kv_append",
-                    config=f"{in_ty}->{_kv_quant.QUANT_NAMES[quant]} {'token' if per_token else 'layer'}",
-                    fn=_kv_append_quant_kernel, signature=signature,
-                    constexprs={"BLOCK_D": BLOCK_D, "QUANT": quant, "PER_TOKEN": per_token},
-                    num_warps=NUM_WARPS, num_stages=1,
-                ))
+                specs.append(
+                    AotSpec(
+                        kernel="kv_append",
+                        config=f"{in_ty}->{_kv_quant.QUANT_NAMES[quant]} {'token' if per_token else 'layer'}",
+                        fn=_kv_append_quant_kernel,
+                        signature=signature,
+                        constexprs={"BLOCK_D": BLOCK_D, "QUANT": quant, "PER_TOKEN": per_token},
+                        num_warps=NUM_WARPS,
+                        num_stages=1,
+                    )
+                )
     return specs

@@ -17,6 +17,7 @@ A quantized cache (int8 or fp8 e4m3 with fp32 scales, ``minipaged_kernels._kv_qu
 1-byte rows and one scale per row, dequantized in registers into ``q``'s dtype before
 the dots; tiles and accumulation are those of ``q``'s dtype.
 """
+
 from __future__ import annotations
 
 import os
@@ -50,17 +51,39 @@ REFERENCE_SHAPE: dict = {
 
 @triton.jit
 def _prefill_kernel(
-    Q, K_cache, V_cache, K_scale, V_scale, Out,
-    block_tables, cu_seqlens_q, context_lens, tile_seq, tile_start,
+    Q,
+    K_cache,
+    V_cache,
+    K_scale,
+    V_scale,
+    Out,
+    block_tables,
+    cu_seqlens_q,
+    context_lens,
+    tile_seq,
+    tile_start,
     scale_log2e,
-    stride_qt, stride_qh,
-    stride_kb, stride_ks, stride_kh,
-    stride_vb, stride_vs, stride_vh,
-    stride_sb, stride_ss, stride_sh,
-    stride_ot, stride_oh,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_sb,
+    stride_ss,
+    stride_sh,
+    stride_ot,
+    stride_oh,
     stride_bt,
-    group_size, head_dim, block_size,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, QUANT: tl.constexpr = 0,
+    group_size,
+    head_dim,
+    block_size,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    QUANT: tl.constexpr = 0,
 ):
     tile = tl.program_id(0)
     head = tl.program_id(1)
@@ -98,14 +121,22 @@ def _prefill_kernel(
         in_block = pos_n % block_size
         kv_mask = col_ok[:, None] & d_ok[None, :]
         k = tl.load(
-            K_cache + block[:, None] * stride_kb + in_block[:, None] * stride_ks
-            + kv_head * stride_kh + offs_d[None, :],
-            mask=kv_mask, other=0.0,
+            K_cache
+            + block[:, None] * stride_kb
+            + in_block[:, None] * stride_ks
+            + kv_head * stride_kh
+            + offs_d[None, :],
+            mask=kv_mask,
+            other=0.0,
         )
         v = tl.load(
-            V_cache + block[:, None] * stride_vb + in_block[:, None] * stride_vs
-            + kv_head * stride_vh + offs_d[None, :],
-            mask=kv_mask, other=0.0,
+            V_cache
+            + block[:, None] * stride_vb
+            + in_block[:, None] * stride_vs
+            + kv_head * stride_vh
+            + offs_d[None, :],
+            mask=kv_mask,
+            other=0.0,
         )
         if QUANT != 0:
             scale_offs = block * stride_sb + in_block * stride_ss + kv_head * stride_sh
@@ -223,10 +254,15 @@ def _interpreting() -> bool:
 
 
 def check_prefill_args(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-    cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
     dtypes: tuple[torch.dtype, ...] = _checks.FLOAT_DTYPES,
-    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> int:
     """Validate prefill-attention arguments; raise ``ValueError``. Returns the GQA group size.
 
@@ -240,8 +276,12 @@ def check_prefill_args(
     _checks.check_tensor("q", q, 3, dtypes if quant else (k_cache.dtype,))
     # The cache comes first: the message then names whichever argument strays from it.
     _checks.check_same_device(
-        k_cache=k_cache, v_cache=v_cache, q=q, block_tables=block_tables,
-        cu_seqlens_q=cu_seqlens_q, context_lens=context_lens,
+        k_cache=k_cache,
+        v_cache=v_cache,
+        q=q,
+        block_tables=block_tables,
+        cu_seqlens_q=cu_seqlens_q,
+        context_lens=context_lens,
     )
     if q.shape[2] != head_dim:
         raise ValueError(f"q has head_dim {q.shape[2]}, but k_cache has head_dim {head_dim}")
@@ -311,17 +351,34 @@ def paged_prefill_attention(
     if q.dtype == torch.bfloat16 and _interpreting():
         if k_scale is None:
             kv = (k_cache.float(), v_cache.float(), None, None)
-        result = _launch_all(q.float(), *kv, block_tables, cu_seqlens_q,
-                             context_lens, scale, torch.empty(q.shape, device=q.device), group, config)
+        result = _launch_all(
+            q.float(),
+            *kv,
+            block_tables,
+            cu_seqlens_q,
+            context_lens,
+            scale,
+            torch.empty(q.shape, device=q.device),
+            group,
+            config,
+        )
         return out.copy_(result)
     return _launch_all(q, *kv, block_tables, cu_seqlens_q, context_lens, scale, out, group, config)
 
 
 def _launch_all(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor | None,
-    v_scale: torch.Tensor | None, block_tables: torch.Tensor,
-    cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, scale: float, out: torch.Tensor,
-    group: int, config: PrefillConfig | None,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    v_scale: torch.Tensor | None,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    out: torch.Tensor,
+    group: int,
+    config: PrefillConfig | None,
 ) -> torch.Tensor:
     """One launch with ``config``, else a launch each for short and long sequences."""
     args = (q, k_cache, v_cache, k_scale, v_scale, block_tables, cu_seqlens_q, context_lens, scale, out, group)
@@ -336,10 +393,19 @@ def _launch_all(
 
 
 def _launch(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor | None,
-    v_scale: torch.Tensor | None, block_tables: torch.Tensor,
-    cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, scale: float, out: torch.Tensor,
-    group: int, cfg: PrefillConfig, include: torch.Tensor | None,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    v_scale: torch.Tensor | None,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    out: torch.Tensor,
+    group: int,
+    cfg: PrefillConfig,
+    include: torch.Tensor | None,
 ) -> torch.Tensor:
     tile_seq, tile_start = (t.to(q.device) for t in plan_query_tiles(cu_seqlens_q, cfg.block_m, include))
     if tile_seq.numel() == 0:
@@ -350,19 +416,39 @@ def _launch(
     k_cache, k_scale = _kv_quant.kernel_views(k_cache, k_scale)
     v_cache, v_scale = _kv_quant.kernel_views(v_cache, v_scale)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, k_scale, v_scale, out,
-        tables, cu_seqlens_q.to(torch.int32).contiguous(), context_lens.to(torch.int32).contiguous(),
-        tile_seq, tile_start,
+        q,
+        k_cache,
+        v_cache,
+        k_scale,
+        v_scale,
+        out,
+        tables,
+        cu_seqlens_q.to(torch.int32).contiguous(),
+        context_lens.to(torch.int32).contiguous(),
+        tile_seq,
+        tile_start,
         scale * 1.4426950408889634,  # exp2 is cheaper than exp: fold log2(e) into the scale
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
         *_kv_quant.scale_strides(k_scale),
-        out.stride(0), out.stride(1),
+        out.stride(0),
+        out.stride(1),
         tables.stride(0),
-        group, q.shape[2], k_cache.shape[1],
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, QUANT=quant,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        group,
+        q.shape[2],
+        k_cache.shape[1],
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_D=cfg.block_d,
+        QUANT=quant,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     return out
 
@@ -399,18 +485,44 @@ def _spec(dtype: torch.dtype, cfg: PrefillConfig, quant: int) -> AotSpec:
     ptr = f"*{ty}"
     cache = _CACHE_POINTER.get(quant, ptr)
     signature = {
-        "Q": ptr, "K_cache": cache, "V_cache": cache,
-        "K_scale": "*fp32" if quant else "constexpr", "V_scale": "*fp32" if quant else "constexpr", "Out": ptr,
-        "block_tables": "*i32", "cu_seqlens_q": "*i32", "context_lens": "*i32",
-        "tile_seq": "*i32", "tile_start": "*i32",
+        "Q": ptr,
+        "K_cache": cache,
+        "V_cache": cache,
+        "K_scale": "*fp32" if quant else "constexpr",
+        "V_scale": "*fp32" if quant else "constexpr",
+        "Out": ptr,
+        "block_tables": "*i32",
+        "cu_seqlens_q": "*i32",
+        "context_lens": "*i32",
+        "tile_seq": "*i32",
+        "tile_start": "*i32",
         "scale_log2e": "fp32",
-        **{name: "i32" for name in (
-            "stride_qt", "stride_qh", "stride_kb", "stride_ks", "stride_kh",
-            "stride_vb", "stride_vs", "stride_vh", "stride_sb", "stride_ss", "stride_sh",
-            "stride_ot", "stride_oh", "stride_bt",
-            "group_size", "head_dim", "block_size",
-        )},
-        "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr", "QUANT": "constexpr",
+        **{
+            name: "i32"
+            for name in (
+                "stride_qt",
+                "stride_qh",
+                "stride_kb",
+                "stride_ks",
+                "stride_kh",
+                "stride_vb",
+                "stride_vs",
+                "stride_vh",
+                "stride_sb",
+                "stride_ss",
+                "stride_sh",
+                "stride_ot",
+                "stride_oh",
+                "stride_bt",
+                "group_size",
+                "head_dim",
+                "block_size",
+            )
+        },
+        "BLOCK_M": "constexpr",
+        "BLOCK_N": "constexpr",
+        "BLOCK_D": "constexpr",
+        "QUANT": "constexpr",
     }
     constexprs = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_D": cfg.block_d, "QUANT": quant}
     if not quant:

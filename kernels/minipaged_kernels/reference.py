@@ -9,22 +9,28 @@ Quantized caches (int8 / fp8 e4m3 with ``k_scale``/``v_scale``, see ``minipaged_
 the attention references dequantize the whole cache into ``q``'s dtype first
 (``minipaged_kernels.kv_quant.dequantize``; float64 for tight checks), then run unchanged.
 """
+
 from __future__ import annotations
 
 import torch
 
+from minipaged_kernels import kv_quant
 from minipaged_kernels._checks import FLOAT_DTYPES, check_out, default_scale
 from minipaged_kernels._kv_quant import QUANT_INT8
 from minipaged_kernels.decode_attention import check_decode_args
 from minipaged_kernels.kv_append import check_kv_append_args
-from minipaged_kernels import kv_quant
 
 REFERENCE_DTYPES = FLOAT_DTYPES + (torch.float64,)
 
 
 def kv_append(
-    key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """Reference KV-append: a Python loop over tokens, skipping negative (padding) slots.
 
@@ -52,8 +58,11 @@ def kv_append(
 
 
 def dequantized(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-    k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    v_scale: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The caches in ``q``'s dtype: quantized ones times their scales, float ones as they are."""
     if k_scale is None:

@@ -13,6 +13,7 @@ Compilation needs kernels defined in compiled mode, so when this process has the
 interpreter on (``kernels`` turns it on without CUDA) it re-runs itself in a child
 process with ``TRITON_INTERPRET=0``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,7 +28,11 @@ from dataclasses import dataclass
 
 from minipaged_kernels._aot import SHARED_MEMORY_LIMIT, TARGETS, AotSpec, compile_mode_env, compile_spec
 
-KERNEL_MODULES = ("minipaged_kernels.kv_append", "minipaged_kernels.decode_attention", "minipaged_kernels.prefill_attention")
+KERNEL_MODULES = (
+    "minipaged_kernels.kv_append",
+    "minipaged_kernels.decode_attention",
+    "minipaged_kernels.prefill_attention",
+)
 
 
 @dataclass(frozen=True)
@@ -71,8 +76,20 @@ def compile_all(targets: tuple[int, ...] = TARGETS, ci: bool = False) -> list[Ro
                 shared, regs, spills, error = c.shared_bytes, c.registers, c.spills, None
             except Exception as exc:  # noqa: BLE001 - a failed config is reported, not fatal
                 shared, regs, spills, error = None, None, None, f"{type(exc).__name__}: {exc}"[:300]
-            rows.append(Row(spec.kernel, spec.config, target, shared, SHARED_MEMORY_LIMIT[target], regs,
-                            spills, moved, time.perf_counter() - start, error))
+            rows.append(
+                Row(
+                    spec.kernel,
+                    spec.config,
+                    target,
+                    shared,
+                    SHARED_MEMORY_LIMIT[target],
+                    regs,
+                    spills,
+                    moved,
+                    time.perf_counter() - start,
+                    error,
+                )
+            )
     return rows
 
 
@@ -85,16 +102,20 @@ def format_rows(rows: list[Row]) -> str:
     lines = []
     for kernel in dict.fromkeys(r.kernel for r in rows):
         lines.append(f"\n== {kernel}")
-        lines.append(f"{'config':<28} {'target':>6} {'shared B':>9} {'limit B':>8} {'regs':>7} "
-                     f"{'spill B':>7} {'moved/call':>12} {'compile':>8}")
+        lines.append(
+            f"{'config':<28} {'target':>6} {'shared B':>9} {'limit B':>8} {'regs':>7} "
+            f"{'spill B':>7} {'moved/call':>12} {'compile':>8}"
+        )
         for r in (r for r in rows if r.kernel == kernel):
             if r.error is not None:
                 lines.append(f"{r.config:<28} {'sm_' + str(r.target):>6}  FAILED: {r.error}")
                 continue
             over = "  OVER LIMIT" if r.shared_bytes > r.shared_limit else ""
             moved = "unknown" if r.bytes_moved is None else f"{r.bytes_moved / 1e6:.1f} MB"
-            lines.append(f"{r.config:<28} {'sm_' + str(r.target):>6} {r.shared_bytes:>9} {r.shared_limit:>8} "
-                         f"{_fmt(r.registers):>7} {_fmt(r.spills):>7} {moved:>12} {r.compile_s:>7.2f}s{over}")
+            lines.append(
+                f"{r.config:<28} {'sm_' + str(r.target):>6} {r.shared_bytes:>9} {r.shared_limit:>8} "
+                f"{_fmt(r.registers):>7} {_fmt(r.spills):>7} {moved:>12} {r.compile_s:>7.2f}s{over}"
+            )
     return "\n".join(lines)
 
 

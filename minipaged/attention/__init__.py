@@ -10,6 +10,7 @@ dequantize on read. Two backends implement the same contract:
 - ``"triton"``: the Triton kernels in ``kernels`` (the Triton interpreter on CPU:
   correct but slow, meant for tests and step-through).
 """
+
 from __future__ import annotations
 
 import os
@@ -90,7 +91,11 @@ def kv_cache_bytes_per_block(model_config, block_size: int, dtype: torch.dtype, 
 
 
 def allocate_kv_cache(
-    model_config, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device | str,
+    model_config,
+    num_blocks: int,
+    block_size: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
     kv_cache_dtype: str = "auto",
 ) -> list[tuple[kv_quant.KVCache, kv_quant.KVCache]]:
     """One zero-filled ``(k_cache, v_cache)`` pair per layer, each ``[num_blocks, block_size, num_kv_heads, head_dim]``.
@@ -113,7 +118,10 @@ def allocate_kv_cache(
             for _ in range(model_config.num_layers)
         ]
     return [
-        (kv_quant.allocate(shape, kv_cache_dtype, dtype, device), kv_quant.allocate(shape, kv_cache_dtype, dtype, device))
+        (
+            kv_quant.allocate(shape, kv_cache_dtype, dtype, device),
+            kv_quant.allocate(shape, kv_cache_dtype, dtype, device),
+        )
         for _ in range(model_config.num_layers)
     ]
 

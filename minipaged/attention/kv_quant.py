@@ -40,6 +40,7 @@ the hardware conversion (which Triton allows only on sm_89+), so the same compil
 runs on sm_80 and sm_90, and the interpreter (whose float->fp8 cast does not round to
 nearest even) gives the same bits as ``torch``'s cast.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -98,7 +99,10 @@ KVCache = torch.Tensor | QuantizedCache
 
 
 def allocate(
-    shape: tuple[int, int, int, int], kind: str, compute_dtype: torch.dtype, device: torch.device | str,
+    shape: tuple[int, int, int, int],
+    kind: str,
+    compute_dtype: torch.dtype,
+    device: torch.device | str,
     per_token: bool | None = None,
 ) -> QuantizedCache:
     """A zero-filled quantized cache ``[num_blocks, block_size, num_kv_heads, head_dim]``.
@@ -113,7 +117,9 @@ def allocate(
     return QuantizedCache(data, scale, compute_dtype)
 
 
-def bytes_per_token_head(kv_cache_dtype: str, head_dim: int, model_dtype: torch.dtype, per_token: bool | None = None) -> int:
+def bytes_per_token_head(
+    kv_cache_dtype: str, head_dim: int, model_dtype: torch.dtype, per_token: bool | None = None
+) -> int:
     """Bytes one (token, KV head) row of K (or V) takes, including its scale."""
     if kv_cache_dtype == "auto":
         return head_dim * torch.empty((), dtype=model_dtype).element_size()

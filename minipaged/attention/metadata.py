@@ -6,10 +6,12 @@ layout, as FlashAttention and vLLM do): sequence ``i`` owns query rows
 ``cu_seqlens_q[i]:cu_seqlens_q[i + 1]``. A decode step is a sequence with one new
 token; a prefill chunk has several; both can share a step.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -52,7 +54,9 @@ class AttentionMetadata:
         return query_lens, tuple(self.context_lens.tolist())
 
 
-def _check_lengths(query_lens: Sequence[int], context_lens: Sequence[int], block_tables: Sequence[Sequence[int]], block_size: int) -> None:
+def _check_lengths(
+    query_lens: Sequence[int], context_lens: Sequence[int], block_tables: Sequence[Sequence[int]], block_size: int
+) -> None:
     if not (len(query_lens) == len(context_lens) == len(block_tables)):
         raise ValueError(
             f"query_lens, context_lens and block_tables must have one entry per sequence, got "

@@ -26,6 +26,7 @@ A quantized cache (``minipaged.attention.kv_quant.QuantizedCache``) is written t
 gather; prefills then always read their keys back
 from the cache, so attention sees the rounded values the kernels see.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -36,7 +37,6 @@ import torch.nn.functional as F
 
 from minipaged.attention import kv_quant
 from minipaged.attention.metadata import AttentionMetadata
-
 from minipaged_kernels import cpu as cpu_kernels
 
 # Cost model for splitting a step's decodes into length buckets, in "key rows" (one
@@ -72,7 +72,9 @@ class DecodeBatch:
     block_ids: torch.Tensor  # int64 [num_seqs * max_blocks], each sequence's blocks in logical order
     max_blocks: int
     max_context_len: int  # keys attended: the gathered blocks cut to the longest context
-    key_bias: torch.Tensor | None  # [num_seqs, 1, 1, max_context_len] 0 for real keys, -inf past a shorter context; None if all equal
+    key_bias: (
+        torch.Tensor | None
+    )  # [num_seqs, 1, 1, max_context_len] 0 for real keys, -inf past a shorter context; None if all equal
 
 
 @dataclass(frozen=True)
@@ -130,8 +132,11 @@ class TorchAttentionBackend:
         Quantized caches qualify too: the kernel widens their 1-byte rows and applies the
         scales itself, as the Triton kernel does.
         """
-        if (self.decode_kernel == "gather" or k_cache.device.type != "cpu"
-                or kv_quant.compute_dtype(k_cache) not in FUSED_CACHE_DTYPES):
+        if (
+            self.decode_kernel == "gather"
+            or k_cache.device.type != "cpu"
+            or kv_quant.compute_dtype(k_cache) not in FUSED_CACHE_DTYPES
+        ):
             return False
         return self.decode_kernel == "fused" or fused_decode_available()
 
@@ -145,8 +150,14 @@ class TorchAttentionBackend:
         # One block of K and of V as gathered for SDPA (after dequantization).
         block_bytes = 2 * k_cache.shape[1:].numel() * torch.empty((), dtype=dtype).element_size()
         plan = make_plan(
-            meta, block_size, dtype, self.bucket_overhead_key_rows, block_bytes, chunk_bytes,
-            self.cpu_chunk_overhead_blocks, fused=self.uses_fused_decode(k_cache),
+            meta,
+            block_size,
+            dtype,
+            self.bucket_overhead_key_rows,
+            block_bytes,
+            chunk_bytes,
+            self.cpu_chunk_overhead_blocks,
+            fused=self.uses_fused_decode(k_cache),
         )
         return replace(meta, backend_plan=plan)
 
@@ -199,7 +210,9 @@ def make_plan(
     (``chunk_by_blocks``; ``block_bytes`` is one block of K plus one of V).
     """
     if chunk_bytes is not None and block_bytes < 1:
-        raise ValueError(f"chunk_bytes={chunk_bytes} needs the bytes of one K and V block, got block_bytes={block_bytes}")
+        raise ValueError(
+            f"chunk_bytes={chunk_bytes} needs the bytes of one K and V block, got block_bytes={block_bytes}"
+        )
     query_lens, context_lens = meta.host_lengths()
     device = meta.block_tables.device
     starts = [0]
@@ -235,7 +248,9 @@ def make_plan(
     return TorchAttentionPlan(block_size, tuple(decodes), tuple(prefills), fused_decode)
 
 
-def bucket_by_blocks(num_blocks: list[int], block_size: int, overhead: int = BUCKET_OVERHEAD_KEY_ROWS) -> list[list[int]]:
+def bucket_by_blocks(
+    num_blocks: list[int], block_size: int, overhead: int = BUCKET_OVERHEAD_KEY_ROWS
+) -> list[list[int]]:
     """Group sequence indices into length buckets minimising padded key rows plus a per-bucket overhead.
 
     Buckets are contiguous ranges of the distinct block counts in sorted order, chosen by
@@ -311,7 +326,12 @@ def _make_fused_decode(
 
 
 def _make_decode_batch(
-    meta: AttentionMetadata, seqs: list[int], starts: list[int], context_lens: tuple[int, ...], block_size: int, dtype: torch.dtype
+    meta: AttentionMetadata,
+    seqs: list[int],
+    starts: list[int],
+    context_lens: tuple[int, ...],
+    block_size: int,
+    dtype: torch.dtype,
 ) -> DecodeBatch:
     device = meta.block_tables.device
     lens = [context_lens[i] for i in seqs]
@@ -347,14 +367,21 @@ def decode_attention(
 
 
 def fused_decode_attention(
-    q: torch.Tensor, k_cache: kv_quant.KVCache, v_cache: kv_quant.KVCache, fused: FusedDecode, scale: float,
+    q: torch.Tensor,
+    k_cache: kv_quant.KVCache,
+    v_cache: kv_quant.KVCache,
+    fused: FusedDecode,
+    scale: float,
     out: torch.Tensor,
 ) -> None:
     """Write ``out[fused.rows]`` (``[B, Hq, D]``) with the numba kernel, in place when the rows are a slice."""
     (k_data, k_scale), (v_data, v_scale) = kv_quant.data_and_scale(k_cache), kv_quant.data_and_scale(v_cache)
-    target = out[fused.rows] if isinstance(fused.rows, slice) else q.new_empty((fused.context_lens.shape[0], *q.shape[1:]))
-    cpu_kernels.load("decode_attention").decode_unchecked(q[fused.rows], k_data, v_data, fused.block_tables, fused.context_lens, scale,
-                                          target, k_scale, v_scale)
+    target = (
+        out[fused.rows] if isinstance(fused.rows, slice) else q.new_empty((fused.context_lens.shape[0], *q.shape[1:]))
+    )
+    cpu_kernels.load("decode_attention").decode_unchecked(
+        q[fused.rows], k_data, v_data, fused.block_tables, fused.context_lens, scale, target, k_scale, v_scale
+    )
     if not isinstance(fused.rows, slice):
         out[fused.rows] = target
 

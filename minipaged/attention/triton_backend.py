@@ -6,6 +6,7 @@ which handles one-token sequences as well. A quantized cache (``minipaged.attent
 goes to the same kernels as its 1-byte data and fp32 scales: they quantize on write and
 dequantize on read.
 """
+
 from __future__ import annotations
 
 import torch

@@ -8,13 +8,14 @@ hits and forks them with copy-on-write. Prints one line per operation, so a late
 change to the block manager can be compared on the same machine. A benchmark, not
 a test: nothing here asserts a speed.
 """
+
 from __future__ import annotations
 
 import argparse
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from minipaged.core.block_manager import BlockManager
 
@@ -84,8 +85,14 @@ def run(cfg: BenchConfig) -> list[OpTiming]:
     out.append(_timed("free", num_seqs, used, free_all))
     out.append(_timed("allocate (prefix hit)", num_seqs, used, allocate_all))
     out.append(_timed("fork", num_seqs, used, lambda: [bm.fork(s, ("child", s)) for s in seqs]))
-    out.append(_timed("append with copy-on-write", num_seqs, lambda: bm.stats().total_copied,
-                      lambda: [bm.append_tokens(("child", s), (9,)) for s in seqs]))
+    out.append(
+        _timed(
+            "append with copy-on-write",
+            num_seqs,
+            lambda: bm.stats().total_copied,
+            lambda: [bm.append_tokens(("child", s), (9,)) for s in seqs],
+        )
+    )
     return out
 
 
@@ -103,7 +110,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'operation':28s} {'calls':>9s} {'seconds':>9s} {'ops/s':>12s} {'blocks':>9s} {'blocks/s':>12s}")
     for t in run(cfg):
         blocks_per_s = t.blocks_moved / t.seconds if t.seconds else float("inf")
-        print(f"{t.name:28s} {t.calls:9d} {t.seconds:9.3f} {t.ops_per_s:12,.0f} {t.blocks_moved:9d} {blocks_per_s:12,.0f}")
+        print(
+            f"{t.name:28s} {t.calls:9d} {t.seconds:9.3f} {t.ops_per_s:12,.0f} {t.blocks_moved:9d} {blocks_per_s:12,.0f}"
+        )
 
 
 if __name__ == "__main__":

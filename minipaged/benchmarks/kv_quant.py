@@ -22,6 +22,7 @@ notebook loads:
   workload, random token ids, ``ignore_eos``): blocks, most sequences running at once,
   preemptions and output tokens/s from the engine, per cache dtype.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,13 +48,40 @@ SCHEMES = (
     ("fp8 per layer (calibrated)", "fp8_e4m3", False, True),
     ("fp8 per token", "fp8_e4m3", True, False),
 )
-DOC_MODULES = ("argparse", "collections", "functools", "itertools", "json", "pathlib", "re", "string", "textwrap",
-               "typing", "subprocess", "os", "shutil", "random", "statistics", "datetime", "logging", "heapq",
-               "bisect", "contextlib", "dataclasses", "enum", "fractions", "decimal", "csv", "io", "inspect")
+DOC_MODULES = (
+    "argparse",
+    "collections",
+    "functools",
+    "itertools",
+    "json",
+    "pathlib",
+    "re",
+    "string",
+    "textwrap",
+    "typing",
+    "subprocess",
+    "os",
+    "shutil",
+    "random",
+    "statistics",
+    "datetime",
+    "logging",
+    "heapq",
+    "bisect",
+    "contextlib",
+    "dataclasses",
+    "enum",
+    "fractions",
+    "decimal",
+    "csv",
+    "io",
+    "inspect",
+)
 # The perplexity part scores the engine's two schemes and calibrated fp8 (each scoring is a
 # full forward over the text; the kernel part compares all of SCHEMES).
-PPL_SCHEMES = tuple(s for s in SCHEMES if s[0] in ("int8 per token", "fp8 per layer (scale 1)",
-                                                  "fp8 per layer (calibrated)"))
+PPL_SCHEMES = tuple(
+    s for s in SCHEMES if s[0] in ("int8 per token", "fp8 per layer (scale 1)", "fp8 per layer (calibrated)")
+)
 PPL_CHUNK = 128
 BLOCK_SIZE = 16
 
@@ -83,7 +111,7 @@ def module_docs_text() -> str:
 
 
 def _histogram(values: torch.Tensor, lo: float = -9.0, hi: float = 0.0, bins: int = 45) -> dict:
-    logs = values.abs().clamp_min(10 ** lo).log10()
+    logs = values.abs().clamp_min(10**lo).log10()
     counts = torch.histc(logs, bins=bins, min=lo, max=hi)
     return {"edges": torch.linspace(lo, hi, bins + 1).tolist(), "counts": counts.tolist()}
 
@@ -105,7 +133,7 @@ def kernel_errors(seed: int = 0) -> dict:
     order = torch.randperm(num_blocks, generator=gen).to(torch.int32)
     start = 0
     for i, nb in enumerate(nb_per_seq):
-        tables[i, :nb] = order[start:start + nb]
+        tables[i, :nb] = order[start : start + nb]
         start += nb
     context = torch.tensor(lens, dtype=torch.int32)
     q = torch.randn(len(lens), 9, 64, generator=gen)
@@ -120,10 +148,13 @@ def kernel_errors(seed: int = 0) -> dict:
         out = minipaged_kernels.paged_decode_attention(q, kd, vd, tables, context, k_scale=ks, v_scale=vs)
         own_ref = reference.paged_decode_attention(q.double(), kd, vd, tables, context, k_scale=ks, v_scale=vs)
         err = out.double() - truth
-        rows[label] = {"vs_truth": _summary(err), "vs_dequantized_reference": _summary(out.double() - own_ref),
-                       "k_rel_rms": _rel_rms(kv_quant.dequantize(kd, ks, torch.float64), k),
-                       "v_rel_rms": _rel_rms(kv_quant.dequantize(vd, vs, torch.float64), v),
-                       "hist": _histogram(err)}
+        rows[label] = {
+            "vs_truth": _summary(err),
+            "vs_dequantized_reference": _summary(out.double() - own_ref),
+            "k_rel_rms": _rel_rms(kv_quant.dequantize(kd, ks, torch.float64), k),
+            "v_rel_rms": _rel_rms(kv_quant.dequantize(vd, vs, torch.float64), v),
+            "hist": _histogram(err),
+        }
     return rows
 
 
@@ -154,7 +185,9 @@ def greedy_agreement(num_prompts: int, max_tokens: int) -> dict:
     result = {"num_prompts": len(prompts), "max_tokens": max_tokens, "example_prompt": prompts[0]}
     for dtype in DTYPES[1:]:
         same = sum(a == b for x, y in zip(base, outputs[dtype]) for a, b in zip(x, y))
-        firsts = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x)) for x, y in zip(base, outputs[dtype])]
+        firsts = [
+            next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x)) for x, y in zip(base, outputs[dtype])
+        ]
         result[dtype] = {
             "token_agreement": same / sum(len(x) for x in base),
             "identical_completions": sum(x == y for x, y in zip(base, outputs[dtype])) / len(base),
@@ -177,26 +210,32 @@ def perplexity(num_tokens: int) -> dict:
     def score(caches) -> float:
         nll = 0.0
         for start in range(0, len(ids) - 1, PPL_CHUNK):
-            chunk = ids[start:start + PPL_CHUNK]
+            chunk = ids[start : start + PPL_CHUNK]
             end = start + len(chunk)
             positions = build_positions([len(chunk)], [end])
             meta = build_metadata([len(chunk)], [end], [list(range(num_blocks))], BLOCK_SIZE, "cpu", positions)
             hidden = model(torch.tensor(chunk), positions, caches, meta)
             logp = torch.log_softmax(model.compute_logits(hidden), dim=-1)
-            targets = torch.tensor(ids[start + 1:end + 1])
+            targets = torch.tensor(ids[start + 1 : end + 1])
             nll -= float(logp[: len(targets)].gather(1, targets[:, None]).sum())
         return float(torch.exp(torch.tensor(nll / (len(ids) - 1))))
 
     fp_caches = allocate_kv_cache(cfg, num_blocks, BLOCK_SIZE, torch.float32, "cpu")
-    result = {"num_tokens": len(ids), "text": "module docstrings of " + ", ".join(DOC_MODULES), "auto": score(fp_caches)}
+    result = {
+        "num_tokens": len(ids),
+        "text": "module docstrings of " + ", ".join(DOC_MODULES),
+        "auto": score(fp_caches),
+    }
     print(f"perplexity auto: {result['auto']:.3f}", flush=True)
     # Per-layer amax of K and V over the whole text: the calibration the calibrated schemes use.
     amax = [(float(k.abs().max()), float(v.abs().max())) for k, v in fp_caches]
     result["layer_amax"] = amax
     shape = (num_blocks, BLOCK_SIZE, cfg.num_kv_heads, cfg.head_dim)
     for label, kind, per_token, calibrated in PPL_SCHEMES:
-        caches = [tuple(kv_quant.allocate(shape, kind, torch.float32, "cpu", per_token) for _ in "kv")
-                  for _ in range(cfg.num_layers)]
+        caches = [
+            tuple(kv_quant.allocate(shape, kind, torch.float32, "cpu", per_token) for _ in "kv")
+            for _ in range(cfg.num_layers)
+        ]
         if calibrated:
             for (kc, vc), (ka, va) in zip(caches, amax):
                 kc.scale.fill_(kv_quant.calibrated_scale(ka, kind))
@@ -214,8 +253,12 @@ def capacity(kv_cache_memory: int, num_requests: int, in_range: tuple[int, int],
     from minipaged import LLM, SamplingParams
     from minipaged.benchmarks.throughput import make_workload
 
-    result = {"kv_cache_memory": kv_cache_memory, "num_requests": num_requests,
-              "input_len": list(in_range), "output_len": list(out_range)}
+    result = {
+        "kv_cache_memory": kv_cache_memory,
+        "num_requests": num_requests,
+        "input_len": list(in_range),
+        "output_len": list(out_range),
+    }
     for dtype in DTYPES:
         llm = LLM(kv_cache_memory=kv_cache_memory, kv_cache_dtype=dtype, max_num_seqs=256)
         work = make_workload(num_requests, llm.model_config.vocab_size, in_range, out_range, seed=0)
@@ -239,8 +282,11 @@ def capacity(kv_cache_memory: int, num_requests: int, in_range: tuple[int, int],
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m minipaged.benchmarks.kv_quant", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m minipaged.benchmarks.kv_quant",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--out", default="figures/08_kv_quant_eval.json")
     parser.add_argument("--parts", nargs="+", choices=tuple(PARTS), default=list(PARTS))
     parser.add_argument("--prompts", type=int, default=200)
@@ -258,8 +304,9 @@ def main(argv: list[str] | None = None) -> int:
         "kernel_errors": lambda: kernel_errors(),
         "perplexity": lambda: perplexity(args.ppl_tokens),
         "greedy": lambda: greedy_agreement(args.prompts, args.max_tokens),
-        "capacity": lambda: capacity(args.kv_cache_memory, args.capacity_requests, (16, 256),
-                                     tuple(args.capacity_output_len)),
+        "capacity": lambda: capacity(
+            args.kv_cache_memory, args.capacity_requests, (16, 256), tuple(args.capacity_output_len)
+        ),
     }
     for part in args.parts:
         t0 = time.perf_counter()
@@ -269,8 +316,11 @@ def main(argv: list[str] | None = None) -> int:
         result = json.loads(out.read_text()) if out.exists() else {}  # read late: parts may run side by side
         result[part] = value
         result.setdefault("runs", {})[part] = {
-            "command": command, "seconds": round(elapsed, 1), "torch": torch.__version__,
-            "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "command": command,
+            "seconds": round(elapsed, 1),
+            "torch": torch.__version__,
+            "machine": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
         }
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1))

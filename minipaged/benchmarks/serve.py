@@ -13,6 +13,7 @@ P99) and the launched server's peak RSS. It prints a table and writes JSON.
 Only standard OpenAI fields go to peers (``transformers serve`` answers 422 to others, even
 ``stream_options``); output tokens are then counted by re-tokenising the streamed text.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,10 +25,11 @@ import random
 import signal
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -52,13 +54,16 @@ def load_jsonl_prompts(path: str | Path | None = None) -> list[str]:
     return [json.loads(line)["prompt"] for line in text.splitlines() if line.strip()]
 
 
-_WORDS = ("the of and to in is that for it as was with be by on not he this are or his from at which but have an "
-          "they you were her she there been one all we their has would when if so what can more about time memory "
-          "cache block paged attention request server token model batch kernel queue latency throughput").split()
+_WORDS = (
+    "the of and to in is that for it as was with be by on not he this are or his from at which but have an "
+    "they you were her she there been one all we their has would when if so what can more about time memory "
+    "cache block paged attention request server token model batch kernel queue latency throughput"
+).split()
 
 
-def synthetic_requests(num: int, seed: int, *, mean_input_words: int = 60, mean_output: int = 64,
-                       max_output: int = 256) -> list[BenchRequest]:
+def synthetic_requests(
+    num: int, seed: int, *, mean_input_words: int = 60, mean_output: int = 64, max_output: int = 256
+) -> list[BenchRequest]:
     """A ShareGPT-like mix: log-normal prompt and output lengths (long tails), random words as text."""
     rng = np.random.default_rng(seed)
     inputs = np.clip(rng.lognormal(math.log(mean_input_words) - 0.5, 1.0, num), 4, 1000).astype(int)
@@ -66,7 +71,7 @@ def synthetic_requests(num: int, seed: int, *, mean_input_words: int = 60, mean_
     words = rng.choice(len(_WORDS), size=int(inputs.sum()))
     out, pos = [], 0
     for n_in, n_out in zip(inputs, outputs):
-        out.append(BenchRequest(" ".join(_WORDS[w] for w in words[pos:pos + n_in]), int(n_out)))
+        out.append(BenchRequest(" ".join(_WORDS[w] for w in words[pos : pos + n_in]), int(n_out)))
         pos += n_in
     return out
 
@@ -77,8 +82,10 @@ def as_chat_prompts(prompts: Sequence[str], tokenizer: Any) -> list[str]:
     An instruct model given a bare question in completion mode often ends it at once (SmolLM2 emits
     EOS first for most of the shipped prompts), which would measure nothing but prefill.
     """
-    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                          add_generation_prompt=True) for p in prompts]
+    return [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        for p in prompts
+    ]
 
 
 def build_requests(args: argparse.Namespace, tokenizer: Any) -> list[BenchRequest]:
@@ -114,11 +121,17 @@ class RequestResult:
     error: str | None = None
 
 
-async def send_one(http: Any, url: str, model: str | None, req: BenchRequest, *, usage: bool,
-                   extra: dict[str, Any]) -> RequestResult:
+async def send_one(
+    http: Any, url: str, model: str | None, req: BenchRequest, *, usage: bool, extra: dict[str, Any]
+) -> RequestResult:
     """Stream one greedy completion and time every content chunk from the moment it is sent."""
-    body: dict[str, Any] = {"prompt": req.prompt, "max_tokens": req.max_tokens, "temperature": 0.0, "stream": True,
-                            **extra}
+    body: dict[str, Any] = {
+        "prompt": req.prompt,
+        "max_tokens": req.max_tokens,
+        "temperature": 0.0,
+        "stream": True,
+        **extra,
+    }
     if model is not None:
         body["model"] = model
     if usage:
@@ -133,7 +146,7 @@ async def send_one(http: Any, url: str, model: str | None, req: BenchRequest, *,
             async for line in r.aiter_lines():
                 if not line.startswith("data:"):
                     continue
-                data = line[len("data:"):].strip()
+                data = line[len("data:") :].strip()
                 if data == "[DONE]":
                     break
                 event = json.loads(data)
@@ -156,9 +169,17 @@ async def send_one(http: Any, url: str, model: str | None, req: BenchRequest, *,
     return res
 
 
-async def run_load(base_url: str, requests: Sequence[BenchRequest], rate: float, *, seed: int, model: str | None,
-                   usage: bool, extra: dict[str, Any] | None = None,
-                   on_tick: Callable[[float], Any] | None = None) -> tuple[list[RequestResult], float]:
+async def run_load(
+    base_url: str,
+    requests: Sequence[BenchRequest],
+    rate: float,
+    *,
+    seed: int,
+    model: str | None,
+    usage: bool,
+    extra: dict[str, Any] | None = None,
+    on_tick: Callable[[float], Any] | None = None,
+) -> tuple[list[RequestResult], float]:
     """Send ``requests`` at Poisson ``rate``; returns the results (input order) and the wall duration.
 
     ``on_tick(elapsed)`` is awaited about every 0.25 s while the run lasts (the notebook polls /metrics with it).
@@ -190,8 +211,9 @@ def _stats(values: Sequence[float]) -> dict[str, float | None]:
     return {"mean": float(arr.mean()), "median": float(np.median(arr)), "p99": float(np.percentile(arr, 99))}
 
 
-def summarize(results: Sequence[RequestResult], duration: float, count_tokens: Callable[[str], int],
-              prompt_tokens: Sequence[int]) -> dict[str, Any]:
+def summarize(
+    results: Sequence[RequestResult], duration: float, count_tokens: Callable[[str], int], prompt_tokens: Sequence[int]
+) -> dict[str, Any]:
     """Throughput and latency statistics (ms) of one run; tokens counted by the server's usage when given."""
     ok = [r for r in results if r.ok]
     for r, n_prompt in zip(results, prompt_tokens):
@@ -203,10 +225,12 @@ def summarize(results: Sequence[RequestResult], duration: float, count_tokens: C
     itl = [b - a for r in ok for a, b in zip(r.chunk_times, r.chunk_times[1:])]
     normalized = [r.e2e / r.output_tokens for r in ok if r.output_tokens > 0]
     return {
-        "successful": len(ok), "failed": len(results) - len(ok),
+        "successful": len(ok),
+        "failed": len(results) - len(ok),
         "errors": sorted({r.error for r in results if r.error})[:5],
         "duration_s": duration,
-        "prompt_tokens": in_tokens, "output_tokens": out_tokens,
+        "prompt_tokens": in_tokens,
+        "output_tokens": out_tokens,
         "request_throughput": len(ok) / duration,
         "output_throughput": out_tokens / duration,
         "total_token_throughput": (in_tokens + out_tokens) / duration,
@@ -219,20 +243,35 @@ def summarize(results: Sequence[RequestResult], duration: float, count_tokens: C
     }
 
 
-async def sweep(base_url: str, requests: Sequence[BenchRequest], rates: Sequence[float], *, seed: int,
-                model: str | None, usage: bool, count_tokens: Callable[[str], int], prompt_tokens: Sequence[int],
-                extra: dict[str, Any] | None = None, on_tick: Callable[[float], Any] | None = None,
-                label: str = "") -> list[dict[str, Any]]:
+async def sweep(
+    base_url: str,
+    requests: Sequence[BenchRequest],
+    rates: Sequence[float],
+    *,
+    seed: int,
+    model: str | None,
+    usage: bool,
+    count_tokens: Callable[[str], int],
+    prompt_tokens: Sequence[int],
+    extra: dict[str, Any] | None = None,
+    on_tick: Callable[[float], Any] | None = None,
+    label: str = "",
+) -> list[dict[str, Any]]:
     """One run per rate, one after the other, against the same server; a summary per run."""
     runs = []
     for rate in rates:
-        results, duration = await run_load(base_url, requests, rate, seed=seed, model=model, usage=usage,
-                                           extra=extra, on_tick=on_tick)
+        results, duration = await run_load(
+            base_url, requests, rate, seed=seed, model=model, usage=usage, extra=extra, on_tick=on_tick
+        )
         summary = summarize(results, duration, count_tokens, prompt_tokens)
         # The machine's 1-minute load average as the run ended: on a shared machine, context for the numbers.
         runs.append({"rate": rate, **summary, "loadavg_1m": os.getloadavg()[0]})
-        print(f"  {label} rate={rate}: {summary['successful']} ok, {summary['failed']} failed, "
-              f"{summary['output_throughput']:.1f} tok/s", file=sys.stderr, flush=True)
+        print(
+            f"  {label} rate={rate}: {summary['successful']} ok, {summary['failed']} failed, "
+            f"{summary['output_throughput']:.1f} tok/s",
+            file=sys.stderr,
+            flush=True,
+        )
     return runs
 
 
@@ -254,10 +293,15 @@ class MetricsTrace:
     rows: list[dict[str, float]] = field(default_factory=list)
     start: float = field(default_factory=time.perf_counter)
 
-    FIELDS = {"running": "minipaged_num_requests_running", "waiting": "minipaged_num_requests_waiting",
-              "kv_used": "minipaged_kv_blocks_used", "kv_cached": "minipaged_kv_blocks_cached",
-              "kv_total": "minipaged_kv_blocks_total", "preemptions": "minipaged_num_preemptions_total",
-              "generation_tokens": "minipaged_generation_tokens_total"}
+    FIELDS = {
+        "running": "minipaged_num_requests_running",
+        "waiting": "minipaged_num_requests_waiting",
+        "kv_used": "minipaged_kv_blocks_used",
+        "kv_cached": "minipaged_kv_blocks_cached",
+        "kv_total": "minipaged_kv_blocks_total",
+        "preemptions": "minipaged_num_preemptions_total",
+        "generation_tokens": "minipaged_generation_tokens_total",
+    }
 
     async def tick(self, _elapsed: float = 0.0) -> None:
         import httpx
@@ -292,8 +336,19 @@ def make_targets(args: argparse.Namespace) -> list[Target]:
             targets.append(Target(name, url, minipaged_command(port, *extra_args, "--log-level", "warning"), True))
         elif name in ("hf", "hf-cb"):
             hf_model = str(hf_model_dir(Path(model) if model else _default_model_dir(), Path(args.log_dir)))
-            cmd = [*args.hf_command.split(), "serve", hf_model, "--port", str(port),
-                   "--host", "127.0.0.1", "--device", "cpu", "--dtype", "float32"]
+            cmd = [
+                *args.hf_command.split(),
+                "serve",
+                hf_model,
+                "--port",
+                str(port),
+                "--host",
+                "127.0.0.1",
+                "--device",
+                "cpu",
+                "--dtype",
+                "float32",
+            ]
             if name == "hf-cb":
                 cmd.append("--continuous-batching")
             cmd += args.hf_args.split()
@@ -351,8 +406,14 @@ def token_counter(tokenizer: Any) -> Callable[[str], int]:
     return lambda text: len(tokenizer.encode(text, add_special_tokens=False))
 
 
-def bench_target(target: Target, requests: Sequence[BenchRequest], rates: Sequence[float], args: argparse.Namespace,
-                 count_tokens: Callable[[str], int], prompt_tokens: Sequence[int]) -> dict[str, Any]:
+def bench_target(
+    target: Target,
+    requests: Sequence[BenchRequest],
+    rates: Sequence[float],
+    args: argparse.Namespace,
+    count_tokens: Callable[[str], int],
+    prompt_tokens: Sequence[int],
+) -> dict[str, Any]:
     """All rates against one server (launched first when it has a command); its peak RSS at the end."""
     server = None
     if target.command is not None:
@@ -363,22 +424,51 @@ def bench_target(target: Target, requests: Sequence[BenchRequest], rates: Sequen
         model = served_model(target.base_url)
         warm = [BenchRequest(requests[0].prompt, 8)] * args.warmup
         if warm:
-            asyncio.run(run_load(target.base_url, warm, math.inf, seed=0, model=model, usage=target.usage,
-                                 extra=target.extra))
-        runs = asyncio.run(sweep(target.base_url, requests, rates, seed=args.seed, model=model, usage=target.usage,
-                                 extra=target.extra, count_tokens=count_tokens, prompt_tokens=prompt_tokens,
-                                 label=target.name))
+            asyncio.run(
+                run_load(target.base_url, warm, math.inf, seed=0, model=model, usage=target.usage, extra=target.extra)
+            )
+        runs = asyncio.run(
+            sweep(
+                target.base_url,
+                requests,
+                rates,
+                seed=args.seed,
+                model=model,
+                usage=target.usage,
+                extra=target.extra,
+                count_tokens=count_tokens,
+                prompt_tokens=prompt_tokens,
+                label=target.name,
+            )
+        )
         rss = server.peak_rss_bytes() if server is not None else None
-        return {"server": target.name, "base_url": target.base_url, "command": target.command,
-                "peak_rss_bytes": rss, "runs": runs}
+        return {
+            "server": target.name,
+            "base_url": target.base_url,
+            "command": target.command,
+            "peak_rss_bytes": rss,
+            "runs": runs,
+        }
     finally:
         if server is not None:
             server.stop()
 
 
 def format_table(report: dict[str, Any]) -> str:
-    head = ("server", "rate", "ok", "fail", "dur s", "req/s", "out tok/s", "TTFT mean/med/p99 ms",
-            "TPOT mean/med/p99 ms", "ITL mean/med/p99 ms", "E2E mean/med/p99 ms", "peak RSS GB")
+    head = (
+        "server",
+        "rate",
+        "ok",
+        "fail",
+        "dur s",
+        "req/s",
+        "out tok/s",
+        "TTFT mean/med/p99 ms",
+        "TPOT mean/med/p99 ms",
+        "ITL mean/med/p99 ms",
+        "E2E mean/med/p99 ms",
+        "peak RSS GB",
+    )
     rows = []
 
     def trio(s: dict) -> str:
@@ -387,30 +477,53 @@ def format_table(report: dict[str, Any]) -> str:
     for srv in report["servers"]:
         rss = srv["peak_rss_bytes"]
         for run in srv["runs"]:
-            rows.append((srv["server"], str(run["rate"]), str(run["successful"]), str(run["failed"]),
-                         f"{run['duration_s']:.1f}", f"{run['request_throughput']:.2f}",
-                         f"{run['output_throughput']:.1f}", trio(run["ttft_ms"]), trio(run["tpot_ms"]),
-                         trio(run["itl_ms"]), trio(run["e2e_ms"]), "-" if rss is None else f"{rss / 2**30:.2f}"))
+            rows.append(
+                (
+                    srv["server"],
+                    str(run["rate"]),
+                    str(run["successful"]),
+                    str(run["failed"]),
+                    f"{run['duration_s']:.1f}",
+                    f"{run['request_throughput']:.2f}",
+                    f"{run['output_throughput']:.1f}",
+                    trio(run["ttft_ms"]),
+                    trio(run["tpot_ms"]),
+                    trio(run["itl_ms"]),
+                    trio(run["e2e_ms"]),
+                    "-" if rss is None else f"{rss / 2**30:.2f}",
+                )
+            )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m minipaged.benchmarks.serve", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m minipaged.benchmarks.serve",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--servers", nargs="*", default=["minipaged"], help="launch these: minipaged, hf, hf-cb")
     p.add_argument("--base-url", default=None, help="also benchmark this running OpenAI-compatible server")
     p.add_argument("--base-url-name", default="peer", help="its name in the report")
     p.add_argument("--base-url-usage", action="store_true", help="it accepts stream_options.include_usage")
     p.add_argument("--model", default=None, help="model directory for launched servers (default: SmolLM2-135M)")
     p.add_argument("--minipaged-args", default="", help="extra 'python -m minipaged serve' options, one string")
-    p.add_argument("--hf-command", default=f"{sys.executable} -m transformers.cli.transformers",
-                   help="how to run the 'transformers' CLI (e.g. /work/hf-serve-venv/bin/transformers)")
-    p.add_argument("--hf-args", default="", help="extra 'transformers serve' options, one string (e.g. --cb-num-blocks)")
+    p.add_argument(
+        "--hf-command",
+        default=f"{sys.executable} -m transformers.cli.transformers",
+        help="how to run the 'transformers' CLI (e.g. /work/hf-serve-venv/bin/transformers)",
+    )
+    p.add_argument(
+        "--hf-args", default="", help="extra 'transformers serve' options, one string (e.g. --cb-num-blocks)"
+    )
     p.add_argument("--dataset", default="default", help="'default' (shipped JSONL), 'synthetic', or a JSONL path")
-    p.add_argument("--raw-prompts", action="store_true",
-                   help="send the JSONL prompts as they are (default: through the model's chat template)")
+    p.add_argument(
+        "--raw-prompts",
+        action="store_true",
+        help="send the JSONL prompts as they are (default: through the model's chat template)",
+    )
     p.add_argument("--num-prompts", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=64, help="max_tokens per request (synthetic: the cap)")
     p.add_argument("--request-rate", nargs="+", type=float, default=[math.inf], help="requests/s; 'inf' = all at once")
@@ -440,8 +553,13 @@ def main(argv: list[str] | None = None) -> int:
         try:
             result = bench_target(target, requests, args.request_rate, args, count_tokens, prompt_tokens)
         except (RuntimeError, TimeoutError, OSError) as exc:  # a server that does not start: report, go on
-            result = {"server": target.name, "command": target.command, "error": str(exc)[-2000:], "runs": [],
-                      "peak_rss_bytes": None}
+            result = {
+                "server": target.name,
+                "command": target.command,
+                "error": str(exc)[-2000:],
+                "runs": [],
+                "peak_rss_bytes": None,
+            }
             print(f"  {target.name} failed: {exc}", file=sys.stderr)
         report["servers"].append(result)
         Path(args.output).write_text(json.dumps(jsonable(report), indent=1))  # after each server: partial runs survive

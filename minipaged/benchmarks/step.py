@@ -13,6 +13,7 @@ engine's CPU worker packs them, dense copies kept for ``minipaged_kernels.cpu.ge
 kernel, alternating every combination ``--rounds`` times in this one process so their ratios
 mean something on a busy machine. Prints tokens/s, wall and CPU time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,8 @@ import torch
 from minipaged.attention import allocate_kv_cache, build_metadata, build_positions
 from minipaged.attention.torch_backend import DECODE_KERNELS
 from minipaged.models.linear import PackedLinear, pack_in_place, packed_gemm_disabled
-from minipaged_kernels import cpu as cpu_kernels
 from minipaged.models.loader import ensure_default_model, load_model
+from minipaged_kernels import cpu as cpu_kernels
 
 
 def time_steps(step, warmup: int, steps: int) -> tuple[float, float]:
@@ -46,7 +47,13 @@ def time_steps(step, warmup: int, steps: int) -> tuple[float, float]:
 
 
 def bench_ours(
-    model, batch: int, context: int, block_size: int, warmup: int, steps: int, ragged: bool = False,
+    model,
+    batch: int,
+    context: int,
+    block_size: int,
+    warmup: int,
+    steps: int,
+    ragged: bool = False,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[float, float]:
     contexts = ragged_contexts(batch, context) if ragged else [context] * batch
@@ -101,8 +108,10 @@ def time_variants(model, args: argparse.Namespace, dtype: torch.dtype) -> dict[t
     kept = any(d is not None for d in dense)
     few_row = args.few_row_linear or (["on"] if kept else ["off"])
     if "on" in few_row and not kept:
-        raise SystemExit("--few-row-linear on: no layer kept a dense weight for minipaged_kernels.cpu.gemv here "
-                         "(it needs numba, fp32 and the packed path); pass --few-row-linear off")
+        raise SystemExit(
+            "--few-row-linear on: no layer kept a dense weight for minipaged_kernels.cpu.gemv here "
+            "(it needs numba, fp32 and the packed path); pass --few-row-linear off"
+        )
     variants = [(kernel, few) for kernel in args.decode_kernel for few in few_row]
     results: dict[tuple[str, str], list[tuple[float, float]]] = {v: [] for v in variants}
     with packed_gemm_disabled() if args.plain_linear else contextlib.nullcontext():
@@ -111,8 +120,11 @@ def time_variants(model, args: argparse.Namespace, dtype: torch.dtype) -> dict[t
                 model.attention_backend.decode_kernel = kernel
                 for layer, weight in zip(layers, dense):
                     layer.dense_weight = weight if few == "on" else None
-                results[kernel, few].append(bench_ours(model, args.batch, args.context, args.block_size,
-                                                       args.warmup, args.steps, args.ragged, dtype))
+                results[kernel, few].append(
+                    bench_ours(
+                        model, args.batch, args.context, args.block_size, args.warmup, args.steps, args.ragged, dtype
+                    )
+                )
     return {v: tuple(sorted(t[i] for t in times)[len(times) // 2] for i in range(2)) for v, times in results.items()}
 
 
@@ -129,17 +141,36 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
-    parser.add_argument("--ragged", action="store_true",
-                        help="ours: contexts spread over [16, 2*context-16]; transformers: a batch padded to the longest, as static batching runs it")
+    parser.add_argument(
+        "--ragged",
+        action="store_true",
+        help="ours: contexts spread over [16, 2*context-16]; transformers: a batch padded to the longest, as static batching runs it",
+    )
     parser.add_argument("--skip-transformers", action="store_true")
-    parser.add_argument("--plain-linear", action="store_true", help="ours: F.linear instead of oneDNN pre-packed weights")
-    parser.add_argument("--decode-kernel", nargs="+", choices=DECODE_KERNELS, default=["auto"],
-                        help="ours: CPU decode attention path(s) to time, alternated --rounds times")
-    parser.add_argument("--few-row-linear", nargs="+", choices=("on", "off"), default=None,
-                        help="ours: 1-4 row linears through minipaged_kernels.cpu.gemv (on) or the packed GEMM (off); "
-                             "default: on where the engine would use it (numba, fp32, packed weights)")
-    parser.add_argument("--rounds", type=int, default=1,
-                        help="with several --decode-kernel / --few-row-linear values: times to alternate them")
+    parser.add_argument(
+        "--plain-linear", action="store_true", help="ours: F.linear instead of oneDNN pre-packed weights"
+    )
+    parser.add_argument(
+        "--decode-kernel",
+        nargs="+",
+        choices=DECODE_KERNELS,
+        default=["auto"],
+        help="ours: CPU decode attention path(s) to time, alternated --rounds times",
+    )
+    parser.add_argument(
+        "--few-row-linear",
+        nargs="+",
+        choices=("on", "off"),
+        default=None,
+        help="ours: 1-4 row linears through minipaged_kernels.cpu.gemv (on) or the packed GEMM (off); "
+        "default: on where the engine would use it (numba, fp32, packed weights)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="with several --decode-kernel / --few-row-linear values: times to alternate them",
+    )
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     args = parser.parse_args(argv)
     from transformers import AutoModelForCausalLM
@@ -148,8 +179,10 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
     loaded = load_model(None, dtype=dtype, attention_backend="torch")
-    print(f"threads={torch.get_num_threads()} batch={args.batch} context={args.context} ragged={args.ragged} "
-          f"dtype={args.dtype} model={loaded.name}")
+    print(
+        f"threads={torch.get_num_threads()} batch={args.batch} context={args.context} ragged={args.ragged} "
+        f"dtype={args.dtype} model={loaded.name}"
+    )
     if not args.plain_linear:  # as the engine's CPU worker does
         pack_in_place(loaded.model, keep_dense=cpu_kernels.load("gemv") is not None)
     medians = time_variants(loaded.model, args, dtype)

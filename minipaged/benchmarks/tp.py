@@ -12,6 +12,7 @@ per-step broadcast); that time includes waiting for the slower rank.
 Without ``--model`` the model is a random-weight Llama with SmolLM2-135M's shape except
 8 query / 4 KV heads (SmolLM2 has 9 / 3, which only TP=3 divides).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,10 +29,24 @@ def smollm2_like(num_heads: int = 8, num_kv_heads: int = 4):
     from minipaged.attention import get_attention_backend
     from minipaged.models import CausalLM, ModelConfig
 
-    config = ModelConfig(architecture="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
-                         num_layers=30, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=576 // num_heads,
-                         rms_norm_eps=1e-5, rope_theta=100000.0, rope_scaling=None, max_position_embeddings=2048,
-                         tie_word_embeddings=True, attention_bias=False, eos_token_ids=(), bos_token_id=None)
+    config = ModelConfig(
+        architecture="llama",
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_layers=30,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=576 // num_heads,
+        rms_norm_eps=1e-5,
+        rope_theta=100000.0,
+        rope_scaling=None,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        attention_bias=False,
+        eos_token_ids=(),
+        bos_token_id=None,
+    )
     torch.manual_seed(0)
     model = CausalLM(config, get_attention_backend("torch", "cpu"))
     with torch.no_grad():
@@ -53,13 +68,18 @@ def run_round(llm, work) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m minipaged.benchmarks.tp", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m minipaged.benchmarks.tp",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_workload_arguments(parser)
     parser.set_defaults(num_requests=16, input_len=(16, 128), output_len=(16, 64))
     parser.add_argument("--tp", type=positive_int, default=2, help="tensor_parallel_size of the TP engine")
     parser.add_argument("--model", default=None, help="HF model directory (default: a random SmolLM2-sized Llama)")
-    parser.add_argument("--rounds", type=positive_int, default=2, help="alternating rounds per engine (after a warm-up)")
+    parser.add_argument(
+        "--rounds", type=positive_int, default=2, help="alternating rounds per engine (after a warm-up)"
+    )
     args = parser.parse_args(argv)
 
     from minipaged import LLM
@@ -67,18 +87,24 @@ def main(argv: list[str] | None = None) -> int:
 
     model = smollm2_like() if args.model is None else load_model(args.model).model
     cores = os.cpu_count() or 1
-    work = make_workload(args.num_requests, model.config.vocab_size, tuple(args.input_len), tuple(args.output_len),
-                         args.seed)
+    work = make_workload(
+        args.num_requests, model.config.vocab_size, tuple(args.input_len), tuple(args.output_len), args.seed
+    )
     kw = dict(num_kv_blocks=2048, block_size=16, max_model_len=512)
     single = LLM(model, **kw)
     tp = LLM(model, tensor_parallel_size=args.tp, **kw)
     per_rank = max(1, cores // args.tp)
     # (label, engine, torch threads in this process); the TP engine's other ranks use per_rank threads each
-    runs = [(f"TP=1 x {cores} threads", single, cores), (f"TP=1 x {per_rank} threads", single, per_rank),
-            (f"TP={args.tp} x {per_rank} threads/rank", tp, per_rank)]
-    print(f"cores={cores} load average={os.getloadavg()[0]:.1f} "
-          f"model={'random SmolLM2-sized Llama' if args.model is None else args.model} "
-          f"requests={len(work.prompts)} output_tokens={work.output_tokens}")
+    runs = [
+        (f"TP=1 x {cores} threads", single, cores),
+        (f"TP=1 x {per_rank} threads", single, per_rank),
+        (f"TP={args.tp} x {per_rank} threads/rank", tp, per_rank),
+    ]
+    print(
+        f"cores={cores} load average={os.getloadavg()[0]:.1f} "
+        f"model={'random SmolLM2-sized Llama' if args.model is None else args.model} "
+        f"requests={len(work.prompts)} output_tokens={work.output_tokens}"
+    )
     times: dict[str, list[float]] = {label: [] for label, _, _ in runs}
     stats = tp.engine_core.worker.tp.stats
     for round_index in range(args.rounds + 1):  # round 0 warms every engine up and is not counted
@@ -93,17 +119,23 @@ def main(argv: list[str] | None = None) -> int:
             if llm is tp:
                 reduce_s, bcast_s = stats.all_reduce_s - before[0], stats.broadcast_s - before[1]
                 steps = len(tp.trace) - before[3]
-                line += (f", {steps} steps, rank 0 inside collectives {(reduce_s + bcast_s) / in_steps:.0%} of step "
-                         f"time (all-reduce {reduce_s / in_steps:.0%}, {(stats.all_reduces - before[2]) // steps} "
-                         f"per step; step broadcast {bcast_s / in_steps:.0%})")
+                line += (
+                    f", {steps} steps, rank 0 inside collectives {(reduce_s + bcast_s) / in_steps:.0%} of step "
+                    f"time (all-reduce {reduce_s / in_steps:.0%}, {(stats.all_reduces - before[2]) // steps} "
+                    f"per step; step broadcast {bcast_s / in_steps:.0%})"
+                )
             print(line, flush=True)
     tok = work.output_tokens
     best = {label: min(ts) for label, ts in times.items()}
     baseline = runs[0][0]
-    print(" | ".join(f"{label}: {tok / t:.1f} tok/s ({best[baseline] / t:.2f}x)" for label, t in best.items())
-          + f"  (best of {args.rounds} interleaved rounds; ratios against {baseline})")
-    print(f"per-rank KV cache: TP=1 {single.engine_core.worker.kv_cache_bytes / 2**20:.0f} MiB, "
-          f"TP={args.tp} {tp.engine_core.worker.kv_cache_bytes_per_rank / 2**20:.0f} MiB for the same {kw['num_kv_blocks']} blocks")
+    print(
+        " | ".join(f"{label}: {tok / t:.1f} tok/s ({best[baseline] / t:.2f}x)" for label, t in best.items())
+        + f"  (best of {args.rounds} interleaved rounds; ratios against {baseline})"
+    )
+    print(
+        f"per-rank KV cache: TP=1 {single.engine_core.worker.kv_cache_bytes / 2**20:.0f} MiB, "
+        f"TP={args.tp} {tp.engine_core.worker.kv_cache_bytes_per_rank / 2**20:.0f} MiB for the same {kw['num_kv_blocks']} blocks"
+    )
     tp.engine_core.worker.shutdown()
     return 0
 

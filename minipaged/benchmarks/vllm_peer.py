@@ -22,6 +22,7 @@ this with ``--rounds-from-stdin``: loaded once, a round of the workload (fresh t
 lengths) each time the parent asks. ``VLLM_CPU_OMP_THREADS_BIND`` sets vLLM's threads (one per listed
 core), the counterpart of the benchmark's ``--threads``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,19 +31,29 @@ import json
 import time
 
 from minipaged.benchmarks.throughput import (
-    LATENCY_NEW_TOKENS, RoundServer, Workload, add_workload_arguments, latency_prompt, workload_from_args,
+    LATENCY_NEW_TOKENS,
+    RoundServer,
+    Workload,
+    add_workload_arguments,
+    latency_prompt,
+    workload_from_args,
     write_json_atomic,
 )
 from minipaged.models.loader import default_model_dir
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m minipaged.benchmarks.vllm_peer", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m minipaged.benchmarks.vllm_peer", description=__doc__.splitlines()[0]
+    )
     add_workload_arguments(parser)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--result-json", default=None, help="also write the results here as JSON")
-    parser.add_argument("--rounds-from-stdin", action="store_true",
-                        help="after warm-up, run a round for each line read from stdin (python -m minipaged.benchmarks.throughput does)")
+    parser.add_argument(
+        "--rounds-from-stdin",
+        action="store_true",
+        help="after warm-up, run a round for each line read from stdin (python -m minipaged.benchmarks.throughput does)",
+    )
     args = parser.parse_args(argv)
     if args.rounds_from_stdin and not args.result_json:
         parser.error("--rounds-from-stdin needs --result-json")
@@ -53,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"vLLM is not importable here ({exc}); run this with a Python that has vllm-cpu (see --help)")
     # Checked by file, not default_model_is_prepared(): vLLM's venv lacks the embedded GGUF package.
     if not (default_model_dir() / "model.safetensors").is_file():
-        parser.error(f"no prepared model in {default_model_dir()}: run `make setup` (or python -m minipaged.models.prepare) first")
+        parser.error(
+            f"no prepared model in {default_model_dir()}: run `make setup` (or python -m minipaged.models.prepare) first"
+        )
 
     vocab = json.loads((default_model_dir() / "config.json").read_text())["vocab_size"]
     work = workload_from_args(args, vocab)
@@ -69,11 +82,16 @@ def main(argv: list[str] | None = None) -> int:
         if produced != round_work.output_tokens:
             print(f"warning: produced {produced} of {round_work.output_tokens} requested tokens")
         start = time.perf_counter()
-        llm.generate([TokensPrompt(prompt_token_ids=latency_prompt(round_work))],
-                     SamplingParams(temperature=0, max_tokens=LATENCY_NEW_TOKENS, min_tokens=LATENCY_NEW_TOKENS),
-                     use_tqdm=False)
-        return {"seconds": elapsed, "latency_s": time.perf_counter() - start,
-                "tokens": [list(o.outputs[0].token_ids) for o in outs]}
+        llm.generate(
+            [TokensPrompt(prompt_token_ids=latency_prompt(round_work))],
+            SamplingParams(temperature=0, max_tokens=LATENCY_NEW_TOKENS, min_tokens=LATENCY_NEW_TOKENS),
+            use_tqdm=False,
+        )
+        return {
+            "seconds": elapsed,
+            "latency_s": time.perf_counter() - start,
+            "tokens": [list(o.outputs[0].token_ids) for o in outs],
+        }
 
     if args.rounds_from_stdin:
         RoundServer(args.result_json, functools.partial(workload_from_args, args, vocab)).serve(run_round)
@@ -81,8 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     ready_at = time.time()
     result = run_round(work)
     print(f"requests={len(work.prompts)} prompt_tokens={work.prompt_tokens} output_tokens={work.output_tokens}")
-    print(f"vLLM CPU: {work.output_tokens / result['seconds']:7.1f} output tok/s ({result['seconds']:.1f} s); "
-          f"one request x {LATENCY_NEW_TOKENS} tokens {result['latency_s']:.2f} s")
+    print(
+        f"vLLM CPU: {work.output_tokens / result['seconds']:7.1f} output tok/s ({result['seconds']:.1f} s); "
+        f"one request x {LATENCY_NEW_TOKENS} tokens {result['latency_s']:.2f} s"
+    )
     if args.result_json:
         write_json_atomic(args.result_json, {"ready_at": ready_at, **result})
     return 0

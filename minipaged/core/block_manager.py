@@ -21,12 +21,13 @@ sequences are freed, until the pool needs them back (least recently used first).
 Every method that can run out of blocks checks first and raises
 ``NoFreeBlocksError`` before it changes anything.
 """
+
 from __future__ import annotations
 
 import operator
 from collections import OrderedDict
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Hashable, Iterable, Optional, Sequence
 
 from minipaged.core.block_pool import Block, BlockHash, BlockPool
 from minipaged.core.prefix_cache import HashFn, find_cached_prefix, hash_block_tokens
@@ -71,19 +72,19 @@ class BlockStats:
 
     num_blocks: int
     block_size: int
-    free_blocks: int               # allocatable now, including cached blocks that would be evicted
-    used_blocks: int               # ref_count > 0
-    cached_blocks: int             # free but still holding a reusable computed full block
-    tokens_stored: int             # tokens in used blocks; a block shared by k sequences counts once
-    utilization: float             # tokens_stored / (used_blocks * block_size); 1.0 when nothing is used
+    free_blocks: int  # allocatable now, including cached blocks that would be evicted
+    used_blocks: int  # ref_count > 0
+    cached_blocks: int  # free but still holding a reusable computed full block
+    tokens_stored: int  # tokens in used blocks; a block shared by k sequences counts once
+    utilization: float  # tokens_stored / (used_blocks * block_size); 1.0 when nothing is used
     internal_fragmentation: float  # 1 - utilization: empty slots inside used blocks
-    prefix_queries: int            # tokens asked for by allocate (cumulative)
-    prefix_hits: int               # of those, tokens served from the prefix cache (cumulative)
-    hit_rate: float                # prefix_hits / prefix_queries; 0.0 before any query
-    total_allocated: int           # blocks taken from the free pool, fresh or revived (cumulative)
-    total_freed: int               # blocks returned to the free pool (cumulative)
-    total_copied: int              # copy-on-write block copies (cumulative)
-    total_evicted: int = 0         # cached blocks whose prefix was dropped to reuse them (cumulative)
+    prefix_queries: int  # tokens asked for by allocate (cumulative)
+    prefix_hits: int  # of those, tokens served from the prefix cache (cumulative)
+    hit_rate: float  # prefix_hits / prefix_queries; 0.0 before any query
+    total_allocated: int  # blocks taken from the free pool, fresh or revived (cumulative)
+    total_freed: int  # blocks returned to the free pool (cumulative)
+    total_copied: int  # copy-on-write block copies (cumulative)
+    total_evicted: int = 0  # cached blocks whose prefix was dropped to reuse them (cumulative)
 
 
 @dataclass
@@ -125,8 +126,15 @@ def _check_token_ids(token_ids: Sequence[int], *, allow_empty: bool) -> list[int
 class BlockManager:
     """Block tables, ref-counted sharing, copy-on-write and prefix caching over ``num_blocks`` blocks."""
 
-    def __init__(self, num_blocks: int, block_size: int, *, enable_prefix_caching: bool = True,
-                 watermark_blocks: int = 0, hash_fn: Optional[HashFn] = None) -> None:
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        *,
+        enable_prefix_caching: bool = True,
+        watermark_blocks: int = 0,
+        hash_fn: HashFn | None = None,
+    ) -> None:
         """``hash_fn`` (default BLAKE2b, ``hash_block_tokens``) exists so tests can force collisions."""
         _check_count("num_blocks", num_blocks, 1)
         _check_count("block_size", block_size, 1)
@@ -247,8 +255,7 @@ class BlockManager:
         tokens = _check_token_ids(token_ids, allow_empty=False)
         hits, hashes, needed = self._plan_allocation(tokens)
         if needed > self._pool.num_free:
-            raise NoFreeBlocksError(
-                f"sequence {seq_id!r} needs {needed} free blocks, {self._pool.num_free} are free")
+            raise NoFreeBlocksError(f"sequence {seq_id!r} needs {needed} free blocks, {self._pool.num_free} are free")
         # Revive hits before taking fresh blocks, so taking cannot evict a hit.
         for block in hits:
             self._pool.share(block)
@@ -279,7 +286,8 @@ class BlockManager:
         needed, cow = self._blocks_needed(seq, len(tokens))
         if needed > self._pool.num_free:
             raise NoFreeBlocksError(
-                f"sequence {seq_id!r} needs {needed} free blocks to append, {self._pool.num_free} are free")
+                f"sequence {seq_id!r} needs {needed} free blocks to append, {self._pool.num_free} are free"
+            )
         if not tokens:
             return []
         copies = []
@@ -313,15 +321,17 @@ class BlockManager:
         seq = self._get(seq_id)
         _check_count("num_computed_tokens", num_computed_tokens, 0)
         if num_computed_tokens > len(seq.token_ids):
-            raise ValueError(f"num_computed_tokens={num_computed_tokens} exceeds the "
-                             f"{len(seq.token_ids)} tokens of sequence {seq_id!r}")
+            raise ValueError(
+                f"num_computed_tokens={num_computed_tokens} exceeds the "
+                f"{len(seq.token_ids)} tokens of sequence {seq_id!r}"
+            )
         if not self._enable_prefix_caching:
             return
         bs = self._block_size
         for i in range(len(seq.block_hashes), num_computed_tokens // bs):
             parent_hash = seq.block_hashes[-1] if i else None
             parent_id = seq.cache_ids[-1] if i else None
-            chunk = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+            chunk = tuple(seq.token_ids[i * bs : (i + 1) * bs])
             block_hash = self._hash_fn(parent_hash, chunk)
             block = seq.blocks[i]
             entry = self._pool.cached.get(block_hash)
@@ -343,8 +353,9 @@ class BlockManager:
             raise DuplicateSequenceError(f"sequence {child_id!r} is already allocated")
         for block in parent.blocks:
             self._pool.share(block)
-        self._seqs[child_id] = _Sequence(list(parent.blocks), list(parent.token_ids),
-                                         list(parent.block_hashes), list(parent.cache_ids))
+        self._seqs[child_id] = _Sequence(
+            list(parent.blocks), list(parent.token_ids), list(parent.block_hashes), list(parent.cache_ids)
+        )
         self._finished.pop(child_id, None)
 
     def free(self, seq_id: Hashable) -> None:

@@ -15,10 +15,11 @@ front, so they are reused first and a cached prefix is only evicted when no plai
 free block is left; cached blocks join at the back when freed, so the front of
 the cached part is the least recently used one.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
 
 BlockHash = bytes
 
@@ -36,13 +37,13 @@ class Block:
     block_id: int
     ref_count: int = 0
     num_tokens: int = 0
-    block_hash: Optional[BlockHash] = None
-    token_ids: Optional[tuple[int, ...]] = None
-    cache_id: Optional[int] = None
-    parent_cache_id: Optional[int] = None
+    block_hash: BlockHash | None = None
+    token_ids: tuple[int, ...] | None = None
+    cache_id: int | None = None
+    parent_cache_id: int | None = None
     # Free-queue links; None when the block is not in the queue (or at an end).
-    prev: Optional["Block"] = field(default=None, repr=False)
-    next: Optional["Block"] = field(default=None, repr=False)
+    prev: Block | None = field(default=None, repr=False)
+    next: Block | None = field(default=None, repr=False)
     in_free_queue: bool = False
 
     @property
@@ -62,8 +63,8 @@ class FreeBlockQueue:
     """Doubly linked list of free blocks with O(1) push/pop at both ends and O(1) remove."""
 
     def __init__(self, blocks: list[Block]) -> None:
-        self._head: Optional[Block] = None
-        self._tail: Optional[Block] = None
+        self._head: Block | None = None
+        self._tail: Block | None = None
         self._len = 0
         for block in blocks:
             self.append(block)
@@ -187,8 +188,14 @@ class BlockPool:
             block.num_tokens = 0
             self.free_queue.appendleft(block)
 
-    def register(self, block: Block, block_hash: BlockHash, token_ids: tuple[int, ...],
-                 cache_id: int, parent_cache_id: Optional[int]) -> None:
+    def register(
+        self,
+        block: Block,
+        block_hash: BlockHash,
+        token_ids: tuple[int, ...],
+        cache_id: int,
+        parent_cache_id: int | None,
+    ) -> None:
         """Make the (used, full) ``block`` the cache entry for ``block_hash``, replacing any older entry."""
         old = self.cached.get(block_hash)
         if old is not None:

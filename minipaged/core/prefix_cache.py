@@ -17,18 +17,19 @@ token ids equal the prompt's and it was registered directly after the very cache
 entry matched for the previous block (``parent_cache_id``). That makes a hit exact
 even with a deliberately weak hash: the tests plug in a 2-bit one.
 """
+
 from __future__ import annotations
 
 import hashlib
 import struct
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 from minipaged.core.block_pool import Block, BlockHash, BlockPool
 
-HashFn = Callable[[Optional[BlockHash], Sequence[int]], BlockHash]
+HashFn = Callable[[BlockHash | None, Sequence[int]], BlockHash]
 
 
-def hash_block_tokens(parent_hash: Optional[BlockHash], token_ids: Sequence[int]) -> BlockHash:
+def hash_block_tokens(parent_hash: BlockHash | None, token_ids: Sequence[int]) -> BlockHash:
     """Chained 128-bit key of one full block: BLAKE2b(parent digest, int64 token ids)."""
     h = hashlib.blake2b(digest_size=16)
     h.update(parent_hash if parent_hash is not None else b"\x00" * 16)
@@ -47,10 +48,10 @@ def find_cached_prefix(
     bs = pool.block_size
     blocks: list[Block] = []
     hashes: list[BlockHash] = []
-    parent_hash: Optional[BlockHash] = None
-    parent_cache_id: Optional[int] = None
+    parent_hash: BlockHash | None = None
+    parent_cache_id: int | None = None
     for i in range(max_blocks):
-        chunk = tuple(token_ids[i * bs:(i + 1) * bs])
+        chunk = tuple(token_ids[i * bs : (i + 1) * bs])
         block_hash = hash_fn(parent_hash, chunk)
         block = pool.cached.get(block_hash)
         if block is None or block.token_ids != chunk or block.parent_cache_id != parent_cache_id:

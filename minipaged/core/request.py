@@ -8,6 +8,7 @@ that reaches ``num_tokens`` the last position's logits give the next token.
 A prompt with ``n > 1`` samples starts as one Request; once its prompt is computed it
 forks into ``n`` sequences (``index`` 0..n-1) that share the prompt's blocks.
 """
+
 from __future__ import annotations
 
 import enum

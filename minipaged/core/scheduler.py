@@ -16,6 +16,7 @@ Every step is decided afresh (iteration-level batching, vLLM v1 style):
 
 Prefill and decode tokens share one step, within ``max_num_batched_tokens``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

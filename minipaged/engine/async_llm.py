@@ -12,20 +12,22 @@ consumes it (a client that went away) or closing it aborts the request; its bloc
 freed before the next step. Only the background task touches the core and the output
 processor while it runs, so no lock is needed: everything else only appends to the inbox.
 """
+
 from __future__ import annotations
 
 import asyncio
 import itertools
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any
 
+from minipaged.core.request import RequestStatus
 from minipaged.engine.core import EngineStats, load_engine
-from minipaged.errors import InvalidPromptError, MinipagedError
 from minipaged.engine.inputs import chat_prompts, check_messages, check_params, check_priority, parse_prompt
 from minipaged.engine.output_processor import OutputProcessor
+from minipaged.errors import InvalidPromptError, MinipagedError
 from minipaged.outputs import RequestOutput
-from minipaged.core.request import RequestStatus
 from minipaged.sampling_params import SamplingParams
 
 
@@ -84,8 +86,9 @@ class AsyncLLM:
         """``{"prompt", "prompt_token_ids"}`` of one conversation through the chat template."""
         return chat_prompts(check_messages(messages), self.tokenizer, add_generation_prompt)[0]
 
-    async def generate(self, prompt: Any, params: SamplingParams, request_id: str | None = None, *,
-                       priority: int = 0) -> AsyncIterator[RequestOutput]:
+    async def generate(
+        self, prompt: Any, params: SamplingParams, request_id: str | None = None, *, priority: int = 0
+    ) -> AsyncIterator[RequestOutput]:
         """Cumulative outputs of one request, one per step that changed it; the last has ``finished=True``.
 
         Invalid input raises a typed error on the first iteration, before anything is queued.
@@ -153,10 +156,12 @@ class AsyncLLM:
         for add in adds:
             if add.request_id not in self._queues:  # cancelled before it was ever queued
                 continue
-            core.add_request(add.request_id, add.token_ids, add.params, priority=add.priority,
-                             arrival_time=add.arrival_time)
-            self.processor.add_request(add.request_id, add.text, add.token_ids, add.params,
-                                       core.metrics(add.request_id))
+            core.add_request(
+                add.request_id, add.token_ids, add.params, priority=add.priority, arrival_time=add.arrival_time
+            )
+            self.processor.add_request(
+                add.request_id, add.text, add.token_ids, add.params, core.metrics(add.request_id)
+            )
         aborts, self._aborts = self._aborts, []
         for rid in aborts:
             core.abort([rid])

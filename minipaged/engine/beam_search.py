@@ -33,21 +33,23 @@ requests. (vLLM instead runs beam search outside its core as one-token requests 
 for ``2 * beam_width`` logprobs and relies on prefix caching; here the forks and frees
 are the point: they show the PagedAttention paper's sharing argument block by block.)
 """
+
 from __future__ import annotations
 
 import dataclasses
 import itertools
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
+from minipaged.core.request import Request, RequestStatus
 from minipaged.engine.core import EngineCore
 from minipaged.errors import InvalidSamplingParamsError
 from minipaged.outputs import RequestMetrics
-from minipaged.core.request import Request, RequestStatus
 from minipaged.sampling_params import SamplingParams
 
 
@@ -79,7 +81,9 @@ class BeamSearchParams:
         if not isinstance(self.ignore_eos, bool):
             raise InvalidSamplingParamsError("ignore_eos", f"must be a bool, got {self.ignore_eos!r}")
         if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
-            raise InvalidSamplingParamsError("early_stopping", f"must be True, False or 'never', got {self.early_stopping!r}")
+            raise InvalidSamplingParamsError(
+                "early_stopping", f"must be True, False or 'never', got {self.early_stopping!r}"
+            )
 
 
 @dataclass
@@ -150,15 +154,21 @@ class BeamState:
         if self.improvable and not full:
             for rank, c in candidates:
                 if c.stopped is not None and rank < k:  # only the top k candidates may finish, as in transformers
-                    self.finished.append(BeamSearchSequence(histories[c.parent] + [c.token], c.cum_logprob,
-                                                            c.cum_logprob / length ** p.length_penalty, c.stopped))
+                    self.finished.append(
+                        BeamSearchSequence(
+                            histories[c.parent] + [c.token],
+                            c.cum_logprob,
+                            c.cum_logprob / length**p.length_penalty,
+                            c.stopped,
+                        )
+                    )
             self.finished.sort(key=lambda s: -s.score)
             del self.finished[k:]
         live = [c for _, c in candidates if c.stopped is None][:k]
         self.live_scores = [c.cum_logprob for c in live]
         if live:
             best_len = p.max_tokens if (p.early_stopping == "never" and p.length_penalty > 0) else length
-            best_possible = live[0].cum_logprob / best_len ** p.length_penalty
+            best_possible = live[0].cum_logprob / best_len**p.length_penalty
             worst = self.finished[-1].score if len(self.finished) == k else -math.inf
             self.improvable = self.improvable and best_possible > worst
         all_finished = len(self.finished) == k
@@ -286,11 +296,19 @@ class BeamSearchRunner:
                 reused.add(c.parent)
                 child = parent
             else:
-                child = Request(group.request_id, next(group.next_index), parent.prompt_token_ids, parent.params,
-                                parent.generator, parent.priority, parent.arrival_order, parent.metrics,
-                                output_token_ids=list(parent.output_token_ids),
-                                num_computed_tokens=parent.num_computed_tokens,
-                                num_cached_tokens=parent.num_cached_tokens)
+                child = Request(
+                    group.request_id,
+                    next(group.next_index),
+                    parent.prompt_token_ids,
+                    parent.params,
+                    parent.generator,
+                    parent.priority,
+                    parent.arrival_order,
+                    parent.metrics,
+                    output_token_ids=list(parent.output_token_ids),
+                    num_computed_tokens=parent.num_computed_tokens,
+                    num_cached_tokens=parent.num_cached_tokens,
+                )
                 if bm.has_sequence(parent.seq_id):
                     # Before the parent's new token reaches the block manager: the child shares every block.
                     bm.fork(parent.seq_id, child.seq_id)

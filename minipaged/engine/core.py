@@ -15,26 +15,28 @@ methods and never reach into each other. A prompt with ``n > 1`` samples is one 
 group here: its first sequence computes the prompt, then forks into ``n`` sequences that
 share the prompt's blocks (copy-on-write).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import itertools
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 
-from minipaged.core.block_manager import BlockManager, BlockStats
 from minipaged.config import EngineConfig
-from minipaged.errors import InvalidEngineConfigError, InvalidPromptError, PromptTooLongError, RequestTooLargeError
-from minipaged.worker.executor import build_executor
-from minipaged.outputs import Logprob, RequestMetrics
+from minipaged.core.block_manager import BlockManager, BlockStats
 from minipaged.core.request import Request, RequestStatus
-from minipaged.worker.sampler import sample
-from minipaged.sampling_params import SamplingParams
 from minipaged.core.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from minipaged.engine.trace import StepRecord, Trace
+from minipaged.errors import InvalidEngineConfigError, InvalidPromptError, PromptTooLongError, RequestTooLargeError
+from minipaged.outputs import Logprob, RequestMetrics
+from minipaged.sampling_params import SamplingParams
+from minipaged.worker.executor import build_executor
+from minipaged.worker.sampler import sample
 from minipaged.worker.worker import num_kv_blocks_for
 
 
@@ -104,7 +106,7 @@ def _prebuilt_model_kwargs(model: torch.nn.Module, kwargs: dict[str, Any]) -> di
     return merged
 
 
-def load_engine(model: Any = None, tokenizer: Any = None, **kwargs: Any) -> tuple["EngineCore", Any]:
+def load_engine(model: Any = None, tokenizer: Any = None, **kwargs: Any) -> tuple[EngineCore, Any]:
     """Build the model named by ``model`` (or take a prebuilt one) and an ``EngineCore`` over it.
 
     Returns ``(core, tokenizer)``: the tokenizer is the given one, else the model's own (``None``
@@ -119,8 +121,9 @@ def load_engine(model: Any = None, tokenizer: Any = None, **kwargs: Any) -> tupl
         config = EngineConfig.from_kwargs(model=loaded.name, **_prebuilt_model_kwargs(loaded.model, kwargs))
     else:
         config = EngineConfig.from_kwargs(model=model, **kwargs)
-        loaded = load_model(model, dtype=config.torch_dtype, device=config.torch_device,
-                            attention_backend=config.attention_backend)
+        loaded = load_model(
+            model, dtype=config.torch_dtype, device=config.torch_device, attention_backend=config.attention_backend
+        )
     core = EngineCore(loaded.model, loaded.config, config, model_name=loaded.name)
     return core, tokenizer if tokenizer is not None else loaded.tokenizer
 
@@ -128,16 +131,21 @@ def load_engine(model: Any = None, tokenizer: Any = None, **kwargs: Any) -> tupl
 class EngineCore:
     """Scheduler + block manager + worker behind add / step / abort (see the module docstring)."""
 
-    def __init__(self, model: torch.nn.Module, model_config: Any, config: EngineConfig, *,
-                 model_name: str | None = None) -> None:
+    def __init__(
+        self, model: torch.nn.Module, model_config: Any, config: EngineConfig, *, model_name: str | None = None
+    ) -> None:
         self.model_config = model_config
         self.model_name = model_name or config.model or type(model).__name__
         self.config = self._resolve(config)
         self.worker = build_executor(model, self.config)
-        self.block_manager = BlockManager(self.config.num_kv_blocks, self.config.block_size,
-                                          enable_prefix_caching=self.config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, max_num_seqs=self.config.max_num_seqs,
-                                   max_num_batched_tokens=self.config.max_num_batched_tokens)
+        self.block_manager = BlockManager(
+            self.config.num_kv_blocks, self.config.block_size, enable_prefix_caching=self.config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(
+            self.block_manager,
+            max_num_seqs=self.config.max_num_seqs,
+            max_num_batched_tokens=self.config.max_num_batched_tokens,
+        )
         self.trace = Trace()
         self.eos_token_ids = frozenset(model_config.eos_token_ids or ())
         self._groups: dict[str, _Group] = {}
@@ -150,11 +158,13 @@ class EngineCore:
         """A new config with the model-dependent values filled in (the given one is never mutated)."""
         model_max = self.model_config.max_position_embeddings
         if config.max_model_len is not None and config.max_model_len > model_max:
-            raise InvalidEngineConfigError("max_model_len", f"{config.max_model_len} exceeds the model's "
-                                           f"max_position_embeddings={model_max}")
+            raise InvalidEngineConfigError(
+                "max_model_len", f"{config.max_model_len} exceeds the model's max_position_embeddings={model_max}"
+            )
         max_len = config.max_model_len or model_max
-        return dataclasses.replace(config, max_model_len=max_len,
-                                   num_kv_blocks=num_kv_blocks_for(config, self.model_config))
+        return dataclasses.replace(
+            config, max_model_len=max_len, num_kv_blocks=num_kv_blocks_for(config, self.model_config)
+        )
 
     @property
     def vocab_size(self) -> int:
@@ -168,7 +178,9 @@ class EngineCore:
             raise InvalidPromptError("prompt", "has no tokens")
         vocab = self.vocab_size
         if min(ids) < 0 or max(ids) >= vocab:
-            raise InvalidPromptError("prompt_token_ids", f"token ids must be in [0, {vocab}), got {min(ids)}..{max(ids)}")
+            raise InvalidPromptError(
+                "prompt_token_ids", f"token ids must be in [0, {vocab}), got {min(ids)}..{max(ids)}"
+            )
         for name, values in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias or ())):
             bad = [t for t in values if t >= vocab]
             if bad:
@@ -178,11 +190,16 @@ class EngineCore:
             raise PromptTooLongError("prompt", f"has {len(ids)} tokens, more than max_model_len={max_len}")
         bm = self.block_manager
         if bm.blocks_for(len(ids)) > bm.num_blocks:
-            raise RequestTooLargeError("prompt", f"{len(ids)} tokens need more than the KV cache's {bm.num_blocks} blocks")
+            raise RequestTooLargeError(
+                "prompt", f"{len(ids)} tokens need more than the KV cache's {bm.num_blocks} blocks"
+            )
         slots = self.max_kv_slots(len(ids), params.max_tokens)
         if bm.blocks_for(slots) > bm.num_blocks:
-            raise RequestTooLargeError("max_tokens", f"prompt + max_tokens need {slots} KV slots in "
-                                       f"{bm.blocks_for(slots)} blocks; the KV cache has {bm.num_blocks}")
+            raise RequestTooLargeError(
+                "max_tokens",
+                f"prompt + max_tokens need {slots} KV slots in "
+                f"{bm.blocks_for(slots)} blocks; the KV cache has {bm.num_blocks}",
+            )
 
     def max_kv_slots(self, num_prompt_tokens: int, max_tokens: int) -> int:
         """KV slots one sequence can ever hold: every token but the last sampled one, which is never fed back.
@@ -192,8 +209,15 @@ class EngineCore:
         total = min(num_prompt_tokens + max_tokens, self.config.max_model_len)
         return max(num_prompt_tokens, total - 1)
 
-    def add_request(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams, *,
-                    priority: int = 0, arrival_time: float | None = None) -> None:
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        *,
+        priority: int = 0,
+        arrival_time: float | None = None,
+    ) -> None:
         """Queue a request (after ``check_request``); its sequences join the batch at the next step."""
         if request_id in self._groups:
             raise InvalidPromptError("request_id", f"{request_id!r} is already in use")
@@ -209,10 +233,22 @@ class EngineCore:
         params = group.params
         # Explicit seeds give sample i the seed seed+i; otherwise the engine's seeded stream decides,
         # so a run is reproducible for a given submission order either way.
-        seed = params.seed + index if params.seed is not None else int(torch.randint(2**62, (1,), generator=self._seed_rng))
+        seed = (
+            params.seed + index
+            if params.seed is not None
+            else int(torch.randint(2**62, (1,), generator=self._seed_rng))
+        )
         gen = torch.Generator(device=self.worker.device).manual_seed(seed)
-        return Request(group.request_id, index, list(group.prompt_token_ids), params, gen, group.priority,
-                       group.arrival_order, group.metrics)
+        return Request(
+            group.request_id,
+            index,
+            list(group.prompt_token_ids),
+            params,
+            gen,
+            group.priority,
+            group.arrival_order,
+            group.metrics,
+        )
 
     def next_arrival(self) -> int:
         """A fresh FCFS arrival number (beam search queues its own sequences)."""
@@ -228,8 +264,9 @@ class EngineCore:
         return self._groups[request_id].metrics
 
     # ---- requests out -----------------------------------------------------------------
-    def finish_sequence(self, request_id: str, index: int, status: RequestStatus,
-                        stop_reason: int | str | None = None) -> None:
+    def finish_sequence(
+        self, request_id: str, index: int, status: RequestStatus, stop_reason: int | str | None = None
+    ) -> None:
         """End one sequence now (a stop string found by the output processor); frees its blocks."""
         group = self._groups.get(request_id)
         if group is None:
@@ -306,10 +343,17 @@ class EngineCore:
         self._prompt_tokens_total += sched.num_prefill_tokens
         return logits, sampled
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Request]) -> tuple[list[int], list[list[dict[int, Logprob]] | None]]:
-        out = sample(logits, [q.params for q in seqs], [q.generator for q in seqs],
-                     prompt_token_ids=[q.prompt_token_ids for q in seqs],
-                     output_token_ids=[q.output_token_ids for q in seqs], eos_token_ids=self.eos_token_ids)
+    def _sample(
+        self, logits: torch.Tensor, seqs: list[Request]
+    ) -> tuple[list[int], list[list[dict[int, Logprob]] | None]]:
+        out = sample(
+            logits,
+            [q.params for q in seqs],
+            [q.generator for q in seqs],
+            prompt_token_ids=[q.prompt_token_ids for q in seqs],
+            output_token_ids=[q.output_token_ids for q in seqs],
+            eos_token_ids=self.eos_token_ids,
+        )
         self._generation_tokens_total += len(out.token_ids)
         return out.token_ids, [None if lp is None else [lp] for lp in out.logprobs]
 
@@ -350,8 +394,9 @@ class EngineCore:
         status = self._check_stop(seq, token)
         if status is not None:
             self.scheduler.finish(seq, status)
-        return CoreOutput(seq.request_id, seq.index, [token], logprobs, seq.finish_reason, seq.stop_reason,
-                          seq.num_cached_tokens)
+        return CoreOutput(
+            seq.request_id, seq.index, [token], logprobs, seq.finish_reason, seq.stop_reason, seq.num_cached_tokens
+        )
 
     def _check_stop(self, seq: Request, token: int) -> RequestStatus | None:
         """EOS, stop tokens and length; stop strings are the output processor's (it has the tokenizer)."""
@@ -374,36 +419,49 @@ class EngineCore:
     def stats(self) -> EngineStats:
         s: BlockStats = self.block_manager.stats()
         return EngineStats(
-            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
-            num_blocks=s.num_blocks, used_blocks=s.used_blocks, cached_blocks=s.cached_blocks,
-            free_blocks=s.free_blocks, num_preemptions=self.scheduler.num_preemptions,
-            prompt_tokens_total=self._prompt_tokens_total, generation_tokens_total=self._generation_tokens_total,
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_blocks=s.num_blocks,
+            used_blocks=s.used_blocks,
+            cached_blocks=s.cached_blocks,
+            free_blocks=s.free_blocks,
+            num_preemptions=self.scheduler.num_preemptions,
+            prompt_tokens_total=self._prompt_tokens_total,
+            generation_tokens_total=self._generation_tokens_total,
         )
 
-    def record_step(self, sched: SchedulerOutput, before: BlockStats, num_finished: int, duration: float,
-                    extra_held: Sequence[Request] = ()) -> None:
+    def record_step(
+        self,
+        sched: SchedulerOutput,
+        before: BlockStats,
+        num_finished: int,
+        duration: float,
+        extra_held: Sequence[Request] = (),
+    ) -> None:
         """Append the step's StepRecord; ``extra_held``: sequences holding blocks outside the queues (parked beams)."""
         after = self.block_manager.stats()
         bm = self.block_manager
         held = [r for r in itertools.chain(self.scheduler.running, extra_held) if bm.has_sequence(r.seq_id)]
-        self.trace.append(StepRecord(
-            step=len(self.trace),
-            num_scheduled=len(sched.scheduled),
-            scheduled=tuple((s.request.request_id, s.request.index, s.num_new_tokens) for s in sched.scheduled),
-            num_prefill_tokens=sched.num_prefill_tokens,
-            num_decode_tokens=sched.num_decode_tokens,
-            blocks_allocated=after.total_allocated - before.total_allocated,
-            blocks_freed=after.total_freed - before.total_freed,
-            blocks_copied=after.total_copied - before.total_copied,
-            preemptions=len(sched.preempted),
-            num_waiting=len(self.scheduler.waiting),
-            num_running=len(self.scheduler.running),
-            used_blocks=after.used_blocks,
-            free_blocks=after.free_blocks,
-            cached_blocks=after.cached_blocks,
-            utilization=after.utilization,
-            tokens_stored=after.tokens_stored,
-            logical_blocks=sum(len(bm.block_table(r.seq_id)) for r in held),
-            num_finished=num_finished,
-            duration_s=duration,
-        ))
+        self.trace.append(
+            StepRecord(
+                step=len(self.trace),
+                num_scheduled=len(sched.scheduled),
+                scheduled=tuple((s.request.request_id, s.request.index, s.num_new_tokens) for s in sched.scheduled),
+                num_prefill_tokens=sched.num_prefill_tokens,
+                num_decode_tokens=sched.num_decode_tokens,
+                blocks_allocated=after.total_allocated - before.total_allocated,
+                blocks_freed=after.total_freed - before.total_freed,
+                blocks_copied=after.total_copied - before.total_copied,
+                preemptions=len(sched.preempted),
+                num_waiting=len(self.scheduler.waiting),
+                num_running=len(self.scheduler.running),
+                used_blocks=after.used_blocks,
+                free_blocks=after.free_blocks,
+                cached_blocks=after.cached_blocks,
+                utilization=after.utilization,
+                tokens_stored=after.tokens_stored,
+                logical_blocks=sum(len(bm.block_table(r.seq_id)) for r in held),
+                num_finished=num_finished,
+                duration_s=duration,
+            )
+        )

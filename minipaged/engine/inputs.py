@@ -3,10 +3,12 @@
 Shared by every front end (``LLM``, ``AsyncLLM``, the server) so that one prompt means the
 same thing everywhere and a malformed one fails with the same typed error.
 """
+
 from __future__ import annotations
 
 import numbers
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from minipaged.errors import InvalidPromptError, InvalidSamplingParamsError
 from minipaged.sampling_params import SamplingParams
@@ -17,7 +19,8 @@ def _token_ids(ids: Any) -> list[int]:
     if hasattr(ids, "tolist") and not isinstance(ids, (list, tuple)):
         ids = ids.tolist()
     if not isinstance(ids, (list, tuple)) or not all(
-            isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in ids):
+        isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in ids
+    ):
         raise InvalidPromptError("prompt_token_ids", "must be a list of ints")
     return [int(t) for t in ids]
 
@@ -33,19 +36,25 @@ def parse_prompt(prompt: Any, tokenizer: Any) -> tuple[str | None, list[int]]:
     if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
         text = prompt.get("prompt")
         if text is not None and not isinstance(text, str):
-            raise InvalidPromptError("prompt", f"must be a string when given with prompt_token_ids, got {type(text).__name__}")
+            raise InvalidPromptError(
+                "prompt", f"must be a string when given with prompt_token_ids, got {type(text).__name__}"
+            )
         return text, _token_ids(prompt["prompt_token_ids"])
-    raise InvalidPromptError("prompt", f"must be a string or {{'prompt_token_ids': [...]}}, got {type(prompt).__name__}")
+    raise InvalidPromptError(
+        "prompt", f"must be a string or {{'prompt_token_ids': [...]}}, got {type(prompt).__name__}"
+    )
 
 
 def check_params(params: Any, tokenizer: Any) -> SamplingParams:
     """``params`` if it is a ``SamplingParams`` this engine can honour, else a typed error."""
     if not isinstance(params, SamplingParams):
-        raise InvalidSamplingParamsError("sampling_params", f"must be a SamplingParams (or a list with one per "
-                                         f"prompt), got {type(params).__name__}")
+        raise InvalidSamplingParamsError(
+            "sampling_params", f"must be a SamplingParams (or a list with one per prompt), got {type(params).__name__}"
+        )
     if params.stop and tokenizer is None:
-        raise InvalidSamplingParamsError("stop", "stop strings need a tokenizer; this engine has none "
-                                         "(use stop_token_ids)")
+        raise InvalidSamplingParamsError(
+            "stop", "stop strings need a tokenizer; this engine has none (use stop_token_ids)"
+        )
     return params
 
 

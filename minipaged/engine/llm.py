@@ -8,19 +8,21 @@ iterator, or the manual ``add_request`` / ``step`` loop. Whoever calls the core'
 and manual requests can be interleaved freely: each output is delivered exactly once, to
 the caller that submitted it, and nobody waits for a request that another caller aborted.
 """
+
 from __future__ import annotations
 
 import itertools
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
-from minipaged.engine.core import EngineCore, load_engine
-from minipaged.errors import InvalidPromptError, UnknownRequestError
+from minipaged.core.request import RequestStatus
+from minipaged.engine.core import load_engine
 from minipaged.engine.inputs import chat_prompts, check_params, check_priority, normalize_batch, parse_prompt
 from minipaged.engine.output_processor import OutputProcessor, RequestUpdate
+from minipaged.errors import InvalidPromptError, UnknownRequestError
 from minipaged.outputs import RequestOutput, StreamChunk
-from minipaged.core.request import RequestStatus
 from minipaged.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -119,7 +121,7 @@ class LLM:
         """
         self.engine_core.shutdown()
 
-    def __enter__(self) -> "LLM":
+    def __enter__(self) -> LLM:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -153,11 +155,20 @@ class LLM:
 
     def _in_use(self, request_id: str) -> bool:
         """Live, or finished with its output not yet returned by ``step()``."""
-        return (request_id in self._owners or self.engine_core.has_request(request_id)
-                or any(out.request_id == request_id for out in self._manual.done))
+        return (
+            request_id in self._owners
+            or self.engine_core.has_request(request_id)
+            or any(out.request_id == request_id for out in self._manual.done)
+        )
 
-    def add_request(self, prompt: Any, sampling_params: SamplingParams | None = None, *,
-                    priority: int = 0, request_id: str | None = None) -> str:
+    def add_request(
+        self,
+        prompt: Any,
+        sampling_params: SamplingParams | None = None,
+        *,
+        priority: int = 0,
+        request_id: str | None = None,
+    ) -> str:
         """Validate and queue one prompt; ``step()`` returns its output once finished. Lower ``priority`` runs first."""
         params = sampling_params if sampling_params is not None else SamplingParams()
         item = [(prompt, params, check_priority(priority))]
@@ -215,8 +226,9 @@ class LLM:
             self._step_once()
 
     # ---- batch APIs ---------------------------------------------------------------------
-    def generate(self, prompts: Any, sampling_params: Any = None, *, use_tqdm: bool = True,
-                 priority: Any = None) -> list[RequestOutput]:
+    def generate(
+        self, prompts: Any, sampling_params: Any = None, *, use_tqdm: bool = True, priority: Any = None
+    ) -> list[RequestOutput]:
         """Generate for each prompt (a string or ``{"prompt_token_ids": [...]}``); outputs in input order."""
         collector = _Collector()
         ids = self._submit(normalize_batch(prompts, sampling_params, priority), collector)
@@ -257,8 +269,14 @@ class LLM:
             while True:
                 while buffer.chunks:
                     chunk = buffer.chunks.popleft()
-                    yield StreamChunk(chunk.request_id, chunk.index, chunk.token_ids, chunk.text,
-                                      chunk.finish_reason, position[chunk.request_id])
+                    yield StreamChunk(
+                        chunk.request_id,
+                        chunk.index,
+                        chunk.token_ids,
+                        chunk.text,
+                        chunk.finish_reason,
+                        position[chunk.request_id],
+                    )
                 if len(buffer.finished) == len(ids):
                     return
                 self._drive(lambda: bool(buffer.chunks) or len(buffer.finished) == len(ids))
@@ -267,8 +285,9 @@ class LLM:
                 if rid not in buffer.finished and rid in self._owners:
                     self._abort(rid)
 
-    def chat(self, messages: Any, sampling_params: Any = None, *, use_tqdm: bool = True,
-             add_generation_prompt: bool = True) -> list[RequestOutput]:
+    def chat(
+        self, messages: Any, sampling_params: Any = None, *, use_tqdm: bool = True, add_generation_prompt: bool = True
+    ) -> list[RequestOutput]:
         """Apply the chat template to one conversation (list of {"role","content"}) or a list of them."""
         return self.generate(self.chat_prompts(messages, add_generation_prompt), sampling_params, use_tqdm=use_tqdm)
 
@@ -276,7 +295,7 @@ class LLM:
         """``{"prompt", "prompt_token_ids"}`` per conversation, through the tokenizer's chat template."""
         return chat_prompts(messages, self.tokenizer, add_generation_prompt)
 
-    def beam_search(self, prompts: Any, params: "BeamSearchParams") -> list["BeamSearchOutput"]:
+    def beam_search(self, prompts: Any, params: BeamSearchParams) -> list[BeamSearchOutput]:
         """Beam search over each prompt (vLLM's ``LLM.beam_search``); outputs in input order.
 
         Every beam is a block-manager sequence: survivors are forked from their parent beam
@@ -304,13 +323,14 @@ class _ProgressBar:
         self.start = time.monotonic()
 
     def update(self, done: int) -> None:
-        for record in self.trace[self.counted:]:
+        for record in self.trace[self.counted :]:
             self.prefill += record.num_prefill_tokens
             self.decode += record.num_decode_tokens
         self.counted = len(self.trace)
         elapsed = max(time.monotonic() - self.start, 1e-9)
-        self.bar.set_postfix_str(f"prefill {self.prefill / elapsed:.0f} tok/s, decode {self.decode / elapsed:.0f} tok/s",
-                                 refresh=False)
+        self.bar.set_postfix_str(
+            f"prefill {self.prefill / elapsed:.0f} tok/s, decode {self.decode / elapsed:.0f} tok/s", refresh=False
+        )
         self.bar.update(done - self.bar.n)
 
     def close(self) -> None:

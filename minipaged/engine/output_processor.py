@@ -14,10 +14,12 @@ text is safe to *release* to a streaming consumer:
 Released text only ever grows, which is what makes cumulative outputs (``AsyncLLM``) and
 deltas (``LLM.stream``) agree with ``generate``.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from minipaged.engine.core import CoreOutput
 from minipaged.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput, StreamChunk
@@ -39,10 +41,15 @@ class _Completion:
     def output(self, final_text: bool) -> CompletionOutput:
         lps = self.logprobs
         cumulative = sum(d[t].logprob for d, t in zip(lps, self.token_ids)) if lps is not None else None
-        return CompletionOutput(index=self.index, text=self.text if final_text else self.text[:self.released],
-                                token_ids=list(self.token_ids), finish_reason=self.finish_reason,
-                                stop_reason=self.stop_reason, logprobs=None if lps is None else list(lps),
-                                cumulative_logprob=cumulative)
+        return CompletionOutput(
+            index=self.index,
+            text=self.text if final_text else self.text[: self.released],
+            token_ids=list(self.token_ids),
+            finish_reason=self.finish_reason,
+            stop_reason=self.stop_reason,
+            logprobs=None if lps is None else list(lps),
+            cumulative_logprob=cumulative,
+        )
 
 
 @dataclass
@@ -64,11 +71,19 @@ class RequestState:
 
     def output(self) -> RequestOutput:
         """The request so far: released text only, whole text once finished (cumulative, vLLM's default)."""
-        completions = [self.completions[i].output(final_text=self.completions[i].finish_reason is not None)
-                       for i in sorted(self.completions)]
-        return RequestOutput(request_id=self.request_id, prompt=self.prompt,
-                             prompt_token_ids=list(self.prompt_token_ids), outputs=completions,
-                             finished=self.finished, metrics=self.metrics, num_cached_tokens=self.num_cached_tokens)
+        completions = [
+            self.completions[i].output(final_text=self.completions[i].finish_reason is not None)
+            for i in sorted(self.completions)
+        ]
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt=self.prompt,
+            prompt_token_ids=list(self.prompt_token_ids),
+            outputs=completions,
+            finished=self.finished,
+            metrics=self.metrics,
+            num_cached_tokens=self.num_cached_tokens,
+        )
 
 
 @dataclass
@@ -103,8 +118,14 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self.states: dict[str, RequestState] = {}
 
-    def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                    params: SamplingParams, metrics: RequestMetrics) -> RequestState:
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | None,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        metrics: RequestMetrics,
+    ) -> RequestState:
         state = RequestState(request_id, prompt, list(prompt_token_ids), params, metrics)
         self.states[request_id] = state
         return state
@@ -132,8 +153,15 @@ class OutputProcessor:
             if hit is not None:
                 stops.append(StopHit(state.request_id, comp.index, hit))
             update = updates.setdefault(out.request_id, RequestUpdate(state, []))
-            update.chunks.append(StreamChunk(state.request_id, comp.index, list(out.new_token_ids),
-                                             comp.text[before:comp.released], comp.finish_reason))
+            update.chunks.append(
+                StreamChunk(
+                    state.request_id,
+                    comp.index,
+                    list(out.new_token_ids),
+                    comp.text[before : comp.released],
+                    comp.finish_reason,
+                )
+            )
         for rid, update in updates.items():
             if update.finished:
                 del self.states[rid]
@@ -149,7 +177,7 @@ class OutputProcessor:
             comp = state.completions.setdefault(index, _Completion(index))
             if comp.finish_reason is None:
                 comp.finish_reason = "abort"
-                chunks.append(StreamChunk(request_id, index, [], comp.text[comp.released:], "abort"))
+                chunks.append(StreamChunk(request_id, index, [], comp.text[comp.released :], "abort"))
                 comp.released = len(comp.text)
         return RequestUpdate(state, chunks)
 

@@ -3,6 +3,7 @@
 One ``StepRecord`` per engine step. Block counts are differences of the block
 manager's cumulative ``BlockStats`` counters across the step.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,4 +49,6 @@ class Trace(list):
         """One row per step; columns are the StepRecord fields (``scheduled`` left as tuples)."""
         import pandas as pd
 
-        return pd.DataFrame([dataclasses.asdict(r) for r in self], columns=[f.name for f in dataclasses.fields(StepRecord)])
+        return pd.DataFrame(
+            [dataclasses.asdict(r) for r in self], columns=[f.name for f in dataclasses.fields(StepRecord)]
+        )

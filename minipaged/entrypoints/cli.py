@@ -8,12 +8,14 @@ Every invalid value, whether argparse or the engine finds it, ends the run with 
 Subcommands register themselves in ``_parser`` with ``set_defaults(run=...)``; engine options
 come from ``add_engine_arguments`` / ``engine_kwargs`` so every subcommand spells them alike.
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
 import warnings
-from typing import Any, Callable, NoReturn
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 from minipaged.entrypoints.engine_args import add_engine_arguments, engine_kwargs
 from minipaged.entrypoints.openai.cli import add_serve_parser
@@ -54,8 +56,13 @@ def _add_generate(sub: Any) -> None:
     s.add_argument("--repetition-penalty", type=float, default=1.0)
     s.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop string (repeatable)")
     s.add_argument("--ignore-eos", action="store_true", help="keep generating past the model's EOS")
-    s.add_argument("--logprobs", type=int, default=None, metavar="K",
-                   help="print each token's log-probability and the K most likely alternatives")
+    s.add_argument(
+        "--logprobs",
+        type=int,
+        default=None,
+        metavar="K",
+        help="print each token's log-probability and the K most likely alternatives",
+    )
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--n", type=int, default=1, help="samples per prompt")
     gen.add_argument("--stream", action="store_true", help="print tokens as they are generated (one prompt, --n 1)")
@@ -77,10 +84,20 @@ def _generate(args: argparse.Namespace) -> int:
     if args.stream and (len(args.prompts) > 1 or args.n > 1):
         raise CliError("--stream prints one completion as it grows: give one prompt and --n 1 (or drop --stream)")
     params = SamplingParams(
-        n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-        repetition_penalty=args.repetition_penalty, logprobs=args.logprobs, seed=args.seed,
-        max_tokens=args.max_tokens, min_tokens=args.min_tokens, stop=tuple(args.stop or ()), ignore_eos=args.ignore_eos,
+        n=args.n,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        repetition_penalty=args.repetition_penalty,
+        logprobs=args.logprobs,
+        seed=args.seed,
+        max_tokens=args.max_tokens,
+        min_tokens=args.min_tokens,
+        stop=tuple(args.stop or ()),
+        ignore_eos=args.ignore_eos,
     )
     llm = LLM(args.model, **engine_kwargs(args))
     prompts: list = args.prompts
@@ -116,7 +133,10 @@ def _print_logprobs(completion: Any, tokenizer: Any) -> None:
         chosen = entry[token]
         others = sorted((lp.rank or 0, t, lp.logprob) for t, lp in entry.items() if t != token)
         alternatives = ", ".join(f"{name(t)} {lp:.3f}" for _, t, lp in others)
-        print(f"  {name(token)} {chosen.logprob:.3f} (rank {chosen.rank})" + (f" | {alternatives}" if alternatives else ""))
+        print(
+            f"  {name(token)} {chosen.logprob:.3f} (rank {chosen.rank})"
+            + (f" | {alternatives}" if alternatives else "")
+        )
 
 
 def _error_line(err: Exception, args: argparse.Namespace) -> str:
@@ -158,4 +178,3 @@ def main(argv: list[str] | None = None) -> int:
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"{PROG}: warning: {message}", file=sys.stderr)
-

@@ -6,6 +6,7 @@ allocator) against minipaged's own block manager, on the same trace and KV budge
 ``traces`` makes the workloads, ``allocators`` the strategies, ``simulate`` the replay,
 ``sharing`` the savings of block sharing for parallel sampling and beam search.
 """
+
 from minipaged.memsim.allocators import (
     ContiguousStrategy,
     FirstFitAllocator,
@@ -27,7 +28,21 @@ from minipaged.memsim.traces import (
 )
 
 __all__ = [
-    "ALPACA", "SHAREGPT", "ContiguousStrategy", "FirstFitAllocator", "MemoryBreakdown", "PagedStrategy",
-    "Request", "SimConfig", "SimResult", "Trace", "TraceFormatError", "load_trace_csv", "orca_max",
-    "orca_oracle", "orca_pow2", "simulate", "synthetic_trace",
+    "ALPACA",
+    "SHAREGPT",
+    "ContiguousStrategy",
+    "FirstFitAllocator",
+    "MemoryBreakdown",
+    "PagedStrategy",
+    "Request",
+    "SimConfig",
+    "SimResult",
+    "Trace",
+    "TraceFormatError",
+    "load_trace_csv",
+    "orca_max",
+    "orca_oracle",
+    "orca_pow2",
+    "simulate",
+    "synthetic_trace",
 ]

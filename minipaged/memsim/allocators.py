@@ -19,6 +19,7 @@ Contiguous strategies (the paper's Orca baselines) place each request's reservat
 one range of a :class:`FirstFitAllocator`; the paged strategy drives minipaged's real
 :class:`~minipaged.core.block_manager.BlockManager`.
 """
+
 from __future__ import annotations
 
 import bisect

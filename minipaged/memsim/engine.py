@@ -5,9 +5,11 @@ The engine's per-step ``StepRecord`` (``minipaged.engine.trace``) carries the bl
 ``logical_blocks``, the blocks the same sequences would hold without sharing. These
 helpers turn a run into the quantities the simulator reports, so the two overlay.
 """
+
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -24,7 +26,7 @@ def batch_trace(input_lens: Sequence[int], output_lens: Sequence[int], name: str
     return Trace(name, tuple(Request(i, 0.0, int(a), int(b)) for i, (a, b) in enumerate(zip(input_lens, output_lens))))
 
 
-def run_engine_batch(llm: "LLM", prompts: Sequence[Sequence[int]], output_lens: Sequence[int]) -> list["StepRecord"]:
+def run_engine_batch(llm: LLM, prompts: Sequence[Sequence[int]], output_lens: Sequence[int]) -> list[StepRecord]:
     """Greedy-generate exactly ``output_lens[i]`` tokens for each prompt; returns the run's step records."""
     from minipaged.sampling_params import SamplingParams
 
@@ -34,12 +36,14 @@ def run_engine_batch(llm: "LLM", prompts: Sequence[Sequence[int]], output_lens: 
     return list(llm.trace[start:])
 
 
-def step_utilization(steps: Sequence["StepRecord"]) -> np.ndarray:
+def step_utilization(steps: Sequence[StepRecord]) -> np.ndarray:
     """float64 [num_steps]: ``BlockStats.utilization`` after each step (token states / allocated slots)."""
     return np.array([s.utilization for s in steps], dtype=np.float64)
 
 
-def measured_sharing(steps: Sequence["StepRecord"], *, mode: str, width: int, block_size: int, name: str) -> SharingResult:
+def measured_sharing(
+    steps: Sequence[StepRecord], *, mode: str, width: int, block_size: int, name: str
+) -> SharingResult:
     """Block sharing measured on an engine run, in the simulator's terms.
 
     Sums blocks in use (shared once) and blocks the same sequences' tables point to
@@ -49,5 +53,12 @@ def measured_sharing(steps: Sequence["StepRecord"], *, mode: str, width: int, bl
     unshared = sum(s.logical_blocks for s in steps)
     if unshared == 0:
         raise ValueError("the steps hold no blocks; nothing to measure")
-    return SharingResult(mode=mode, width=width, block_size=block_size, trace=name, shared_block_steps=shared,
-                         unshared_block_steps=unshared, copies=sum(s.blocks_copied for s in steps))
+    return SharingResult(
+        mode=mode,
+        width=width,
+        block_size=block_size,
+        trace=name,
+        shared_block_steps=shared,
+        unshared_block_steps=unshared,
+        copies=sum(s.blocks_copied for s in steps),
+    )

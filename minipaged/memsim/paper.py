@@ -4,10 +4,11 @@ Copied here so the study never reads anything outside the package at run time. T
 Fig. 2 breakdown is read off the bar chart (percent of KV memory, time-averaged, OPT-13B
 on an A100-40GB); the paper lumps free memory into "external fragmentation & others".
 """
+
 from __future__ import annotations
 
-from minipaged.memsim.simulate import SimResult
 from minipaged.memsim.sharing import SharingResult
+from minipaged.memsim.simulate import SimResult
 
 # strategy -> (token states, reservation, internal, external & others), percent; None = not shown
 FIG2_BREAKDOWN: dict[str, tuple[float, float, float | None, float]] = {
@@ -45,8 +46,15 @@ def fig2_rows(results: list[SimResult], *, saturated_only: bool = True) -> list[
                 ref = paper[i]
             else:
                 ref = VLLM_TOKEN_STATES if i == 0 else None
-            rows.append({"strategy": res.strategy, "trace": res.trace, "quantity": name,
-                         "ours %": round(ours[i], 1), "paper %": ref})
+            rows.append(
+                {
+                    "strategy": res.strategy,
+                    "trace": res.trace,
+                    "quantity": name,
+                    "ours %": round(ours[i], 1),
+                    "paper %": ref,
+                }
+            )
     return rows
 
 
@@ -56,6 +64,13 @@ def sharing_rows(results: list[SharingResult], workload_of: dict[str, str]) -> l
     for res in results:
         workload = workload_of[res.trace]
         lo, hi = SHARING_SAVINGS[(res.mode, workload)]
-        rows.append({"mode": res.mode, "width": res.width, "workload": workload,
-                     "ours %": round(100 * res.saving, 1), "paper %": f"{lo}-{hi}"})
+        rows.append(
+            {
+                "mode": res.mode,
+                "width": res.width,
+                "workload": workload,
+                "ours %": round(100 * res.saving, 1),
+                "paper %": f"{lo}-{hi}",
+            }
+        )
     return rows

@@ -20,6 +20,7 @@ pooled over all requests, i.e. the time-averaged memory saved while they run.
   with several children share their whole history. This models the parent choice of
   beam search without a model; the real feature lives in the engine.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -18,6 +18,7 @@ are reported as ``idle_time`` but carry no memory samples, so every average belo
 *busy* time, weighted by step duration. ``SimResult.series`` keeps the per-step time
 series so an engine trace (``BlockStats.utilization`` over time) can be overlaid on it.
 """
+
 from __future__ import annotations
 
 from collections import deque
@@ -166,9 +167,9 @@ class _Recorder:
 
     def series(self) -> StepSeries:
         floats = {"time", "duration"}
-        return StepSeries(**{
-            k: np.asarray(v, dtype=np.float64 if k in floats else np.int64) for k, v in self.columns.items()
-        })
+        return StepSeries(
+            **{k: np.asarray(v, dtype=np.float64 if k in floats else np.int64) for k, v in self.columns.items()}
+        )
 
 
 def simulate(trace: Trace, strategy: Strategy, config: SimConfig) -> SimResult:

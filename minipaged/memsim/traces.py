@@ -7,6 +7,7 @@ whose means match ShareGPT (input 161.31, output 337.99 tokens) and Alpaca (19.3
 The paper only publishes means and histograms, so the shapes here are lognormals clipped
 to ``[1, max_len]`` whose location is solved so that the *clipped* mean hits the target.
 """
+
 from __future__ import annotations
 
 import csv
@@ -121,9 +122,7 @@ def clipped_lognormal_mean(mu: float, sigma: float, lo: float, hi: float) -> flo
     la, lb = math.log(lo), math.log(hi)
     p_lo = _normal_cdf((la - mu) / sigma)
     p_hi = 1.0 - _normal_cdf((lb - mu) / sigma)
-    middle = math.exp(mu + s2 / 2) * (
-        _normal_cdf((lb - mu - s2) / sigma) - _normal_cdf((la - mu - s2) / sigma)
-    )
+    middle = math.exp(mu + s2 / 2) * (_normal_cdf((lb - mu - s2) / sigma) - _normal_cdf((la - mu - s2) / sigma))
     return lo * p_lo + middle + hi * p_hi
 
 
@@ -167,9 +166,7 @@ def synthetic_trace(
     arrivals = np.cumsum(rng.exponential(1.0 / request_rate, size=num_requests))
     inputs = np.minimum(workload.input.sample(rng, num_requests), max_len - 1)
     outputs = np.minimum(workload.output.sample(rng, num_requests), max_len - inputs)
-    requests = tuple(
-        Request(i, float(a), int(p), int(o)) for i, (a, p, o) in enumerate(zip(arrivals, inputs, outputs))
-    )
+    requests = tuple(Request(i, float(a), int(p), int(o)) for i, (a, p, o) in enumerate(zip(arrivals, inputs, outputs)))
     return Trace(f"{workload.name} ({request_rate:g} req/s)", requests)
 
 

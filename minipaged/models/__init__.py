@@ -4,6 +4,7 @@
 takes a Hugging Face safetensors directory or a ``.gguf`` file. ``build_model_from_hf``
 copies a transformers model's weights into ours (tests use it with tiny random models).
 """
+
 from minipaged.models.config import ModelConfig
 from minipaged.models.llama import CausalLM
 from minipaged.models.loader import (

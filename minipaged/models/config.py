@@ -1,4 +1,5 @@
 """The architecture facts our model needs, read once from a Hugging Face config."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,7 +34,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.architecture not in set(ARCHITECTURES.values()):
-            raise ValueError(f"architecture must be one of {sorted(set(ARCHITECTURES.values()))}, got {self.architecture!r}")
+            raise ValueError(
+                f"architecture must be one of {sorted(set(ARCHITECTURES.values()))}, got {self.architecture!r}"
+            )
         if self.num_heads % self.num_kv_heads != 0:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.head_dim % 2 != 0:
@@ -42,7 +45,7 @@ class ModelConfig:
             raise ValueError(f"rope_scaling type must be one of {ROPE_TYPES[1:]}, got {self.rope_scaling!r}")
 
     @classmethod
-    def from_hf(cls, hf_config: Any) -> "ModelConfig":
+    def from_hf(cls, hf_config: Any) -> ModelConfig:
         """Read a ``transformers`` config (LlamaConfig, MistralConfig, Qwen2Config, or one loaded from GGUF)."""
         model_type = getattr(hf_config, "model_type", None)
         if model_type not in ARCHITECTURES:

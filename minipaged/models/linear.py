@@ -28,12 +28,11 @@ than the packed GEMM; otherwise it is freed, ~0.4 GiB for SmolLM2 in fp32. Anywh
 (CUDA, fp16, bf16 without CPU support, autograd, a PyTorch without oneDNN) the layer is
 a plain ``F.linear``.
 """
+
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Iterator
-from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -105,8 +104,13 @@ def uses_packed_gemm(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: PackedWeight,
-           dense: torch.Tensor | None = None) -> torch.Tensor:
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    packed: PackedWeight,
+    dense: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for ``x [T, in_features]``, through ``packed`` when that is faster here.
 
     ``weight`` may be packed already (``pack_in_place``); ``x`` must then be a CPU tensor of its dtype.
@@ -120,8 +124,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pac
             return gemv.linear_unchecked(x, dense, bias)
     if weight.is_mkldnn:
         if x.device.type != "cpu" or x.dtype != weight.dtype:
-            raise ValueError(f"a packed {weight.dtype} weight multiplies {weight.dtype} CPU inputs only, "
-                             f"got {x.dtype} on {x.device}")
+            raise ValueError(
+                f"a packed {weight.dtype} weight multiplies {weight.dtype} CPU inputs only, got {x.dtype} on {x.device}"
+            )
         if not _enabled:  # an A/B against the plain path: the dense weight, unpacked if not kept
             return F.linear(x, weight.to_dense() if dense is None else dense, bias)
         packed_weight = weight

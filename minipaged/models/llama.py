@@ -12,9 +12,9 @@ different order than transformers' MKL path (differences of a few fp32 ulps). fp
 runs do RMSNorm (+ add) and RoPE in numba (``minipaged_kernels.cpu.fused_ops``), within an ulp or so
 of the PyTorch formulas used everywhere else.
 """
+
 from __future__ import annotations
 
-import functools
 import math
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -23,13 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minipaged_kernels import cpu as cpu_kernels
-
 from minipaged.attention import AttentionBackend
 from minipaged.attention.metadata import AttentionMetadata
 from minipaged.models.config import ModelConfig
 from minipaged.models.linear import PackedWeight, linear
 from minipaged.models.parallel_linear import column_linear, row_linear
+from minipaged_kernels import cpu as cpu_kernels
 
 if TYPE_CHECKING:
     from minipaged.worker.distributed import TensorParallelGroup
@@ -100,7 +99,9 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``positions [T]`` -> ``(cos, sin)``, each ``[T, 1, head_dim // 2]`` (broadcast over heads)."""
         if positions.numel() and int(positions.max()) >= self.cos.shape[0]:
-            raise ValueError(f"positions reach {int(positions.max())}, beyond max_position_embeddings={self.cos.shape[0]}")
+            raise ValueError(
+                f"positions reach {int(positions.max())}, beyond max_position_embeddings={self.cos.shape[0]}"
+            )
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
 
@@ -114,7 +115,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, backend: AttentionBackend, tp: "TensorParallelGroup | None" = None) -> None:
+    def __init__(self, config: ModelConfig, backend: AttentionBackend, tp: TensorParallelGroup | None = None) -> None:
         super().__init__()
         # With tensor parallelism this rank computes 1/N of the query and KV heads.
         tp_size = 1 if tp is None else tp.world_size
@@ -149,7 +150,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig, tp: "TensorParallelGroup | None" = None) -> None:
+    def __init__(self, config: ModelConfig, tp: TensorParallelGroup | None = None) -> None:
         super().__init__()
         inter = config.intermediate_size
         self.gate_up_proj = column_linear(config.hidden_size, (inter, inter), False, tp)
@@ -161,7 +162,7 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, backend: AttentionBackend, tp: "TensorParallelGroup | None" = None) -> None:
+    def __init__(self, config: ModelConfig, backend: AttentionBackend, tp: TensorParallelGroup | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config, backend, tp)
@@ -190,8 +191,13 @@ class DecoderLayer(nn.Module):
 class DecoderStack(nn.Module):
     """Embedding, decoder layers and final norm (transformers' ``model.model``)."""
 
-    def __init__(self, config: ModelConfig, backend: AttentionBackend, dtype: torch.dtype,
-                 tp: "TensorParallelGroup | None" = None) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        backend: AttentionBackend,
+        dtype: torch.dtype,
+        tp: TensorParallelGroup | None = None,
+    ) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)  # replicated under TP
         self.layers = nn.ModuleList(DecoderLayer(config, backend, tp) for _ in range(config.num_layers))
@@ -202,8 +208,13 @@ class DecoderStack(nn.Module):
 class CausalLM(nn.Module):
     """Llama-family causal LM over a paged KV cache (Llama / Mistral / SmolLM2, and Qwen2 with q/k/v bias)."""
 
-    def __init__(self, config: ModelConfig, attention_backend: AttentionBackend, dtype: torch.dtype = torch.float32,
-                 tp: "TensorParallelGroup | None" = None) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        attention_backend: AttentionBackend,
+        dtype: torch.dtype = torch.float32,
+        tp: TensorParallelGroup | None = None,
+    ) -> None:
         super().__init__()
         self.config = config  # the whole model's shape, also on a tensor-parallel rank
         self.tp = tp  # None: one process; else this rank's group (1/N of the heads and MLP features)
@@ -254,6 +265,8 @@ class CausalLM(nn.Module):
                 f"input_ids and positions must both be [num_tokens]; got {tuple(input_ids.shape)} and {tuple(positions.shape)}"
             )
         if meta.slot_mapping.shape != input_ids.shape:
-            raise ValueError(f"meta.slot_mapping has shape {tuple(meta.slot_mapping.shape)}, expected {tuple(input_ids.shape)}")
+            raise ValueError(
+                f"meta.slot_mapping has shape {tuple(meta.slot_mapping.shape)}, expected {tuple(input_ids.shape)}"
+            )
         if len(kv_caches) != self.config.num_layers:
             raise ValueError(f"kv_caches has {len(kv_caches)} layers, the model has {self.config.num_layers}")

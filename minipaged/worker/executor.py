@@ -25,6 +25,7 @@ Under ``torchrun`` (``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT`` set,
 script, rank 0's ``LLM(...)`` becomes the engine, and on every other rank ``LLM(...)``
 serves rank 0's steps until it shuts down, then exits the process.
 """
+
 from __future__ import annotations
 
 import os
@@ -40,14 +41,22 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-from minipaged.core.block_manager import BlockCopy, BlockManager
 from minipaged.config import EngineConfig
-from minipaged.worker.distributed import (
-    DEFAULT_COLLECTIVE_TIMEOUT_S, Rendezvous, TensorParallelGroup, announce_ready, check_no_running_engine,
-    check_tensor_parallel_size, destroy_process_groups, init_process_groups, torchrun_rank, wait_until_ready,
-)
-from minipaged.errors import InvalidEngineConfigError, MinipagedError
+from minipaged.core.block_manager import BlockCopy, BlockManager
 from minipaged.core.scheduler import ScheduledRequest
+from minipaged.errors import InvalidEngineConfigError, MinipagedError
+from minipaged.worker.distributed import (
+    DEFAULT_COLLECTIVE_TIMEOUT_S,
+    Rendezvous,
+    TensorParallelGroup,
+    announce_ready,
+    check_no_running_engine,
+    check_tensor_parallel_size,
+    destroy_process_groups,
+    init_process_groups,
+    torchrun_rank,
+    wait_until_ready,
+)
 from minipaged.worker.worker import StepBatch, Worker
 
 
@@ -104,7 +113,7 @@ class StepChannel:
             self._broadcast()
             tag, length, capacity = self.buffer[:_HEADER].tolist()
             if tag == _STEP:
-                return StepBatch.unpack(self.buffer[_HEADER:_HEADER + length])
+                return StepBatch.unpack(self.buffer[_HEADER : _HEADER + length])
             if tag == _SHUTDOWN:
                 return None
             if tag != _GROW:
@@ -134,14 +143,22 @@ def rank_device(config: EngineConfig, rank: int, device_offset: int = 0) -> torc
     return torch.device("cpu")
 
 
-def _build_rank(spec: _RankSpec, rank: int, store: torch.distributed.Store | None) -> tuple[TensorParallelGroup, Worker]:
+def _build_rank(
+    spec: _RankSpec, rank: int, store: torch.distributed.Store | None
+) -> tuple[TensorParallelGroup, Worker]:
     """Join the world as ``rank`` and build this rank's model slice and KV-cache slice."""
     from minipaged.models.loader import build_sharded_model
 
     device = rank_device(spec.config, rank, spec.device_offset)
     tp = init_process_groups(rank, spec.config.tensor_parallel_size, device, store, spec.collective_timeout_s)
-    model = build_sharded_model(spec.model_config, spec.full_state, tp, dtype=spec.config.torch_dtype,
-                                device=device, attention_backend=spec.attention_backend)
+    model = build_sharded_model(
+        spec.model_config,
+        spec.full_state,
+        tp,
+        dtype=spec.config.torch_dtype,
+        device=device,
+        attention_backend=spec.attention_backend,
+    )
     spec.full_state = {}  # release the shared full weights: this rank keeps its slice only
     return tp, Worker(model, spec.config, spec.config.num_kv_blocks, device=device)
 
@@ -207,9 +224,14 @@ class TensorParallelExecutor:
     shared memory (one host copy), each rank copies out only its slice.
     """
 
-    def __init__(self, model: torch.nn.Module, config: EngineConfig, *,
-                 collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S,
-                 num_threads_per_rank: int | None = None) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        config: EngineConfig,
+        *,
+        collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S,
+        num_threads_per_rank: int | None = None,
+    ) -> None:
         check_tensor_parallel_size(config.tensor_parallel_size, model.config)
         check_no_running_engine()  # before anything is spawned
         if config.num_kv_blocks is None:
@@ -223,9 +245,16 @@ class TensorParallelExecutor:
         launched = torchrun_rank()
         rank, device_offset = self._placement(config, launched)
         threads = num_threads_per_rank or max(1, (os.cpu_count() or 1) // self.world_size)
-        spec = _RankSpec(config, model.config, model.attention_backend.name,
-                         {name: t.detach().cpu() for name, t in model.state_dict().items()},
-                         None, collective_timeout_s, threads, device_offset)
+        spec = _RankSpec(
+            config,
+            model.config,
+            model.attention_backend.name,
+            {name: t.detach().cpu() for name, t in model.state_dict().items()},
+            None,
+            collective_timeout_s,
+            threads,
+            device_offset,
+        )
         # Rank 0 hosts the store (the process group keeps it too); under torchrun, torchrun does.
         self._store = self._spawn(spec) if launched is None else None
         self._finalizer = weakref.finalize(self, _release, self._processes)
@@ -251,8 +280,9 @@ class TensorParallelExecutor:
             return 0, (config.torch_device.index or 0) if config.torch_device.type == "cuda" else 0
         rank, env_world = launched
         if env_world != self.world_size:
-            raise InvalidEngineConfigError("tensor_parallel_size", f"{self.world_size} differs from torchrun's "
-                                           f"WORLD_SIZE={env_world}")
+            raise InvalidEngineConfigError(
+                "tensor_parallel_size", f"{self.world_size} differs from torchrun's WORLD_SIZE={env_world}"
+            )
         return rank, int(os.environ.get("LOCAL_RANK", rank)) - rank
 
     def _spawn(self, spec: _RankSpec) -> torch.distributed.TCPStore:
@@ -260,8 +290,9 @@ class TensorParallelExecutor:
         where = Rendezvous.for_spawn()
         store = where.open_store(0, self.world_size, spec.collective_timeout_s)
         spec.rendezvous = Rendezvous(where.host, store.port)
-        context = mp.start_processes(_rank_main, args=(spec,), nprocs=self.world_size - 1, join=False,
-                                     daemon=True, start_method="spawn")
+        context = mp.start_processes(
+            _rank_main, args=(spec,), nprocs=self.world_size - 1, join=False, daemon=True, start_method="spawn"
+        )
         self._processes.extend(context.processes)  # the finalizer holds this very list
         self._error_files = list(context.error_files)
         return store
@@ -343,7 +374,7 @@ class TensorParallelExecutor:
         _stop_processes(self._processes)
         self._finalizer()
 
-    def __enter__(self) -> "TensorParallelExecutor":
+    def __enter__(self) -> TensorParallelExecutor:
         return self
 
     def __exit__(self, *exc_info) -> None:

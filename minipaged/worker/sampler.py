@@ -14,10 +14,12 @@ Per row, in vLLM's order:
 Logprobs are those of the model's raw logits (``log_softmax`` before step 1, vLLM's default
 "raw_logprobs"). A step that uses none of 1-3 runs exactly the code it always did.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import AbstractSet, Sequence
+from typing import AbstractSet
 
 import torch
 
@@ -56,8 +58,10 @@ def sample(
     if logits.dim() != 2 or logits.shape[0] != num_rows or len(generators) != num_rows:
         raise ValueError(f"logits {tuple(logits.shape)} needs one row per params ({num_rows}) and generator")
     if len(prompt_token_ids) != num_rows or len(output_token_ids) != num_rows:
-        raise ValueError(f"prompt_token_ids ({len(prompt_token_ids)}) and output_token_ids "
-                         f"({len(output_token_ids)}) need one entry per row ({num_rows})")
+        raise ValueError(
+            f"prompt_token_ids ({len(prompt_token_ids)}) and output_token_ids "
+            f"({len(output_token_ids)}) need one entry per row ({num_rows})"
+        )
     logits = logits.float()
     raw = logits
     logits = process_logits(logits, params, prompt_token_ids, output_token_ids, eos_token_ids)
@@ -106,16 +110,27 @@ def process_logits(
         values = torch.tensor([v for _, b in bias for v in b.values()], dtype=logits.dtype, device=logits.device)
         logits = logits.index_put((_long(rows, logits), _long(cols, logits)), values, accumulate=True)
     # Ids beyond the vocabulary can never be sampled, so there is nothing to mask for them.
-    pairs = [(i, t) for i, p in enumerate(params) if len(output_token_ids[i]) < p.min_tokens
-             for t in _min_tokens_masked_ids(p, eos_token_ids) if t < vocab]
+    pairs = [
+        (i, t)
+        for i, p in enumerate(params)
+        if len(output_token_ids[i]) < p.min_tokens
+        for t in _min_tokens_masked_ids(p, eos_token_ids)
+        if t < vocab
+    ]
     if pairs:
         rows, cols = [i for i, _ in pairs], [t for _, t in pairs]
-        logits = logits.index_put((_long(rows, logits), _long(cols, logits)),
-                                  torch.tensor(float("-inf"), device=logits.device))
+        logits = logits.index_put(
+            (_long(rows, logits), _long(cols, logits)), torch.tensor(float("-inf"), device=logits.device)
+        )
     penalised = [i for i, p in enumerate(params) if p.has_penalties]
     if penalised:
-        logits = apply_penalties(logits, penalised, [params[i] for i in penalised],
-                                 [prompt_token_ids[i] for i in penalised], [output_token_ids[i] for i in penalised])
+        logits = apply_penalties(
+            logits,
+            penalised,
+            [params[i] for i in penalised],
+            [prompt_token_ids[i] for i in penalised],
+            [output_token_ids[i] for i in penalised],
+        )
     return logits
 
 

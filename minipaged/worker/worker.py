@@ -6,6 +6,7 @@ gets its position and the cache slot its K/V goes to; each sequence its block ta
 and total context length. Copy-on-write block copies are done before the forward, so
 a forked sequence writes its new token into its private copy of a shared block.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,17 +15,16 @@ from dataclasses import dataclass
 
 import torch
 
-from minipaged.attention import kv_quant
-from minipaged.attention import allocate_kv_cache, kv_cache_bytes_per_block
+from minipaged.attention import allocate_kv_cache, kv_cache_bytes_per_block, kv_quant
 from minipaged.attention.metadata import AttentionMetadata, build_metadata, build_positions
-from minipaged.core.block_manager import BlockCopy, BlockManager
 from minipaged.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
-from minipaged.worker.distributed import check_tensor_parallel_size
+from minipaged.core.block_manager import BlockCopy, BlockManager
+from minipaged.core.scheduler import ScheduledRequest
 from minipaged.errors import InvalidEngineConfigError
 from minipaged.models.config import ModelConfig
 from minipaged.models.linear import pack_in_place
+from minipaged.worker.distributed import check_tensor_parallel_size
 from minipaged_kernels import cpu as cpu_kernels
-from minipaged.core.scheduler import ScheduledRequest
 
 
 @dataclass(frozen=True)
@@ -51,14 +51,15 @@ class StepBatch:
     sample_rows: tuple[int, ...]  # [num_sampled] rows whose logits are needed
 
     @classmethod
-    def from_schedule(cls, scheduled: list[ScheduledRequest], copies: list[BlockCopy],
-                      bm: BlockManager) -> tuple["StepBatch", list[ScheduledRequest]]:
+    def from_schedule(
+        cls, scheduled: list[ScheduledRequest], copies: list[BlockCopy], bm: BlockManager
+    ) -> tuple[StepBatch, list[ScheduledRequest]]:
         """The step's batch and the scheduled requests its sample rows belong to (same order)."""
         input_ids: list[int] = []
         sample_rows: list[int] = []
         sampled: list[ScheduledRequest] = []
         for s in scheduled:
-            input_ids.extend(s.request.all_token_ids[s.start:s.end])
+            input_ids.extend(s.request.all_token_ids[s.start : s.end])
             if s.completes_sequence:
                 sample_rows.append(len(input_ids) - 1)
                 sampled.append(s)
@@ -75,13 +76,24 @@ class StepBatch:
     def pack(self) -> torch.Tensor:
         """One flat CPU int64 tensor: 4 counts, then ids, lengths, table lengths, tables, copies, sample rows."""
         flat_tables = [b for table in self.block_tables for b in table]
-        values = [len(self.input_ids), len(self.query_lens), len(self.copies), len(self.sample_rows),
-                  *self.input_ids, *self.query_lens, *self.context_lens, *(len(t) for t in self.block_tables),
-                  *flat_tables, *(c.src for c in self.copies), *(c.dst for c in self.copies), *self.sample_rows]
+        values = [
+            len(self.input_ids),
+            len(self.query_lens),
+            len(self.copies),
+            len(self.sample_rows),
+            *self.input_ids,
+            *self.query_lens,
+            *self.context_lens,
+            *(len(t) for t in self.block_tables),
+            *flat_tables,
+            *(c.src for c in self.copies),
+            *(c.dst for c in self.copies),
+            *self.sample_rows,
+        ]
         return torch.tensor(values, dtype=torch.int64)
 
     @classmethod
-    def unpack(cls, packed: torch.Tensor) -> "StepBatch":
+    def unpack(cls, packed: torch.Tensor) -> StepBatch:
         """Inverse of ``pack`` (trailing elements past the batch are ignored)."""
         values = packed.tolist()
         num_tokens, num_seqs, num_copies, num_sampled = values[:4]
@@ -90,13 +102,24 @@ class StepBatch:
         def take(n: int) -> list[int]:
             nonlocal pos
             pos += n
-            return values[pos - n:pos]
+            return values[pos - n : pos]
 
-        input_ids, query_lens, context_lens, table_lens = take(num_tokens), take(num_seqs), take(num_seqs), take(num_seqs)
+        input_ids, query_lens, context_lens, table_lens = (
+            take(num_tokens),
+            take(num_seqs),
+            take(num_seqs),
+            take(num_seqs),
+        )
         tables = tuple(tuple(take(n)) for n in table_lens)
         src, dst = take(num_copies), take(num_copies)
-        return cls(tuple(input_ids), tuple(query_lens), tuple(context_lens), tables,
-                   tuple(BlockCopy(a, b) for a, b in zip(src, dst)), tuple(take(num_sampled)))
+        return cls(
+            tuple(input_ids),
+            tuple(query_lens),
+            tuple(context_lens),
+            tables,
+            tuple(BlockCopy(a, b) for a, b in zip(src, dst)),
+            tuple(take(num_sampled)),
+        )
 
 
 def rank_model_config(model_config: ModelConfig, tp_size: int) -> ModelConfig:
@@ -104,9 +127,12 @@ def rank_model_config(model_config: ModelConfig, tp_size: int) -> ModelConfig:
     if tp_size == 1:
         return model_config
     check_tensor_parallel_size(tp_size, model_config)
-    return dataclasses.replace(model_config, num_heads=model_config.num_heads // tp_size,
-                               num_kv_heads=model_config.num_kv_heads // tp_size,
-                               intermediate_size=model_config.intermediate_size // tp_size)
+    return dataclasses.replace(
+        model_config,
+        num_heads=model_config.num_heads // tp_size,
+        num_kv_heads=model_config.num_kv_heads // tp_size,
+        intermediate_size=model_config.intermediate_size // tp_size,
+    )
 
 
 def num_kv_blocks_for(config: EngineConfig, model_config) -> int:
@@ -139,9 +165,11 @@ def num_kv_blocks_for(config: EngineConfig, model_config) -> int:
     available = available_memory_bytes(device)
     if available is not None and needed > available:
         raise InvalidEngineConfigError(
-            field, f"a KV cache of {num_blocks} blocks x {per_block} bytes needs {needed:,} bytes but only "
-                   f"{available:,} bytes are available on {device}; ask for fewer blocks (num_kv_blocks) or bytes "
-                   "(kv_cache_memory)")
+            field,
+            f"a KV cache of {num_blocks} blocks x {per_block} bytes needs {needed:,} bytes but only "
+            f"{available:,} bytes are available on {device}; ask for fewer blocks (num_kv_blocks) or bytes "
+            "(kv_cache_memory)",
+        )
     return num_blocks
 
 
@@ -171,8 +199,9 @@ class Worker:
     computes logits.
     """
 
-    def __init__(self, model: torch.nn.Module, config: EngineConfig, num_blocks: int,
-                 device: torch.device | None = None) -> None:
+    def __init__(
+        self, model: torch.nn.Module, config: EngineConfig, num_blocks: int, device: torch.device | None = None
+    ) -> None:
         self.model = model
         self.config = config
         self.device = device if device is not None else config.torch_device
@@ -184,8 +213,9 @@ class Worker:
         kv_quant.check_backend_support(
             config.kv_cache_dtype, getattr(backend, "name", ""), self.device, model.config.head_dim
         )
-        self.kv_caches = allocate_kv_cache(self.rank_config, num_blocks, config.block_size, config.torch_dtype,
-                                           self.device, config.kv_cache_dtype)
+        self.kv_caches = allocate_kv_cache(
+            self.rank_config, num_blocks, config.block_size, config.torch_dtype, self.device, config.kv_cache_dtype
+        )
         # On CPU every linear multiplies by a oneDNN-packed weight. The dense one is kept beside it
         # only where minipaged_kernels.cpu.gemv runs (numba installed): with 1-4 sequences it streams the
         # dense weights 1.2-1.45x faster than the packed GEMM (SmolLM2 fp32: 0.4 GiB more held).
@@ -211,8 +241,9 @@ class Worker:
     def prepare_inputs(self, batch: StepBatch) -> ModelInputs:
         """Pack the step's tokens into flat tensors (one host->device copy per tensor)."""
         positions = build_positions(batch.query_lens, batch.context_lens)
-        meta = build_metadata(batch.query_lens, batch.context_lens, batch.block_tables, self.config.block_size,
-                              self.device, positions)
+        meta = build_metadata(
+            batch.query_lens, batch.context_lens, batch.block_tables, self.config.block_size, self.device, positions
+        )
         return ModelInputs(
             input_ids=torch.tensor(batch.input_ids, dtype=torch.int64, device=self.device),
             positions=positions.to(self.device),

@@ -1,4 +1,5 @@
 """The throughput benchmark's bookkeeping (the benchmark itself is run by hand, never timed in tests)."""
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,12 @@ from minipaged.benchmarks.throughput import (
 
 def test_step_breakdown_splits_prompt_steps_from_decode_steps():
     rng = random.Random()
-    records = [SimpleNamespace(num_prefill_tokens=rng.randint(1, 99), num_decode_tokens=rng.randint(0, 9),
-                               duration_s=rng.uniform(0.5, 1.0)) for _ in range(3)]
+    records = [
+        SimpleNamespace(
+            num_prefill_tokens=rng.randint(1, 99), num_decode_tokens=rng.randint(0, 9), duration_s=rng.uniform(0.5, 1.0)
+        )
+        for _ in range(3)
+    ]
     decode = [SimpleNamespace(num_prefill_tokens=0, num_decode_tokens=n, duration_s=0.25) for n in (4, 2, 3)]
     line = step_breakdown(records + decode)
     prefill_s = sum(r.duration_s for r in records)
@@ -97,10 +102,12 @@ def test_summary_prints_paired_ratios_over_rounds():
     results = {
         # vLLM's rounds drift (20, 10, 40 tok/s); minipaged's (15, 40, 120 tok/s) ran beside them
         "vLLM CPU": dict(engine, rounds=rounds(0.5, 1.0, 0.25, latency=3.0)),
-        "minipaged": dict(engine, rounds=rounds(0.5 / 0.75, 0.25, 0.25 / 3, tokens=[[7] * 4, [8] * 6],
-                                                breakdown="  steps")),
-        "transformers static": dict(engine, rounds=rounds(1.0, tokens=[[7] * 4, [8] * 5 + [0]], static={"16": 1.0},
-                                                          best_batch_size=16)),
+        "minipaged": dict(
+            engine, rounds=rounds(0.5 / 0.75, 0.25, 0.25 / 3, tokens=[[7] * 4, [8] * 6], breakdown="  steps")
+        ),
+        "transformers static": dict(
+            engine, rounds=rounds(1.0, tokens=[[7] * 4, [8] * 5 + [0]], static={"16": 1.0}, best_batch_size=16)
+        ),
         "minipaged kv int8": {"error": "exit 1: boom"},
     }
     text = "\n".join(summarise("uniform", "float32", work, results))

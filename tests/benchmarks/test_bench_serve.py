@@ -1,4 +1,5 @@
 """bench_serve: workload, arrivals and statistics by hand-checked cases; one short run against a tiny server."""
+
 from __future__ import annotations
 
 import json
@@ -55,8 +56,9 @@ def test_poisson_arrivals():
 
 
 def test_summarize_by_hand():
-    ok = bs.RequestResult(ok=True, prompt_tokens=10, output_tokens=3, text="abc", ttft=0.1, e2e=0.5,
-                          chunk_times=[0.1, 0.3, 0.5])
+    ok = bs.RequestResult(
+        ok=True, prompt_tokens=10, output_tokens=3, text="abc", ttft=0.1, e2e=0.5, chunk_times=[0.1, 0.3, 0.5]
+    )
     no_usage = bs.RequestResult(ok=True, text="xyz w", ttft=0.2, e2e=0.2, chunk_times=[0.2])
     failed = bs.RequestResult(ok=False, error="HTTP 500")
     s = bs.summarize([ok, no_usage, failed], 2.0, count_tokens=lambda t: len(t.split()), prompt_tokens=[10, 4, 6])
@@ -80,9 +82,27 @@ def test_bench_against_a_tiny_minipaged_server(tmp_path):
         pytest.skip("SmolLM2 tokenizer not prepared (make setup)")
     model = make_tiny_model_dir(tmp_path / "tiny")
     out = tmp_path / "report.json"
-    args = ["--servers", "minipaged", "--model", str(model), "--minipaged-args", "--num-kv-blocks 128",
-            "--num-prompts", "6", "--max-tokens", "8", "--request-rate", "20", "inf", "--warmup", "1",
-            "--output", str(out), "--log-dir", str(tmp_path / "logs")]
+    args = [
+        "--servers",
+        "minipaged",
+        "--model",
+        str(model),
+        "--minipaged-args",
+        "--num-kv-blocks 128",
+        "--num-prompts",
+        "6",
+        "--max-tokens",
+        "8",
+        "--request-rate",
+        "20",
+        "inf",
+        "--warmup",
+        "1",
+        "--output",
+        str(out),
+        "--log-dir",
+        str(tmp_path / "logs"),
+    ]
     assert bs.main(args) == 0
     report = json.loads(out.read_text())
     (server,) = report["servers"]

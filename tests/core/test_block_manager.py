@@ -5,6 +5,7 @@ the worker, writing into each token's slot, when it is computed, a stand-in for 
 KV (the whole prefix up to it, since real KV depends on every earlier token),
 performing the BlockCopy ops it is given, then reading every sequence back.
 """
+
 from __future__ import annotations
 
 import random
@@ -39,7 +40,7 @@ class ToyWorker:
         copies = self.bm.append_tokens(seq_id, tokens)
         bs = self.bm.block_size
         for c in copies:
-            self.memory[c.dst * bs:(c.dst + 1) * bs] = self.memory[c.src * bs:(c.src + 1) * bs]
+            self.memory[c.dst * bs : (c.dst + 1) * bs] = self.memory[c.src * bs : (c.src + 1) * bs]
         return copies
 
     def compute(self, seq_id, upto: int | None = None) -> None:
@@ -47,7 +48,7 @@ class ToyWorker:
         upto = len(tokens) if upto is None else upto
         start = self.computed[seq_id]
         for pos, slot in zip(range(start, upto), self.bm.slot_mapping(seq_id, start, upto)):
-            self.memory[slot] = tuple(tokens[:pos + 1])
+            self.memory[slot] = tuple(tokens[: pos + 1])
         self.computed[seq_id] = max(start, upto)
         self.bm.mark_computed(seq_id, upto)
 
@@ -66,7 +67,7 @@ class ToyWorker:
     def check_all(self) -> None:
         for seq_id, n in self.computed.items():
             tokens = self.bm.token_ids(seq_id)
-            assert self.read_back(seq_id) == [tuple(tokens[:p + 1]) for p in range(n)], seq_id
+            assert self.read_back(seq_id) == [tuple(tokens[: p + 1]) for p in range(n)], seq_id
 
 
 def snapshot(bm: BlockManager, seq_ids) -> tuple:
@@ -85,15 +86,19 @@ def rand_tokens(rng: random.Random, n: int, vocab: int = 1000) -> list[int]:
 
 # ---- construction and validation -----------------------------------------------------
 
-@pytest.mark.parametrize("kwargs, name", [
-    (dict(num_blocks=0, block_size=16), "num_blocks"),
-    (dict(num_blocks=4, block_size=0), "block_size"),
-    (dict(num_blocks=4.0, block_size=16), "num_blocks"),
-    (dict(num_blocks=4, block_size=16, watermark_blocks=-1), "watermark_blocks"),
-    (dict(num_blocks=4, block_size=16, watermark_blocks=5), "watermark_blocks"),
-    (dict(num_blocks=4, block_size=16, enable_prefix_caching=1), "enable_prefix_caching"),
-    (dict(num_blocks=4, block_size=16, hash_fn="blake2b"), "hash_fn"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(num_blocks=0, block_size=16), "num_blocks"),
+        (dict(num_blocks=4, block_size=0), "block_size"),
+        (dict(num_blocks=4.0, block_size=16), "num_blocks"),
+        (dict(num_blocks=4, block_size=16, watermark_blocks=-1), "watermark_blocks"),
+        (dict(num_blocks=4, block_size=16, watermark_blocks=5), "watermark_blocks"),
+        (dict(num_blocks=4, block_size=16, enable_prefix_caching=1), "enable_prefix_caching"),
+        (dict(num_blocks=4, block_size=16, hash_fn="blake2b"), "hash_fn"),
+    ],
+)
 def test_constructor_rejects_bad_arguments(kwargs, name):
     with pytest.raises(ValueError, match=name):
         BlockManager(**kwargs)
@@ -123,6 +128,7 @@ def test_bad_token_ids_and_positions_name_the_argument():
 
 # ---- block tables and slots ----------------------------------------------------------
 
+
 def test_tables_grow_one_block_at_a_time_and_slots_follow_the_formula():
     rng = random.Random(1)
     bs = 16
@@ -136,7 +142,7 @@ def test_tables_grow_one_block_at_a_time_and_slots_follow_the_formula():
         bm.append_tokens(s, rand_tokens(rng, 1))
         lengths[s] += 1
         after = bm.block_table(s)
-        assert after[:len(before)] == before
+        assert after[: len(before)] == before
         assert len(after) - len(before) == (1 if lengths[s] % bs == 1 else 0)
     all_slots = []
     for s, n in lengths.items():
@@ -160,6 +166,7 @@ def test_block_table_and_token_ids_are_copies():
 
 # ---- error paths ---------------------------------------------------------------------
 
+
 def test_free_by_non_owner_double_free_and_use_after_free_raise_typed_errors():
     bm = BlockManager(8, 4)
     with pytest.raises(UnknownSequenceError):
@@ -171,8 +178,12 @@ def test_free_by_non_owner_double_free_and_use_after_free_raise_typed_errors():
     with pytest.raises(DuplicateSequenceError):
         bm.fork("a", "b")
     bm.free("a")
-    for call in (lambda: bm.free("a"), lambda: bm.append_tokens("a", [1]),
-                 lambda: bm.fork("a", "c"), lambda: bm.block_table("a")):
+    for call in (
+        lambda: bm.free("a"),
+        lambda: bm.append_tokens("a", [1]),
+        lambda: bm.fork("a", "c"),
+        lambda: bm.block_table("a"),
+    ):
         with pytest.raises(SequenceFinishedError):
             call()
     assert issubclass(SequenceFinishedError, UnknownSequenceError)
@@ -189,7 +200,7 @@ def test_no_free_blocks_leaves_everything_unchanged():
     w = ToyWorker(bm)
     w.allocate("a", rand_tokens(rng, 9))  # 3 blocks
     w.compute("a")
-    w.fork("a", "b")                       # shares them
+    w.fork("a", "b")  # shares them
     w.allocate("c", rand_tokens(rng, 8))  # 2 blocks -> 1 free left
     w.compute("c")
     seqs = ["a", "b", "c"]
@@ -203,12 +214,13 @@ def test_no_free_blocks_leaves_everything_unchanged():
     assert snapshot(bm, seqs) == before
     assert not bm.has_sequence("d")
     assert bm.blocks_needed_to_append("a", 4) == 2
-    assert bm.blocks_needed_to_append("a", 3) == 1   # copy only
+    assert bm.blocks_needed_to_append("a", 3) == 1  # copy only
     assert bm.blocks_needed_to_append("c", 4) == 1
     w.check_all()
 
 
 # ---- fork and copy-on-write ----------------------------------------------------------
+
 
 def test_fork_shares_everything_and_append_into_shared_partial_block_copies_it():
     rng = random.Random(3)
@@ -226,7 +238,7 @@ def test_fork_shares_everything_and_append_into_shared_partial_block_copies_it()
     assert len(copies) == 1 and copies[0].src == table[2]
     new_table = bm.block_table("c")
     assert copies[0].dst == new_table[2] and copies[0].dst not in table
-    assert new_table[:2] == table[:2]                     # full blocks stay shared
+    assert new_table[:2] == table[:2]  # full blocks stay shared
     assert [bm.ref_count(b) for b in table] == [2, 2, 1]
     assert bm.stats().total_copied == 1
     # The parent now holds its partial block alone: appending writes in place.
@@ -249,9 +261,9 @@ def test_append_to_shared_full_last_block_allocates_without_copy():
 
 def test_can_append_counts_sibling_copies_exactly():
     bm = BlockManager(5, 4)
-    bm.allocate("a", [1, 2])   # one partial block
+    bm.allocate("a", [1, 2])  # one partial block
     bm.fork("a", "b")
-    bm.fork("a", "c")          # ref count 3
+    bm.fork("a", "c")  # ref count 3
     assert bm.num_free_blocks == 4
     # All three append: two copies (the last one left holds the block alone).
     assert bm.blocks_needed_to_append("a") == 1
@@ -260,10 +272,10 @@ def test_can_append_counts_sibling_copies_exactly():
     bm2.allocate("a", [1, 2])
     bm2.fork("a", "b")
     bm2.fork("a", "c")
-    assert bm2.can_append(["a", "b", "c"])            # 2 free, 2 copies needed
-    assert bm2.can_append(["a", "a", "b"])            # duplicates count once
+    assert bm2.can_append(["a", "b", "c"])  # 2 free, 2 copies needed
+    assert bm2.can_append(["a", "a", "b"])  # duplicates count once
     bm2.allocate("x", [5])
-    assert not bm2.can_append(["a", "b", "c"])        # 1 free, 2 copies needed
+    assert not bm2.can_append(["a", "b", "c"])  # 1 free, 2 copies needed
     assert bm2.can_append(["a"])
     bm2.free("x")
     assert len(bm2.append_tokens("a", [9])) == 1 and len(bm2.append_tokens("b", [9])) == 1
@@ -273,6 +285,7 @@ def test_can_append_counts_sibling_copies_exactly():
 
 # ---- prefix caching ------------------------------------------------------------------
 
+
 def test_prefix_hit_reuses_computed_full_blocks_only():
     rng = random.Random(4)
     bs = 4
@@ -280,9 +293,9 @@ def test_prefix_hit_reuses_computed_full_blocks_only():
     w = ToyWorker(bm)
     prompt = rand_tokens(rng, 13)
     w.allocate("a", prompt)
-    assert bm.allocate("early", prompt) == 0   # nothing computed yet: no reuse
+    assert bm.allocate("early", prompt) == 0  # nothing computed yet: no reuse
     bm.free("early")
-    w.compute("a", 6)                          # block 0 full and computed, block 1 not
+    w.compute("a", 6)  # block 0 full and computed, block 1 not
     assert bm.allocate("half", prompt) == bs
     assert bm.block_table("half")[0] == bm.block_table("a")[0]
     bm.free("half")
@@ -308,7 +321,7 @@ def test_block_holding_the_last_token_is_never_reused(length, expected_blocks):
     w.compute("a")
     cached = w.allocate("b", tokens)
     assert cached == expected_blocks * 4 and cached <= length - 1
-    assert bm.slot_mapping("b", cached, length)   # a non-empty query
+    assert bm.slot_mapping("b", cached, length)  # a non-empty query
     w.compute("b")
     w.check_all()
 
@@ -332,11 +345,11 @@ def test_preempted_sequence_reallocated_with_generated_tokens_rehits_cache():
     assert full == prompt + generated
     bm.free("s")
     del w.computed["s"]
-    cached = w.allocate("s", full)          # re-admission with the same id
+    cached = w.allocate("s", full)  # re-admission with the same id
     assert cached == 12 and cached % bs == 0 and cached <= len(full) - 1
     assert len(bm.block_table("s")) == bm.blocks_for(len(full))
     w.compute("s")
-    for _ in range(5):                      # and it keeps decoding
+    for _ in range(5):  # and it keeps decoding
         w.append("s", [rng.randrange(1000)])
         w.compute("s")
     w.check_all()
@@ -386,8 +399,8 @@ def test_eviction_is_lru_and_drops_the_hash_entry():
     assert len(evicted) == 1 and evicted <= set(bm.block_table("x"))
     assert bm.stats().cached_blocks == 3 and bm.stats().total_evicted == 1
     w.free("x")
-    assert w.allocate("new2", new) == 8       # the newer prefix is untouched
-    assert w.allocate("old2", old) == 4       # old's chain is broken at its evicted second block
+    assert w.allocate("new2", new) == 8  # the newer prefix is untouched
+    assert w.allocate("old2", old) == 4  # old's chain is broken at its evicted second block
     w.compute("old2")
     w.compute("new2")
     w.check_all()
@@ -408,8 +421,8 @@ def test_collisions_never_give_wrong_hits():
             w.free(next(iter(w.computed)))
         hits += w.allocate(sid, prompt) > 0
         w.compute(sid)
-        w.check_all()   # a wrong hit would read back another prefix's values
-    assert hits > 10    # the guard does not simply disable the cache
+        w.check_all()  # a wrong hit would read back another prefix's values
+    assert hits > 10  # the guard does not simply disable the cache
 
 
 def test_same_block_after_a_different_parent_is_not_a_hit():
@@ -419,10 +432,10 @@ def test_same_block_after_a_different_parent_is_not_a_hit():
     bm = BlockManager(8, 2, hash_fn=weak)
     w = ToyWorker(bm)
     w.allocate("xb", [7, 7, 1, 2, 0])
-    w.compute("xb")                            # caches [7 7] and [1 2]-after-[7 7]
-    assert w.allocate("a", [3, 3, 9]) == 0     # [7 7] sits under "root": tokens differ, miss
-    w.compute("a")                             # [3 3] replaces it under "root"
-    assert w.allocate("ab", [3, 3, 1, 2, 0]) == 2   # [1 2] was computed after [7 7], not [3 3]
+    w.compute("xb")  # caches [7 7] and [1 2]-after-[7 7]
+    assert w.allocate("a", [3, 3, 9]) == 0  # [7 7] sits under "root": tokens differ, miss
+    w.compute("a")  # [3 3] replaces it under "root"
+    assert w.allocate("ab", [3, 3, 1, 2, 0]) == 2  # [1 2] was computed after [7 7], not [3 3]
     w.compute("ab")
     w.check_all()
 
@@ -440,21 +453,22 @@ def test_prefix_caching_can_be_switched_off():
 
 # ---- admission -----------------------------------------------------------------------
 
+
 def test_can_allocate_counts_hits_revivals_and_watermark():
     bs = 4
     bm = BlockManager(6, bs, watermark_blocks=1)
-    prompt = list(range(13))     # 4 blocks
+    prompt = list(range(13))  # 4 blocks
     assert bm.can_allocate(prompt)
     bm.allocate("a", prompt)
     bm.mark_computed("a", 13)
     # 2 free. A fresh 13-token prompt needs 4: no. The same prompt needs 1 (3 hits in use).
     assert not bm.can_allocate(list(range(50, 63)))
     assert bm.can_allocate(prompt)
-    bm.allocate("x", [99] * 4)   # 1 free left == watermark
-    assert not bm.can_allocate(prompt)            # would eat the watermark
-    assert bm.can_append(["a"])                   # appends may use it
+    bm.allocate("x", [99] * 4)  # 1 free left == watermark
+    assert not bm.can_allocate(prompt)  # would eat the watermark
+    assert bm.can_append(["a"])  # appends may use it
     bm.free("x")
-    bm.free("a")                                  # 6 free, 3 of them cached
+    bm.free("a")  # 6 free, 3 of them cached
     assert bm.can_allocate(prompt)
     with pytest.raises(NoFreeBlocksError):
         bm.allocate("big", list(range(100, 128)))  # 7 blocks > 6
@@ -463,6 +477,7 @@ def test_can_allocate_counts_hits_revivals_and_watermark():
 
 
 # ---- statistics ----------------------------------------------------------------------
+
 
 def test_stats_are_computed_from_the_tables():
     rng = random.Random(9)
@@ -481,7 +496,7 @@ def test_stats_are_computed_from_the_tables():
         n = bm.num_tokens(s)
         for i, b in enumerate(bm.block_table(s)):
             filled = min(bs, n - i * bs)
-            assert fill.setdefault(b, filled) == filled   # a shared block has one fill
+            assert fill.setdefault(b, filled) == filled  # a shared block has one fill
     st = bm.stats()
     assert st.used_blocks == len(fill) == st.num_blocks - st.free_blocks
     assert st.tokens_stored == sum(fill.values())
@@ -504,8 +519,8 @@ def test_hits_are_revived_before_fresh_blocks_are_taken():
         w.compute(s)
     w.free("a")
     w.free("b")
-    w.allocate("c", [7, 7, 7, 7])        # takes both plain free blocks
-    a_first = bm.free_block_ids()[0]     # a's cached block is now first in line for eviction
+    w.allocate("c", [7, 7, 7, 7])  # takes both plain free blocks
+    a_first = bm.free_block_ids()[0]  # a's cached block is now first in line for eviction
     assert w.allocate("d", [1, 2, 8]) == 2
     table = bm.block_table("d")
     assert table[0] == a_first and table[1] != a_first and bm.ref_count(a_first) == 1

@@ -12,6 +12,7 @@ writing one slot. A tiny vocabulary and small pools make prefix hits, collisions
 Not derandomized: each run explores new cases. The seed is printed (pytest -s) and
 can be pinned with BM_HYPOTHESIS_SEED=<seed> to replay a failure.
 """
+
 from __future__ import annotations
 
 import copy
@@ -61,8 +62,13 @@ class BlockManagerMachine(RuleBasedStateMachine):
         watermark=st.integers(0, 2),
     )
     def setup(self, num_blocks, block_size, caching, weak, watermark):
-        self.bm = BlockManager(num_blocks, block_size, enable_prefix_caching=caching,
-                               watermark_blocks=watermark, hash_fn=weak_hash if weak else None)
+        self.bm = BlockManager(
+            num_blocks,
+            block_size,
+            enable_prefix_caching=caching,
+            watermark_blocks=watermark,
+            hash_fn=weak_hash if weak else None,
+        )
         self.bs = block_size
         self.memory: list[object] = [None] * (num_blocks * block_size)
         self.tokens: dict[int, list[int]] = {}
@@ -75,9 +81,13 @@ class BlockManagerMachine(RuleBasedStateMachine):
 
     def _snapshot(self):
         bm = self.bm
-        return (bm.stats(), bm.free_block_ids(), bm.cached_block_ids(),
-                [bm.ref_count(b) for b in range(bm.num_blocks)],
-                {s: (bm.block_table(s), bm.token_ids(s)) for s in self.tokens})
+        return (
+            bm.stats(),
+            bm.free_block_ids(),
+            bm.cached_block_ids(),
+            [bm.ref_count(b) for b in range(bm.num_blocks)],
+            {s: (bm.block_table(s), bm.token_ids(s)) for s in self.tokens},
+        )
 
     def _new_id(self) -> int:
         self.next_id += 1
@@ -105,7 +115,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         start = self.computed[seq_id]
         if upto > start:
             for pos, slot in zip(range(start, upto), self.bm.slot_mapping(seq_id, start, upto)):
-                self.memory[slot] = tuple(tokens[:pos + 1])
+                self.memory[slot] = tuple(tokens[: pos + 1])
             self.computed[seq_id] = upto
         self.bm.mark_computed(seq_id, upto)
 
@@ -116,7 +126,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         prefix: list[int] = []
         if self.history and data.draw(st.integers(0, 2), label="share a prefix") > 0:
             source = data.draw(st.sampled_from(self.history), label="source")
-            prefix = source[:data.draw(st.integers(0, len(source)), label="prefix len")]
+            prefix = source[: data.draw(st.integers(0, len(source)), label="prefix len")]
         prompt = prefix + suffix
         if not prompt:
             prompt = [0]
@@ -144,7 +154,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         assert needed <= free and self.bm.num_free_blocks == free - needed
         assert len(copies) <= 1
         for c in copies:
-            self.memory[c.dst * self.bs:(c.dst + 1) * self.bs] = self.memory[c.src * self.bs:(c.src + 1) * self.bs]
+            self.memory[c.dst * self.bs : (c.dst + 1) * self.bs] = self.memory[c.src * self.bs : (c.src + 1) * self.bs]
         self.tokens[seq_id] += new
 
     @precondition(lambda self: self.tokens)
@@ -212,8 +222,11 @@ class BlockManagerMachine(RuleBasedStateMachine):
     def misuse_a_freed_sequence(self, data):
         seq_id = data.draw(st.sampled_from(sorted(self.freed)), label="seq")
         before = self._snapshot()
-        for call in (lambda: self.bm.free(seq_id), lambda: self.bm.append_tokens(seq_id, [1]),
-                     lambda: self.bm.fork(seq_id, self._new_id())):
+        for call in (
+            lambda: self.bm.free(seq_id),
+            lambda: self.bm.append_tokens(seq_id, [1]),
+            lambda: self.bm.fork(seq_id, self._new_id()),
+        ):
             try:
                 call()
                 raise AssertionError("a freed sequence was accepted")
@@ -249,8 +262,8 @@ class BlockManagerMachine(RuleBasedStateMachine):
         used = {b for b, h in enumerate(holders) if h}
         free = bm.free_block_ids()
         assert len(set(free)) == len(free)
-        assert not used & set(free)                      # never both free and used
-        assert len(free) + len(used) == bm.num_blocks    # nothing lost
+        assert not used & set(free)  # never both free and used
+        assert len(free) + len(used) == bm.num_blocks  # nothing lost
         assert [bm.ref_count(b) for b in range(bm.num_blocks)] == holders
         st_ = bm.stats()
         assert st_.free_blocks == len(free) == bm.num_free_blocks and st_.used_blocks == len(used)
@@ -279,7 +292,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         for seq_id, n in self.computed.items():
             tokens = self.tokens[seq_id]
             got = [self.memory[s] for s in self.bm.slot_mapping(seq_id, 0, n)]
-            assert got == [tuple(tokens[:p + 1]) for p in range(n)], seq_id
+            assert got == [tuple(tokens[: p + 1]) for p in range(n)], seq_id
 
     def teardown(self):
         if not hasattr(self, "bm"):
@@ -294,7 +307,12 @@ class BlockManagerMachine(RuleBasedStateMachine):
 def test_block_manager_state_machine():
     print(f"hypothesis seed {SEED} (replay with BM_HYPOTHESIS_SEED={SEED})")
     machine = seed(SEED)(BlockManagerMachine)
-    run_state_machine_as_test(machine, settings=settings(
-        max_examples=150, stateful_step_count=100, deadline=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-    ))
+    run_state_machine_as_test(
+        machine,
+        settings=settings(
+            max_examples=150,
+            stateful_step_count=100,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+        ),
+    )

@@ -1,4 +1,5 @@
 """Memory-fragmentation study: allocators, replay accounting, traces, sharing."""
+
 from __future__ import annotations
 
 import math

@@ -6,6 +6,7 @@ block table: any wrong table, missed copy-on-write, bad prefix-cache hit or lost
 token after preemption shows up as a mismatch. The next token is a function of the
 tokens read back, so outputs must not depend on batching, budgets or preemption.
 """
+
 from __future__ import annotations
 
 import random
@@ -35,8 +36,16 @@ class FakeEngine:
 
     def add(self, prompt, max_tokens, priority=0):
         params = SamplingParams(temperature=0, max_tokens=max_tokens)
-        req = Request(f"r{self.arrivals}", 0, list(prompt), params, torch.Generator(), priority, self.arrivals,
-                      RequestMetrics(arrival_time=0.0))
+        req = Request(
+            f"r{self.arrivals}",
+            0,
+            list(prompt),
+            params,
+            torch.Generator(),
+            priority,
+            self.arrivals,
+            RequestMetrics(arrival_time=0.0),
+        )
         self.arrivals += 1
         self.sched.add(req)
         return req
@@ -85,7 +94,7 @@ def expected_output(prompt, max_tokens):
     tokens = list(prompt)
     for _ in range(max_tokens):
         tokens.append(next_token(tokens))
-    return tokens[len(prompt):]
+    return tokens[len(prompt) :]
 
 
 def workload(seed, count=12, shared_prefix=True):
@@ -99,12 +108,15 @@ def workload(seed, count=12, shared_prefix=True):
     return jobs
 
 
-@pytest.mark.parametrize("num_blocks, budget, max_seqs, caching", [
-    (200, 512, 64, True),   # roomy: no preemption
-    (200, 7, 3, True),      # tiny budget: long prompts are chunked across many steps
-    (24, 16, 8, True),      # small cache (the longest request needs 23 blocks): preemption by recompute
-    (24, 16, 8, False),
-])
+@pytest.mark.parametrize(
+    "num_blocks, budget, max_seqs, caching",
+    [
+        (200, 512, 64, True),  # roomy: no preemption
+        (200, 7, 3, True),  # tiny budget: long prompts are chunked across many steps
+        (24, 16, 8, True),  # small cache (the longest request needs 23 blocks): preemption by recompute
+        (24, 16, 8, False),
+    ],
+)
 def test_outputs_independent_of_budget_cache_and_preemption(num_blocks, budget, max_seqs, caching):
     eng = FakeEngine(num_blocks, 4, max_num_seqs=max_seqs, max_num_batched_tokens=budget, prefix_caching=caching)
     reqs = [eng.add(p, m, pri) for p, m, pri in workload(1)]

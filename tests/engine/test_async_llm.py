@@ -2,6 +2,7 @@
 
 A tiny random Llama with SmolLM2's tokenizer; asyncio.run per test, no timed assertions.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -131,12 +132,15 @@ def test_abort_ends_generate_with_abort(hf):
     asyncio.run(main())
 
 
-@pytest.mark.parametrize("prompt, params, error, field", [
-    ("", greedy(2), InvalidPromptError, "prompt"),
-    ({"prompt_token_ids": [1] * 300}, greedy(2), PromptTooLongError, "prompt"),
-    ({"prompt_token_ids": [VOCAB]}, greedy(2), InvalidPromptError, "prompt_token_ids"),
-    ({"prompt_token_ids": [5]}, {"temperature": 0}, InvalidSamplingParamsError, "sampling_params"),
-])
+@pytest.mark.parametrize(
+    "prompt, params, error, field",
+    [
+        ("", greedy(2), InvalidPromptError, "prompt"),
+        ({"prompt_token_ids": [1] * 300}, greedy(2), PromptTooLongError, "prompt"),
+        ({"prompt_token_ids": [VOCAB]}, greedy(2), InvalidPromptError, "prompt_token_ids"),
+        ({"prompt_token_ids": [5]}, {"temperature": 0}, InvalidSamplingParamsError, "sampling_params"),
+    ],
+)
 def test_bad_input_raises_before_anything_is_queued(hf, tokenizer, prompt, params, error, field):
     async def main():
         engine = AsyncLLM(build_model_from_hf(hf), tokenizer=tokenizer, **engine_kwargs())

@@ -5,6 +5,7 @@ no ``eos_token_id`` there), so every beam runs to ``max_tokens``; a separate tes
 a frequent token the EOS id on both sides to exercise finished hypotheses, length
 penalty and early stopping the way transformers handles them.
 """
+
 from __future__ import annotations
 
 import random
@@ -31,12 +32,22 @@ def hf_beams(hf, prompt, k, max_new, length_penalty=1.0, early_stopping=False, e
     """transformers' k best hypotheses: (generated tokens, sequence score)."""
     hf.generation_config.eos_token_id = None  # the config default (2) would otherwise stop beams
     ids = torch.tensor([prompt])
-    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, num_beams=k,
-                      num_return_sequences=k, do_sample=False, length_penalty=length_penalty,
-                      early_stopping=early_stopping, eos_token_id=eos, pad_token_id=0,
-                      return_dict_in_generate=True, output_scores=True)
+    out = hf.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new,
+        num_beams=k,
+        num_return_sequences=k,
+        do_sample=False,
+        length_penalty=length_penalty,
+        early_stopping=early_stopping,
+        eos_token_id=eos,
+        pad_token_id=0,
+        return_dict_in_generate=True,
+        output_scores=True,
+    )
     lengths = (out.beam_indices >= 0).sum(dim=1).tolist()
-    seqs = [row[len(prompt):len(prompt) + n].tolist() for row, n in zip(out.sequences, lengths)]
+    seqs = [row[len(prompt) : len(prompt) + n].tolist() for row, n in zip(out.sequences, lengths)]
     return seqs, out.sequences_scores.tolist()
 
 
@@ -70,8 +81,9 @@ def test_eos_and_length_penalty_match_transformers(hf, length_penalty, early_sto
     # A likely token plays EOS on both sides so hypotheses finish at different lengths.
     prompts = prompts_for(seed=3, count=4)
     k = 3
-    probe = make_llm(hf).beam_search([{"prompt_token_ids": p} for p in prompts],
-                                     BeamSearchParams(beam_width=k, max_tokens=12, ignore_eos=True))
+    probe = make_llm(hf).beam_search(
+        [{"prompt_token_ids": p} for p in prompts], BeamSearchParams(beam_width=k, max_tokens=12, ignore_eos=True)
+    )
     eos = probe[0].sequences[0].tokens[1]  # the best beam's 2nd token: EOS is then a strong candidate
     llm = make_llm(hf, block_size=4)
     llm.engine_core.eos_token_ids = frozenset({eos})
@@ -100,7 +112,9 @@ def test_beams_share_blocks_and_free_them(hf):
         seen_refs.append(max_ref_count(llm))
 
     llm.engine_core.record_step = spy
-    out = llm.beam_search({"prompt_token_ids": prompt}, BeamSearchParams(beam_width=k, max_tokens=9, ignore_eos=True))[0]
+    out = llm.beam_search({"prompt_token_ids": prompt}, BeamSearchParams(beam_width=k, max_tokens=9, ignore_eos=True))[
+        0
+    ]
     assert len(out.sequences) == k
     assert max(seen_refs) >= 2  # blocks held by several beams at once
     decode = [r for r in llm.trace if r.logical_blocks and r.num_running >= 2]
@@ -126,16 +140,19 @@ def test_beam_search_under_preemption_matches(hf):
     assert_all_blocks_free(tight)
 
 
-@pytest.mark.parametrize("field,kwargs", [
-    ("beam_width", dict(beam_width=0, max_tokens=4)),
-    ("beam_width", dict(beam_width=True, max_tokens=4)),
-    ("max_tokens", dict(beam_width=2, max_tokens=0)),
-    ("length_penalty", dict(beam_width=2, max_tokens=4, length_penalty=float("nan"))),
-    ("length_penalty", dict(beam_width=2, max_tokens=4, length_penalty="1")),
-    ("ignore_eos", dict(beam_width=2, max_tokens=4, ignore_eos=1)),
-    ("early_stopping", dict(beam_width=2, max_tokens=4, early_stopping="always")),
-    ("early_stopping", dict(beam_width=2, max_tokens=4, early_stopping=1)),
-])
+@pytest.mark.parametrize(
+    "field,kwargs",
+    [
+        ("beam_width", dict(beam_width=0, max_tokens=4)),
+        ("beam_width", dict(beam_width=True, max_tokens=4)),
+        ("max_tokens", dict(beam_width=2, max_tokens=0)),
+        ("length_penalty", dict(beam_width=2, max_tokens=4, length_penalty=float("nan"))),
+        ("length_penalty", dict(beam_width=2, max_tokens=4, length_penalty="1")),
+        ("ignore_eos", dict(beam_width=2, max_tokens=4, ignore_eos=1)),
+        ("early_stopping", dict(beam_width=2, max_tokens=4, early_stopping="always")),
+        ("early_stopping", dict(beam_width=2, max_tokens=4, early_stopping=1)),
+    ],
+)
 def test_validation(field, kwargs):
     with pytest.raises(InvalidSamplingParamsError) as err:
         BeamSearchParams(**kwargs)
@@ -169,7 +186,9 @@ def test_trace_blocks_and_measured_sharing(hf):
     replay = simulate(batch_trace([len(p) for p in prompts], outs, "t"), PagedStrategy(96, 4), SimConfig(budget=96))
     assert replay.series.utilization()[0] == pytest.approx(util[0])
     start = len(llm.trace)
-    llm.beam_search([{"prompt_token_ids": p} for p in prompts[:2]], BeamSearchParams(beam_width=4, max_tokens=8, ignore_eos=True))
+    llm.beam_search(
+        [{"prompt_token_ids": p} for p in prompts[:2]], BeamSearchParams(beam_width=4, max_tokens=8, ignore_eos=True)
+    )
     beam_steps = llm.trace[start:]
     res = measured_sharing(beam_steps, mode="beam", width=4, block_size=4, name="tiny")
     used = sum(r.used_blocks for r in beam_steps if r.logical_blocks)

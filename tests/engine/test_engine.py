@@ -4,6 +4,7 @@ Greedy token ids must be identical to ``transformers`` ``generate`` for every pr
 whatever the batching, prefix caching, chunking or preemption. Every test ends by
 checking that all KV blocks went back to the free pool.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -30,13 +31,16 @@ def run(llm: LLM, prompts, max_tokens, **kw):
     return outs
 
 
-@pytest.mark.parametrize("setting", [
-    dict(),                                                   # all 12 in one batch
-    dict(max_num_seqs=1),                                     # one request at a time
-    dict(enable_prefix_caching=False),
-    dict(max_num_batched_tokens=16),                          # long prompts chunked, mixed with decodes
-    dict(num_kv_blocks=18, block_size=8),                     # forces preemption by recompute
-])
+@pytest.mark.parametrize(
+    "setting",
+    [
+        dict(),  # all 12 in one batch
+        dict(max_num_seqs=1),  # one request at a time
+        dict(enable_prefix_caching=False),
+        dict(max_num_batched_tokens=16),  # long prompts chunked, mixed with decodes
+        dict(num_kv_blocks=18, block_size=8),  # forces preemption by recompute
+    ],
+)
 def test_greedy_matches_transformers(case, setting):
     arch, hf, prompts, max_tokens, expected = case
     llm = make_llm(hf, **setting)
@@ -102,8 +106,8 @@ def test_parallel_samples_share_the_prompt(case):
     sampled = SamplingParams(n=4, temperature=1.0, seed=5, max_tokens=12, ignore_eos=True)
     first = llm.generate({"prompt_token_ids": prompts[2]}, sampled, use_tqdm=False)[0]
     again = make_llm(hf, max_num_seqs=2).generate(
-        [{"prompt_token_ids": prompts[0]}, {"prompt_token_ids": prompts[2]}],
-        [greedy, sampled], use_tqdm=False)[1]
+        [{"prompt_token_ids": prompts[0]}, {"prompt_token_ids": prompts[2]}], [greedy, sampled], use_tqdm=False
+    )[1]
     assert [c.token_ids for c in first.outputs] == [c.token_ids for c in again.outputs]
     assert len({tuple(c.token_ids) for c in first.outputs}) > 1  # different seeds give different samples
     assert_all_blocks_free(llm)
@@ -121,8 +125,9 @@ def test_stop_token_ids_and_eos(case):
     # The model's EOS id ends a request unless ignore_eos: pretend the 3rd greedy token is EOS.
     eos_llm = make_llm(hf)
     eos_llm.engine_core.eos_token_ids = frozenset({expected[i][2]})
-    eos_out = eos_llm.generate({"prompt_token_ids": prompts[i]}, SamplingParams(temperature=0, max_tokens=max_tokens[i]),
-                               use_tqdm=False)[0].outputs[0]
+    eos_out = eos_llm.generate(
+        {"prompt_token_ids": prompts[i]}, SamplingParams(temperature=0, max_tokens=max_tokens[i]), use_tqdm=False
+    )[0].outputs[0]
     assert eos_out.token_ids == expected[i][: expected[i].index(expected[i][2]) + 1]
     assert eos_out.finish_reason == "stop"
     assert_all_blocks_free(llm)
@@ -134,8 +139,9 @@ def test_max_model_len_ends_generation(case):
     i = max(range(len(prompts)), key=lambda j: len(prompts[j]))
     limit = len(prompts[i]) + 3
     llm = make_llm(hf, max_model_len=limit)
-    out = llm.generate({"prompt_token_ids": prompts[i]}, SamplingParams(temperature=0, max_tokens=50, ignore_eos=True),
-                       use_tqdm=False)[0].outputs[0]
+    out = llm.generate(
+        {"prompt_token_ids": prompts[i]}, SamplingParams(temperature=0, max_tokens=50, ignore_eos=True), use_tqdm=False
+    )[0].outputs[0]
     assert out.token_ids == hf_greedy(hf, prompts[i], 3) and out.finish_reason == "length"
     assert_all_blocks_free(llm)
 
@@ -155,8 +161,10 @@ def test_stream_and_abort(case):
     assert_all_blocks_free(llm)
     # Abort mid-flight: one request mid-prefill, one decoding; the others finish unchanged.
     llm = make_llm(hf, max_num_batched_tokens=16)
-    ids = [llm.add_request({"prompt_token_ids": p}, SamplingParams(temperature=0, max_tokens=m, ignore_eos=True))
-           for p, m in zip(prompts[:4], max_tokens[:4])]
+    ids = [
+        llm.add_request({"prompt_token_ids": p}, SamplingParams(temperature=0, max_tokens=m, ignore_eos=True))
+        for p, m in zip(prompts[:4], max_tokens[:4])
+    ]
     done = {}
     for step in range(4):
         done.update({o.request_id: o for o in llm.step()})

@@ -4,6 +4,7 @@ Every request's output must reach the caller that submitted it exactly once, equ
 it produces alone, and every KV block must be free afterwards. The model is a tiny random
 Llama with SmolLM2's real tokenizer, so stop strings and detokenisation are the real thing.
 """
+
 from __future__ import annotations
 
 import random
@@ -53,7 +54,7 @@ def test_stream_holds_back_stop_strings_that_span_tokens(hf, tokenizer):
     cuts = [b for b in bounds if 2 <= b < len(full.text) - 3][:6]
     assert cuts, full.text
     for b in cuts:
-        stop = full.text[b - 1:b + 3]
+        stop = full.text[b - 1 : b + 3]
         expected = llm.generate(prompt, greedy(24, stop=[stop]), use_tqdm=False)[0].outputs[0]
         assert expected.finish_reason == "stop" and expected.stop_reason == stop
         assert stop not in expected.text and full.text.startswith(expected.text)
@@ -150,8 +151,9 @@ def test_beam_search_stops_at_max_model_len(hf):
     out = llm.beam_search(ids(range(3, 33)), BeamSearchParams(beam_width=3, max_tokens=40, ignore_eos=True))[0]
     assert all(len(out.prompt_token_ids) + len(s.tokens) <= 32 for s in out.sequences)
     assert max(len(s.tokens) for s in out.sequences) == 32 - len(out.prompt_token_ids)
-    full = make_llm(hf, num_kv_blocks=128).beam_search(ids(range(3, 253)),
-                                                       BeamSearchParams(beam_width=2, max_tokens=20, ignore_eos=True))[0]
+    full = make_llm(hf, num_kv_blocks=128).beam_search(
+        ids(range(3, 253)), BeamSearchParams(beam_width=2, max_tokens=20, ignore_eos=True)
+    )[0]
     assert all(250 + len(s.tokens) <= 256 for s in full.sequences)
     assert_all_free(llm)
 
@@ -187,17 +189,20 @@ def test_max_num_seqs_counts_forked_samples(hf):
 
 
 # ---- 9/10. clear, typed errors ---------------------------------------------------------------
-@pytest.mark.parametrize("call, field", [
-    (lambda llm: llm.generate(5, use_tqdm=False), "prompts"),
-    (lambda llm: llm.generate(None, use_tqdm=False), "prompts"),
-    (lambda llm: llm.generate([], use_tqdm=False), "prompts"),
-    (lambda llm: llm.generate(ids([5]), {"temperature": 0}, use_tqdm=False), "sampling_params"),
-    (lambda llm: llm.generate(ids([5]), greedy(2), priority="high", use_tqdm=False), "priority"),
-    (lambda llm: llm.generate(ids([5]), greedy(2, stop_token_ids=[10**9]), use_tqdm=False), "stop_token_ids"),
-    (lambda llm: llm.chat([[]]), "messages[0]"),
-    (lambda llm: llm.chat([{"role": "user"}]), "messages"),
-    (lambda llm: llm.chat("hello"), "messages"),
-])
+@pytest.mark.parametrize(
+    "call, field",
+    [
+        (lambda llm: llm.generate(5, use_tqdm=False), "prompts"),
+        (lambda llm: llm.generate(None, use_tqdm=False), "prompts"),
+        (lambda llm: llm.generate([], use_tqdm=False), "prompts"),
+        (lambda llm: llm.generate(ids([5]), {"temperature": 0}, use_tqdm=False), "sampling_params"),
+        (lambda llm: llm.generate(ids([5]), greedy(2), priority="high", use_tqdm=False), "priority"),
+        (lambda llm: llm.generate(ids([5]), greedy(2, stop_token_ids=[10**9]), use_tqdm=False), "stop_token_ids"),
+        (lambda llm: llm.chat([[]]), "messages[0]"),
+        (lambda llm: llm.chat([{"role": "user"}]), "messages"),
+        (lambda llm: llm.chat("hello"), "messages"),
+    ],
+)
 def test_bad_calls_get_typed_errors(hf, tokenizer, call, field):
     llm = make_llm(hf, tokenizer)
     with pytest.raises((InvalidPromptError, InvalidSamplingParamsError)) as info:
@@ -227,13 +232,20 @@ def test_numpy_token_ids_are_accepted(hf):
 def reference(hf):
     prompts = rand_prompts(12, 6)
     lens = [3, 9, 5, 12, 7, 4]
-    outs = make_llm(hf, num_kv_blocks=128).generate([ids(p) for p in prompts], [greedy(m) for m in lens], use_tqdm=False)
+    outs = make_llm(hf, num_kv_blocks=128).generate(
+        [ids(p) for p in prompts], [greedy(m) for m in lens], use_tqdm=False
+    )
     return prompts, lens, [o.outputs[0].token_ids for o in outs]
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(ops=st.lists(st.tuples(st.sampled_from(["add", "step", "abort", "stream", "next", "generate"]),
-                              st.integers(0, 5)), min_size=1, max_size=25))
+@given(
+    ops=st.lists(
+        st.tuples(st.sampled_from(["add", "step", "abort", "stream", "next", "generate"]), st.integers(0, 5)),
+        min_size=1,
+        max_size=25,
+    )
+)
 def test_random_interleavings(hf, reference, ops):
     prompts, lens, expected = reference
     llm = make_llm(hf, num_kv_blocks=10, block_size=4, max_num_seqs=3)  # small: preemption happens

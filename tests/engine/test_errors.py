@@ -1,4 +1,5 @@
 """Bad input raises a typed error naming the field, before any work, leaving other requests alone."""
+
 from __future__ import annotations
 
 import pytest
@@ -21,8 +22,15 @@ def hf_model():
     import transformers
 
     torch.manual_seed(3)
-    cfg = transformers.LlamaConfig(vocab_size=200, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    cfg = transformers.LlamaConfig(
+        vocab_size=200,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
@@ -39,15 +47,18 @@ def ids(*tokens):
     return {"prompt_token_ids": list(tokens)}
 
 
-@pytest.mark.parametrize("prompt, error, field", [
-    ("", InvalidPromptError, "prompt"),
-    (ids(), InvalidPromptError, "prompt"),
-    (ids(5, 200), InvalidPromptError, "prompt_token_ids"),
-    (ids(5, -1), InvalidPromptError, "prompt_token_ids"),
-    ({"prompt_token_ids": "abc"}, InvalidPromptError, "prompt_token_ids"),
-    (42, InvalidPromptError, "prompt"),
-    (ids(*range(1, 41)), PromptTooLongError, "prompt"),
-])
+@pytest.mark.parametrize(
+    "prompt, error, field",
+    [
+        ("", InvalidPromptError, "prompt"),
+        (ids(), InvalidPromptError, "prompt"),
+        (ids(5, 200), InvalidPromptError, "prompt_token_ids"),
+        (ids(5, -1), InvalidPromptError, "prompt_token_ids"),
+        ({"prompt_token_ids": "abc"}, InvalidPromptError, "prompt_token_ids"),
+        (42, InvalidPromptError, "prompt"),
+        (ids(*range(1, 41)), PromptTooLongError, "prompt"),
+    ],
+)
 def test_bad_prompt_rejected_before_any_work(hf_model, prompt, error, field):
     llm = make_llm(hf_model, max_model_len=32, num_kv_blocks=64)
     with pytest.raises(error) as info:
@@ -90,12 +101,15 @@ def test_bad_request_leaves_running_requests_unaffected(hf_model):
     assert llm.block_manager.stats().used_blocks == 0
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    ({"max_tokens": 0}, "max_tokens"),
-    ({"top_p": 1.01}, "top_p"),
-    ({"temperature": -1.0}, "temperature"),
-    ({"n": 0}, "n"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"top_p": 1.01}, "top_p"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"n": 0}, "n"),
+    ],
+)
 def test_bad_sampling_params_are_typed(kwargs, field):
     with pytest.raises(InvalidSamplingParamsError) as info:
         SamplingParams(**kwargs)
@@ -128,14 +142,17 @@ def test_engine_arguments(hf_model):
     assert info.value.field == "prompt"
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    ({"gpu_memory_utilization": "x"}, "gpu_memory_utilization"),
-    ({"gpu_memory_utilization": True}, "gpu_memory_utilization"),
-    ({"seed": -1}, "seed"),
-    ({"seed": 2**64}, "seed"),
-    ({"seed": 2**70}, "seed"),
-    ({"seed": 1.5}, "seed"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"gpu_memory_utilization": "x"}, "gpu_memory_utilization"),
+        ({"gpu_memory_utilization": True}, "gpu_memory_utilization"),
+        ({"seed": -1}, "seed"),
+        ({"seed": 2**64}, "seed"),
+        ({"seed": 2**70}, "seed"),
+        ({"seed": 1.5}, "seed"),
+    ],
+)
 def test_engine_config_values_are_typed_errors(hf_model, kwargs, field):
     with pytest.raises(InvalidEngineConfigError) as info:
         make_llm(hf_model, **kwargs)
@@ -148,10 +165,13 @@ def test_largest_engine_seed_runs(hf_model):
     assert len(out[0].outputs[0].token_ids) == 3
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    ({"num_kv_blocks": 10**9}, "num_kv_blocks"),
-    ({"num_kv_blocks": None, "kv_cache_memory": 2**60}, "kv_cache_memory"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"num_kv_blocks": 10**9}, "num_kv_blocks"),
+        ({"num_kv_blocks": None, "kv_cache_memory": 2**60}, "kv_cache_memory"),
+    ],
+)
 def test_kv_cache_larger_than_memory_is_refused_before_allocating(hf_model, kwargs, field):
     with pytest.raises(InvalidEngineConfigError) as info:
         make_llm(hf_model, **kwargs)

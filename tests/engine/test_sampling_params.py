@@ -1,4 +1,5 @@
 """SamplingParams / EngineConfig validation: typed errors naming the field."""
+
 import pytest
 import torch
 
@@ -7,53 +8,56 @@ from minipaged.errors import InputError, InvalidEngineConfigError, InvalidSampli
 from minipaged.sampling_params import SamplingParams
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    ({"max_tokens": 0}, "max_tokens"),
-    ({"max_tokens": -3}, "max_tokens"),
-    ({"top_p": 0.0}, "top_p"),
-    ({"top_p": 1.5}, "top_p"),
-    ({"top_p": float("nan")}, "top_p"),
-    ({"temperature": -0.1}, "temperature"),
-    ({"temperature": float("inf")}, "temperature"),
-    ({"top_k": 0}, "top_k"),
-    ({"top_k": -1}, "top_k"),
-    ({"n": 0}, "n"),
-    ({"min_p": 1.5}, "min_p"),
-    ({"seed": -1}, "seed"),
-    ({"stop": [""]}, "stop"),
-    ({"stop": [3]}, "stop"),
-    ({"stop_token_ids": [-2]}, "stop_token_ids"),
-    ({"stop_token_ids": ["a"]}, "stop_token_ids"),
-    ({"presence_penalty": 2.5}, "presence_penalty"),
-    ({"presence_penalty": "1"}, "presence_penalty"),
-    ({"frequency_penalty": -2.01}, "frequency_penalty"),
-    ({"frequency_penalty": float("nan")}, "frequency_penalty"),
-    ({"repetition_penalty": 0.0}, "repetition_penalty"),
-    ({"repetition_penalty": -1.0}, "repetition_penalty"),
-    ({"repetition_penalty": float("inf")}, "repetition_penalty"),
-    ({"logit_bias": {5: 101}}, "logit_bias"),
-    ({"logit_bias": {5: -100.5}}, "logit_bias"),
-    ({"logit_bias": {5: float("nan")}}, "logit_bias"),
-    ({"logit_bias": {-1: 1.0}}, "logit_bias"),
-    ({"logit_bias": {"5": 1.0}}, "logit_bias"),
-    ({"logit_bias": {True: 1.0}}, "logit_bias"),
-    ({"logit_bias": {5: "x"}}, "logit_bias"),
-    ({"logit_bias": [(5, 1.0)]}, "logit_bias"),
-    ({"logprobs": -1}, "logprobs"),
-    ({"logprobs": 21}, "logprobs"),
-    ({"logprobs": 1.0}, "logprobs"),
-    ({"logprobs": True}, "logprobs"),
-    ({"min_tokens": -1}, "min_tokens"),
-    ({"min_tokens": 17, "max_tokens": 16}, "min_tokens"),
-    ({"ignore_eos": "yes"}, "ignore_eos"),
-    ({"ignore_eos": 1}, "ignore_eos"),
-    ({"skip_special_tokens": None}, "skip_special_tokens"),
-    ({"seed": 2**64}, "seed"),
-    ({"seed": 2**70}, "seed"),
-    ({"seed": 2**64 - 1, "n": 2}, "seed"),
-    ({"seed": 2**64 - 4, "n": 5}, "seed"),
-    ({"seed": 1.5}, "seed"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": -3}, "max_tokens"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_p": float("nan")}, "top_p"),
+        ({"temperature": -0.1}, "temperature"),
+        ({"temperature": float("inf")}, "temperature"),
+        ({"top_k": 0}, "top_k"),
+        ({"top_k": -1}, "top_k"),
+        ({"n": 0}, "n"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"seed": -1}, "seed"),
+        ({"stop": [""]}, "stop"),
+        ({"stop": [3]}, "stop"),
+        ({"stop_token_ids": [-2]}, "stop_token_ids"),
+        ({"stop_token_ids": ["a"]}, "stop_token_ids"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"presence_penalty": "1"}, "presence_penalty"),
+        ({"frequency_penalty": -2.01}, "frequency_penalty"),
+        ({"frequency_penalty": float("nan")}, "frequency_penalty"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"repetition_penalty": -1.0}, "repetition_penalty"),
+        ({"repetition_penalty": float("inf")}, "repetition_penalty"),
+        ({"logit_bias": {5: 101}}, "logit_bias"),
+        ({"logit_bias": {5: -100.5}}, "logit_bias"),
+        ({"logit_bias": {5: float("nan")}}, "logit_bias"),
+        ({"logit_bias": {-1: 1.0}}, "logit_bias"),
+        ({"logit_bias": {"5": 1.0}}, "logit_bias"),
+        ({"logit_bias": {True: 1.0}}, "logit_bias"),
+        ({"logit_bias": {5: "x"}}, "logit_bias"),
+        ({"logit_bias": [(5, 1.0)]}, "logit_bias"),
+        ({"logprobs": -1}, "logprobs"),
+        ({"logprobs": 21}, "logprobs"),
+        ({"logprobs": 1.0}, "logprobs"),
+        ({"logprobs": True}, "logprobs"),
+        ({"min_tokens": -1}, "min_tokens"),
+        ({"min_tokens": 17, "max_tokens": 16}, "min_tokens"),
+        ({"ignore_eos": "yes"}, "ignore_eos"),
+        ({"ignore_eos": 1}, "ignore_eos"),
+        ({"skip_special_tokens": None}, "skip_special_tokens"),
+        ({"seed": 2**64}, "seed"),
+        ({"seed": 2**70}, "seed"),
+        ({"seed": 2**64 - 1, "n": 2}, "seed"),
+        ({"seed": 2**64 - 4, "n": 5}, "seed"),
+        ({"seed": 1.5}, "seed"),
+    ],
+)
 def test_bad_sampling_params_name_the_field(kwargs, field):
     with pytest.raises(InvalidSamplingParamsError) as info:
         SamplingParams(**kwargs)
@@ -71,17 +75,20 @@ def test_sampling_params_normalise_stop_lists():
     assert not SamplingParams(temperature=0.7).greedy
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    ({"block_size": 0}, "block_size"),
-    ({"num_kv_blocks": 0}, "num_kv_blocks"),
-    ({"max_num_seqs": 0}, "max_num_seqs"),
-    ({"max_num_batched_tokens": -1}, "max_num_batched_tokens"),
-    ({"max_model_len": 0}, "max_model_len"),
-    ({"dtype": "int8"}, "dtype"),
-    ({"attention_backend": "flash"}, "attention_backend"),
-    ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization"),
-    ({"kv_cache_memory": 0}, "kv_cache_memory"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"block_size": 0}, "block_size"),
+        ({"num_kv_blocks": 0}, "num_kv_blocks"),
+        ({"max_num_seqs": 0}, "max_num_seqs"),
+        ({"max_num_batched_tokens": -1}, "max_num_batched_tokens"),
+        ({"max_model_len": 0}, "max_model_len"),
+        ({"dtype": "int8"}, "dtype"),
+        ({"attention_backend": "flash"}, "attention_backend"),
+        ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization"),
+        ({"kv_cache_memory": 0}, "kv_cache_memory"),
+    ],
+)
 def test_bad_engine_config_names_the_field(kwargs, field):
     with pytest.raises(InvalidEngineConfigError) as info:
         EngineConfig(**kwargs)
@@ -122,8 +129,9 @@ def test_new_fields_defaults_and_normalisation():
     assert q.logit_bias == {3: 1.0, 9: -2.5} and q.has_penalties
     with pytest.raises(TypeError):
         q.logit_bias[3] = 0.0  # immutable
-    assert hash(q) == hash(SamplingParams(logit_bias={9: -2.5, 3: 1.0}, logprobs=0, min_tokens=16,
-                                          repetition_penalty=1.1))
+    assert hash(q) == hash(
+        SamplingParams(logit_bias={9: -2.5, 3: 1.0}, logprobs=0, min_tokens=16, repetition_penalty=1.1)
+    )
     assert SamplingParams(logit_bias={}) == SamplingParams()
     assert SamplingParams(logprobs=20).logprobs == 20
     assert SamplingParams(presence_penalty=-2, frequency_penalty=2).has_penalties

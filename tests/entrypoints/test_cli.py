@@ -3,6 +3,7 @@
 The CLI runs in-process through ``main(argv)`` (capsys holds its output); one subprocess test
 checks the real exit status and that no traceback reaches the terminal.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -27,8 +28,16 @@ def model_dir(tmp_path_factory) -> str:
 
     path = tmp_path_factory.mktemp("tiny_model")
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, eos_token_id=2)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        eos_token_id=2,
+    )
     hf = LlamaForCausalLM(config).eval()
     with torch.no_grad():
         for p in hf.parameters():
@@ -37,7 +46,9 @@ def model_dir(tmp_path_factory) -> str:
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, VOCAB)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(path)
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(
+        path
+    )
     return str(path)
 
 
@@ -54,20 +65,60 @@ def expected_text(model_dir: str, prompts: list[str], params: SamplingParams) ->
 def test_generate_prints_the_engine_output(model_dir, capsys):
     params = SamplingParams(temperature=0, max_tokens=6, min_tokens=6, repetition_penalty=1.3)
     want = expected_text(model_dir, ["w3 w4 w5", "w9"], params)
-    assert main(cli(model_dir, "w3 w4 w5", "w9", "--max-tokens", "6", "--min-tokens", "6",
-                    "--repetition-penalty", "1.3")) == 0
+    assert (
+        main(cli(model_dir, "w3 w4 w5", "w9", "--max-tokens", "6", "--min-tokens", "6", "--repetition-penalty", "1.3"))
+        == 0
+    )
     out = capsys.readouterr().out.splitlines()
     assert out == ["### w3 w4 w5", want[0][0], "### w9", want[1][0]]
     assert want[0][0] and want[1][0]  # the comparison is about real text
 
 
 def test_sampling_flags_reach_the_params(model_dir, capsys):
-    params = SamplingParams(n=2, temperature=0.9, top_k=20, top_p=0.95, min_p=0.01, presence_penalty=0.5,
-                            frequency_penalty=0.25, seed=7, max_tokens=5, ignore_eos=True, stop=("w60",))
+    params = SamplingParams(
+        n=2,
+        temperature=0.9,
+        top_k=20,
+        top_p=0.95,
+        min_p=0.01,
+        presence_penalty=0.5,
+        frequency_penalty=0.25,
+        seed=7,
+        max_tokens=5,
+        ignore_eos=True,
+        stop=("w60",),
+    )
     want = expected_text(model_dir, ["w7 w8"], params)[0]
-    assert main(cli(model_dir, "w7 w8", "--n", "2", "--temperature", "0.9", "--top-k", "20", "--top-p", "0.95",
-                    "--min-p", "0.01", "--presence-penalty", "0.5", "--frequency-penalty", "0.25", "--seed", "7",
-                    "--max-tokens", "5", "--ignore-eos", "--stop", "w60")) == 0
+    assert (
+        main(
+            cli(
+                model_dir,
+                "w7 w8",
+                "--n",
+                "2",
+                "--temperature",
+                "0.9",
+                "--top-k",
+                "20",
+                "--top-p",
+                "0.95",
+                "--min-p",
+                "0.01",
+                "--presence-penalty",
+                "0.5",
+                "--frequency-penalty",
+                "0.25",
+                "--seed",
+                "7",
+                "--max-tokens",
+                "5",
+                "--ignore-eos",
+                "--stop",
+                "w60",
+            )
+        )
+        == 0
+    )
     assert capsys.readouterr().out.splitlines() == [f"[{i}] {text}" for i, text in enumerate(want)]
 
 
@@ -78,8 +129,10 @@ def test_engine_flags_reach_the_engine(model_dir, capsys):
     with LLM(model_dir, num_kv_blocks=32, block_size=4, kv_cache_dtype="int8") as llm:
         want = llm.generate(["w3 w4 w5"], params, use_tqdm=False)[0].outputs[0].text.strip()
     for extra in ([], ["--tensor-parallel-size", "2"]):
-        assert main(cli(model_dir, "w3 w4 w5", "--max-tokens", "8", "--ignore-eos", "--kv-cache-dtype", "int8",
-                        *extra)) == 0
+        assert (
+            main(cli(model_dir, "w3 w4 w5", "--max-tokens", "8", "--ignore-eos", "--kv-cache-dtype", "int8", *extra))
+            == 0
+        )
         assert capsys.readouterr().out.splitlines() == [want], extra
 
 
@@ -90,31 +143,34 @@ def test_stream_prints_the_same_text(model_dir, capsys):
     assert capsys.readouterr().out.strip() == whole.strip()
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["--max-tokens", "0"], "argument --max-tokens: must be an integer >= 1"),
-    (["--temperature", "-1"], "argument --temperature:"),
-    (["--top-k", "-1"], "argument --top-k:"),
-    (["--top-p", "1.5"], "argument --top-p:"),
-    (["--n", "0"], "argument --n:"),
-    (["--min-tokens", "9", "--max-tokens", "4"], "argument --min-tokens:"),
-    (["--presence-penalty", "3"], "argument --presence-penalty:"),
-    (["--repetition-penalty", "0"], "argument --repetition-penalty:"),
-    (["--logprobs", "21"], "argument --logprobs:"),
-    (["--stop", ""], "argument --stop:"),
-    (["--seed", "-1"], "argument --seed:"),
-    (["--dtype", "int8"], "argument --dtype: unknown dtype"),
-    (["--block-size", "0"], "argument --block-size:"),
-    (["--max-num-seqs", "0"], "argument --max-num-seqs:"),
-    (["--kv-cache-memory", "12Q"], "argument --kv-cache-memory: invalid size"),
-    (["--num-kv-blocks", str(10**12)], "argument --num-kv-blocks: a KV cache of"),
-    (["--max-model-len", "1000"], "argument --max-model-len:"),
-    (["--max-tokens", "abc"], "argument --max-tokens: invalid int value"),
-    (["--kv-cache-dtype", "int4"], "argument --kv-cache-dtype: invalid choice"),
-    (["--tensor-parallel-size", "0"], "argument --tensor-parallel-size:"),
-    (["--tensor-parallel-size", "3"], "argument --tensor-parallel-size:"),
-    (["--stream", "--n", "2"], "--stream"),
-    (["w5", "--stream"], "--stream"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--max-tokens", "0"], "argument --max-tokens: must be an integer >= 1"),
+        (["--temperature", "-1"], "argument --temperature:"),
+        (["--top-k", "-1"], "argument --top-k:"),
+        (["--top-p", "1.5"], "argument --top-p:"),
+        (["--n", "0"], "argument --n:"),
+        (["--min-tokens", "9", "--max-tokens", "4"], "argument --min-tokens:"),
+        (["--presence-penalty", "3"], "argument --presence-penalty:"),
+        (["--repetition-penalty", "0"], "argument --repetition-penalty:"),
+        (["--logprobs", "21"], "argument --logprobs:"),
+        (["--stop", ""], "argument --stop:"),
+        (["--seed", "-1"], "argument --seed:"),
+        (["--dtype", "int8"], "argument --dtype: unknown dtype"),
+        (["--block-size", "0"], "argument --block-size:"),
+        (["--max-num-seqs", "0"], "argument --max-num-seqs:"),
+        (["--kv-cache-memory", "12Q"], "argument --kv-cache-memory: invalid size"),
+        (["--num-kv-blocks", str(10**12)], "argument --num-kv-blocks: a KV cache of"),
+        (["--max-model-len", "1000"], "argument --max-model-len:"),
+        (["--max-tokens", "abc"], "argument --max-tokens: invalid int value"),
+        (["--kv-cache-dtype", "int4"], "argument --kv-cache-dtype: invalid choice"),
+        (["--tensor-parallel-size", "0"], "argument --tensor-parallel-size:"),
+        (["--tensor-parallel-size", "3"], "argument --tensor-parallel-size:"),
+        (["--stream", "--n", "2"], "--stream"),
+        (["w5", "--stream"], "--stream"),
+    ],
+)
 def test_invalid_values_print_one_line_and_exit_2(model_dir, capsys, argv, needle):
     argv = cli(model_dir, "w3 w4", *argv)
     try:
@@ -155,16 +211,32 @@ def test_logprobs_lines(capsys):
     from minipaged.entrypoints.cli import _print_logprobs
     from minipaged.outputs import CompletionOutput, Logprob
 
-    completion = CompletionOutput(0, "", [5, 9], "length", logprobs=[
-        {5: Logprob(-0.1, 1), 7: Logprob(-2.5, 2)}, {9: Logprob(-3.0, 4), 1: Logprob(-0.5, 1), 2: Logprob(-1.0, 2)}])
+    completion = CompletionOutput(
+        0,
+        "",
+        [5, 9],
+        "length",
+        logprobs=[
+            {5: Logprob(-0.1, 1), 7: Logprob(-2.5, 2)},
+            {9: Logprob(-3.0, 4), 1: Logprob(-0.5, 1), 2: Logprob(-1.0, 2)},
+        ],
+    )
     _print_logprobs(completion, tokenizer=None)
-    assert capsys.readouterr().out.splitlines() == ["  5 -0.100 (rank 1) | 7 -2.500", "  9 -3.000 (rank 4) | 1 -0.500, 2 -1.000"]
+    assert capsys.readouterr().out.splitlines() == [
+        "  5 -0.100 (rank 1) | 7 -2.500",
+        "  9 -3.000 (rank 4) | 1 -0.500, 2 -1.000",
+    ]
     _print_logprobs(CompletionOutput(0, "", [5], "length"), tokenizer=None)
     assert "returned no logprobs" in capsys.readouterr().err
 
 
 def test_real_process_exits_2_without_traceback():
-    proc = subprocess.run([sys.executable, "-m", "minipaged", "generate", "hello", "--max-tokens", "0"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "minipaged", "generate", "hello", "--max-tokens", "0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr == PREFIX + "argument --max-tokens: must be an integer >= 1, got 0\n"

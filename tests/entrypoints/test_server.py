@@ -5,6 +5,7 @@ tokenizer, saved as a Hugging Face directory); the offline ``LLM`` loads the sam
 and is the reference for every greedy result. No timed assertions: waits have generous
 limits and only guard against a hang.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -27,8 +28,16 @@ from minipaged.entrypoints.openai.launch import ServerProcess, free_port, minipa
 API_KEY = "test-key-123"
 MAX_MODEL_LEN = 2048
 NUM_KV_BLOCKS = 64  # 1024 tokens, less than max_model_len: a request can be too large for the cache
-PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "1, 2, 3, 4,",
-           "The quick brown fox", "In a galaxy far away", "Paged attention stores", "Hello"]
+PROMPTS = [
+    "The capital of France is",
+    "Once upon a time",
+    "def fibonacci(n):",
+    "1, 2, 3, 4,",
+    "The quick brown fox",
+    "In a galaxy far away",
+    "Paged attention stores",
+    "Hello",
+]
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +54,18 @@ ENGINE_ARGS = ["--num-kv-blocks", str(NUM_KV_BLOCKS), "--block-size", "16", "--m
 def server(model_dir, tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("server-log") / "server.log"
-    cmd = minipaged_command(port, "--model", str(model_dir), "--served-model-name", "tiny", "--api-key", API_KEY,
-                            "--log-level", "warning", *ENGINE_ARGS)
+    cmd = minipaged_command(
+        port,
+        "--model",
+        str(model_dir),
+        "--served-model-name",
+        "tiny",
+        "--api-key",
+        API_KEY,
+        "--log-level",
+        "warning",
+        *ENGINE_ARGS,
+    )
     root = str(Path(__file__).resolve().parents[2])
     with ServerProcess(cmd, f"http://127.0.0.1:{port}", log_path=log, cwd=root) as proc:
         yield proc
@@ -153,7 +172,7 @@ def test_sse_wire_format(server):
     assert events[-1] == "" and events[-2] == "data: [DONE]"
     for event in events[:-2]:
         assert event.startswith("data: ")
-        assert json.loads(event[len("data: "):])["object"] == "text_completion"
+        assert json.loads(event[len("data: ") :])["object"] == "text_completion"
 
 
 def test_chat_matches_offline_chat_streamed_and_not(client, offline):
@@ -166,8 +185,9 @@ def test_chat_matches_offline_chat_streamed_and_not(client, offline):
     assert choice.message.role == "assistant" and choice.message.content == ref.outputs[0].text
     assert resp.usage.prompt_tokens == len(ref.prompt_token_ids)
     assert resp.usage.completion_tokens == len(ref.outputs[0].token_ids)
-    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0,
-                                                 stream=True))
+    chunks = list(
+        client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0, stream=True)
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert all(ch.object == "chat.completion.chunk" for ch in chunks)
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == ref.outputs[0].text
@@ -189,10 +209,12 @@ def test_n_samples_with_seed_are_reproducible(client, offline):
 
 def test_stop_string_cuts_text_streamed_and_not(client, offline):
     base = greedy(offline, [PROMPTS[0]], 20, ignore_eos=True)[0].outputs[0].text
-    stop = base[len(base) // 2: len(base) // 2 + 3]
+    stop = base[len(base) // 2 : len(base) // 2 + 3]
     assert stop.strip(), base
-    expected = base[:base.index(stop)]
-    kw = dict(model="tiny", prompt=PROMPTS[0], max_tokens=20, temperature=0, stop=[stop], extra_body={"ignore_eos": True})
+    expected = base[: base.index(stop)]
+    kw = dict(
+        model="tiny", prompt=PROMPTS[0], max_tokens=20, temperature=0, stop=[stop], extra_body={"ignore_eos": True}
+    )
     full = client.completions.create(**kw)
     assert full.choices[0].text == expected and full.choices[0].finish_reason == "stop"
     texts, finish, _, _ = _stream_completion(client, **kw)
@@ -226,7 +248,7 @@ def _reference_logprobs(model_dir, prompt_ids, output_ids):
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     ids = torch.tensor([prompt_ids + output_ids])
     with torch.no_grad():
-        logits = hf(ids).logits[0, len(prompt_ids) - 1: -1].float()
+        logits = hf(ids).logits[0, len(prompt_ids) - 1 : -1].float()
     return torch.log_softmax(logits, dim=-1)
 
 
@@ -250,8 +272,9 @@ def test_completion_logprobs_match_transformers(client, offline, model_dir):
             assert math.isclose(lp.top_logprobs[pos][text], value, abs_tol=1e-3)
     assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
     # Streamed: the same arrays, chunk by chunk, text_offset continuing across chunks.
-    chunks = list(client.completions.create(model="tiny", prompt=PROMPTS[2], max_tokens=6, temperature=0,
-                                            logprobs=k, stream=True))
+    chunks = list(
+        client.completions.create(model="tiny", prompt=PROMPTS[2], max_tokens=6, temperature=0, logprobs=k, stream=True)
+    )
     streamed = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
     assert sum((s.tokens for s in streamed), []) == lp.tokens
     assert sum((s.text_offset for s in streamed), []) == lp.text_offset
@@ -259,8 +282,14 @@ def test_completion_logprobs_match_transformers(client, offline, model_dir):
 
 @needs_logprobs
 def test_chat_logprobs_shape(client):
-    resp = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
-                                          temperature=0, logprobs=True, top_logprobs=2)
+    resp = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
     content = resp.choices[0].logprobs.content
     assert len(content) == resp.usage.completion_tokens
     assert "".join(c.token for c in content) == resp.choices[0].message.content
@@ -273,14 +302,21 @@ def test_chat_logprobs_shape(client):
 @pytest.mark.skipif(not _engine_has("logit_bias"), reason="SamplingParams has no penalties / logit_bias yet")
 def test_penalties_logit_bias_and_min_tokens_reach_the_engine(client, offline):
     forced = 1234  # +100 on one token makes greedy pick it every time
-    r = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=5, temperature=0,
-                                  logit_bias={str(forced): 100}, logprobs=0)
+    r = client.completions.create(
+        model="tiny", prompt=PROMPTS[0], max_tokens=5, temperature=0, logit_bias={str(forced): 100}, logprobs=0
+    )
     assert r.choices[0].logprobs.tokens == [offline.tokenizer.decode([forced])] * 5
     kw = dict(repetition_penalty=1.5, presence_penalty=0.5, frequency_penalty=0.5, min_tokens=4)
     ref = greedy(offline, ["Hello"], 10, **kw)[0].outputs[0]
-    resp = client.completions.create(model="tiny", prompt="Hello", max_tokens=10, temperature=0,
-                                     presence_penalty=0.5, frequency_penalty=0.5,
-                                     extra_body={"repetition_penalty": 1.5, "min_tokens": 4})
+    resp = client.completions.create(
+        model="tiny",
+        prompt="Hello",
+        max_tokens=10,
+        temperature=0,
+        presence_penalty=0.5,
+        frequency_penalty=0.5,
+        extra_body={"repetition_penalty": 1.5, "min_tokens": 4},
+    )
     assert resp.choices[0].text == ref.text
     plain = greedy(offline, ["Hello"], 10)[0].outputs[0]
     assert ref.token_ids != plain.token_ids  # the penalties changed something, so the equality above means something
@@ -318,7 +354,7 @@ BAD_COMPLETIONS = [
     ({"prompt": []}, "prompt"),
     ({"prompt": 5}, "prompt"),
     ({"prompt": [1, "a"]}, "prompt"),
-    ({"prompt": [10 ** 9]}, "prompt_token_ids"),
+    ({"prompt": [10**9]}, "prompt_token_ids"),
     ({"prompt": [[1, 2], []]}, "prompt"),
     ({"prompt": [1] * (MAX_MODEL_LEN + 1)}, "prompt"),  # PromptTooLongError: over max_model_len
     ({"prompt": [1] * 1100}, "prompt"),  # RequestTooLargeError: the prompt alone needs more blocks than exist
@@ -365,10 +401,13 @@ def test_invalid_chat_field_is_400(server, fields, param):
 
 def test_malformed_json_unknown_model_and_api_key(server, client):
     _assert_openai_error(_post(server, "/v1/completions", None, raw=b'{"prompt": "x",'), 400)
-    _assert_openai_error(_post(server, "/v1/completions", None, raw=b'[1, 2]'), 400)
+    _assert_openai_error(_post(server, "/v1/completions", None, raw=b"[1, 2]"), 400)
     _assert_openai_error(_post(server, "/v1/completions", {"model": "gpt-9", "prompt": "x"}), 404, "model")
-    _assert_openai_error(_post(server, "/v1/chat/completions",
-                               {"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}), 404, "model")
+    _assert_openai_error(
+        _post(server, "/v1/chat/completions", {"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}),
+        404,
+        "model",
+    )
     _assert_openai_error(_post(server, "/v1/completions", {"prompt": "x"}, key=None), 401)
     _assert_openai_error(_post(server, "/v1/completions", {"prompt": "x"}, key="wrong"), 401)
     r = httpx.get(server.base_url + "/v1/models")
@@ -394,7 +433,7 @@ async def _stream_one(http: httpx.AsyncClient, body: dict, *, hang_up: bool) -> 
         async for line in r.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
-            choice = json.loads(line[len("data: "):])["choices"][0]
+            choice = json.loads(line[len("data: ") :])["choices"][0]
             text += choice["text"]
             finish = choice["finish_reason"] or finish
             if hang_up and text:
@@ -406,10 +445,20 @@ async def _concurrent(server, keep_prompts, drop_prompts, bad_bodies):
     headers = {"Authorization": f"Bearer {API_KEY}"}
     limits = httpx.Limits(max_connections=100)
     async with httpx.AsyncClient(base_url=server.base_url, headers=headers, limits=limits, timeout=300) as http:
-        keep = [_stream_one(http, {"model": "tiny", "prompt": p, "max_tokens": 16, "temperature": 0, "stream": True},
-                            hang_up=False) for p in keep_prompts]
-        drop = [_stream_one(http, {"model": "tiny", "prompt": p, "max_tokens": 400, "temperature": 0, "stream": True,
-                                   "ignore_eos": True}, hang_up=True) for p in drop_prompts]
+        keep = [
+            _stream_one(
+                http, {"model": "tiny", "prompt": p, "max_tokens": 16, "temperature": 0, "stream": True}, hang_up=False
+            )
+            for p in keep_prompts
+        ]
+        drop = [
+            _stream_one(
+                http,
+                {"model": "tiny", "prompt": p, "max_tokens": 400, "temperature": 0, "stream": True, "ignore_eos": True},
+                hang_up=True,
+            )
+            for p in drop_prompts
+        ]
         bad = [http.post("/v1/completions", json=b) for b in bad_bodies]
         return await asyncio.gather(*keep, *drop, *bad)
 
@@ -417,7 +466,7 @@ async def _concurrent(server, keep_prompts, drop_prompts, bad_bodies):
 def test_32_concurrent_streams_half_hang_up(server, offline):
     keep_prompts = [f"{PROMPTS[i % len(PROMPTS)]} {i}" for i in range(16)]
     drop_prompts = [f"Story number {i}:" for i in range(16)]
-    bad_bodies = [{"model": "tiny", "prompt": "x", "max_tokens": 0}, {"model": "tiny", "prompt": [10 ** 9]}]
+    bad_bodies = [{"model": "tiny", "prompt": "x", "max_tokens": 0}, {"model": "tiny", "prompt": [10**9]}]
     ref = greedy(offline, keep_prompts, 16)
     before = wait_idle(server)
     results = asyncio.run(_concurrent(server, keep_prompts, drop_prompts, bad_bodies))
@@ -455,10 +504,18 @@ def test_non_streaming_request_aborted_when_client_leaves(server):
 
 def test_metrics_exposition(server):
     text = httpx.get(server.base_url + "/metrics").text
-    for name in ("minipaged_num_requests_running", "minipaged_num_requests_waiting", "minipaged_kv_blocks_used",
-                 "minipaged_kv_blocks_cached", "minipaged_kv_blocks_free", "minipaged_num_preemptions_total",
-                 "minipaged_prompt_tokens_total", "minipaged_generation_tokens_total",
-                 "minipaged_time_to_first_token_seconds_bucket", "minipaged_inter_token_latency_seconds_bucket",
-                 "minipaged_e2e_request_latency_seconds_count"):
+    for name in (
+        "minipaged_num_requests_running",
+        "minipaged_num_requests_waiting",
+        "minipaged_kv_blocks_used",
+        "minipaged_kv_blocks_cached",
+        "minipaged_kv_blocks_free",
+        "minipaged_num_preemptions_total",
+        "minipaged_prompt_tokens_total",
+        "minipaged_generation_tokens_total",
+        "minipaged_time_to_first_token_seconds_bucket",
+        "minipaged_inter_token_latency_seconds_bucket",
+        "minipaged_e2e_request_latency_seconds_count",
+    ):
         assert re.search(rf"^{name}[{{ ]", text, re.M), name
     assert scrape(server)["minipaged_e2e_request_latency_seconds_count"] > 0

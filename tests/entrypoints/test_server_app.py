@@ -1,4 +1,5 @@
 """The app in-process over a scripted fake engine: failure paths a real model cannot be made to hit on cue."""
+
 from __future__ import annotations
 
 import asyncio
@@ -56,7 +57,9 @@ class FakeEngine:
 
 
 def _client(engine) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=build_app(engine), raise_app_exceptions=False), base_url="http://test")
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=build_app(engine), raise_app_exceptions=False), base_url="http://test"
+    )
 
 
 def test_engine_failure_mid_stream_is_an_in_band_error_then_done():
@@ -108,12 +111,17 @@ class _Tok:
 
 
 def test_logprob_shapes_by_hand():
-    lps = [{0: Logprob(-0.1, 1), 1: Logprob(-2.5, 2), 2: Logprob(-3.0, 3)},
-           {2: Logprob(-math.inf, 9), 0: Logprob(-0.2, 1), 1: Logprob(-1.0, 2)}]
+    lps = [
+        {0: Logprob(-0.1, 1), 1: Logprob(-2.5, 2), 2: Logprob(-3.0, 3)},
+        {2: Logprob(-math.inf, 9), 0: Logprob(-0.2, 1), 1: Logprob(-1.0, 2)},
+    ]
     out = completion_logprobs([0, 2], lps, _Tok(), first_offset=5)
-    assert out == {"tokens": ["a", "c"], "token_logprobs": [-0.1, -9999.0],
-                   "top_logprobs": [{"a": -0.1, "b": -2.5, "c": -3.0}, {"c": -9999.0, "a": -0.2, "b": -1.0}],
-                   "text_offset": [5, 6]}
+    assert out == {
+        "tokens": ["a", "c"],
+        "token_logprobs": [-0.1, -9999.0],
+        "top_logprobs": [{"a": -0.1, "b": -2.5, "c": -3.0}, {"c": -9999.0, "a": -0.2, "b": -1.0}],
+        "text_offset": [5, 6],
+    }
     chat = chat_logprobs([0, 2], lps, _Tok(), top_logprobs=2)["content"]
     assert [c["token"] for c in chat] == ["a", "c"] and chat[1]["logprob"] == -9999.0
     assert [t["token"] for t in chat[1]["top_logprobs"]] == ["a", "b"]  # by rank; the sampled rank-9 token is not top-2

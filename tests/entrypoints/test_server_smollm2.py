@@ -1,4 +1,5 @@
 """The server on the real SmolLM2-135M-Instruct (its default model): chat and completions equal offline LLM's."""
+
 from __future__ import annotations
 
 from pathlib import Path

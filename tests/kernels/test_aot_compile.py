@@ -5,6 +5,7 @@ Compilation runs ``python -m minipaged_kernels.report --json`` in a child proces
 defined the kernels under the interpreter, which ``triton.compile`` cannot take. The
 child gets an empty Triton cache so every configuration is really compiled.
 """
+
 import importlib
 import json
 import subprocess
@@ -28,8 +29,14 @@ def rows(tmp_path_factory) -> list[dict]:
     env = _aot.compile_mode_env()
     env["TRITON_CACHE_DIR"] = str(tmp / "triton-cache")
     out = tmp / "rows.json"
-    proc = subprocess.run([sys.executable, "-m", "minipaged_kernels.report", "--ci", "--json", str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "minipaged_kernels.report", "--ci", "--json", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text())
 
@@ -45,8 +52,11 @@ def test_every_spec_compiles_for_every_target(rows):
 
 
 def test_shared_memory_within_target_limit(rows):
-    over = [(r["kernel"], r["config"], r["target"], r["shared_bytes"]) for r in rows
-            if r["error"] is None and r["shared_bytes"] > _aot.SHARED_MEMORY_LIMIT[r["target"]]]
+    over = [
+        (r["kernel"], r["config"], r["target"], r["shared_bytes"])
+        for r in rows
+        if r["error"] is None and r["shared_bytes"] > _aot.SHARED_MEMORY_LIMIT[r["target"]]
+    ]
     assert not over, over
 
 
@@ -64,8 +74,12 @@ def test_decode_specs_cover_every_wrapper_choice():
 def test_kv_append_specs_cover_every_wrapper_choice():
     configs = {spec.config for spec in kv_append_module.aot_specs()}
     copies = {f"{dtypes} slots={index}" for dtypes in ("fp32", "fp16/bf16") for index in ("i32", "i64")}
-    quantizing = {f"{dtype}->{cache} {scale}" for dtype in ("fp32", "fp16", "bf16")
-                  for cache in ("int8", "fp8e4m3") for scale in ("token", "layer")}
+    quantizing = {
+        f"{dtype}->{cache} {scale}"
+        for dtype in ("fp32", "fp16", "bf16")
+        for cache in ("int8", "fp8e4m3")
+        for scale in ("token", "layer")
+    }
     assert configs == copies | quantizing
 
 
@@ -83,8 +97,11 @@ def test_quantized_cache_specs_cover_every_wrapper_choice():
 def test_quantized_specs_compile_for_sm80_and_sm90(rows):
     """fp8 decodes with bit operations, so its builds exist (and fit) on sm_80 too; the suite
     compiles the ``in_ci_subset`` of them (``python -m minipaged_kernels.report`` compiles all)."""
-    quantized = {(r["kernel"], r["config"].split(" kv=")[-1], r["target"]) for r in rows
-                 if ("kv=" in r["config"] or "->" in r["config"]) and r["error"] is None}
+    quantized = {
+        (r["kernel"], r["config"].split(" kv=")[-1], r["target"])
+        for r in rows
+        if ("kv=" in r["config"] or "->" in r["config"]) and r["error"] is None
+    }
     for kernel in ("paged_decode_attention", "paged_prefill_attention"):
         for cache in ("int8", "fp8e4m3"):
             assert {(kernel, cache, 80), (kernel, cache, 90)} <= quantized

@@ -1,6 +1,7 @@
 """Attention backends over the paged cache: the torch backend against the naive kernel
 references and a per-token float64 softmax, the Triton backend (interpreted) against
 the torch backend, and the cache helpers."""
+
 from __future__ import annotations
 
 import random
@@ -71,7 +72,9 @@ MIXED = [  # (query_lens, context_lens): decodes, fresh prompts, chunks after a 
 @pytest.mark.parametrize("group", [1, 3, 4])
 @pytest.mark.parametrize("lens", MIXED)
 def test_torch_backend_matches_per_token_softmax(block_size, group, lens):
-    q, k, v, k_cache, v_cache, meta = random_paged_step(*lens, block_size, 2, group, 16, torch.float64, seed=block_size + group)
+    q, k, v, k_cache, v_cache, meta = random_paged_step(
+        *lens, block_size, 2, group, 16, torch.float64, seed=block_size + group
+    )
     out = get_attention_backend("torch", "cpu").forward(q, k, v, k_cache, v_cache, meta, 0.3)
     slots = meta.slot_mapping
     torch.testing.assert_close(k_cache.view(-1, 2, 16)[slots], k)
@@ -89,15 +92,22 @@ def test_ragged_decodes_split_into_length_buckets_and_chunks():
     assert chunk_by_blocks([1, 9, 1, 9, 30], max_chunk_blocks=100, overhead_blocks=1000) == [[4], [1, 3, 0, 2]]
     chunks = chunk_by_blocks([5] * 7, max_chunk_blocks=10, overhead_blocks=1000)
     assert sorted(map(len, chunks)) == [1, 2, 2, 2] and sorted(sum(chunks, [])) == list(range(7))
-    assert chunk_by_blocks([50, 2], max_chunk_blocks=10, overhead_blocks=0) == [[0], [1]]  # too long for any chunk: alone
+    assert chunk_by_blocks([50, 2], max_chunk_blocks=10, overhead_blocks=0) == [
+        [0],
+        [1],
+    ]  # too long for any chunk: alone
     query_lens = [1, 1, 6, 1, 1, 1, 2, 1]
     context_lens = [70, 2, 6, 65, 3, 33, 40, 1]
     q, k, v, k_cache, v_cache, meta = random_paged_step(query_lens, context_lens, 4, 2, 3, 16, torch.float64, seed=4)
-    on_gpu = TorchAttentionBackend(bucket_overhead_key_rows=0, cpu_gather_chunk_bytes=None)  # the bucket path, as on CUDA
+    on_gpu = TorchAttentionBackend(
+        bucket_overhead_key_rows=0, cpu_gather_chunk_bytes=None
+    )  # the bucket path, as on CUDA
     expected = None
-    for backend, at_least in [(on_gpu, 3),
-                              (TorchAttentionBackend(cpu_chunk_overhead_blocks=0), 4),  # one chunk per distinct length
-                              (TorchAttentionBackend(cpu_gather_chunk_bytes=1), 6)]:  # one sequence per chunk
+    for backend, at_least in [
+        (on_gpu, 3),
+        (TorchAttentionBackend(cpu_chunk_overhead_blocks=0), 4),  # one chunk per distinct length
+        (TorchAttentionBackend(cpu_gather_chunk_bytes=1), 6),
+    ]:  # one sequence per chunk
         assert len(backend.prepare(meta, k_cache).backend_plan.decodes) >= at_least
         out = backend.forward(q, k, v, k_cache, v_cache, meta, 0.2)
         expected = per_token_reference(q, k_cache, v_cache, meta, 0.2) if expected is None else expected
@@ -107,7 +117,9 @@ def test_ragged_decodes_split_into_length_buckets_and_chunks():
 def _reference_step(q, k, v, k_cache, v_cache, meta, scale):
     minipaged_kernels.reference.kv_append(k, v, k_cache, v_cache, meta.slot_mapping)
     if meta.max_query_len == 1:
-        return minipaged_kernels.reference.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale=scale)
+        return minipaged_kernels.reference.paged_decode_attention(
+            q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale=scale
+        )
     if not hasattr(minipaged_kernels.reference, "paged_prefill_attention"):
         pytest.skip("minipaged_kernels.reference.paged_prefill_attention has not landed yet")
     return minipaged_kernels.reference.paged_prefill_attention(
@@ -132,7 +144,9 @@ def _kernels_available() -> bool:
     try:
         minipaged_kernels.kv_append(k, v, k_cache, v_cache, meta.slot_mapping)
         minipaged_kernels.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens)
-        minipaged_kernels.paged_prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q, meta.context_lens)
+        minipaged_kernels.paged_prefill_attention(
+            q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q, meta.context_lens
+        )
     except NotImplementedError:
         return False
     return True

@@ -6,6 +6,7 @@ blocks, ragged contexts (1, block_size +- 1, hundreds), rows past each context a
 blocks no sequence owns poisoned with NaN, unused table entries -1, and ``out``
 poisoned too, so reading or skipping the wrong thing shows up.
 """
+
 import json
 import os
 import random
@@ -65,8 +66,9 @@ def test_quantized_cache_matches_reference(kind, per_token, dtype):
     equals float64 attention over the dequantized cache, as the Triton kernel is tested."""
     rng = random.Random()
     lens = [1, 15, 16, 17, rng.randint(100, 300)]
-    q, k_cache, v_cache, tables, context_lens = make_batch(lens, 16, 3, 3, 64, torch.float32, "cpu",
-                                                           seed=rng.randrange(1 << 30))
+    q, k_cache, v_cache, tables, context_lens = make_batch(
+        lens, 16, 3, 3, 64, torch.float32, "cpu", seed=rng.randrange(1 << 30)
+    )
     layer_scale = None if per_token else torch.full((1,), rng.uniform(0.01, 0.05))
     (kd, ks), (vd, vs) = (kv_quant.quantize(c, kind, layer_scale) for c in (k_cache, v_cache))
     q = q.to(dtype)
@@ -81,8 +83,9 @@ def test_fp8_rows_widen_exactly():
     """The kernel's fp8 table is torch's float8_e4m3fn -> float32 for all 256 bytes."""
     codes = torch.arange(256, dtype=torch.uint8)
     expected = codes.view(torch.float8_e4m3fn).float()
-    torch.testing.assert_close(torch.from_numpy(cpu_decode_attention._FP8_E4M3_TABLE), expected, rtol=0, atol=0,
-                               equal_nan=True)
+    torch.testing.assert_close(
+        torch.from_numpy(cpu_decode_attention._FP8_E4M3_TABLE), expected, rtol=0, atol=0, equal_nan=True
+    )
 
 
 def test_fp16_rows_widen_exactly():
@@ -90,8 +93,9 @@ def test_fp16_rows_widen_exactly():
     import numpy as np
 
     halves = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16)
-    bits = np.array([cpu_decode_attention._fp16_bits_to_fp32_bits(np.uint32(np.uint16(h))) for h in halves.numpy()],
-                    dtype=np.uint32)
+    bits = np.array(
+        [cpu_decode_attention._fp16_bits_to_fp32_bits(np.uint32(np.uint16(h))) for h in halves.numpy()], dtype=np.uint32
+    )
     expected = halves.view(torch.float16).float()
     torch.testing.assert_close(torch.from_numpy(bits.view(np.float32)), expected, rtol=0, atol=0, equal_nan=True)
 
@@ -128,13 +132,23 @@ def test_serial_and_parallel_launchers_agree():
     """The one-thread launcher (a lone sequence) and the prange one run the same program: equal bits."""
     import numpy as np
 
-    q, k_cache, v_cache, tables, lens = make_batch([1, 17, 250, 64], 16, 3, 3, 64, torch.float32, "cpu",
-                                                   seed=random.randrange(1 << 30))
+    q, k_cache, v_cache, tables, lens = make_batch(
+        [1, 17, 250, 64], 16, 3, 3, 64, torch.float32, "cpu", seed=random.randrange(1 << 30)
+    )
     outs = []
     for launch in (cpu_decode_attention._decode_serial, cpu_decode_attention._decode_parallel):
         out = torch.full_like(q, float("nan"))
-        launch(q.numpy(), k_cache.numpy(), v_cache.numpy(), None, None, tables.to(torch.int32).numpy(),
-               lens.to(torch.int32).numpy(), np.float32(0.125), out.numpy())
+        launch(
+            q.numpy(),
+            k_cache.numpy(),
+            v_cache.numpy(),
+            None,
+            None,
+            tables.to(torch.int32).numpy(),
+            lens.to(torch.int32).numpy(),
+            np.float32(0.125),
+            out.numpy(),
+        )
         outs.append(out)
     assert torch.isfinite(outs[0]).all()
     assert torch.equal(outs[0], outs[1])
@@ -154,7 +168,9 @@ def test_strided_q_and_int64_tables_and_empty_batch():
 def test_rejects_bad_arguments():
     q, k_cache, v_cache, tables, lens = make_batch([4, 9], 4, 2, 2, 16, torch.float32, "cpu", seed=5)
     with pytest.raises(ValueError, match="context_lens"):
-        cpu_decode_attention.paged_decode_attention(q, k_cache, v_cache, tables, torch.tensor([4, 0], dtype=torch.int32))
+        cpu_decode_attention.paged_decode_attention(
+            q, k_cache, v_cache, tables, torch.tensor([4, 0], dtype=torch.int32)
+        )
     with pytest.raises(ValueError, match="dtype"):
         cpu_decode_attention.paged_decode_attention(q.double(), k_cache, v_cache, tables, lens)
     with pytest.raises(ValueError, match="out"):
@@ -226,8 +242,13 @@ def test_parallel_launch_runs_on_torchs_openmp_pool():
     forked afterwards still gets right answers (serially: numba's OpenMP layer would kill it)."""
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
     env["PYTHONPATH"] = str(Path(__file__).parent)  # the child imports make_batch from test_decode_attention
-    proc = subprocess.run([sys.executable, "-c", _POOL_CHILD, str(random.randrange(1 << 30))], env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", _POOL_CHILD, str(random.randrange(1 << 30))],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["err_one_thread"] < 1e-4 and report["err_parallel"] < 1e-4, report

@@ -3,6 +3,7 @@
 Fresh random inputs each run (shapes from one row to a prefill, SmolLM2's and odd ones),
 outputs poisoned with NaN before the call, and the model-level switch checked both ways.
 """
+
 import random
 
 import pytest

@@ -4,6 +4,7 @@ Fresh random operands each run (the seed is in the test's output when it fails),
 SmolLM2's shapes and odd ones, the serial and the parallel launcher, with and without
 bias; and the refusals that send a product back to the packed path.
 """
+
 import random
 
 import pytest
@@ -25,7 +26,7 @@ def _operands(rows, in_features, out_features, with_bias):
     gen = torch.Generator().manual_seed(seed)
     scale = 0.1 + 10.0 * torch.rand((), generator=gen).item()
     x = torch.randn(rows, in_features, generator=gen) * scale
-    weight = torch.randn(out_features, in_features, generator=gen) / in_features ** 0.5
+    weight = torch.randn(out_features, in_features, generator=gen) / in_features**0.5
     bias = torch.randn(out_features, generator=gen) if with_bias else None
     return x, weight, bias, scale
 

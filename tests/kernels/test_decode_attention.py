@@ -6,6 +6,7 @@ blocks no sequence owns, cache rows past a sequence's context and unused block-t
 entries are poisoned (NaN / -1), and so is ``out``: reading or skipping the wrong
 thing shows up as NaN or a large error.
 """
+
 import zlib
 
 import pytest
@@ -45,7 +46,7 @@ def make_batch(context_lens, block_size, num_kv_heads, group, head_dim, dtype, d
     block_tables = torch.full((len(context_lens), max_blocks), -1, dtype=torch.int32)
     used = 0
     for seq, (n, nb) in enumerate(zip(context_lens, blocks_per_seq)):
-        ids = physical[used:used + nb]
+        ids = physical[used : used + nb]
         used += nb
         block_tables[seq, :nb] = ids.to(torch.int32)
         k = torch.randn(nb * block_size, num_kv_heads, head_dim, generator=gen)
@@ -56,8 +57,10 @@ def make_batch(context_lens, block_size, num_kv_heads, group, head_dim, dtype, d
         v_cache[ids] = v.view(nb, block_size, num_kv_heads, head_dim)
     q = torch.randn(len(context_lens), num_kv_heads * group, head_dim, generator=gen)
     lens = torch.tensor(context_lens, dtype=torch.int32)
-    return tuple(t.to(dtype).to(device) if t.is_floating_point() else t.to(device)
-                 for t in (q, k_cache, v_cache, block_tables, lens))
+    return tuple(
+        t.to(dtype).to(device) if t.is_floating_point() else t.to(device)
+        for t in (q, k_cache, v_cache, block_tables, lens)
+    )
 
 
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -66,11 +69,13 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def check_against_reference(q, k_cache, v_cache, block_tables, lens, num_splits, scale=None):
     out = torch.full_like(q, float("nan"))
-    result = minipaged_kernels.paged_decode_attention(q, k_cache, v_cache, block_tables, lens, scale=scale, out=out,
-                                            num_splits=num_splits)
+    result = minipaged_kernels.paged_decode_attention(
+        q, k_cache, v_cache, block_tables, lens, scale=scale, out=out, num_splits=num_splits
+    )
     assert result is out
-    ref = reference.paged_decode_attention(q.double(), k_cache.double(), v_cache.double(), block_tables, lens,
-                                           scale=scale)
+    ref = reference.paged_decode_attention(
+        q.double(), k_cache.double(), v_cache.double(), block_tables, lens, scale=scale
+    )
     assert torch.isfinite(out).all(), "kernel left NaN in out or read a poisoned cache row"
     err = rel_error(out, ref)
     assert err < REL_TOL[q.dtype], f"relative error {err:.2e} above {REL_TOL[q.dtype]:.0e} for {q.dtype}"

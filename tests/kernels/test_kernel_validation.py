@@ -4,6 +4,7 @@ Each case starts from a valid call, breaks one thing, and checks both the kernel
 wrapper and the reference refuse it (they share the checks, so a call one accepts the
 other accepts too).
 """
+
 from collections.abc import Callable
 
 import pytest
@@ -48,7 +49,10 @@ APPEND_CASES = {
     "cache int dtype": (_set("k_cache", lambda a: a["k_cache"].int()), "k_cache"),
     "caches differ": (_set("v_cache", lambda a: a["v_cache"][:2]), "v_cache"),
     "cache dtypes differ": (_set("v_cache", lambda a: a["v_cache"].bfloat16()), "v_cache"),
-    "cache not contiguous in head_dim": (_set("k_cache", lambda a: a["k_cache"].transpose(2, 3).contiguous().transpose(2, 3)), "k_cache"),
+    "cache not contiguous in head_dim": (
+        _set("k_cache", lambda a: a["k_cache"].transpose(2, 3).contiguous().transpose(2, 3)),
+        "k_cache",
+    ),
     "slot float": (_set("slot_mapping", lambda a: a["slot_mapping"].float()), "slot_mapping"),
     "slot count": (_set("slot_mapping", lambda a: a["slot_mapping"][:3]), "slot_mapping"),
     "slot past cache": (_set("slot_mapping", torch.tensor([0, 9, -1, 24])), "slot_mapping"),
@@ -64,8 +68,14 @@ DECODE_CASES = {
     "q sequences": (_set("q", lambda a: a["q"][:1]), "block_tables"),
     "q not contiguous in head_dim": (_set("q", lambda a: a["q"].transpose(1, 2).contiguous().transpose(1, 2)), "q"),
     "cache float64 in kernel": (None, "k_cache"),
-    "block id too large": (_set("block_tables", torch.tensor([[3, 5, -1], [0, 4, 2]], dtype=torch.int32)), "block_tables"),
-    "negative block id in use": (_set("block_tables", torch.tensor([[3, -1, 0], [0, 4, 2]], dtype=torch.int32)), "block_tables"),
+    "block id too large": (
+        _set("block_tables", torch.tensor([[3, 5, -1], [0, 4, 2]], dtype=torch.int32)),
+        "block_tables",
+    ),
+    "negative block id in use": (
+        _set("block_tables", torch.tensor([[3, -1, 0], [0, 4, 2]], dtype=torch.int32)),
+        "block_tables",
+    ),
     "context longer than table": (_set("context_lens", torch.tensor([6, 13], dtype=torch.int32)), "context_lens"),
     "zero context": (_set("context_lens", torch.tensor([0, 12], dtype=torch.int32)), "context_lens"),
     "context_lens count": (_set("context_lens", torch.tensor([6], dtype=torch.int32)), "context_lens"),
@@ -99,8 +109,9 @@ def test_kv_append_accepts_the_valid_call():
 
 
 @pytest.mark.parametrize("case", list(DECODE_CASES), ids=list(DECODE_CASES))
-@pytest.mark.parametrize("fn", [minipaged_kernels.paged_decode_attention, reference.paged_decode_attention],
-                         ids=["kernel", "reference"])
+@pytest.mark.parametrize(
+    "fn", [minipaged_kernels.paged_decode_attention, reference.paged_decode_attention], ids=["kernel", "reference"]
+)
 def test_decode_rejects(fn, case):
     args = _decode_args()
     mutate, name = DECODE_CASES[case]

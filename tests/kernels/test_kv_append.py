@@ -1,4 +1,5 @@
 """KV-append kernel against the Python-loop reference: bit-exact, padding slots untouched."""
+
 import zlib
 
 import pytest
@@ -35,7 +36,8 @@ def _case(block_size, head_dim, dtype, slot_dtype, device, num_kv_heads=2, num_t
 
 
 @pytest.mark.parametrize(
-    "block_size,head_dim,dtype,slot_dtype", pairwise([BLOCK_SIZES, HEAD_DIMS, DTYPES, SLOT_DTYPES]),
+    "block_size,head_dim,dtype,slot_dtype",
+    pairwise([BLOCK_SIZES, HEAD_DIMS, DTYPES, SLOT_DTYPES]),
     ids=lambda v: str(v).removeprefix("torch."),
 )
 def test_kv_append_matches_reference_bit_exact(block_size, head_dim, dtype, slot_dtype, device):
@@ -65,7 +67,7 @@ def test_kv_append_strided_key_value(head_dim, device):
     """Keys and values sliced out of a fused QKV projection (row stride > heads x head_dim)."""
     num_tokens, num_kv_heads, block_size = 9, 3, 4
     qkv = torch.randn(num_tokens, 3 * num_kv_heads, head_dim, dtype=torch.float16, device=device)
-    key, value = qkv[:, num_kv_heads:2 * num_kv_heads], qkv[:, 2 * num_kv_heads:]
+    key, value = qkv[:, num_kv_heads : 2 * num_kv_heads], qkv[:, 2 * num_kv_heads :]
     shape = (5, block_size, num_kv_heads, head_dim)
     k_cache = torch.full(shape, float("nan"), dtype=torch.float16, device=device)
     v_cache = torch.full(shape, float("nan"), dtype=torch.float16, device=device)

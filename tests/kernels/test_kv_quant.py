@@ -6,6 +6,7 @@ kernels the float64 reference over the dequantized cache. The engine with a quan
 cache must produce exactly the tokens of an engine whose cache is float but whose K/V are
 rounded the same way before they are stored, and most of the tokens of the float cache.
 """
+
 from __future__ import annotations
 
 import zlib
@@ -49,7 +50,7 @@ def test_fp8_saturates_and_keeps_relative_error():
     back = kv_quant.dequantize(data, scale, torch.float32)
     assert torch.isfinite(back).all()
     assert back[0, :3].tolist() == [448.0, -448.0, 448.0]
-    normal = x.abs() >= 2 ** -6
+    normal = x.abs() >= 2**-6
     assert ((back - x).abs()[normal & (x.abs() <= 448)] <= x.abs()[normal & (x.abs() <= 448)] / 16).all()
 
 
@@ -135,15 +136,26 @@ CASES = pairwise([KINDS, (True, False), (torch.float32, torch.float16, torch.bfl
 @pytest.mark.parametrize("kind,per_token,dtype,block_size,group", CASES, ids=lambda v: str(v).removeprefix("torch."))
 def test_decode_on_quantized_cache_matches_reference(kind, per_token, dtype, block_size, group):
     seed = zlib.crc32(repr((kind, per_token, dtype, block_size, group)).encode())
-    q, k_cache, v_cache, tables, lens = make_batch([1, block_size + 1, 70], block_size, 2, group, 64, torch.float32,
-                                                   "cpu", seed)
+    q, k_cache, v_cache, tables, lens = make_batch(
+        [1, block_size + 1, 70], block_size, 2, group, 64, torch.float32, "cpu", seed
+    )
     kq, vq = _quantize_cache(k_cache, kind, per_token), _quantize_cache(v_cache, kind, per_token)
     q = q.to(dtype)
     out = torch.full_like(q, float("nan"))
-    minipaged_kernels.paged_decode_attention(q, kq.data, vq.data, tables, lens, out=out, num_splits=2 if group == 4 else 1,
-                                   k_scale=kq.scale, v_scale=vq.scale)
-    ref = reference.paged_decode_attention(q.double(), kq.data, vq.data, tables, lens, k_scale=kq.scale,
-                                           v_scale=vq.scale)
+    minipaged_kernels.paged_decode_attention(
+        q,
+        kq.data,
+        vq.data,
+        tables,
+        lens,
+        out=out,
+        num_splits=2 if group == 4 else 1,
+        k_scale=kq.scale,
+        v_scale=vq.scale,
+    )
+    ref = reference.paged_decode_attention(
+        q.double(), kq.data, vq.data, tables, lens, k_scale=kq.scale, v_scale=vq.scale
+    )
     assert torch.isfinite(out).all()
     assert rel_error(out, ref) < REL_TOL[dtype]
 
@@ -156,9 +168,12 @@ def test_prefill_on_quantized_cache_matches_reference(kind, per_token, dtype, bl
     cu = torch.tensor([0, 1, 21, 40], dtype=torch.int32)  # a decode, a chunk behind a prefix, a whole prompt
     q = torch.randn(40, 2 * group, 64, generator=torch.Generator().manual_seed(seed)).to(dtype)
     out = torch.full_like(q, float("nan"))
-    minipaged_kernels.paged_prefill_attention(q, kq.data, vq.data, tables, cu, lens, out=out, k_scale=kq.scale, v_scale=vq.scale)
-    ref = reference.paged_prefill_attention(q.double(), kq.data, vq.data, tables, cu, lens, k_scale=kq.scale,
-                                            v_scale=vq.scale)
+    minipaged_kernels.paged_prefill_attention(
+        q, kq.data, vq.data, tables, cu, lens, out=out, k_scale=kq.scale, v_scale=vq.scale
+    )
+    ref = reference.paged_prefill_attention(
+        q.double(), kq.data, vq.data, tables, cu, lens, k_scale=kq.scale, v_scale=vq.scale
+    )
     assert torch.isfinite(out).all()
     assert rel_error(out, ref) < REL_TOL[dtype]
 
@@ -169,8 +184,9 @@ def test_quantized_kernels_reject_bad_scales():
     with pytest.raises(ValueError, match="needs k_scale"):
         minipaged_kernels.paged_decode_attention(q, kq.data, vq.data, tables, lens)
     with pytest.raises(ValueError, match="k_scale has shape"):
-        minipaged_kernels.paged_decode_attention(q, kq.data, vq.data, tables, lens, k_scale=kq.scale[:, :, :1],
-                                       v_scale=vq.scale)
+        minipaged_kernels.paged_decode_attention(
+            q, kq.data, vq.data, tables, lens, k_scale=kq.scale[:, :, :1], v_scale=vq.scale
+        )
     with pytest.raises(ValueError, match="go with int8 or fp8"):
         minipaged_kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens, k_scale=kq.scale, v_scale=vq.scale)
     with pytest.raises(ValueError, match="v_scale shape"):
@@ -204,8 +220,10 @@ def _fake_quant_llm(hf, kind: str, **kwargs) -> LLM:
 
 
 def _generate(llm: LLM, prompts, max_tokens, n: int = 1):
-    params = [SamplingParams(n=n, temperature=0 if n == 1 else 1.0, seed=i, max_tokens=m, ignore_eos=True)
-              for i, m in enumerate(max_tokens)]
+    params = [
+        SamplingParams(n=n, temperature=0 if n == 1 else 1.0, seed=i, max_tokens=m, ignore_eos=True)
+        for i, m in enumerate(max_tokens)
+    ]
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     assert_all_blocks_free(llm)
     return [[c.token_ids for c in o.outputs] for o in outs]
@@ -270,8 +288,15 @@ def test_fp8_without_platform_support_is_a_typed_error(monkeypatch):
 def test_triton_backend_refuses_a_head_dim_its_kernels_do_not_cover():
     import transformers
 
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=1024, intermediate_size=32, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=1024,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+    )
     model = build_model_from_hf(transformers.LlamaForCausalLM(cfg), attention_backend="triton")
     assert model.config.head_dim == 512
     with pytest.raises(InvalidEngineConfigError, match="head_dim <= 256") as err:
@@ -282,8 +307,10 @@ def test_triton_backend_refuses_a_head_dim_its_kernels_do_not_cover():
 def test_kv_cache_memory_buys_proportionally_more_blocks(tiny):
     hf = tiny[0]
     budget = 1 << 20
-    blocks = {kind: make_llm(hf, num_kv_blocks=None, kv_cache_memory=budget, kv_cache_dtype=kind).config.num_kv_blocks
-              for kind in ("auto", *KINDS)}
+    blocks = {
+        kind: make_llm(hf, num_kv_blocks=None, kv_cache_memory=budget, kv_cache_dtype=kind).config.num_kv_blocks
+        for kind in ("auto", *KINDS)
+    }
     model = build_model_from_hf(hf)
     d = model.config.head_dim
     assert blocks["fp8_e4m3"] == budget // kv_cache_bytes_per_block(model.config, 8, torch.float32, "fp8_e4m3")
@@ -292,8 +319,11 @@ def test_kv_cache_memory_buys_proportionally_more_blocks(tiny):
     # The allocation is exactly what the sizing counted.
     for kind in ("auto", *KINDS):
         caches = allocate_kv_cache(model.config, 5, 8, torch.float32, "cpu", kind)
-        nbytes = sum(t.nbytes if isinstance(t, torch.Tensor) else t.data.nbytes + (t.scale.nbytes if t.per_token else 0)
-                     for pair in caches for t in pair)
+        nbytes = sum(
+            t.nbytes if isinstance(t, torch.Tensor) else t.data.nbytes + (t.scale.nbytes if t.per_token else 0)
+            for pair in caches
+            for t in pair
+        )
         assert nbytes == 5 * kv_cache_bytes_per_block(model.config, 8, torch.float32, kind)
 
 
@@ -314,6 +344,8 @@ def test_fused_cpu_decode_equals_the_gather_path_on_quantized_caches(tiny, kind)
         for layer in llm.model.model.layers:
             layer.self_attn.backend = backend
         cache = llm.engine_core.worker.kv_caches[0][0]
-        assert isinstance(cache, kv_quant.QuantizedCache) and backend.uses_fused_decode(cache) == (decode_kernel == "fused")
+        assert isinstance(cache, kv_quant.QuantizedCache) and backend.uses_fused_decode(cache) == (
+            decode_kernel == "fused"
+        )
         outputs.append(_generate(llm, prompts[:8], [min(m, 12) for m in max_tokens[:8]], n=2))
     assert outputs[0] == outputs[1]

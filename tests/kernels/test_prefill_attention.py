@@ -4,6 +4,7 @@ Caches are filled through shuffled physical blocks; every slot no sequence owns 
 NaN, and outputs are NaN before the call, so a read past a context or an unwritten
 output row fails the comparison.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -32,19 +33,28 @@ REL_TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 1.6e-2}
 
 @dataclass
 class Case:
-    q: torch.Tensor             # [total_new_tokens, num_heads, head_dim]
-    k_cache: torch.Tensor       # [num_blocks, block_size, num_kv_heads, head_dim]
+    q: torch.Tensor  # [total_new_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache: torch.Tensor
     block_tables: torch.Tensor  # int32 [num_seqs, max_blocks]
     cu_seqlens_q: torch.Tensor  # int32 [num_seqs + 1]
     context_lens: torch.Tensor  # int32 [num_seqs]
-    keys: list[torch.Tensor]    # per sequence, contiguous [context_len, num_kv_heads, head_dim]
+    keys: list[torch.Tensor]  # per sequence, contiguous [context_len, num_kv_heads, head_dim]
     values: list[torch.Tensor]
 
 
 def make_case(
-    prefix_lens: list[int], new_lens: list[int], *, block_size: int, num_kv_heads: int, group: int,
-    head_dim: int, dtype: torch.dtype, device: torch.device, seed: int, spare_blocks: int = 3,
+    prefix_lens: list[int],
+    new_lens: list[int],
+    *,
+    block_size: int,
+    num_kv_heads: int,
+    group: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    seed: int,
+    spare_blocks: int = 3,
 ) -> Case:
     """Random sequences scattered over shuffled physical blocks; unowned slots are NaN."""
     gen = torch.Generator().manual_seed(seed)
@@ -58,7 +68,7 @@ def make_case(
     v_cache = torch.full(cache_shape, float("nan"), dtype=dtype, device=device)
     keys, values, used = [], [], 0
     for s, (ctx, nblk) in enumerate(zip(context_lens, blocks_per_seq)):
-        tables[s, :nblk] = physical[used:used + nblk].to(torch.int32)
+        tables[s, :nblk] = physical[used : used + nblk].to(torch.int32)
         used += nblk
         pos = torch.arange(ctx)
         slots = tables[s, pos // block_size].long() * block_size + pos % block_size
@@ -69,16 +79,28 @@ def make_case(
     q = torch.randn(sum(new_lens), num_kv_heads * group, head_dim, generator=gen).to(dtype)
     cu = torch.tensor([0] + torch.tensor(new_lens).cumsum(0).tolist(), dtype=torch.int32)
     return Case(
-        q.to(device), k_cache, v_cache, tables.to(device), cu.to(device),
-        torch.tensor(context_lens, dtype=torch.int32, device=device), keys, values,
+        q.to(device),
+        k_cache,
+        v_cache,
+        tables.to(device),
+        cu.to(device),
+        torch.tensor(context_lens, dtype=torch.int32, device=device),
+        keys,
+        values,
     )
 
 
 def run_kernel(case: Case, config: PrefillConfig | None = None) -> torch.Tensor:
     out = torch.full_like(case.q, float("nan"))
     result = paged_prefill_attention(
-        case.q, case.k_cache, case.v_cache, case.block_tables, case.cu_seqlens_q, case.context_lens,
-        out=out, config=config,
+        case.q,
+        case.k_cache,
+        case.v_cache,
+        case.block_tables,
+        case.cu_seqlens_q,
+        case.context_lens,
+        out=out,
+        config=config,
     )
     assert result is out
     return out
@@ -86,8 +108,12 @@ def run_kernel(case: Case, config: PrefillConfig | None = None) -> torch.Tensor:
 
 def run_reference(case: Case) -> torch.Tensor:
     return reference.paged_prefill_attention(
-        case.q.double(), case.k_cache.double(), case.v_cache.double(), case.block_tables,
-        case.cu_seqlens_q, case.context_lens,
+        case.q.double(),
+        case.k_cache.double(),
+        case.v_cache.double(),
+        case.block_tables,
+        case.cu_seqlens_q,
+        case.context_lens,
     )
 
 
@@ -110,8 +136,17 @@ def lengths(block_size: int) -> tuple[list[int], list[int]]:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_matches_reference_over_block_sizes(block_size, dtype, device):
     prefixes, news = lengths(block_size)
-    case = make_case(prefixes, news, block_size=block_size, num_kv_heads=2, group=3, head_dim=64,
-                     dtype=dtype, device=device, seed=block_size)
+    case = make_case(
+        prefixes,
+        news,
+        block_size=block_size,
+        num_kv_heads=2,
+        group=3,
+        head_dim=64,
+        dtype=dtype,
+        device=device,
+        seed=block_size,
+    )
     assert_close(run_kernel(case), run_reference(case), dtype)
 
 
@@ -122,15 +157,25 @@ def test_matches_reference_over_block_sizes(block_size, dtype, device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_matches_reference_over_heads(head_dim, group, num_kv_heads, dtype, device):
     """Every block_d tile (32..256, ragged head_dim masked) and GQA groups 1-8."""
-    case = make_case([0, 16, 5], [17, 16, 40], block_size=16, num_kv_heads=num_kv_heads, group=group,
-                     head_dim=head_dim, dtype=dtype, device=device, seed=head_dim + group)
+    case = make_case(
+        [0, 16, 5],
+        [17, 16, 40],
+        block_size=16,
+        num_kv_heads=num_kv_heads,
+        group=group,
+        head_dim=head_dim,
+        dtype=dtype,
+        device=device,
+        seed=head_dim + group,
+    )
     assert_close(run_kernel(case), run_reference(case), dtype)
 
 
 def test_bf16_upcast_path(device):
     prefixes, news = lengths(16)
-    case = make_case(prefixes, news, block_size=16, num_kv_heads=2, group=2, head_dim=64,
-                     dtype=torch.bfloat16, device=device, seed=5)
+    case = make_case(
+        prefixes, news, block_size=16, num_kv_heads=2, group=2, head_dim=64, dtype=torch.bfloat16, device=device, seed=5
+    )
     out = run_kernel(case)
     assert out.dtype == torch.bfloat16
     assert_close(out, run_reference(case), torch.bfloat16)
@@ -139,8 +184,17 @@ def test_bf16_upcast_path(device):
 @pytest.mark.parametrize("block_m,block_n", [(16, 16), (32, 64), (128, 16)])
 def test_other_tile_shapes(block_m, block_n, device):
     """Many query tiles per sequence, key tiles narrower and wider than a block."""
-    case = make_case([3, 40, 0], [70, 9, 33], block_size=8, num_kv_heads=1, group=3, head_dim=48,
-                     dtype=torch.float32, device=device, seed=block_m + block_n)
+    case = make_case(
+        [3, 40, 0],
+        [70, 9, 33],
+        block_size=8,
+        num_kv_heads=1,
+        group=3,
+        head_dim=48,
+        dtype=torch.float32,
+        device=device,
+        seed=block_m + block_n,
+    )
     cfg = PrefillConfig(block_m=block_m, block_n=block_n, block_d=64)
     assert_close(run_kernel(case, cfg), run_reference(case), torch.float32)
 
@@ -149,8 +203,9 @@ def test_other_tile_shapes(block_m, block_n, device):
 def test_causal_early_exit_skips_future_keys(device):
     """Query tiles ending before position 32 must not read keys at 32 or later:
     those are NaN here, and even a masked-to-zero weight times NaN is NaN."""
-    case = make_case([0], [64], block_size=8, num_kv_heads=1, group=1, head_dim=32,
-                     dtype=torch.float32, device=device, seed=11)
+    case = make_case(
+        [0], [64], block_size=8, num_kv_heads=1, group=1, head_dim=32, dtype=torch.float32, device=device, seed=11
+    )
     ref = run_reference(case)
     first_future = case.block_tables[0, 4:].long()  # logical blocks 4..7 hold positions 32..63
     case.k_cache[first_future] = float("nan")
@@ -163,27 +218,49 @@ def test_causal_early_exit_skips_future_keys(device):
 def test_plain_prefill_matches_sdpa(device):
     """Prefix 0: the same numbers as torch SDPA (causal) on contiguous K/V, an
     independent check of the reference's mask convention."""
-    case = make_case([0, 0, 0], [1, 50, 17], block_size=16, num_kv_heads=2, group=3, head_dim=64,
-                     dtype=torch.float32, device=device, seed=3)
+    case = make_case(
+        [0, 0, 0],
+        [1, 50, 17],
+        block_size=16,
+        num_kv_heads=2,
+        group=3,
+        head_dim=64,
+        dtype=torch.float32,
+        device=device,
+        seed=3,
+    )
     out = run_kernel(case)
     cu = case.cu_seqlens_q.tolist()
     for s, (k, v) in enumerate(zip(case.keys, case.values)):
-        q = case.q[cu[s]:cu[s + 1]].transpose(0, 1).cpu()   # [heads, new, d]
-        k = k.repeat_interleave(3, dim=1).transpose(0, 1)    # [heads, ctx, d]
+        q = case.q[cu[s] : cu[s + 1]].transpose(0, 1).cpu()  # [heads, new, d]
+        k = k.repeat_interleave(3, dim=1).transpose(0, 1)  # [heads, ctx, d]
         v = v.repeat_interleave(3, dim=1).transpose(0, 1)
         expected = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(0, 1)
-        assert_close(out[cu[s]:cu[s + 1]], expected, torch.float32)
+        assert_close(out[cu[s] : cu[s + 1]], expected, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_one_new_token_equals_decode(dtype, device):
     """A one-token extend is a decode step: both kernels must agree."""
     prefixes = [0, 7, 8, 9, 130]
-    case = make_case(prefixes, [1] * len(prefixes), block_size=8, num_kv_heads=2, group=4, head_dim=80,
-                     dtype=dtype, device=device, seed=21)
+    case = make_case(
+        prefixes,
+        [1] * len(prefixes),
+        block_size=8,
+        num_kv_heads=2,
+        group=4,
+        head_dim=80,
+        dtype=dtype,
+        device=device,
+        seed=21,
+    )
     out = run_kernel(case)
     decode = minipaged_kernels.paged_decode_attention(
-        case.q, case.k_cache, case.v_cache, case.block_tables, case.context_lens,
+        case.q,
+        case.k_cache,
+        case.v_cache,
+        case.block_tables,
+        case.context_lens,
         out=torch.full_like(case.q, float("nan")),
     )
     assert_close(out, decode, dtype)
@@ -192,19 +269,24 @@ def test_one_new_token_equals_decode(dtype, device):
 def test_strided_views_int64_metadata_and_scale(device):
     """q and out as views into wider buffers (as a fused QKV projection yields),
     int64 metadata, and an explicit scale all reach the kernel."""
-    case = make_case([9, 0], [20, 13], block_size=8, num_kv_heads=2, group=2, head_dim=40,
-                     dtype=torch.float32, device=device, seed=8)
+    case = make_case(
+        [9, 0], [20, 13], block_size=8, num_kv_heads=2, group=2, head_dim=40, dtype=torch.float32, device=device, seed=8
+    )
     num_tokens, num_heads, head_dim = case.q.shape
     q_buf = torch.randn(num_tokens, num_heads + 3, head_dim + 8, device=device)
-    q = q_buf[:, 1:1 + num_heads, 4:4 + head_dim]
+    q = q_buf[:, 1 : 1 + num_heads, 4 : 4 + head_dim]
     q.copy_(case.q)
     out_buf = torch.full((num_tokens, num_heads * 2, head_dim), float("nan"), device=device)
     out = out_buf[:, ::2]
-    index = dict(block_tables=case.block_tables.long(), cu_seqlens_q=case.cu_seqlens_q.long(),
-                 context_lens=case.context_lens.long())
+    index = dict(
+        block_tables=case.block_tables.long(),
+        cu_seqlens_q=case.cu_seqlens_q.long(),
+        context_lens=case.context_lens.long(),
+    )
     paged_prefill_attention(q, case.k_cache, case.v_cache, **index, scale=0.3, out=out)
-    ref = reference.paged_prefill_attention(case.q.double(), case.k_cache.double(), case.v_cache.double(),
-                                            **index, scale=0.3)
+    ref = reference.paged_prefill_attention(
+        case.q.double(), case.k_cache.double(), case.v_cache.double(), **index, scale=0.3
+    )
     assert_close(out, ref, torch.float32)
     assert out_buf[:, 1::2].isnan().all(), "kernel wrote outside the out view"
 
@@ -231,16 +313,24 @@ def test_choose_config_covers_head_dim():
 
 
 def test_no_new_tokens_returns_untouched_out(device):
-    case = make_case([5], [0], block_size=4, num_kv_heads=1, group=1, head_dim=32,
-                     dtype=torch.float32, device=device, seed=0)
+    case = make_case(
+        [5], [0], block_size=4, num_kv_heads=1, group=1, head_dim=32, dtype=torch.float32, device=device, seed=0
+    )
     assert run_kernel(case).shape == (0, 1, 32)
 
 
 def _valid_args(device):
-    case = make_case([4, 0], [3, 5], block_size=4, num_kv_heads=2, group=2, head_dim=32,
-                     dtype=torch.float32, device=device, seed=1)
-    return dict(q=case.q, k_cache=case.k_cache, v_cache=case.v_cache, block_tables=case.block_tables,
-                cu_seqlens_q=case.cu_seqlens_q, context_lens=case.context_lens)
+    case = make_case(
+        [4, 0], [3, 5], block_size=4, num_kv_heads=2, group=2, head_dim=32, dtype=torch.float32, device=device, seed=1
+    )
+    return dict(
+        q=case.q,
+        k_cache=case.k_cache,
+        v_cache=case.v_cache,
+        block_tables=case.block_tables,
+        cu_seqlens_q=case.cu_seqlens_q,
+        context_lens=case.context_lens,
+    )
 
 
 BAD_INPUTS = {
@@ -262,17 +352,28 @@ BAD_INPUTS = {
     "q on meta": lambda a: {"q": a["q"].to("meta")},
 }
 EXPECTED_NAME = {
-    "q": "q", "q dtype": "q", "q head_dim": "head_dim", "q heads": "heads", "k_cache": "k_cache",
-    "v_cache": "v_cache", "cu_seqlens_q length": "cu_seqlens_q", "cu_seqlens_q start": "cu_seqlens_q",
-    "cu_seqlens_q decreasing": "cu_seqlens_q", "cu_seqlens_q end": "cu_seqlens_q",
-    "cu_seqlens_q dtype": "cu_seqlens_q", "new longer than context": "cu_seqlens_q",
-    "context_lens vs table": "context_lens", "block_tables id": "block_tables",
-    "block_tables on meta": "block_tables", "q on meta": "q is on meta",
+    "q": "q",
+    "q dtype": "q",
+    "q head_dim": "head_dim",
+    "q heads": "heads",
+    "k_cache": "k_cache",
+    "v_cache": "v_cache",
+    "cu_seqlens_q length": "cu_seqlens_q",
+    "cu_seqlens_q start": "cu_seqlens_q",
+    "cu_seqlens_q decreasing": "cu_seqlens_q",
+    "cu_seqlens_q end": "cu_seqlens_q",
+    "cu_seqlens_q dtype": "cu_seqlens_q",
+    "new longer than context": "cu_seqlens_q",
+    "context_lens vs table": "context_lens",
+    "block_tables id": "block_tables",
+    "block_tables on meta": "block_tables",
+    "q on meta": "q is on meta",
 }
 
 
-@pytest.mark.parametrize("fn", [paged_prefill_attention, reference.paged_prefill_attention],
-                         ids=["kernel", "reference"])
+@pytest.mark.parametrize(
+    "fn", [paged_prefill_attention, reference.paged_prefill_attention], ids=["kernel", "reference"]
+)
 @pytest.mark.parametrize("what", list(BAD_INPUTS))
 def test_bad_input_raises_value_error(what, fn, device):
     args = _valid_args(device)
@@ -281,19 +382,23 @@ def test_bad_input_raises_value_error(what, fn, device):
         fn(**args)
 
 
-@pytest.mark.parametrize("kwargs,name", [
-    ({"scale": -1.0}, "scale"),
-    ({"out": torch.empty(1, 4, 32)}, "out"),
-    ({"config": PrefillConfig(block_m=16, block_n=16, block_d=16)}, "block_d"),
-])
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        ({"scale": -1.0}, "scale"),
+        ({"out": torch.empty(1, 4, 32)}, "out"),
+        ({"config": PrefillConfig(block_m=16, block_n=16, block_d=16)}, "block_d"),
+    ],
+)
 def test_bad_options_raise_value_error(kwargs, name, device):
     with pytest.raises(ValueError, match=name):
         paged_prefill_attention(**_valid_args(device), **kwargs)
 
 
 def test_head_dim_over_256_rejected(device):
-    case = make_case([0], [2], block_size=4, num_kv_heads=1, group=1, head_dim=264,
-                     dtype=torch.float32, device=device, seed=0)
+    case = make_case(
+        [0], [2], block_size=4, num_kv_heads=1, group=1, head_dim=264, dtype=torch.float32, device=device, seed=0
+    )
     with pytest.raises(ValueError, match="head_dim"):
         run_kernel(case)
 
@@ -303,5 +408,8 @@ def test_tile_reads_follow_causal_bounds():
     lens = torch.tensor([64, 9], dtype=torch.int32)
     reads = tile_reads(cu, lens, 16)
     assert [(r.seq, r.first_row, r.num_rows, r.prefix_len, r.key_end) for r in reads] == [
-        (0, 0, 16, 24, 40), (0, 16, 16, 24, 56), (0, 32, 8, 24, 64), (1, 0, 1, 8, 9),
+        (0, 0, 16, 24, 40),
+        (0, 16, 16, 24, 56),
+        (0, 32, 8, 24, 64),
+        (1, 0, 1, 8, 9),
     ]

@@ -5,6 +5,7 @@ triton's own library (``tl.zeros``, ``tl.max``...) is defined when triton is fir
 imported. Each test runs in a fresh interpreter so the import order is really the one
 under test (pytest's process has long imported triton under ``TRITON_INTERPRET=1``).
 """
+
 from __future__ import annotations
 
 import json

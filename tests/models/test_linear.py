@@ -1,4 +1,5 @@
 """PackedLinear (oneDNN pre-packed weights on CPU) against F.linear on the same dense weight."""
+
 from __future__ import annotations
 
 import pytest
@@ -16,7 +17,9 @@ from minipaged.models.linear import (
     uses_packed_gemm,
 )
 
-needs_onednn = pytest.mark.skipif(not onednn_packing_available(), reason="this PyTorch build has no oneDNN packed linear")
+needs_onednn = pytest.mark.skipif(
+    not onednn_packing_available(), reason="this PyTorch build has no oneDNN packed linear"
+)
 
 
 def fresh_layer(in_features: int, out_features: int, bias: bool) -> PackedLinear:
@@ -103,8 +106,9 @@ def test_tied_head_helper_tracks_the_shared_weight():
 @needs_onednn
 def test_pack_in_place_replaces_dense_weights_and_keeps_the_products():
     torch.manual_seed(3)
-    model = torch.nn.Sequential(fresh_layer(40, 72, bias=True), torch.nn.ReLU(), fresh_layer(72, 24, bias=False),
-                                torch.nn.Linear(24, 8))  # a plain nn.Linear is not ours to repack
+    model = torch.nn.Sequential(
+        fresh_layer(40, 72, bias=True), torch.nn.ReLU(), fresh_layer(72, 24, bias=False), torch.nn.Linear(24, 8)
+    )  # a plain nn.Linear is not ours to repack
     trained = fresh_layer(24, 8, bias=False)  # a weight that trains keeps its dense form
     model.append(trained)
     model.requires_grad_(False)  # as the loader leaves a model

@@ -1,6 +1,7 @@
 """Loading weights: a tiny transformers model saved as safetensors loads back into our
 model with the same logits; bad paths and configs fail clearly; and (slow) the embedded
 SmolLM2, converted once from GGUF, gives transformers' own GGUF logits."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -29,9 +30,17 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 def saved_tiny_model(path, *, with_tokenizer: bool = True, **save_kwargs):
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=False, eos_token_id=[2, 5])
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        eos_token_id=[2, 5],
+    )
     hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():
         for p in hf.parameters():
@@ -61,7 +70,9 @@ def test_safetensors_dir_loads_back_identically(tmp_path, shard):
     assert torch.equal(attn, expected)
     tokens = torch.randint(0, VOCAB, (19,)).tolist()
     with torch.no_grad():
-        torch.testing.assert_close(prefill_logits(loaded.model, tokens), hf(torch.tensor([tokens])).logits[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            prefill_logits(loaded.model, tokens), hf(torch.tensor([tokens])).logits[0], rtol=1e-4, atol=1e-4
+        )
     # Nothing of the model is left a view of the memory-mapped files, so once loading is
     # over no mapping of them remains to hold their pages (Linux lists mappings in /proc).
     maps = Path("/proc/self/maps")
@@ -82,11 +93,13 @@ def test_dir_without_tokenizer_loads_with_a_warning_and_serves_token_ids(tmp_pat
     with pytest.warns(UserWarning, match="no tokenizer files"):
         llm = LLM(str(tmp_path), num_kv_blocks=16, block_size=4)
     prompt = [3, 17, 9, 40, 11]
-    out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=6, min_tokens=6),
-                       use_tqdm=False)[0].outputs[0]
+    out = llm.generate(
+        {"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=6, min_tokens=6), use_tqdm=False
+    )[0].outputs[0]
     ids = torch.tensor([prompt])
-    want = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6, do_sample=False,
-                       pad_token_id=0)[0, len(prompt):].tolist()
+    want = hf.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0
+    )[0, len(prompt) :].tolist()
     assert out.token_ids == want and out.text == ""
     with pytest.raises(InvalidPromptError) as info:
         llm.generate("w3 w4", use_tqdm=False)

@@ -5,6 +5,7 @@ CausalLM, and compares logits: a plain prefill, decode steps over a paged cache 
 physical blocks are shuffled (against transformers with its own KV cache), a prefill
 split into chunks, and one step mixing prefill chunks with decodes.
 """
+
 from __future__ import annotations
 
 import random
@@ -22,21 +23,35 @@ COMMON = dict(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_la
 
 
 def llama_gqa_untied():
-    return LlamaConfig(**COMMON, num_attention_heads=6, num_key_value_heads=2, head_dim=8, tie_word_embeddings=False, rope_theta=500.0)
+    return LlamaConfig(
+        **COMMON, num_attention_heads=6, num_key_value_heads=2, head_dim=8, tie_word_embeddings=False, rope_theta=500.0
+    )
 
 
 def qwen2_bias_tied():
-    return Qwen2Config(**COMMON, num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True, rope_theta=1000.0)
+    return Qwen2Config(
+        **COMMON, num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True, rope_theta=1000.0
+    )
 
 
 def llama3_rope_scaling():
-    scaling = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 16, "rope_theta": 10000.0}
-    return LlamaConfig(**COMMON, num_attention_heads=4, num_key_value_heads=4, rope_parameters=scaling, tie_word_embeddings=False)
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 4.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+        "rope_theta": 10000.0,
+    }
+    return LlamaConfig(
+        **COMMON, num_attention_heads=4, num_key_value_heads=4, rope_parameters=scaling, tie_word_embeddings=False
+    )
 
 
 def mistral_gqa():
-    return MistralConfig(**COMMON, num_attention_heads=4, num_key_value_heads=2, sliding_window=None, tie_word_embeddings=False)
+    return MistralConfig(
+        **COMMON, num_attention_heads=4, num_key_value_heads=2, sliding_window=None, tie_word_embeddings=False
+    )
 
 
 CONFIGS = [llama_gqa_untied, qwen2_bias_tied, llama3_rope_scaling, mistral_gqa]
@@ -137,8 +152,13 @@ def test_chunked_prefill_equals_unchunked(make_config):
 
 @pytest.mark.parametrize(
     "make_config, decodes_first, backend",
-    [(llama_gqa_untied, True, "torch"), (llama_gqa_untied, False, "torch"), (qwen2_bias_tied, True, "torch"),
-     (qwen2_bias_tied, False, "torch"), (qwen2_bias_tied, False, "triton")],
+    [
+        (llama_gqa_untied, True, "torch"),
+        (llama_gqa_untied, False, "torch"),
+        (qwen2_bias_tied, True, "torch"),
+        (qwen2_bias_tied, False, "torch"),
+        (qwen2_bias_tied, False, "triton"),
+    ],
     ids=lambda x: getattr(x, "__name__", str(x)),
 )
 def test_mixed_prefill_and_decode_step_matches_per_sequence(make_config, decodes_first, backend):
@@ -147,8 +167,12 @@ def test_mixed_prefill_and_decode_step_matches_per_sequence(make_config, decodes
     gen = torch.Generator().manual_seed(3)
     # name -> (tokens already in the cache, tokens computed in the mixed step)
     plan = {
-        "decode_a": (20, 1), "decode_b": (3, 1), "decode_c": (8, 1),
-        "fresh_prompt": (0, 15), "second_chunk": (9, 7), "one_token_prompt": (0, 1),
+        "decode_a": (20, 1),
+        "decode_b": (3, 1),
+        "decode_c": (8, 1),
+        "fresh_prompt": (0, 15),
+        "second_chunk": (9, 7),
+        "one_token_prompt": (0, 1),
     }
     tokens = {name: torch.randint(0, 97, (done + new,), generator=gen).tolist() for name, (done, new) in plan.items()}
     runner = PagedRunner(ours, num_blocks=96, seed=3)
@@ -167,13 +191,22 @@ def test_mixed_prefill_and_decode_step_matches_per_sequence(make_config, decodes
 
 def test_model_config_reads_transformers_configs():
     qwen = ModelConfig.from_hf(qwen2_bias_tied())
-    assert (qwen.architecture, qwen.attention_bias, qwen.o_proj_bias, qwen.tie_word_embeddings) == ("qwen2", True, False, True)
+    assert (qwen.architecture, qwen.attention_bias, qwen.o_proj_bias, qwen.tie_word_embeddings) == (
+        "qwen2",
+        True,
+        False,
+        True,
+    )
     llama3 = ModelConfig.from_hf(llama3_rope_scaling())
     assert llama3.rope_scaling["rope_type"] == "llama3" and llama3.rope_theta == 10000.0
     with pytest.raises(ValueError, match="model_type"):
         ModelConfig.from_hf(type("Cfg", (), {"model_type": "gpt2"})())
     with pytest.raises(ValueError, match="rope"):
-        ModelConfig.from_hf(LlamaConfig(**COMMON, num_attention_heads=4, rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}))
+        ModelConfig.from_hf(
+            LlamaConfig(
+                **COMMON, num_attention_heads=4, rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}
+            )
+        )
 
 
 def test_forward_rejects_mismatched_inputs():

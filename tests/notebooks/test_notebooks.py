@@ -1,4 +1,5 @@
 """Every notebook runs top to bottom and writes at least one figure under figures/."""
+
 import os
 from pathlib import Path
 
@@ -21,8 +22,11 @@ def test_notebook_runs(path: Path) -> None:
     )
     client.execute()
     errors = [
-        out for cell in nb.cells if cell.cell_type == "code"
-        for out in cell.get("outputs", []) if out.get("output_type") == "error"
+        out
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for out in cell.get("outputs", [])
+        if out.get("output_type") == "error"
     ]
     assert not errors, errors
     after = {p: p.stat().st_mtime_ns for p in (ROOT / "figures").glob("*.png")}

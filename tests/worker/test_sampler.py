@@ -3,6 +3,7 @@
 The vLLM-parity features (logit bias, min_tokens, penalties, logprobs) are checked against naive
 per-row references and transformers' own logits processors, on fresh random logits each run.
 """
+
 import math
 import random
 
@@ -89,11 +90,16 @@ def test_seeded_samples_do_not_depend_on_batch():
     logits = torch.randn(5, 64, generator=g)
     params = [SamplingParams(temperature=1.0, seed=i) for i in range(5)]
     together = sample(logits, params, [torch.Generator().manual_seed(p.seed) for p in params])
-    alone = [sample(logits[i:i + 1], [params[i]], [torch.Generator().manual_seed(params[i].seed)])[0] for i in range(5)]
+    alone = [
+        sample(logits[i : i + 1], [params[i]], [torch.Generator().manual_seed(params[i].seed)])[0] for i in range(5)
+    ]
     assert together == alone
     mixed = [SamplingParams(temperature=0)] + params[2:]
-    again = sample(torch.cat([logits[:1], logits[2:]]), mixed,
-                   [torch.Generator()] + [torch.Generator().manual_seed(p.seed) for p in params[2:]])
+    again = sample(
+        torch.cat([logits[:1], logits[2:]]),
+        mixed,
+        [torch.Generator()] + [torch.Generator().manual_seed(p.seed) for p in params[2:]],
+    )
     assert again[1:] == together[2:]
 
 
@@ -128,11 +134,15 @@ def fresh():
 
 def random_history(gen, rows, vocab=VOCAB, max_len=12):
     """Per row: prompt and output token ids with repeats (so counts > 1 occur)."""
+
     def ids():
         n = int(torch.randint(0, max_len, (1,), generator=gen))
         pool = torch.randint(0, vocab, (4,), generator=gen)  # few distinct ids -> repeats
-        return [int(pool[int(j) % 4]) if j % 2 else int(torch.randint(0, vocab, (1,), generator=gen))
-                for j in torch.randint(0, 8, (n,), generator=gen)]
+        return [
+            int(pool[int(j) % 4]) if j % 2 else int(torch.randint(0, vocab, (1,), generator=gen))
+            for j in torch.randint(0, 8, (n,), generator=gen)
+        ]
+
     return [ids() for _ in range(rows)], [ids() for _ in range(rows)]
 
 
@@ -153,8 +163,9 @@ def naive_process(x: list[float], p: SamplingParams, prompt, output, eos) -> lis
 
 def run(logits, params, prompts, outputs, eos=frozenset(), generators=None) -> SamplerOutput:
     gens = generators or [torch.Generator().manual_seed(i) for i in range(len(params))]
-    return sample_with_history(logits, params, gens, prompt_token_ids=prompts, output_token_ids=outputs,
-                               eos_token_ids=eos)
+    return sample_with_history(
+        logits, params, gens, prompt_token_ids=prompts, output_token_ids=outputs, eos_token_ids=eos
+    )
 
 
 FEATURE_PARAMS = [
@@ -165,8 +176,16 @@ FEATURE_PARAMS = [
     SamplingParams(temperature=0, repetition_penalty=0.6),
     SamplingParams(temperature=0, presence_penalty=1.5),
     SamplingParams(temperature=0, frequency_penalty=-0.7),
-    SamplingParams(temperature=0.8, top_k=30, presence_penalty=-2, frequency_penalty=2, repetition_penalty=1.3,
-                   logit_bias={1: 1.0}, min_tokens=3, stop_token_ids=[2]),
+    SamplingParams(
+        temperature=0.8,
+        top_k=30,
+        presence_penalty=-2,
+        frequency_penalty=2,
+        repetition_penalty=1.3,
+        logit_bias={1: 1.0},
+        min_tokens=3,
+        stop_token_ids=[2],
+    ),
     SamplingParams(temperature=0),  # nothing set: must come out untouched
 ]
 
@@ -180,16 +199,25 @@ def test_processed_logits_match_the_naive_reference(fresh):
     assert torch.equal(logits, before), "the caller's logits were modified"
     for row, p in enumerate(FEATURE_PARAMS):
         want = torch.tensor(naive_process(logits[row].tolist(), p, prompts[row], outputs[row], eos))
-        torch.testing.assert_close(got[row], want.float(), rtol=1e-6, atol=1e-5,
-                                   msg=lambda m: f"row {row} ({p}), seed {fresh.initial_seed()}: {m}")
+        torch.testing.assert_close(
+            got[row],
+            want.float(),
+            rtol=1e-6,
+            atol=1e-5,
+            msg=lambda m: f"row {row} ({p}), seed {fresh.initial_seed()}: {m}",
+        )
     assert torch.equal(got[-1], logits[-1])
     assert bool(torch.isinf(got[1, [0, 5, 9, 11]]).all()) == (len(outputs[1]) < 16)
 
 
 def test_nothing_set_takes_the_old_path_bit_identically(fresh):
     logits = torch.randn(4, VOCAB, generator=fresh)
-    params = [SamplingParams(temperature=0), SamplingParams(temperature=0.7, top_p=0.9, seed=1),
-              SamplingParams(temperature=1.2, top_k=5, min_p=0.1), SamplingParams(temperature=0, stop_token_ids=[3])]
+    params = [
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=0.7, top_p=0.9, seed=1),
+        SamplingParams(temperature=1.2, top_k=5, min_p=0.1),
+        SamplingParams(temperature=0, stop_token_ids=[3]),
+    ]
     prompts, outputs = random_history(fresh, 4)
     assert process_logits(logits, params, prompts, outputs, frozenset({3})) is logits
     out = run(logits, params, prompts, outputs, frozenset({3}))
@@ -212,7 +240,7 @@ def test_repetition_penalty_matches_transformers(fresh, penalty):
     hf = RepetitionPenaltyLogitsProcessor(penalty)
     for row in range(6):
         history = torch.tensor([prompts[row] + outputs[row]], dtype=torch.long)
-        want = hf(history, logits[row:row + 1].clone())[0]
+        want = hf(history, logits[row : row + 1].clone())[0]
         torch.testing.assert_close(got[row], want, msg=lambda m: f"seed {fresh.initial_seed()}: {m}")
         assert tokens[row] == int(torch.argmax(want))
 
@@ -227,10 +255,11 @@ def test_min_tokens_matches_transformers_min_new_tokens(fresh):
     got = process_logits(logits, params, prompts, outputs, eos)
     tokens = run(logits, params, prompts, outputs, eos).token_ids
     for row, p in enumerate(params):
-        hf = MinNewTokensLengthLogitsProcessor(prompt_length_to_skip=len(prompts[row]), min_new_tokens=p.min_tokens,
-                                               eos_token_id=sorted(eos))
+        hf = MinNewTokensLengthLogitsProcessor(
+            prompt_length_to_skip=len(prompts[row]), min_new_tokens=p.min_tokens, eos_token_id=sorted(eos)
+        )
         history = torch.tensor([prompts[row] + outputs[row]], dtype=torch.long)
-        want = hf(history, logits[row:row + 1].clone())[0]
+        want = hf(history, logits[row : row + 1].clone())[0]
         assert torch.equal(got[row], want), f"row {row}, seed {fresh.initial_seed()}"
         assert (tokens[row] == 4) == (len(outputs[row]) >= p.min_tokens)
 
@@ -240,7 +269,11 @@ def test_min_tokens_is_never_drawn_past_in_sampling(fresh):
     logits[0, 0] = 8.0  # EOS nearly certain without the mask
     params = [SamplingParams(temperature=1.0, min_tokens=4, stop_token_ids=[1])]
     gen = torch.Generator().manual_seed(fresh.initial_seed())
-    draws = [run(logits, params, [[2]], [[5] * k], frozenset({0}), [gen]).token_ids[0] for k in (0, 1, 2, 3) for _ in range(50)]
+    draws = [
+        run(logits, params, [[2]], [[5] * k], frozenset({0}), [gen]).token_ids[0]
+        for k in (0, 1, 2, 3)
+        for _ in range(50)
+    ]
     assert not {0, 1} & set(draws)
     after = [run(logits, params, [[2]], [[5] * 4], frozenset({0}), [gen]).token_ids[0] for _ in range(50)]
     assert 0 in after
@@ -258,12 +291,18 @@ def test_presence_and_frequency_count_output_tokens_only():
 
 def test_logit_bias_adds_to_the_right_tokens_and_checks_the_vocab(fresh):
     logits = torch.randn(3, VOCAB, generator=fresh)
-    params = [SamplingParams(temperature=0, logit_bias={10: 100}), SamplingParams(temperature=0),
-              SamplingParams(temperature=0, logit_bias={int(torch.argmax(logits[2])): -100, 0: 0.5})]
+    params = [
+        SamplingParams(temperature=0, logit_bias={10: 100}),
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=0, logit_bias={int(torch.argmax(logits[2])): -100, 0: 0.5}),
+    ]
     out = run(logits, params, [[]] * 3, [[]] * 3)
     assert out.token_ids[0] == 10 and out.token_ids[1] == int(torch.argmax(logits[1]))
-    assert out.token_ids[2] == int(torch.argmax(logits[2] - 100 * (torch.arange(VOCAB) == torch.argmax(logits[2]))
-                                                + 0.5 * (torch.arange(VOCAB) == 0)))
+    assert out.token_ids[2] == int(
+        torch.argmax(
+            logits[2] - 100 * (torch.arange(VOCAB) == torch.argmax(logits[2])) + 0.5 * (torch.arange(VOCAB) == 0)
+        )
+    )
     with pytest.raises(ValueError, match="vocabulary"):
         run(logits, [SamplingParams(logit_bias={VOCAB: 1.0})] * 3, [[]] * 3, [[]] * 3)
 
@@ -290,7 +329,7 @@ def test_logprobs_are_raw_log_softmax_with_ranks(fresh, greedy):
         token = out.token_ids[row]
         assert token == 7  # the bias decides the token...
         order = torch.argsort(reference[row], descending=True).tolist()
-        top = order[:p.logprobs]
+        top = order[: p.logprobs]
         assert set(entry) == set(top) | {token}, f"seed {fresh.initial_seed()}"
         for t, lp in entry.items():
             assert isinstance(lp, Logprob) and lp.rank == order.index(t) + 1

@@ -6,6 +6,7 @@ it. The last two tests end the shared engines (a clean shutdown for one, a kille
 for the other), so they stay last in the file.
 The sharding arithmetic itself is checked without processes, against full-size layers.
 """
+
 from __future__ import annotations
 
 import json
@@ -90,8 +91,9 @@ def test_alone_matches_single_process_and_transformers(case):
     for i in picks:  # one request at a time
         got = greedy(case.tp, [case.prompts[i]], [case.max_tokens[i]])[0]
         assert got == case.expected[i]
-    assert greedy(case.single, [case.prompts[i] for i in picks], [case.max_tokens[i] for i in picks]) == \
-        [case.expected[i] for i in picks]
+    assert greedy(case.single, [case.prompts[i] for i in picks], [case.max_tokens[i] for i in picks]) == [
+        case.expected[i] for i in picks
+    ]
 
 
 def test_batched_under_preemption_matches(case):
@@ -106,9 +108,11 @@ def test_prefix_cache_hits_match(case):
     hits = case.tp.block_manager.stats().prefix_hits
     odd = list(range(1, len(case.prompts), 2))[:3]
     for i in odd:
-        out = case.tp.generate({"prompt_token_ids": case.prompts[i]},
-                               SamplingParams(temperature=0, max_tokens=case.max_tokens[i], ignore_eos=True),
-                               use_tqdm=False)[0]
+        out = case.tp.generate(
+            {"prompt_token_ids": case.prompts[i]},
+            SamplingParams(temperature=0, max_tokens=case.max_tokens[i], ignore_eos=True),
+            use_tqdm=False,
+        )[0]
         assert out.outputs[0].token_ids == case.expected[i]
     assert case.tp.block_manager.stats().prefix_hits > hits
     assert_all_blocks_free(case.tp)
@@ -116,13 +120,17 @@ def test_prefix_cache_hits_match(case):
 
 def test_parallel_samples_and_seeded_sampling(case):
     i = 1
-    out = case.tp.generate({"prompt_token_ids": case.prompts[i]},
-                           SamplingParams(n=3, temperature=0, max_tokens=case.max_tokens[i], ignore_eos=True),
-                           use_tqdm=False)[0]
+    out = case.tp.generate(
+        {"prompt_token_ids": case.prompts[i]},
+        SamplingParams(n=3, temperature=0, max_tokens=case.max_tokens[i], ignore_eos=True),
+        use_tqdm=False,
+    )[0]
     assert [c.token_ids for c in out.outputs] == [case.expected[i]] * 3
     sampled = SamplingParams(n=3, temperature=1.0, seed=11, max_tokens=10, ignore_eos=True)
-    tp_out, single_out = (llm.generate({"prompt_token_ids": case.prompts[2]}, sampled, use_tqdm=False)[0]
-                          for llm in (case.tp, case.single))
+    tp_out, single_out = (
+        llm.generate({"prompt_token_ids": case.prompts[2]}, sampled, use_tqdm=False)[0]
+        for llm in (case.tp, case.single)
+    )
     assert [c.token_ids for c in tp_out.outputs] == [c.token_ids for c in single_out.outputs]
     assert len({tuple(c.token_ids) for c in tp_out.outputs}) > 1
     assert_all_blocks_free(case.tp)
@@ -157,8 +165,10 @@ def _alive(pid: int) -> bool:
 @pytest.mark.parametrize("tp, dim", [(3, "num_attention_heads"), (4, "num_key_value_heads")])
 def test_tp_size_must_divide_heads(tp, dim):
     hf = tiny_hf_model("llama")  # 4 query heads, 2 KV heads
-    with pytest.warns(RuntimeWarning, match="CPU cores"), \
-            pytest.raises(InvalidEngineConfigError, match=f"does not divide the model's {dim}") as err:
+    with (
+        pytest.warns(RuntimeWarning, match="CPU cores"),
+        pytest.raises(InvalidEngineConfigError, match=f"does not divide the model's {dim}") as err,
+    ):
         LLM(build_model_from_hf(hf), tensor_parallel_size=tp, num_kv_blocks=8)
     assert err.value.field == "tensor_parallel_size"
 
@@ -231,7 +241,7 @@ def test_parallel_linears_reassemble_the_full_layer(world):
         with torch.no_grad():
             layer.weight.copy_(layer.shard_weight(row_w))
             layer.bias.copy_(layer.shard_bias(row_b))
-        layer(x[:, rank * 16 // world:(rank + 1) * 16 // world])
+        layer(x[:, rank * 16 // world : (rank + 1) * 16 // world])
         partial_sum += group.partials[0]
     torch.testing.assert_close(partial_sum + row_b, x @ row_w.T + row_b)
 
@@ -315,8 +325,10 @@ def test_killed_rank_raises_instead_of_hanging(case):
     llm = case.tp
     executor = llm.engine_core.worker
     pids = executor.worker_pids
-    rids = [llm.add_request({"prompt_token_ids": p}, SamplingParams(temperature=0, max_tokens=m, ignore_eos=True))
-            for p, m in zip(case.prompts[:4], case.max_tokens[:4])]
+    rids = [
+        llm.add_request({"prompt_token_ids": p}, SamplingParams(temperature=0, max_tokens=m, ignore_eos=True))
+        for p, m in zip(case.prompts[:4], case.max_tokens[:4])
+    ]
     llm.step()
     group, all_reduce = executor.tp, executor.tp.all_reduce
 
@@ -378,9 +390,24 @@ def test_torchrun_launch_spawns_nothing(tmp_path):
     with socket.socket() as s:  # torchrun's store needs a concrete port
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                           "--master-addr", "127.0.0.1", "--master-port", str(port), str(script)],
-                          capture_output=True, text=True, timeout=300, env=env)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(port),
+            str(script),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     line = next(l for l in done.stdout.splitlines() if l.startswith("TOKENS"))
     hf = tiny_hf_model("qwen2")

@@ -3,6 +3,7 @@
 numba is optional (``pip install minipaged[cpu]``); ``numba`` is ``None`` without it
 and callers fall back to PyTorch.
 """
+
 from __future__ import annotations
 
 import functools
@@ -81,8 +82,10 @@ _LN2_HI = np.float32(0.693359375)  # ln 2 split in two so that k * _LN2_HI is ex
 _LN2_LO = np.float32(-2.12194440e-4)
 _EXP_MIN = np.float32(-80.0)  # exp(-80) ~ 2e-35: below anything a softmax whose max is exp(0) = 1 can see
 _EXP_MAX = np.float32(88.0)  # exp(88) ~ 1.7e38, just under fp32's largest; 2^k must stay a normal number
-_EXP_POLY = tuple(np.float32(c) for c in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2,
-                                          1.6666665459e-1, 5.0000001201e-1))
+_EXP_POLY = tuple(
+    np.float32(c)
+    for c in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)
+)
 
 
 def exp_shifted(x, n, m, pow2):

@@ -33,6 +33,7 @@ its bit pattern, since numpy has no bf16). So are the quantized caches of
 widened as they are read (fp8 through a 256-entry table) and the scale is applied to
 the row's score and to its probability, not to every element: ``q . (s k) = s (q . k)``.
 """
+
 from __future__ import annotations
 
 import math
@@ -74,8 +75,11 @@ if numba is not None:
     _fp16_bits_to_fp32_bits = numba.njit(cache=True)(_fp16_bits_to_fp32_bits)
 
 # fp8 e4m3 byte -> fp32, every one of the 256 patterns (numba freezes a global array as a constant).
-_FP8_E4M3_TABLE = (torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy()
-                   if hasattr(torch, "float8_e4m3fn") else np.zeros(256, np.float32))
+_FP8_E4M3_TABLE = (
+    torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy()
+    if hasattr(torch, "float8_e4m3fn")
+    else np.zeros(256, np.float32)
+)
 
 
 def _row_scale(scale, block, row, kv_head):
@@ -84,6 +88,7 @@ def _row_scale(scale, block, row, kv_head):
 
 
 if numba is not None:
+
     @numba.extending.overload(_row_scale, inline="always")
     def _row_scale_typed(scale, block, row, kv_head):
         # Chosen at compile time, like _load_row: no scale, one per layer, or one per row.
@@ -101,30 +106,37 @@ def _load_row(cache, block, row, kv_head, bits, row_f32):
 
 
 if numba is not None:
+
     @numba.extending.overload(_load_row, inline="always", fastmath=_FASTMATH)
     def _load_row_typed(cache, block, row, kv_head, bits, row_f32):
         # Chosen per cache dtype at compile time: bf16 caches arrive as their uint16 bits,
         # which are the top half of the same fp32 number.
         if cache.dtype == numba.types.uint16:
+
             def load_bf16(cache, block, row, kv_head, bits, row_f32):
                 src = cache[block, row, kv_head]
                 for d in range(bits.shape[0]):
                     bits[d] = np.uint32(src[d]) << np.uint32(16)
                 return row_f32
+
             return load_bf16
         if cache.dtype == numba.types.int16:  # fp16 bits (numba has no float16 on CPU)
+
             def load_fp16(cache, block, row, kv_head, bits, row_f32):
                 src = cache[block, row, kv_head]
                 for d in range(bits.shape[0]):
                     bits[d] = _fp16_bits_to_fp32_bits(np.uint32(np.uint16(src[d])))
                 return row_f32
+
             return load_fp16
         if cache.dtype == numba.types.uint8:  # fp8 e4m3 bits
+
             def load_fp8(cache, block, row, kv_head, bits, row_f32):
                 src = cache[block, row, kv_head]
                 for d in range(row_f32.shape[0]):
                     row_f32[d] = _FP8_E4M3_TABLE[src[d]]
                 return row_f32
+
             return load_fp8
         if cache.dtype == numba.types.float32:  # read in place, no copy
             return lambda cache, block, row, kv_head, bits, row_f32: cache[block, row, kv_head]
@@ -134,6 +146,7 @@ if numba is not None:
             for d in range(row_f32.shape[0]):
                 row_f32[d] = np.float32(src[d])
             return row_f32
+
         return load_int8
 
 
@@ -263,8 +276,9 @@ def paged_decode_attention(
     scale = default_scale(q.shape[2], scale)
     # int32 always, so int64 inputs do not compile a second specialisation of the kernel.
     tables = block_tables.to(torch.int32).contiguous().numpy()
-    return decode_unchecked(q, k_cache, v_cache, tables, context_lens.to(torch.int32).numpy(), scale, out,
-                            k_scale, v_scale)
+    return decode_unchecked(
+        q, k_cache, v_cache, tables, context_lens.to(torch.int32).numpy(), scale, out, k_scale, v_scale
+    )
 
 
 def decode_unchecked(
@@ -291,8 +305,17 @@ def decode_unchecked(
     target = out if out.dtype == torch.float32 and out.is_contiguous() else torch.empty(q.shape, dtype=torch.float32)
     k_scale_np = None if k_scale is None else k_scale.float().contiguous().numpy()
     v_scale_np = None if v_scale is None else v_scale.float().contiguous().numpy()
-    kernel(q32.numpy(), _as_numpy(k_cache), _as_numpy(v_cache), k_scale_np, v_scale_np, block_tables, context_lens,
-           np.float32(scale), target.numpy())
+    kernel(
+        q32.numpy(),
+        _as_numpy(k_cache),
+        _as_numpy(v_cache),
+        k_scale_np,
+        v_scale_np,
+        block_tables,
+        context_lens,
+        np.float32(scale),
+        target.numpy(),
+    )
     if target is not out:
         out.copy_(target)
     return out

@@ -18,6 +18,7 @@ references', fp32, in the same order except RMSNorm's sum of squares (SIMD parti
 sums), so results differ from PyTorch's by an ulp or so, as its own kernels do across
 CPUs. fp32 only: numba has no bf16.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -33,8 +34,12 @@ def available() -> bool:
 
 def applies_to(x: torch.Tensor) -> bool:
     """Whether the fused ops take ``x``: numba present, an fp32 CPU tensor, no autograd."""
-    return (numba is not None and x.device.type == "cpu" and x.dtype == torch.float32
-            and not (x.requires_grad and torch.is_grad_enabled()))
+    return (
+        numba is not None
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and not (x.requires_grad and torch.is_grad_enabled())
+    )
 
 
 def _rms_norm_rows(x, residual, weight, eps, out):
@@ -72,15 +77,17 @@ if numba is not None:
     _rope_rows = numba.njit(cache=True)(_rope_rows)
 
 
-def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(rms_norm(x + residual) * weight, x + residual)`` for ``x [T, D]`` (``residual`` ``[T, D]``
     or ``None``); the sum is written into ``x``, which is returned as the new residual.
     fp32 CPU tensors (``applies_to``)."""
     out = torch.empty_like(x)
     x_np = x.numpy()  # a view: the in-place sum lands in x
-    _rms_norm_rows(x_np, None if residual is None else residual.numpy(), weight.detach().numpy(), np.float32(eps),
-                   out.numpy())
+    _rms_norm_rows(
+        x_np, None if residual is None else residual.numpy(), weight.detach().numpy(), np.float32(eps), out.numpy()
+    )
     return out, x
 
 

@@ -18,6 +18,7 @@ The reference is ``F.linear``; ``tests/test_cpu_gemv.py`` compares the two. The 
 products are fp32 with SIMD partial sums (``fastmath`` reassociation), so results
 differ from PyTorch's by rounding, as its own kernels do across CPUs and batch sizes.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -42,14 +43,23 @@ def applies_to(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     ``bias`` that is ``None`` or fp32 CPU ``[out_features]``, no autograd."""
     return (
         numba is not None
-        and x.dim() == 2 and 1 <= x.shape[0] <= MAX_ROWS
-        and x.device.type == "cpu" and weight.device.type == "cpu"
-        and x.dtype == torch.float32 and weight.dtype == torch.float32
-        and weight.layout == torch.strided and weight.dim() == 2 and weight.shape[1] == x.shape[1]
-        and (bias is None or (bias.device.type == "cpu" and bias.dtype == torch.float32
-                              and bias.shape == (weight.shape[0],)))
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                              or (bias is not None and bias.requires_grad)))
+        and x.dim() == 2
+        and 1 <= x.shape[0] <= MAX_ROWS
+        and x.device.type == "cpu"
+        and weight.device.type == "cpu"
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and weight.layout == torch.strided
+        and weight.dim() == 2
+        and weight.shape[1] == x.shape[1]
+        and (
+            bias is None
+            or (bias.device.type == "cpu" and bias.dtype == torch.float32 and bias.shape == (weight.shape[0],))
+        )
+        and not (
+            torch.is_grad_enabled()
+            and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
+        )
     )
 
 
@@ -92,10 +102,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         raise RuntimeError("the CPU GEMV kernel needs numba: pip install 'minipaged[cpu]'")
     if not applies_to(x, weight, bias):
         got_bias = "none" if bias is None else f"{tuple(bias.shape)} {bias.dtype} on {bias.device}"
-        raise ValueError(f"cpu_gemv.linear takes 1-{MAX_ROWS} fp32 CPU rows, a dense fp32 CPU weight of the same "
-                         f"in_features and an fp32 CPU bias of its out_features or none, got x {tuple(x.shape)} "
-                         f"{x.dtype} on {x.device}, weight {tuple(weight.shape)} {weight.dtype} ({weight.layout}) on "
-                         f"{weight.device}, bias {got_bias}")
+        raise ValueError(
+            f"cpu_gemv.linear takes 1-{MAX_ROWS} fp32 CPU rows, a dense fp32 CPU weight of the same "
+            f"in_features and an fp32 CPU bias of its out_features or none, got x {tuple(x.shape)} "
+            f"{x.dtype} on {x.device}, weight {tuple(weight.shape)} {weight.dtype} ({weight.layout}) on "
+            f"{weight.device}, bias {got_bias}"
+        )
     return linear_unchecked(x, weight, bias)
 
 

@@ -4,24 +4,26 @@
 ``validate``, ``chat_prompt``, ``stats``, ``tokenizer``, ``config``, ``shutdown``), so the
 app holds no global state and several can live in one process.
 """
+
 from __future__ import annotations
 
 import asyncio
 import hmac
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from minipaged.errors import InputError
 from minipaged.entrypoints.openai.errors import APIError, from_input_error, from_validation_error
 from minipaged.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
 from minipaged.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
 from minipaged.entrypoints.openai.serving import ChatHandler, CompletionHandler, as_api_error
+from minipaged.errors import InputError
 
 # HTTP has no status for "the client left"; nginx's 499 is the usual choice. Nobody reads it.
 _CLIENT_CLOSED = 499
@@ -136,8 +138,9 @@ def build_app(engine: Any, *, model_name: str | None = None, api_key: str | None
         timer = metrics.timer()
         prompts, params = handler.prepare(body)  # raises before anything is queued
         if body.stream:
-            return _ClosingStreamingResponse(handler.stream(body, prompts, params, timer),
-                                             media_type="text/event-stream")
+            return _ClosingStreamingResponse(
+                handler.stream(body, prompts, params, timer), media_type="text/event-stream"
+            )
         result = await with_cancellation(request, handler.full(body, prompts, params, timer))
         return result if isinstance(result, Response) else JSONResponse(result)
 
@@ -151,8 +154,13 @@ def build_app(engine: Any, *, model_name: str | None = None, api_key: str | None
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
-        card = {"id": served, "object": "model", "created": int(time.time()), "owned_by": "minipaged",
-                "max_model_len": engine.config.max_model_len}
+        card = {
+            "id": served,
+            "object": "model",
+            "created": int(time.time()),
+            "owned_by": "minipaged",
+            "max_model_len": engine.config.max_model_len,
+        }
         return {"object": "list", "data": [card]}
 
     @app.get("/health")

@@ -1,4 +1,5 @@
 """``python -m minipaged serve``: argument parsing and the uvicorn launch."""
+
 from __future__ import annotations
 
 import argparse
@@ -12,7 +13,9 @@ _log = logging.getLogger("minipaged.entrypoints.openai")
 
 def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register the ``serve`` sub-command on ``subparsers`` (from ``ArgumentParser.add_subparsers``)."""
-    p = subparsers.add_parser("serve", help="serve an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)")
+    p = subparsers.add_parser(
+        "serve", help="serve an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)"
+    )
     p.add_argument("--served-model-name", default=None, help="name clients send as 'model' (default: the model's)")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
@@ -41,7 +44,12 @@ def run_serve(args: argparse.Namespace) -> int:
         kwargs["seed"] = args.seed
     engine = AsyncLLM(args.model, **kwargs)
     app = build_app(engine, model_name=args.served_model_name, api_key=args.api_key)
-    _log.info("serving %s on http://%s:%d (max_model_len=%d)", args.served_model_name or engine.model_name,
-              args.host, args.port, engine.config.max_model_len)
+    _log.info(
+        "serving %s on http://%s:%d (max_model_len=%d)",
+        args.served_model_name or engine.model_name,
+        args.host,
+        args.port,
+        engine.config.max_model_len,
+    )
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
     return 0

@@ -1,4 +1,5 @@
 """Start an OpenAI-compatible server as a subprocess and wait until it answers (tests, bench_serve, notebook)."""
+
 from __future__ import annotations
 
 import os
@@ -9,9 +10,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -53,12 +54,13 @@ class ServerProcess:
     cwd: str | None = None
     proc: subprocess.Popen | None = field(default=None, init=False)
 
-    def start(self, timeout: float = 300.0) -> "ServerProcess":
+    def start(self, timeout: float = 300.0) -> ServerProcess:
         log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
         env = dict(os.environ, **(self.env or {}))
         # A process group of its own, so stop() also reaches any workers the server spawns.
-        self.proc = subprocess.Popen(list(self.command), stdout=log, stderr=subprocess.STDOUT, env=env,
-                                     cwd=self.cwd, start_new_session=True)
+        self.proc = subprocess.Popen(
+            list(self.command), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.cwd, start_new_session=True
+        )
         self._wait_ready(timeout)
         return self
 
@@ -99,7 +101,7 @@ class ServerProcess:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> ServerProcess:
         return self.start() if self.proc is None else self
 
     def __exit__(self, *exc: object) -> None:

@@ -6,10 +6,12 @@ Completions (legacy): parallel arrays ``tokens``, ``token_logprobs``, ``top_logp
 Chat: ``{"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}`` with the top-k
 by rank. JSON has no ``-inf``, so an impossible token's logprob is written as -9999.0.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from minipaged.outputs import Logprob
 
@@ -29,8 +31,9 @@ def token_text(token_id: int, logprob: Logprob | None, tokenizer: Any) -> str:
     return tokenizer.decode([token_id])
 
 
-def completion_logprobs(token_ids: Sequence[int], logprobs: Sequence[dict[int, Logprob]], tokenizer: Any,
-                        first_offset: int) -> dict[str, list]:
+def completion_logprobs(
+    token_ids: Sequence[int], logprobs: Sequence[dict[int, Logprob]], tokenizer: Any, first_offset: int
+) -> dict[str, list]:
     """The legacy completions ``logprobs`` object for ``token_ids``; ``first_offset``: the first token's text offset."""
     tokens: list[str] = []
     token_logprobs: list[float | None] = []
@@ -45,8 +48,12 @@ def completion_logprobs(token_ids: Sequence[int], logprobs: Sequence[dict[int, L
         top_logprobs.append({token_text(t, lp, tokenizer): _finite(lp.logprob) for t, lp in by_token.items()})
         text_offset.append(offset)
         offset += len(text)
-    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
-            "text_offset": text_offset}
+    return {
+        "tokens": tokens,
+        "token_logprobs": token_logprobs,
+        "top_logprobs": top_logprobs,
+        "text_offset": text_offset,
+    }
 
 
 def _chat_entry(token_id: int, logprob: Logprob | None, tokenizer: Any) -> dict[str, Any]:
@@ -55,8 +62,9 @@ def _chat_entry(token_id: int, logprob: Logprob | None, tokenizer: Any) -> dict[
     return {"token": text, "logprob": value, "bytes": list(text.encode("utf-8"))}
 
 
-def chat_logprobs(token_ids: Sequence[int], logprobs: Sequence[dict[int, Logprob]], tokenizer: Any,
-                  top_logprobs: int) -> dict[str, list]:
+def chat_logprobs(
+    token_ids: Sequence[int], logprobs: Sequence[dict[int, Logprob]], tokenizer: Any, top_logprobs: int
+) -> dict[str, list]:
     """The chat ``logprobs`` object: each sampled token with its ``top_logprobs`` best alternatives by rank."""
     content = []
     for tid, by_token in zip(token_ids, logprobs):

@@ -5,11 +5,13 @@ at scrape time; latencies are observed by the request handlers as outputs reach 
 they are what the HTTP layer sees (TTFT includes queueing). A registry per app, not
 prometheus-client's global default, lets several apps live in one process (tests).
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -54,22 +56,38 @@ class ServerMetrics:
     def __init__(self, engine: Any) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(_EngineCollector(engine))
-        self.ttft = Histogram("minipaged_time_to_first_token_seconds", "request arrival to its first token",
-                              buckets=_LATENCY_BUCKETS, registry=self.registry)
-        self.inter_token = Histogram("minipaged_inter_token_latency_seconds",
-                                     "time between successive outputs of one request", buckets=_ITL_BUCKETS,
-                                     registry=self.registry)
-        self.e2e = Histogram("minipaged_e2e_request_latency_seconds", "request arrival to its last token",
-                             buckets=_LATENCY_BUCKETS, registry=self.registry)
-        self.finished = Counter("minipaged_request_finished", "finished requests by finish reason",
-                                ["finish_reason"], registry=self.registry)
-        self.http_errors = Counter("minipaged_request_errors", "requests answered with an error status",
-                                   ["status"], registry=self.registry)
+        self.ttft = Histogram(
+            "minipaged_time_to_first_token_seconds",
+            "request arrival to its first token",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.inter_token = Histogram(
+            "minipaged_inter_token_latency_seconds",
+            "time between successive outputs of one request",
+            buckets=_ITL_BUCKETS,
+            registry=self.registry,
+        )
+        self.e2e = Histogram(
+            "minipaged_e2e_request_latency_seconds",
+            "request arrival to its last token",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.finished = Counter(
+            "minipaged_request_finished",
+            "finished requests by finish reason",
+            ["finish_reason"],
+            registry=self.registry,
+        )
+        self.http_errors = Counter(
+            "minipaged_request_errors", "requests answered with an error status", ["status"], registry=self.registry
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    def timer(self) -> "RequestTimer":
+    def timer(self) -> RequestTimer:
         return RequestTimer(self)
 
 

@@ -5,6 +5,7 @@ an ``n``); the value ranges are checked once, by ``SamplingParams`` and the engi
 typed errors name the field. Unknown fields are rejected rather than silently ignored, so a
 misspelt ``max_token`` is a 400 naming it instead of a request that quietly used the default.
 """
+
 from __future__ import annotations
 
 from typing import Any, Literal, Union

@@ -7,6 +7,7 @@ sends each choice the part of its text (and tokens) it has not sent yet, so the
 concatenated deltas equal the non-streamed text. Choice ``k`` of prompt ``i`` has index
 ``i * n + k`` (OpenAI's convention for batched prompts).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -14,23 +15,32 @@ import dataclasses
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Sequence
+from typing import Any
 
-from minipaged.outputs import CompletionOutput, RequestOutput
-from minipaged.sampling_params import SamplingParams
-from minipaged.errors import InputError
 from minipaged.entrypoints.openai.errors import APIError, from_input_error
 from minipaged.entrypoints.openai.logprobs import chat_logprobs, completion_logprobs
 from minipaged.entrypoints.openai.metrics import RequestTimer
 from minipaged.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from minipaged.errors import InputError
+from minipaged.outputs import CompletionOutput, RequestOutput
+from minipaged.sampling_params import SamplingParams
 
 DONE = "data: [DONE]\n\n"
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 # Request fields passed to SamplingParams under the same name when given.
-_PASSTHROUGH = ("top_k", "seed", "stop_token_ids", "ignore_eos", "presence_penalty", "frequency_penalty",
-                "repetition_penalty", "min_tokens")
+_PASSTHROUGH = (
+    "top_k",
+    "seed",
+    "stop_token_ids",
+    "ignore_eos",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "min_tokens",
+)
 
 
 def as_api_error(err: Exception) -> APIError:
@@ -49,11 +59,14 @@ def sse(payload: dict[str, Any]) -> str:
 
 def sampling_params(body: SamplingFields, *, max_tokens: int, logprobs: int | None) -> SamplingParams:
     """SamplingParams from the request's fields; the ranges are SamplingParams' to check."""
-    kwargs: dict[str, Any] = {"n": body.n, "max_tokens": max_tokens,
-                              "temperature": 1.0 if body.temperature is None else body.temperature,
-                              "top_p": 1.0 if body.top_p is None else body.top_p,
-                              "min_p": 0.0 if body.min_p is None else body.min_p,
-                              "stop": [body.stop] if isinstance(body.stop, str) else (body.stop or [])}
+    kwargs: dict[str, Any] = {
+        "n": body.n,
+        "max_tokens": max_tokens,
+        "temperature": 1.0 if body.temperature is None else body.temperature,
+        "top_p": 1.0 if body.top_p is None else body.top_p,
+        "min_p": 0.0 if body.min_p is None else body.min_p,
+        "stop": [body.stop] if isinstance(body.stop, str) else (body.stop or []),
+    }
     for name in _PASSTHROUGH:
         value = getattr(body, name)
         if value is not None and value is not False:
@@ -97,8 +110,9 @@ def completion_prompts(prompt: Any) -> list[Any]:
     return list(prompt)
 
 
-async def merged_outputs(engine: Any, prompts: Sequence[Any], params: SamplingParams,
-                         request_id: str) -> AsyncIterator[tuple[int, RequestOutput]]:
+async def merged_outputs(
+    engine: Any, prompts: Sequence[Any], params: SamplingParams, request_id: str
+) -> AsyncIterator[tuple[int, RequestOutput]]:
     """``(prompt index, cumulative output)`` from one engine request per prompt, as they come.
 
     Closing or cancelling this iterator cancels every pump task, which closes its ``generate``
@@ -175,10 +189,10 @@ class _DeltaTracker:
             cur = self.cursors.setdefault(index, _ChoiceCursor())
             if cur.finished:
                 continue
-            text, ids = c.text[cur.chars:], c.token_ids[cur.tokens:]
+            text, ids = c.text[cur.chars :], c.token_ids[cur.tokens :]
             if not text and c.finish_reason is None and not (self.want_logprobs and ids):
                 continue
-            lps = c.logprobs[cur.tokens:] if (self.want_logprobs and c.logprobs is not None) else None
+            lps = c.logprobs[cur.tokens :] if (self.want_logprobs and c.logprobs is not None) else None
             found.append(_Delta(index, text, ids, lps, c.finish_reason))
             cur.chars, cur.tokens = len(c.text), len(c.token_ids)
             cur.finished = c.finish_reason is not None
@@ -204,8 +218,13 @@ class _Handler:
 
     def _chunk(self, rid: str, created: int, choices: list[dict], usage: Any = ...) -> dict[str, Any]:
         """One chunk (or the whole completion); ``usage`` is left out unless given (None included)."""
-        payload = {"id": rid, "object": self.chunk_object, "created": created, "model": self.model_name,
-                   "choices": choices}
+        payload = {
+            "id": rid,
+            "object": self.chunk_object,
+            "created": created,
+            "model": self.model_name,
+            "choices": choices,
+        }
         if usage is not ...:
             payload["usage"] = usage
         return payload
@@ -233,8 +252,9 @@ class CompletionHandler(_Handler):
             return None
         return completion_logprobs(d.token_ids, d.logprobs, self.engine.tokenizer, offset)
 
-    async def full(self, body: CompletionRequest, prompts: list[Any], params: SamplingParams,
-                   timer: RequestTimer) -> dict[str, Any]:
+    async def full(
+        self, body: CompletionRequest, prompts: list[Any], params: SamplingParams, timer: RequestTimer
+    ) -> dict[str, Any]:
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         finals: list[RequestOutput | None] = [None] * len(prompts)
         async for i, out in merged_outputs(self.engine, prompts, params, rid):
@@ -248,13 +268,21 @@ class CompletionHandler(_Handler):
                 lp = None
                 if want_lp and c.logprobs is not None:
                     lp = completion_logprobs(c.token_ids, c.logprobs, self.engine.tokenizer, len(echo))
-                choices.append({"index": i * params.n + c.index, "text": echo + c.text, "logprobs": lp,
-                                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+                choices.append(
+                    {
+                        "index": i * params.n + c.index,
+                        "text": echo + c.text,
+                        "logprobs": lp,
+                        "finish_reason": c.finish_reason,
+                        "stop_reason": c.stop_reason,
+                    }
+                )
         timer.on_finish([c["finish_reason"] for c in choices])
         return self._chunk(rid, created, choices, _usage(finals))
 
-    async def stream(self, body: CompletionRequest, prompts: list[Any], params: SamplingParams,
-                     timer: RequestTimer) -> AsyncIterator[str]:
+    async def stream(
+        self, body: CompletionRequest, prompts: list[Any], params: SamplingParams, timer: RequestTimer
+    ) -> AsyncIterator[str]:
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         usage_field = None if include_usage else ...
@@ -309,23 +337,38 @@ class ChatHandler(_Handler):
             return None
         return chat_logprobs(token_ids, logprobs, self.engine.tokenizer, body.top_logprobs or 0)
 
-    async def full(self, body: ChatCompletionRequest, prompts: list[Any], params: SamplingParams,
-                   timer: RequestTimer) -> dict[str, Any]:
+    async def full(
+        self, body: ChatCompletionRequest, prompts: list[Any], params: SamplingParams, timer: RequestTimer
+    ) -> dict[str, Any]:
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         final: RequestOutput | None = None
         async for _, out in merged_outputs(self.engine, prompts, params, rid):
             timer.on_tokens()
             final = out
         completions: list[CompletionOutput] = sorted(final.outputs, key=lambda c: c.index)
-        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                    "logprobs": self._logprobs(c.token_ids, c.logprobs, body),
-                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in completions]
+        choices = [
+            {
+                "index": c.index,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": self._logprobs(c.token_ids, c.logprobs, body),
+                "finish_reason": c.finish_reason,
+                "stop_reason": c.stop_reason,
+            }
+            for c in completions
+        ]
         timer.on_finish([c.finish_reason for c in completions])
-        return {"id": rid, "object": "chat.completion", "created": created, "model": self.model_name,
-                "choices": choices, "usage": _usage([final])}
+        return {
+            "id": rid,
+            "object": "chat.completion",
+            "created": created,
+            "model": self.model_name,
+            "choices": choices,
+            "usage": _usage([final]),
+        }
 
-    async def stream(self, body: ChatCompletionRequest, prompts: list[Any], params: SamplingParams,
-                     timer: RequestTimer) -> AsyncIterator[str]:
+    async def stream(
+        self, body: ChatCompletionRequest, prompts: list[Any], params: SamplingParams, timer: RequestTimer
+    ) -> AsyncIterator[str]:
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         usage_field = None if include_usage else ...
@@ -334,8 +377,12 @@ class ChatHandler(_Handler):
         reasons = []
         try:
             for index in range(params.n):
-                role = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                        "finish_reason": None}
+                role = {
+                    "index": index,
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
                 yield sse(self._chunk(rid, created, [role], usage_field))
             async for i, out in merged_outputs(self.engine, prompts, params, rid):
                 timer.on_tokens()
@@ -343,9 +390,12 @@ class ChatHandler(_Handler):
                 for d in tracker.deltas(i, out):
                     if d.finish_reason is not None:
                         reasons.append(d.finish_reason)
-                    choice = {"index": d.index, "delta": {"content": d.text} if d.text else {},
-                              "logprobs": self._logprobs(d.token_ids, d.logprobs, body),
-                              "finish_reason": d.finish_reason}
+                    choice = {
+                        "index": d.index,
+                        "delta": {"content": d.text} if d.text else {},
+                        "logprobs": self._logprobs(d.token_ids, d.logprobs, body),
+                        "finish_reason": d.finish_reason,
+                    }
                     yield sse(self._chunk(rid, created, [choice], usage_field))
             if include_usage:
                 yield sse(self._chunk(rid, created, [], _usage([final])))
