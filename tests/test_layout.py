@@ -1,0 +1,170 @@
+"""The package layout keeps its promises: imports point one way, down the request's path, and the
+kernels' import name shadows nobody.
+
+Layers, top to bottom: benchmarks and memsim -> entrypoints -> the public ``minipaged`` API -> engine
+-> worker -> core, models, config -> attention, distributed -> minipaged_kernels, with errors,
+sampling_params and outputs as shared leaves. A module may
+import from its own package or from a lower layer, never from a higher one; the kernels import
+nothing from the engine.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Higher number = higher layer. Every package or top-level module of minipaged has a rank.
+# RANKS is the layer map of README's architecture section; change both together.
+RANKS = {
+    "minipaged_kernels": 0,
+    "minipaged.errors": 1,
+    "minipaged.sampling_params": 2,
+    "minipaged.outputs": 3,
+    "minipaged.distributed": 4,
+    "minipaged.attention": 4,
+    "minipaged.config": 5,
+    "minipaged.models": 5,
+    "minipaged.core": 5,
+    "minipaged.worker": 6,
+    "minipaged.engine": 7,
+    "minipaged": 7.5,  # the public API: lazy re-exports of the engine's front ends
+    "minipaged.entrypoints": 8,
+    "minipaged.memsim": 9,
+    "minipaged.benchmarks": 9,
+    "minipaged.__main__": 10,
+}
+
+
+def _modules() -> dict[str, Path]:
+    """Dotted module name -> file, for minipaged and minipaged_kernels."""
+    found = {}
+    for base, top in ((ROOT, "minipaged"), (ROOT / "kernels", "minipaged_kernels")):
+        for path in (base / top).rglob("*.py"):
+            parts = path.relative_to(base).with_suffix("").parts
+            found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return found
+
+
+MODULES = _modules()
+
+
+def _imports(name: str, path: Path, module_level: bool) -> set[str]:
+    """Project modules that ``name`` imports; ``from pkg import sub`` counts as importing ``pkg.sub``."""
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if module_level else list(ast.walk(tree))
+    is_package = path.name == "__init__.py"
+    out = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            out.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = name.split(".")[: len(name.split(".")) - node.level + is_package]
+                base = ".".join(anchor + ([base] if base else []))
+            subs = [f"{base}.{alias.name}" for alias in node.names if f"{base}.{alias.name}" in MODULES]
+            out.update(subs or [base])
+    return {m for m in out if m in MODULES and m != name}
+
+
+def _layer(module: str) -> str:
+    """The RANKS key that owns ``module`` (its longest matching prefix)."""
+    keys = [k for k in RANKS if module == k or module.startswith(k + ".")]
+    assert keys, f"{module} has no layer in RANKS: give its package a rank"
+    return max(keys, key=len)
+
+
+def test_every_package_has_a_layer():
+    for name in MODULES:
+        _layer(name)
+
+
+def test_kernels_import_nothing_from_the_engine():
+    offenders = {
+        name: sorted(m for m in _imports(name, path, module_level=False) if not m.startswith("minipaged_kernels"))
+        for name, path in MODULES.items()
+        if name.startswith("minipaged_kernels")
+    }
+    assert not {k: v for k, v in offenders.items() if v}
+
+
+def test_imports_point_down_the_layers():
+    upward = []
+    for name, path in MODULES.items():
+        for target in _imports(name, path, module_level=False):
+            src, dst = _layer(name), _layer(target)
+            if src != dst and RANKS[dst] >= RANKS[src]:
+                upward.append(f"{name} -> {target}")
+    assert not upward, "imports that point up or sideways across layers:\n" + "\n".join(sorted(upward))
+
+
+def test_no_import_cycles():
+    graph = {name: _imports(name, path, module_level=True) for name, path in MODULES.items()}
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycle = path[path.index(nxt) :] + [nxt]
+                # A package's __init__ importing its own submodules is the normal package pattern.
+                if not all(m == cycle[0] or m.startswith(cycle[0] + ".") for m in cycle):
+                    pytest.fail("import cycle: " + " -> ".join(cycle))
+            elif nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+
+
+_FIND_KERNELS = """
+import importlib.util, json
+spec = importlib.util.find_spec("kernels")
+print(json.dumps(None if spec is None else {"origin": spec.origin, "locations": list(spec.submodule_search_locations or [])}))
+"""
+
+
+@pytest.mark.parametrize("cwd", [ROOT, Path("/")], ids=["repo-root", "elsewhere"])
+def test_kernels_name_is_not_this_project(cwd):
+    """``import kernels`` must never find the project's ``kernels/`` folder as a regular package: that
+    name belongs to Hugging Face's package, which transformers imports at start-up."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _FIND_KERNELS], cwd=cwd, capture_output=True, text=True, timeout=120, check=True
+    )
+    spec = json.loads(proc.stdout)
+    if spec is None:
+        return
+    ours = ROOT / "kernels"
+    assert spec["origin"] is None or not Path(spec["origin"]).resolve().is_relative_to(ours), spec
+    if spec["origin"] is None:  # a namespace package: allowed only while no real `kernels` is installed
+        assert importlib.util.find_spec("kernels") is None or _hf_kernels_origin() is None
+
+
+def _hf_kernels_origin() -> str | None:
+    """Where an installed regular ``kernels`` package lives, seen from outside the repository."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _FIND_KERNELS], cwd="/", capture_output=True, text=True, timeout=120, check=True
+    )
+    spec = json.loads(proc.stdout)
+    return spec and spec["origin"]
+
+
+def test_transformers_imports_beside_hugging_face_kernels():
+    """With Hugging Face's ``kernels`` installed (transformers >= 5.25 requires it), transformers' model
+    modules import from the repository root, where the project's ``kernels/`` folder sits."""
+    if _hf_kernels_origin() is None:
+        pytest.skip("Hugging Face's `kernels` is not installed in this environment")
+    code = "import kernels, transformers.activations, transformers.models.llama.modeling_llama; print(kernels.__file__)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not Path(proc.stdout.strip()).resolve().is_relative_to(ROOT / "kernels"), proc.stdout
