@@ -39,8 +39,8 @@ import torch
 from minipaged.models.linear import PackedLinear, linear
 
 if TYPE_CHECKING:
-    from minipaged.models.config import ModelConfig
     from minipaged.distributed import TensorParallelGroup
+    from minipaged.models.config import ModelConfig
 
 
 def _split(size: int, world_size: int, what: str) -> int:

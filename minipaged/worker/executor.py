@@ -44,7 +44,6 @@ import torch.multiprocessing as mp
 from minipaged.config import EngineConfig
 from minipaged.core.block_manager import BlockCopy, BlockManager
 from minipaged.core.scheduler import ScheduledRequest
-from minipaged.errors import InvalidEngineConfigError, MinipagedError
 from minipaged.distributed import (
     DEFAULT_COLLECTIVE_TIMEOUT_S,
     Rendezvous,
@@ -57,6 +56,7 @@ from minipaged.distributed import (
     torchrun_rank,
     wait_until_ready,
 )
+from minipaged.errors import InvalidEngineConfigError, MinipagedError
 from minipaged.worker.worker import StepBatch, Worker
 
 

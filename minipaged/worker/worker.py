@@ -20,10 +20,10 @@ from minipaged.attention.metadata import AttentionMetadata, build_metadata, buil
 from minipaged.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from minipaged.core.block_manager import BlockCopy, BlockManager
 from minipaged.core.scheduler import ScheduledRequest
+from minipaged.distributed import check_tensor_parallel_size
 from minipaged.errors import InvalidEngineConfigError
 from minipaged.models.config import ModelConfig
 from minipaged.models.linear import pack_in_place
-from minipaged.distributed import check_tensor_parallel_size
 from minipaged_kernels import cpu as cpu_kernels
 
 

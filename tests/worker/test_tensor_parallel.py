@@ -25,11 +25,11 @@ from tiny_models import assert_all_blocks_free, hf_greedy, make_prompts, one_thr
 from minipaged import LLM, SamplingParams
 from minipaged.config import EngineConfig
 from minipaged.core.block_manager import BlockCopy
+from minipaged.distributed import CommStats
 from minipaged.engine.beam_search import BeamSearchParams
 from minipaged.errors import InvalidEngineConfigError
 from minipaged.models import build_model_from_hf
 from minipaged.models.parallel_linear import ColumnParallelLinear, RowParallelLinear, rank_slices
-from minipaged.distributed import CommStats
 from minipaged.worker.executor import TensorParallelExecutor, WorkerDiedError
 from minipaged.worker.worker import StepBatch
 
