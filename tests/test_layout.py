@@ -95,6 +95,23 @@ def test_kernels_import_nothing_from_the_engine():
     assert not {k: v for k, v in offenders.items() if v}
 
 
+def _absolute_imports(path: Path) -> set[str]:
+    """The first component of every absolute import anywhere in ``path``."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            out.add(node.module.split(".")[0])
+    return out
+
+
+def test_nothing_imports_the_bare_kernels_name():
+    """The project's kernels are ``minipaged_kernels``: a bare ``import kernels`` would load Hugging Face's."""
+    files = [*MODULES.values(), *(ROOT / "tests").rglob("*.py")]
+    assert not [str(p.relative_to(ROOT)) for p in files if "kernels" in _absolute_imports(p)]
+
+
 def test_imports_point_down_the_layers():
     upward = []
     for name, path in MODULES.items():

@@ -66,16 +66,16 @@ def get_attention_backend(name: str | None, device: torch.device | str) -> Atten
 
 
 def _ensure_triton_can_run(device: torch.device) -> None:
-    # Without CUDA, importing `kernels` turns on the Triton interpreter (and makes triton's own
+    # Without CUDA, importing `minipaged_kernels` turns on the Triton interpreter (and makes triton's own
     # library interpretable if triton was imported first), unless TRITON_INTERPRET was set to
     # something else before: then compiled kernels would be handed CPU tensors.
-    import kernels  # noqa: F401
+    import minipaged_kernels  # noqa: F401
 
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise InvalidEngineConfigError(
             "attention_backend",
             f"'triton' on {device} runs under the Triton interpreter, but TRITON_INTERPRET="
-            f"{os.environ.get('TRITON_INTERPRET')!r} was set before `kernels` was imported; unset it (or set "
+            f"{os.environ.get('TRITON_INTERPRET')!r} was set before `minipaged_kernels` was imported; unset it (or set "
             "TRITON_INTERPRET=1) before starting Python, or use attention_backend='torch'",
         )
 

@@ -21,11 +21,11 @@ from tiny_models import assert_all_blocks_free, make_llm, make_prompts, tiny_hf_
 
 import minipaged_kernels
 from minipaged import LLM, SamplingParams
-from minipaged.attention import allocate_kv_cache, kv_cache_bytes_per_block
+from minipaged.attention import allocate_kv_cache, kv_cache_bytes_per_block, kv_quant
 from minipaged.attention.torch_backend import TorchAttentionBackend
 from minipaged.errors import InvalidEngineConfigError
 from minipaged.models import build_model_from_hf
-from minipaged_kernels import _kv_quant, kv_quant, reference
+from minipaged_kernels import _kv_quant, reference
 
 KINDS = ("int8", "fp8_e4m3")
 
@@ -87,7 +87,10 @@ def test_fp8_bit_codecs_match_torch():
 
 
 def _quant_cache(shape, kind, per_token, gen):
-    """Allocated, then filled with noise (int8) / NaN codes (fp8) and NaN per-token scales: untouched rows stay poisoned."""
+    """Allocated, then filled with noise (int8) / NaN codes (fp8) and NaN per-token scales.
+
+    Rows a kernel does not write stay poisoned.
+    """
     cache = kv_quant.allocate(shape, kind, torch.float32, "cpu", per_token)
     bits = cache.data.view(torch.uint8)
     bits.copy_(torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8))
@@ -277,7 +280,7 @@ def test_unknown_kv_cache_dtype_is_a_typed_error(tiny, bad):
 
 
 def test_fp8_without_platform_support_is_a_typed_error(monkeypatch):
-    monkeypatch.setitem(kv_quant._STORAGE, "fp8_e4m3", None)
+    monkeypatch.setitem(kv_quant.STORAGE, "fp8_e4m3", None)
     from minipaged.config import EngineConfig
 
     with pytest.raises(InvalidEngineConfigError, match="float8_e4m3fn") as err:
