@@ -20,7 +20,7 @@ def pairwise(axes: Sequence[Sequence[Any]]) -> list[tuple[Any, ...]]:
     cases = []
     while uncovered:
 
-        def gain(case: tuple[int, ...]) -> int:
+        def gain(case: tuple[int, ...], uncovered: set = uncovered) -> int:
             return sum((i, case[i], j, case[j]) in uncovered for i, j in itertools.combinations(range(len(axes)), 2))
 
         best = max(candidates, key=gain)

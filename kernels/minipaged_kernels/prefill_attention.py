@@ -185,8 +185,8 @@ def choose_config(head_dim: int, dtype: torch.dtype, short: bool = False) -> Pre
     and V tiles stay well inside shared memory: ``block_n = 64`` up to 256 bytes per
     row, 32 up to 512, else 16. ``block_m`` is 64 with 4 warps (8 from
     ``block_d = 128`` on), 32 for rows over 512 bytes (fp32 at head_dim > 128, whose
-    tf32x3 operand copies overflow sm_80's shared memory at 64); short sequences in fp16/bf16 get ``block_m = 16`` with 4
-    warps. fp32, a dtype for checking rather than serving, keeps one variant per tile
+    tf32x3 operand copies overflow sm_80's shared memory at 64); short sequences in fp16/bf16
+    get ``block_m = 16`` with 4 warps. fp32, a dtype for checking rather than serving, keeps one variant per tile
     width so the ahead-of-time build stays small.
     """
     block_d = max(64, triton.next_power_of_2(head_dim))

@@ -222,5 +222,6 @@ def check_backend_support(kv_cache_dtype: str, backend: str, device: torch.devic
         if (major, minor) < TRITON_MIN_CAPABILITY:
             raise InvalidEngineConfigError(
                 "kv_cache_dtype",
-                f"a {kv_cache_dtype!r} cache with the triton backend needs sm_80 or newer; {device} is sm_{major}{minor}",
+                f"a {kv_cache_dtype!r} cache with the triton backend needs sm_80 or newer; "
+                f"{device} is sm_{major}{minor}",
             )

@@ -144,7 +144,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--ragged",
         action="store_true",
-        help="ours: contexts spread over [16, 2*context-16]; transformers: a batch padded to the longest, as static batching runs it",
+        help=(
+            "ours: contexts spread over [16, 2*context-16]; "
+            "transformers: a batch padded to the longest, as static batching runs it"
+        ),
     )
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument(

@@ -485,7 +485,8 @@ def summarise(name: str, dtype: str, work: Workload, results: dict[str, dict]) -
         lines.append(f"minipaged / vLLM CPU: {speed}; single-request latency minipaged / vLLM: {latency}")
     if ours and "transformers static" in ok:
         lines.append(
-            f"minipaged / transformers best static: {format_ratio(*paired_ratio(ours, ok['transformers static'], 'seconds'))}"
+            "minipaged / transformers best static: "
+            + format_ratio(*paired_ratio(ours, ok["transformers static"], "seconds"))
         )
         same, frac = token_agreement(ours["rounds"][0]["tokens"], ok["transformers static"]["rounds"][0]["tokens"])
         lines.append(

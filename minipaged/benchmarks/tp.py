@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"per-rank KV cache: TP=1 {single.engine_core.worker.kv_cache_bytes / 2**20:.0f} MiB, "
-        f"TP={args.tp} {tp.engine_core.worker.kv_cache_bytes_per_rank / 2**20:.0f} MiB for the same {kw['num_kv_blocks']} blocks"
+        f"TP={args.tp} {tp.engine_core.worker.kv_cache_bytes_per_rank / 2**20:.0f} MiB "
+        f"for the same {kw['num_kv_blocks']} blocks"
     )
     tp.engine_core.worker.shutdown()
     return 0

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rounds-from-stdin",
         action="store_true",
-        help="after warm-up, run a round for each line read from stdin (python -m minipaged.benchmarks.throughput does)",
+        help="after warm-up, run a round for each line read from stdin (the throughput benchmark drives it this way)",
     )
     args = parser.parse_args(argv)
     if args.rounds_from_stdin and not args.result_json:
@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     # Checked by file, not default_model_is_prepared(): vLLM's venv lacks the embedded GGUF package.
     if not (default_model_dir() / "model.safetensors").is_file():
         parser.error(
-            f"no prepared model in {default_model_dir()}: run `make setup` (or python -m minipaged.models.prepare) first"
+            f"no prepared model in {default_model_dir()}: "
+            "run `make setup` (or python -m minipaged.models.prepare) first"
         )
 
     vocab = json.loads((default_model_dir() / "config.json").read_text())["vocab_size"]

@@ -106,7 +106,7 @@ def beam_search_savings(
         bm.allocate(0, [0] * req.input_len)
         beams = [0]
         next_id = 1
-        for i in range(1, width):
+        for _ in range(1, width):
             bm.fork(0, next_id)
             beams.append(next_id)
             next_id += 1

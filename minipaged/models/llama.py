@@ -262,7 +262,8 @@ class CausalLM(nn.Module):
     def _check_inputs(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> None:
         if input_ids.dim() != 1 or positions.shape != input_ids.shape:
             raise ValueError(
-                f"input_ids and positions must both be [num_tokens]; got {tuple(input_ids.shape)} and {tuple(positions.shape)}"
+                "input_ids and positions must both be [num_tokens]; "
+                f"got {tuple(input_ids.shape)} and {tuple(positions.shape)}"
             )
         if meta.slot_mapping.shape != input_ids.shape:
             raise ValueError(

@@ -200,7 +200,8 @@ def fuse_hf_weights(
     unused = sorted(set(hf) - used)
     if unused:
         raise ValueError(
-            f"checkpoint tensors not used by a {config.architecture} model: {unused[:5]}{'...' if len(unused) > 5 else ''}"
+            f"checkpoint tensors not used by a {config.architecture} model: "
+            f"{unused[:5]}{'...' if len(unused) > 5 else ''}"
         )
     return {name: t.to(dtype).contiguous() for name, t in out.items()}
 

@@ -17,9 +17,8 @@ Logprobs are those of the model's raw logits (``log_softmax`` before step 1, vLL
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Sequence, Set
 from dataclasses import dataclass
-from typing import AbstractSet
 
 import torch
 
@@ -46,7 +45,7 @@ def sample(
     *,
     prompt_token_ids: Sequence[Sequence[int]],
     output_token_ids: Sequence[Sequence[int]],
-    eos_token_ids: AbstractSet[int] = frozenset(),
+    eos_token_ids: Set[int] = frozenset(),
 ) -> SamplerOutput:
     """Next token id of every row.
 
@@ -93,7 +92,7 @@ def process_logits(
     params: Sequence[SamplingParams],
     prompt_token_ids: Sequence[Sequence[int]],
     output_token_ids: Sequence[Sequence[int]],
-    eos_token_ids: AbstractSet[int] = frozenset(),
+    eos_token_ids: Set[int] = frozenset(),
 ) -> torch.Tensor:
     """Steps 1-3 of the module docstring: logit bias, min_tokens masking, penalties.
 
@@ -134,7 +133,7 @@ def process_logits(
     return logits
 
 
-def _min_tokens_masked_ids(p: SamplingParams, eos_token_ids: AbstractSet[int]) -> list[int]:
+def _min_tokens_masked_ids(p: SamplingParams, eos_token_ids: Set[int]) -> list[int]:
     ids = set(p.stop_token_ids)
     if not p.ignore_eos:
         ids |= set(eos_token_ids)  # with ignore_eos EOS stops nothing, so (like vLLM) it stays sampleable

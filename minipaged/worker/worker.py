@@ -253,7 +253,10 @@ class Worker:
 
     @torch.inference_mode()
     def run(self, batch: StepBatch) -> torch.Tensor | None:
-        """Run one step's forward; logits ``[num_sampled, vocab]`` fp32 on the driver if any row is sampled, else None."""
+        """Run one step's forward.
+
+        Returns logits ``[num_sampled, vocab]`` in fp32 on the driver if any row is sampled, else None.
+        """
         self.copy_blocks(batch.copies)
         inputs = self.prepare_inputs(batch)
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)

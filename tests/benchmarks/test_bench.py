@@ -191,6 +191,9 @@ def test_vllm_child_imports_no_numba():
     import subprocess
     import sys
 
-    code = "import sys, minipaged.benchmarks.vllm_peer; print(sorted(m for m in ('numba', 'llvmlite') if m in sys.modules))"
+    code = (
+        "import sys, minipaged.benchmarks.vllm_peer; "
+        "print(sorted(m for m in ('numba', 'llvmlite') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -166,7 +166,7 @@ def test_stream_and_abort(case):
         for p, m in zip(prompts[:4], max_tokens[:4])
     ]
     done = {}
-    for step in range(4):
+    for _ in range(4):
         done.update({o.request_id: o for o in llm.step()})
     llm.abort(ids[3])
     llm.abort(ids[0]) if ids[0] not in done else None

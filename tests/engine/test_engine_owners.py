@@ -281,7 +281,7 @@ def test_random_interleavings(hf, reference, ops):
         elif op == "generate":
             out = llm.generate(ids(prompts[k]), greedy(lens[k]), use_tqdm=False)[0]
             assert out.outputs[0].token_ids == expected[k]
-    for sid, (k, stream) in enumerate(streams):  # drain what is left
+    for sid, (_, stream) in enumerate(streams):  # drain what is left
         for chunk in stream:
             stream_tokens.setdefault((sid, chunk.request_id), []).extend(chunk.token_ids)
     while llm.has_unfinished_requests():

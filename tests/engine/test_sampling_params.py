@@ -1,5 +1,7 @@
 """SamplingParams / EngineConfig validation: typed errors naming the field."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -100,7 +102,7 @@ def test_unknown_engine_kwarg_is_a_type_error():
         EngineConfig.from_kwargs(max_num_sequences=4)
     cfg = EngineConfig.from_kwargs(block_size=8, dtype="fp16")
     assert cfg.block_size == 8 and str(cfg.torch_dtype) == "torch.float16"
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.block_size = 4  # frozen: never mutated after construction
 
 

@@ -213,7 +213,8 @@ from minipaged_kernels.cpu import decode_attention as cpu_decode_attention
 from test_decode_attention import make_batch
 
 threads = lambda: len(os.listdir("/proc/self/task"))
-q, k_cache, v_cache, tables, lens = make_batch([5, 40, 17, 200], 16, 3, 3, 64, torch.float32, "cpu", seed=int(sys.argv[1]))
+seed = int(sys.argv[1])
+q, k_cache, v_cache, tables, lens = make_batch([5, 40, 17, 200], 16, 3, 3, 64, torch.float32, "cpu", seed=seed)
 ref = reference.paged_decode_attention(q.double(), k_cache.double(), v_cache.double(), tables, lens, 0.125)
 err = lambda out: float((out.double() - ref).abs().max())
 report = {"layer": _cpu_jit.numba.config.THREADING_LAYER}

@@ -38,7 +38,8 @@ params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 prompts = [{"prompt_token_ids": [5, 17, 3, 99, 42, 8, 61]}, {"prompt_token_ids": [7, 7, 100]}]
 tokens = {}
 for backend in ("triton", "torch"):
-    llm = LLM(build_model_from_hf(hf, attention_backend=backend), attention_backend=backend, num_kv_blocks=16, block_size=4)
+    model = build_model_from_hf(hf, attention_backend=backend)
+    llm = LLM(model, attention_backend=backend, num_kv_blocks=16, block_size=4)
     tokens[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
 ids = torch.tensor([prompts[0]["prompt_token_ids"]])
 hf_tokens = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6, do_sample=False,

@@ -185,7 +185,9 @@ def test_mixed_prefill_and_decode_step_matches_per_sequence(make_config, decodes
     row = 0
     for name, new, _ in chunks:
         expected = hf_logits(hf, tokens[name])[-len(new) :]
-        torch.testing.assert_close(logits[row : row + len(new)], expected, **TOL, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            logits[row : row + len(new)], expected, **TOL, msg=lambda m, name=name: f"{name}: {m}"
+        )
         row += len(new)
 
 

@@ -204,7 +204,7 @@ def test_processed_logits_match_the_naive_reference(fresh):
             want.float(),
             rtol=1e-6,
             atol=1e-5,
-            msg=lambda m: f"row {row} ({p}), seed {fresh.initial_seed()}: {m}",
+            msg=lambda m, row=row, p=p: f"row {row} ({p}), seed {fresh.initial_seed()}: {m}",
         )
     assert torch.equal(got[-1], logits[-1])
     assert bool(torch.isinf(got[1, [0, 5, 9, 11]]).all()) == (len(outputs[1]) < 16)

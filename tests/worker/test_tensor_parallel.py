@@ -254,7 +254,7 @@ def test_single_process_has_no_tensor_parallel_machinery():
     assert type(layer.self_attn.o_proj).__name__ == "PackedLinear"
 
 
-# ---- these end the shared engines or need them ended: keep them last ---------------------------------------------------
+# ---- these end the shared engines or need them ended: keep them last ----------------------------------------------
 def test_shutdown_leaves_no_processes(case):
     if case.arch != "llama":
         pytest.skip("the qwen2 engine ends with a killed rank instead")
@@ -409,6 +409,6 @@ def test_torchrun_launch_spawns_nothing(tmp_path):
         env=env,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    line = next(l for l in done.stdout.splitlines() if l.startswith("TOKENS"))
+    line = next(ln for ln in done.stdout.splitlines() if ln.startswith("TOKENS"))
     hf = tiny_hf_model("qwen2")
     assert json.loads(line.split(" ", 1)[1]) == [hf_greedy(hf, p, 5) for p in prompts]

@@ -8,7 +8,7 @@ misspelt ``max_token`` is a 400 naming it instead of a request that quietly used
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -46,7 +46,7 @@ class SamplingFields(_Body):
 
 
 # One text, a batch of texts, one list of token ids, or a batch of them (OpenAI's four prompt shapes).
-PromptField = Union[str, list[str], list[int], list[list[int]]]
+PromptField = str | list[str] | list[int] | list[list[int]]
 
 
 class CompletionRequest(SamplingFields):
