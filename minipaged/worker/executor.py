@@ -136,6 +136,15 @@ class _RankSpec:
     device_offset: int = 0  # rank r runs on cuda:(device_offset + r)
 
 
+def _plain_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s tensors as plain CPU tensors, ready to pickle to the spawned ranks.
+
+    A model that a single-process CPU engine already ran holds oneDNN-packed weights
+    (``pack_in_place``), which have no storage to share; ``to_dense`` recovers them exactly.
+    """
+    return {name: (t.to_dense() if t.is_mkldnn else t).detach().cpu() for name, t in model.state_dict().items()}
+
+
 def rank_device(config: EngineConfig, rank: int, device_offset: int = 0) -> torch.device:
     """Rank ``r``'s device: ``cuda:(offset + r)`` on CUDA (one GPU per rank), else the CPU."""
     if config.torch_device.type == "cuda":
@@ -249,7 +258,7 @@ class TensorParallelExecutor:
             config,
             model.config,
             model.attention_backend.name,
-            {name: t.detach().cpu() for name, t in model.state_dict().items()},
+            _plain_state_dict(model),
             None,
             collective_timeout_s,
             threads,

@@ -287,6 +287,19 @@ def test_quantized_kv_cache_splits_by_head(case):
     assert not any(_alive(pid) for pid in pids)  # leaving the with-block stopped the ranks
 
 
+def test_model_already_run_by_a_single_process_engine(case):
+    """A CPU engine packs its model's weights for oneDNN in place; the same model object
+    handed afterwards to a TP engine is sharded from the exact dense values."""
+    if case.arch != "llama":
+        pytest.skip("needs the shared llama engine shut down (the shutdown test)")
+    model = build_model_from_hf(case.hf)
+    kwargs = dict(num_kv_blocks=TP_BLOCKS, block_size=8)
+    single = LLM(model, **kwargs)
+    expected = greedy(single, case.prompts[:3], case.max_tokens[:3])
+    with LLM(model, tensor_parallel_size=2, **kwargs) as tp:
+        assert greedy(tp, case.prompts[:3], case.max_tokens[:3]) == expected
+
+
 def test_rank_killed_while_starting_raises(case):
     """A rank that dies before joining (OOM killer, import error) is an error at once, not a timeout."""
     if case.arch != "llama":
