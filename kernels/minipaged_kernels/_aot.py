@@ -2,7 +2,7 @@
 
 Each kernel module exposes ``aot_specs() -> list[AotSpec]``: every configuration its
 Python wrapper can pick. ``compile_spec`` builds one for a target; the report
-(``python -m minipaged_kernels.report``) and ``tests/test_aot_compile.py`` walk them all.
+(``python -m minipaged_kernels.report``) and ``tests/kernels/test_aot_compile.py`` walk them all.
 
 Compilation needs the kernels defined in compiled mode: a process that imported
 ``kernels`` with ``TRITON_INTERPRET=1`` holds interpreter functions that

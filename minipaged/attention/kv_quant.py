@@ -200,7 +200,7 @@ def check_platform_dtype(kv_cache_dtype: str) -> None:
 
 
 # Compute capabilities the quantized Triton kernels are compiled and checked for
-# (tests/test_aot_compile.py); fp8 uses bit operations, so sm_80 is covered too.
+# (tests/kernels/test_aot_compile.py); fp8 uses bit operations, so sm_80 is covered too.
 TRITON_MIN_CAPABILITY = (8, 0)
 TRITON_MAX_HEAD_DIM = 256
 

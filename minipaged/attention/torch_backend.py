@@ -45,11 +45,11 @@ from minipaged_kernels import cpu as cpu_kernels
 BUCKET_OVERHEAD_KEY_ROWS = 2048
 # On CPU, decodes are instead sorted by length and cut into chunks whose gathered K and
 # V fit in this many bytes, so SDPA reads them back from the CPU's cache instead of DRAM
-# (about 2x faster per layer for SmolLM2 at batch 64, context 200-500, on the 2-core AMD
-# VM this was tuned on; on a 2-core Intel VM with 2 MB of L2 per core, 1-32 MB measure
-# alike), and each chunk pads its sequences only to the longest of similar lengths. A
-# chunk's fixed cost (two gathers, one SDPA call, Python) is counted as this many blocks
-# of padding when choosing the cuts (8-32 measure alike).
+# (the size matters most where the last-level cache is small; CPUs with large per-core
+# L2 are flat over 1-32 MB), and each chunk pads its sequences only to the longest of
+# similar lengths. A chunk's fixed cost (two gathers, one SDPA call, Python) is counted
+# as this many blocks of padding when choosing the cuts (flat over 8-32). Re-measure with
+# ``python -m minipaged.benchmarks.step --decode-kernel gather --batch 64 --context 350 --ragged``.
 CPU_GATHER_CHUNK_BYTES = 3 << 20
 CPU_CHUNK_OVERHEAD_BLOCKS = 16
 # How CPU decodes attend: "fused" (minipaged_kernels.cpu.decode_attention, needs numba),

@@ -4,18 +4,18 @@ A decode step multiplies a few rows (one per running sequence) by every weight o
 model, so on a CPU it is bound by how fast the GEMM streams weights from memory. For
 such skinny products PyTorch's default fp32 path (MKL ``sgemm`` on a plain row-major
 weight) streams far below the memory bandwidth; oneDNN's inner-product primitive on a
-weight re-laid out once in its blocked format reads it 1.4-2.5x faster at 1-64 rows
-and is level with MKL on prefill-sized batches (measured on the project's 2-core AMD
-VM; compare ``python -m minipaged.benchmarks.step`` with and without ``--plain-linear``).
+weight re-laid out once in its blocked format streams it faster at decode-sized batches
+(1-64 rows) and is level with MKL on prefill-sized ones; re-measure with
+``python -m minipaged.benchmarks.step`` with and without ``--plain-linear``.
 The ops are PyTorch's own (``mkldnn._reorder_linear_weight`` / ``_linear_pointwise``,
 the ones Inductor uses for its oneDNN linear fusions), called here directly.
 
 bf16 weights are packed too where oneDNN has a bf16 inner product for this CPU
-(``onednn_bf16_packing_available``: AVX-512 BF16/AMX, or AVX-NE-CONVERT): with AMX, a
-packed bf16 weight measured 1.3-2.4x faster than a plain bf16 ``F.linear`` at 32-256
-rows (issue 12). Without those instructions (AVX2-only CPUs, such as the 2-core AMD
-EPYC VM) oneDNN refuses to pack bf16, and a plain bf16 ``F.linear`` there measured
-~7x slower than packed fp32 at 32-64 rows: on such a CPU run the model in fp32.
+(``onednn_bf16_packing_available``: AVX-512 BF16/AMX, or AVX-NE-CONVERT): there a
+packed bf16 weight beats a plain bf16 ``F.linear`` at batched decode. Without those
+instructions (AVX2-only CPUs) oneDNN refuses to pack bf16, and a plain bf16 ``F.linear``
+is several times slower than packed fp32: on such a CPU run the model in fp32. Re-measure
+with ``python -m minipaged.benchmarks.step --dtype bfloat16`` (and ``--plain-linear``).
 
 The packed copy is built lazily on the first CPU forward and rebuilt whenever the
 dense weight changes (``load_state_dict``, in-place edits), so ``weight`` stays the

@@ -79,8 +79,8 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     the first maximum of each row (a NaN counts as the maximum, as in torch).
 
     On CPU through numpy, whose argmax is SIMD-vectorised where torch's is a scalar loop:
-    0.15 ms against 2.1 ms for 36 rows of SmolLM2's 49152 logits (2 threads, AVX2), which
-    was ~1.3% of a batch-36 decode step.
+    over a vocabulary of ~50k logits it is an order of magnitude faster, about 1% of a
+    batched decode step saved.
     """
     if logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.float64) and not logits.requires_grad:
         return torch.from_numpy(logits.numpy().argmax(axis=1))

@@ -218,7 +218,8 @@ class Worker:
         )
         # On CPU every linear multiplies by a oneDNN-packed weight. The dense one is kept beside it
         # only where minipaged_kernels.cpu.gemv runs (numba installed): with 1-4 sequences it streams the
-        # dense weights 1.2-1.45x faster than the packed GEMM (SmolLM2 fp32: 0.4 GiB more held).
+        # dense weights faster than the packed GEMM, for ~0.4 GiB more held (SmolLM2 fp32). Re-measure with
+        # `python -m minipaged.benchmarks.step --batch 1 --few-row-linear on off --rounds 3 --skip-transformers`.
         self.dense_weight_bytes_released = 0
         if self.device.type == "cpu":
             self.dense_weight_bytes_released = pack_in_place(model, keep_dense=cpu_kernels.load("gemv") is not None)

@@ -1,4 +1,4 @@
-"""bench_serve: workload, arrivals and statistics by hand-checked cases; one short run against a tiny server."""
+"""Serving benchmark: workload, arrivals and statistics by hand-checked cases; one short run against a tiny server."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Several callers on one engine (issue 14): streams, generate, manual add_request/step, aborts.
+"""Several callers on one engine: streams, generate, manual add_request/step, aborts.
 
 Every request's output must reach the caller that submitted it exactly once, equal to what
 it produces alone, and every KV block must be free afterwards. The model is a tiny random

@@ -85,7 +85,7 @@ def test_stop_string_cuts_the_text(engines):
 
 @pytest.mark.parametrize("stop", ["ris.\n\n", "\n\nThe", "Paris."])
 def test_streamed_text_equals_generated_text_with_token_spanning_stops(engines, stop):
-    """Issue 14's examples: a stop string that starts inside a token must never be streamed."""
+    """Stops that span tokens: a stop string that starts inside a token must never be streamed."""
     from minipaged import SamplingParams
 
     llm, _ = engines

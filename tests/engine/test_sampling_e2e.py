@@ -1,4 +1,4 @@
-"""The new sampling fields through the whole engine, against transformers' generate (greedy).
+"""repetition_penalty and min_tokens through the whole engine, against transformers' generate (greedy).
 
 repetition_penalty must match transformers' ``repetition_penalty`` and min_tokens its
 ``min_new_tokens`` (EOS masked until then) token for token, batched, on a tiny random model.

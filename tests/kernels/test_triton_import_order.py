@@ -1,4 +1,4 @@
-"""The Triton backend on CPU works whatever was imported first (issue 14, item 8).
+"""The Triton backend on CPU works whatever was imported first.
 
 ``@triton.jit`` picks interpreted or compiled mode when a function is defined, and
 triton's own library (``tl.zeros``, ``tl.max``...) is defined when triton is first

@@ -221,7 +221,7 @@ def test_nothing_set_takes_the_old_path_bit_identically(fresh):
     prompts, outputs = random_history(fresh, 4)
     assert process_logits(logits, params, prompts, outputs, frozenset({3})) is logits
     out = run(logits, params, prompts, outputs, frozenset({3}))
-    # What the sampler did before the new fields existed, step by step.
+    # With no penalty, bias or stop field in play: plain argmax or filtered multinomial, step by step.
     gens = [torch.Generator().manual_seed(i) for i in range(4)]
     want = torch.argmax(logits, -1)
     probs = filtered_probs(logits[[1, 2]], params[1:3])

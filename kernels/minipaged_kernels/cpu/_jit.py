@@ -36,12 +36,12 @@ if numba is not None and "NUMBA_THREADING_LAYER" not in os.environ:
     # A prange launch runs on torch's own OpenMP threads when numba's "omp" layer can load:
     # torch puts its libgomp in the process's global symbol scope first, so the OpenMP calls
     # of numba's layer bind to it, and the two share one pool. numba's own "workqueue" pool
-    # instead raced torch's OpenMP worker, which keeps spinning for a while after each torch
-    # op: a 32-sequence decode attention right after a linear took 2.2-2.4 ms with
-    # workqueue against 1.1 ms with omp (1.2 / 0.9 ms back to back), and a whole batch-32
-    # SmolLM2 decode step spent 23-25 ms in attention against 12.5-13 (2 threads, AMD EPYC).
-    # (numba's layer also sets the runtime's nesting on; torch never opens nested regions.)
-    # The variable, when set, still wins.
+    # would race torch's OpenMP worker, which keeps spinning for a while after each torch
+    # op, and roughly double the attention time of a batched decode step that follows a
+    # linear. (numba's layer also sets the runtime's nesting on; torch never opens nested
+    # regions.) The variable, when set, still wins, so the two compare with
+    # ``NUMBA_THREADING_LAYER=workqueue python -m minipaged.benchmarks.step --batch 32`` against the
+    # same command without it.
     numba.config.THREADING_LAYER = "omp" if _torch_uses_openmp() and _omp_layer_importable() else "workqueue"
 
 
@@ -92,8 +92,8 @@ def exp_shifted(x, n, m, pow2):
     """``x[:n] = exp(x[:n] - m)`` in place (arguments clamped to [-80, 88]); returns their sum.
     ``pow2``: at least ``n`` uint32 of scratch.
 
-    numba's ``math.exp`` is one libm call per element, which took most of the decode
-    kernel's time (a lone sequence of 240 tokens: 0.13 ms a layer, 0.04 ms with this).
+    numba's ``math.exp`` is one libm call per element, which would be most of the decode
+    kernel's time (about 3x this polynomial's for a lone sequence of a few hundred tokens).
     The polynomial (within ~1 fp32 ulp of exp) vectorises: the first loop evaluates
     ``exp(r)`` and writes ``2^k`` as its fp32 bit pattern, the second multiplies the two.
     """

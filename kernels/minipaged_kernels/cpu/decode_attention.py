@@ -10,9 +10,10 @@ tiles. The differences are the CPU's:
   sequence, launched for every sequence by a ``numba.prange`` loop spread over the
   CPU's threads (or a plain loop, for a lone sequence), and its kv heads are an
   inner loop. A cache block's rows hold all kv heads side by side, so one program per
-  sequence streams each block front to back; one per (sequence, kv head) read it in
-  three strided passes and was 1.3-2.4x slower at SmolLM2's shapes (batch 36-64,
-  context 220-500, 1 thread, 2-core AMD EPYC).
+  sequence streams each block front to back; one per (sequence, kv head) would read it
+  in three strided passes, which is slower at SmolLM2's shapes (batch 36-64, context
+  220-500). ``python -m minipaged.benchmarks.step --decode-kernel fused gather --rounds 3``
+  times this kernel against the gather + SDPA path.
 - a tile is one cache block (``block_size`` tokens) instead of ``BLOCK_N`` tokens;
 - the dot products are loops over ``head_dim`` that LLVM vectorises (``fastmath``
   reassociation only), not ``tl.dot``; the scores' ``exp`` is a polynomial that
@@ -224,7 +225,7 @@ def _decode_parallel(q, k_cache, v_cache, k_scale, v_scale, block_tables, contex
 
 # The program is compiled on its own and called from both launchers, not written inside
 # the prange loop: numba compiles a prange body through its parallel pipeline, which
-# vectorised these loops worse (1.45x the time per thread), and starting numba's thread
+# vectorises these loops worse (more time per thread), and starting numba's thread
 # pool costs more than one sequence's attention, so a lone sequence or one thread runs
 # the serial launcher.
 if numba is not None:

@@ -2,18 +2,19 @@
 
 In a decode step these are a handful of PyTorch ops on a few rows each, so their cost
 is dispatch, not arithmetic. vLLM's CPU build fuses them in C++; these are two of
-those fusions written in Python (SmolLM2's shapes, 2 threads, per call):
+those fusions written in Python, each taking a fraction of the PyTorch ops' time per
+call at SmolLM2's shapes, from 1 row to prefill-sized batches:
 
 - ``add_rms_norm``: ``residual = x + residual; out = rms_norm(residual) * weight``
-  (vLLM's ``fused_add_rms_norm``), or plain RMSNorm with no residual yet:
-  18 -> 7 us at 1 row, 30 -> 11 us at 32, 1.2 -> 0.4 ms at 2048;
+  (vLLM's ``fused_add_rms_norm``), or plain RMSNorm with no residual yet (about 2.5-3x
+  less time per call);
 - ``rope_``: rotates the q and k heads of a qkv product in place (rotate-half
-  convention): 24 -> 11 us at 1 row, 45 -> 32 us at 32, 2.1 -> 1.0 ms at 2048.
+  convention; about 1.4-2x less time per call).
 
-SiLU x up was tried too and lost to PyTorch's two-thread kernel from 32 rows up.
-The references are the PyTorch formulas in ``minipaged.models.llama`` (``F.rms_norm``
+SiLU x up stays in PyTorch: its multi-threaded kernel wins from 32 rows up. The
+references are the PyTorch formulas in ``minipaged.models.llama`` (``F.rms_norm``
 and ``apply_rope``), which the model still takes off CPU, for other dtypes, or without
-numba; ``tests/test_cpu_fused_ops.py`` compares the two. The arithmetic is the
+numba; ``tests/kernels/test_cpu_fused_ops.py`` compares the two. The arithmetic is the
 references', fp32, in the same order except RMSNorm's sum of squares (SIMD partial
 sums), so results differ from PyTorch's by an ulp or so, as its own kernels do across
 CPUs. fp32 only: numba has no bf16.

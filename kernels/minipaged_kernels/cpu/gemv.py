@@ -3,18 +3,18 @@
 With one to four sequences running, a decode step's linears are matrix-vector products:
 each weight byte is used once or a few times, so the step is bound by how fast the
 weights stream from memory. oneDNN's inner product over its packed weight (what
-``minipaged.models.linear`` uses for every other batch size) streamed SmolLM2's
-layer weights at ~16-18 GB/s there; this loop, which reads each dense weight row once
-and dots it with every input row while the row sits in L1, streamed them at ~24-26 GB/s
-(all 30 layers plus the LM head, 1 row, 2 threads, 2-core AMD EPYC; ``torch.sum``
-reaches ~33 GB/s). Measured over the same 540 MB of weights, 1-4 rows: 1.2-1.45x faster
-than the packed path; level at 8 rows; from 16 rows the packed GEMM's register
-blocking wins (0.7x at 16), hence ``MAX_ROWS``. A 2 x 2 blocked variant (two weight
-rows by two input rows per pass) was no faster at 1-8 rows. The gain is in the layers'
-small matrices: on the 113 MB LM head alone the two are level (1 row 3.8 vs 4.3 ms, 4
-rows 5.9 vs 5.2), so the model's LM head stays on the packed path.
+``minipaged.models.linear`` uses for every other batch size) streams small weights
+well below the memory bandwidth; this loop, which reads each dense weight row once
+and dots it with every input row while the row sits in L1, streams them closer to it.
+The rule: at 1-4 rows the loop is faster than the packed path, at 8 rows they are
+level, and from 16 rows the packed GEMM's register blocking wins, hence ``MAX_ROWS``.
+Blocking two weight rows by two input rows per pass buys nothing at 1-8 rows, so each
+pass takes one weight row. The gain is in the layers' small matrices: on SmolLM2's
+113 MB LM head the two are level, so the model's LM head stays on the packed path.
+Re-measure with ``python -m minipaged.benchmarks.step --batch 1 --few-row-linear on off
+--rounds 3 --skip-transformers`` (and ``--batch 4``, ``8``, ``16``).
 
-The reference is ``F.linear``; ``tests/test_cpu_gemv.py`` compares the two. The dot
+The reference is ``F.linear``; ``tests/kernels/test_cpu_gemv.py`` compares the two. The dot
 products are fp32 with SIMD partial sums (``fastmath`` reassociation), so results
 differ from PyTorch's by rounding, as its own kernels do across CPUs and batch sizes.
 """

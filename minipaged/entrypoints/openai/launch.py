@@ -1,4 +1,4 @@
-"""Start an OpenAI-compatible server as a subprocess and wait until it answers (tests, bench_serve, notebook)."""
+"""Start an OpenAI-compatible server as a subprocess and wait until it answers (tests, benchmarks, notebook)."""
 
 from __future__ import annotations
 
