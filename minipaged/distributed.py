@@ -96,10 +96,6 @@ class CommStats:
     broadcast_s: float = 0.0
     broadcasts: int = 0
 
-    @property
-    def total_s(self) -> float:
-        return self.all_reduce_s + self.broadcast_s
-
 
 @dataclass(frozen=True)
 class TensorParallelGroup:

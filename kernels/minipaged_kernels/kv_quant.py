@@ -24,14 +24,6 @@ _QMAX = {"int8": INT8_MAX, "fp8_e4m3": FP8_E4M3_MAX}
 SCALE_BYTES = 4
 
 
-def kind_of(dtype: torch.dtype) -> str | None:
-    """``"int8"`` / ``"fp8_e4m3"`` for a quantized storage dtype, ``None`` for a float one."""
-    for kind, storage in STORAGE.items():
-        if storage is not None and dtype == storage:
-            return kind
-    return None
-
-
 def quantize(x: torch.Tensor, kind: str, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize rows ``x [..., head_dim]``; returns ``(data, scale)``.
 

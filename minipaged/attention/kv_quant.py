@@ -49,13 +49,10 @@ import torch
 
 from minipaged.errors import InvalidEngineConfigError
 from minipaged_kernels.kv_quant import (  # noqa: F401  (the scheme, re-exported for the engine)
-    FP8_E4M3_MAX,
-    INT8_MAX,
     SCALE_BYTES,
     STORAGE,
     calibrated_scale,
     dequantize,
-    kind_of,
     quantize,
 )
 

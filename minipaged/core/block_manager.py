@@ -43,7 +43,7 @@ class BlockManagerError(Exception):
 
 
 class NoFreeBlocksError(BlockManagerError):
-    """Not enough free blocks for the request; the call changed nothing."""
+    """Not enough free blocks for the sequence; the call changed nothing."""
 
 
 class UnknownSequenceError(BlockManagerError):

@@ -1,78 +1,39 @@
-"""Request: the scheduler's unit, one sequence of tokens with its progress.
+"""Request: what a user submitted, a prompt and the sequences it forks into (vLLM's ``Request``).
 
-The engine never tracks "prefill" or "decode" phases; it tracks how many of a
-sequence's tokens have their KV in the cache (``num_computed_tokens``), as vLLM v1
-does. A step computes tokens ``[num_computed_tokens, num_computed_tokens + k)``; when
-that reaches ``num_tokens`` the last position's logits give the next token.
-
-A prompt with ``n > 1`` samples starts as one Request; once its prompt is computed it
-forks into ``n`` sequences (``index`` 0..n-1) that share the prompt's blocks.
+A request with ``SamplingParams(n=k)`` owns ``k`` sequences (``minipaged.core.sequence``).
+Only sequence 0 exists until the prompt is computed; then it forks into ``k`` sequences
+that share the prompt's blocks. The request is finished when all ``k`` are.
 """
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 
-import torch
-
+from minipaged.core.sequence import Sequence
 from minipaged.outputs import RequestMetrics
 from minipaged.sampling_params import SamplingParams
 
 
-class RequestStatus(enum.Enum):
-    WAITING = "waiting"
-    RUNNING = "running"
-    FINISHED_STOPPED = "stop"
-    FINISHED_LENGTH = "length"
-    FINISHED_ABORTED = "abort"
+@dataclass
+class Request:
+    """One submitted prompt and its sequences.
+
+    request_id: the caller's id, unique among live requests.
+    prompt_token_ids: the prompt, shared by every sequence.
+    params: how to sample; ``params.n`` is the number of sequences.
+    priority: lower runs first; arrival_order breaks ties (FCFS).
+    metrics: timings shared by all its sequences.
+    seqs: its sequences by index (just sequence 0 until the prompt is computed).
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    priority: int
+    arrival_order: int
+    metrics: RequestMetrics
+    seqs: list[Sequence] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
-        return self not in (RequestStatus.WAITING, RequestStatus.RUNNING)
-
-
-@dataclass(eq=False)
-class Request:
-    """One sequence. ``seq_id`` is its key in the block manager: ``(request_id, index)``."""
-
-    request_id: str
-    index: int
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    generator: torch.Generator
-    priority: int
-    arrival_order: int  # FCFS tie-break among equal priorities; kept across preemption
-    metrics: RequestMetrics
-    output_token_ids: list[int] = field(default_factory=list)
-    num_computed_tokens: int = 0
-    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
-    status: RequestStatus = RequestStatus.WAITING
-    forked: bool = False  # n > 1: children already created
-    stop_reason: int | str | None = None
-    text: str = ""  # detokenised output (kept current only when stop strings need it)
-
-    @property
-    def seq_id(self) -> tuple[str, int]:
-        return (self.request_id, self.index)
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
-
-    @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
-
-    @property
-    def sort_key(self) -> tuple[int, int]:
-        """Lower runs first: priority, then arrival (FCFS)."""
-        return (self.priority, self.arrival_order)
-
-    @property
-    def finish_reason(self) -> str | None:
-        return self.status.value if self.status.finished else None
+        return len(self.seqs) == self.params.n and all(s.status.finished for s in self.seqs)

@@ -1,17 +1,17 @@
-"""Continuous-batching scheduler: which tokens of which requests run in the next step.
+"""Continuous-batching scheduler: which tokens of which sequences run in the next step.
 
 Every step is decided afresh (iteration-level batching, vLLM v1 style):
 
-1. Running requests, best first (lower priority value, then earlier arrival), each get
-   the tokens they still need to compute: 1 for a decoding request, the next chunk of
+1. Running sequences, best first (lower priority value, then earlier arrival), each get
+   the tokens they still need to compute: 1 for a decoding sequence, the next chunk of
    its prompt for one still in (chunked) prefill. Before that, sampled tokens get KV
    slots through ``BlockManager.append_tokens``; when blocks run out the worst running
-   request (highest priority value, then latest arrival) is preempted by recompute:
+   sequence (highest priority value, then latest arrival) is preempted by recompute:
    its blocks are freed and it goes back to waiting, keeping its generated tokens so
    the recompute rebuilds exactly the same KV.
-2. If nothing was preempted, waiting requests are admitted best first while the token
+2. If nothing was preempted, waiting sequences are admitted best first while the token
    budget, ``max_num_seqs`` and the free blocks allow. Admission allocates blocks for
-   all the request's tokens at once and learns from the prefix cache how many are
+   all the sequence's tokens at once and learns from the prefix cache how many are
    already computed.
 
 Prefill and decode tokens share one step, within ``max_num_batched_tokens``.
@@ -22,14 +22,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from minipaged.core.block_manager import BlockCopy, BlockManager, NoFreeBlocksError
-from minipaged.core.request import Request, RequestStatus
+from minipaged.core.sequence import Sequence, SequenceStatus
 
 
 @dataclass(frozen=True)
-class ScheduledRequest:
-    """Compute tokens ``[start, start + num_new_tokens)`` of ``request`` this step."""
+class ScheduledSequence:
+    """Compute tokens ``[start, start + num_new_tokens)`` of ``seq`` this step."""
 
-    request: Request
+    seq: Sequence
     start: int
     num_new_tokens: int
 
@@ -40,16 +40,16 @@ class ScheduledRequest:
     @property
     def completes_sequence(self) -> bool:
         """After this step every token has KV, so the last position's logits give the next token."""
-        return self.end == self.request.num_tokens
+        return self.end == self.seq.num_tokens
 
 
 @dataclass
 class SchedulerOutput:
-    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    scheduled: list[ScheduledSequence] = field(default_factory=list)
     block_copies: list[BlockCopy] = field(default_factory=list)
-    preempted: list[Request] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
     num_prefill_tokens: int = 0  # tokens of prompts (or of a recompute after preemption)
-    num_decode_tokens: int = 0  # one per request that is generating
+    num_decode_tokens: int = 0  # one per sequence that is generating
 
     @property
     def num_tokens(self) -> int:
@@ -67,32 +67,32 @@ class Scheduler:
         self.bm = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.waiting: list[Request] = []
-        self.running: list[Request] = []
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []
         self.num_preemptions = 0
 
     # ---- queue management -------------------------------------------------------------
-    def add(self, request: Request) -> None:
-        request.status = RequestStatus.WAITING
-        self.waiting.append(request)
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
 
-    def add_running(self, request: Request) -> None:
+    def add_running(self, seq: Sequence) -> None:
         """A forked child: its blocks are already in the block manager."""
-        request.status = RequestStatus.RUNNING
-        self.running.append(request)
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def finish(self, request: Request, status: RequestStatus) -> None:
-        """Take ``request`` out of the queues and free its blocks (any time, also for abort)."""
-        if request in self.running:
-            self.running.remove(request)
-        if request in self.waiting:
-            self.waiting.remove(request)
-        if self.bm.has_sequence(request.seq_id):
-            self.bm.free(request.seq_id)
-        request.status = status
+    def finish(self, seq: Sequence, status: SequenceStatus) -> None:
+        """Take ``seq`` out of the queues and free its blocks (any time, also for abort)."""
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        if self.bm.has_sequence(seq.seq_id):
+            self.bm.free(seq.seq_id)
+        seq.status = status
 
     # ---- one step -----------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -100,60 +100,60 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         self.running.sort(key=lambda r: r.sort_key)
         scheduled_ids: set[int] = set()
-        for req in list(self.running):
+        for seq in list(self.running):
             if budget == 0:
                 break
-            if req.status is not RequestStatus.RUNNING:  # preempted earlier in this loop
+            if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this loop
                 continue
-            if not self._reserve_slots(req, out, scheduled_ids):
+            if not self._reserve_slots(seq, out, scheduled_ids):
                 continue
-            budget -= self._schedule_tokens(req, budget, out)
-            scheduled_ids.add(id(req))
+            budget -= self._schedule_tokens(seq, budget, out)
+            scheduled_ids.add(id(seq))
         if not out.preempted:
             self._admit_waiting(budget, out)
         return out
 
-    def _reserve_slots(self, req: Request, out: SchedulerOutput, scheduled_ids: set[int]) -> bool:
-        """Give the request's sampled-but-unslotted tokens KV slots, preempting others if needed.
+    def _reserve_slots(self, seq: Sequence, out: SchedulerOutput, scheduled_ids: set[int]) -> bool:
+        """Give the sequence's sampled-but-unslotted tokens KV slots, preempting others if needed.
 
-        Returns False when ``req`` itself had to be preempted.
+        Returns False when ``seq`` itself had to be preempted.
         """
-        pending = req.num_tokens - self.bm.num_tokens(req.seq_id)
+        pending = seq.num_tokens - self.bm.num_tokens(seq.seq_id)
         if pending == 0:
             return True
-        new_tokens = req.all_token_ids[-pending:]
+        new_tokens = seq.all_token_ids[-pending:]
         while True:
             try:
-                out.block_copies.extend(self.bm.append_tokens(req.seq_id, new_tokens))
+                out.block_copies.extend(self.bm.append_tokens(seq.seq_id, new_tokens))
                 return True
             except NoFreeBlocksError:
                 victim = self._pick_victim(scheduled_ids)
                 self._preempt(victim, out)
-                if victim is req:
+                if victim is seq:
                     return False
 
-    def _pick_victim(self, scheduled_ids: set[int]) -> Request:
-        # Requests already scheduled this step keep their slots; the current request is the
+    def _pick_victim(self, scheduled_ids: set[int]) -> Sequence:
+        # Sequences already scheduled this step keep their slots; the current sequence is the
         # last resort because running is sorted best-first and it is the best unscheduled one.
         candidates = [r for r in self.running if id(r) not in scheduled_ids]
         return max(candidates, key=lambda r: r.sort_key)
 
-    def _preempt(self, req: Request, out: SchedulerOutput) -> None:
-        self.running.remove(req)
-        self.bm.free(req.seq_id)
-        req.num_computed_tokens = 0
-        req.status = RequestStatus.WAITING
-        req.metrics.num_preemptions += 1
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.running.remove(seq)
+        self.bm.free(seq.seq_id)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.metrics.num_preemptions += 1
         # Waiting is served by (priority, arrival), so keeping its original arrival puts the
         # victim ahead of every later arrival of its priority: the front of its queue.
-        self.waiting.insert(0, req)
-        out.preempted.append(req)
+        self.waiting.insert(0, seq)
+        out.preempted.append(seq)
         self.num_preemptions += 1
 
-    def _schedule_tokens(self, req: Request, budget: int, out: SchedulerOutput) -> int:
-        num_new = min(req.num_tokens - req.num_computed_tokens, budget)
-        out.scheduled.append(ScheduledRequest(req, req.num_computed_tokens, num_new))
-        if req.num_computed_tokens >= req.num_tokens - 1 and req.output_token_ids:
+    def _schedule_tokens(self, seq: Sequence, budget: int, out: SchedulerOutput) -> int:
+        num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+        out.scheduled.append(ScheduledSequence(seq, seq.num_computed_tokens, num_new))
+        if seq.num_computed_tokens >= seq.num_tokens - 1 and seq.output_token_ids:
             out.num_decode_tokens += num_new
         else:
             out.num_prefill_tokens += num_new
@@ -162,15 +162,15 @@ class Scheduler:
     def _admit_waiting(self, budget: int, out: SchedulerOutput) -> None:
         self.waiting.sort(key=lambda r: r.sort_key)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            req = self.waiting[0]
-            tokens = req.all_token_ids
+            seq = self.waiting[0]
+            tokens = seq.all_token_ids
             if not self.bm.can_allocate(tokens):
-                break  # head-of-line: a better request waits for blocks rather than being overtaken
+                break  # head-of-line: a better sequence waits for blocks rather than being overtaken
             self.waiting.pop(0)
-            num_cached = self.bm.allocate(req.seq_id, tokens)
-            req.num_computed_tokens = num_cached
-            if req.metrics.num_preemptions == 0 and not req.output_token_ids:
-                req.num_cached_tokens = num_cached
-            req.status = RequestStatus.RUNNING
-            self.running.append(req)
-            budget -= self._schedule_tokens(req, budget, out)
+            num_cached = self.bm.allocate(seq.seq_id, tokens)
+            seq.num_computed_tokens = num_cached
+            if seq.metrics.num_preemptions == 0 and not seq.output_token_ids:
+                seq.num_cached_tokens = num_cached
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            budget -= self._schedule_tokens(seq, budget, out)

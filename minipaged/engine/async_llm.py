@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from minipaged.core.request import RequestStatus
+from minipaged.core.sequence import SequenceStatus
 from minipaged.engine.core import EngineStats, load_engine
 from minipaged.engine.inputs import chat_prompts, check_messages, check_params, check_priority, parse_prompt
 from minipaged.engine.output_processor import OutputProcessor
@@ -183,7 +183,7 @@ class AsyncLLM:
                 outputs = await asyncio.to_thread(core.step)
                 updates, stops = self.processor.process(outputs)
                 for hit in stops:
-                    core.finish_sequence(hit.request_id, hit.index, RequestStatus.FINISHED_STOPPED, hit.stop)
+                    core.finish_sequence(hit.request_id, hit.index, SequenceStatus.FINISHED_STOPPED, hit.stop)
                 for update in updates:
                     queue = self._queues.get(update.request_id)
                     if queue is not None:

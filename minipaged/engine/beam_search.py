@@ -40,13 +40,13 @@ import dataclasses
 import itertools
 import math
 import time
-from collections.abc import Sequence
+from collections import abc
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from minipaged.core.request import Request, RequestStatus
+from minipaged.core.sequence import Sequence, SequenceStatus
 from minipaged.engine.core import EngineCore
 from minipaged.errors import InvalidSamplingParamsError
 from minipaged.outputs import RequestMetrics
@@ -129,7 +129,7 @@ class BeamState:
     improvable: bool = True
     done: bool = False
 
-    def step(self, logprobs: torch.Tensor, generated: int, histories: Sequence[list[int]]) -> list[Candidate]:
+    def step(self, logprobs: torch.Tensor, generated: int, histories: abc.Sequence[list[int]]) -> list[Candidate]:
         """Choose the next live beams.
 
         logprobs: ``[num_live, vocab]`` float32 log-softmax of each live beam's next-token logits;
@@ -177,12 +177,14 @@ class BeamState:
 
 
 @dataclass
-class _BeamGroup:
+class _BeamRequest:
+    """One beam search request: its prompt, its live beams and the search over them."""
+
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
     state: BeamState
-    live: list[Request]
+    live: list[Sequence]
     metrics: RequestMetrics
     pending: dict[int, torch.Tensor] = field(default_factory=dict)  # id(beam) -> logprobs [vocab]
     next_index: itertools.count = field(default_factory=lambda: itertools.count(1))
@@ -194,10 +196,12 @@ class BeamSearchRunner:
     def __init__(self, core: EngineCore, tokenizer: Any = None) -> None:
         self.core = core
         self.tokenizer = tokenizer
-        self.parked: list[Request] = []  # beams whose logits are in while a sibling still computes
-        self.evicted: list[Request] = []  # parked beams that gave their blocks back (logits kept)
+        self.parked: list[Sequence] = []  # beams whose logits are in while a sibling still computes
+        self.evicted: list[Sequence] = []  # parked beams that gave their blocks back (logits kept)
 
-    def run(self, prompts: Sequence[tuple[str | None, list[int]]], params: BeamSearchParams) -> list[BeamSearchOutput]:
+    def run(
+        self, prompts: abc.Sequence[tuple[str | None, list[int]]], params: BeamSearchParams
+    ) -> list[BeamSearchOutput]:
         """Beam search over ``(text, token ids)`` prompts; outputs in input order."""
         core = self.core
         if not isinstance(params, BeamSearchParams):
@@ -206,28 +210,28 @@ class BeamSearchRunner:
         seq_params = SamplingParams(temperature=0.0, max_tokens=params.max_tokens, ignore_eos=True)
         for _, ids in prompts:
             core.check_request(ids, seq_params)
-        groups: dict[str, _BeamGroup] = {}
+        requests: dict[str, _BeamRequest] = {}
         order = []
         for text, ids in prompts:
             arrival = core.next_arrival()
             rid = f"beam-{arrival}"
             metrics = RequestMetrics(arrival_time=time.monotonic())
-            first = Request(rid, 0, list(ids), seq_params, torch.Generator(), 0, arrival, metrics)
+            first = Sequence(rid, 0, list(ids), seq_params, torch.Generator(), 0, arrival, metrics)
             # A beam stops at max_model_len as generate's sequences do (one token at least, as vLLM).
             room = max(1, core.config.max_model_len - len(ids))
             state = BeamState(dataclasses.replace(params, max_tokens=min(params.max_tokens, room)), core.eos_token_ids)
-            groups[rid] = _BeamGroup(rid, text, list(ids), state, [first], metrics)
+            requests[rid] = _BeamRequest(rid, text, list(ids), state, [first], metrics)
             core.scheduler.add(first)
             order.append(rid)
         results: dict[str, BeamSearchOutput] = {}
         try:
             while len(results) < len(order):
-                for g in self._step(groups):
-                    results[g.request_id] = self._output(g)
-                    del groups[g.request_id]
+                for r in self._step(requests):
+                    results[r.request_id] = self._output(r)
+                    del requests[r.request_id]
         except BaseException:
-            for g in groups.values():
-                self._release(g)
+            for r in requests.values():
+                self._release(r)
             raise
         return [results[rid] for rid in order]
 
@@ -243,7 +247,7 @@ class BeamSearchRunner:
             beam.num_computed_tokens = 0
             self.evicted.append(beam)
 
-    def _step(self, groups: dict[str, _BeamGroup]) -> list[_BeamGroup]:
+    def _step(self, requests: dict[str, _BeamRequest]) -> list[_BeamRequest]:
         core, scheduler = self.core, self.core.scheduler
         t0 = time.monotonic()
         before = core.block_manager.stats()
@@ -251,43 +255,43 @@ class BeamSearchRunner:
         if sched.is_empty:
             raise RuntimeError("beam search made no progress: the KV cache cannot hold one beam")
         logits, sampled = core.execute(sched)
-        touched: list[_BeamGroup] = []
+        touched: list[_BeamRequest] = []
         if sampled:
             logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
             for row, s in enumerate(sampled):
-                group = groups[s.request.request_id]
-                group.pending[id(s.request)] = logprobs[row]
-                if group not in touched:
-                    touched.append(group)
+                request = requests[s.seq.request_id]
+                request.pending[id(s.seq)] = logprobs[row]
+                if request not in touched:
+                    touched.append(request)
         done = []
         num_finished = 0
-        for group in touched:
-            if all(id(b) in group.pending for b in group.live):
-                num_finished += self._advance(group)
-                if group.state.done:
-                    self._release(group)
-                    group.metrics.finished_time = time.monotonic()
-                    done.append(group)
+        for request in touched:
+            if all(id(b) in request.pending for b in request.live):
+                num_finished += self._advance(request)
+                if request.state.done:
+                    self._release(request)
+                    request.metrics.finished_time = time.monotonic()
+                    done.append(request)
             else:
                 # Lockstep: a beam whose sibling was preempted (or is still in a recompute)
                 # waits out of the running queue, keeping its blocks, until the sibling catches up.
-                for b in group.live:
-                    if id(b) in group.pending and b in scheduler.running:
+                for b in request.live:
+                    if id(b) in request.pending and b in scheduler.running:
                         scheduler.running.remove(b)
                         self.parked.append(b)
         core.record_step(sched, before, num_finished, time.monotonic() - t0, extra_held=self.parked)
         return done
 
-    def _advance(self, group: _BeamGroup) -> int:
+    def _advance(self, request: _BeamRequest) -> int:
         """Select the next beams: fork survivors from their parents, free the pruned ones."""
         scheduler, bm = self.core.scheduler, self.core.block_manager
-        beams = group.live
-        logprobs = torch.stack([group.pending[id(b)] for b in beams])
-        group.pending.clear()
+        beams = request.live
+        logprobs = torch.stack([request.pending[id(b)] for b in beams])
+        request.pending.clear()
         generated = len(beams[0].output_token_ids)
-        before = len(group.state.finished)
-        chosen = group.state.step(logprobs, generated, [b.output_token_ids for b in beams])
-        new_live: list[Request] = []
+        before = len(request.state.finished)
+        chosen = request.state.step(logprobs, generated, [b.output_token_ids for b in beams])
+        new_live: list[Sequence] = []
         reused: set[int] = set()
         now = time.monotonic()
         for c in chosen:
@@ -296,9 +300,9 @@ class BeamSearchRunner:
                 reused.add(c.parent)
                 child = parent
             else:
-                child = Request(
-                    group.request_id,
-                    next(group.next_index),
+                child = Sequence(
+                    request.request_id,
+                    next(request.next_index),
                     parent.prompt_token_ids,
                     parent.params,
                     parent.generator,
@@ -317,8 +321,8 @@ class BeamSearchRunner:
             new_live.append((child, c.token))
         for i, b in enumerate(beams):
             if i not in reused:
-                self._finish(b, RequestStatus.FINISHED_ABORTED)
-        group.live = []
+                self._finish(b, SequenceStatus.FINISHED_ABORTED)
+        request.live = []
         for child, token in new_live:
             child.output_token_ids.append(token)
             if child.metrics.first_token_time is None:
@@ -331,25 +335,25 @@ class BeamSearchRunner:
                 scheduler.add(child)  # waits for blocks like any recompute
             elif child not in scheduler.running:
                 scheduler.add_running(child)
-            group.live.append(child)
-        return max(0, len(group.state.finished) - before)
+            request.live.append(child)
+        return max(0, len(request.state.finished) - before)
 
-    def _finish(self, beam: Request, status: RequestStatus) -> None:
+    def _finish(self, beam: Sequence, status: SequenceStatus) -> None:
         if beam in self.parked:
             self.parked.remove(beam)
         if beam in self.evicted:
             self.evicted.remove(beam)
         self.core.scheduler.finish(beam, status)
 
-    def _release(self, group: _BeamGroup) -> None:
-        for b in group.live:
-            self._finish(b, RequestStatus.FINISHED_ABORTED)
-        group.live = []
+    def _release(self, request: _BeamRequest) -> None:
+        for b in request.live:
+            self._finish(b, SequenceStatus.FINISHED_ABORTED)
+        request.live = []
 
-    def _output(self, group: _BeamGroup) -> BeamSearchOutput:
+    def _output(self, request: _BeamRequest) -> BeamSearchOutput:
         tok = self.tokenizer
-        seqs = group.state.finished
+        seqs = request.state.finished
         if tok is not None:
             for s in seqs:
                 s.text = tok.decode(s.tokens, skip_special_tokens=True)
-        return BeamSearchOutput(group.request_id, group.prompt, group.prompt_token_ids, seqs, group.metrics)
+        return BeamSearchOutput(request.request_id, request.prompt, request.prompt_token_ids, seqs, request.metrics)

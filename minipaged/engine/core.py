@@ -11,8 +11,8 @@ touches text: it has no tokenizer. Its whole public surface is
 - ``stats()`` / ``trace``: what the queues and the KV cache look like.
 
 Front ends (the offline ``LLM``, ``AsyncLLM``, beam search) drive one core through these
-methods and never reach into each other. A prompt with ``n > 1`` samples is one request
-group here: its first sequence computes the prompt, then forks into ``n`` sequences that
+methods and never reach into each other. A prompt with ``n > 1`` samples is one ``Request``
+here: its first ``Sequence`` computes the prompt, then forks into ``n`` sequences that
 share the prompt's blocks (copy-on-write).
 """
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
-from collections.abc import Iterable, Sequence
+from collections import abc
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,8 +29,9 @@ import torch
 
 from minipaged.config import EngineConfig
 from minipaged.core.block_manager import BlockManager, BlockStats
-from minipaged.core.request import Request, RequestStatus
-from minipaged.core.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
+from minipaged.core.request import Request
+from minipaged.core.scheduler import ScheduledSequence, Scheduler, SchedulerOutput
+from minipaged.core.sequence import Sequence, SequenceStatus
 from minipaged.engine.trace import StepRecord, Trace
 from minipaged.errors import InvalidEngineConfigError, InvalidPromptError, PromptTooLongError, RequestTooLargeError
 from minipaged.outputs import Logprob, RequestMetrics
@@ -66,23 +67,6 @@ class EngineStats:
     num_preemptions: int
     prompt_tokens_total: int  # prompt tokens computed, recomputation after preemption included
     generation_tokens_total: int  # tokens sampled
-
-
-@dataclass
-class _Group:
-    """One request: a prompt and its ``n`` sequences (index 0 until the prompt is computed)."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    priority: int
-    arrival_order: int
-    metrics: RequestMetrics
-    seqs: list[Request]
-
-    @property
-    def finished(self) -> bool:
-        return len(self.seqs) == self.params.n and all(s.status.finished for s in self.seqs)
 
 
 def _prebuilt_model_kwargs(model: torch.nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -148,7 +132,7 @@ class EngineCore:
         )
         self.trace = Trace()
         self.eos_token_ids = frozenset(model_config.eos_token_ids or ())
-        self._groups: dict[str, _Group] = {}
+        self._requests: dict[str, Request] = {}
         self._arrivals = itertools.count()
         self._seed_rng = torch.Generator().manual_seed(self.config.seed)
         self._prompt_tokens_total = 0
@@ -171,7 +155,7 @@ class EngineCore:
         return self.model_config.vocab_size
 
     # ---- requests in ------------------------------------------------------------------
-    def check_request(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
+    def check_request(self, prompt_token_ids: abc.Sequence[int], params: SamplingParams) -> None:
         """Raise the typed error a request with these token ids and params would hit; no side effect."""
         ids = prompt_token_ids
         if not ids:
@@ -212,25 +196,25 @@ class EngineCore:
     def add_request(
         self,
         request_id: str,
-        prompt_token_ids: Sequence[int],
+        prompt_token_ids: abc.Sequence[int],
         params: SamplingParams,
         *,
         priority: int = 0,
         arrival_time: float | None = None,
     ) -> None:
         """Queue a request (after ``check_request``); its sequences join the batch at the next step."""
-        if request_id in self._groups:
+        if request_id in self._requests:
             raise InvalidPromptError("request_id", f"{request_id!r} is already in use")
         ids = list(prompt_token_ids)
         metrics = RequestMetrics(arrival_time=time.monotonic() if arrival_time is None else arrival_time)
-        group = _Group(request_id, ids, params, priority, next(self._arrivals), metrics, [])
-        group.seqs.append(self.new_sequence(group, 0))
-        self._groups[request_id] = group
-        self.scheduler.add(group.seqs[0])
+        request = Request(request_id, ids, params, priority, next(self._arrivals), metrics)
+        request.seqs.append(self.new_sequence(request, 0))
+        self._requests[request_id] = request
+        self.scheduler.add(request.seqs[0])
 
-    def new_sequence(self, group: _Group, index: int) -> Request:
+    def new_sequence(self, request: Request, index: int) -> Sequence:
         """Sequence ``index`` of a request, with its own sampling generator."""
-        params = group.params
+        params = request.params
         # Explicit seeds give sample i the seed seed+i; otherwise the engine's seeded stream decides,
         # so a run is reproducible for a given submission order either way.
         seed = (
@@ -239,15 +223,15 @@ class EngineCore:
             else int(torch.randint(2**62, (1,), generator=self._seed_rng))
         )
         gen = torch.Generator(device=self.worker.device).manual_seed(seed)
-        return Request(
-            group.request_id,
+        return Sequence(
+            request.request_id,
             index,
-            list(group.prompt_token_ids),
+            list(request.prompt_token_ids),
             params,
             gen,
-            group.priority,
-            group.arrival_order,
-            group.metrics,
+            request.priority,
+            request.arrival_order,
+            request.metrics,
         )
 
     def next_arrival(self) -> int:
@@ -255,29 +239,29 @@ class EngineCore:
         return next(self._arrivals)
 
     def has_request(self, request_id: str) -> bool:
-        return request_id in self._groups
+        return request_id in self._requests
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
     def metrics(self, request_id: str) -> RequestMetrics:
-        return self._groups[request_id].metrics
+        return self._requests[request_id].metrics
 
     # ---- requests out -----------------------------------------------------------------
     def finish_sequence(
-        self, request_id: str, index: int, status: RequestStatus, stop_reason: int | str | None = None
+        self, request_id: str, index: int, status: SequenceStatus, stop_reason: int | str | None = None
     ) -> None:
         """End one sequence now (a stop string found by the output processor); frees its blocks."""
-        group = self._groups.get(request_id)
-        if group is None:
+        request = self._requests.get(request_id)
+        if request is None:
             return
-        for seq in group.seqs:
+        for seq in request.seqs:
             if seq.index == index and not seq.status.finished:
                 seq.stop_reason = stop_reason
                 self.scheduler.finish(seq, status)
-        self._forget_if_finished(group, time.monotonic())
+        self._forget_if_finished(request, time.monotonic())
 
-    def abort(self, request_ids: Iterable[str]) -> list[str]:
+    def abort(self, request_ids: abc.Iterable[str]) -> list[str]:
         """Stop these requests now and free their blocks; unknown or finished ids are ignored.
 
         Returns the ids that were actually aborted (idempotent, so a racing abort is harmless).
@@ -285,20 +269,20 @@ class EngineCore:
         aborted = []
         now = time.monotonic()
         for rid in request_ids:
-            group = self._groups.pop(rid, None)
-            if group is None:
+            request = self._requests.pop(rid, None)
+            if request is None:
                 continue
-            for seq in group.seqs:
+            for seq in request.seqs:
                 if not seq.status.finished:
-                    self.scheduler.finish(seq, RequestStatus.FINISHED_ABORTED)
-            group.metrics.finished_time = now
+                    self.scheduler.finish(seq, SequenceStatus.FINISHED_ABORTED)
+            request.metrics.finished_time = now
             aborted.append(rid)
         return aborted
 
-    def _forget_if_finished(self, group: _Group, now: float) -> None:
-        if group.finished and self._groups.get(group.request_id) is group:
-            group.metrics.finished_time = now
-            del self._groups[group.request_id]
+    def _forget_if_finished(self, request: Request, now: float) -> None:
+        if request.finished and self._requests.get(request.request_id) is request:
+            request.metrics.finished_time = now
+            del self._requests[request.request_id]
 
     # ---- one step -----------------------------------------------------------------------
     def step(self) -> list[CoreOutput]:
@@ -320,31 +304,31 @@ class EngineCore:
             now = time.monotonic()
             for seq, tok, lp in zip(seqs, tokens, logprobs):
                 outputs.append(self._append_token(seq, tok, lp, now))
-            for group in {id(self._groups[s.request_id]): self._groups[s.request_id] for s in seqs}.values():
-                self._forget_if_finished(group, now)
+            for request in {id(self._requests[s.request_id]): self._requests[s.request_id] for s in seqs}.values():
+                self._forget_if_finished(request, now)
         num_finished = sum(o.finish_reason is not None for o in outputs)
         self.record_step(sched, before, num_finished, time.monotonic() - t0)
         return outputs
 
-    def execute(self, sched: SchedulerOutput) -> tuple[torch.Tensor | None, list[ScheduledRequest]]:
+    def execute(self, sched: SchedulerOutput) -> tuple[torch.Tensor | None, list[ScheduledSequence]]:
         """Run the scheduled tokens through the worker and record them as computed.
 
-        Returns the worker's ``(logits [num_sampled, vocab], sampled requests)``; shared by
+        Returns the worker's ``(logits [num_sampled, vocab], sampled sequences)``; shared by
         ``step`` and beam search, which differ only in what they do with the logits.
         """
         now = time.monotonic()
         for s in sched.scheduled:
-            if s.request.metrics.first_scheduled_time is None:
-                s.request.metrics.first_scheduled_time = now
+            if s.seq.metrics.first_scheduled_time is None:
+                s.seq.metrics.first_scheduled_time = now
         logits, sampled = self.worker.execute(sched.scheduled, sched.block_copies, self.block_manager)
         for s in sched.scheduled:
-            s.request.num_computed_tokens = s.end
-            self.block_manager.mark_computed(s.request.seq_id, s.end)
+            s.seq.num_computed_tokens = s.end
+            self.block_manager.mark_computed(s.seq.seq_id, s.end)
         self._prompt_tokens_total += sched.num_prefill_tokens
         return logits, sampled
 
     def _sample(
-        self, logits: torch.Tensor, seqs: list[Request]
+        self, logits: torch.Tensor, seqs: list[Sequence]
     ) -> tuple[list[int], list[list[dict[int, Logprob]] | None]]:
         out = sample(
             logits,
@@ -357,37 +341,37 @@ class EngineCore:
         self._generation_tokens_total += len(out.token_ids)
         return out.token_ids, [None if lp is None else [lp] for lp in out.logprobs]
 
-    def _fork_and_expand(self, sampled: list[ScheduledRequest]) -> tuple[list[int], list[Request]]:
+    def _fork_and_expand(self, sampled: list[ScheduledSequence]) -> tuple[list[int], list[Sequence]]:
         """Logit row per sequence to sample; a finished n>1 prompt first forks into its n samples.
 
         Children beyond ``max_num_seqs`` are not forked: they wait in the queue holding no blocks,
         and the prefix cache gives the prompt's blocks back when they are admitted.
         """
         rows: list[int] = []
-        seqs: list[Request] = []
+        seqs: list[Sequence] = []
         for row, s in enumerate(sampled):
-            req = s.request
+            seq = s.seq
             rows.append(row)
-            seqs.append(req)
-            if req.params.n > 1 and req.index == 0 and not req.forked:
-                req.forked = True
-                group = self._groups[req.request_id]
-                for index in range(1, req.params.n):
-                    child = self.new_sequence(group, index)
+            seqs.append(seq)
+            if seq.params.n > 1 and seq.index == 0 and not seq.forked:
+                seq.forked = True
+                request = self._requests[seq.request_id]
+                for index in range(1, seq.params.n):
+                    child = self.new_sequence(request, index)
                     child.forked = True
-                    child.num_cached_tokens = req.num_cached_tokens
+                    child.num_cached_tokens = seq.num_cached_tokens
                     if len(self.scheduler.running) < self.scheduler.max_num_seqs:
-                        child.num_computed_tokens = req.num_computed_tokens
-                        self.block_manager.fork(req.seq_id, child.seq_id)
+                        child.num_computed_tokens = seq.num_computed_tokens
+                        self.block_manager.fork(seq.seq_id, child.seq_id)
                         self.scheduler.add_running(child)
                     else:
                         self.scheduler.add(child)
-                    group.seqs.append(child)
+                    request.seqs.append(child)
                     rows.append(row)
                     seqs.append(child)
         return rows, seqs
 
-    def _append_token(self, seq: Request, token: int, logprobs, now: float) -> CoreOutput:
+    def _append_token(self, seq: Sequence, token: int, logprobs, now: float) -> CoreOutput:
         seq.output_token_ids.append(token)
         if seq.metrics.first_token_time is None:
             seq.metrics.first_token_time = now
@@ -398,17 +382,17 @@ class EngineCore:
             seq.request_id, seq.index, [token], logprobs, seq.finish_reason, seq.stop_reason, seq.num_cached_tokens
         )
 
-    def _check_stop(self, seq: Request, token: int) -> RequestStatus | None:
+    def _check_stop(self, seq: Sequence, token: int) -> SequenceStatus | None:
         """EOS, stop tokens and length; stop strings are the output processor's (it has the tokenizer)."""
         p = seq.params
         if len(seq.output_token_ids) >= p.min_tokens:
             if token in self.eos_token_ids and not p.ignore_eos:
-                return RequestStatus.FINISHED_STOPPED
+                return SequenceStatus.FINISHED_STOPPED
             if token in p.stop_token_ids:
                 seq.stop_reason = token
-                return RequestStatus.FINISHED_STOPPED
+                return SequenceStatus.FINISHED_STOPPED
         if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.config.max_model_len:
-            return RequestStatus.FINISHED_LENGTH
+            return SequenceStatus.FINISHED_LENGTH
         return None
 
     def shutdown(self) -> None:
@@ -436,7 +420,7 @@ class EngineCore:
         before: BlockStats,
         num_finished: int,
         duration: float,
-        extra_held: Sequence[Request] = (),
+        extra_held: abc.Sequence[Sequence] = (),
     ) -> None:
         """Append the step's StepRecord; ``extra_held``: sequences holding blocks outside the queues (parked beams)."""
         after = self.block_manager.stats()
@@ -446,7 +430,7 @@ class EngineCore:
             StepRecord(
                 step=len(self.trace),
                 num_scheduled=len(sched.scheduled),
-                scheduled=tuple((s.request.request_id, s.request.index, s.num_new_tokens) for s in sched.scheduled),
+                scheduled=tuple((s.seq.request_id, s.seq.index, s.num_new_tokens) for s in sched.scheduled),
                 num_prefill_tokens=sched.num_prefill_tokens,
                 num_decode_tokens=sched.num_decode_tokens,
                 blocks_allocated=after.total_allocated - before.total_allocated,

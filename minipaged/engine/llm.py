@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from minipaged.core.request import RequestStatus
+from minipaged.core.sequence import SequenceStatus
 from minipaged.engine.core import load_engine
 from minipaged.engine.inputs import chat_prompts, check_params, check_priority, normalize_batch, parse_prompt
 from minipaged.engine.output_processor import OutputProcessor, RequestUpdate
@@ -210,7 +210,7 @@ class LLM:
         """One core step, its outputs processed and delivered to their owners."""
         updates, stops = self.processor.process(self.engine_core.step())
         for hit in stops:
-            self.engine_core.finish_sequence(hit.request_id, hit.index, RequestStatus.FINISHED_STOPPED, hit.stop)
+            self.engine_core.finish_sequence(hit.request_id, hit.index, SequenceStatus.FINISHED_STOPPED, hit.stop)
         for update in updates:
             owner = self._owners.get(update.request_id)
             if owner is not None:

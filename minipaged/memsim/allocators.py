@@ -109,10 +109,6 @@ class FirstFitAllocator:
     def largest_hole(self) -> int:
         return max(self._sizes, default=0)
 
-    def range_of(self, handle: Hashable) -> tuple[int, int]:
-        """(start, size) of a live handle."""
-        return self._live[handle]
-
 
 @dataclass(frozen=True)
 class MemoryBreakdown:

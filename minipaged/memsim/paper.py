@@ -25,8 +25,6 @@ SHARING_SAVINGS: dict[tuple[str, str], tuple[float, float]] = {
     ("beam", "Alpaca"): (37.6, 55.2),
     ("beam", "ShareGPT"): (44.3, 66.3),
 }
-BEST_BLOCK_SIZES = {"ShareGPT": (16, 128), "Alpaca": (16, 32)}  # section 7.2
-DEFAULT_BLOCK_SIZE = 16
 
 
 def fig2_rows(results: list[SimResult], *, saturated_only: bool = True) -> list[dict[str, object]]:

@@ -128,18 +128,6 @@ class SimResult:
         return row
 
 
-def engine_utilization(steps) -> tuple[np.ndarray, np.ndarray]:
-    """(time [num_steps] in s, utilization [num_steps]) from an engine trace.
-
-    ``steps`` is any sequence of records with ``duration_s`` and ``utilization`` (the
-    engine's ``minipaged.engine.trace.StepRecord``); time is taken at the start of each step,
-    as in :class:`StepSeries`, so the two curves overlay on one axis.
-    """
-    durations = np.array([s.duration_s for s in steps], dtype=np.float64)
-    util = np.array([s.utilization for s in steps], dtype=np.float64)
-    return np.concatenate([[0.0], np.cumsum(durations)[:-1]]) if len(durations) else durations, util
-
-
 @dataclass
 class _Waiting:
     request: Request

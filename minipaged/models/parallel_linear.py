@@ -85,7 +85,6 @@ class RowParallelLinear(PackedLinear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallelGroup) -> None:
         self.tp = tp
-        self.full_in_features = in_features
         super().__init__(_split(in_features, tp.world_size, "input size"), out_features, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

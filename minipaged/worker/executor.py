@@ -12,7 +12,7 @@
 
 One step on rank 0: pack the scheduled batch (token ids, lengths, block tables,
 copy-on-write copies, sampled rows) into one int64 tensor, broadcast it, run the
-forward; only rank 0 computes logits. The others never see a request object.
+forward; only rank 0 computes logits. The others never see a sequence object.
 
 Both executors answer ``execute(scheduled, copies, bm) -> (logits | None, sampled)`` and
 ``shutdown()``. The tensor-parallel one also tears its processes down when garbage
@@ -43,7 +43,7 @@ import torch.multiprocessing as mp
 
 from minipaged.config import EngineConfig
 from minipaged.core.block_manager import BlockCopy, BlockManager
-from minipaged.core.scheduler import ScheduledRequest
+from minipaged.core.scheduler import ScheduledSequence
 from minipaged.distributed import (
     DEFAULT_COLLECTIVE_TIMEOUT_S,
     Rendezvous,
@@ -330,8 +330,8 @@ class TensorParallelExecutor:
         """Bytes of one rank's KV cache slice (every rank holds the same)."""
         return self.worker.kv_cache_bytes
 
-    def execute(self, scheduled: list[ScheduledRequest], copies: list[BlockCopy], bm: BlockManager):
-        """Run one step on every rank. Returns ``(logits [num_sampled, vocab] float32 | None, sampled requests)``."""
+    def execute(self, scheduled: list[ScheduledSequence], copies: list[BlockCopy], bm: BlockManager):
+        """Run one step on every rank. Returns ``(logits [num_sampled, vocab] float32 | None, sampled sequences)``."""
         self._check_usable()
         batch, sampled = StepBatch.from_schedule(scheduled, copies, bm)
         try:

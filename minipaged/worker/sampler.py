@@ -8,7 +8,7 @@ Per row, in vLLM's order:
 3. penalties: ``repetition_penalty`` over prompt + output tokens, then ``frequency_penalty`` and
    ``presence_penalty`` over output tokens;
 4. greedy rows take the argmax; the others go temperature -> top-k -> top-p -> min-p -> a draw
-   from that request's own ``torch.Generator``, so a seeded request gives the same tokens
+   from that sequence's own ``torch.Generator``, so a seeded request gives the same tokens
    whether it runs alone or in any batch.
 
 Logprobs are those of the model's raw logits (``log_softmax`` before step 1, vLLM's default

@@ -19,7 +19,7 @@ from minipaged.attention import allocate_kv_cache, kv_cache_bytes_per_block, kv_
 from minipaged.attention.metadata import AttentionMetadata, build_metadata, build_positions
 from minipaged.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from minipaged.core.block_manager import BlockCopy, BlockManager
-from minipaged.core.scheduler import ScheduledRequest
+from minipaged.core.scheduler import ScheduledSequence
 from minipaged.distributed import check_tensor_parallel_size
 from minipaged.errors import InvalidEngineConfigError
 from minipaged.models.config import ModelConfig
@@ -40,7 +40,7 @@ class StepBatch:
     """One step as plain host data: everything a rank needs to run it, nothing it needs to decide it.
 
     Built by the engine process from the scheduler's output; under tensor parallelism it is
-    packed into one int64 tensor and broadcast, so the other ranks never see a request.
+    packed into one int64 tensor and broadcast, so the other ranks never see a sequence.
     """
 
     input_ids: tuple[int, ...]  # [num_tokens], the sequences' new tokens end to end
@@ -52,14 +52,14 @@ class StepBatch:
 
     @classmethod
     def from_schedule(
-        cls, scheduled: list[ScheduledRequest], copies: list[BlockCopy], bm: BlockManager
-    ) -> tuple[StepBatch, list[ScheduledRequest]]:
-        """The step's batch and the scheduled requests its sample rows belong to (same order)."""
+        cls, scheduled: list[ScheduledSequence], copies: list[BlockCopy], bm: BlockManager
+    ) -> tuple[StepBatch, list[ScheduledSequence]]:
+        """The step's batch and the scheduled sequences its sample rows belong to (same order)."""
         input_ids: list[int] = []
         sample_rows: list[int] = []
-        sampled: list[ScheduledRequest] = []
+        sampled: list[ScheduledSequence] = []
         for s in scheduled:
-            input_ids.extend(s.request.all_token_ids[s.start : s.end])
+            input_ids.extend(s.seq.all_token_ids[s.start : s.end])
             if s.completes_sequence:
                 sample_rows.append(len(input_ids) - 1)
                 sampled.append(s)
@@ -67,7 +67,7 @@ class StepBatch:
             input_ids=tuple(input_ids),
             query_lens=tuple(s.num_new_tokens for s in scheduled),
             context_lens=tuple(s.end for s in scheduled),
-            block_tables=tuple(tuple(bm.block_table(s.request.seq_id)) for s in scheduled),
+            block_tables=tuple(tuple(bm.block_table(s.seq.seq_id)) for s in scheduled),
             copies=tuple(copies),
             sample_rows=tuple(sample_rows),
         )
@@ -265,8 +265,8 @@ class Worker:
             return None
         return self.model.compute_logits(hidden[inputs.sample_indices]).float()
 
-    def execute(self, scheduled: list[ScheduledRequest], copies: list[BlockCopy], bm: BlockManager):
-        """Run one step. Returns ``(logits [num_sampled, vocab] float32, sampled requests)``."""
+    def execute(self, scheduled: list[ScheduledSequence], copies: list[BlockCopy], bm: BlockManager):
+        """Run one step. Returns ``(logits [num_sampled, vocab] float32, sampled sequences)``."""
         batch, sampled = StepBatch.from_schedule(scheduled, copies, bm)
         logits = self.run(batch)
         return (logits, sampled) if sampled else (None, [])

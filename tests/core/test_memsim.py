@@ -289,18 +289,6 @@ def test_sharing_savings_grow_with_width_and_vanish_at_one() -> None:
     assert all(b > p for b, p in zip(beam, par))
 
 
-def test_engine_trace_overlays_on_the_step_grid() -> None:
-    from types import SimpleNamespace
-
-    from minipaged.memsim.simulate import engine_utilization
-
-    steps = [SimpleNamespace(duration_s=d, utilization=u) for d, u in [(0.5, 1.0), (0.25, 0.8), (1.0, 0.9)]]
-    t, u = engine_utilization(steps)
-    np.testing.assert_allclose(t, [0.0, 0.5, 0.75])
-    np.testing.assert_allclose(u, [1.0, 0.8, 0.9])
-    assert engine_utilization([])[0].shape == (0,)
-
-
 def test_idle_gaps_carry_no_samples() -> None:
     trace = _trace((0.0, 1, 1), (10.0, 1, 1))
     res = simulate(trace, orca_oracle(4), SimConfig(budget=4, step_time=1.0))

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from minipaged.core.block_manager import BlockManager
-from minipaged.core.request import Request, RequestStatus
 from minipaged.core.scheduler import Scheduler
+from minipaged.core.sequence import Sequence, SequenceStatus
 from minipaged.outputs import RequestMetrics
 from minipaged.sampling_params import SamplingParams
 
@@ -31,12 +31,12 @@ class FakeEngine:
         self.sched = Scheduler(self.bm, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
         self.cache: dict[int, tuple[int, int]] = {}
         self.arrivals = 0
-        self.finished: list[Request] = []
+        self.finished: list[Sequence] = []
         self.steps = []
 
     def add(self, prompt, max_tokens, priority=0):
         params = SamplingParams(temperature=0, max_tokens=max_tokens)
-        req = Request(
+        seq = Sequence(
             f"r{self.arrivals}",
             0,
             list(prompt),
@@ -47,8 +47,8 @@ class FakeEngine:
             RequestMetrics(arrival_time=0.0),
         )
         self.arrivals += 1
-        self.sched.add(req)
-        return req
+        self.sched.add(seq)
+        return seq
 
     def step(self):
         running_before = list(self.sched.running)
@@ -62,22 +62,22 @@ class FakeEngine:
                 if src in self.cache:
                     self.cache[c.dst * self.bm.block_size + off] = self.cache[src]
         for s in out.scheduled:
-            req = s.request
-            assert s.start == req.num_computed_tokens and s.num_new_tokens >= 1
-            tokens = req.all_token_ids
-            for pos, slot in zip(range(s.start, s.end), self.bm.slot_mapping(req.seq_id, s.start, s.end)):
+            seq = s.seq
+            assert s.start == seq.num_computed_tokens and s.num_new_tokens >= 1
+            tokens = seq.all_token_ids
+            for pos, slot in zip(range(s.start, s.end), self.bm.slot_mapping(seq.seq_id, s.start, s.end)):
                 self.cache[slot] = (tokens[pos], pos)
         for s in out.scheduled:
-            req = s.request
-            req.num_computed_tokens = s.end
-            self.bm.mark_computed(req.seq_id, s.end)
+            seq = s.seq
+            seq.num_computed_tokens = s.end
+            self.bm.mark_computed(seq.seq_id, s.end)
             if s.completes_sequence:
-                seen = [self.cache.get(self.bm.slot(req.seq_id, p)) for p in range(s.end)]
-                assert seen == [(t, p) for p, t in enumerate(req.all_token_ids)], "KV read back differs"
-                req.output_token_ids.append(next_token([t for t, _ in seen]))
-                if len(req.output_token_ids) >= req.params.max_tokens:
-                    self.sched.finish(req, RequestStatus.FINISHED_LENGTH)
-                    self.finished.append(req)
+                seen = [self.cache.get(self.bm.slot(seq.seq_id, p)) for p in range(s.end)]
+                assert seen == [(t, p) for p, t in enumerate(seq.all_token_ids)], "KV read back differs"
+                seq.output_token_ids.append(next_token([t for t, _ in seen]))
+                if len(seq.output_token_ids) >= seq.params.max_tokens:
+                    self.sched.finish(seq, SequenceStatus.FINISHED_LENGTH)
+                    self.finished.append(seq)
         return out
 
     def run(self, max_steps=10_000):
@@ -119,10 +119,10 @@ def workload(seed, count=12, shared_prefix=True):
 )
 def test_outputs_independent_of_budget_cache_and_preemption(num_blocks, budget, max_seqs, caching):
     eng = FakeEngine(num_blocks, 4, max_num_seqs=max_seqs, max_num_batched_tokens=budget, prefix_caching=caching)
-    reqs = [eng.add(p, m, pri) for p, m, pri in workload(1)]
+    seqs = [eng.add(p, m, pri) for p, m, pri in workload(1)]
     eng.run()
-    for req, (prompt, max_tokens, _) in zip(reqs, workload(1)):
-        assert req.output_token_ids == expected_output(prompt, max_tokens)
+    for seq, (prompt, max_tokens, _) in zip(seqs, workload(1)):
+        assert seq.output_token_ids == expected_output(prompt, max_tokens)
     if num_blocks == 24:
         assert eng.sched.num_preemptions > 0
 
@@ -135,7 +135,7 @@ def test_chunked_prefill_shares_steps_with_decodes():
     mixed = 0
     while long.num_computed_tokens < long.num_prompt_tokens:
         out = eng.step()
-        kinds = {s.request.request_id: s.num_new_tokens for s in out.scheduled}
+        kinds = {s.seq.request_id: s.num_new_tokens for s in out.scheduled}
         assert kinds[short.request_id] == 1  # the running decode is never starved
         assert kinds[long.request_id] == min(9, 50 - out.scheduled[1].start)
         assert out.num_decode_tokens == 1 and out.num_prefill_tokens == kinds[long.request_id]
@@ -147,10 +147,10 @@ def test_chunked_prefill_shares_steps_with_decodes():
 def test_priority_then_fcfs_admission():
     eng = FakeEngine(100, 4, max_num_seqs=1)
     jobs = [([5, 6, 7], 3, 2), ([1], 2, 0), ([2, 2], 2, 1), ([9, 9, 9], 2, 0), ([4], 1, 1)]
-    reqs = [eng.add(p, m, pri) for p, m, pri in jobs]
+    seqs = [eng.add(p, m, pri) for p, m, pri in jobs]
     eng.run()
     order = [r.request_id for r in eng.finished]
-    expected = [r.request_id for r in sorted(reqs, key=lambda r: (r.priority, r.arrival_order))]
+    expected = [r.request_id for r in sorted(seqs, key=lambda r: (r.priority, r.arrival_order))]
     assert order == expected
 
 
@@ -165,8 +165,8 @@ def test_preemption_victim_is_lowest_priority_latest_arrival():
             continue
         keys = sorted((r.sort_key for r in running_before), reverse=True)
         assert sorted((r.sort_key for r in out.preempted), reverse=True) == keys[: len(out.preempted)]
-    for req in eng.finished:
-        assert req.output_token_ids == expected_output(req.prompt_token_ids, req.params.max_tokens)
+    for seq in eng.finished:
+        assert seq.output_token_ids == expected_output(seq.prompt_token_ids, seq.params.max_tokens)
 
 
 def test_abort_frees_blocks_at_any_time():
@@ -175,10 +175,10 @@ def test_abort_frees_blocks_at_any_time():
     b = eng.add([1, 2, 3], 10)
     c = eng.add([4, 5], 10)
     eng.step()  # a is mid-prefill
-    eng.sched.finish(a, RequestStatus.FINISHED_ABORTED)
+    eng.sched.finish(a, SequenceStatus.FINISHED_ABORTED)
     eng.step()
-    eng.sched.finish(c, RequestStatus.FINISHED_ABORTED)  # c may still be waiting or running
+    eng.sched.finish(c, SequenceStatus.FINISHED_ABORTED)  # c may still be waiting or running
     assert not eng.bm.has_sequence(a.seq_id) and not eng.bm.has_sequence(c.seq_id)
     eng.run()
     assert b.output_token_ids == expected_output([1, 2, 3], 10)
-    assert a.status is RequestStatus.FINISHED_ABORTED
+    assert a.status is SequenceStatus.FINISHED_ABORTED
