@@ -43,7 +43,8 @@ def _add_generate(sub: Any) -> None:
     gen = sub.add_parser("generate", help="generate text for one or more prompts")
     gen.add_argument("prompts", nargs="+", help="prompt text (several prompts run as one batch)")
     gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
-    add_engine_arguments(gen)
+    # --seed here is the per-request sampling seed (SamplingParams.seed), not the engine's.
+    add_engine_arguments(gen, exclude=("seed",))
     s = gen.add_argument_group("sampling")
     s.add_argument("--max-tokens", type=int, default=128)
     s.add_argument("--min-tokens", type=int, default=0, help="EOS and stop tokens are masked until this many tokens")
@@ -99,7 +100,7 @@ def _generate(args: argparse.Namespace) -> int:
         stop=tuple(args.stop or ()),
         ignore_eos=args.ignore_eos,
     )
-    llm = LLM(args.model, **engine_kwargs(args))
+    llm = LLM(**engine_kwargs(args))
     prompts: list = args.prompts
     if args.chat:
         prompts = llm.chat_prompts([[{"role": "user", "content": p}] for p in args.prompts])
