@@ -8,10 +8,10 @@ this runs under a separate virtual environment's Python with the repository on t
     # PyPI's torchvision/torchaudio/torchcodec builds do not import beside torch's CPU wheel
     /work/vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec
     VLLM_CPU_KVCACHE_SPACE=2 VLLM_CPU_OMP_THREADS_BIND=0-1 \\
-        PYTHONPATH=. /work/vllm-venv/bin/python -m minipaged.benchmarks.vllm_peer
+        PYTHONPATH=.:kernels /work/vllm-venv/bin/python -m minipaged.benchmarks.vllm_peer
 
 (Its ``vllm`` command line fails on package metadata, so this uses its Python API.)
-``python -m minipaged.benchmarks.throughput --vllm-python /work/vllm-venv/bin/python`` runs this for you.
+``python -m minipaged bench throughput --vllm-python /work/vllm-venv/bin/python`` runs this for you.
 
 Same prompts as the benchmark (``make_workload`` with the same arguments and seed), the
 embedded SmolLM2 prepared by ``make setup``, ``--dtype`` (fp32 by default), greedy,
@@ -30,6 +30,7 @@ import functools
 import json
 import time
 
+from minipaged.benchmarks.common import write_json_atomic
 from minipaged.benchmarks.throughput import (
     LATENCY_NEW_TOKENS,
     RoundServer,
@@ -37,7 +38,6 @@ from minipaged.benchmarks.throughput import (
     add_workload_arguments,
     latency_prompt,
     workload_from_args,
-    write_json_atomic,
 )
 from minipaged.models.loader import default_model_dir
 
