@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     apply_threads(args)
     engine = engine_kwargs(args)
-    command = command_line("python -m minipaged bench kv-quant", argv)
+    command = command_line(PROG, argv)
     runs = {
         "kernel_errors": lambda: kernel_errors(),
         "perplexity": lambda: perplexity(args.ppl_tokens),

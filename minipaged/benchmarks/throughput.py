@@ -10,10 +10,10 @@ requested number of tokens: ``uniform`` is the peer workload (32 prompts x 64 to
 uniform in the ranges). For every dtype and workload each engine runs in its own
 child process, started one at a time, so start-up time (launch to the first request
 served: interpreter, imports, model load, warm-up) and peak RSS (of the child's process
-tree, sampled every 0.2 s) are its own (``python -m minipaged.benchmarks.throughput`` runs it too):
+tree, sampled every 0.2 s) are its own:
 
 - vLLM's CPU build (``minipaged.benchmarks.vllm_peer`` under ``--vllm-python``);
-- minipaged (``LLM``, torch backend), once per ``--kv-cache-dtype``;
+- minipaged (``LLM``, torch backend, the engine options given), once per ``--kv-cache-dtype``;
 - transformers' ``generate`` on static left-padded batches of each
   ``--static-batch-sizes``; minipaged is compared with the fastest.
 
@@ -159,10 +159,11 @@ def run_minipaged(
         device=engine.pop("device", None) or "cpu",
         attention_backend=engine.pop("attention_backend", None) or "torch",
     )
-    # A KV cache that holds the whole workload at once (no preemption), and no more: its
-    # size is resident memory, which the benchmark reports.
+    # A KV cache that holds the whole workload at once (no preemption), or the latency request that
+    # runs alone after it, and no more: its size is resident memory, which the benchmark reports.
     per_token = kv_cache_bytes_per_block(loaded.model.config, 1, dtype, kv_cache_dtype)
-    kv_bytes = per_token * sum(len(p) + m + 16 for p, m in zip(work.prompts, work.max_tokens))  # 16: a block's rounding
+    tokens = sum(len(p) + m + 16 for p, m in zip(work.prompts, work.max_tokens))  # 16: a block's rounding
+    kv_bytes = per_token * max(tokens, LATENCY_PROMPT_LEN + LATENCY_NEW_TOKENS + 16)
     kv_bytes //= tensor_parallel_size  # the budget is per rank, and a rank holds 1/N of the heads
     own = {"max_num_seqs": max(64, len(work.prompts)), "max_num_batched_tokens": 2048, "kv_cache_memory": kv_bytes}
     llm = LLM(loaded, kv_cache_dtype=kv_cache_dtype, tensor_parallel_size=tensor_parallel_size, **(own | engine))

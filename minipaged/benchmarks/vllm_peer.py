@@ -1,4 +1,4 @@
-"""``python -m minipaged.benchmarks.throughput`` 's workload on vLLM's own CPU engine, for a peer figure beside it.
+"""``minipaged bench throughput``'s workload on vLLM's own CPU engine, for a peer figure beside it.
 
 vLLM is not a dependency of minipaged (it pins its own torch and spawns processes), so
 this runs under a separate virtual environment's Python with the repository on the path:
@@ -17,7 +17,7 @@ Same prompts as the benchmark (``make_workload`` with the same arguments and see
 embedded SmolLM2 prepared by ``make setup``, ``--dtype`` (fp32 by default), greedy,
 ``min_tokens`` = ``max_tokens`` (vLLM masks EOS until then), one warm-up request; then
 one request alone (64 prompt tokens, 64 new) for latency. Prints output tokens/s;
-``--result-json`` also writes the numbers. ``python -m minipaged.benchmarks.throughput --vllm-python`` runs
+``--result-json`` also writes the numbers. ``minipaged bench throughput --vllm-python`` runs
 this with ``--rounds-from-stdin``: loaded once, a round of the workload (fresh token ids, same
 lengths) each time the parent asks. ``VLLM_CPU_OMP_THREADS_BIND`` sets vLLM's threads (one per listed
 core), the counterpart of the benchmark's ``--threads``.

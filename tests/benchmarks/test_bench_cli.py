@@ -218,3 +218,15 @@ def test_top_level_help_imports_no_benchmark():
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_bench_serve_passes_the_engine_options_to_the_launched_server():
+    from minipaged.benchmarks import serve as bs
+
+    args = bs.build_parser().parse_args(
+        ["--block-size", "8", "--no-prefix-caching", "--seed", "3", "--minipaged-args", "--max-num-seqs 4"]
+    )
+    (target,) = bs.make_targets(args)
+    command = " ".join(target.command)
+    assert "--block-size 8 --no-enable-prefix-caching --max-num-seqs 4" in command
+    assert "--seed" not in command  # the benchmark's --seed draws its workload; the server keeps its own
