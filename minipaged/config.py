@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -45,37 +45,70 @@ def _positive_int(name: str, value: Any, *, allow_none: bool = False) -> None:
 class EngineConfig:
     """Engine settings (the keyword arguments of ``LLM``).
 
-    model: HF directory, ``.gguf`` path, or ``None`` for the embedded SmolLM2-135M-Instruct.
-    dtype: weights, activations and KV cache dtype ("float32", "float16", "bfloat16" or a torch.dtype).
-    block_size: tokens per KV block.
-    num_kv_blocks: explicit KV cache size in blocks; else sized from ``kv_cache_memory`` (bytes, CPU)
-        or ``gpu_memory_utilization`` (fraction of free device memory, CUDA).
-    max_num_seqs: most sequences in one step.  max_num_batched_tokens: token budget of one step.
-    max_model_len: longest prompt + output; ``None`` takes the model's ``max_position_embeddings``.
-    enable_prefix_caching: reuse full KV blocks of identical prefixes across requests.
-    attention_backend: "torch" | "triton" | None (triton on CUDA, torch otherwise).
-    seed: seeds the per-request generators of requests that give no seed of their own; in [0, 2**64 - 1].
-    device: "cpu", "cuda" or None (CUDA when available).
-    kv_cache_dtype: "auto" (the model dtype), "int8" or "fp8_e4m3" (see ``minipaged.attention.kv_quant``).
-    tensor_parallel_size: processes (one per GPU on CUDA) that each hold 1/N of every layer's heads,
-        MLP features and KV cache; 1 runs everything in this process (see ``minipaged.worker.executor``).
+    Each field's ``metadata["help"]`` says what it means; the command line's engine options
+    (``minipaged.entrypoints.engine_args``) are generated from these fields, their help texts,
+    defaults and (where a field has them) ``metadata["choices"]``. A new field needs a help text:
+    ``tests/entrypoints/test_engine_args.py`` fails without one.
     """
 
-    model: str | None = None
-    dtype: str | torch.dtype = "float32"
-    block_size: int = 16
-    num_kv_blocks: int | None = None
-    kv_cache_memory: int | None = None
-    gpu_memory_utilization: float = 0.9
-    max_num_seqs: int = 128
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None
-    enable_prefix_caching: bool = True
-    attention_backend: str | None = None
-    seed: int = 0
-    device: str | None = None
-    kv_cache_dtype: str = "auto"
-    tensor_parallel_size: int = 1
+    model: str | None = field(
+        default=None,
+        metadata={"help": "HF model directory or .gguf file; unset: the embedded SmolLM2-135M-Instruct"},
+    )
+    dtype: str | torch.dtype = field(
+        default="float32",
+        metadata={"help": f"dtype of weights, activations and KV cache: one of {', '.join(_DTYPES)}"},
+    )
+    block_size: int = field(default=16, metadata={"help": "tokens per KV block"})
+    num_kv_blocks: int | None = field(
+        default=None,
+        metadata={
+            "help": "KV cache size in blocks; unset: sized from kv_cache_memory (CPU) or gpu_memory_utilization (CUDA)"
+        },
+    )
+    kv_cache_memory: int | None = field(
+        default=None,
+        metadata={
+            "help": f"KV cache size in bytes on CPU, e.g. 512M or 2G; unset: {DEFAULT_CPU_KV_CACHE_BYTES >> 30} GiB"
+        },
+    )
+    gpu_memory_utilization: float = field(
+        default=0.9,
+        metadata={"help": "fraction of free CUDA memory that weights and KV cache may use, in (0, 1]"},
+    )
+    max_num_seqs: int = field(default=128, metadata={"help": "most sequences in one step"})
+    max_num_batched_tokens: int = field(default=2048, metadata={"help": "token budget of one step"})
+    max_model_len: int | None = field(
+        default=None,
+        metadata={"help": "longest prompt + output; unset: the model's max_position_embeddings"},
+    )
+    enable_prefix_caching: bool = field(
+        default=True,
+        metadata={"help": "reuse the full KV blocks of identical prompt prefixes across requests"},
+    )
+    attention_backend: str | None = field(
+        default=None,
+        metadata={"help": "attention kernels; unset: triton on CUDA, torch otherwise", "choices": ("torch", "triton")},
+    )
+    seed: int = field(
+        default=0,
+        metadata={"help": "seeds the per-request generators of requests that give no seed, in [0, 2**64 - 1]"},
+    )
+    device: str | None = field(default=None, metadata={"help": "cpu, cuda or cuda:N; unset: CUDA when available"})
+    kv_cache_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "KV cache storage: auto (the model dtype), int8 or fp8_e4m3 (see minipaged.attention.kv_quant)",
+            "choices": kv_quant.KV_CACHE_DTYPES,
+        },
+    )
+    tensor_parallel_size: int = field(
+        default=1,
+        metadata={
+            "help": "processes (one per GPU on CUDA) that each hold 1/N of every layer's heads, MLP features and "
+            "KV cache; 1 runs everything in this process (see minipaged.worker.executor)"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.model is not None and not isinstance(self.model, str):

@@ -1,6 +1,6 @@
 """Micro-benchmark of the block manager: operations per second on a large pool.
 
-    python -m minipaged.benchmarks.blocks [--num-blocks 100000] [--block-size 16]
+    python -m minipaged bench blocks [--num-blocks 100000] [--block-size 16]
 
 Fills most of a ``num_blocks`` pool with sequences, decodes one token at a time
 across all of them, frees them, then re-admits the same prompts as prefix-cache
@@ -12,12 +12,16 @@ a test: nothing here asserts a speed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from minipaged.benchmarks.common import add_out_argument, command_line, machine_info, write_json_atomic
 from minipaged.core.block_manager import BlockManager
+
+PROG = "minipaged bench blocks"
 
 
 @dataclass(frozen=True)
@@ -96,23 +100,34 @@ def run(cfg: BenchConfig) -> list[OpTiming]:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Parse arguments, run, print ops/s per operation."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The benchmark's options: the pool and workload sizes of ``BenchConfig``."""
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--num-blocks", type=int, default=BenchConfig.num_blocks)
     p.add_argument("--block-size", type=int, default=BenchConfig.block_size)
     p.add_argument("--prompt-len", type=int, default=BenchConfig.prompt_len)
     p.add_argument("--decode-steps", type=int, default=BenchConfig.decode_steps)
     p.add_argument("--seed", type=int, default=BenchConfig.seed)
-    a = p.parse_args(argv)
+    add_out_argument(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse arguments, run, print ops/s per operation."""
+    a = build_parser().parse_args(argv)
     cfg = BenchConfig(a.num_blocks, a.block_size, a.prompt_len, a.decode_steps, seed=a.seed)
     print(f"block manager benchmark: {cfg}")
+    timings = run(cfg)
     print(f"{'operation':28s} {'calls':>9s} {'seconds':>9s} {'ops/s':>12s} {'blocks':>9s} {'blocks/s':>12s}")
-    for t in run(cfg):
+    for t in timings:
         blocks_per_s = t.blocks_moved / t.seconds if t.seconds else float("inf")
         print(
             f"{t.name:28s} {t.calls:9d} {t.seconds:9.3f} {t.ops_per_s:12,.0f} {t.blocks_moved:9d} {blocks_per_s:12,.0f}"
         )
+    if a.out:
+        rows = [{**dataclasses.asdict(t), "ops_per_s": t.ops_per_s} for t in timings]
+        result = {"command": command_line(PROG, argv), "machine": machine_info(), "config": dataclasses.asdict(cfg)}
+        write_json_atomic(a.out, result | {"operations": rows})
 
 
 if __name__ == "__main__":

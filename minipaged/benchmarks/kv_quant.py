@@ -1,7 +1,7 @@
 """What a quantized KV cache costs in accuracy and buys in capacity: the numbers of notebook 08.
 
-    python -m minipaged.benchmarks.kv_quant                          # every part
-    python -m minipaged.benchmarks.kv_quant --parts greedy --prompts 50  # one part, fewer prompts
+    python -m minipaged bench kv-quant                          # every part
+    python -m minipaged bench kv-quant --parts greedy --prompts 50  # one part, fewer prompts
 
 Updates ``figures/08_kv_quant_eval.json`` (``--out``; each part replaces its own entry and
 records the command that produced it, so parts can run in separate processes), which the
@@ -29,14 +29,24 @@ import argparse
 import importlib
 import inspect
 import json
-import platform
-import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from minipaged.attention import kv_quant
+from minipaged.benchmarks.common import (
+    add_out_argument,
+    add_threads_argument,
+    apply_threads,
+    command_line,
+    machine_info,
+    write_json_atomic,
+)
+from minipaged.entrypoints.engine_args import add_engine_arguments, engine_kwargs
+
+PROG = "minipaged bench kv-quant"
 
 DTYPES = kv_quant.KV_CACHE_DTYPES
 PARTS = ("kernel_errors", "perplexity", "greedy", "capacity")
@@ -169,15 +179,16 @@ def _rel_rms(approx: torch.Tensor, exact: torch.Tensor) -> float:
 # ---------------------------------------------------------------- accuracy on SmolLM2
 
 
-def greedy_agreement(num_prompts: int, max_tokens: int) -> dict:
-    """Greedy completions per cache dtype, compared position by position with the float cache's."""
+def greedy_agreement(num_prompts: int, max_tokens: int, engine: dict[str, Any] | None = None) -> dict:
+    """Greedy completions per cache dtype, compared position by position with the float cache's
+    (``engine``: further ``LLM`` keywords)."""
     from minipaged import LLM, SamplingParams
 
     prompts = docstring_paragraphs()[:num_prompts]
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     outputs = {}
     for dtype in DTYPES:
-        llm = LLM(kv_cache_dtype=dtype)
+        llm = LLM(kv_cache_dtype=dtype, **(engine or {}))
         t0 = time.perf_counter()
         outputs[dtype] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
         print(f"greedy {dtype}: {time.perf_counter() - t0:.1f}s", flush=True)
@@ -248,8 +259,15 @@ def perplexity(num_tokens: int) -> dict:
 # ---------------------------------------------------------------- capacity
 
 
-def capacity(kv_cache_memory: int, num_requests: int, in_range: tuple[int, int], out_range: tuple[int, int]) -> dict:
-    """The same ShareGPT-like mix through the engine at one KV byte budget, per cache dtype."""
+def capacity(
+    kv_cache_memory: int,
+    num_requests: int,
+    in_range: tuple[int, int],
+    out_range: tuple[int, int],
+    engine: dict[str, Any] | None = None,
+) -> dict:
+    """The same ShareGPT-like mix through the engine at one KV byte budget, per cache dtype
+    (``engine``: further ``LLM`` keywords)."""
     from minipaged import LLM, SamplingParams
     from minipaged.benchmarks.throughput import make_workload
 
@@ -260,7 +278,7 @@ def capacity(kv_cache_memory: int, num_requests: int, in_range: tuple[int, int],
         "output_len": list(out_range),
     }
     for dtype in DTYPES:
-        llm = LLM(kv_cache_memory=kv_cache_memory, kv_cache_dtype=dtype, max_num_seqs=256)
+        llm = LLM(kv_cache_memory=kv_cache_memory, kv_cache_dtype=dtype, **({"max_num_seqs": 256} | (engine or {})))
         work = make_workload(num_requests, llm.model_config.vocab_size, in_range, out_range, seed=0)
         params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in work.max_tokens]
         t0 = time.perf_counter()
@@ -281,13 +299,12 @@ def capacity(kv_cache_memory: int, num_requests: int, in_range: tuple[int, int],
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The benchmark's options; the engine's apply to the greedy and capacity parts."""
     parser = argparse.ArgumentParser(
-        prog="python -m minipaged.benchmarks.kv_quant",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--out", default="figures/08_kv_quant_eval.json")
+    add_out_argument(parser, default="figures/08_kv_quant_eval.json")
     parser.add_argument("--parts", nargs="+", choices=tuple(PARTS), default=list(PARTS))
     parser.add_argument("--prompts", type=int, default=200)
     parser.add_argument("--max-tokens", type=int, default=32)
@@ -295,17 +312,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kv-cache-memory", type=int, default=48 << 20)
     parser.add_argument("--capacity-requests", type=int, default=32)
     parser.add_argument("--capacity-output-len", type=int, nargs=2, default=(16, 128))
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    command = "python -m " + " ".join(["minipaged.benchmarks.kv_quant", *(sys.argv[1:] if argv is None else argv)])
+    add_threads_argument(parser)
+    # The cache dtypes are what it compares, and --kv-cache-memory above is the capacity part's budget.
+    add_engine_arguments(parser, exclude=("kv_cache_dtype", "kv_cache_memory"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    apply_threads(args)
+    engine = engine_kwargs(args)
+    command = command_line(PROG, argv)
     runs = {
         "kernel_errors": lambda: kernel_errors(),
         "perplexity": lambda: perplexity(args.ppl_tokens),
-        "greedy": lambda: greedy_agreement(args.prompts, args.max_tokens),
+        "greedy": lambda: greedy_agreement(args.prompts, args.max_tokens, engine),
         "capacity": lambda: capacity(
-            args.kv_cache_memory, args.capacity_requests, (16, 256), tuple(args.capacity_output_len)
+            args.kv_cache_memory, args.capacity_requests, (16, 256), tuple(args.capacity_output_len), engine
         ),
     }
     for part in args.parts:
@@ -319,11 +342,10 @@ def main(argv: list[str] | None = None) -> int:
             "command": command,
             "seconds": round(elapsed, 1),
             "torch": torch.__version__,
-            "machine": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(),
+            "machine": machine_info(),
         }
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1))
+        write_json_atomic(out, result)
         print(f"{part}: {elapsed:.0f}s, written to {out}", flush=True)
     return 0
 

@@ -1,6 +1,6 @@
 """Serving benchmark: Poisson arrivals at a request rate, streamed over HTTP, latencies seen by the client.
 
-    python -m minipaged.benchmarks.serve --servers minipaged hf hf-cb --request-rate 1 4 inf
+    python -m minipaged bench serve --servers minipaged hf hf-cb --request-rate 1 4 inf
 
 For each server (minipaged's, Hugging Face ``transformers serve`` with and without
 ``--continuous-batching``, or any OpenAI-compatible ``--base-url``) and each rate, it sends
@@ -8,7 +8,8 @@ the same requests (prompts from a JSONL file of ``{"prompt": ...}`` or a synthet
 ShareGPT-like length mix) to ``/v1/completions`` with ``stream=true``, and reports
 successful / failed requests, duration, request and token throughput, TTFT, TPOT (time per
 output token after the first), inter-token latency and end-to-end latency (mean, median,
-P99) and the launched server's peak RSS. It prints a table and writes JSON.
+P99) and the launched server's peak RSS. It prints a table and writes JSON (``--out``). The engine
+options (``EngineConfig``'s) go to the launched minipaged server.
 
 Only standard OpenAI fields go to peers (``transformers serve`` answers 422 to others, even
 ``stream_options``); output tokens are then counted by re-tokenising the streamed text.
@@ -33,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from minipaged.benchmarks.common import machine_info, write_json_atomic
+from minipaged.entrypoints.engine_args import add_engine_arguments, engine_argv, engine_kwargs
 from minipaged.entrypoints.openai.launch import ServerProcess, free_port, minipaged_command
 
 DEFAULT_PROMPTS = "serve_prompts.jsonl"  # in minipaged/data
@@ -332,7 +335,8 @@ def make_targets(args: argparse.Namespace) -> list[Target]:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         if name == "minipaged":
-            extra_args = (["--model", model] if model else []) + args.minipaged_args.split()
+            extra_args = (["--model", model] if model else []) + engine_argv(engine_kwargs(args))
+            extra_args += args.minipaged_args.split()
             targets.append(Target(name, url, minipaged_command(port, *extra_args, "--log-level", "warning"), True))
         elif name in ("hf", "hf-cb"):
             hf_model = str(hf_model_dir(Path(model) if model else _default_model_dir(), Path(args.log_dir)))
@@ -498,9 +502,10 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The benchmark's options; the engine options are passed to the launched minipaged server."""
     p = argparse.ArgumentParser(
-        prog="python -m minipaged.benchmarks.serve",
+        prog="minipaged bench serve",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -531,12 +536,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2, help="requests sent (all at once) before the timed runs")
     p.add_argument("--startup-timeout", type=float, default=600.0)
     p.add_argument("--log-dir", default="bench_serve_logs", help="server logs go here")
-    p.add_argument("--output", default="bench_serve.json", help="write the JSON report here")
+    p.add_argument("--out", "--output", dest="output", default="bench_serve.json", help="write the JSON report here")
+    # --model and the workload's --seed above are the benchmark's own (--model also picks the peers' model).
+    add_engine_arguments(p, exclude=("model", "seed"))
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so the servers launched here are stopped on the way out.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.num_prompts < 1 or args.max_tokens < 1:
@@ -547,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
     requests = build_requests(args, tokenizer)
     count_tokens = token_counter(tokenizer)
     prompt_tokens = [count_tokens(r.prompt) for r in requests]
-    report = {"config": vars(args), "num_requests": len(requests), "servers": []}
+    report = {"config": vars(args), "machine": machine_info(), "num_requests": len(requests), "servers": []}
     for target in make_targets(args):
         print(f"benchmarking {target.name} ...", file=sys.stderr, flush=True)
         try:
@@ -562,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
             }
             print(f"  {target.name} failed: {exc}", file=sys.stderr)
         report["servers"].append(result)
-        Path(args.output).write_text(json.dumps(jsonable(report), indent=1))  # after each server: partial runs survive
+        write_json_atomic(args.output, jsonable(report))  # after each server: partial runs survive
     print(format_table(report))
     print(f"wrote {args.output}", file=sys.stderr)
     return 0

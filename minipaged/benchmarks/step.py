@@ -1,4 +1,4 @@
-"""``python -m minipaged.benchmarks.step``: decode-step throughput of our model vs transformers' own.
+"""``python -m minipaged bench step``: decode-step throughput of our model vs transformers' own.
 
 Both run the same weights (the embedded SmolLM2 unless ``--model``), dtype and thread
 count, one decode token for each of ``--batch`` sequences at context ``--context``:
@@ -24,6 +24,7 @@ import torch
 
 from minipaged.attention import allocate_kv_cache, build_metadata, build_positions
 from minipaged.attention.torch_backend import DECODE_KERNELS
+from minipaged.benchmarks.common import add_threads_argument, apply_threads, describe_machine
 from minipaged.models.linear import PackedLinear, pack_in_place, packed_gemm_disabled
 from minipaged.models.loader import ensure_default_model, load_model
 from minipaged_kernels import cpu as cpu_kernels
@@ -133,14 +134,15 @@ def report(label: str, times: tuple[float, float], batch: int) -> None:
     print(f"{label:<40} {wall * 1e3:8.1f} ms/step wall ({batch / wall:7.1f} tokens/s)   {cpu * 1e3:8.1f} ms/step cpu")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m minipaged.benchmarks.step", description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The benchmark's options (it runs the model without an engine, so it has no engine options)."""
+    parser = argparse.ArgumentParser(prog="minipaged bench step", description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--context", type=int, default=200)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    add_threads_argument(parser)
     parser.add_argument(
         "--ragged",
         action="store_true",
@@ -175,13 +177,17 @@ def main(argv: list[str] | None = None) -> None:
         help="with several --decode-kernel / --few-row-linear values: times to alternate them",
     )
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     from transformers import AutoModelForCausalLM
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     dtype = DTYPES[args.dtype]
     loaded = load_model(None, dtype=dtype, attention_backend="torch")
+    print(describe_machine())
     print(
         f"threads={torch.get_num_threads()} batch={args.batch} context={args.context} ragged={args.ragged} "
         f"dtype={args.dtype} model={loaded.name}"

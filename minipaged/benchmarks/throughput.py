@@ -1,7 +1,7 @@
 """Throughput benchmark: minipaged vs transformers' best static batch and vLLM's CPU build, in one run.
 
-    python -m minipaged.benchmarks.throughput [--workload uniform|mixed|both] [--dtype float32 bfloat16]
-                              [--threads 2] [--vllm-python /path/to/vllm-venv/bin/python]
+    python -m minipaged bench throughput [--workload uniform|mixed|both] [--dtype float32 bfloat16]
+                              [--threads 2] [--vllm-python /path/to/vllm-venv/bin/python] [engine options]
 
 Two workloads of random token-id prompts, greedy, every request producing exactly its
 requested number of tokens: ``uniform`` is the peer workload (32 prompts x 64 tokens,
@@ -13,7 +13,7 @@ served: interpreter, imports, model load, warm-up) and peak RSS (of the child's 
 tree, sampled every 0.2 s) are its own:
 
 - vLLM's CPU build (``minipaged.benchmarks.vllm_peer`` under ``--vllm-python``);
-- minipaged (``LLM``, torch backend), once per ``--kv-cache-dtype``;
+- minipaged (``LLM``, torch backend, the engine options given), once per ``--kv-cache-dtype``;
 - transformers' ``generate`` on static left-padded batches of each
   ``--static-batch-sizes``; minipaged is compared with the fastest.
 
@@ -35,7 +35,6 @@ import contextlib
 import functools
 import json
 import os
-import platform
 import random
 import statistics
 import subprocess
@@ -45,11 +44,24 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from minipaged.attention.kv_quant import KV_CACHE_DTYPES
+from minipaged.benchmarks.common import (
+    add_threads_argument,
+    apply_threads,
+    child_env,
+    describe_machine,
+    write_json_atomic,
+)
+from minipaged.entrypoints.engine_args import add_engine_arguments, engine_argv, engine_kwargs
+
+PROG = "minipaged bench throughput"
+# Engine options the benchmark sets itself: the embedded model, the dtypes and KV cache dtypes it
+# sweeps (its own --dtype / --kv-cache-dtype take several values), --tensor-parallel-size (passed to
+# every minipaged child) and the workload's --seed. The rest pass to every minipaged child.
+ENGINE_EXCLUDE = ("model", "dtype", "kv_cache_dtype", "tensor_parallel_size", "seed")
 
 
 @dataclass(frozen=True)
@@ -130,26 +142,31 @@ def run_minipaged(
     rounds: RoundServer,
     kv_cache_dtype: str = "auto",
     tensor_parallel_size: int = 1,
+    engine: dict | None = None,
 ) -> None:
-    """Child: load and warm up once, then for each round asked for: the workload, then one request alone."""
+    """Child: load and warm up once, then for each round asked for: the workload, then one request alone.
+
+    ``engine``: ``LLM`` keywords from the command line, over the benchmark's own choices.
+    """
     from minipaged import LLM
     from minipaged.attention import kv_cache_bytes_per_block
     from minipaged.models import load_model
 
-    loaded = load_model(None, dtype=dtype, attention_backend="torch")
-    # A KV cache that holds the whole workload at once (no preemption), and no more: its
-    # size is resident memory, which the benchmark reports.
-    per_token = kv_cache_bytes_per_block(loaded.model.config, 1, dtype, kv_cache_dtype)
-    kv_bytes = per_token * sum(len(p) + m + 16 for p, m in zip(work.prompts, work.max_tokens))  # 16: a block's rounding
-    kv_bytes //= tensor_parallel_size  # the budget is per rank, and a rank holds 1/N of the heads
-    llm = LLM(
-        loaded,
-        max_num_seqs=max(64, len(work.prompts)),
-        max_num_batched_tokens=2048,
-        kv_cache_memory=kv_bytes,
-        kv_cache_dtype=kv_cache_dtype,
-        tensor_parallel_size=tensor_parallel_size,
+    engine = dict(engine or {})
+    loaded = load_model(
+        None,
+        dtype=dtype,
+        device=engine.pop("device", None) or "cpu",
+        attention_backend=engine.pop("attention_backend", None) or "torch",
     )
+    # A KV cache that holds the whole workload at once (no preemption), or the latency request that
+    # runs alone after it, and no more: its size is resident memory, which the benchmark reports.
+    per_token = kv_cache_bytes_per_block(loaded.model.config, 1, dtype, kv_cache_dtype)
+    tokens = sum(len(p) + m + 16 for p, m in zip(work.prompts, work.max_tokens))  # 16: a block's rounding
+    kv_bytes = per_token * max(tokens, LATENCY_PROMPT_LEN + LATENCY_NEW_TOKENS + 16)
+    kv_bytes //= tensor_parallel_size  # the budget is per rank, and a rank holds 1/N of the heads
+    own = {"max_num_seqs": max(64, len(work.prompts)), "max_num_batched_tokens": 2048, "kv_cache_memory": kv_bytes}
+    llm = LLM(loaded, kv_cache_dtype=kv_cache_dtype, tensor_parallel_size=tensor_parallel_size, **(own | engine))
     llm.generate([{"prompt_token_ids": work.prompts[0][:8]}], fixed_length_params(2), use_tqdm=False)  # warm-up
 
     def run_round(round_work: Workload) -> dict:
@@ -271,13 +288,6 @@ def peak_tree_rss(pid: int) -> int:
         tree.update(children)
         frontier += children
     return sum(rss.get(p, 0) for p in tree)
-
-
-def write_json_atomic(path: str, data: dict) -> None:
-    """Write ``data`` to ``path`` so that a reader polling for the file never sees it half written."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(data, f)
-    os.replace(path + ".tmp", path)
 
 
 @dataclass(frozen=True)
@@ -526,11 +536,10 @@ def workload_from_args(args: argparse.Namespace, vocab: int, round_index: int = 
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The benchmark's options (also parsed by its child processes)."""
     parser = argparse.ArgumentParser(
-        prog="python -m minipaged.benchmarks.throughput",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_workload_arguments(parser)
     parser.add_argument(
@@ -548,12 +557,7 @@ def main(argv: list[str] | None = None) -> int:
         metavar="B",
         help="transformers static batch sizes to run; minipaged is compared with the fastest",
     )
-    parser.add_argument(
-        "--threads",
-        type=positive_int,
-        default=None,
-        help="threads for every engine (default: torch's); vLLM gets cores 0..N-1",
-    )
+    add_threads_argument(parser, help="threads for every engine (default: torch's); vLLM gets cores 0..N-1")
     parser.add_argument(
         "--vllm-python",
         default=None,
@@ -585,9 +589,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--child", choices=("minipaged", "transformers"), help=argparse.SUPPRESS)
     parser.add_argument("--result-json", help=argparse.SUPPRESS)
+    add_engine_arguments(parser, exclude=ENGINE_EXCLUDE)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     if args.child:
         return child_main(args)
     if args.vllm_python and not os.access(args.vllm_python, os.X_OK):
@@ -597,20 +606,15 @@ def main(argv: list[str] | None = None) -> int:
 
     vocab = json.loads((ensure_default_model() / "config.json").read_text())["vocab_size"]
     print(
-        f"threads={torch.get_num_threads()} fp32 matmul={matmul_gflops():.1f} GFLOP/s "
-        f"cpu={platform.processor() or platform.machine()} fixed lengths by {fixed_length_mode()}",
+        f"{describe_machine()} fp32 matmul={matmul_gflops():.1f} GFLOP/s fixed lengths by {fixed_length_mode()}",
         flush=True,
     )
     threads = torch.get_num_threads()
     own = [sys.executable, "-m", "minipaged.benchmarks.throughput", "--threads", str(threads)]
-    vllm_env = {
-        **os.environ,
-        "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}",
-        "VLLM_CPU_KVCACHE_SPACE": "2",
-        "PYTHONPATH": os.pathsep.join(
-            filter(None, [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")])
-        ),
-    }
+    own += engine_argv(engine_kwargs(args))
+    # Every child imports minipaged from where this process does (the vLLM venv has no install of it).
+    env = child_env()
+    vllm_env = {**env, "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}", "VLLM_CPU_KVCACHE_SPACE": "2"}
     for dtype in args.dtype:
         for name, spec in workload_specs(args).items():
             work = make_workload(spec["num_requests"], vocab, spec["input_len"], spec["output_len"], spec["seed"])
@@ -631,7 +635,7 @@ def main(argv: list[str] | None = None) -> int:
                         "--tensor-parallel-size",
                         str(args.tensor_parallel_size),
                     ],
-                    None,
+                    env,
                 )
             results = run_engines(engines, args.rounds)
             if not args.skip_hf:  # one round, after the others have exited: it is slow and only a baseline
@@ -640,7 +644,7 @@ def main(argv: list[str] | None = None) -> int:
                     {
                         "transformers static": (
                             own + ["--child", "transformers", *flags, "--static-batch-sizes", *sizes],
-                            None,
+                            env,
                         )
                     },
                     1,
@@ -657,7 +661,7 @@ def child_main(args: argparse.Namespace) -> int:
     rounds = RoundServer(args.result_json, functools.partial(workload_from_args, args, vocab))
     work, dtype = workload_from_args(args, vocab), DTYPES[args.dtype[0]]
     if args.child == "minipaged":
-        run_minipaged(work, dtype, rounds, args.kv_cache_dtype[0], args.tensor_parallel_size)
+        run_minipaged(work, dtype, rounds, args.kv_cache_dtype[0], args.tensor_parallel_size, engine_kwargs(args))
     else:
         run_transformers(work, dtype, args.static_batch_sizes, rounds)
     return 0

@@ -1,6 +1,6 @@
 """Tensor-parallel benchmark: the same workload on one process and on ``--tp`` ranks, interleaved.
 
-    python -m minipaged.benchmarks.tp [--tp 2] [--model DIR] [--num-requests 16] [--rounds 2]
+    python -m minipaged bench tp [--tp 2] [--model DIR] [--num-requests 16] [--rounds 2] [engine options]
 
 Both engines live in this process (rank 0 of the TP one spawns the other ranks) and
 run the same prompts (random token ids, ``ignore_eos``) in alternating rounds, so the
@@ -21,7 +21,11 @@ import time
 
 import torch
 
+from minipaged.benchmarks.common import describe_machine
 from minipaged.benchmarks.throughput import add_workload_arguments, make_workload, positive_int
+from minipaged.entrypoints.engine_args import add_engine_arguments, engine_kwargs
+
+PROG = "minipaged bench tp"
 
 
 def smollm2_like(num_heads: int = 8, num_kv_heads: int = 4):
@@ -67,11 +71,10 @@ def run_round(llm, work) -> tuple[float, float]:
     return elapsed, sum(r.duration_s for r in list(llm.trace)[steps_before:])
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The benchmark's options: the workload's, ``--tp``, ``--rounds`` and the engine's."""
     parser = argparse.ArgumentParser(
-        prog="python -m minipaged.benchmarks.tp",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_workload_arguments(parser)
     parser.set_defaults(num_requests=16, input_len=(16, 128), output_len=(16, 64))
@@ -80,19 +83,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rounds", type=positive_int, default=2, help="alternating rounds per engine (after a warm-up)"
     )
-    args = parser.parse_args(argv)
+    # --model (its own default), --tp and the workload's --seed are this benchmark's; thread counts
+    # are set per engine below.
+    add_engine_arguments(parser, exclude=("model", "tensor_parallel_size", "seed"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     from minipaged import LLM
     from minipaged.models import load_model
 
-    model = smollm2_like() if args.model is None else load_model(args.model).model
+    def build_model():
+        return smollm2_like() if args.model is None else load_model(args.model).model
+
+    model = build_model()
     cores = os.cpu_count() or 1
     work = make_workload(
         args.num_requests, model.config.vocab_size, tuple(args.input_len), tuple(args.output_len), args.seed
     )
-    kw = dict(num_kv_blocks=2048, block_size=16, max_model_len=512)
+    kw = dict(num_kv_blocks=2048, block_size=16, max_model_len=512) | engine_kwargs(args)
     single = LLM(model, **kw)
-    tp = LLM(model, tensor_parallel_size=args.tp, **kw)
+    # Its own copy of the same weights: the one-process engine packs its model's weights into
+    # oneDNN tensors, which cannot be sent to the TP engine's spawned ranks.
+    tp = LLM(build_model(), tensor_parallel_size=args.tp, **kw)
     per_rank = max(1, cores // args.tp)
     # (label, engine, torch threads in this process); the TP engine's other ranks use per_rank threads each
     runs = [
@@ -100,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         (f"TP=1 x {per_rank} threads", single, per_rank),
         (f"TP={args.tp} x {per_rank} threads/rank", tp, per_rank),
     ]
+    print(describe_machine())
     print(
         f"cores={cores} load average={os.getloadavg()[0]:.1f} "
         f"model={'random SmolLM2-sized Llama' if args.model is None else args.model} "

@@ -1,4 +1,4 @@
-"""``python -m minipaged.benchmarks.throughput`` 's workload on vLLM's own CPU engine, for a peer figure beside it.
+"""``minipaged bench throughput``'s workload on vLLM's own CPU engine, for a peer figure beside it.
 
 vLLM is not a dependency of minipaged (it pins its own torch and spawns processes), so
 this runs under a separate virtual environment's Python with the repository on the path:
@@ -8,16 +8,16 @@ this runs under a separate virtual environment's Python with the repository on t
     # PyPI's torchvision/torchaudio/torchcodec builds do not import beside torch's CPU wheel
     /work/vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec
     VLLM_CPU_KVCACHE_SPACE=2 VLLM_CPU_OMP_THREADS_BIND=0-1 \\
-        PYTHONPATH=. /work/vllm-venv/bin/python -m minipaged.benchmarks.vllm_peer
+        PYTHONPATH=.:kernels /work/vllm-venv/bin/python -m minipaged.benchmarks.vllm_peer
 
 (Its ``vllm`` command line fails on package metadata, so this uses its Python API.)
-``python -m minipaged.benchmarks.throughput --vllm-python /work/vllm-venv/bin/python`` runs this for you.
+``python -m minipaged bench throughput --vllm-python /work/vllm-venv/bin/python`` runs this for you.
 
 Same prompts as the benchmark (``make_workload`` with the same arguments and seed), the
 embedded SmolLM2 prepared by ``make setup``, ``--dtype`` (fp32 by default), greedy,
 ``min_tokens`` = ``max_tokens`` (vLLM masks EOS until then), one warm-up request; then
 one request alone (64 prompt tokens, 64 new) for latency. Prints output tokens/s;
-``--result-json`` also writes the numbers. ``python -m minipaged.benchmarks.throughput --vllm-python`` runs
+``--result-json`` also writes the numbers. ``minipaged bench throughput --vllm-python`` runs
 this with ``--rounds-from-stdin``: loaded once, a round of the workload (fresh token ids, same
 lengths) each time the parent asks. ``VLLM_CPU_OMP_THREADS_BIND`` sets vLLM's threads (one per listed
 core), the counterpart of the benchmark's ``--threads``.
@@ -30,6 +30,7 @@ import functools
 import json
 import time
 
+from minipaged.benchmarks.common import write_json_atomic
 from minipaged.benchmarks.throughput import (
     LATENCY_NEW_TOKENS,
     RoundServer,
@@ -37,7 +38,6 @@ from minipaged.benchmarks.throughput import (
     add_workload_arguments,
     latency_prompt,
     workload_from_args,
-    write_json_atomic,
 )
 from minipaged.models.loader import default_model_dir
 

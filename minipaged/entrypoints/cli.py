@@ -1,5 +1,6 @@
 """Command line: ``python -m minipaged generate "prompt"`` (add ``--chat`` to use the chat template),
-and ``python -m minipaged serve`` (the OpenAI-compatible server, ``minipaged/entrypoints/openai/cli.py``).
+``python -m minipaged serve`` (the OpenAI-compatible server, ``minipaged/entrypoints/openai/cli.py``)
+and ``python -m minipaged bench NAME`` (the benchmarks in ``minipaged/benchmarks/``).
 
 Defaults to the embedded SmolLM2-135M-Instruct and greedy decoding.
 
@@ -12,6 +13,7 @@ come from ``add_engine_arguments`` / ``engine_kwargs`` so every subcommand spell
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import warnings
 from collections.abc import Callable
@@ -43,7 +45,8 @@ def _add_generate(sub: Any) -> None:
     gen = sub.add_parser("generate", help="generate text for one or more prompts")
     gen.add_argument("prompts", nargs="+", help="prompt text (several prompts run as one batch)")
     gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
-    add_engine_arguments(gen)
+    # --seed here is the per-request sampling seed (SamplingParams.seed), not the engine's.
+    add_engine_arguments(gen, exclude=("seed",))
     s = gen.add_argument_group("sampling")
     s.add_argument("--max-tokens", type=int, default=128)
     s.add_argument("--min-tokens", type=int, default=0, help="EOS and stop tokens are masked until this many tokens")
@@ -70,11 +73,51 @@ def _add_generate(sub: Any) -> None:
     gen.set_defaults(run=_generate)
 
 
+# ``bench NAME``: the module that runs it and its one-line description. The modules are imported
+# only when their benchmark runs (by name, at run time: benchmarks sit above the entrypoints and
+# import their engine options from here), so ``minipaged --help`` loads none of them.
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "throughput": (
+        "minipaged.benchmarks.throughput",
+        "output tokens/s of a request mix vs transformers' static batches and vLLM's CPU build",
+    ),
+    "latency": ("minipaged.benchmarks.latency", "latency of one batch from submission to its last token"),
+    "serve": (
+        "minipaged.benchmarks.serve",
+        "Poisson arrivals against OpenAI-compatible servers: TTFT, TPOT, ITL, end-to-end latency",
+    ),
+    "tp": ("minipaged.benchmarks.tp", "tensor-parallel ranks vs one process on the same workload"),
+    "blocks": ("minipaged.benchmarks.blocks", "block manager operations per second on a large pool"),
+    "step": ("minipaged.benchmarks.step", "one decode step of the model vs transformers' own"),
+    "kv-quant": ("minipaged.benchmarks.kv_quant", "accuracy and capacity of the int8 / fp8 KV cache (notebook 08)"),
+}
+
+
+def _add_bench(sub: Any) -> None:
+    bench = sub.add_parser(
+        "bench",
+        help="run a benchmark (minipaged bench NAME --help for its options)",
+        description="Benchmarks; each takes its own options: minipaged bench NAME --help.",
+    )
+    names = bench.add_subparsers(dest="benchmark", required=True, metavar="NAME", parser_class=_Parser)
+    for name, (_, description) in BENCHMARKS.items():
+        # Listed here for ``bench --help``; ``main`` hands ``bench NAME ...`` to the module before parsing.
+        names.add_parser(name, help=description, add_help=False)
+
+
+def run_benchmark(name: str, argv: list[str]) -> int:
+    """Run benchmark ``name`` (a ``BENCHMARKS`` key) with its own arguments; returns its exit status."""
+    module = importlib.import_module(BENCHMARKS[name][0])
+    status = module.main(argv)
+    return 0 if status is None else int(status)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_generate(sub)
     add_serve_parser(sub)
+    _add_bench(sub)
     return parser
 
 
@@ -99,7 +142,7 @@ def _generate(args: argparse.Namespace) -> int:
         stop=tuple(args.stop or ()),
         ignore_eos=args.ignore_eos,
     )
-    llm = LLM(args.model, **engine_kwargs(args))
+    llm = LLM(**engine_kwargs(args))
     prompts: list = args.prompts
     if args.chat:
         prompts = llm.chat_prompts([[{"role": "user", "content": p}] for p in args.prompts])
@@ -158,6 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     from minipaged.errors import InputError
     from minipaged.models.loader import ModelNotFoundError
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if len(argv) >= 2 and argv[0] == "bench" and argv[1] in BENCHMARKS:
+        # Each benchmark parses its own options (and prints its own --help).
+        return run_benchmark(argv[1], argv[2:])
     parser = _parser()
     args = parser.parse_args(argv)
     run: Callable[[argparse.Namespace], int] = args.run

@@ -1,15 +1,28 @@
-"""Engine options of the command line, shared by every subcommand (``generate``, ``serve``).
+"""Engine options of the command line, generated from ``EngineConfig``'s fields.
 
-``add_engine_arguments`` adds them to a parser and ``engine_kwargs`` turns the parsed ones back
-into ``LLM(...)`` / ``AsyncLLM(...)`` keywords, so each subcommand spells them alike.
+``add_engine_arguments`` adds one ``--flag`` per field (type from the annotation, help text and
+choices from the field's metadata, default shown from the dataclass) and ``engine_kwargs`` turns
+the parsed ones back into ``LLM(...)`` / ``AsyncLLM(...)`` keywords. ``generate``, ``serve`` and
+the benchmarks all call these two, so a new ``EngineConfig`` field is a new flag everywhere.
+
+Every flag's argparse default is ``None``: a flag left unset passes no keyword, and the engine
+keeps its own default (some, like ``max_model_len``, are resolved from the loaded model).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import typing
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from minipaged.attention.kv_quant import KV_CACHE_DTYPES
+from minipaged.config import EngineConfig
+
+# The namespace attribute that lists which fields this parser turned into flags, so that
+# ``engine_kwargs`` never mistakes a subcommand's own option of the same name (``generate``'s
+# per-request ``--seed``) for an engine keyword.
+ENGINE_FIELDS_DEST = "engine_fields"
 
 
 def byte_size(text: str) -> int:
@@ -24,57 +37,101 @@ def byte_size(text: str) -> int:
     return int(number * units[unit])
 
 
-def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options that build the engine (``LLM(...)`` keywords); shared by every subcommand."""
-    group = parser.add_argument_group("engine")
-    group.add_argument(
-        "--model", default=None, help="HF directory or .gguf file (default: embedded SmolLM2-135M-Instruct)"
-    )
-    group.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
-    group.add_argument("--attention-backend", choices=("torch", "triton"), default=None)
-    group.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default 16)")
-    group.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache size in blocks")
-    group.add_argument(
-        "--kv-cache-memory",
-        type=byte_size,
-        default=None,
-        help="KV cache size in bytes on CPU, e.g. 512M or 2G (default 1G)",
-    )
-    group.add_argument("--max-num-seqs", type=int, default=None, help="most sequences in one step (default 128)")
-    group.add_argument(
-        "--max-num-batched-tokens", type=int, default=None, help="token budget of one step (default 2048)"
-    )
-    group.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output (default: the model's)")
-    group.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV blocks of shared prefixes")
-    group.add_argument(
-        "--kv-cache-dtype",
-        choices=KV_CACHE_DTYPES,
-        default=None,
-        help="KV cache storage: auto (the model dtype, default), int8 or fp8_e4m3 (see minipaged.attention.kv_quant)",
-    )
-    group.add_argument(
-        "--tensor-parallel-size",
-        type=int,
-        default=None,
-        help="processes that each hold 1/N of every layer's heads and KV cache (default 1)",
-    )
+# Fields whose command-line text needs a parser other than their annotation's type.
+_PARSERS: dict[str, Callable[[str], Any]] = {"kv_cache_memory": byte_size}
+_METAVARS = {"kv_cache_memory": "BYTES", "model": "PATH", "dtype": "DTYPE", "device": "DEVICE"}
+_TYPE_METAVARS = {int: "N", float: "X", str: "TEXT"}
+
+
+def flag_name(name: str) -> str:
+    """``max_num_seqs`` -> ``--max-num-seqs``."""
+    return "--" + name.replace("_", "-")
+
+
+def _flag_names(f: dataclasses.Field) -> list[str]:
+    """A bool ``enable_<x>`` also answers to ``--<x>`` (so ``--no-prefix-caching`` works, as in vLLM)."""
+    names = [flag_name(f.name)]
+    if _cli_type(f) is bool and f.name.startswith("enable_"):
+        names.append(flag_name(f.name.removeprefix("enable_")))
+    return names
+
+
+def _cli_type(f: dataclasses.Field) -> type:
+    """The first of int, float, bool, str in the field's annotation (``str | torch.dtype`` -> str)."""
+    hint = typing.get_type_hints(EngineConfig)[f.name]
+    members = typing.get_args(hint) or (hint,)
+    for candidate in (bool, int, float, str):
+        if candidate in members:
+            return candidate
+    raise TypeError(f"EngineConfig.{f.name}: no command-line type for {hint!r}; add one to engine_args._PARSERS")
+
+
+def _help(f: dataclasses.Field) -> str:
+    text = f.metadata["help"]
+    if f.default is None:
+        return text  # the help text says what "unset" means
+    shown = f.default
+    if isinstance(shown, bool):
+        shown = "on" if shown else "off"
+    return f"{text} (default: {shown})"
+
+
+def engine_fields() -> tuple[dataclasses.Field, ...]:
+    """``EngineConfig``'s fields, in declaration order."""
+    return dataclasses.fields(EngineConfig)
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser, exclude: Iterable[str] = ()) -> argparse._ArgumentGroup:
+    """Add an ``engine`` group with one flag per ``EngineConfig`` field, less those named in ``exclude``
+    (a caller that has its own option of that name, e.g. a benchmark's sweep over ``--kv-cache-dtype``).
+
+    Each option's dest is the field's name; unset options parse to ``None``.
+    """
+    skip = set(exclude)
+    unknown = skip - {f.name for f in engine_fields()}
+    if unknown:
+        raise ValueError(f"exclude names no EngineConfig field: {sorted(unknown)}")
+    group = parser.add_argument_group("engine", "options of the engine (EngineConfig); unset ones keep its defaults")
+    added = []
+    for f in engine_fields():
+        if f.name in skip:
+            continue
+        if "help" not in f.metadata:
+            raise TypeError(f"EngineConfig.{f.name} has no metadata['help']: give it one")
+        kind = _cli_type(f)
+        options: dict[str, Any] = {"dest": f.name, "default": None, "help": _help(f)}
+        if kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        else:
+            options["type"] = _PARSERS.get(f.name, kind)
+            if "choices" in f.metadata:
+                options["choices"] = tuple(f.metadata["choices"])
+            else:
+                options["metavar"] = _METAVARS.get(f.name, _TYPE_METAVARS[kind])
+        group.add_argument(*_flag_names(f), **options)
+        added.append(f.name)
+    parser.set_defaults(**{ENGINE_FIELDS_DEST: tuple(added)})
+    return group
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """``LLM(...)`` keywords from ``add_engine_arguments``' options; unset options keep the engine's defaults."""
-    names = (
-        "dtype",
-        "attention_backend",
-        "block_size",
-        "num_kv_blocks",
-        "kv_cache_memory",
-        "max_num_seqs",
-        "max_num_batched_tokens",
-        "max_model_len",
-        "kv_cache_dtype",
-        "tensor_parallel_size",
-    )
-    kwargs = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-    if args.no_prefix_caching:
-        kwargs["enable_prefix_caching"] = False
-    return kwargs
+    """``LLM(...)`` keywords of the engine flags set on the command line; unset ones are left out,
+    so the engine keeps its defaults."""
+    names = getattr(args, ENGINE_FIELDS_DEST, ())
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def engine_argv(kwargs: dict[str, Any]) -> list[str]:
+    """The command-line flags that ``add_engine_arguments`` parses back into ``kwargs`` (for a child
+    process or a launched server); the inverse of ``engine_kwargs``."""
+    known = {f.name for f in engine_fields()}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise TypeError(f"not EngineConfig fields: {unknown}")
+    argv: list[str] = []
+    for name, value in kwargs.items():
+        if isinstance(value, bool):
+            argv.append(flag_name(name) if value else "--no-" + flag_name(name)[2:])
+        elif value is not None:
+            argv += [flag_name(name), str(value)]
+    return argv

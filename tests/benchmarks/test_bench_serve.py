@@ -19,7 +19,9 @@ def test_default_prompt_set_ships_with_the_package():
 def test_jsonl_file_and_request_building(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": "a"}\n\n{"prompt": "b"}\n')
-    args = bs._parser().parse_args(["--dataset", str(path), "--num-prompts", "5", "--max-tokens", "7", "--raw-prompts"])
+    args = bs.build_parser().parse_args(
+        ["--dataset", str(path), "--num-prompts", "5", "--max-tokens", "7", "--raw-prompts"]
+    )
     reqs = bs.build_requests(args, tokenizer=None)
     assert sorted(r.prompt for r in reqs) == ["a", "a", "a", "b", "b"] and {r.max_tokens for r in reqs} == {7}
 
@@ -33,7 +35,7 @@ class _TemplateTokenizer:
 def test_prompts_go_through_the_chat_template_by_default(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": "hi"}\n')
-    args = bs._parser().parse_args(["--dataset", str(path), "--num-prompts", "1"])
+    args = bs.build_parser().parse_args(["--dataset", str(path), "--num-prompts", "1"])
     assert [r.prompt for r in bs.build_requests(args, _TemplateTokenizer())] == ["<user>hi</user><assistant>"]
 
 

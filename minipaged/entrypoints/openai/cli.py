@@ -22,7 +22,6 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     add_engine_arguments(p)
-    p.add_argument("--seed", type=int, default=None, help="engine seed for requests that give none (default 0)")
     p.set_defaults(run=run_serve)
     return p
 
@@ -39,10 +38,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from minipaged.entrypoints.openai.app import build_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    kwargs = engine_kwargs(args)
-    if args.seed is not None:
-        kwargs["seed"] = args.seed
-    engine = AsyncLLM(args.model, **kwargs)
+    engine = AsyncLLM(**engine_kwargs(args))
     app = build_app(engine, model_name=args.served_model_name, api_key=args.api_key)
     _log.info(
         "serving %s on http://%s:%d (max_model_len=%d)",

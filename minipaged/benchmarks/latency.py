@@ -1,0 +1,164 @@
+"""Latency benchmark: how long one batch takes from submission to its last token (``vllm bench latency``).
+
+    python -m minipaged bench latency --batch-size 8 --input-len 32 --output-len 128 \\
+        --num-iters-warmup 3 --num-iters 10 [--threads N] [--out latency.json] [engine options]
+
+One batch of ``--batch-size`` prompts of ``--input-len`` random token ids, each generating exactly
+``--output-len`` tokens (``min_tokens = max_tokens``, ``ignore_eos``; sampled at temperature 1 as
+vLLM's benchmark does), submitted together with ``LLM.generate``. After ``--num-iters-warmup``
+untimed runs it times ``--num-iters`` runs and prints the mean, median, P90 and P99 latency of the
+whole batch and the time per output token (batch latency / ``--output-len``: one decode step of
+the batch). Every run's prompts are the same, so with prefix caching on (the default) runs after
+the first reuse the prompt's KV blocks; ``--no-prefix-caching`` measures the prefill every time.
+The engine options are ``EngineConfig``'s (default model: the embedded SmolLM2-135M-Instruct).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import random
+import time
+from typing import Any
+
+import numpy as np
+
+from minipaged.benchmarks.common import (
+    add_out_argument,
+    add_threads_argument,
+    apply_threads,
+    command_line,
+    describe_machine,
+    machine_info,
+    warm_up,
+    write_json_atomic,
+)
+from minipaged.entrypoints.engine_args import add_engine_arguments, engine_kwargs
+
+PROG = "minipaged bench latency"
+PROMPT_SEED = 0  # prompts are fixed random ids; --seed is the engine's sampling seed
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """The benchmark's options (on ``parser`` when given, e.g. a ``bench`` subcommand's)."""
+    parser = parser or argparse.ArgumentParser(
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    bench = parser.add_argument_group("latency")
+    bench.add_argument("--batch-size", type=_positive_int, default=8, help="prompts in the batch (default: 8)")
+    bench.add_argument("--input-len", type=_positive_int, default=32, help="tokens per prompt (default: 32)")
+    bench.add_argument(
+        "--output-len", type=_positive_int, default=128, help="tokens generated per prompt (default: 128)"
+    )
+    bench.add_argument("--num-iters-warmup", type=_nonnegative_int, default=3, help="untimed runs first (default: 3)")
+    bench.add_argument("--num-iters", type=_positive_int, default=10, help="timed runs (default: 10)")
+    add_threads_argument(parser)
+    add_out_argument(parser)
+    add_engine_arguments(parser)
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def dummy_prompts(batch_size: int, input_len: int, vocab_size: int, seed: int = PROMPT_SEED) -> list[list[int]]:
+    """``batch_size`` lists of ``input_len`` random token ids in ``[0, vocab_size)``."""
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab_size) for _ in range(input_len)] for _ in range(batch_size)]
+
+
+def summarize(latencies: list[float], batch_size: int, input_len: int, output_len: int) -> dict[str, Any]:
+    """Statistics of the timed runs (seconds) and the per-output-token time (ms)."""
+    arr = np.asarray(latencies, dtype=float)
+    mean = float(arr.mean())
+    return {
+        "batch_size": batch_size,
+        "input_len": input_len,
+        "output_len": output_len,
+        "num_iters": len(latencies),
+        "latencies_s": [float(x) for x in arr],
+        "mean_s": mean,
+        "median_s": float(np.median(arr)),
+        "p90_s": float(np.percentile(arr, 90)),
+        "p99_s": float(np.percentile(arr, 99)),
+        "per_output_token_ms": mean / output_len * 1e3,
+        "output_tokens_per_s": batch_size * output_len / mean,
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Build the engine from the engine options, warm up, time the batch; returns the result dict."""
+    from minipaged import LLM, SamplingParams
+
+    apply_threads(args)
+    kwargs = engine_kwargs(args)
+    with LLM(**kwargs) as llm:
+        prompts = [
+            {"prompt_token_ids": ids}
+            for ids in dummy_prompts(args.batch_size, args.input_len, llm.model_config.vocab_size)
+        ]
+        params = SamplingParams(
+            temperature=1.0, top_p=1.0, max_tokens=args.output_len, min_tokens=args.output_len, ignore_eos=True
+        )
+        counts: dict[str, int] = {}
+
+        def once() -> float:
+            start = time.perf_counter()
+            outputs = llm.generate(prompts, params, use_tqdm=False)
+            elapsed = time.perf_counter() - start
+            counts["prompt_tokens"] = sum(len(o.prompt_token_ids) for o in outputs)
+            counts["output_tokens"] = sum(len(o.outputs[0].token_ids) for o in outputs)
+            return elapsed
+
+        warm_up(once, args.num_iters_warmup)
+        latencies = []
+        for i in range(args.num_iters):
+            latencies.append(once())
+            print(f"iteration {i + 1}/{args.num_iters}: {latencies[-1]:.3f} s", flush=True)
+        result = summarize(latencies, args.batch_size, args.input_len, args.output_len)
+        result |= counts
+        # The resolved config: KV blocks and max_model_len as the engine sized them.
+        result["engine"] = {f.name: _jsonable(getattr(llm.config, f.name)) for f in dataclasses.fields(llm.config)}
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    apply_threads(args)
+    machine = machine_info()
+    print(describe_machine(machine), flush=True)
+    result = run(args)
+    want = args.batch_size * args.output_len
+    if result["output_tokens"] != want:
+        print(f"warning: the batch produced {result['output_tokens']} output tokens, not {want}")
+    print(
+        f"batch {args.batch_size} x ({args.input_len} prompt + {args.output_len} output tokens), "
+        f"{args.num_iters} runs after {args.num_iters_warmup} warm-up:\n"
+        f"  latency mean {result['mean_s']:.3f} s, median {result['median_s']:.3f} s, "
+        f"P90 {result['p90_s']:.3f} s, P99 {result['p99_s']:.3f} s\n"
+        f"  per output token {result['per_output_token_ms']:.2f} ms "
+        f"({result['output_tokens_per_s']:.1f} output tokens/s)"
+    )
+    if args.out:
+        write_json_atomic(args.out, {"command": command_line(PROG, argv), "machine": machine, **result})
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
