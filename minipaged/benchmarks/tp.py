@@ -95,19 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     from minipaged import LLM
     from minipaged.models import load_model
 
-    def build_model():
-        return smollm2_like() if args.model is None else load_model(args.model).model
-
-    model = build_model()
+    model = smollm2_like() if args.model is None else load_model(args.model).model
     cores = os.cpu_count() or 1
     work = make_workload(
         args.num_requests, model.config.vocab_size, tuple(args.input_len), tuple(args.output_len), args.seed
     )
     kw = dict(num_kv_blocks=2048, block_size=16, max_model_len=512) | engine_kwargs(args)
     single = LLM(model, **kw)
-    # Its own copy of the same weights: the one-process engine packs its model's weights into
-    # oneDNN tensors, which cannot be sent to the TP engine's spawned ranks.
-    tp = LLM(build_model(), tensor_parallel_size=args.tp, **kw)
+    tp = LLM(model, tensor_parallel_size=args.tp, **kw)
     per_rank = max(1, cores // args.tp)
     # (label, engine, torch threads in this process); the TP engine's other ranks use per_rank threads each
     runs = [
