@@ -20,7 +20,7 @@ from minipaged.attention import kv_quant
 from minipaged.errors import InvalidEngineConfigError
 from minipaged.sampling_params import MAX_SEED
 
-_DTYPES = {
+DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
     "float16": torch.float16,
@@ -57,7 +57,7 @@ class EngineConfig:
     )
     dtype: str | torch.dtype = field(
         default="float32",
-        metadata={"help": f"dtype of weights, activations and KV cache: one of {', '.join(_DTYPES)}"},
+        metadata={"help": f"dtype of weights, activations and KV cache: one of {', '.join(DTYPES)}"},
     )
     block_size: int = field(default=16, metadata={"help": "tokens per KV block"})
     num_kv_blocks: int | None = field(
@@ -113,8 +113,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.model is not None and not isinstance(self.model, str):
             raise InvalidEngineConfigError("model", f"must be a path string or None, got {type(self.model).__name__}")
-        if not isinstance(self.dtype, torch.dtype) and self.dtype not in _DTYPES:
-            raise InvalidEngineConfigError("dtype", f"unknown dtype {self.dtype!r}; use one of {sorted(_DTYPES)}")
+        if not isinstance(self.dtype, torch.dtype) and self.dtype not in DTYPES:
+            raise InvalidEngineConfigError("dtype", f"unknown dtype {self.dtype!r}; use one of {sorted(DTYPES)}")
         if self.torch_dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise InvalidEngineConfigError("dtype", f"must be a floating dtype, got {self.dtype!r}")
         _positive_int("block_size", self.block_size)
@@ -165,7 +165,7 @@ class EngineConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return self.dtype if isinstance(self.dtype, torch.dtype) else _DTYPES[self.dtype]
+        return self.dtype if isinstance(self.dtype, torch.dtype) else DTYPES[self.dtype]
 
     @property
     def torch_device(self) -> torch.device:

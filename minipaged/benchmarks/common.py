@@ -37,7 +37,7 @@ def add_threads_argument(parser: argparse.ArgumentParser, help: str | None = Non
     """``--threads N``: torch's intra-op threads (default: torch's own choice)."""
     parser.add_argument(
         "--threads",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         metavar="N",
         help=help or "torch threads (torch.set_num_threads); default: torch's own choice",
@@ -67,7 +67,8 @@ def warm_up(fn: Callable[[], Any], iterations: int) -> None:
         fn()
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")

