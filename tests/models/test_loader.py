@@ -159,7 +159,7 @@ def test_prepared_smollm2_matches_transformers_gguf_model(capsys):
     assert "already prepared" in capsys.readouterr().out
     hf_model, hf_tokenizer = read_gguf(embedded_gguf_path())
     tokens = hf_tokenizer("The capital of France is Paris, and the capital of Italy is")["input_ids"]
-    assert loaded.tokenizer(hf_tokenizer.decode(tokens))["input_ids"] == tokens
+    assert loaded.tokenizer(hf_tokenizer.decode(tokens, skip_special_tokens=True))["input_ids"] == tokens
     with torch.no_grad():
         expected = hf_model(torch.tensor([tokens])).logits[0]
     caches = allocate_kv_cache(loaded.config, 4, 16, torch.float32, "cpu")
