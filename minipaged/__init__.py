@@ -9,7 +9,7 @@ __all__ = ["LLM", "SamplingParams", "BeamSearchParams"]
 
 
 def __getattr__(name: str):
-    # Lazy: `import minipaged` (e.g. for kernels or the block manager) must not load torch models.
+    # Lazy: `import minipaged` (e.g. for the block manager alone) must not load torch models.
     if name == "LLM":
         from minipaged.engine.llm import LLM
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from minipaged.attention import kv_quant
+from minipaged.attention import BACKENDS, kv_quant
 from minipaged.errors import InvalidEngineConfigError
 from minipaged.sampling_params import MAX_SEED
 
@@ -74,7 +74,9 @@ class EngineConfig:
     )
     gpu_memory_utilization: float = field(
         default=0.9,
-        metadata={"help": "fraction of free CUDA memory that weights and KV cache may use, in (0, 1]"},
+        metadata={
+            "help": "fraction of the CUDA memory left free by the loaded weights that the KV cache takes, in (0, 1]"
+        },
     )
     max_num_seqs: int = field(default=128, metadata={"help": "most sequences in one step"})
     max_num_batched_tokens: int = field(default=2048, metadata={"help": "token budget of one step"})
@@ -88,7 +90,7 @@ class EngineConfig:
     )
     attention_backend: str | None = field(
         default=None,
-        metadata={"help": "attention kernels; unset: triton on CUDA, torch otherwise", "choices": ("torch", "triton")},
+        metadata={"help": "attention kernels; unset: triton on CUDA, torch otherwise", "choices": BACKENDS},
     )
     seed: int = field(
         default=0,
@@ -126,12 +128,12 @@ class EngineConfig:
         util = self.gpu_memory_utilization
         if isinstance(util, bool) or not isinstance(util, (int, float)) or not 0.0 < util <= 1.0:
             raise InvalidEngineConfigError("gpu_memory_utilization", f"must be a number in (0, 1], got {util!r}")
-        if self.attention_backend not in (None, "torch", "triton"):
+        if self.attention_backend is not None and self.attention_backend not in BACKENDS:
             raise InvalidEngineConfigError(
-                "attention_backend", f"must be 'torch', 'triton' or None, got {self.attention_backend!r}"
+                "attention_backend", f"must be one of {BACKENDS} or None, got {self.attention_backend!r}"
             )
         if self.device not in (None, "cpu", "cuda") and not str(self.device).startswith("cuda:"):
-            raise InvalidEngineConfigError("device", f"must be 'cpu', 'cuda' or None, got {self.device!r}")
+            raise InvalidEngineConfigError("device", f"must be 'cpu', 'cuda', 'cuda:N' or None, got {self.device!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
             raise InvalidEngineConfigError(
                 "seed", f"must be an integer in [0, 2**64 - 1] (torch.Generator's range), got {self.seed!r}"

@@ -1,7 +1,7 @@
 """Test-wide setup: run Triton kernels in the interpreter when no GPU is present.
 
 TRITON_INTERPRET must be set before any ``@triton.jit`` kernel is defined, so this
-runs before the test modules import ``kernels``.
+runs before the test modules import ``minipaged_kernels``.
 """
 
 import os

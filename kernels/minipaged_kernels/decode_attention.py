@@ -19,7 +19,7 @@ partition end) is masked.
 A quantized cache (int8 or fp8 e4m3 with fp32 scales, ``minipaged_kernels._kv_quant``) is read as
 1-byte rows plus one scale per row (a per-layer scale is a stride-0 view) and
 dequantized in registers into ``q``'s dtype before each dot: the kernel then moves a
-quarter (fp32) or half (fp16/bf16) of the cache bytes, and accumulates in fp32 as before.
+quarter (fp32) or half (fp16/bf16) of the cache bytes, and accumulates in fp32 as the unquantized kernel does.
 """
 
 from __future__ import annotations

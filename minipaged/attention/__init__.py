@@ -7,7 +7,7 @@ Every layer's cache is a pair ``(k_cache, v_cache)``, each
 dequantize on read. Two backends implement the same contract:
 
 - ``"torch"``: pure PyTorch, vectorised over the batch; the default without CUDA;
-- ``"triton"``: the Triton kernels in ``kernels`` (the Triton interpreter on CPU:
+- ``"triton"``: the Triton kernels in ``minipaged_kernels`` (the Triton interpreter on CPU:
   correct but slow, meant for tests and step-through).
 """
 

@@ -3,7 +3,7 @@
 The KV cache is what limits how many sequences run at once, so a smaller element buys
 proportionally more blocks in the same ``kv_cache_memory``. ``EngineConfig.kv_cache_dtype``:
 
-- ``"auto"``: the cache holds the model dtype (fp32 / fp16 / bf16), as before.
+- ``"auto"``: the cache holds the model dtype (fp32 / fp16 / bf16).
 - ``"int8"``: symmetric int8 with one fp32 scale per (token, KV head): ``scale =
   amax(|row|) / 127`` over the row's ``head_dim`` values, ``q = round(x / scale)``
   (round half to even), dequantized as ``q * scale``. The scales live in a side tensor

@@ -1,4 +1,4 @@
-"""Paged attention through the Triton kernels in ``kernels`` (compiled on CUDA, interpreted on CPU).
+"""Paged attention through the Triton kernels in ``minipaged_kernels`` (compiled on CUDA, interpreted on CPU).
 
 A step whose sequences all have one new token runs the decode kernel; any step with a
 longer query (prefill, chunked prefill, or a mix with decodes) runs the prefill kernel,

@@ -1,13 +1,9 @@
-"""Command line: ``python -m minipaged generate "prompt"`` (add ``--chat`` to use the chat template),
-``python -m minipaged serve`` (the OpenAI-compatible server, ``minipaged/entrypoints/openai/cli.py``)
-and ``python -m minipaged bench NAME`` (the benchmarks in ``minipaged/benchmarks/``).
-
-Defaults to the embedded SmolLM2-135M-Instruct and greedy decoding.
+"""The ``minipaged`` command: ``generate``, ``serve`` (the OpenAI-compatible server) and ``bench NAME``.
 
 Every invalid value, whether argparse or the engine finds it, ends the run with one line
-``python -m minipaged: error: ...`` on stderr and exit status 2, like argparse; no traceback.
-Subcommands register themselves in ``_parser`` with ``set_defaults(run=...)``; engine options
-come from ``add_engine_arguments`` / ``engine_kwargs`` so every subcommand spells them alike.
+``minipaged: error: ...`` on stderr and exit status 2, like argparse; no traceback. Subcommands
+register themselves in ``_parser`` with ``set_defaults(run=...)``; engine options come from
+``add_engine_arguments`` / ``engine_kwargs`` so every subcommand spells them alike.
 """
 
 from __future__ import annotations
@@ -19,10 +15,20 @@ import warnings
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from minipaged.entrypoints.engine_args import add_engine_arguments, engine_kwargs
+from minipaged.entrypoints.engine_args import add_engine_arguments, engine_fields, engine_kwargs
 from minipaged.entrypoints.openai.cli import add_serve_parser
 
 PROG = "minipaged"
+DESCRIPTION = """\
+Serve and run small language models on a paged KV cache.
+
+  minipaged generate "The capital of France is"     one or more prompts (--chat for the chat template)
+  minipaged serve --port 8000                       the OpenAI-compatible server
+  minipaged bench NAME                              benchmarks: minipaged bench --help
+
+The model defaults to the embedded SmolLM2-135M-Instruct; generate decodes greedily unless given
+a --temperature.
+"""
 
 
 class CliError(Exception):
@@ -47,27 +53,26 @@ def _add_generate(sub: Any) -> None:
     gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
     # --seed here is the per-request sampling seed (SamplingParams.seed), not the engine's.
     add_engine_arguments(gen, exclude=("seed",))
-    s = gen.add_argument_group("sampling")
-    s.add_argument("--max-tokens", type=int, default=128)
-    s.add_argument("--min-tokens", type=int, default=0, help="EOS and stop tokens are masked until this many tokens")
-    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    s.add_argument("--top-p", type=float, default=1.0)
-    s.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (default: all)")
-    s.add_argument("--min-p", type=float, default=0.0)
-    s.add_argument("--presence-penalty", type=float, default=0.0)
-    s.add_argument("--frequency-penalty", type=float, default=0.0)
-    s.add_argument("--repetition-penalty", type=float, default=1.0)
-    s.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop string (repeatable)")
-    s.add_argument("--ignore-eos", action="store_true", help="keep generating past the model's EOS")
+    s = gen.add_argument_group("sampling", "SamplingParams fields; unset ones keep SamplingParams' defaults")
+    s.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate (default: %(default)s)")
+    s.add_argument("--min-tokens", type=int, help="EOS and stop tokens are masked until this many tokens")
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
+    s.add_argument("--top-p", type=float, help="keep the smallest set of tokens with this much probability")
+    s.add_argument("--top-k", type=int, help="keep the k most likely tokens")
+    s.add_argument("--min-p", type=float, help="drop tokens below this fraction of the top token's probability")
+    s.add_argument("--presence-penalty", type=float)
+    s.add_argument("--frequency-penalty", type=float)
+    s.add_argument("--repetition-penalty", type=float)
+    s.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable)")
+    s.add_argument("--ignore-eos", action="store_true", default=None, help="keep generating past the model's EOS")
     s.add_argument(
         "--logprobs",
         type=int,
-        default=None,
         metavar="K",
         help="print each token's log-probability and the K most likely alternatives",
     )
-    s.add_argument("--seed", type=int, default=None)
-    s.add_argument("--n", type=int, default=1, help="samples per prompt")
+    s.add_argument("--seed", type=int, help="seed of each request's own generator")
+    s.add_argument("--n", type=int, help="samples per prompt")
     gen.add_argument("--stream", action="store_true", help="print tokens as they are generated (one prompt, --n 1)")
     gen.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     gen.set_defaults(run=_generate)
@@ -113,7 +118,7 @@ def run_benchmark(name: str, argv: list[str]) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog=PROG, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_generate(sub)
     add_serve_parser(sub)
@@ -124,24 +129,9 @@ def _parser() -> argparse.ArgumentParser:
 def _generate(args: argparse.Namespace) -> int:
     from minipaged import LLM, SamplingParams
 
-    if args.stream and (len(args.prompts) > 1 or args.n > 1):
+    params = SamplingParams(**_sampling_kwargs(args))
+    if args.stream and (len(args.prompts) > 1 or params.n > 1):
         raise CliError("--stream prints one completion as it grows: give one prompt and --n 1 (or drop --stream)")
-    params = SamplingParams(
-        n=args.n,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        min_p=args.min_p,
-        presence_penalty=args.presence_penalty,
-        frequency_penalty=args.frequency_penalty,
-        repetition_penalty=args.repetition_penalty,
-        logprobs=args.logprobs,
-        seed=args.seed,
-        max_tokens=args.max_tokens,
-        min_tokens=args.min_tokens,
-        stop=tuple(args.stop or ()),
-        ignore_eos=args.ignore_eos,
-    )
     llm = LLM(**engine_kwargs(args))
     prompts: list = args.prompts
     if args.chat:
@@ -161,6 +151,32 @@ def _generate(args: argparse.Namespace) -> int:
             if args.logprobs is not None:
                 _print_logprobs(completion, llm.tokenizer)
     return 0
+
+
+# generate's options that are SamplingParams fields of the same name.
+SAMPLING_FIELDS = (
+    "n",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "logprobs",
+    "seed",
+    "max_tokens",
+    "min_tokens",
+    "ignore_eos",
+)
+
+
+def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """``SamplingParams`` keywords of the sampling options given (``stop`` repeatable)."""
+    kwargs = {name: getattr(args, name) for name in SAMPLING_FIELDS if getattr(args, name) is not None}
+    if args.stop:
+        kwargs["stop"] = tuple(args.stop)
+    return kwargs
 
 
 def _print_logprobs(completion: Any, tokenizer: Any) -> None:
@@ -198,20 +214,26 @@ def _error_line(err: Exception, args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status (2 for any invalid value, like argparse)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if len(argv) >= 2 and argv[0] == "bench" and argv[1] in BENCHMARKS:
+        # Each benchmark parses its own options (and prints its own --help); errors of the
+        # engine it builds are reported against the engine flags, which every benchmark shares.
+        engine_flags = argparse.Namespace(**{f.name: None for f in engine_fields()})
+        return _run_reporting_errors(lambda: run_benchmark(argv[1], argv[2:]), engine_flags)
+    args = _parser().parse_args(argv)
+    run: Callable[[argparse.Namespace], int] = args.run
+    return _run_reporting_errors(lambda: run(args), args)
+
+
+def _run_reporting_errors(run: Callable[[], int], args: argparse.Namespace) -> int:
+    """``run()``, with a typed input error or Ctrl-C turned into one stderr line and an exit status."""
     from minipaged.errors import InputError
     from minipaged.models.loader import ModelNotFoundError
 
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if len(argv) >= 2 and argv[0] == "bench" and argv[1] in BENCHMARKS:
-        # Each benchmark parses its own options (and prints its own --help).
-        return run_benchmark(argv[1], argv[2:])
-    parser = _parser()
-    args = parser.parse_args(argv)
-    run: Callable[[argparse.Namespace], int] = args.run
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         try:
-            return run(args)
+            return run()
         except CliError as err:
             _print_error(str(err))
         except ModelNotFoundError as err:

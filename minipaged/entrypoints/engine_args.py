@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import typing
 from collections.abc import Callable, Iterable
 from typing import Any
+
+import torch
 
 from minipaged.config import EngineConfig
 
@@ -33,7 +36,9 @@ def byte_size(text: str) -> int:
     try:
         number = float(value[: len(value) - len(unit)])
     except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r} (bytes, or with K/M/G/T, e.g. 512M)") from None
+        number = math.nan
+    if not math.isfinite(number) or number * units[unit] < 1:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (bytes, or with K/M/G/T, e.g. 512M)")
     return int(number * units[unit])
 
 
@@ -132,6 +137,8 @@ def engine_argv(kwargs: dict[str, Any]) -> list[str]:
     for name, value in kwargs.items():
         if isinstance(value, bool):
             argv.append(flag_name(name) if value else "--no-" + flag_name(name)[2:])
+        elif isinstance(value, torch.dtype):
+            argv += [flag_name(name), str(value).removeprefix("torch.")]
         elif value is not None:
             argv += [flag_name(name), str(value)]
     return argv

@@ -1,2 +1,2 @@
 """Execution: the worker (one scheduled step -> model inputs -> logits), the executors that run
-it in one process or over tensor-parallel ranks, their process groups, and the sampler."""
+it in one process or over tensor-parallel ranks, and the sampler (process groups: ``minipaged.distributed``)."""

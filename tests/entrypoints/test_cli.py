@@ -240,3 +240,28 @@ def test_real_process_exits_2_without_traceback():
     )
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr == PREFIX + "argument --max-tokens: must be an integer >= 1, got 0\n"
+
+
+def test_unset_sampling_flags_keep_sampling_params_defaults():
+    """generate sets only what it must (greedy, room for an answer); the rest is SamplingParams' own."""
+    from minipaged.entrypoints.cli import _parser, _sampling_kwargs
+
+    kwargs = _sampling_kwargs(_parser().parse_args(["generate", "hi"]))
+    assert kwargs == {"temperature": 0.0, "max_tokens": 128}
+    assert SamplingParams(**kwargs) == SamplingParams(temperature=0.0, max_tokens=128)
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--block-size", "0"], "argument --block-size:"),
+        (["--max-model-len", "1000"], "argument --max-model-len:"),
+    ],
+)
+def test_bench_engine_errors_print_one_line_and_exit_2(model_dir, capsys, argv, needle):
+    """A benchmark's engine rejects a value the way generate does: one line, exit 2, no traceback."""
+    status = main(["bench", "latency", "--model", model_dir, "--batch-size", "1", "--input-len", "2", *argv])
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.strip().splitlines() if line.startswith(PREFIX)]
+    assert status == 2 and len(lines) == 1 and needle in lines[0], captured.err
+    assert "Traceback" not in captured.err

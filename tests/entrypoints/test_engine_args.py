@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 
 import pytest
+import torch
 
 from minipaged.config import EngineConfig
 from minipaged.entrypoints.engine_args import add_engine_arguments, engine_argv, engine_kwargs
@@ -104,13 +105,17 @@ def test_engine_argv_is_the_inverse_of_engine_kwargs():
     everything = {name: value for name, (_, value) in NON_DEFAULT.items()}
     assert engine_kwargs(p.parse_args(engine_argv(everything))) == everything
     assert engine_kwargs(p.parse_args(engine_argv({"enable_prefix_caching": True}))) == {"enable_prefix_caching": True}
+    # A torch dtype (LLM accepts one) goes back to its name; the config built from it is the same.
+    parsed = engine_kwargs(p.parse_args(engine_argv({"dtype": torch.bfloat16})))
+    assert EngineConfig(**parsed).torch_dtype == torch.bfloat16
     with pytest.raises(TypeError, match="not EngineConfig fields"):
         engine_argv({"max_tokens": 3})
 
 
 def test_choices_and_byte_sizes_are_checked_by_the_parser():
     p = parser()
-    for argv in (["--kv-cache-dtype", "int4"], ["--attention-backend", "cuda"], ["--kv-cache-memory", "12Q"]):
+    bad_sizes = [["--kv-cache-memory", size] for size in ("12Q", "inf", "nan", "-1G", "0", "0.1")]
+    for argv in (["--kv-cache-dtype", "int4"], ["--attention-backend", "cuda"], *bad_sizes):
         with pytest.raises(argparse.ArgumentError):
             p.parse_args(argv)
     assert engine_kwargs(p.parse_args(["--kv-cache-memory", "2GiB"])) == {"kv_cache_memory": 2 << 30}
