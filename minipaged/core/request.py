@@ -36,4 +36,5 @@ class Request:
 
     @property
     def finished(self) -> bool:
+        """All ``params.n`` sequences exist (the prompt has forked) and every one is finished."""
         return len(self.seqs) == self.params.n and all(s.status.finished for s in self.seqs)

@@ -35,6 +35,7 @@ class ScheduledSequence:
 
     @property
     def end(self) -> int:
+        """One past the last token computed this step."""
         return self.start + self.num_new_tokens
 
     @property
@@ -45,6 +46,13 @@ class ScheduledSequence:
 
 @dataclass
 class SchedulerOutput:
+    """One step's plan, the worker's input.
+
+    scheduled: the sequences that run, each with its token range (running ones first, then admissions).
+    block_copies: copy-on-write copies the worker must make before writing this step's KV.
+    preempted: sequences sent back to waiting this step (their blocks are already freed).
+    """
+
     scheduled: list[ScheduledSequence] = field(default_factory=list)
     block_copies: list[BlockCopy] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
@@ -53,10 +61,12 @@ class SchedulerOutput:
 
     @property
     def num_tokens(self) -> int:
+        """Tokens computed this step, prefill and decode (at most ``max_num_batched_tokens``)."""
         return self.num_prefill_tokens + self.num_decode_tokens
 
     @property
     def is_empty(self) -> bool:
+        """Nothing to run this step."""
         return not self.scheduled
 
 
@@ -73,6 +83,7 @@ class Scheduler:
 
     # ---- queue management -------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
+        """Queue a new sequence as waiting; it gets blocks when ``schedule`` admits it."""
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
 
@@ -82,6 +93,7 @@ class Scheduler:
         self.running.append(seq)
 
     def has_unfinished(self) -> bool:
+        """Any sequence waiting or running."""
         return bool(self.waiting or self.running)
 
     def finish(self, seq: Sequence, status: SequenceStatus) -> None:
@@ -96,6 +108,8 @@ class Scheduler:
 
     # ---- one step -----------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
+        """Decide the next step: slots and tokens for running sequences (preempting when blocks run
+        out), then, if nothing was preempted, admit waiting ones into what is left of the token budget."""
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         self.running.sort(key=lambda r: r.sort_key)

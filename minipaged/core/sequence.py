@@ -22,6 +22,9 @@ from minipaged.sampling_params import SamplingParams
 
 
 class SequenceStatus(enum.Enum):
+    """Where a sequence is: queued, in the batch, or finished; a finished status's value is its
+    ``finish_reason``."""
+
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED_STOPPED = "stop"
@@ -30,6 +33,7 @@ class SequenceStatus(enum.Enum):
 
     @property
     def finished(self) -> bool:
+        """Neither waiting nor running."""
         return self not in (SequenceStatus.WAITING, SequenceStatus.RUNNING)
 
 
@@ -54,18 +58,22 @@ class Sequence:
 
     @property
     def seq_id(self) -> tuple[str, int]:
+        """``(request_id, index)``: the sequence's key in the block manager."""
         return (self.request_id, self.index)
 
     @property
     def num_prompt_tokens(self) -> int:
+        """Length of the prompt."""
         return len(self.prompt_token_ids)
 
     @property
     def num_tokens(self) -> int:
+        """Prompt plus generated tokens."""
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
     def all_token_ids(self) -> list[int]:
+        """A new list: the prompt followed by the generated tokens (``num_tokens`` ids)."""
         return self.prompt_token_ids + self.output_token_ids
 
     @property
@@ -75,4 +83,5 @@ class Sequence:
 
     @property
     def finish_reason(self) -> str | None:
+        """``"stop"``, ``"length"`` or ``"abort"`` once finished, else None."""
         return self.status.value if self.status.finished else None

@@ -152,6 +152,7 @@ class EngineCore:
 
     @property
     def vocab_size(self) -> int:
+        """The model's vocabulary size: valid token ids are ``[0, vocab_size)``."""
         return self.model_config.vocab_size
 
     # ---- requests in ------------------------------------------------------------------
@@ -239,12 +240,15 @@ class EngineCore:
         return next(self._arrivals)
 
     def has_request(self, request_id: str) -> bool:
+        """The id is live: queued or running, not yet finished or aborted."""
         return request_id in self._requests
 
     def has_unfinished(self) -> bool:
+        """Any sequence still waiting or running, so ``step()`` has work."""
         return self.scheduler.has_unfinished()
 
     def metrics(self, request_id: str) -> RequestMetrics:
+        """The live request's timings (arrival, first token, finish), shared by its sequences; KeyError if unknown."""
         return self._requests[request_id].metrics
 
     # ---- requests out -----------------------------------------------------------------
@@ -401,6 +405,7 @@ class EngineCore:
 
     # ---- observing ----------------------------------------------------------------------
     def stats(self) -> EngineStats:
+        """A snapshot of queue lengths, KV block usage and token counters."""
         s: BlockStats = self.block_manager.stats()
         return EngineStats(
             num_running=len(self.scheduler.running),

@@ -242,8 +242,10 @@ def test_parallel_launch_runs_on_torchs_openmp_pool():
     torch's own pool: no thread appears, torch's thread count is left as set, and a process
     forked afterwards still gets right answers (serially: numba's OpenMP layer would kill it)."""
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
-    # The child imports make_batch from test_decode_attention, which imports tests/pairwise.py.
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), str(Path(__file__).parents[1])])
+    # The child imports make_batch from test_decode_attention, which imports tests/pairwise.py;
+    # the caller's own PYTHONPATH entries stay behind them.
+    here = Path(__file__)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(here.parent), str(here.parents[1]), env.get("PYTHONPATH")]))
     proc = subprocess.run(
         [sys.executable, "-c", _POOL_CHILD, str(random.randrange(1 << 30))],
         env=env,

@@ -399,7 +399,8 @@ def test_torchrun_launch_spawns_nothing(tmp_path):
     script = tmp_path / "tp_script.py"
     script.write_text(TORCHRUN_SCRIPT.format(prompts=prompts))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])  # the script imports the tests' tiny_models
+    # The script imports the tests' tiny_models; the caller's own PYTHONPATH entries stay behind them.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")]))
     with socket.socket() as s:  # torchrun's store needs a concrete port
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
