@@ -230,3 +230,28 @@ def test_bench_serve_passes_the_engine_options_to_the_launched_server():
     command = " ".join(target.command)
     assert "--block-size 8 --no-enable-prefix-caching --max-num-seqs 4" in command
     assert "--seed" not in command  # the benchmark's --seed draws its workload; the server keeps its own
+
+
+def test_bench_tp_sizes_the_cache_by_blocks_only_when_no_size_is_given():
+    from minipaged.benchmarks import tp
+
+    def options(*argv):
+        return tp.engine_options(tp.build_parser().parse_args(list(argv)))
+
+    assert options()["num_kv_blocks"] == 2048
+    assert options("--num-kv-blocks", "64")["num_kv_blocks"] == 64
+    by_bytes = options("--kv-cache-memory", "48M")
+    assert by_bytes["kv_cache_memory"] == 48 << 20 and "num_kv_blocks" not in by_bytes
+
+
+def test_bench_tp_builds_its_model_in_the_engine_dtype():
+    import torch
+
+    from minipaged import LLM
+    from minipaged.benchmarks.tp import smollm2_like
+
+    model = smollm2_like(dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.model.rotary_emb.cos.dtype == torch.bfloat16
+    with LLM(model, dtype="bfloat16", num_kv_blocks=4, max_model_len=64) as llm:
+        assert llm.config.torch_dtype == torch.bfloat16
