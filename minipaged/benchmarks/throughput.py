@@ -56,13 +56,14 @@ from minipaged.benchmarks.common import (
     positive_int,
     write_json_atomic,
 )
+from minipaged.config import DTYPES
 from minipaged.entrypoints.engine_args import add_engine_arguments, engine_argv, engine_kwargs
 
 PROG = "minipaged bench throughput"
 # Engine options the benchmark sets itself: the embedded model, the dtypes and KV cache dtypes it
-# sweeps (its own --dtype / --kv-cache-dtype take several values), --tensor-parallel-size (passed to
-# every minipaged child) and the workload's --seed. The rest pass to every minipaged child.
-ENGINE_EXCLUDE = ("model", "dtype", "kv_cache_dtype", "tensor_parallel_size", "seed")
+# sweeps (its own --dtype / --kv-cache-dtype take several values) and the workload's --seed. The
+# rest pass to every minipaged child.
+ENGINE_EXCLUDE = ("model", "dtype", "kv_cache_dtype", "seed")
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,6 @@ def matmul_gflops(n: int = 1024, reps: int = 10) -> float:
 
 UNIFORM = {"num_requests": 32, "input_len": (64, 64), "output_len": (64, 64)}
 LATENCY_PROMPT_LEN = LATENCY_NEW_TOKENS = 64
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def fixed_length_params(max_tokens: int):
@@ -142,12 +142,12 @@ def run_minipaged(
     dtype: torch.dtype,
     rounds: RoundServer,
     kv_cache_dtype: str = "auto",
-    tensor_parallel_size: int = 1,
     engine: dict | None = None,
 ) -> None:
     """Child: load and warm up once, then for each round asked for: the workload, then one request alone.
 
-    ``engine``: ``LLM`` keywords from the command line, over the benchmark's own choices.
+    ``engine``: ``LLM`` keywords from the command line (``tensor_parallel_size`` among them), over
+    the benchmark's own choices.
     """
     from minipaged import LLM
     from minipaged.attention import kv_cache_bytes_per_block
@@ -165,9 +165,9 @@ def run_minipaged(
     per_token = kv_cache_bytes_per_block(loaded.model.config, 1, dtype, kv_cache_dtype)
     tokens = sum(len(p) + m + 16 for p, m in zip(work.prompts, work.max_tokens))  # 16: a block's rounding
     kv_bytes = per_token * max(tokens, LATENCY_PROMPT_LEN + LATENCY_NEW_TOKENS + 16)
-    kv_bytes //= tensor_parallel_size  # the budget is per rank, and a rank holds 1/N of the heads
+    kv_bytes //= engine.get("tensor_parallel_size", 1)  # the budget is per rank, and a rank holds 1/N of the heads
     own = {"max_num_seqs": max(64, len(work.prompts)), "max_num_batched_tokens": 2048, "kv_cache_memory": kv_bytes}
-    llm = LLM(loaded, kv_cache_dtype=kv_cache_dtype, tensor_parallel_size=tensor_parallel_size, **(own | engine))
+    llm = LLM(loaded, kv_cache_dtype=kv_cache_dtype, **(own | engine))
     llm.generate([{"prompt_token_ids": work.prompts[0][:8]}], fixed_length_params(2), use_tqdm=False)  # warm-up
 
     def run_round(round_work: Workload) -> dict:
@@ -541,7 +541,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="both",
         help="uniform: 32 x 64-token prompts, 64 new tokens; mixed: the length options above",
     )
-    parser.add_argument("--dtype", nargs="+", choices=tuple(DTYPES), default=["float32"])
+    parser.add_argument(
+        "--dtype",
+        nargs="+",
+        choices=tuple(DTYPES),
+        default=["float32"],
+        help="model dtypes, each a run of every engine (names of minipaged.config.DTYPES)",
+    )
     parser.add_argument(
         "--static-batch-sizes",
         type=positive_int,
@@ -574,12 +580,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="minipaged's KV cache dtypes, each run as its own engine (see minipaged.attention.kv_quant); "
         "peers are compared with 'auto'",
     )
-    parser.add_argument(
-        "--tensor-parallel-size",
-        type=positive_int,
-        default=1,
-        help="minipaged's tensor-parallel ranks (they share --threads; see minipaged.worker.executor)",
-    )
     parser.add_argument("--child", choices=("minipaged", "transformers"), help=argparse.SUPPRESS)
     parser.add_argument("--result-json", help=argparse.SUPPRESS)
     add_engine_arguments(parser, exclude=ENGINE_EXCLUDE)
@@ -608,7 +608,8 @@ def main(argv: list[str] | None = None) -> int:
     # Every child imports minipaged from where this process does (the vLLM venv has no install of it).
     env = child_env()
     vllm_env = {**env, "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}", "VLLM_CPU_KVCACHE_SPACE": "2"}
-    for dtype in args.dtype:
+    # One run per dtype, under its canonical name (the one vllm_peer accepts): "bf16" and "bfloat16" are one.
+    for dtype in dict.fromkeys(str(DTYPES[name]).removeprefix("torch.") for name in args.dtype):
         for name, spec in workload_specs(args).items():
             work = make_workload(spec["num_requests"], vocab, spec["input_len"], spec["output_len"], spec["seed"])
             flags = workload_args(spec) + ["--dtype", dtype]
@@ -617,19 +618,7 @@ def main(argv: list[str] | None = None) -> int:
             if vllm:
                 engines["vLLM CPU"] = (vllm + ["--rounds-from-stdin"], vllm_env)
             for kv in dict.fromkeys(args.kv_cache_dtype):
-                engines[minipaged_label(kv)] = (
-                    own
-                    + [
-                        "--child",
-                        "minipaged",
-                        *flags,
-                        "--kv-cache-dtype",
-                        kv,
-                        "--tensor-parallel-size",
-                        str(args.tensor_parallel_size),
-                    ],
-                    env,
-                )
+                engines[minipaged_label(kv)] = (own + ["--child", "minipaged", *flags, "--kv-cache-dtype", kv], env)
             results = run_engines(engines, args.rounds)
             if not args.skip_hf:  # one round, after the others have exited: it is slow and only a baseline
                 sizes = [str(b) for b in args.static_batch_sizes]
@@ -654,7 +643,7 @@ def child_main(args: argparse.Namespace) -> int:
     rounds = RoundServer(args.result_json, functools.partial(workload_from_args, args, vocab))
     work, dtype = workload_from_args(args, vocab), DTYPES[args.dtype[0]]
     if args.child == "minipaged":
-        run_minipaged(work, dtype, rounds, args.kv_cache_dtype[0], args.tensor_parallel_size, engine_kwargs(args))
+        run_minipaged(work, dtype, rounds, args.kv_cache_dtype[0], engine_kwargs(args))
     else:
         run_transformers(work, dtype, args.static_batch_sizes, rounds)
     return 0
