@@ -25,6 +25,7 @@ import torch
 from minipaged.attention import allocate_kv_cache, build_metadata, build_positions
 from minipaged.attention.torch_backend import DECODE_KERNELS
 from minipaged.benchmarks.common import add_threads_argument, apply_threads, describe_machine
+from minipaged.config import DTYPES, EngineConfig
 from minipaged.models.linear import PackedLinear, pack_in_place, packed_gemm_disabled
 from minipaged.models.loader import ensure_default_model, load_model
 from minipaged_kernels import cpu as cpu_kernels
@@ -93,9 +94,6 @@ def bench_transformers(hf_model, batch: int, context: int, warmup: int, steps: i
     return time_steps(step, warmup, steps)
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
 def time_variants(model, args: argparse.Namespace, dtype: torch.dtype) -> dict[tuple[str, str], tuple[float, float]]:
     """Median ``(wall, cpu)`` step time of our model for every (decode kernel, few-row linear)
     pair asked for, the pairs alternated ``args.rounds`` times.
@@ -139,7 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minipaged bench step", description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--context", type=int, default=200)
-    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument(
+        "--block-size",
+        type=int,
+        default=EngineConfig.block_size,
+        help="tokens per KV block of our paged cache (default: the engine's, %(default)s)",
+    )
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     add_threads_argument(parser)
@@ -176,7 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="with several --decode-kernel / --few-row-linear values: times to alternate them",
     )
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument(
+        "--dtype", choices=tuple(DTYPES), default="float32", help="weights, activations and KV cache (both models)"
+    )
     return parser
 
 
