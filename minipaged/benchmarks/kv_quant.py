@@ -18,9 +18,9 @@ notebook loads:
 - ``perplexity``: the same model scoring a fixed text (standard-library module
   docstrings, ``--ppl-tokens`` tokens) in chunks of ``PPL_CHUNK`` tokens, each chunk
   attending to the earlier ones through the paged cache, per cache dtype and scale scheme.
-- ``capacity``: at one ``--kv-cache-memory``, a ShareGPT-like mix (``minipaged.benchmarks.throughput``'s
-  workload, random token ids, ``ignore_eos``): blocks, most sequences running at once,
-  preemptions and output tokens/s from the engine, per cache dtype.
+- ``capacity``: at one ``--capacity-kv-cache-memory``, a ShareGPT-like mix
+  (``minipaged.benchmarks.throughput``'s workload, random token ids, ``ignore_eos``): blocks,
+  most sequences running at once, preemptions and output tokens/s from the engine, per cache dtype.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from minipaged.benchmarks.common import (
     machine_info,
     write_json_atomic,
 )
-from minipaged.entrypoints.engine_args import add_engine_arguments, engine_kwargs
+from minipaged.entrypoints.engine_args import add_engine_arguments, byte_size, engine_kwargs
 
 PROG = "minipaged bench kv-quant"
 
@@ -309,11 +309,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompts", type=int, default=200)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--ppl-tokens", type=int, default=2048)
-    parser.add_argument("--kv-cache-memory", type=int, default=48 << 20)
+    parser.add_argument(
+        "--capacity-kv-cache-memory",
+        type=byte_size,
+        default=48 << 20,
+        metavar="BYTES",
+        help="the capacity part's KV cache budget, the same for every cache dtype, e.g. 48M "
+        "(default: %(default)s bytes)",
+    )
     parser.add_argument("--capacity-requests", type=int, default=32)
     parser.add_argument("--capacity-output-len", type=int, nargs=2, default=(16, 128))
     add_threads_argument(parser)
-    # The cache dtypes are what it compares, and --kv-cache-memory above is the capacity part's budget.
+    # The cache dtypes are what it compares; the capacity part's byte budget is --capacity-kv-cache-memory
+    # above, so the engine's --kv-cache-memory would only collide with it.
     add_engine_arguments(parser, exclude=("kv_cache_dtype", "kv_cache_memory"))
     return parser
 
@@ -328,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         "perplexity": lambda: perplexity(args.ppl_tokens),
         "greedy": lambda: greedy_agreement(args.prompts, args.max_tokens, engine),
         "capacity": lambda: capacity(
-            args.kv_cache_memory, args.capacity_requests, (16, 256), tuple(args.capacity_output_len), engine
+            args.capacity_kv_cache_memory, args.capacity_requests, (16, 256), tuple(args.capacity_output_len), engine
         ),
     }
     for part in args.parts:

@@ -255,3 +255,13 @@ def test_bench_tp_builds_its_model_in_the_engine_dtype():
     assert model.model.rotary_emb.cos.dtype == torch.bfloat16
     with LLM(model, dtype="bfloat16", num_kv_blocks=4, max_model_len=64) as llm:
         assert llm.config.torch_dtype == torch.bfloat16
+
+
+def test_kv_quant_capacity_budget_takes_a_size_with_a_unit():
+    from minipaged.benchmarks import kv_quant
+
+    parser = kv_quant.build_parser()
+    assert parser.parse_args(["--capacity-kv-cache-memory", "48M"]).capacity_kv_cache_memory == 48 << 20
+    assert parser.parse_args([]).capacity_kv_cache_memory == 48 << 20
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--kv-cache-memory", "48M"])  # the engine's name, with another meaning: not taken
