@@ -26,10 +26,14 @@ notebook loads:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import importlib
 import inspect
 import json
+import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -299,6 +303,30 @@ def capacity(
     return result
 
 
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``directory`` (released when its descriptor closes): processes
+    merging parts into a file of that directory take turns, and none writes over another's part."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def merge_part(out: str | os.PathLike, part: str, value: Any, run: dict[str, Any]) -> None:
+    """Set ``part``'s entry and its ``runs[part]`` record in the JSON file ``out``, keeping the other
+    parts': read, update and atomic write under a lock, so parts may run side by side."""
+    out = Path(out)
+    with _locked(out.parent):
+        result = json.loads(out.read_text()) if out.exists() else {}
+        result[part] = value
+        result.setdefault("runs", {})[part] = run
+        write_json_atomic(out, result)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The benchmark's options; the engine's apply to the greedy and capacity parts."""
     parser = argparse.ArgumentParser(
@@ -343,18 +371,15 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         value = runs[part]()
         elapsed = time.perf_counter() - t0
-        out = Path(args.out)
-        result = json.loads(out.read_text()) if out.exists() else {}  # read late: parts may run side by side
-        result[part] = value
-        result.setdefault("runs", {})[part] = {
+        run = {
             "command": command,
             "seconds": round(elapsed, 1),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "machine": machine_info(),
         }
-        write_json_atomic(out, result)
-        print(f"{part}: {elapsed:.0f}s, written to {out}", flush=True)
+        merge_part(args.out, part, value, run)
+        print(f"{part}: {elapsed:.0f}s, written to {args.out}", flush=True)
     return 0
 
 

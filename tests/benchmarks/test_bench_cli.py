@@ -265,3 +265,24 @@ def test_kv_quant_capacity_budget_takes_a_size_with_a_unit():
     assert parser.parse_args([]).capacity_kv_cache_memory == 48 << 20
     with pytest.raises(SystemExit):
         parser.parse_args(["--kv-cache-memory", "48M"])  # the engine's name, with another meaning: not taken
+
+
+def test_kv_quant_parts_merged_side_by_side_keep_every_part(tmp_path):
+    from minipaged.benchmarks.kv_quant import merge_part
+
+    out = tmp_path / "figures" / "eval.json"
+    out.parent.mkdir()
+    out.write_text(json.dumps({"kept": 1}))
+    parts = [f"part{i}" for i in range(16)]
+    threads = [
+        threading.Thread(target=merge_part, args=(out, part, {"value": i}, {"command": part}))
+        for i, part in enumerate(parts)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    result = json.loads(out.read_text())
+    assert result["kept"] == 1
+    assert {p: result[p]["value"] for p in parts} == {p: i for i, p in enumerate(parts)}
+    assert sorted(result["runs"]) == sorted(parts)
