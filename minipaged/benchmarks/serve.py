@@ -336,7 +336,6 @@ def make_targets(args: argparse.Namespace) -> list[Target]:
         url = f"http://127.0.0.1:{port}"
         if name == "minipaged":
             extra_args = (["--model", model] if model else []) + engine_argv(engine_kwargs(args))
-            extra_args += args.minipaged_args.split()
             targets.append(Target(name, url, minipaged_command(port, *extra_args, "--log-level", "warning"), True))
         elif name in ("hf", "hf-cb"):
             hf_model = str(hf_model_dir(Path(model) if model else _default_model_dir(), Path(args.log_dir)))
@@ -514,7 +513,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-url-name", default="peer", help="its name in the report")
     p.add_argument("--base-url-usage", action="store_true", help="it accepts stream_options.include_usage")
     p.add_argument("--model", default=None, help="model directory for launched servers (default: SmolLM2-135M)")
-    p.add_argument("--minipaged-args", default="", help="extra 'python -m minipaged serve' options, one string")
     p.add_argument(
         "--hf-command",
         default=f"{sys.executable} -m transformers.cli.transformers",

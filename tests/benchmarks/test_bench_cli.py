@@ -224,11 +224,11 @@ def test_bench_serve_passes_the_engine_options_to_the_launched_server():
     from minipaged.benchmarks import serve as bs
 
     args = bs.build_parser().parse_args(
-        ["--block-size", "8", "--no-prefix-caching", "--seed", "3", "--minipaged-args", "--max-num-seqs 4"]
+        ["--block-size", "8", "--no-prefix-caching", "--seed", "3", "--max-num-seqs", "4"]
     )
     (target,) = bs.make_targets(args)
     command = " ".join(target.command)
-    assert "--block-size 8 --no-enable-prefix-caching --max-num-seqs 4" in command
+    assert "--block-size 8 --max-num-seqs 4 --no-enable-prefix-caching" in command  # EngineConfig's field order
     assert "--seed" not in command  # the benchmark's --seed draws its workload; the server keeps its own
 
 
