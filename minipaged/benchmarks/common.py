@@ -57,7 +57,7 @@ def add_out_argument(parser: argparse.ArgumentParser, default: str | None = None
         "--out",
         default=default,
         metavar="PATH",
-        help=help or "write the results here as JSON" + (f" (default: {default})" if default else ""),
+        help=help or "write the results here as JSON" + (" (default: %(default)s)" if default else ""),
     )
 
 
