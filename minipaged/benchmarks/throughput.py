@@ -54,6 +54,7 @@ from minipaged.benchmarks.common import (
     child_env,
     describe_machine,
     positive_int,
+    warm_up,
     write_json_atomic,
 )
 from minipaged.config import DTYPES
@@ -168,7 +169,9 @@ def run_minipaged(
     kv_bytes //= engine.get("tensor_parallel_size", 1)  # the budget is per rank, and a rank holds 1/N of the heads
     own = {"max_num_seqs": max(64, len(work.prompts)), "max_num_batched_tokens": 2048, "kv_cache_memory": kv_bytes}
     llm = LLM(loaded, kv_cache_dtype=kv_cache_dtype, **(own | engine))
-    llm.generate([{"prompt_token_ids": work.prompts[0][:8]}], fixed_length_params(2), use_tqdm=False)  # warm-up
+    warm_up(
+        lambda: llm.generate([{"prompt_token_ids": work.prompts[0][:8]}], fixed_length_params(2), use_tqdm=False), 1
+    )
 
     def run_round(round_work: Workload) -> dict:
         first_step = len(llm.trace)
@@ -233,7 +236,9 @@ def run_transformers(work: Workload, dtype: torch.dtype, batch_sizes: list[int],
     from minipaged.models.loader import ensure_default_model
 
     hf = AutoModelForCausalLM.from_pretrained(str(ensure_default_model()), dtype=dtype).eval()
-    hf.generate(torch.tensor([work.prompts[0][:8]]), max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
+    warm_up(
+        lambda: hf.generate(torch.tensor([work.prompts[0][:8]]), max_new_tokens=2, do_sample=False, pad_token_id=0), 1
+    )
 
     def run_round(round_work: Workload) -> dict:
         result: dict = {"static": {}}

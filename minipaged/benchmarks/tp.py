@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from minipaged.benchmarks.common import describe_machine, positive_int
+from minipaged.benchmarks.common import describe_machine, positive_int, warm_up
 from minipaged.benchmarks.throughput import add_workload_arguments, make_workload
 from minipaged.entrypoints.engine_args import add_engine_arguments, engine_kwargs
 
@@ -143,13 +143,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     times: dict[str, list[float]] = {label: [] for label, _, _ in runs}
     stats = tp.engine_core.worker.tp.stats
-    for round_index in range(args.rounds + 1):  # round 0 warms every engine up and is not counted
+
+    def every_engine_once() -> None:
+        for _, llm, threads in runs:
+            torch.set_num_threads(threads)
+            run_round(llm, work)
+
+    warm_up(every_engine_once, 1)
+    for round_index in range(1, args.rounds + 1):
         for label, llm, threads in runs:
             torch.set_num_threads(threads)
             before = (stats.all_reduce_s, stats.broadcast_s, stats.all_reduces, len(tp.trace))
             elapsed, in_steps = run_round(llm, work)
-            if round_index == 0:
-                continue
             times[label].append(elapsed)
             line = f"round {round_index}: {label}: {elapsed:.2f} s"
             if llm is tp:

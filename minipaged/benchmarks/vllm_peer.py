@@ -30,7 +30,7 @@ import functools
 import json
 import time
 
-from minipaged.benchmarks.common import write_json_atomic
+from minipaged.benchmarks.common import warm_up, write_json_atomic
 from minipaged.benchmarks.throughput import (
     LATENCY_NEW_TOKENS,
     RoundServer,
@@ -72,7 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     vocab = json.loads((default_model_dir() / "config.json").read_text())["vocab_size"]
     work = workload_from_args(args, vocab)
     llm = LLM(model=str(default_model_dir()), dtype=args.dtype, max_model_len=2048, seed=0)
-    llm.generate([TokensPrompt(prompt_token_ids=work.prompts[0][:8])], SamplingParams(max_tokens=2), use_tqdm=False)
+    warm_up(
+        lambda: llm.generate(
+            [TokensPrompt(prompt_token_ids=work.prompts[0][:8])], SamplingParams(max_tokens=2), use_tqdm=False
+        ),
+        1,
+    )
 
     def run_round(round_work: Workload) -> dict:
         params = [SamplingParams(temperature=0, max_tokens=m, min_tokens=m) for m in round_work.max_tokens]
