@@ -193,6 +193,28 @@ def test_child_processes_find_this_checkout_without_the_install():
     ]
 
 
+@pytest.mark.parametrize("install_dir", ("site-packages", "dist-packages"))
+def test_child_processes_get_no_installed_environment_on_their_path(install_dir, tmp_path, monkeypatch):
+    """With a regular install, minipaged's directory is the environment's site-packages: on vLLM's
+    PYTHONPATH it would put this environment's torch before vLLM's own, so it is left out."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    installed = tmp_path / "lib" / "python3" / install_dir
+    checkout = tmp_path / "checkout"
+    origins = {
+        "minipaged": installed / "minipaged" / "__init__.py",
+        "minipaged_kernels": checkout / "kernels" / "minipaged_kernels" / "__init__.py",
+    }
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: SimpleNamespace(origin=str(origins[name])))
+    assert common.source_roots() == [str((checkout / "kernels").resolve())]
+    env = common.child_env({"PYTHONPATH": "/theirs"})
+    assert env["PYTHONPATH"].split(os.pathsep) == [str((checkout / "kernels").resolve()), "/theirs"]
+    origins["minipaged_kernels"] = installed / "minipaged_kernels" / "__init__.py"
+    assert common.source_roots() == []
+    assert common.child_env({"PYTHONPATH": "/theirs"})["PYTHONPATH"] == "/theirs"
+
+
 def _commands() -> list[list[str]]:
     """``python -m minipaged`` and, when installed beside this Python, the ``minipaged`` console script."""
     commands = [[sys.executable, "-m", "minipaged"]]
