@@ -57,7 +57,7 @@ from minipaged.benchmarks.common import (
     warm_up,
     write_json_atomic,
 )
-from minipaged.config import DTYPES
+from minipaged.config import DTYPES, EngineConfig
 from minipaged.entrypoints.engine_args import add_engine_arguments, engine_argv, engine_kwargs
 
 PROG = "minipaged bench throughput"
@@ -164,8 +164,9 @@ def run_minipaged(
     # A KV cache that holds the whole workload at once (no preemption), or the latency request that
     # runs alone after it, and no more: its size is resident memory, which the benchmark reports.
     per_token = kv_cache_bytes_per_block(loaded.model.config, 1, dtype, kv_cache_dtype)
-    tokens = sum(len(p) + m + 16 for p, m in zip(work.prompts, work.max_tokens))  # 16: a block's rounding
-    kv_bytes = per_token * max(tokens, LATENCY_PROMPT_LEN + LATENCY_NEW_TOKENS + 16)
+    block_size = engine.get("block_size", EngineConfig.block_size)  # each sequence rounds up to whole blocks
+    tokens = sum(len(p) + m + block_size for p, m in zip(work.prompts, work.max_tokens))
+    kv_bytes = per_token * max(tokens, LATENCY_PROMPT_LEN + LATENCY_NEW_TOKENS + block_size)
     kv_bytes //= engine.get("tensor_parallel_size", 1)  # the budget is per rank, and a rank holds 1/N of the heads
     own = {"max_num_seqs": max(64, len(work.prompts)), "max_num_batched_tokens": 2048, "kv_cache_memory": kv_bytes}
     llm = LLM(loaded, kv_cache_dtype=kv_cache_dtype, **(own | engine))
