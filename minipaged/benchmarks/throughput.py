@@ -24,8 +24,8 @@ ratio printed is the median of per-round ratios, each between two runs minutes a
 (transformers, slow and only a baseline, runs one round after the others exit). Each round
 also serves one request alone (64 prompt tokens, 64 new) for latency. Prints output tokens/s,
 the ratios, start-up, peak RSS, latency, and how many of minipaged's greedy tokens equal
-transformers' (fixed lengths come from ``SamplingParams.min_tokens`` where it exists, as
-transformers' ``min_new_tokens`` masks EOS; else ``ignore_eos``).
+transformers' (fixed lengths come from ``SamplingParams.min_tokens``, which masks EOS as
+transformers' ``min_new_tokens`` does).
 """
 
 from __future__ import annotations
@@ -118,18 +118,11 @@ LATENCY_PROMPT_LEN = LATENCY_NEW_TOKENS = 64
 
 
 def fixed_length_params(max_tokens: int):
-    """Greedy ``SamplingParams`` producing exactly ``max_tokens``: ``min_tokens`` (EOS masked, like
-    transformers' ``min_new_tokens``) where the engine has it, else ``ignore_eos``."""
+    """Greedy ``SamplingParams`` producing exactly ``max_tokens``: ``min_tokens`` masks EOS until then,
+    as transformers' ``min_new_tokens`` does, so both engines' greedy tokens stay comparable."""
     from minipaged import SamplingParams
 
-    if "min_tokens" in SamplingParams.__dataclass_fields__:
-        return SamplingParams(temperature=0, max_tokens=max_tokens, min_tokens=max_tokens)
-    return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-
-
-def fixed_length_mode() -> str:
-    """Which ``SamplingParams`` field ``fixed_length_params`` uses: ``"min_tokens"`` or ``"ignore_eos"``."""
-    return "min_tokens" if fixed_length_params(1).ignore_eos is False else "ignore_eos"
+    return SamplingParams(temperature=0, max_tokens=max_tokens, min_tokens=max_tokens)
 
 
 def latency_prompt(work: Workload) -> list[int]:
@@ -508,7 +501,7 @@ def summarise(name: str, dtype: str, work: Workload, results: dict[str, dict]) -
         same, frac = token_agreement(ours["rounds"][0]["tokens"], ok["transformers static"]["rounds"][0]["tokens"])
         lines.append(
             f"greedy tokens equal to transformers': {same}/{len(work.prompts)} requests identical, "
-            f"{frac:.1%} of tokens before the first difference (fixed lengths by {fixed_length_mode()})"
+            f"{frac:.1%} of tokens before the first difference"
         )
     for label in (k for k in ok if k.startswith("minipaged kv ") and ours):
         same, frac = token_agreement(ok[label]["rounds"][0]["tokens"], ours["rounds"][0]["tokens"])
@@ -605,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
 
     vocab = json.loads((ensure_default_model() / "config.json").read_text())["vocab_size"]
     print(
-        f"{describe_machine()} fp32 matmul={matmul_gflops():.1f} GFLOP/s fixed lengths by {fixed_length_mode()}",
+        f"{describe_machine()} fp32 matmul={matmul_gflops():.1f} GFLOP/s",
         flush=True,
     )
     threads = torch.get_num_threads()
