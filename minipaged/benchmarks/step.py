@@ -1,6 +1,6 @@
 """``python -m minipaged bench step``: decode-step throughput of our model vs transformers' own.
 
-Both run the same weights (the embedded SmolLM2 unless ``--model``), dtype and thread
+Both run the same weights (the embedded SmolLM2-135M-Instruct), ``--dtype`` and thread
 count, one decode token for each of ``--batch`` sequences at context ``--context``:
 ours over the paged cache with the torch attention backend, transformers' model with
 its own KV cache (uniform lengths, so it wastes nothing on padding). With ``--ragged``
