@@ -355,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``--parts`` asked for with ``argv`` (default: ``sys.argv``), one after the other, merging
+    each result into ``--out`` as it finishes (``merge_part``). Returns the exit status."""
     args = build_parser().parse_args(argv)
     apply_threads(args)
     engine = engine_kwargs(args)

@@ -134,6 +134,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark with ``argv`` (default: ``sys.argv``): print the machine, every timed run and
+    the latency statistics, and write them to ``--out`` when given. Returns the exit status."""
     args = build_parser().parse_args(argv)
     apply_threads(args)
     machine = machine_info()

@@ -58,6 +58,10 @@ def bench_ours(
     ragged: bool = False,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[float, float]:
+    """Median ``(wall, cpu)`` seconds of one decode step of our ``model``: one token for each of ``batch``
+    sequences at ``context`` tokens (spread around it with ``ragged``), over a paged cache of
+    ``block_size``-token blocks in ``dtype``, each sequence's blocks its own; logits included.
+    Token ids ``(batch,)`` are random; ``warmup`` untimed steps, then ``steps`` timed ones."""
     contexts = ragged_contexts(batch, context) if ragged else [context] * batch
     max_len = max(contexts) + warmup + steps
     blocks_per_seq = -(-max_len // block_size)
@@ -81,6 +85,9 @@ def ragged_contexts(batch: int, context: int) -> list[int]:
 
 @torch.inference_mode()
 def bench_transformers(hf_model, batch: int, context: int, warmup: int, steps: int) -> tuple[float, float]:
+    """Median ``(wall, cpu)`` seconds of one decode step of transformers' ``hf_model``: input ids
+    ``(batch, 1)`` over its own ``DynamicCache`` prefilled with ``context - 1`` random tokens per
+    sequence, logits of the last position only; ``warmup`` untimed steps, then ``steps`` timed ones."""
     from transformers import DynamicCache
 
     prompt = torch.randint(0, hf_model.config.vocab_size, (batch, context - 1))
@@ -128,6 +135,7 @@ def time_variants(model, args: argparse.Namespace, dtype: torch.dtype) -> dict[t
 
 
 def report(label: str, times: tuple[float, float], batch: int) -> None:
+    """Print one row: ``label``, the ``(wall, cpu)`` seconds per step in ms and the ``batch`` tokens/s."""
     wall, cpu = times
     print(f"{label:<40} {wall * 1e3:8.1f} ms/step wall ({batch / wall:7.1f} tokens/s)   {cpu * 1e3:8.1f} ms/step cpu")
 
@@ -186,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run the benchmark with ``argv`` (default: ``sys.argv``): time our decode step for every variant
+    asked for, then transformers' (unless ``--skip-transformers``), and print the rows and the speed-up."""
     args = build_parser().parse_args(argv)
     from transformers import AutoModelForCausalLM
 

@@ -69,15 +69,20 @@ ENGINE_EXCLUDE = ("model", "dtype", "kv_cache_dtype", "seed")
 
 @dataclass(frozen=True)
 class Workload:
+    """Requests as token ids: ``prompts[i]`` is request i's prompt and ``max_tokens[i]`` the exact
+    number of tokens it generates."""
+
     prompts: list[list[int]]
     max_tokens: list[int]
 
     @property
     def output_tokens(self) -> int:
+        """Tokens the whole workload generates."""
         return sum(self.max_tokens)
 
     @property
     def prompt_tokens(self) -> int:
+        """Prompt tokens of the whole workload."""
         return sum(len(p) for p in self.prompts)
 
 
@@ -586,6 +591,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark with ``argv`` (default: ``sys.argv``): for every dtype and workload, each
+    engine in its own child, rounds taking turns; print a block of results per dtype and workload.
+    With ``--child`` this process is one such child instead (``child_main``). Returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     apply_threads(args)

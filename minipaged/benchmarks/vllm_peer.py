@@ -43,6 +43,8 @@ from minipaged.models.loader import default_model_dir
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the workload through vLLM once and print it, or (``--rounds-from-stdin``) serve the throughput
+    benchmark's rounds. Returns the exit status."""
     parser = argparse.ArgumentParser(
         prog="python -m minipaged.benchmarks.vllm_peer", description=__doc__.splitlines()[0]
     )
