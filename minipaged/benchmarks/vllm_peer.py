@@ -39,6 +39,7 @@ from minipaged.benchmarks.throughput import (
     latency_prompt,
     workload_from_args,
 )
+from minipaged.config import DTYPES
 from minipaged.models.loader import default_model_dir
 
 
@@ -49,7 +50,12 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m minipaged.benchmarks.vllm_peer", description=__doc__.splitlines()[0]
     )
     add_workload_arguments(parser)
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument(
+        "--dtype",
+        choices=sorted({str(t).removeprefix("torch.") for t in DTYPES.values()}),
+        default="float32",
+        help="model dtype, by the canonical names of minipaged.config.DTYPES (vLLM's spelling)",
+    )
     parser.add_argument("--result-json", default=None, help="also write the results here as JSON")
     parser.add_argument(
         "--rounds-from-stdin",
