@@ -26,6 +26,10 @@ PROG = "minipaged bench blocks"
 
 @dataclass(frozen=True)
 class BenchConfig:
+    """The block manager's pool (``num_blocks`` of ``block_size`` tokens) and the simulated workload:
+    as many ``prompt_len``-token sequences as fill ``fill_fraction`` of the pool once each has
+    decoded ``decode_steps`` more tokens, one at a time."""
+
     num_blocks: int = 100_000
     block_size: int = 16
     prompt_len: int = 500
@@ -36,6 +40,8 @@ class BenchConfig:
 
 @dataclass(frozen=True)
 class OpTiming:
+    """How long ``calls`` calls of one block-manager operation took, and how many blocks they moved."""
+
     name: str
     calls: int
     seconds: float
@@ -43,6 +49,7 @@ class OpTiming:
 
     @property
     def ops_per_s(self) -> float:
+        """Calls per second (infinite for a phase too fast to time)."""
         return self.calls / self.seconds if self.seconds else float("inf")
 
 

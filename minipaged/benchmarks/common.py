@@ -57,7 +57,7 @@ def add_out_argument(parser: argparse.ArgumentParser, default: str | None = None
         "--out",
         default=default,
         metavar="PATH",
-        help=help or "write the results here as JSON" + (f" (default: {default})" if default else ""),
+        help=help or "write the results here as JSON" + (" (default: %(default)s)" if default else ""),
     )
 
 
@@ -127,23 +127,31 @@ def command_line(prog: str, argv: Sequence[str] | None) -> str:
     return " ".join([prog, *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
 
 
+# Where installers put packages; a directory of these names holds a whole environment, not a checkout.
+_INSTALL_DIRS = ("site-packages", "dist-packages")
+
+
 def source_roots() -> list[str]:
-    """The directories this process imports ``minipaged`` and ``minipaged_kernels`` from (the
-    repository root and its ``kernels/`` folder in a checkout or an editable install)."""
+    """The checkout directories this process imports ``minipaged`` and ``minipaged_kernels`` from (the
+    repository root and its ``kernels/`` folder, in a checkout or an editable install).
+
+    An installed copy's directory (``site-packages``, ``dist-packages``) is left out: put on another
+    Python's path, it would bring this environment's torch and every other package with it."""
     roots = []
     for name in ("minipaged", "minipaged_kernels"):
         spec = importlib.util.find_spec(name)
         if spec is not None and spec.origin is not None:
-            root = str(Path(spec.origin).resolve().parents[1])  # .../<root>/<name>/__init__.py
-            if root not in roots:
-                roots.append(root)
+            root = Path(spec.origin).resolve().parents[1]  # .../<root>/<name>/__init__.py
+            if root.name not in _INSTALL_DIRS and str(root) not in roots:
+                roots.append(str(root))
     return roots
 
 
 def child_env(env: dict[str, str] | None = None) -> dict[str, str]:
     """``env`` (default: this process's environment) with ``source_roots()`` first on ``PYTHONPATH``,
     so a child process, even under another Python without minipaged installed (vLLM's venv),
-    imports the same minipaged as this one."""
+    imports the same minipaged checkout as this one. A regular (non-editable) install adds nothing:
+    that other Python then needs minipaged installed too."""
     env = dict(os.environ if env is None else env)
     env["PYTHONPATH"] = os.pathsep.join([*source_roots(), *filter(None, [env.get("PYTHONPATH")])])
     return env

@@ -18,18 +18,22 @@ notebook loads:
 - ``perplexity``: the same model scoring a fixed text (standard-library module
   docstrings, ``--ppl-tokens`` tokens) in chunks of ``PPL_CHUNK`` tokens, each chunk
   attending to the earlier ones through the paged cache, per cache dtype and scale scheme.
-- ``capacity``: at one ``--kv-cache-memory``, a ShareGPT-like mix (``minipaged.benchmarks.throughput``'s
-  workload, random token ids, ``ignore_eos``): blocks, most sequences running at once,
-  preemptions and output tokens/s from the engine, per cache dtype.
+- ``capacity``: at one ``--capacity-kv-cache-memory``, a ShareGPT-like mix
+  (``minipaged.benchmarks.throughput``'s workload, random token ids, ``ignore_eos``): blocks,
+  most sequences running at once, preemptions and output tokens/s from the engine, per cache dtype.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import importlib
 import inspect
 import json
+import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +48,7 @@ from minipaged.benchmarks.common import (
     machine_info,
     write_json_atomic,
 )
-from minipaged.entrypoints.engine_args import add_engine_arguments, engine_kwargs
+from minipaged.entrypoints.engine_args import add_engine_arguments, byte_size, engine_kwargs
 
 PROG = "minipaged bench kv-quant"
 
@@ -299,6 +303,30 @@ def capacity(
     return result
 
 
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``directory`` (released when its descriptor closes): processes
+    merging parts into a file of that directory take turns, and none writes over another's part."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def merge_part(out: str | os.PathLike, part: str, value: Any, run: dict[str, Any]) -> None:
+    """Set ``part``'s entry and its ``runs[part]`` record in the JSON file ``out``, keeping the other
+    parts': read, update and atomic write under a lock, so parts may run side by side."""
+    out = Path(out)
+    with _locked(out.parent):
+        result = json.loads(out.read_text()) if out.exists() else {}
+        result[part] = value
+        result.setdefault("runs", {})[part] = run
+        write_json_atomic(out, result)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The benchmark's options; the engine's apply to the greedy and capacity parts."""
     parser = argparse.ArgumentParser(
@@ -309,16 +337,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompts", type=int, default=200)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--ppl-tokens", type=int, default=2048)
-    parser.add_argument("--kv-cache-memory", type=int, default=48 << 20)
+    parser.add_argument(
+        "--capacity-kv-cache-memory",
+        type=byte_size,
+        default=48 << 20,
+        metavar="BYTES",
+        help="the capacity part's KV cache budget, the same for every cache dtype, e.g. 48M "
+        "(default: %(default)s bytes)",
+    )
     parser.add_argument("--capacity-requests", type=int, default=32)
     parser.add_argument("--capacity-output-len", type=int, nargs=2, default=(16, 128))
     add_threads_argument(parser)
-    # The cache dtypes are what it compares, and --kv-cache-memory above is the capacity part's budget.
+    # The cache dtypes are what it compares; the capacity part's byte budget is --capacity-kv-cache-memory
+    # above, so the engine's --kv-cache-memory would only collide with it.
     add_engine_arguments(parser, exclude=("kv_cache_dtype", "kv_cache_memory"))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``--parts`` asked for with ``argv`` (default: ``sys.argv``), one after the other, merging
+    each result into ``--out`` as it finishes (``merge_part``). Returns the exit status."""
     args = build_parser().parse_args(argv)
     apply_threads(args)
     engine = engine_kwargs(args)
@@ -328,25 +366,22 @@ def main(argv: list[str] | None = None) -> int:
         "perplexity": lambda: perplexity(args.ppl_tokens),
         "greedy": lambda: greedy_agreement(args.prompts, args.max_tokens, engine),
         "capacity": lambda: capacity(
-            args.kv_cache_memory, args.capacity_requests, (16, 256), tuple(args.capacity_output_len), engine
+            args.capacity_kv_cache_memory, args.capacity_requests, (16, 256), tuple(args.capacity_output_len), engine
         ),
     }
     for part in args.parts:
         t0 = time.perf_counter()
         value = runs[part]()
         elapsed = time.perf_counter() - t0
-        out = Path(args.out)
-        result = json.loads(out.read_text()) if out.exists() else {}  # read late: parts may run side by side
-        result[part] = value
-        result.setdefault("runs", {})[part] = {
+        run = {
             "command": command,
             "seconds": round(elapsed, 1),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "machine": machine_info(),
         }
-        write_json_atomic(out, result)
-        print(f"{part}: {elapsed:.0f}s, written to {out}", flush=True)
+        merge_part(args.out, part, value, run)
+        print(f"{part}: {elapsed:.0f}s, written to {args.out}", flush=True)
     return 0
 
 

@@ -46,13 +46,15 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     bench = parser.add_argument_group("latency")
-    bench.add_argument("--batch-size", type=positive_int, default=8, help="prompts in the batch (default: 8)")
-    bench.add_argument("--input-len", type=positive_int, default=32, help="tokens per prompt (default: 32)")
+    bench.add_argument("--batch-size", type=positive_int, default=8, help="prompts in the batch (default: %(default)s)")
+    bench.add_argument("--input-len", type=positive_int, default=32, help="tokens per prompt (default: %(default)s)")
     bench.add_argument(
-        "--output-len", type=positive_int, default=128, help="tokens generated per prompt (default: 128)"
+        "--output-len", type=positive_int, default=128, help="tokens generated per prompt (default: %(default)s)"
     )
-    bench.add_argument("--num-iters-warmup", type=_nonnegative_int, default=3, help="untimed runs first (default: 3)")
-    bench.add_argument("--num-iters", type=positive_int, default=10, help="timed runs (default: 10)")
+    bench.add_argument(
+        "--num-iters-warmup", type=_nonnegative_int, default=3, help="untimed runs first (default: %(default)s)"
+    )
+    bench.add_argument("--num-iters", type=positive_int, default=10, help="timed runs (default: %(default)s)")
     add_threads_argument(parser)
     add_out_argument(parser)
     add_engine_arguments(parser)
@@ -132,6 +134,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark with ``argv`` (default: ``sys.argv``): print the machine, every timed run and
+    the latency statistics, and write them to ``--out`` when given. Returns the exit status."""
     args = build_parser().parse_args(argv)
     apply_threads(args)
     machine = machine_info()

@@ -44,6 +44,8 @@ DEFAULT_PROMPTS = "serve_prompts.jsonl"  # in minipaged/data
 # ---- workload ----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class BenchRequest:
+    """One request of the workload: its prompt text and ``max_tokens``."""
+
     prompt: str
     max_tokens: int
 
@@ -92,6 +94,8 @@ def as_chat_prompts(prompts: Sequence[str], tokenizer: Any) -> list[str]:
 
 
 def build_requests(args: argparse.Namespace, tokenizer: Any) -> list[BenchRequest]:
+    """``--num-prompts`` requests of ``--dataset`` (synthetic lengths, or JSONL prompts shuffled with
+    ``--seed`` and, unless ``--raw-prompts``, put through ``tokenizer``'s chat template)."""
     if args.dataset == "synthetic":
         return synthetic_requests(args.num_prompts, args.seed, max_output=args.max_tokens)
     prompts = load_jsonl_prompts(None if args.dataset == "default" else args.dataset)
@@ -114,6 +118,9 @@ def arrival_offsets(num: int, rate: float, seed: int) -> list[float]:
 # ---- client ---------------------------------------------------------------------------------
 @dataclass
 class RequestResult:
+    """What the client saw of one streamed request: success, token counts, text, time to first token,
+    end-to-end time and each content chunk's arrival (seconds after sending)."""
+
     ok: bool
     prompt_tokens: int | None = None
     output_tokens: int = 0
@@ -307,6 +314,7 @@ class MetricsTrace:
     }
 
     async def tick(self, _elapsed: float = 0.0) -> None:
+        """Scrape the server's ``/metrics`` once and append a row of the gauges this trace follows."""
         import httpx
 
         async with httpx.AsyncClient(base_url=self.base_url, timeout=30) as http:
@@ -329,6 +337,8 @@ class Target:
 
 
 def make_targets(args: argparse.Namespace) -> list[Target]:
+    """The servers to benchmark: one launch command per ``--servers`` name (minipaged's with the engine
+    options), plus ``--base-url`` when given."""
     targets = []
     model = args.model
     for name in args.servers:
@@ -336,7 +346,6 @@ def make_targets(args: argparse.Namespace) -> list[Target]:
         url = f"http://127.0.0.1:{port}"
         if name == "minipaged":
             extra_args = (["--model", model] if model else []) + engine_argv(engine_kwargs(args))
-            extra_args += args.minipaged_args.split()
             targets.append(Target(name, url, minipaged_command(port, *extra_args, "--log-level", "warning"), True))
         elif name in ("hf", "hf-cb"):
             hf_model = str(hf_model_dir(Path(model) if model else _default_model_dir(), Path(args.log_dir)))
@@ -407,6 +416,7 @@ def load_tokenizer(model: str | None) -> Any:
 
 
 def token_counter(tokenizer: Any) -> Callable[[str], int]:
+    """A function counting ``tokenizer``'s tokens in a text, special tokens left out."""
     return lambda text: len(tokenizer.encode(text, add_special_tokens=False))
 
 
@@ -459,6 +469,7 @@ def bench_target(
 
 
 def format_table(report: dict[str, Any]) -> str:
+    """The report as a Markdown table: a row per server and rate."""
     head = (
         "server",
         "rate",
@@ -514,7 +525,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-url-name", default="peer", help="its name in the report")
     p.add_argument("--base-url-usage", action="store_true", help="it accepts stream_options.include_usage")
     p.add_argument("--model", default=None, help="model directory for launched servers (default: SmolLM2-135M)")
-    p.add_argument("--minipaged-args", default="", help="extra 'python -m minipaged serve' options, one string")
     p.add_argument(
         "--hf-command",
         default=f"{sys.executable} -m transformers.cli.transformers",
@@ -543,6 +553,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark with ``argv`` (default: ``sys.argv``): each server in turn (launched, warmed up,
+    swept over the rates, stopped), writing the JSON report after each; print the table. Returns 0."""
     args = build_parser().parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so the servers launched here are stopped on the way out.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

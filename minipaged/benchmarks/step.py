@@ -1,6 +1,6 @@
 """``python -m minipaged bench step``: decode-step throughput of our model vs transformers' own.
 
-Both run the same weights (the embedded SmolLM2 unless ``--model``), dtype and thread
+Both run the same weights (the embedded SmolLM2-135M-Instruct), ``--dtype`` and thread
 count, one decode token for each of ``--batch`` sequences at context ``--context``:
 ours over the paged cache with the torch attention backend, transformers' model with
 its own KV cache (uniform lengths, so it wastes nothing on padding). With ``--ragged``
@@ -24,7 +24,8 @@ import torch
 
 from minipaged.attention import allocate_kv_cache, build_metadata, build_positions
 from minipaged.attention.torch_backend import DECODE_KERNELS
-from minipaged.benchmarks.common import add_threads_argument, apply_threads, describe_machine
+from minipaged.benchmarks.common import add_threads_argument, apply_threads, describe_machine, warm_up
+from minipaged.config import DTYPES, EngineConfig
 from minipaged.models.linear import PackedLinear, pack_in_place, packed_gemm_disabled
 from minipaged.models.loader import ensure_default_model, load_model
 from minipaged_kernels import cpu as cpu_kernels
@@ -36,10 +37,10 @@ def time_steps(step, warmup: int, steps: int) -> tuple[float, float]:
     CPU time (all threads of this process) is reported next to wall time because on a
     shared machine wall time mostly measures the neighbours.
     """
-    for i in range(warmup):
-        step(i)
+    indices = iter(range(warmup + steps))  # step i runs at context + i: the timed steps go on from the warm-up's
+    warm_up(lambda: step(next(indices)), warmup)
     wall, cpu = [], []
-    for i in range(warmup, warmup + steps):
+    for i in indices:
         start, start_cpu = time.perf_counter(), time.process_time()
         step(i)
         wall.append(time.perf_counter() - start)
@@ -57,6 +58,10 @@ def bench_ours(
     ragged: bool = False,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[float, float]:
+    """Median ``(wall, cpu)`` seconds of one decode step of our ``model``: one token for each of ``batch``
+    sequences at ``context`` tokens (spread around it with ``ragged``), over a paged cache of
+    ``block_size``-token blocks in ``dtype``, each sequence's blocks its own; logits included.
+    Token ids ``(batch,)`` are random; ``warmup`` untimed steps, then ``steps`` timed ones."""
     contexts = ragged_contexts(batch, context) if ragged else [context] * batch
     max_len = max(contexts) + warmup + steps
     blocks_per_seq = -(-max_len // block_size)
@@ -80,6 +85,9 @@ def ragged_contexts(batch: int, context: int) -> list[int]:
 
 @torch.inference_mode()
 def bench_transformers(hf_model, batch: int, context: int, warmup: int, steps: int) -> tuple[float, float]:
+    """Median ``(wall, cpu)`` seconds of one decode step of transformers' ``hf_model``: input ids
+    ``(batch, 1)`` over its own ``DynamicCache`` prefilled with ``context - 1`` random tokens per
+    sequence, logits of the last position only; ``warmup`` untimed steps, then ``steps`` timed ones."""
     from transformers import DynamicCache
 
     prompt = torch.randint(0, hf_model.config.vocab_size, (batch, context - 1))
@@ -91,9 +99,6 @@ def bench_transformers(hf_model, batch: int, context: int, warmup: int, steps: i
         hf_model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
 
     return time_steps(step, warmup, steps)
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def time_variants(model, args: argparse.Namespace, dtype: torch.dtype) -> dict[tuple[str, str], tuple[float, float]]:
@@ -130,6 +135,7 @@ def time_variants(model, args: argparse.Namespace, dtype: torch.dtype) -> dict[t
 
 
 def report(label: str, times: tuple[float, float], batch: int) -> None:
+    """Print one row: ``label``, the ``(wall, cpu)`` seconds per step in ms and the ``batch`` tokens/s."""
     wall, cpu = times
     print(f"{label:<40} {wall * 1e3:8.1f} ms/step wall ({batch / wall:7.1f} tokens/s)   {cpu * 1e3:8.1f} ms/step cpu")
 
@@ -139,7 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minipaged bench step", description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--context", type=int, default=200)
-    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument(
+        "--block-size",
+        type=int,
+        default=EngineConfig.block_size,
+        help="tokens per KV block of our paged cache (default: the engine's, %(default)s)",
+    )
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     add_threads_argument(parser)
@@ -176,11 +187,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="with several --decode-kernel / --few-row-linear values: times to alternate them",
     )
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument(
+        "--dtype", choices=tuple(DTYPES), default="float32", help="weights, activations and KV cache (both models)"
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run the benchmark with ``argv`` (default: ``sys.argv``): time our decode step for every variant
+    asked for, then transformers' (unless ``--skip-transformers``), and print the rows and the speed-up."""
     args = build_parser().parse_args(argv)
     from transformers import AutoModelForCausalLM
 

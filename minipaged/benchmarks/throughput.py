@@ -24,8 +24,8 @@ ratio printed is the median of per-round ratios, each between two runs minutes a
 (transformers, slow and only a baseline, runs one round after the others exit). Each round
 also serves one request alone (64 prompt tokens, 64 new) for latency. Prints output tokens/s,
 the ratios, start-up, peak RSS, latency, and how many of minipaged's greedy tokens equal
-transformers' (fixed lengths come from ``SamplingParams.min_tokens`` where it exists, as
-transformers' ``min_new_tokens`` masks EOS; else ``ignore_eos``).
+transformers' (fixed lengths come from ``SamplingParams.min_tokens``, which masks EOS as
+transformers' ``min_new_tokens`` does).
 """
 
 from __future__ import annotations
@@ -54,28 +54,35 @@ from minipaged.benchmarks.common import (
     child_env,
     describe_machine,
     positive_int,
+    warm_up,
     write_json_atomic,
 )
+from minipaged.config import DTYPES, EngineConfig
 from minipaged.entrypoints.engine_args import add_engine_arguments, engine_argv, engine_kwargs
 
 PROG = "minipaged bench throughput"
 # Engine options the benchmark sets itself: the embedded model, the dtypes and KV cache dtypes it
-# sweeps (its own --dtype / --kv-cache-dtype take several values), --tensor-parallel-size (passed to
-# every minipaged child) and the workload's --seed. The rest pass to every minipaged child.
-ENGINE_EXCLUDE = ("model", "dtype", "kv_cache_dtype", "tensor_parallel_size", "seed")
+# sweeps (its own --dtype / --kv-cache-dtype take several values) and the workload's --seed. The
+# rest pass to every minipaged child.
+ENGINE_EXCLUDE = ("model", "dtype", "kv_cache_dtype", "seed")
 
 
 @dataclass(frozen=True)
 class Workload:
+    """Requests as token ids: ``prompts[i]`` is request i's prompt and ``max_tokens[i]`` the exact
+    number of tokens it generates."""
+
     prompts: list[list[int]]
     max_tokens: list[int]
 
     @property
     def output_tokens(self) -> int:
+        """Tokens the whole workload generates."""
         return sum(self.max_tokens)
 
     @property
     def prompt_tokens(self) -> int:
+        """Prompt tokens of the whole workload."""
         return sum(len(p) for p in self.prompts)
 
 
@@ -113,22 +120,14 @@ def matmul_gflops(n: int = 1024, reps: int = 10) -> float:
 
 UNIFORM = {"num_requests": 32, "input_len": (64, 64), "output_len": (64, 64)}
 LATENCY_PROMPT_LEN = LATENCY_NEW_TOKENS = 64
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def fixed_length_params(max_tokens: int):
-    """Greedy ``SamplingParams`` producing exactly ``max_tokens``: ``min_tokens`` (EOS masked, like
-    transformers' ``min_new_tokens``) where the engine has it, else ``ignore_eos``."""
+    """Greedy ``SamplingParams`` producing exactly ``max_tokens``: ``min_tokens`` masks EOS until then,
+    as transformers' ``min_new_tokens`` does, so both engines' greedy tokens stay comparable."""
     from minipaged import SamplingParams
 
-    if "min_tokens" in SamplingParams.__dataclass_fields__:
-        return SamplingParams(temperature=0, max_tokens=max_tokens, min_tokens=max_tokens)
-    return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-
-
-def fixed_length_mode() -> str:
-    """Which ``SamplingParams`` field ``fixed_length_params`` uses: ``"min_tokens"`` or ``"ignore_eos"``."""
-    return "min_tokens" if fixed_length_params(1).ignore_eos is False else "ignore_eos"
+    return SamplingParams(temperature=0, max_tokens=max_tokens, min_tokens=max_tokens)
 
 
 def latency_prompt(work: Workload) -> list[int]:
@@ -142,12 +141,12 @@ def run_minipaged(
     dtype: torch.dtype,
     rounds: RoundServer,
     kv_cache_dtype: str = "auto",
-    tensor_parallel_size: int = 1,
     engine: dict | None = None,
 ) -> None:
     """Child: load and warm up once, then for each round asked for: the workload, then one request alone.
 
-    ``engine``: ``LLM`` keywords from the command line, over the benchmark's own choices.
+    ``engine``: ``LLM`` keywords from the command line (``tensor_parallel_size`` among them), over
+    the benchmark's own choices.
     """
     from minipaged import LLM
     from minipaged.attention import kv_cache_bytes_per_block
@@ -163,12 +162,15 @@ def run_minipaged(
     # A KV cache that holds the whole workload at once (no preemption), or the latency request that
     # runs alone after it, and no more: its size is resident memory, which the benchmark reports.
     per_token = kv_cache_bytes_per_block(loaded.model.config, 1, dtype, kv_cache_dtype)
-    tokens = sum(len(p) + m + 16 for p, m in zip(work.prompts, work.max_tokens))  # 16: a block's rounding
-    kv_bytes = per_token * max(tokens, LATENCY_PROMPT_LEN + LATENCY_NEW_TOKENS + 16)
-    kv_bytes //= tensor_parallel_size  # the budget is per rank, and a rank holds 1/N of the heads
+    block_size = engine.get("block_size", EngineConfig.block_size)  # each sequence rounds up to whole blocks
+    tokens = sum(len(p) + m + block_size for p, m in zip(work.prompts, work.max_tokens))
+    kv_bytes = per_token * max(tokens, LATENCY_PROMPT_LEN + LATENCY_NEW_TOKENS + block_size)
+    kv_bytes //= engine.get("tensor_parallel_size", 1)  # the budget is per rank, and a rank holds 1/N of the heads
     own = {"max_num_seqs": max(64, len(work.prompts)), "max_num_batched_tokens": 2048, "kv_cache_memory": kv_bytes}
-    llm = LLM(loaded, kv_cache_dtype=kv_cache_dtype, tensor_parallel_size=tensor_parallel_size, **(own | engine))
-    llm.generate([{"prompt_token_ids": work.prompts[0][:8]}], fixed_length_params(2), use_tqdm=False)  # warm-up
+    llm = LLM(loaded, kv_cache_dtype=kv_cache_dtype, **(own | engine))
+    warm_up(
+        lambda: llm.generate([{"prompt_token_ids": work.prompts[0][:8]}], fixed_length_params(2), use_tqdm=False), 1
+    )
 
     def run_round(round_work: Workload) -> dict:
         first_step = len(llm.trace)
@@ -233,7 +235,9 @@ def run_transformers(work: Workload, dtype: torch.dtype, batch_sizes: list[int],
     from minipaged.models.loader import ensure_default_model
 
     hf = AutoModelForCausalLM.from_pretrained(str(ensure_default_model()), dtype=dtype).eval()
-    hf.generate(torch.tensor([work.prompts[0][:8]]), max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
+    warm_up(
+        lambda: hf.generate(torch.tensor([work.prompts[0][:8]]), max_new_tokens=2, do_sample=False, pad_token_id=0), 1
+    )
 
     def run_round(round_work: Workload) -> dict:
         result: dict = {"static": {}}
@@ -502,7 +506,7 @@ def summarise(name: str, dtype: str, work: Workload, results: dict[str, dict]) -
         same, frac = token_agreement(ours["rounds"][0]["tokens"], ok["transformers static"]["rounds"][0]["tokens"])
         lines.append(
             f"greedy tokens equal to transformers': {same}/{len(work.prompts)} requests identical, "
-            f"{frac:.1%} of tokens before the first difference (fixed lengths by {fixed_length_mode()})"
+            f"{frac:.1%} of tokens before the first difference"
         )
     for label in (k for k in ok if k.startswith("minipaged kv ") and ours):
         same, frac = token_agreement(ok[label]["rounds"][0]["tokens"], ours["rounds"][0]["tokens"])
@@ -541,7 +545,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="both",
         help="uniform: 32 x 64-token prompts, 64 new tokens; mixed: the length options above",
     )
-    parser.add_argument("--dtype", nargs="+", choices=tuple(DTYPES), default=["float32"])
+    parser.add_argument(
+        "--dtype",
+        nargs="+",
+        choices=tuple(DTYPES),
+        default=["float32"],
+        help="model dtypes, each a run of every engine (names of minipaged.config.DTYPES)",
+    )
     parser.add_argument(
         "--static-batch-sizes",
         type=positive_int,
@@ -574,12 +584,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="minipaged's KV cache dtypes, each run as its own engine (see minipaged.attention.kv_quant); "
         "peers are compared with 'auto'",
     )
-    parser.add_argument(
-        "--tensor-parallel-size",
-        type=positive_int,
-        default=1,
-        help="minipaged's tensor-parallel ranks (they share --threads; see minipaged.worker.executor)",
-    )
     parser.add_argument("--child", choices=("minipaged", "transformers"), help=argparse.SUPPRESS)
     parser.add_argument("--result-json", help=argparse.SUPPRESS)
     add_engine_arguments(parser, exclude=ENGINE_EXCLUDE)
@@ -587,6 +591,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark with ``argv`` (default: ``sys.argv``): for every dtype and workload, each
+    engine in its own child, rounds taking turns; print a block of results per dtype and workload.
+    With ``--child`` this process is one such child instead (``child_main``). Returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     apply_threads(args)
@@ -599,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
 
     vocab = json.loads((ensure_default_model() / "config.json").read_text())["vocab_size"]
     print(
-        f"{describe_machine()} fp32 matmul={matmul_gflops():.1f} GFLOP/s fixed lengths by {fixed_length_mode()}",
+        f"{describe_machine()} fp32 matmul={matmul_gflops():.1f} GFLOP/s",
         flush=True,
     )
     threads = torch.get_num_threads()
@@ -608,7 +615,8 @@ def main(argv: list[str] | None = None) -> int:
     # Every child imports minipaged from where this process does (the vLLM venv has no install of it).
     env = child_env()
     vllm_env = {**env, "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}", "VLLM_CPU_KVCACHE_SPACE": "2"}
-    for dtype in args.dtype:
+    # One run per dtype, under its canonical name (the one vllm_peer accepts): "bf16" and "bfloat16" are one.
+    for dtype in dict.fromkeys(str(DTYPES[name]).removeprefix("torch.") for name in args.dtype):
         for name, spec in workload_specs(args).items():
             work = make_workload(spec["num_requests"], vocab, spec["input_len"], spec["output_len"], spec["seed"])
             flags = workload_args(spec) + ["--dtype", dtype]
@@ -617,19 +625,7 @@ def main(argv: list[str] | None = None) -> int:
             if vllm:
                 engines["vLLM CPU"] = (vllm + ["--rounds-from-stdin"], vllm_env)
             for kv in dict.fromkeys(args.kv_cache_dtype):
-                engines[minipaged_label(kv)] = (
-                    own
-                    + [
-                        "--child",
-                        "minipaged",
-                        *flags,
-                        "--kv-cache-dtype",
-                        kv,
-                        "--tensor-parallel-size",
-                        str(args.tensor_parallel_size),
-                    ],
-                    env,
-                )
+                engines[minipaged_label(kv)] = (own + ["--child", "minipaged", *flags, "--kv-cache-dtype", kv], env)
             results = run_engines(engines, args.rounds)
             if not args.skip_hf:  # one round, after the others have exited: it is slow and only a baseline
                 sizes = [str(b) for b in args.static_batch_sizes]
@@ -654,7 +650,7 @@ def child_main(args: argparse.Namespace) -> int:
     rounds = RoundServer(args.result_json, functools.partial(workload_from_args, args, vocab))
     work, dtype = workload_from_args(args, vocab), DTYPES[args.dtype[0]]
     if args.child == "minipaged":
-        run_minipaged(work, dtype, rounds, args.kv_cache_dtype[0], args.tensor_parallel_size, engine_kwargs(args))
+        run_minipaged(work, dtype, rounds, args.kv_cache_dtype[0], engine_kwargs(args))
     else:
         run_transformers(work, dtype, args.static_batch_sizes, rounds)
     return 0

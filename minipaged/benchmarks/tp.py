@@ -21,15 +21,23 @@ import time
 
 import torch
 
-from minipaged.benchmarks.common import describe_machine, positive_int
+from minipaged.benchmarks.common import describe_machine, positive_int, warm_up
 from minipaged.benchmarks.throughput import add_workload_arguments, make_workload
 from minipaged.entrypoints.engine_args import add_engine_arguments, engine_kwargs
 
 PROG = "minipaged bench tp"
 
 
-def smollm2_like(num_heads: int = 8, num_kv_heads: int = 4):
-    """A random-weight ``CausalLM`` of SmolLM2-135M's size (30 layers, hidden 576, vocab 49152, tied)."""
+def smollm2_like(
+    num_heads: int = 8,
+    num_kv_heads: int = 4,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    attention_backend: str | None = None,
+):
+    """A random-weight ``CausalLM`` of SmolLM2-135M's size (30 layers, hidden 576, vocab 49152, tied),
+    in ``dtype`` on ``device`` with ``attention_backend`` (``None``: the device's default), as
+    ``minipaged.models.load_model`` takes them."""
     from minipaged.attention import get_attention_backend
     from minipaged.models import CausalLM, ModelConfig
 
@@ -52,11 +60,11 @@ def smollm2_like(num_heads: int = 8, num_kv_heads: int = 4):
         bos_token_id=None,
     )
     torch.manual_seed(0)
-    model = CausalLM(config, get_attention_backend("torch", "cpu"))
-    with torch.no_grad():
+    model = CausalLM(config, get_attention_backend(attention_backend, device), dtype)
+    with torch.no_grad():  # drawn in fp32 on the CPU, so every dtype and device gets the same weights
         for name, p in model.named_parameters():
             p.copy_(torch.ones_like(p) if "norm" in name else torch.randn_like(p) * 0.05)
-    return model.requires_grad_(False).eval()
+    return model.to(device=device, dtype=dtype).requires_grad_(False).eval()
 
 
 def run_round(llm, work) -> tuple[float, float]:
@@ -89,18 +97,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def engine_options(args: argparse.Namespace) -> dict:
+    """``LLM`` keywords of both engines: the engine options given, over ``max_model_len=512`` and, unless
+    ``--num-kv-blocks`` or ``--kv-cache-memory`` sizes the cache, 2048 blocks (the same cache for both
+    engines whatever the machine's memory)."""
+    kw = {"max_model_len": 512} | engine_kwargs(args)
+    if "num_kv_blocks" not in kw and "kv_cache_memory" not in kw:
+        kw["num_kv_blocks"] = 2048
+    return kw
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark: build one model, a single-process and a ``--tp`` engine over it, and time
+    their interleaved rounds; prints the rounds, tokens/s and ratios. Returns the exit status."""
     args = build_parser().parse_args(argv)
 
     from minipaged import LLM
+    from minipaged.config import EngineConfig
     from minipaged.models import load_model
 
-    model = smollm2_like() if args.model is None else load_model(args.model).model
+    kw = engine_options(args)
+    # Both engines share one prebuilt model, whose dtype, device and backend are the engine's: build it
+    # with the ones the engine options ask for (EngineConfig resolves the names and the default device).
+    config = EngineConfig.from_kwargs(**kw)
+    built = {"dtype": config.torch_dtype, "device": config.torch_device, "attention_backend": config.attention_backend}
+    model = smollm2_like(**built) if args.model is None else load_model(args.model, **built).model
     cores = os.cpu_count() or 1
     work = make_workload(
         args.num_requests, model.config.vocab_size, tuple(args.input_len), tuple(args.output_len), args.seed
     )
-    kw = dict(num_kv_blocks=2048, block_size=16, max_model_len=512) | engine_kwargs(args)
     single = LLM(model, **kw)
     tp = LLM(model, tensor_parallel_size=args.tp, **kw)
     per_rank = max(1, cores // args.tp)
@@ -118,13 +143,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     times: dict[str, list[float]] = {label: [] for label, _, _ in runs}
     stats = tp.engine_core.worker.tp.stats
-    for round_index in range(args.rounds + 1):  # round 0 warms every engine up and is not counted
+
+    def every_engine_once() -> None:
+        for _, llm, threads in runs:
+            torch.set_num_threads(threads)
+            run_round(llm, work)
+
+    warm_up(every_engine_once, 1)
+    for round_index in range(1, args.rounds + 1):
         for label, llm, threads in runs:
             torch.set_num_threads(threads)
             before = (stats.all_reduce_s, stats.broadcast_s, stats.all_reduces, len(tp.trace))
             elapsed, in_steps = run_round(llm, work)
-            if round_index == 0:
-                continue
             times[label].append(elapsed)
             line = f"round {round_index}: {label}: {elapsed:.2f} s"
             if llm is tp:
@@ -144,9 +174,9 @@ def main(argv: list[str] | None = None) -> int:
         + f"  (best of {args.rounds} interleaved rounds; ratios against {baseline})"
     )
     print(
-        f"per-rank KV cache: TP=1 {single.engine_core.worker.kv_cache_bytes / 2**20:.0f} MiB, "
-        f"TP={args.tp} {tp.engine_core.worker.kv_cache_bytes_per_rank / 2**20:.0f} MiB "
-        f"for the same {kw['num_kv_blocks']} blocks"
+        f"per-rank KV cache: TP=1 {single.engine_core.worker.kv_cache_bytes / 2**20:.0f} MiB "
+        f"({single.config.num_kv_blocks} blocks), TP={args.tp} "
+        f"{tp.engine_core.worker.kv_cache_bytes_per_rank / 2**20:.0f} MiB ({tp.config.num_kv_blocks} blocks)"
     )
     tp.engine_core.worker.shutdown()
     return 0

@@ -30,7 +30,7 @@ import functools
 import json
 import time
 
-from minipaged.benchmarks.common import write_json_atomic
+from minipaged.benchmarks.common import warm_up, write_json_atomic
 from minipaged.benchmarks.throughput import (
     LATENCY_NEW_TOKENS,
     RoundServer,
@@ -39,15 +39,23 @@ from minipaged.benchmarks.throughput import (
     latency_prompt,
     workload_from_args,
 )
+from minipaged.config import DTYPES
 from minipaged.models.loader import default_model_dir
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the workload through vLLM once and print it, or (``--rounds-from-stdin``) serve the throughput
+    benchmark's rounds. Returns the exit status."""
     parser = argparse.ArgumentParser(
         prog="python -m minipaged.benchmarks.vllm_peer", description=__doc__.splitlines()[0]
     )
     add_workload_arguments(parser)
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument(
+        "--dtype",
+        choices=sorted({str(t).removeprefix("torch.") for t in DTYPES.values()}),
+        default="float32",
+        help="model dtype, by the canonical names of minipaged.config.DTYPES (vLLM's spelling)",
+    )
     parser.add_argument("--result-json", default=None, help="also write the results here as JSON")
     parser.add_argument(
         "--rounds-from-stdin",
@@ -72,7 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     vocab = json.loads((default_model_dir() / "config.json").read_text())["vocab_size"]
     work = workload_from_args(args, vocab)
     llm = LLM(model=str(default_model_dir()), dtype=args.dtype, max_model_len=2048, seed=0)
-    llm.generate([TokensPrompt(prompt_token_ids=work.prompts[0][:8])], SamplingParams(max_tokens=2), use_tqdm=False)
+    warm_up(
+        lambda: llm.generate(
+            [TokensPrompt(prompt_token_ids=work.prompts[0][:8])], SamplingParams(max_tokens=2), use_tqdm=False
+        ),
+        1,
+    )
 
     def run_round(round_work: Workload) -> dict:
         params = [SamplingParams(temperature=0, max_tokens=m, min_tokens=m) for m in round_work.max_tokens]

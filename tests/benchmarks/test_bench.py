@@ -197,3 +197,15 @@ def test_vllm_child_imports_no_numba():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_throughput_takes_the_engine_tensor_parallel_size_and_every_config_dtype_name():
+    from minipaged.benchmarks.throughput import build_parser
+    from minipaged.config import DTYPES
+    from minipaged.entrypoints.engine_args import engine_argv, engine_kwargs
+
+    args = build_parser().parse_args(["--tensor-parallel-size", "2", "--dtype", *DTYPES])
+    # The children get it with the other engine options, as add_engine_arguments parses it back.
+    assert "--tensor-parallel-size" in engine_argv(engine_kwargs(args))
+    assert engine_kwargs(args)["tensor_parallel_size"] == 2
+    assert args.dtype == list(DTYPES)

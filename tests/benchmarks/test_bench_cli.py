@@ -193,6 +193,28 @@ def test_child_processes_find_this_checkout_without_the_install():
     ]
 
 
+@pytest.mark.parametrize("install_dir", ("site-packages", "dist-packages"))
+def test_child_processes_get_no_installed_environment_on_their_path(install_dir, tmp_path, monkeypatch):
+    """With a regular install, minipaged's directory is the environment's site-packages: on vLLM's
+    PYTHONPATH it would put this environment's torch before vLLM's own, so it is left out."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    installed = tmp_path / "lib" / "python3" / install_dir
+    checkout = tmp_path / "checkout"
+    origins = {
+        "minipaged": installed / "minipaged" / "__init__.py",
+        "minipaged_kernels": checkout / "kernels" / "minipaged_kernels" / "__init__.py",
+    }
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: SimpleNamespace(origin=str(origins[name])))
+    assert common.source_roots() == [str((checkout / "kernels").resolve())]
+    env = common.child_env({"PYTHONPATH": "/theirs"})
+    assert env["PYTHONPATH"].split(os.pathsep) == [str((checkout / "kernels").resolve()), "/theirs"]
+    origins["minipaged_kernels"] = installed / "minipaged_kernels" / "__init__.py"
+    assert common.source_roots() == []
+    assert common.child_env({"PYTHONPATH": "/theirs"})["PYTHONPATH"] == "/theirs"
+
+
 def _commands() -> list[list[str]]:
     """``python -m minipaged`` and, when installed beside this Python, the ``minipaged`` console script."""
     commands = [[sys.executable, "-m", "minipaged"]]
@@ -224,9 +246,65 @@ def test_bench_serve_passes_the_engine_options_to_the_launched_server():
     from minipaged.benchmarks import serve as bs
 
     args = bs.build_parser().parse_args(
-        ["--block-size", "8", "--no-prefix-caching", "--seed", "3", "--minipaged-args", "--max-num-seqs 4"]
+        ["--block-size", "8", "--no-prefix-caching", "--seed", "3", "--max-num-seqs", "4"]
     )
     (target,) = bs.make_targets(args)
     command = " ".join(target.command)
-    assert "--block-size 8 --no-enable-prefix-caching --max-num-seqs 4" in command
+    assert "--block-size 8 --max-num-seqs 4 --no-enable-prefix-caching" in command  # EngineConfig's field order
     assert "--seed" not in command  # the benchmark's --seed draws its workload; the server keeps its own
+
+
+def test_bench_tp_sizes_the_cache_by_blocks_only_when_no_size_is_given():
+    from minipaged.benchmarks import tp
+
+    def options(*argv):
+        return tp.engine_options(tp.build_parser().parse_args(list(argv)))
+
+    assert options()["num_kv_blocks"] == 2048
+    assert options("--num-kv-blocks", "64")["num_kv_blocks"] == 64
+    by_bytes = options("--kv-cache-memory", "48M")
+    assert by_bytes["kv_cache_memory"] == 48 << 20 and "num_kv_blocks" not in by_bytes
+
+
+def test_bench_tp_builds_its_model_in_the_engine_dtype():
+    import torch
+
+    from minipaged import LLM
+    from minipaged.benchmarks.tp import smollm2_like
+
+    model = smollm2_like(dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.model.rotary_emb.cos.dtype == torch.bfloat16
+    with LLM(model, dtype="bfloat16", num_kv_blocks=4, max_model_len=64) as llm:
+        assert llm.config.torch_dtype == torch.bfloat16
+
+
+def test_kv_quant_capacity_budget_takes_a_size_with_a_unit():
+    from minipaged.benchmarks import kv_quant
+
+    parser = kv_quant.build_parser()
+    assert parser.parse_args(["--capacity-kv-cache-memory", "48M"]).capacity_kv_cache_memory == 48 << 20
+    assert parser.parse_args([]).capacity_kv_cache_memory == 48 << 20
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--kv-cache-memory", "48M"])  # the engine's name, with another meaning: not taken
+
+
+def test_kv_quant_parts_merged_side_by_side_keep_every_part(tmp_path):
+    from minipaged.benchmarks.kv_quant import merge_part
+
+    out = tmp_path / "figures" / "eval.json"
+    out.parent.mkdir()
+    out.write_text(json.dumps({"kept": 1}))
+    parts = [f"part{i}" for i in range(16)]
+    threads = [
+        threading.Thread(target=merge_part, args=(out, part, {"value": i}, {"command": part}))
+        for i, part in enumerate(parts)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    result = json.loads(out.read_text())
+    assert result["kept"] == 1
+    assert {p: result[p]["value"] for p in parts} == {p: i for i, p in enumerate(parts)}
+    assert sorted(result["runs"]) == sorted(parts)
