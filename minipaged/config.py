@@ -34,6 +34,11 @@ DTYPES = {
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
 
 
+def dtype_name(dtype: str | torch.dtype) -> str:
+    """The canonical name of a ``DTYPES`` name or torch dtype: ``"bf16"`` and ``torch.bfloat16`` -> ``"bfloat16"``."""
+    return str(DTYPES[dtype] if isinstance(dtype, str) else dtype).removeprefix("torch.")
+
+
 def _positive_int(name: str, value: Any, *, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
@@ -168,6 +173,10 @@ class EngineConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return self.dtype if isinstance(self.dtype, torch.dtype) else DTYPES[self.dtype]
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """The ``load_model`` keywords this engine's model is built with: dtype, device, attention backend."""
+        return {"dtype": self.torch_dtype, "device": self.torch_device, "attention_backend": self.attention_backend}
 
     @property
     def torch_device(self) -> torch.device:

@@ -98,10 +98,10 @@ def _jsonable(value: Any) -> Any:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Build the engine from the engine options, warm up, time the batch; returns the result dict."""
+    """Build the engine from the engine options, warm up, time the batch; returns the result dict
+    (``main`` has set the thread count)."""
     from minipaged import LLM, SamplingParams
 
-    apply_threads(args)
     kwargs = engine_kwargs(args)
     with LLM(**kwargs) as llm:
         prompts = [

@@ -24,7 +24,7 @@ import torch
 
 from minipaged.attention import allocate_kv_cache, build_metadata, build_positions
 from minipaged.attention.torch_backend import DECODE_KERNELS
-from minipaged.benchmarks.common import add_threads_argument, apply_threads, describe_machine, warm_up
+from minipaged.benchmarks.common import add_threads_argument, apply_threads, describe_machine
 from minipaged.config import DTYPES, EngineConfig
 from minipaged.models.linear import PackedLinear, pack_in_place, packed_gemm_disabled
 from minipaged.models.loader import ensure_default_model, load_model
@@ -37,10 +37,10 @@ def time_steps(step, warmup: int, steps: int) -> tuple[float, float]:
     CPU time (all threads of this process) is reported next to wall time because on a
     shared machine wall time mostly measures the neighbours.
     """
-    indices = iter(range(warmup + steps))  # step i runs at context + i: the timed steps go on from the warm-up's
-    warm_up(lambda: step(next(indices)), warmup)
+    for i in range(warmup):  # step i runs at context + i: the timed steps go on from the warm-up's
+        step(i)
     wall, cpu = [], []
-    for i in indices:
+    for i in range(warmup, warmup + steps):
         start, start_cpu = time.perf_counter(), time.process_time()
         step(i)
         wall.append(time.perf_counter() - start)

@@ -57,7 +57,7 @@ from minipaged.benchmarks.common import (
     warm_up,
     write_json_atomic,
 )
-from minipaged.config import DTYPES, EngineConfig
+from minipaged.config import DTYPES, EngineConfig, dtype_name
 from minipaged.entrypoints.engine_args import add_engine_arguments, engine_argv, engine_kwargs
 
 PROG = "minipaged bench throughput"
@@ -616,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
     env = child_env()
     vllm_env = {**env, "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}", "VLLM_CPU_KVCACHE_SPACE": "2"}
     # One run per dtype, under its canonical name (the one vllm_peer accepts): "bf16" and "bfloat16" are one.
-    for dtype in dict.fromkeys(str(DTYPES[name]).removeprefix("torch.") for name in args.dtype):
+    for dtype in dict.fromkeys(dtype_name(name) for name in args.dtype):
         for name, spec in workload_specs(args).items():
             work = make_workload(spec["num_requests"], vocab, spec["input_len"], spec["output_len"], spec["seed"])
             flags = workload_args(spec) + ["--dtype", dtype]

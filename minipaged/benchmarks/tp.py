@@ -119,8 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     kw = engine_options(args)
     # Both engines share one prebuilt model, whose dtype, device and backend are the engine's: build it
     # with the ones the engine options ask for (EngineConfig resolves the names and the default device).
-    config = EngineConfig.from_kwargs(**kw)
-    built = {"dtype": config.torch_dtype, "device": config.torch_device, "attention_backend": config.attention_backend}
+    built = EngineConfig.from_kwargs(**kw).model_kwargs()
     model = smollm2_like(**built) if args.model is None else load_model(args.model, **built).model
     cores = os.cpu_count() or 1
     work = make_workload(

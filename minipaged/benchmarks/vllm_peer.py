@@ -39,7 +39,7 @@ from minipaged.benchmarks.throughput import (
     latency_prompt,
     workload_from_args,
 )
-from minipaged.config import DTYPES
+from minipaged.config import DTYPES, dtype_name
 from minipaged.models.loader import default_model_dir
 
 
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     add_workload_arguments(parser)
     parser.add_argument(
         "--dtype",
-        choices=sorted({str(t).removeprefix("torch.") for t in DTYPES.values()}),
+        choices=sorted({dtype_name(name) for name in DTYPES}),
         default="float32",
         help="model dtype, by the canonical names of minipaged.config.DTYPES (vLLM's spelling)",
     )

@@ -105,9 +105,7 @@ def load_engine(model: Any = None, tokenizer: Any = None, **kwargs: Any) -> tupl
         config = EngineConfig.from_kwargs(model=loaded.name, **_prebuilt_model_kwargs(loaded.model, kwargs))
     else:
         config = EngineConfig.from_kwargs(model=model, **kwargs)
-        loaded = load_model(
-            model, dtype=config.torch_dtype, device=config.torch_device, attention_backend=config.attention_backend
-        )
+        loaded = load_model(model, **config.model_kwargs())
     core = EngineCore(loaded.model, loaded.config, config, model_name=loaded.name)
     return core, tokenizer if tokenizer is not None else loaded.tokenizer
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from minipaged.config import EngineConfig
+from minipaged.config import EngineConfig, dtype_name
 
 # The namespace attribute that lists which fields this parser turned into flags, so that
 # ``engine_kwargs`` never mistakes a subcommand's own option of the same name (``generate``'s
@@ -138,7 +138,7 @@ def engine_argv(kwargs: dict[str, Any]) -> list[str]:
         if isinstance(value, bool):
             argv.append(flag_name(name) if value else "--no-" + flag_name(name)[2:])
         elif isinstance(value, torch.dtype):
-            argv += [flag_name(name), str(value).removeprefix("torch.")]
+            argv += [flag_name(name), dtype_name(value)]
         elif value is not None:
             argv += [flag_name(name), str(value)]
     return argv
