@@ -35,6 +35,9 @@ from minipaged_kernels.quant_formats import PackedWeight
 MAX_ROWS = 16
 # Output columns per chunk: the [rows, CHUNK] fp32 partial sums and the row buffer stay in L1.
 CHUNK = 128
+# Up to this many rows the 4-bit loop unpacks each word once per row, in registers; above, once per
+# call into a row buffer that every row then reads.
+FUSED_MAX_ROWS = 4
 # Chunks per thread: a few per thread evens out a thread that starts late.
 _CHUNKS_PER_THREAD = 4
 
@@ -72,7 +75,7 @@ def _chunk_grouped(x, xsum, qweight, scales, zeros, bits, group_size, out, n0, n
     """
     rows, k_in = x.shape
     pack = 32 // bits
-    mask = (1 << bits) - 1
+    umask = np.uint32((1 << bits) - 1)
     width = n1 - n0
     for m in range(rows):
         for i in range(width):
@@ -82,20 +85,51 @@ def _chunk_grouped(x, xsum, qweight, scales, zeros, bits, group_size, out, n0, n
             for i in range(width):
                 part[m, i] = 0.0
         k_end = min(k_in, (g + 1) * group_size)
-        for k in range(g * group_size, k_end):
-            w = k // pack
-            shift = bits * (k % pack)
+        k_start = g * group_size
+        if bits == 4 and rows <= FUSED_MAX_ROWS and k_start % 8 == 0 and k_end % 8 == 0:
+            _words4_fused(x, qweight, k_start // 8, k_end // 8, n0, n1, part)
+            k_end = k_start  # done: skip the row-buffer loop
+        for k in range(k_start, k_end):
+            words = qweight[k // pack, n0:n1]
+            shift = np.uint32(bits * (k % pack))
             for i in range(width):
-                row[i] = np.float32((qweight[w, n0 + i] >> shift) & mask)
+                row[i] = np.float32(np.int32((words[i] >> shift) & umask))  # AVX2 converts signed ints only
             for m in range(rows):
                 xv = x[m, k]
+                acc = part[m]
                 for i in range(width):
-                    part[m, i] += xv * row[i]
+                    acc[i] += xv * row[i]
         for m in range(rows):
             xs = xsum[m, g]
             for i in range(width):
                 n = n0 + i
                 out[m, n] += scales[g, n] * (part[m, i] - zeros[g, n] * xs)
+
+
+def _words4_fused(x, qweight, w0, w1, n0, n1, part):
+    """``part[m, :] += sum_k x[m, k] q[k, n0:n1]`` over the 4-bit words ``[w0, w1)`` (rows ``8 w0 .. 8 w1``):
+    one pass over each word row per input row, its 8 fields widened and multiplied in registers."""
+    width = n1 - n0
+    m4 = np.uint32(15)
+    for m in range(x.shape[0]):
+        acc = part[m]
+        for w in range(w0, w1):
+            words = qweight[w, n0:n1]
+            k = 8 * w
+            x0, x1, x2, x3 = x[m, k], x[m, k + 1], x[m, k + 2], x[m, k + 3]
+            x4, x5, x6, x7 = x[m, k + 4], x[m, k + 5], x[m, k + 6], x[m, k + 7]
+            for i in range(width):
+                v = words[i]
+                acc[i] += (
+                    x0 * np.float32(np.int32(v & m4))
+                    + x1 * np.float32(np.int32((v >> np.uint32(4)) & m4))
+                    + x2 * np.float32(np.int32((v >> np.uint32(8)) & m4))
+                    + x3 * np.float32(np.int32((v >> np.uint32(12)) & m4))
+                    + x4 * np.float32(np.int32((v >> np.uint32(16)) & m4))
+                    + x5 * np.float32(np.int32((v >> np.uint32(20)) & m4))
+                    + x6 * np.float32(np.int32((v >> np.uint32(24)) & m4))
+                    + x7 * np.float32(np.int32(v >> np.uint32(28)))
+                )
 
 
 def _chunk_indexed(x, g_idx, qweight, scales, zeros, bits, out, n0, n1, part, row):
@@ -114,7 +148,7 @@ def _chunk_indexed(x, g_idx, qweight, scales, zeros, bits, out, n0, n1, part, ro
         g = g_idx[k]
         for i in range(width):
             n = n0 + i
-            row[i] = (np.float32((qweight[w, n] >> shift) & mask) - zeros[g, n]) * scales[g, n]
+            row[i] = (np.float32(np.int32((qweight[w, n] >> shift) & mask)) - zeros[g, n]) * scales[g, n]
         for m in range(rows):
             xv = x[m, k]
             for i in range(width):
@@ -158,7 +192,7 @@ def _dequantize_rows(qweight, scales, zeros, g_idx, bits, group_size, out, k0, k
         shift = bits * (k % pack)
         g = k // group_size if g_idx is None else g_idx[k]
         for n in range(n_out):
-            out[k, n] = (np.float32((qweight[w, n] >> shift) & mask) - zeros[g, n]) * scales[g, n]
+            out[k, n] = (np.float32(np.int32((qweight[w, n] >> shift) & mask)) - zeros[g, n]) * scales[g, n]
 
 
 def _dequantize_parallel(qweight, scales, zeros, g_idx, bits, group_size, out, tasks):
@@ -173,6 +207,7 @@ def _dequantize_parallel(qweight, scales, zeros, g_idx, bits, group_size, out, t
 # prange loops, whose parallel pipeline vectorises inner loops worse.
 if numba is not None:
     _jit = numba.njit(cache=True, fastmath=FASTMATH)
+    _words4_fused = _jit(_words4_fused)
     _chunk_grouped = _jit(_chunk_grouped)
     _chunk_indexed = _jit(_chunk_indexed)
     _run_chunks = _jit(_run_chunks)
@@ -183,7 +218,7 @@ if numba is not None:
 
 def _weight_arrays(pw: PackedWeight):
     """numpy views of the packed words and g_idx, fp32 copies of scales and zeros (both ``[num_groups, N]``)."""
-    qweight = pw.qweight.contiguous().numpy()
+    qweight = pw.qweight.contiguous().numpy().view(np.uint32)  # unsigned: logical shifts, no sign to mask
     scales = pw.scales.float().contiguous().numpy()
     zeros = pw.zeros.float().contiguous().numpy()
     g_idx = None if pw.g_idx is None else pw.g_idx.contiguous().numpy()
