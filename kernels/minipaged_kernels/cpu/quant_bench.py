@@ -45,7 +45,7 @@ def random_packed(k: int, n: int, bits: int, group_size: int = GROUP_SIZE, seed:
     gen = torch.Generator().manual_seed(seed)
     q = torch.randint(0, 1 << bits, (k, n), generator=gen, dtype=torch.int32)
     groups = -(-k // group_size)  # SmolLM2's K = 576 ends in a half group of 128
-    zeros = torch.randint(0, 1 << bits, (groups, n), generator=gen, dtype=torch.int32)
+    zeros = torch.randint(1, 1 << bits, (groups, n), generator=gen, dtype=torch.int32)  # 0: no GPTQ v1 encoding
     scales = (torch.rand(groups, n, generator=gen) * 0.02).to(torch.bfloat16)
     return PackedWeight(pack_int32(q, bits), scales, zeros, None, bits, group_size, k, n)
 
