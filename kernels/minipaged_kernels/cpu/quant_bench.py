@@ -6,8 +6,10 @@ For each SmolLM2-135M linear shape (``K x N``: 576 x 1536 up-projection, 1536 x 
 down-projection, 576 x 576 attention projection) and row count, the median time of:
 dense fp32 ``F.linear``, the numba dense few-row loop (``cpu.gemv``, up to its ``MAX_ROWS``),
 bf16 ``F.linear``, and ``cpu.quant_gemv.matmul`` on W8 and W4 packed weights (groups of
-128), plus ``dequantize_into`` followed by an fp32 GEMM (the many-row path). Prints a
-table with each time's speed-up over dense fp32; measure on an otherwise idle machine.
+128), plus ``dequantize_into`` followed by an fp32 GEMM (the many-row path). Each method cycles
+through copies of its weight filling ``--working-set-mb`` of fp32, so weights come from memory
+as a model's layers do (a single small weight would sit in cache and hide what packing saves).
+Prints a table with each time's speed-up over dense fp32; measure on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -62,39 +64,56 @@ def median_seconds(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def _methods(k: int, n: int, rows: int) -> dict[str, Callable[[], object]]:
-    """The timed calls for one shape and row count; methods that do not apply are left out."""
+def _cycle(items: list) -> Callable[[], object]:
+    """A function that returns the next of ``items`` on each call, round and round."""
+    state = {"i": 0}
+
+    def next_item():
+        state["i"] = (state["i"] + 1) % len(items)
+        return items[state["i"]]
+
+    return next_item
+
+
+def _methods(k: int, n: int, rows: int, copies: int) -> dict[str, Callable[[], object]]:
+    """The timed calls for one shape and row count, each cycling through ``copies`` weights (so that
+    with enough copies every call reads its weight from memory, as a model's layers do, not from cache);
+    methods that do not apply are left out."""
     from minipaged_kernels.cpu import gemv, quant_gemv
 
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(rows, k, generator=gen)
-    weight = torch.randn(n, k, generator=gen) / k**0.5
-    weight_bf16, x_bf16 = weight.bfloat16(), x.bfloat16()
+    x_bf16 = x.bfloat16()
+    dense = [torch.randn(n, k, generator=gen) / k**0.5 for _ in range(copies)]
+    fp32, bf16 = _cycle(dense), _cycle([w.bfloat16() for w in dense])
+    del dense
     methods = {
-        "fp32 F.linear": lambda: F.linear(x, weight),
-        "bf16 F.linear": lambda: F.linear(x_bf16, weight_bf16),
+        "fp32 F.linear": lambda: F.linear(x, fp32()),
+        "bf16 F.linear": lambda: F.linear(x_bf16, bf16()),
     }
     if gemv.available() and rows <= gemv.MAX_ROWS:
-        methods["fp32 cpu.gemv"] = lambda: gemv.linear_unchecked(x, weight)
+        methods["fp32 cpu.gemv"] = lambda: gemv.linear_unchecked(x, fp32())
     if quant_gemv.available():
         out = torch.empty(rows, n)
         for bits in (8, 4):
-            pw = random_packed(k, n, bits)
-            methods[f"W{bits} g{GROUP_SIZE} quant_gemv"] = lambda pw=pw: quant_gemv.matmul(x, pw, out=out)
+            packed = _cycle([random_packed(k, n, bits, seed=c) for c in range(copies)])
+            methods[f"W{bits} g{GROUP_SIZE} quant_gemv"] = lambda p=packed: quant_gemv.matmul(x, p(), out=out)
         buffer = torch.empty(k, n)
-        methods[f"W4 g{GROUP_SIZE} dequantize_into+mm"] = lambda pw=pw: torch.mm(
-            x, quant_gemv.dequantize_into(pw, buffer)
+        methods[f"W4 g{GROUP_SIZE} dequantize_into+mm"] = lambda p=packed: torch.mm(
+            x, quant_gemv.dequantize_into(p(), buffer)
         )
     return methods
 
 
-def run(rows: tuple[int, ...] = ROWS, shapes=SHAPES, repeats: int = 200) -> list[Timing]:
-    """Time every method at every shape and row count; returns the timings."""
+def run(rows: tuple[int, ...] = ROWS, shapes=SHAPES, repeats: int = 200, working_set_mb: float = 0.0) -> list[Timing]:
+    """Time every method at every shape and row count; returns the timings. ``working_set_mb``: cycle
+    through enough fp32 weight copies to fill that many MB (0: one copy, which stays in cache)."""
     timings = []
     with torch.inference_mode():
         for k, n in shapes:
             for m in rows:
-                for name, fn in _methods(k, n, m).items():
+                copies = max(1, round(working_set_mb * 1e6 / (4 * k * n)))
+                for name, fn in _methods(k, n, m, copies).items():
                     timings.append(Timing(name, k, n, m, median_seconds(fn, repeats)))
     return timings
 
@@ -114,12 +133,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=list(ROWS))
     parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument(
+        "--working-set-mb",
+        type=float,
+        default=256.0,
+        help="cycle through fp32 weight copies of this many MB, past the last-level cache, as a model's layers "
+        "are (0: one copy, cache-resident)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch (and numba) threads; default: torch's")
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     print(f"threads: {torch.get_num_threads()}")
-    print(format_table(run(tuple(args.rows), SHAPES, args.repeats)))
+    print(format_table(run(tuple(args.rows), SHAPES, args.repeats, args.working_set_mb)))
     return 0
 
 
