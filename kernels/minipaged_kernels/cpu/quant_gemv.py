@@ -1,11 +1,13 @@
 """Weight-only quantized few-row linear on CPU, ``y = x @ W``, straight from a packed weight, JIT-compiled by numba.
 
 A decode step with a handful of sequences is bound by streaming the weights; a 4-bit
-packed weight is an eighth of fp32's bytes, so the loop reads the int32 words once per
-call (not once per row) and dequantizes in registers. Columns are cut into chunks of
-``CHUNK`` (spread over numba's threads); for each chunk the packed rows are walked in K
-order, each word's ``32 // bits`` fields are widened to fp32 into a small row buffer, and
-every input row accumulates its dot with that buffer (vectorised along N).
+packed weight is an eighth of fp32's bytes, so the loop reads the int32 words from memory
+once per call and dequantizes in registers. Columns are cut into chunks of ``CHUNK``
+(spread over numba's threads); a chunk's packed words (``K / pack x CHUNK``, a few tens of
+KB) stay in cache while every input row walks them. Up to ``FUSED_MAX_ROWS`` rows, each
+row widens a 4-bit word's 8 fields in registers and multiply-adds them with 8 inputs
+(vectorised along N); above that (and for 8 bits) each packed row is widened once into a
+``CHUNK``-wide fp32 buffer that every input row then reads.
 
 Without ``g_idx`` the rows of a packed word share a group, so the zero point and scale
 come out of the inner loop: per group ``g`` and column ``n``,
@@ -16,7 +18,7 @@ can reorder K by group once to get the fast path back).
 
 For more rows, ``dequantize_into`` writes the dense fp32 weight ``[K, N]`` into a
 reusable buffer and the caller runs its fastest GEMM on it. Compare the two, and dense
-fp32 / bf16, with ``python -m minipaged_kernels.bench quant-gemv``.
+fp32 / bf16, with ``python -m minipaged_kernels.cpu.quant_bench``.
 
 The reference is ``x.double() @ quant_formats.dequantize(pw, torch.float64)``
 (``tests/kernels/test_cpu_quant_gemv.py``); sums are fp32 with SIMD partial sums
