@@ -135,7 +135,7 @@ def weight_bytes(module: nn.Module) -> dict[str, int]:
             if t is None or id(t) in seen:
                 continue
             seen.add(id(t))
-            size = t.numel() * t.element_size() if not t.is_mkldnn else t.to_dense().nbytes
+            size = t.numel() * t.element_size()  # oneDNN-packed weights too: their dense size
             if quant and name != "bias":
                 packed += size
             else:
