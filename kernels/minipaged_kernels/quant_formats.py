@@ -66,12 +66,14 @@ def _check(name: str, t: object, shape: tuple[int, ...], dtypes: tuple[torch.dty
 
 
 def _check_groups(in_features: int, group_size: int) -> int:
-    """Number of groups of ``in_features`` rows; ``group_size`` must divide it (per-channel: ``group_size = K``)."""
-    if not isinstance(group_size, int) or group_size < 1:
+    """Number of groups of ``group_size`` rows covering ``in_features`` (per-channel: ``group_size = K``).
+
+    The last group may be short: SmolLM2's K = 576 in groups of 128 is 4.5 groups, and
+    compressed-tensors and GPTQ both store ``ceil(K / group_size)`` rows of scales for it.
+    """
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
         raise PackedWeightError(f"group_size must be a positive int, got {group_size!r}")
-    if in_features % group_size != 0:
-        raise PackedWeightError(f"group_size {group_size} does not divide in_features {in_features}")
-    return in_features // group_size
+    return _cdiv(in_features, group_size)
 
 
 @dataclass
@@ -79,8 +81,9 @@ class PackedWeight:
     """A weight-only quantized linear weight in the canonical layout the kernels take.
 
     ``qweight`` int32 ``[ceil(K / pack), N]`` (``pack = 32 // bits``, packed along K, GPTQ's bit order),
-    ``scales [num_groups, N]`` float16/bfloat16/float32, ``zeros`` int32 ``[num_groups, N]`` unpacked
-    and unsigned (symmetric schemes hold ``2**(bits-1)``), ``g_idx`` int32 ``[K]`` or ``None``
+    ``scales [num_groups, N]`` (``num_groups = ceil(K / group_size)``) float16/bfloat16/float32,
+    ``zeros`` int32 ``[num_groups, N]`` unpacked and unsigned (symmetric schemes hold ``2**(bits-1)``),
+    ``g_idx`` int32 ``[K]`` or ``None``
     (then row ``k`` is in group ``k // group_size``), ``group_size`` (per-channel: ``K``),
     ``in_features`` K, ``out_features`` N. Shapes are checked on construction.
     """
@@ -116,8 +119,8 @@ class PackedWeight:
 
     @property
     def num_groups(self) -> int:
-        """Number of quantization groups along K."""
-        return self.in_features // self.group_size
+        """Number of quantization groups along K, ``ceil(K / group_size)`` (the last one may be short)."""
+        return _cdiv(self.in_features, self.group_size)
 
     @property
     def pack(self) -> int:

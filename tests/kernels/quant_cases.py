@@ -33,7 +33,7 @@ def random_packed(
 
     gen = gen or seeded_generator()
     gs = k if group_size is None else group_size
-    groups = k // gs
+    groups = -(-k // gs)  # the last group may be short
     q = torch.randint(0, 1 << bits, (k, n), generator=gen, dtype=torch.int32)
     if symmetric:
         zeros = torch.full((groups, n), 1 << (bits - 1), dtype=torch.int32)

@@ -108,6 +108,23 @@ def test_quantized_specs_compile_for_sm80_and_sm90(rows):
     assert {(k, t) for k, _, t in quantized if k == "kv_append"} == {("kv_append", 80), ("kv_append", 90)}
 
 
+def test_quant_linear_specs_cover_every_wrapper_choice(rows):
+    """GEMM, GEMV and the split-K reduction for each activation dtype and bit width, fp16 and bf16
+    compiled for sm_80 and sm_90 (g_idx and bias are runtime switches inside one build)."""
+    from minipaged_kernels import quant_linear
+
+    configs = {(spec.kernel, spec.config) for spec in quant_linear.aot_specs()}
+    for ty in ("fp32", "fp16", "bf16"):
+        assert ("quant_gemv", f"{ty} reduce") in configs
+        for bits in (4, 8):
+            assert {("quant_gemm", f"{ty} w{bits}"), ("quant_gemv", f"{ty} w{bits}")} <= configs
+    built = {(r["kernel"], r["config"], r["target"]) for r in rows if r["error"] is None}
+    for kernel in ("quant_gemm", "quant_gemv"):
+        for ty in ("fp16", "bf16"):
+            for target in _aot.TARGETS:
+                assert (kernel, f"{ty} w4", target) in built and (kernel, f"{ty} w8", target) in built
+
+
 def test_ci_subset_keeps_every_float_spec():
     every, ci = report.discover(), report.discover(ci=True)
     assert {s.config for _, s in every if " kv=" not in s.config} == {s.config for _, s in ci if " kv=" not in s.config}

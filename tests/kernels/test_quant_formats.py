@@ -164,13 +164,30 @@ def test_awq_interleaved_order():
     assert qf.dequantize(pw)[0].tolist() == list(range(8))
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_short_last_group(bits):
+    """K = 160 in groups of 64 (as SmolLM2's K = 576 in groups of 128): 3 groups, the last of 32 rows."""
+    pw = random_packed(160, 16, bits, 64)
+    assert pw.num_groups == 3 and pw.scales.shape == (3, 16)
+    ct = qf.to_compressed_tensors(pw, symmetric=False)
+    args = (ct["weight_packed"], ct["weight_scale"], ct["weight_zero_point"], None, ct["weight_shape"])
+    assert_same_packed(pw, qf.from_compressed_tensors(*args, bits=bits, group_size=64, symmetric=False))
+    assert torch.equal(_dense(pw), qf.dequantize_reference_compressed_tensors(*args, bits=bits, group_size=64))
+    raw = qf.to_gptq(pw)
+    gptq = (raw["qweight"], raw["qzeros"], raw["scales"], raw["g_idx"])
+    assert_same_packed(pw, qf.from_gptq(*gptq, bits=bits, group_size=64, sym=False))
+    assert torch.equal(_dense(pw), qf.dequantize_reference_gptq(*gptq, bits=bits, group_size=64, sym=False))
+
+
 # ---------------------------------------------------------------- bad input
 
 
 def test_bad_input_names_the_tensor():
     pw = random_packed(64, 16, 4, 32)
-    with pytest.raises(PackedWeightError, match="group_size 48 does not divide in_features 64"):
-        qf.PackedWeight(pw.qweight, pw.scales, pw.zeros, None, 4, 48, 64, 16)
+    with pytest.raises(PackedWeightError, match=r"scales has shape \(2, 16\), expected \(3, 16\)"):
+        qf.PackedWeight(pw.qweight, pw.scales, pw.zeros, None, 4, 24, 64, 16)  # 24 needs ceil(64 / 24) groups
+    with pytest.raises(PackedWeightError, match="group_size must be a positive int"):
+        qf.PackedWeight(pw.qweight, pw.scales, pw.zeros, None, 4, 0, 64, 16)
     with pytest.raises(PackedWeightError, match="bits"):
         qf.PackedWeight(pw.qweight, pw.scales, pw.zeros, None, 3, 32, 64, 16)
     with pytest.raises(PackedWeightError, match="qweight has shape"):
@@ -209,7 +226,7 @@ def test_bad_input_names_the_tensor():
         qf.from_compressed_tensors(
             ct["weight_packed"], None, None, None, ct["weight_shape"], bits=4, group_size=32, symmetric=True
         )
-    with pytest.raises(PackedWeightError, match="does not divide"):
+    with pytest.raises(PackedWeightError, match="weight_scale has shape"):
         qf.from_compressed_tensors(
             ct["weight_packed"],
             ct["weight_scale"],

@@ -12,7 +12,7 @@ import functools
 import importlib
 from types import ModuleType
 
-KERNELS = ("decode_attention", "fused_ops", "gemv")
+KERNELS = ("decode_attention", "fused_ops", "gemv", "quant_gemv")
 
 
 @functools.cache
