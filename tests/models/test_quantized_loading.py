@@ -94,7 +94,7 @@ def rtn(w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool, act
         g_idx[order] = (torch.arange(k) // group).to(torch.int32)
     groups = g_idx.long() if g_idx is not None else torch.arange(k) // group
     wt = w.t().double()  # [K, N]
-    num_groups, top = k // group, (1 << bits) - 1
+    num_groups, top = -(-k // group), (1 << bits) - 1  # the last group may be short
     scales = torch.empty(num_groups, n, dtype=torch.float16)
     zeros = torch.empty(num_groups, n, dtype=torch.int64)
     for g in range(num_groups):
@@ -261,6 +261,7 @@ SCHEMES = [
     Scheme("compressed-tensors", bits=4, group_size=32, symmetric=False, actorder=True),
     Scheme("gptq", bits=4, group_size=32, symmetric=False, actorder=True),
     Scheme("gptq", bits=8, group_size=64, symmetric=True),
+    Scheme("gptq", bits=4, group_size=48, symmetric=False),  # K = 64 and 128: a short last group
     Scheme("awq", bits=4, group_size=32, ignore=("model.layers.0.mlp.down_proj",)),
 ]
 
@@ -431,12 +432,12 @@ def test_corrupt_packed_tensor_is_refused_naming_it(tmp_path, edit, field, match
     assert err.value.field == field
 
 
-def test_group_size_that_does_not_divide_k_is_refused(tmp_path):
+def test_group_size_that_disagrees_with_the_stored_groups_is_refused(tmp_path):
     write_checkpoint(tiny_llama(), GPTQ, tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    config["quantization_config"]["group_size"] = 48  # the checkpoint's K are 64 and 128
+    config["quantization_config"]["group_size"] = 48  # the checkpoint holds groups of 32
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(InvalidQuantizedWeightError, match="does not divide"):
+    with pytest.raises(InvalidQuantizedWeightError, match="scales has shape"):
         load_model(tmp_path)
 
 

@@ -64,7 +64,7 @@ class QuantRowParallelLinear(QuantLinear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallelGroup, *, group_size, **kw):
         self.tp = tp
-        self.full_groups = in_features // group_size
+        self.full_groups = -(-in_features // group_size)
         local_group = row_parallel_group_size(in_features, group_size, kw["bits"], kw["has_g_idx"], tp.world_size)
         super().__init__(in_features // tp.world_size, out_features, bias, group_size=local_group, **kw)
 
@@ -95,7 +95,7 @@ def row_parallel_group_size(in_features: int, group_size: int, bits: int, has_g_
     Raises ``InvalidEngineConfigError`` (field ``tensor_parallel_size``) for a split that would
     cut a packed int32 word or a quantization group.
     """
-    pack, groups = 32 // bits, in_features // group_size
+    pack, groups = 32 // bits, -(-in_features // group_size)  # the last group may be short
     local = in_features // world_size
     what = f"a row-parallel layer with in_features={in_features}"
     if in_features % world_size or local % pack:

@@ -13,13 +13,12 @@ and a dense ``bias [N]``. Its forward picks the fastest way to multiply here:
   dequantization costs ``K * N`` operations against the GEMM's ``M * K * N``, so from a few
   dozen rows on it is a small share of the call. Keeping a dequantized oneDNN-packed copy
   per layer instead would undo the memory saving that is the point of the format, so it is
-  not done. Re-measure the split with ``python -m minipaged.models.quantization.linear``.
+  not done. Re-measure the packed few-row loop against dequantize-then-GEMM and dense fp32/bf16
+  with ``python -m minipaged_kernels.bench quant-gemv``.
 - anywhere else (no numba): the same dequantize-then-multiply in PyTorch.
 """
 
 from __future__ import annotations
-
-from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -46,10 +45,6 @@ class DequantScratch:
         return buf[:need].view(rows, cols)
 
 
-def _cpu_kernel() -> ModuleType | None:
-    return cpu_kernels.load("quant_gemv") if "quant_gemv" in cpu_kernels.KERNELS else None
-
-
 class QuantLinear(nn.Module):
     """``y = x @ dequantize(W) + b`` for ``x [T, in_features]``, with ``W`` kept packed."""
 
@@ -66,11 +61,9 @@ class QuantLinear(nn.Module):
         scratch: DequantScratch | None = None,
     ) -> None:
         super().__init__()
-        if in_features % group_size:
-            raise ValueError(f"group_size={group_size} does not divide in_features={in_features}")
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
-        pack, groups = 32 // bits, in_features // group_size
+        pack, groups = 32 // bits, -(-in_features // group_size)  # the last group may be short
         self.register_buffer("qweight", torch.empty(-(-in_features // pack), out_features, dtype=torch.int32))
         self.register_buffer("scales", torch.empty(groups, out_features, dtype=scale_dtype))
         self.register_buffer("zeros", torch.empty(groups, out_features, dtype=torch.int32))
@@ -109,11 +102,11 @@ class QuantLinear(nn.Module):
             from minipaged_kernels.quant_linear import quant_matmul
 
             return quant_matmul(x, pw, bias)
-        kernel = _cpu_kernel()
-        if kernel is not None and x.shape[0] <= FEW_ROWS and kernel.applies_to(x, pw):
-            return kernel.quant_linear(x, pw, bias)
+        kernel = cpu_kernels.load("quant_gemv")
+        if kernel is not None and x.shape[0] <= FEW_ROWS and kernel.applies_to(x, pw, bias):
+            return kernel.matmul(x, pw, bias)
         weight = self.scratch.get(self.in_features, self.out_features, x.dtype, x.device)
-        if kernel is not None and kernel.applies_to(x, pw):
+        if kernel is not None and x.dtype == torch.float32 and x.device.type == "cpu":
             kernel.dequantize_into(pw, weight)
         else:
             weight.copy_(qf.dequantize(pw, x.dtype))
