@@ -459,3 +459,29 @@ def test_fused_projection_parts_with_different_group_order_are_refused(tmp_path)
     with pytest.raises(InvalidQuantizedWeightError, match="cannot be fused") as err:
         load_model(tmp_path)
     assert err.value.field == "model.layers.1.self_attn.v_proj"
+
+
+# ---- the layer alone ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("rows", [1, 4, 5, 33])
+@pytest.mark.parametrize("actorder", [False, True])
+@pytest.mark.parametrize("numba", [True, False])
+def test_quant_linear_every_cpu_path_matches_the_dequantized_product(rows, actorder, numba, monkeypatch):
+    if not numba:  # the pure PyTorch path of a machine without numba
+        from minipaged.models.quantization import linear
+
+        monkeypatch.setattr(linear.cpu_kernels, "load", lambda name: None)
+    w = torch.randn(48, 96) * 0.3
+    qz = rtn(w, 4, 32, False, actorder, seed=rows)
+    pw = packed_weight(qz, 4)
+    layer = QuantLinear(96, 48, True, bits=4, group_size=32, has_g_idx=actorder, scale_dtype=torch.float32)
+    layer.qweight, layer.scales, layer.zeros = pw.qweight, pw.scales.float(), pw.zeros
+    layer.g_idx = pw.g_idx
+    layer.bias = torch.nn.Parameter(torch.randn(48), requires_grad=False)
+    x = torch.randn(rows, 96)
+    expected = x.double() @ qz.dense().double().t() + layer.bias.double()
+    with torch.no_grad():
+        got = layer(x)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4)
+    assert weight_bytes(layer)["packed"] == sum(t.nbytes for t in (pw.qweight, layer.scales, pw.zeros)) + (
+        pw.g_idx.nbytes if actorder else 0
+    )

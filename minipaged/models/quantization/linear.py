@@ -6,15 +6,15 @@ The layer holds one ``minipaged_kernels.quant_formats.PackedWeight`` as buffers 
 and a dense ``bias [N]``. Its forward picks the fastest way to multiply here:
 
 - CUDA: the Triton dequantize-in-registers kernel ``quant_linear.quant_matmul``;
-- CPU with numba, at most ``FEW_ROWS`` rows (decode): ``cpu.quant_gemv`` streams the packed
+- CPU with numba, at most ``FEW_ROWS`` rows (small-batch decode): ``cpu.quant_gemv`` streams the packed
   words and dequantizes in registers, reading ~bits/32 of an fp32 weight's bytes;
-- CPU, more rows (prefill): the weight is dequantized once per call into a scratch buffer
+- CPU, more rows (prefill, larger decode batches): the weight is dequantized once per call into a scratch buffer
   shared by every layer of the model (sized to the largest layer), then one dense GEMM. The
   dequantization costs ``K * N`` operations against the GEMM's ``M * K * N``, so from a few
   dozen rows on it is a small share of the call. Keeping a dequantized oneDNN-packed copy
   per layer instead would undo the memory saving that is the point of the format, so it is
   not done. Re-measure the packed few-row loop against dequantize-then-GEMM and dense fp32/bf16
-  with ``python -m minipaged_kernels.bench quant-gemv``.
+  with ``python -m minipaged_kernels.cpu.quant_bench``.
 - anywhere else (no numba): the same dequantize-then-multiply in PyTorch.
 """
 
@@ -27,7 +27,10 @@ from torch import nn
 from minipaged_kernels import cpu as cpu_kernels
 from minipaged_kernels import quant_formats as qf
 
-FEW_ROWS = 16  # up to this many rows the CPU streams packed weights instead of dequantizing
+# Up to this many rows the CPU streams packed weights instead of dequantizing: the numba loop keeps a
+# word's fields in registers up to quant_gemv.FUSED_MAX_ROWS rows; past that, dequantize-then-GEMM wins
+# (python -m minipaged_kernels.cpu.quant_bench --rows 1 4 8 16).
+FEW_ROWS = 4
 
 
 class DequantScratch:
