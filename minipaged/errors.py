@@ -41,6 +41,14 @@ class RequestTooLargeError(InputError):
     """The request could never fit in the KV cache, even running alone."""
 
 
+class UnsupportedQuantizationError(InputError):
+    """A checkpoint's ``quantization_config`` asks for a scheme minipaged does not run (``field`` is the key)."""
+
+
+class InvalidQuantizedWeightError(InputError):
+    """A quantized checkpoint's tensor is missing, mis-shaped or of the wrong dtype (``field`` names it)."""
+
+
 class UnknownRequestError(MinipagedError, KeyError):
     """``abort`` (or a lookup) named a request id the engine does not hold."""
 

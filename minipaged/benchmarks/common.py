@@ -176,3 +176,22 @@ def write_json_atomic(path: str | os.PathLike, data: Any, indent: int | None = 1
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def weight_memory(model: Any) -> dict[str, Any]:
+    """A loaded model's weight bytes by kind (``dense``, ``packed``, ``total``: see
+    ``minipaged.models.quantization.weight_bytes``) and its quantization scheme (``None``: dense)."""
+    from minipaged.models.quantization import weight_bytes
+
+    layout = model.config.quantization
+    return {**weight_bytes(model), "quantization": None if layout is None else layout.scheme_name}
+
+
+def describe_weight_memory(info: dict[str, Any]) -> str:
+    """One line: ``weights 61.2 MiB (dense 36.0 MiB + packed 25.2 MiB, W4A16 g128 (...))``."""
+    mib = 2**20
+    text = f"weights {info['total'] / mib:.1f} MiB"
+    if info["packed"]:
+        dense, packed = info["dense"] / mib, info["packed"] / mib
+        text += f" (dense {dense:.1f} MiB + packed {packed:.1f} MiB, {info['quantization']})"
+    return text

@@ -29,9 +29,11 @@ from minipaged.benchmarks.common import (
     apply_threads,
     command_line,
     describe_machine,
+    describe_weight_memory,
     machine_info,
     positive_int,
     warm_up,
+    weight_memory,
     write_json_atomic,
 )
 from minipaged.entrypoints.engine_args import add_engine_arguments, engine_kwargs
@@ -104,6 +106,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     kwargs = engine_kwargs(args)
     with LLM(**kwargs) as llm:
+        weights = weight_memory(llm.model)
+        print(describe_weight_memory(weights), flush=True)
         prompts = [
             {"prompt_token_ids": ids}
             for ids in dummy_prompts(args.batch_size, args.input_len, llm.model_config.vocab_size)
@@ -128,6 +132,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"iteration {i + 1}/{args.num_iters}: {latencies[-1]:.3f} s", flush=True)
         result = summarize(latencies, args.batch_size, args.input_len, args.output_len)
         result |= counts
+        result["weights"] = weights
         # The resolved config: KV blocks and max_model_len as the engine sized them.
         result["engine"] = {f.name: _jsonable(getattr(llm.config, f.name)) for f in dataclasses.fields(llm.config)}
     return result

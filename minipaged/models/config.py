@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from minipaged.models.quantization.config import QuantLayout
 
 # Hugging Face model_type -> the architecture family implemented in minipaged.models.llama
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
@@ -31,6 +34,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...]
     bos_token_id: int | None
     o_proj_bias: bool = False  # Llama's attention_bias also puts a bias on o_proj; Qwen2's does not
+    quantization: QuantLayout | None = None  # the weight-quantized linears; None: all dense
 
     def __post_init__(self) -> None:
         if self.architecture not in set(ARCHITECTURES.values()):

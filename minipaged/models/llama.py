@@ -28,6 +28,7 @@ from minipaged.attention.metadata import AttentionMetadata
 from minipaged.models.config import ModelConfig
 from minipaged.models.linear import PackedWeight, linear
 from minipaged.models.parallel_linear import column_linear, row_linear
+from minipaged.models.quantization.layers import install_quant_linears
 from minipaged_kernels import cpu as cpu_kernels
 
 if TYPE_CHECKING:
@@ -225,6 +226,8 @@ class CausalLM(nn.Module):
         has_own_head = not config.tie_word_embeddings and (tp is None or tp.is_driver)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False) if has_own_head else None
         self._lm_head_packed = PackedWeight()
+        if config.quantization is not None:
+            install_quant_linears(self, config.quantization, dtype, tp)
 
     @property
     def lm_head_weight(self) -> torch.Tensor:

@@ -9,6 +9,7 @@ directory under the cache dir, which then loads in a second or two.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -23,9 +24,17 @@ import torch
 
 from minipaged.attention import get_attention_backend
 from minipaged.config import DTYPES
+from minipaged.errors import InvalidQuantizedWeightError
 from minipaged.models.config import ModelConfig
 from minipaged.models.llama import CausalLM
 from minipaged.models.parallel_linear import shard_state_dict
+from minipaged.models.quantization.checkpoint import fuse_quantized
+from minipaged.models.quantization.config import (
+    QuantLayout,
+    QuantSpec,
+    WeightQuantScheme,
+    parse_quantization_config,
+)
 
 if TYPE_CHECKING:
     from minipaged.distributed import TensorParallelGroup
@@ -98,8 +107,13 @@ def build_model_from_hf(
     dtype: torch.dtype | str = torch.float32,
     device: torch.device | str = "cpu",
     attention_backend: str | None = None,
+    quantization: WeightQuantScheme | None = None,
 ) -> CausalLM:
-    """Our ``CausalLM`` with the weights of a transformers model (or of a config plus its state dict)."""
+    """Our ``CausalLM`` with the weights of a transformers model (or of a config plus its state dict).
+
+    ``quantization``: the checkpoint's weight quantization (``parse_quantization_config``);
+    its converted linears become ``QuantLinear`` layers holding the packed weights.
+    """
     if state_dict is None:
         if not hasattr(hf_model_or_config, "state_dict"):
             raise ValueError("pass a transformers model, or a config together with its state_dict")
@@ -107,10 +121,12 @@ def build_model_from_hf(
     hf_config = getattr(hf_model_or_config, "config", hf_model_or_config)
     dtype = resolve_dtype(dtype)
     config = ModelConfig.from_hf(hf_config)
+    state, layout = fuse_checkpoint(config, state_dict, dtype, quantization)
+    config = dataclasses.replace(config, quantization=layout)
     backend = get_attention_backend(attention_backend, device)
     with torch.device("meta"):
         model = CausalLM(config, backend, dtype)
-    return _assign_weights(model, fuse_hf_weights(config, state_dict, dtype), device)
+    return _assign_weights(model, state, device)
 
 
 def _assign_weights(model: CausalLM, state: Mapping[str, torch.Tensor], device: torch.device | str) -> CausalLM:
@@ -143,7 +159,12 @@ def build_sharded_model(
         model = CausalLM(config, backend, dtype, tp)
     shards = shard_state_dict(model, dict(full_state))
     owned = {
-        name: t.to(device=device, dtype=dtype, copy=True, memory_format=torch.contiguous_format)
+        name: t.to(
+            device=device,
+            dtype=dtype if t.is_floating_point() else t.dtype,  # packed words, zeros and g_idx stay integers
+            copy=True,
+            memory_format=torch.contiguous_format,
+        )
         for name, t in shards.items()
     }
     return _assign_weights(model, owned, device)
@@ -152,11 +173,37 @@ def build_sharded_model(
 def fuse_hf_weights(
     config: ModelConfig, hf_state: Mapping[str, torch.Tensor], dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
-    """Map transformers' parameter names onto ours, concatenating q/k/v and gate/up.
+    """A dense checkpoint's tensors under our names (``fuse_checkpoint`` without quantization)."""
+    return fuse_checkpoint(config, hf_state, dtype, None)[0]
 
-    Every parameter of our model must be present and every tensor of ``hf_state`` used
+
+def _projections(config: ModelConfig) -> list[tuple[str, tuple[str, ...], tuple[tuple[int, int], ...], bool]]:
+    """Per decoder layer: ``(our linear, its HF parts, their [out, in] shapes, has bias)``."""
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    hidden, inter = config.hidden_size, config.intermediate_size
+    return [
+        ("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+         ((q, hidden), (kv, hidden), (kv, hidden)), config.attention_bias),
+        ("self_attn.o_proj", ("self_attn.o_proj",), ((hidden, q),), config.o_proj_bias),
+        ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj"), ((inter, hidden), (inter, hidden)), False),
+        ("mlp.down_proj", ("mlp.down_proj",), ((hidden, inter),), False),
+    ]  # fmt: skip
+
+
+def fuse_checkpoint(
+    config: ModelConfig,
+    hf_state: Mapping[str, torch.Tensor],
+    dtype: torch.dtype,
+    quantization: WeightQuantScheme | None,
+) -> tuple[dict[str, torch.Tensor], QuantLayout | None]:
+    """Map transformers' tensor names onto ours, concatenating q/k/v and gate/up; with ``quantization``
+    the converted linears' packed tensors are read and fused (``QuantLayout`` lists them).
+
+    Every tensor of our model must be present and every tensor of ``hf_state`` used
     (bar rotary caches, and ``lm_head.weight`` when embeddings are tied), so a model of
     another shape fails here with the offending names instead of loading half its weights.
+    Floating-point tensors are cast to ``dtype`` (quantization scales included); packed
+    words, zero points and group indices keep their integer types.
     """
     hf = {name: t for name, t in hf_state.items() if not name.endswith("rotary_emb.inv_freq")}
     used: set[str] = set()
@@ -164,6 +211,14 @@ def fuse_hf_weights(
     def take(name: str) -> torch.Tensor:
         if name not in hf:
             raise ValueError(f"checkpoint has no tensor {name!r}")
+        used.add(name)
+        return hf[name]
+
+    def get(name: str, required: bool) -> torch.Tensor | None:
+        if name not in hf:
+            if required:
+                raise InvalidQuantizedWeightError(name, "missing from the quantized checkpoint")
+            return None
         used.add(name)
         return hf[name]
 
@@ -175,27 +230,30 @@ def fuse_hf_weights(
         used.add("lm_head.weight")
     else:
         out["lm_head.weight"] = take("lm_head.weight")
+    quantized: list[tuple[str, QuantSpec]] = []
     for i in range(config.num_layers):
-        src, dst = f"model.layers.{i}.", f"model.layers.{i}."
-        attn = src + "self_attn."
-        out[dst + "self_attn.qkv_proj.weight"] = torch.cat([take(attn + p + "_proj.weight") for p in "qkv"])
-        if config.attention_bias:
-            out[dst + "self_attn.qkv_proj.bias"] = torch.cat([take(attn + p + "_proj.bias") for p in "qkv"])
-        out[dst + "self_attn.o_proj.weight"] = take(attn + "o_proj.weight")
-        if config.o_proj_bias:
-            out[dst + "self_attn.o_proj.bias"] = take(attn + "o_proj.bias")
-        mlp = src + "mlp."
-        out[dst + "mlp.gate_up_proj.weight"] = torch.cat([take(mlp + "gate_proj.weight"), take(mlp + "up_proj.weight")])
-        out[dst + "mlp.down_proj.weight"] = take(mlp + "down_proj.weight")
+        prefix = f"model.layers.{i}."
+        for ours, parts, shapes, bias in _projections(config):
+            dst, srcs = prefix + ours, [prefix + p for p in parts]
+            if quantization is not None and any(quantization.is_quantized(src) for src in srcs):
+                tensors, spec = fuse_quantized(quantization, srcs, shapes, get, dtype)
+                out.update({f"{dst}.{name}": t for name, t in tensors.items()})
+                quantized.append((dst, spec))
+            else:
+                out[dst + ".weight"] = torch.cat([take(src + ".weight") for src in srcs])
+            if bias:
+                out[dst + ".bias"] = torch.cat([take(src + ".bias") for src in srcs])
         for norm in ("input_layernorm", "post_attention_layernorm"):
-            out[dst + norm + ".weight"] = take(src + norm + ".weight")
+            out[prefix + norm + ".weight"] = take(prefix + norm + ".weight")
     unused = sorted(set(hf) - used)
     if unused:
         raise ValueError(
             f"checkpoint tensors not used by a {config.architecture} model: "
             f"{unused[:5]}{'...' if len(unused) > 5 else ''}"
         )
-    return {name: t.to(dtype).contiguous() for name, t in out.items()}
+    layout = None if quantization is None else QuantLayout(quantization.describe(), tuple(quantized))
+    state = {name: (t.to(dtype) if t.is_floating_point() else t).contiguous() for name, t in out.items()}
+    return state, layout
 
 
 def load_hf_dir(path: Path, dtype: torch.dtype, device, attention_backend: str | None) -> LoadedModel:
@@ -209,6 +267,8 @@ def load_hf_dir(path: Path, dtype: torch.dtype, device, attention_backend: str |
 
     if not (path / "config.json").is_file():
         raise ModelNotFoundError(f"{path} has no config.json: not a Hugging Face model directory")
+    # Refuse an unsupported scheme before reading a single tensor.
+    quantization = parse_quantization_config(json.loads((path / "config.json").read_text()).get("quantization_config"))
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ModelNotFoundError(f"{path} has no *.safetensors weights")
@@ -216,7 +276,9 @@ def load_hf_dir(path: Path, dtype: torch.dtype, device, attention_backend: str |
     for file in files:
         state.update(load_file(str(file)))
     hf_config = AutoConfig.from_pretrained(path)
-    model = build_model_from_hf(hf_config, state, dtype=dtype, device=device, attention_backend=attention_backend)
+    model = build_model_from_hf(
+        hf_config, state, dtype=dtype, device=device, attention_backend=attention_backend, quantization=quantization
+    )
     _copy_off_the_file(model, state)
     tokenizer = AutoTokenizer.from_pretrained(path) if has_tokenizer_files(path) else None
     if tokenizer is None:
@@ -241,6 +303,10 @@ def _copy_off_the_file(model: torch.nn.Module, file_tensors: Mapping[str, torch.
     for param in model.parameters():
         if param.untyped_storage().data_ptr() in mapped:
             param.data = param.data.clone()
+    for module in model.modules():
+        for name, buf in module.named_buffers(recurse=False):
+            if buf is not None and buf.untyped_storage().data_ptr() in mapped:
+                setattr(module, name, buf.clone())
 
 
 def has_tokenizer_files(path: Path) -> bool:

@@ -85,6 +85,7 @@ class RowParallelLinear(PackedLinear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallelGroup) -> None:
         self.tp = tp
+        self.full_in_features = in_features
         super().__init__(_split(in_features, tp.world_size, "input size"), out_features, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -119,19 +120,25 @@ def row_linear(in_features: int, out_features: int, bias: bool, tp: TensorParall
 
 
 def shard_state_dict(model: torch.nn.Module, full_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The parameters of the sharded ``model`` cut out of the unsharded model's ``full_state`` (same names).
+    """The parameters and persistent buffers of the sharded ``model`` cut out of the unsharded model's
+    ``full_state`` (same names).
 
-    Parallel layers take their slice; every other parameter (norms, embedding, LM head) is
-    replicated. Slices are views of ``full_state``: the caller copies them where it loads them.
+    Parallel layers take their slice (a module with ``shard_tensor``, such as the quantized
+    ones, slices each of its tensors by name); every other tensor (norms, embedding, LM head)
+    is replicated. Slices are views of ``full_state``: the caller copies them where it loads them.
     """
     out: dict[str, torch.Tensor] = {}
     for module_name, module in model.named_modules():
-        for param_name, _ in module.named_parameters(recurse=False):
+        names = [n for n, _ in module.named_parameters(recurse=False)]
+        names += [n for n, b in module.named_buffers(recurse=False) if n not in module._non_persistent_buffers_set]
+        for param_name in names:
             name = f"{module_name}.{param_name}" if module_name else param_name
             if name not in full_state:
                 raise ValueError(f"the full state dict has no tensor {name!r}")
             full = full_state[name]
-            if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+            if hasattr(module, "shard_tensor"):
+                full = module.shard_tensor(param_name, full)
+            elif isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
                 full = module.shard_weight(full) if param_name == "weight" else module.shard_bias(full)
             out[name] = full
     return out

@@ -57,6 +57,7 @@ from minipaged.distributed import (
     wait_until_ready,
 )
 from minipaged.errors import InvalidEngineConfigError, MinipagedError
+from minipaged.models.quantization.layers import check_tensor_parallel_split
 from minipaged.worker.worker import StepBatch, Worker
 
 
@@ -242,6 +243,7 @@ class TensorParallelExecutor:
         num_threads_per_rank: int | None = None,
     ) -> None:
         check_tensor_parallel_size(config.tensor_parallel_size, model.config)
+        check_tensor_parallel_split(model.config, config.tensor_parallel_size)  # quantized layers' packed words
         check_no_running_engine()  # before anything is spawned
         if config.num_kv_blocks is None:
             raise ValueError("resolve config.num_kv_blocks (num_kv_blocks_for) before building the executor")

@@ -1,0 +1,143 @@
+"""``QuantLinear``: a linear layer whose weight stays packed (4 or 8 bits per weight) in memory.
+
+The layer holds one ``minipaged_kernels.quant_formats.PackedWeight`` as buffers (so
+``.to(device)`` and ``state_dict`` carry it): ``qweight`` int32 ``[ceil(K / pack), N]``,
+``scales [groups, N]``, ``zeros`` int32 ``[groups, N]``, optionally ``g_idx`` int32 ``[K]``,
+and a dense ``bias [N]``. Its forward picks the fastest way to multiply here:
+
+- CUDA: the Triton dequantize-in-registers kernel ``quant_linear.quant_matmul``;
+- CPU with numba, at most ``FEW_ROWS`` rows (small-batch decode): ``cpu.quant_gemv`` streams the packed
+  words and dequantizes in registers, reading ~bits/32 of an fp32 weight's bytes;
+- CPU, more rows (prefill, larger decode batches): the weight is dequantized once per call into a scratch buffer
+  shared by every layer of the model (sized to the largest layer), then one dense GEMM. The
+  dequantization costs ``K * N`` operations against the GEMM's ``M * K * N``, so from a few
+  dozen rows on it is a small share of the call. Keeping a dequantized oneDNN-packed copy
+  per layer instead would undo the memory saving that is the point of the format, so it is
+  not done. Re-measure the packed few-row loop against dequantize-then-GEMM and dense fp32/bf16
+  with ``python -m minipaged_kernels.cpu.quant_bench``.
+- anywhere else (no numba): the same dequantize-then-multiply in PyTorch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minipaged_kernels import cpu as cpu_kernels
+from minipaged_kernels import quant_formats as qf
+
+# Up to this many rows the CPU streams packed weights instead of dequantizing: the numba loop keeps a
+# word's fields in registers up to quant_gemv.FUSED_MAX_ROWS rows; past that, dequantize-then-GEMM wins
+# (python -m minipaged_kernels.cpu.quant_bench --rows 1 4 8 16).
+FEW_ROWS = 4
+
+
+class DequantScratch:
+    """One reusable dense buffer for the CPU prefill path, shared by all ``QuantLinear`` layers of a model."""
+
+    def __init__(self) -> None:
+        self._buffer: torch.Tensor | None = None
+
+    def get(self, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A ``[rows, cols]`` view of the buffer (grown, never shrunk); its contents are garbage."""
+        need = rows * cols
+        buf = self._buffer
+        if buf is None or buf.numel() < need or buf.dtype != dtype or buf.device != device:
+            self._buffer = buf = torch.empty(need, dtype=dtype, device=device)
+        return buf[:need].view(rows, cols)
+
+
+class QuantLinear(nn.Module):
+    """``y = x @ dequantize(W) + b`` for ``x [T, in_features]``, with ``W`` kept packed."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        *,
+        bits: int,
+        group_size: int,
+        has_g_idx: bool,
+        scale_dtype: torch.dtype,
+        scratch: DequantScratch | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = bits, group_size
+        pack, groups = 32 // bits, -(-in_features // group_size)  # the last group may be short
+        self.register_buffer("qweight", torch.empty(-(-in_features // pack), out_features, dtype=torch.int32))
+        self.register_buffer("scales", torch.empty(groups, out_features, dtype=scale_dtype))
+        self.register_buffer("zeros", torch.empty(groups, out_features, dtype=torch.int32))
+        self.register_buffer("g_idx", torch.empty(in_features, dtype=torch.int32) if has_g_idx else None)
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.scratch = scratch if scratch is not None else DequantScratch()
+
+    def packed_weight(self) -> qf.PackedWeight:
+        """The layer's weight as the kernels' ``PackedWeight`` (views of the buffers, no copy)."""
+        return qf.PackedWeight(
+            self.qweight,
+            self.scales,
+            self.zeros,
+            self.g_idx,
+            self.bits,
+            self.group_size,
+            self.in_features,
+            self.out_features,
+        )
+
+    def extra_repr(self) -> str:
+        order = ", g_idx" if self.g_idx is not None else ""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"group_size={self.group_size}{order}, bias={self.bias is not None}"
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [T, in_features]`` -> ``[T, out_features]`` in ``x``'s dtype."""
+        return self.matmul(x, self.bias)
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``x @ W (+ bias)`` by the path the module docstring describes."""
+        pw = self.packed_weight()
+        if x.device.type == "cuda":
+            from minipaged_kernels.quant_linear import quant_matmul
+
+            return quant_matmul(x, pw, bias)
+        kernel = cpu_kernels.load("quant_gemv")
+        if kernel is not None and x.shape[0] <= FEW_ROWS and kernel.applies_to(x, pw, bias):
+            return kernel.matmul(x, pw, bias)
+        weight = self.scratch.get(self.in_features, self.out_features, x.dtype, x.device)
+        if kernel is not None and x.dtype == torch.float32 and x.device.type == "cpu":
+            kernel.dequantize_into(pw, weight)
+        else:
+            weight.copy_(qf.dequantize(pw, x.dtype))
+        return F.linear(x, weight.t(), bias)
+
+
+def weight_bytes(module: nn.Module) -> dict[str, int]:
+    """Bytes of ``module``'s weights by kind: ``packed`` (QuantLinear buffers: packed words, scales,
+    zeros, g_idx), ``dense`` (every other parameter and persistent buffer, oneDNN-packed ones by their
+    dense size) and ``total``. Tied tensors count once."""
+    seen: set[int] = set()
+    packed = dense = 0
+    for sub in module.modules():
+        quant = isinstance(sub, QuantLinear)
+        tensors = list(sub._parameters.items()) + [
+            (n, b) for n, b in sub._buffers.items() if n not in sub._non_persistent_buffers_set
+        ]
+        for name, t in tensors:
+            if t is None or id(t) in seen:
+                continue
+            seen.add(id(t))
+            size = t.numel() * t.element_size()  # oneDNN-packed weights too: their dense size
+            if quant and name != "bias":
+                packed += size
+            else:
+                dense += size
+        kept = getattr(sub, "dense_weight", None)  # pack_in_place's fp32 copy for the few-row kernel
+        if isinstance(kept, torch.Tensor) and id(kept) not in seen:
+            seen.add(id(kept))
+            dense += kept.numel() * kept.element_size()
+    return {"dense": dense, "packed": packed, "total": dense + packed}
