@@ -19,6 +19,9 @@ Three implementations, all with the same contract:
 
 from __future__ import annotations
 
+import sys
+
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -96,7 +99,14 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Te
 
 
 def unpack_bitmask(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
-    """``[rows, words]`` int32 -> bool ``[rows, vocab]``, True where allowed (vectorised shifts)."""
+    """``[rows, words]`` int32 -> bool ``[rows, vocab]``, True where allowed (vectorised shifts).
+
+    On a little-endian CPU the words' bytes are the tokens in order, 8 to a byte, least
+    significant bit first: numpy's ``unpackbits`` reads them several times faster than shifts.
+    """
+    if bitmask.device.type == "cpu" and sys.byteorder == "little":
+        bits = np.unpackbits(bitmask.contiguous().numpy().view(np.uint8), axis=1, count=vocab, bitorder="little")
+        return torch.from_numpy(bits.view(np.bool_))
     shifts = torch.arange(BITS, dtype=torch.int32, device=bitmask.device)
     bits = (bitmask.unsqueeze(-1) >> shifts) & 1  # [rows, words, 32]
     return bits.reshape(bitmask.shape[0], -1)[:, :vocab].bool()
