@@ -94,8 +94,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "tp": ("minipaged.benchmarks.tp", "tensor-parallel ranks vs one process on the same workload"),
     "blocks": ("minipaged.benchmarks.blocks", "block manager operations per second on a large pool"),
     "step": ("minipaged.benchmarks.step", "one decode step of the model vs transformers' own"),
-    "structured": ("minipaged.benchmarks.structured", "per-step cost of a grammar: bitmask fill, apply, accept"),
     "kv-quant": ("minipaged.benchmarks.kv_quant", "accuracy and capacity of the int8 / fp8 KV cache (notebook 08)"),
+    "structured": ("minipaged.benchmarks.structured", "per-step cost of a grammar: bitmask fill, apply, accept"),
 }
 
 
