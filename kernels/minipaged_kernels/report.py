@@ -33,6 +33,7 @@ KERNEL_MODULES = (
     "minipaged_kernels.decode_attention",
     "minipaged_kernels.prefill_attention",
     "minipaged_kernels.quant_linear",
+    "minipaged_kernels.token_bitmask",
 )
 
 

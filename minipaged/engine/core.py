@@ -33,9 +33,16 @@ from minipaged.core.request import Request
 from minipaged.core.scheduler import ScheduledSequence, Scheduler, SchedulerOutput
 from minipaged.core.sequence import Sequence, SequenceStatus
 from minipaged.engine.trace import StepRecord, Trace
-from minipaged.errors import InvalidEngineConfigError, InvalidPromptError, PromptTooLongError, RequestTooLargeError
+from minipaged.errors import (
+    InvalidEngineConfigError,
+    InvalidPromptError,
+    InvalidSamplingParamsError,
+    PromptTooLongError,
+    RequestTooLargeError,
+)
 from minipaged.outputs import Logprob, RequestMetrics
 from minipaged.sampling_params import SamplingParams
+from minipaged.structured_output import StructuredOutputManager
 from minipaged.worker.executor import build_executor
 from minipaged.worker.sampler import sample
 from minipaged.worker.worker import num_kv_blocks_for
@@ -107,7 +114,10 @@ def load_engine(model: Any = None, tokenizer: Any = None, **kwargs: Any) -> tupl
         config = EngineConfig.from_kwargs(model=model, **kwargs)
         loaded = load_model(model, **config.model_kwargs())
     core = EngineCore(loaded.model, loaded.config, config, model_name=loaded.name)
-    return core, tokenizer if tokenizer is not None else loaded.tokenizer
+    tokenizer = tokenizer if tokenizer is not None else loaded.tokenizer
+    if tokenizer is not None:
+        core.structured_output = StructuredOutputManager(tokenizer, core.vocab_size, core.eos_token_ids)
+    return core, tokenizer
 
 
 class EngineCore:
@@ -130,6 +140,8 @@ class EngineCore:
         )
         self.trace = Trace()
         self.eos_token_ids = frozenset(model_config.eos_token_ids or ())
+        # Grammars need the vocabulary's text: load_engine sets this when there is a tokenizer.
+        self.structured_output: StructuredOutputManager | None = None
         self._requests: dict[str, Request] = {}
         self._arrivals = itertools.count()
         self._seed_rng = torch.Generator().manual_seed(self.config.seed)
@@ -168,6 +180,10 @@ class EngineCore:
             bad = [t for t in values if t >= vocab]
             if bad:
                 raise InvalidPromptError(name, f"token ids must be < the vocabulary size {vocab}, got {bad[:5]}")
+        if params.structured_outputs is not None:
+            if self.structured_output is None:
+                raise InvalidSamplingParamsError("structured_outputs", "needs a tokenizer; this engine has none")
+            self.structured_output.check(params.structured_outputs)
         max_len = self.config.max_model_len
         if len(ids) > max_len:
             raise PromptTooLongError("prompt", f"has {len(ids)} tokens, more than max_model_len={max_len}")
@@ -208,6 +224,8 @@ class EngineCore:
         metrics = RequestMetrics(arrival_time=time.monotonic() if arrival_time is None else arrival_time)
         request = Request(request_id, ids, params, priority, next(self._arrivals), metrics)
         request.seqs.append(self.new_sequence(request, 0))
+        if params.structured_outputs is not None and self.structured_output is not None:
+            self.structured_output.prepare(params.structured_outputs)
         self._requests[request_id] = request
         self.scheduler.add(request.seqs[0])
 
@@ -278,6 +296,7 @@ class EngineCore:
                 if not seq.status.finished:
                     self.scheduler.finish(seq, SequenceStatus.FINISHED_ABORTED)
             request.metrics.finished_time = now
+            self._release_matchers(request)
             aborted.append(rid)
         return aborted
 
@@ -285,6 +304,11 @@ class EngineCore:
         if request.finished and self._requests.get(request.request_id) is request:
             request.metrics.finished_time = now
             del self._requests[request.request_id]
+            self._release_matchers(request)
+
+    def _release_matchers(self, request: Request) -> None:
+        if self.structured_output is not None and request.params.structured_outputs is not None:
+            self.structured_output.release(s.seq_id for s in request.seqs)
 
     # ---- one step -----------------------------------------------------------------------
     def step(self) -> list[CoreOutput]:
@@ -332,6 +356,8 @@ class EngineCore:
     def _sample(
         self, logits: torch.Tensor, seqs: list[Sequence]
     ) -> tuple[list[int], list[list[dict[int, Logprob]] | None]]:
+        if self.structured_output is not None:
+            logits = self.structured_output.apply_bitmask(logits, seqs)
         out = sample(
             logits,
             [q.params for q in seqs],
@@ -387,6 +413,8 @@ class EngineCore:
     def _check_stop(self, seq: Sequence, token: int) -> SequenceStatus | None:
         """EOS, stop tokens and length; stop strings are the output processor's (it has the tokenizer)."""
         p = seq.params
+        if p.structured_outputs is not None and self.structured_output.accept(seq, token):
+            return SequenceStatus.FINISHED_STOPPED  # the grammar is complete and admits nothing more
         if len(seq.output_token_ids) >= p.min_tokens:
             if token in self.eos_token_ids and not p.ignore_eos:
                 return SequenceStatus.FINISHED_STOPPED
@@ -400,6 +428,8 @@ class EngineCore:
     def shutdown(self) -> None:
         """Release the worker (stops tensor-parallel ranks; nothing to do in one process). Idempotent."""
         self.worker.shutdown()
+        if self.structured_output is not None:
+            self.structured_output.shutdown()
 
     # ---- observing ----------------------------------------------------------------------
     def stats(self) -> EngineStats:

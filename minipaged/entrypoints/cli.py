@@ -95,6 +95,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "blocks": ("minipaged.benchmarks.blocks", "block manager operations per second on a large pool"),
     "step": ("minipaged.benchmarks.step", "one decode step of the model vs transformers' own"),
     "kv-quant": ("minipaged.benchmarks.kv_quant", "accuracy and capacity of the int8 / fp8 KV cache (notebook 08)"),
+    "structured": ("minipaged.benchmarks.structured", "per-step cost of a grammar: bitmask fill, apply, accept"),
 }
 
 

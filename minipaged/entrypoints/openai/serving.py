@@ -23,9 +23,10 @@ from minipaged.entrypoints.openai.errors import APIError, from_input_error
 from minipaged.entrypoints.openai.logprobs import chat_logprobs, completion_logprobs
 from minipaged.entrypoints.openai.metrics import RequestTimer
 from minipaged.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from minipaged.entrypoints.openai.structured import structured_outputs_for, tool_call_message, tool_constraint
 from minipaged.errors import InputError
 from minipaged.outputs import CompletionOutput, RequestOutput
-from minipaged.sampling_params import SamplingParams
+from minipaged.sampling_params import SamplingParams, StructuredOutputsParams
 
 DONE = "data: [DONE]\n\n"
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -57,8 +58,17 @@ def sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'), ensure_ascii=False)}\n\n"
 
 
-def sampling_params(body: SamplingFields, *, max_tokens: int, logprobs: int | None) -> SamplingParams:
-    """SamplingParams from the request's fields; the ranges are SamplingParams' to check."""
+def sampling_params(
+    body: SamplingFields,
+    *,
+    max_tokens: int,
+    logprobs: int | None,
+    structured_outputs: StructuredOutputsParams | None = None,
+) -> SamplingParams:
+    """SamplingParams from the request's fields; the ranges are SamplingParams' to check.
+
+    ``structured_outputs``: a constraint that replaces the body's own (a forced tool call's).
+    """
     kwargs: dict[str, Any] = {
         "n": body.n,
         "max_tokens": max_tokens,
@@ -75,6 +85,9 @@ def sampling_params(body: SamplingFields, *, max_tokens: int, logprobs: int | No
         kwargs["logit_bias"] = _logit_bias(body.logit_bias)
     if logprobs is not None:
         kwargs["logprobs"] = logprobs
+    structured = structured_outputs if structured_outputs is not None else structured_outputs_for(body)
+    if structured is not None:
+        kwargs["structured_outputs"] = structured
     known = {f.name for f in dataclasses.fields(SamplingParams)}
     for name in kwargs:
         if name not in known:
@@ -328,7 +341,8 @@ class ChatHandler(_Handler):
         if max_tokens is None:  # vLLM's default: whatever room the context leaves
             max_tokens = max(1, self.engine.config.max_model_len - len(prompt["prompt_token_ids"]))
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        params = sampling_params(body, max_tokens=max_tokens, logprobs=logprobs)
+        tools = tool_constraint(body)
+        params = sampling_params(body, max_tokens=max_tokens, logprobs=logprobs, structured_outputs=tools)
         self.engine.validate(prompt, params)
         return [prompt], params
 
@@ -356,6 +370,11 @@ class ChatHandler(_Handler):
             }
             for c in completions
         ]
+        if params.structured_outputs is not None and tool_constraint(body) is not None:
+            for choice in choices:
+                if choice["finish_reason"] == "stop":  # a call cut short by max_tokens stays plain text
+                    choice["message"] = tool_call_message(body, choice["message"]["content"])
+                    choice["finish_reason"] = "tool_calls"
         timer.on_finish([c.finish_reason for c in completions])
         return {
             "id": rid,
