@@ -32,6 +32,7 @@ RANKS = {
     "minipaged.models": 5,
     "minipaged.core": 5,
     "minipaged.worker": 6,
+    "minipaged.spec_decode": 6.5,  # proposers and the rejection sampler, between the worker and the engine
     "minipaged.engine": 7,
     "minipaged": 7.5,  # the public API: lazy re-exports of the engine's front ends
     "minipaged.entrypoints": 8,
