@@ -32,6 +32,7 @@ KERNEL_MODULES = (
     "minipaged_kernels.kv_append",
     "minipaged_kernels.decode_attention",
     "minipaged_kernels.prefill_attention",
+    "minipaged_kernels.rejection_sampler",
 )
 
 
