@@ -217,3 +217,36 @@ def test_bad_config_is_a_typed_error(hf, config, field):
     with pytest.raises(InvalidEngineConfigError) as err:
         make_llm(hf, speculative_config=config)
     assert err.value.field == field
+
+
+def test_async_stream_equals_no_speculation(hf, prompts, expected):
+    """Through AsyncLLM's stream (the server's path): several tokens may arrive in one chunk."""
+    import asyncio
+
+    from minipaged.engine.async_llm import AsyncLLM
+    from minipaged.models import build_model_from_hf
+
+    async def main():
+        engine = AsyncLLM(
+            build_model_from_hf(hf, attention_backend="torch"),
+            num_kv_blocks=256,
+            block_size=8,
+            speculative_config=ngram(3),
+        )
+
+        async def one(i, p, m):
+            params = SamplingParams(temperature=0, max_tokens=m, ignore_eos=True)
+            stream = engine.generate({"prompt_token_ids": p}, params, f"r{i}")
+            chunks = [o.outputs[0].token_ids[:] async for o in stream]
+            assert all(a == b[: len(a)] for a, b in zip(chunks, chunks[1:]))  # cumulative
+            return chunks
+
+        results = await asyncio.gather(*(one(i, p, m) for i, (p, m) in enumerate(zip(*prompts))))
+        stats = engine.engine_core.stats()
+        assert stats.used_blocks == 0 and stats.spec_num_accepted_tokens > 0
+        await engine.shutdown()
+        return results
+
+    results = asyncio.run(main())
+    assert [chunks[-1] for chunks in results] == expected
+    assert any(len(b) - len(a) > 1 for chunks in results for a, b in zip(chunks, chunks[1:]))
