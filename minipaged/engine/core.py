@@ -519,5 +519,6 @@ class EngineCore:
                 logical_blocks=sum(len(bm.block_table(r.seq_id)) for r in held),
                 num_finished=num_finished,
                 duration_s=duration,
+                num_draft_tokens=sum(s.num_draft_tokens for s in sched.scheduled),
             )
         )
