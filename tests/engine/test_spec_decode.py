@@ -29,6 +29,14 @@ def hf():
 
 
 @pytest.fixture(scope="module")
+def smol_dir(tmp_path_factory):
+    """A tiny random Llama with SmolLM2's vocabulary and tokenizer (real text for stop strings)."""
+    from tiny_models import make_tiny_model_dir
+
+    return make_tiny_model_dir(tmp_path_factory.mktemp("smol"), max_model_len=256)
+
+
+@pytest.fixture(scope="module")
 def prompts():
     """Mixed prompts; most repeat a stretch of themselves, so the n-gram proposer finds matches."""
     prompts, max_tokens = make_prompts(seed=11)
@@ -250,3 +258,35 @@ def test_async_stream_equals_no_speculation(hf, prompts, expected):
     results = asyncio.run(main())
     assert [chunks[-1] for chunks in results] == expected
     assert any(len(b) - len(a) > 1 for chunks in results for a, b in zip(chunks, chunks[1:]))
+
+
+def test_stop_string_inside_an_accepted_run(smol_dir, monkeypatch):
+    """Several tokens arrive in one step; a stop string completed by one of them ends the completion
+    at that token, token ids included, exactly as without speculation."""
+    from minipaged import LLM
+
+    def make(**kw):
+        return LLM(str(smol_dir), num_kv_blocks=128, attention_backend="torch", **kw)
+
+    prompt = {"prompt_token_ids": list(range(400, 413))}
+    plain = make().generate(prompt, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
+    path = plain[0].outputs[0].token_ids
+    text = plain[0].outputs[0].text
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop], logprobs=1)
+    expected = make().generate(prompt, params, use_tqdm=False)[0].outputs[0]
+    # drafts that are always right: whole runs are accepted, so the stop string lands inside one
+    monkeypatch.setattr(
+        engine_core, "propose_ngram", lambda t, k, lo, hi: path[len(t) - len(prompt["prompt_token_ids"]) :][:k]
+    )
+    llm = make(speculative_config=ngram(5))
+    got = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0]
+    assert llm.engine_core.stats().spec_num_accepted_tokens > 0
+    assert (got.text, got.token_ids, got.finish_reason, got.stop_reason) == (
+        expected.text,
+        expected.token_ids,
+        "stop",
+        stop,
+    )
+    assert len(got.logprobs) == len(got.token_ids)
+    assert_all_blocks_free(llm)
