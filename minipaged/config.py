@@ -46,6 +46,58 @@ def _positive_int(name: str, value: Any, *, allow_none: bool = False) -> None:
         raise InvalidEngineConfigError(name, f"must be a positive integer, got {value!r}")
 
 
+SPECULATIVE_METHODS = ("ngram", "draft_model")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding (vLLM's names): propose ``num_speculative_tokens`` tokens per step cheaply,
+    verify them in one forward pass of the model (``minipaged.spec_decode``).
+
+    method: ``"ngram"`` (prompt lookup: copy what followed the longest earlier match of the sequence's
+    last ``prompt_lookup_min..prompt_lookup_max`` tokens) or ``"draft_model"`` (a small model at ``model``).
+    """
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 3
+    prompt_lookup_min: int = 2
+    prompt_lookup_max: int = 4
+    model: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in SPECULATIVE_METHODS:
+            raise InvalidEngineConfigError(
+                "speculative_config.method", f"must be one of {SPECULATIVE_METHODS}, got {self.method!r}"
+            )
+        _positive_int("speculative_config.num_speculative_tokens", self.num_speculative_tokens)
+        _positive_int("speculative_config.prompt_lookup_min", self.prompt_lookup_min)
+        _positive_int("speculative_config.prompt_lookup_max", self.prompt_lookup_max)
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise InvalidEngineConfigError(
+                "speculative_config.prompt_lookup_min",
+                f"{self.prompt_lookup_min} exceeds prompt_lookup_max={self.prompt_lookup_max}",
+            )
+        if self.method == "draft_model" and not isinstance(self.model, str):
+            raise InvalidEngineConfigError("speculative_config.model", "the draft_model method needs a model path")
+        if self.method == "ngram" and self.model is not None:
+            raise InvalidEngineConfigError("speculative_config.model", "the ngram method takes no model")
+
+    @classmethod
+    def from_value(cls, value: SpeculativeConfig | dict[str, Any] | None) -> SpeculativeConfig | None:
+        """A config from ``LLM(speculative_config=...)``'s dict (vLLM's keys); an unknown key is an error."""
+        if value is None or isinstance(value, cls):
+            return value
+        if not isinstance(value, dict):
+            raise InvalidEngineConfigError(
+                "speculative_config", f"must be a dict or SpeculativeConfig, got {type(value).__name__}"
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise InvalidEngineConfigError("speculative_config", f"unknown key(s) {unknown}; accepted: {sorted(known)}")
+        return cls(**value)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Engine settings (the keyword arguments of ``LLM``).
@@ -117,7 +169,18 @@ class EngineConfig:
         },
     )
 
+    speculative_config: SpeculativeConfig | dict | None = field(
+        default=None,
+        metadata={
+            "help": "speculative decoding as JSON, e.g. "
+            '\'{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 2, "prompt_lookup_max": 4}\' '
+            "(see SpeculativeConfig); unset: off"
+        },
+    )
+
     def __post_init__(self) -> None:
+        # A dict (vLLM's form, and the command line's JSON) becomes the typed config once, here.
+        object.__setattr__(self, "speculative_config", SpeculativeConfig.from_value(self.speculative_config))
         if self.model is not None and not isinstance(self.model, str):
             raise InvalidEngineConfigError("model", f"must be a path string or None, got {type(self.model).__name__}")
         if not isinstance(self.dtype, torch.dtype) and self.dtype not in DTYPES:

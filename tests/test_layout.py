@@ -33,6 +33,7 @@ RANKS = {
     "minipaged.core": 5,
     "minipaged.worker": 6,
     "minipaged.structured_output": 6.5,  # grammars and matchers the engine core consults around the sampler
+    "minipaged.spec_decode": 6.5,  # proposers and the rejection sampler, between the worker and the engine
     "minipaged.engine": 7,
     "minipaged": 7.5,  # the public API: lazy re-exports of the engine's front ends
     "minipaged.entrypoints": 8,

@@ -71,5 +71,6 @@ from minipaged_kernels import reference  # noqa: E402
 from minipaged_kernels.decode_attention import paged_decode_attention  # noqa: E402
 from minipaged_kernels.kv_append import kv_append  # noqa: E402
 from minipaged_kernels.prefill_attention import paged_prefill_attention  # noqa: E402
+from minipaged_kernels.rejection_sampler import rejection_sample  # noqa: E402
 
-__all__ = ["kv_append", "paged_decode_attention", "paged_prefill_attention", "reference"]
+__all__ = ["kv_append", "paged_decode_attention", "paged_prefill_attention", "reference", "rejection_sample"]

@@ -154,3 +154,55 @@ def paged_prefill_attention(
         scores = scores.masked_fill(k_pos[None, None, :] > q_pos[None, :, None], float("-inf"))
         out[begin:end] = torch.einsum("hqn,nhd->qhd", torch.softmax(scores, dim=-1), v).to(out.dtype)
     return out
+
+
+def rejection_sample(
+    target_probs: torch.Tensor,
+    draft_token_ids: torch.Tensor,
+    num_draft_tokens: list[int],
+    uniforms: torch.Tensor,
+    noise: torch.Tensor,
+    draft_probs: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Speculative decoding's rejection sampling, the textbook algorithm one draft at a time.
+
+    Sequence ``i`` owns draft tokens ``[start_i, start_i + k_i)`` and target rows
+    ``[start_i + i, start_i + i + k_i + 1)``. Draft ``j`` is accepted when ``u_j < min(1, p(d) / q(d))``
+    (``q`` one-hot on the draft when ``draft_probs`` is None); at the first rejection one token is
+    drawn from ``norm(max(p - q, 0))``, after ``k_i`` acceptances from the last row (the bonus). A
+    draw from a distribution ``r`` is ``argmax(r / noise[i])`` (an exponential race, so every
+    implementation draws the same token from the same noise).
+
+    Returns ``(tokens [num_seqs, max_k + 1] int64, num_accepted [num_seqs] int64)``; entries past
+    ``num_accepted[i] + 1`` are 0.
+    """
+    num_seqs = len(num_draft_tokens)
+    max_k = max(num_draft_tokens, default=0)
+    tokens = torch.zeros(num_seqs, max_k + 1, dtype=torch.int64)
+    num_accepted = torch.zeros(num_seqs, dtype=torch.int64)
+    start = 0
+    for i, k in enumerate(num_draft_tokens):
+        row = start + i
+        emitted: list[int] = []
+        for j in range(k):
+            d = int(draft_token_ids[start + j])
+            p = target_probs[row + j].double().cpu()
+            if draft_probs is None:
+                q = torch.zeros_like(p)
+                q[d] = 1.0
+            else:
+                q = draft_probs[start + j].double().cpu()
+            if float(uniforms[start + j]) < min(1.0, float(p[d] / q[d])):
+                emitted.append(d)
+                continue
+            residual = torch.clamp(p - q, min=0.0)
+            residual = residual / residual.sum()
+            emitted.append(int(torch.argmax(residual / noise[i].double().cpu())))
+            break
+        else:
+            p = target_probs[row + k].double().cpu()
+            emitted.append(int(torch.argmax(p / noise[i].double().cpu())))
+        num_accepted[i] = len(emitted) - 1
+        tokens[i, : len(emitted)] = torch.tensor(emitted)
+        start += k
+    return tokens, num_accepted

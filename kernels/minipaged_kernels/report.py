@@ -34,6 +34,7 @@ KERNEL_MODULES = (
     "minipaged_kernels.prefill_attention",
     "minipaged_kernels.quant_linear",
     "minipaged_kernels.token_bitmask",
+    "minipaged_kernels.rejection_sampler",
 )
 
 

@@ -11,12 +11,19 @@ whole batch and the time per output token (batch latency / ``--output-len``: one
 the batch). Every run's prompts are the same, so with prefix caching on (the default) runs after
 the first reuse the prompt's KV blocks; ``--no-prefix-caching`` measures the prefill every time.
 The engine options are ``EngineConfig``'s (default model: the embedded SmolLM2-135M-Instruct).
+
+Speculative decoding: ``--speculative-config '{"method": "ngram", "num_speculative_tokens": 4}'`` turns
+it on; run once with and once without it. ``--workload copy`` replaces the random prompts with the
+shipped prompts that invite copying (``minipaged/data/copy_prompts.jsonl``: repeat, edit or rename
+within a given text; ``--input-len`` is then unused), and ``--temperature 0`` decodes greedily. With
+speculation the result reports the drafts, the acceptance rate and the mean acceptance length.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import random
 import time
 from typing import Any
@@ -40,6 +47,8 @@ from minipaged.entrypoints.engine_args import add_engine_arguments, engine_kwarg
 
 PROG = "minipaged bench latency"
 PROMPT_SEED = 0  # prompts are fixed random ids; --seed is the engine's sampling seed
+WORKLOADS = ("random", "copy")
+COPY_PROMPTS = "copy_prompts.jsonl"  # in minipaged/data
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -57,6 +66,16 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         "--num-iters-warmup", type=_nonnegative_int, default=3, help="untimed runs first (default: %(default)s)"
     )
     bench.add_argument("--num-iters", type=positive_int, default=10, help="timed runs (default: %(default)s)")
+    bench.add_argument(
+        "--workload",
+        choices=WORKLOADS,
+        default="random",
+        help="random: --input-len random token ids; copy: the shipped prompts that invite copying "
+        "(default: %(default)s)",
+    )
+    bench.add_argument(
+        "--temperature", type=float, default=1.0, help="sampling temperature, 0 = greedy (default: %(default)s)"
+    )
     add_threads_argument(parser)
     add_out_argument(parser)
     add_engine_arguments(parser)
@@ -74,6 +93,29 @@ def dummy_prompts(batch_size: int, input_len: int, vocab_size: int, seed: int = 
     """``batch_size`` lists of ``input_len`` random token ids in ``[0, vocab_size)``."""
     rng = random.Random(seed)
     return [[rng.randrange(vocab_size) for _ in range(input_len)] for _ in range(batch_size)]
+
+
+def copy_prompts(batch_size: int, tokenizer: Any) -> list[list[int]]:
+    """``batch_size`` prompts from the shipped copy-inviting set (cycled), as token ids."""
+    from importlib import resources
+
+    lines = resources.files("minipaged.data").joinpath(COPY_PROMPTS).read_text().splitlines()
+    texts = [json.loads(line)["prompt"] for line in lines if line.strip()]
+    return [tokenizer.encode(texts[i % len(texts)]) for i in range(batch_size)]
+
+
+def speculation_summary(outputs: list[Any]) -> dict[str, Any]:
+    """Drafts, draft and accepted tokens, acceptance rate and mean acceptance length of one run."""
+    drafts = sum(o.metrics.num_drafts for o in outputs)
+    draft_tokens = sum(o.metrics.num_draft_tokens for o in outputs)
+    accepted = sum(o.metrics.num_accepted_tokens for o in outputs)
+    return {
+        "num_drafts": drafts,
+        "num_draft_tokens": draft_tokens,
+        "num_accepted_tokens": accepted,
+        "acceptance_rate": accepted / draft_tokens if draft_tokens else None,
+        "mean_acceptance_length": 1 + accepted / drafts if drafts else None,
+    }
 
 
 def summarize(latencies: list[float], batch_size: int, input_len: int, output_len: int) -> dict[str, Any]:
@@ -108,12 +150,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with LLM(**kwargs) as llm:
         weights = weight_memory(llm.model)
         print(describe_weight_memory(weights), flush=True)
-        prompts = [
-            {"prompt_token_ids": ids}
-            for ids in dummy_prompts(args.batch_size, args.input_len, llm.model_config.vocab_size)
-        ]
+        if args.workload == "copy":
+            ids = copy_prompts(args.batch_size, llm.tokenizer)
+        else:
+            ids = dummy_prompts(args.batch_size, args.input_len, llm.model_config.vocab_size)
+        prompts = [{"prompt_token_ids": p} for p in ids]
         params = SamplingParams(
-            temperature=1.0, top_p=1.0, max_tokens=args.output_len, min_tokens=args.output_len, ignore_eos=True
+            temperature=args.temperature,
+            top_p=1.0,
+            max_tokens=args.output_len,
+            min_tokens=args.output_len,
+            ignore_eos=True,
         )
         counts: dict[str, int] = {}
 
@@ -123,7 +170,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             elapsed = time.perf_counter() - start
             counts["prompt_tokens"] = sum(len(o.prompt_token_ids) for o in outputs)
             counts["output_tokens"] = sum(len(o.outputs[0].token_ids) for o in outputs)
+            speculation.update(speculation_summary(outputs))
             return elapsed
+
+        speculation: dict[str, Any] = {}
 
         warm_up(once, args.num_iters_warmup)
         latencies = []
@@ -133,6 +183,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result = summarize(latencies, args.batch_size, args.input_len, args.output_len)
         result |= counts
         result["weights"] = weights
+        result["workload"] = args.workload
+        result["temperature"] = args.temperature
+        if llm.config.speculative_config is not None:
+            result["speculation"] = speculation
         # The resolved config: KV blocks and max_model_len as the engine sized them.
         result["engine"] = {f.name: _jsonable(getattr(llm.config, f.name)) for f in dataclasses.fields(llm.config)}
     return result
@@ -150,13 +204,23 @@ def main(argv: list[str] | None = None) -> int:
     if result["output_tokens"] != want:
         print(f"warning: the batch produced {result['output_tokens']} output tokens, not {want}")
     print(
-        f"batch {args.batch_size} x ({args.input_len} prompt + {args.output_len} output tokens), "
+        f"batch {args.batch_size} x ({result['prompt_tokens'] / args.batch_size:.0f} prompt + "
+        f"{args.output_len} output tokens, {args.workload} prompts), "
         f"{args.num_iters} runs after {args.num_iters_warmup} warm-up:\n"
         f"  latency mean {result['mean_s']:.3f} s, median {result['median_s']:.3f} s, "
         f"P90 {result['p90_s']:.3f} s, P99 {result['p99_s']:.3f} s\n"
         f"  per output token {result['per_output_token_ms']:.2f} ms "
         f"({result['output_tokens_per_s']:.1f} output tokens/s)"
     )
+    spec = result.get("speculation")
+    if spec:
+        rate = spec["acceptance_rate"]
+        length = spec["mean_acceptance_length"]
+        print(
+            f"  speculation (last run): {spec['num_drafts']} drafts, {spec['num_draft_tokens']} draft tokens, "
+            f"acceptance rate {'-' if rate is None else f'{rate:.2f}'}, "
+            f"mean acceptance length {'-' if length is None else f'{length:.2f}'}"
+        )
     if args.out:
         write_json_atomic(args.out, {"command": command_line(PROG, argv), "machine": machine, **result})
         print(f"wrote {args.out}")

@@ -312,6 +312,30 @@ class BlockManager:
         seq.token_ids.extend(tokens)
         return copies
 
+    def truncate(self, seq_id: Hashable, num_tokens: int) -> None:
+        """Keep only the first ``num_tokens`` tokens of ``seq_id`` (speculative decoding's rollback).
+
+        Rejected draft tokens leave: blocks that held only them go back to the pool, and the
+        KV they left in the kept last block is overwritten by the next tokens appended there.
+        Blocks already registered in the prefix cache cannot be cut.
+        """
+        seq = self._get(seq_id)
+        _check_count("num_tokens", num_tokens, 0)
+        if num_tokens > len(seq.token_ids):
+            raise ValueError(f"num_tokens={num_tokens} exceeds the {len(seq.token_ids)} tokens of {seq_id!r}")
+        if num_tokens < len(seq.block_hashes) * self._block_size:
+            raise ValueError(f"num_tokens={num_tokens} would cut blocks of {seq_id!r} published to the prefix cache")
+        keep = self.blocks_for(num_tokens)
+        for block in reversed(seq.blocks[keep:]):
+            self._pool.release(block)
+        del seq.blocks[keep:]
+        del seq.token_ids[num_tokens:]
+        if keep:
+            last = seq.blocks[-1]
+            filled = num_tokens - (keep - 1) * self._block_size
+            self._pool.tokens_stored -= last.num_tokens - filled
+            last.num_tokens = filled
+
     def mark_computed(self, seq_id: Hashable, num_computed_tokens: int) -> None:
         """KV of positions ``< num_computed_tokens`` is written: register full blocks up to there.
 

@@ -15,6 +15,12 @@ Every step is decided afresh (iteration-level batching, vLLM v1 style):
    already computed.
 
 Prefill and decode tokens share one step, within ``max_num_batched_tokens``.
+
+Speculative decoding: a decoding sequence carrying draft tokens (``Sequence.spec_token_ids``)
+is scheduled for 1 + k tokens, its next token and the drafts, with slots for all of them; the
+drafts are given up (never another sequence's blocks) when the token budget or the free blocks
+do not stretch to them. The engine verifies them and rolls the block table back over the
+rejected ones.
 """
 
 from __future__ import annotations
@@ -31,17 +37,28 @@ class ScheduledSequence:
 
     seq: Sequence
     start: int
-    num_new_tokens: int
+    num_new_tokens: int  # query tokens this step, draft tokens included
+    draft_token_ids: tuple[int, ...] = ()  # speculative tokens after the sequence's own, to verify
 
     @property
     def end(self) -> int:
-        """One past the last token computed this step."""
+        """One past the last token computed this step (the context length, drafts included)."""
         return self.start + self.num_new_tokens
+
+    @property
+    def num_draft_tokens(self) -> int:
+        """Draft tokens at the end of this step's query."""
+        return len(self.draft_token_ids)
+
+    @property
+    def verified_end(self) -> int:
+        """One past the last of the sequence's own tokens computed this step (drafts excluded)."""
+        return self.end - self.num_draft_tokens
 
     @property
     def completes_sequence(self) -> bool:
         """After this step every token has KV, so the last position's logits give the next token."""
-        return self.end == self.seq.num_tokens
+        return self.verified_end == self.seq.num_tokens
 
 
 @dataclass
@@ -119,32 +136,47 @@ class Scheduler:
                 break
             if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this loop
                 continue
-            if not self._reserve_slots(seq, out, scheduled_ids):
+            drafts = self._drafts_within(seq, budget)
+            drafts = self._reserve_slots(seq, out, scheduled_ids, drafts)
+            if drafts is None:
                 continue
-            budget -= self._schedule_tokens(seq, budget, out)
+            budget -= self._schedule_tokens(seq, budget, out, drafts)
             scheduled_ids.add(id(seq))
         if not out.preempted:
             self._admit_waiting(budget, out)
         return out
 
-    def _reserve_slots(self, seq: Sequence, out: SchedulerOutput, scheduled_ids: set[int]) -> bool:
-        """Give the sequence's sampled-but-unslotted tokens KV slots, preempting others if needed.
+    @staticmethod
+    def _drafts_within(seq: Sequence, budget: int) -> list[int]:
+        """The draft tokens a decoding ``seq`` can verify this step: as many as fit beside its own token."""
+        if not seq.spec_token_ids or seq.num_computed_tokens != seq.num_tokens - 1:
+            return []
+        return seq.spec_token_ids[: budget - 1]
 
-        Returns False when ``seq`` itself had to be preempted.
+    def _reserve_slots(
+        self, seq: Sequence, out: SchedulerOutput, scheduled_ids: set[int], drafts: list[int]
+    ) -> list[int] | None:
+        """Give the sequence's sampled-but-unslotted tokens (and its drafts) KV slots, preempting
+        others if needed; drafts are dropped rather than preempting anyone for them.
+
+        Returns the drafts that got slots, or None when ``seq`` itself had to be preempted.
         """
         pending = seq.num_tokens - self.bm.num_tokens(seq.seq_id)
-        if pending == 0:
-            return True
-        new_tokens = seq.all_token_ids[-pending:]
+        if pending == 0 and not drafts:
+            return drafts
+        new_tokens = seq.all_token_ids[seq.num_tokens - pending :]
         while True:
             try:
-                out.block_copies.extend(self.bm.append_tokens(seq.seq_id, new_tokens))
-                return True
+                out.block_copies.extend(self.bm.append_tokens(seq.seq_id, new_tokens + drafts))
+                return drafts
             except NoFreeBlocksError:
+                if drafts:
+                    drafts = []
+                    continue
                 victim = self._pick_victim(scheduled_ids)
                 self._preempt(victim, out)
                 if victim is seq:
-                    return False
+                    return None
 
     def _pick_victim(self, scheduled_ids: set[int]) -> Sequence:
         # Sequences already scheduled this step keep their slots; the current sequence is the
@@ -156,6 +188,7 @@ class Scheduler:
         self.running.remove(seq)
         self.bm.free(seq.seq_id)
         seq.num_computed_tokens = 0
+        seq.spec_token_ids = []
         seq.status = SequenceStatus.WAITING
         seq.metrics.num_preemptions += 1
         # Waiting is served by (priority, arrival), so keeping its original arrival puts the
@@ -164,9 +197,10 @@ class Scheduler:
         out.preempted.append(seq)
         self.num_preemptions += 1
 
-    def _schedule_tokens(self, seq: Sequence, budget: int, out: SchedulerOutput) -> int:
-        num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-        out.scheduled.append(ScheduledSequence(seq, seq.num_computed_tokens, num_new))
+    def _schedule_tokens(self, seq: Sequence, budget: int, out: SchedulerOutput, drafts: list[int] = ()) -> int:
+        num_new = min(seq.num_tokens - seq.num_computed_tokens, budget) + len(drafts)
+        out.scheduled.append(ScheduledSequence(seq, seq.num_computed_tokens, num_new, tuple(drafts)))
+        seq.spec_token_ids = []  # consumed: verified this step, or given up
         if seq.num_computed_tokens >= seq.num_tokens - 1 and seq.output_token_ids:
             out.num_decode_tokens += num_new
         else:

@@ -55,6 +55,8 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     forked: bool = False  # n > 1: children already created
     stop_reason: int | str | None = None
+    # Speculative decoding: proposed continuation, verified (and dropped) by the next step that runs it.
+    spec_token_ids: list[int] = field(default_factory=list)
 
     @property
     def seq_id(self) -> tuple[str, int]:

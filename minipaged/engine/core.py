@@ -42,6 +42,8 @@ from minipaged.errors import (
 )
 from minipaged.outputs import Logprob, RequestMetrics
 from minipaged.sampling_params import SamplingParams
+from minipaged.spec_decode.ngram import propose_ngram
+from minipaged.spec_decode.verifier import split_speculative, verify
 from minipaged.structured_output import StructuredOutputManager
 from minipaged.worker.executor import build_executor
 from minipaged.worker.sampler import sample
@@ -74,6 +76,9 @@ class EngineStats:
     num_preemptions: int
     prompt_tokens_total: int  # prompt tokens computed, recomputation after preemption included
     generation_tokens_total: int  # tokens sampled
+    spec_num_drafts: int = 0  # speculative decoding: verification steps that carried drafts
+    spec_num_draft_tokens: int = 0  # draft tokens verified
+    spec_num_accepted_tokens: int = 0  # of those, accepted
 
 
 def _prebuilt_model_kwargs(model: torch.nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -147,6 +152,7 @@ class EngineCore:
         self._seed_rng = torch.Generator().manual_seed(self.config.seed)
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
+        self._spec_totals = [0, 0, 0]  # drafts, draft tokens, accepted tokens
 
     def _resolve(self, config: EngineConfig) -> EngineConfig:
         """A new config with the model-dependent values filled in (the given one is never mutated)."""
@@ -156,6 +162,11 @@ class EngineCore:
                 "max_model_len", f"{config.max_model_len} exceeds the model's max_position_embeddings={model_max}"
             )
         max_len = config.max_model_len or model_max
+        spec = config.speculative_config
+        if spec is not None and spec.method != "ngram":
+            raise InvalidEngineConfigError(
+                "speculative_config.method", f"{spec.method!r} is not implemented in this engine; use 'ngram'"
+            )
         return dataclasses.replace(
             config, max_model_len=max_len, num_kv_blocks=num_kv_blocks_for(config, self.model_config)
         )
@@ -323,15 +334,23 @@ class EngineCore:
         logits, sampled = self.execute(sched)
         outputs: list[CoreOutput] = []
         if sampled:
-            rows, seqs = self._fork_and_expand(sampled)
-            if len(rows) != logits.shape[0]:  # n > 1 forks share their parent's row: copy it out
-                logits = logits[torch.tensor(rows, dtype=torch.long, device=logits.device)]
-            tokens, logprobs = self._sample(logits, seqs)
+            logits, sampled, spec_logits, speculated = split_speculative(logits, sampled)
+            seqs: list[Sequence] = []
+            if sampled:
+                rows, seqs = self._fork_and_expand(sampled)
+                if len(rows) != logits.shape[0]:  # n > 1 forks share their parent's row: copy it out
+                    logits = logits[torch.tensor(rows, dtype=torch.long, device=logits.device)]
+                tokens, logprobs = self._sample(logits, seqs)
+                now = time.monotonic()
+                for seq, tok, lp in zip(seqs, tokens, logprobs):
+                    outputs.append(self._append_tokens(seq, [tok], lp, now))
+            if speculated:
+                outputs += self._verify(spec_logits, speculated)
+                seqs += [s.seq for s in speculated]
             now = time.monotonic()
-            for seq, tok, lp in zip(seqs, tokens, logprobs):
-                outputs.append(self._append_token(seq, tok, lp, now))
             for request in {id(self._requests[s.request_id]): self._requests[s.request_id] for s in seqs}.values():
                 self._forget_if_finished(request, now)
+            self._propose(seqs)
         num_finished = sum(o.finish_reason is not None for o in outputs)
         self.record_step(sched, before, num_finished, time.monotonic() - t0)
         return outputs
@@ -348,8 +367,9 @@ class EngineCore:
                 s.seq.metrics.first_scheduled_time = now
         logits, sampled = self.worker.execute(sched.scheduled, sched.block_copies, self.block_manager)
         for s in sched.scheduled:
-            s.seq.num_computed_tokens = s.end
-            self.block_manager.mark_computed(s.seq.seq_id, s.end)
+            # Draft tokens count as computed only once verified (``_verify``).
+            s.seq.num_computed_tokens = s.verified_end
+            self.block_manager.mark_computed(s.seq.seq_id, s.verified_end)
         self._prompt_tokens_total += sched.num_prefill_tokens
         return logits, sampled
 
@@ -399,15 +419,61 @@ class EngineCore:
                     seqs.append(child)
         return rows, seqs
 
-    def _append_token(self, seq: Sequence, token: int, logprobs, now: float) -> CoreOutput:
-        seq.output_token_ids.append(token)
-        if seq.metrics.first_token_time is None:
-            seq.metrics.first_token_time = now
-        status = self._check_stop(seq, token)
-        if status is not None:
-            self.scheduler.finish(seq, status)
+    def _verify(self, logits: torch.Tensor, speculated: list[ScheduledSequence]) -> list[CoreOutput]:
+        """Accept or reject the drafts of ``speculated`` (``logits``: their ``k + 1`` rows each), append the
+        kept tokens, and roll each block table back to the tokens whose KV is now valid."""
+        results = verify(
+            logits, [s.seq for s in speculated], [s.draft_token_ids for s in speculated], self.eos_token_ids
+        )
+        now = time.monotonic()
+        outputs = []
+        for s, r in zip(speculated, results):
+            seq = s.seq
+            seq.metrics.record_verification(r.num_draft_tokens, r.num_accepted)
+            for i, n in enumerate((1, r.num_draft_tokens, r.num_accepted)):
+                self._spec_totals[i] += n
+            self._generation_tokens_total += len(r.token_ids)
+            # The accepted drafts' KV was written by this step, at the positions they now hold.
+            seq.num_computed_tokens += r.num_accepted
+            outputs.append(self._append_tokens(seq, r.token_ids, r.logprobs, now))
+            if not seq.status.finished:
+                self.block_manager.truncate(seq.seq_id, seq.num_computed_tokens)
+                self.block_manager.mark_computed(seq.seq_id, seq.num_computed_tokens)
+        return outputs
+
+    def _propose(self, seqs: list[Sequence]) -> None:
+        """Give each still-running sequence draft tokens for the next step (speculative decoding).
+
+        At most as many as could still be emitted before ``max_tokens`` or ``max_model_len``, less the
+        one token every step adds anyway, so the drafts never need KV slots the request could not use.
+        """
+        spec = self.config.speculative_config
+        if spec is None:
+            return
+        for seq in seqs:
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
+            room = min(seq.params.max_tokens - len(seq.output_token_ids), self.config.max_model_len - seq.num_tokens)
+            k = min(spec.num_speculative_tokens, room - 1)
+            if k >= 1:
+                seq.spec_token_ids = propose_ngram(seq.all_token_ids, k, spec.prompt_lookup_min, spec.prompt_lookup_max)
+
+    def _append_tokens(self, seq: Sequence, tokens: list[int], logprobs, now: float) -> CoreOutput:
+        """Append ``tokens`` in order, stopping at the first that finishes the sequence."""
+        appended = []
+        for token in tokens:
+            seq.output_token_ids.append(token)
+            appended.append(token)
+            if seq.metrics.first_token_time is None:
+                seq.metrics.first_token_time = now
+            status = self._check_stop(seq, token)
+            if status is not None:
+                self.scheduler.finish(seq, status)
+                break
+        if logprobs is not None:
+            logprobs = logprobs[: len(appended)]
         return CoreOutput(
-            seq.request_id, seq.index, [token], logprobs, seq.finish_reason, seq.stop_reason, seq.num_cached_tokens
+            seq.request_id, seq.index, appended, logprobs, seq.finish_reason, seq.stop_reason, seq.num_cached_tokens
         )
 
     def _check_stop(self, seq: Sequence, token: int) -> SequenceStatus | None:
@@ -445,6 +511,9 @@ class EngineCore:
             num_preemptions=self.scheduler.num_preemptions,
             prompt_tokens_total=self._prompt_tokens_total,
             generation_tokens_total=self._generation_tokens_total,
+            spec_num_drafts=self._spec_totals[0],
+            spec_num_draft_tokens=self._spec_totals[1],
+            spec_num_accepted_tokens=self._spec_totals[2],
         )
 
     def record_step(
@@ -480,5 +549,6 @@ class EngineCore:
                 logical_blocks=sum(len(bm.block_table(r.seq_id)) for r in held),
                 num_finished=num_finished,
                 duration_s=duration,
+                num_draft_tokens=sum(s.num_draft_tokens for s in sched.scheduled),
             )
         )

@@ -150,14 +150,17 @@ class OutputProcessor:
                 comp.logprobs.extend(self._decoded(out.new_logprobs))
             comp.finish_reason, comp.stop_reason = out.finish_reason, out.stop_reason
             hit = self._update_text(state.params, comp)
+            new_ids = list(out.new_token_ids)
             if hit is not None:
                 stops.append(StopHit(state.request_id, comp.index, hit))
+                if len(new_ids) > 1:  # speculative decoding: drop the tokens after the stop string's end
+                    new_ids = self._trim_after_stop(state.params, comp, hit, len(new_ids))
             update = updates.setdefault(out.request_id, RequestUpdate(state, []))
             update.chunks.append(
                 StreamChunk(
                     state.request_id,
                     comp.index,
-                    list(out.new_token_ids),
+                    new_ids,
                     comp.text[before : comp.released],
                     comp.finish_reason,
                 )
@@ -186,6 +189,19 @@ class OutputProcessor:
         if self.tokenizer is None:
             return logprobs
         return [{t: Logprob(lp.logprob, lp.rank, self.tokenizer.decode([t])) for t, lp in d.items()} for d in logprobs]
+
+    def _trim_after_stop(self, params: SamplingParams, comp: _Completion, hit: str, num_new: int) -> list[int]:
+        """Keep the completion's tokens only up to the first one whose text completes ``hit``, as one
+        token per step would have; returns the kept new tokens (of the last ``num_new``)."""
+        first_new = len(comp.token_ids) - num_new
+        for end in range(first_new + 1, len(comp.token_ids)):
+            text = self.tokenizer.decode(comp.token_ids[:end], skip_special_tokens=params.skip_special_tokens)
+            if hit in text:
+                del comp.token_ids[end:]
+                if comp.logprobs is not None:
+                    del comp.logprobs[end:]
+                break
+        return comp.token_ids[first_new:]
 
     def _update_text(self, params: SamplingParams, comp: _Completion) -> str | None:
         """Re-decode, look for a stop string, move the release point; returns the stop string hit."""

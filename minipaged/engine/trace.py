@@ -31,6 +31,7 @@ class StepRecord:
     logical_blocks: int  # sum of the block-table lengths of all sequences: used_blocks without sharing
     num_finished: int  # sequences that finished in this step
     duration_s: float
+    num_draft_tokens: int = 0  # speculative tokens verified in this step (part of num_decode_tokens)
 
     @property
     def num_tokens(self) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import typing
 from collections.abc import Callable, Iterable
@@ -42,9 +43,26 @@ def byte_size(text: str) -> int:
     return int(number * units[unit])
 
 
+def json_object(text: str) -> dict[str, Any]:
+    """``'{"method": "ngram"}'`` -> a dict (a dict-valued engine option on the command line)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"invalid JSON {text!r}: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
 # Fields whose command-line text needs a parser other than their annotation's type.
-_PARSERS: dict[str, Callable[[str], Any]] = {"kv_cache_memory": byte_size}
-_METAVARS = {"kv_cache_memory": "BYTES", "model": "PATH", "dtype": "DTYPE", "device": "DEVICE"}
+_PARSERS: dict[str, Callable[[str], Any]] = {"kv_cache_memory": byte_size, "speculative_config": json_object}
+_METAVARS = {
+    "kv_cache_memory": "BYTES",
+    "model": "PATH",
+    "dtype": "DTYPE",
+    "device": "DEVICE",
+    "speculative_config": "JSON",
+}
 _TYPE_METAVARS = {int: "N", float: "X", str: "TEXT"}
 
 
@@ -63,6 +81,8 @@ def _flag_names(f: dataclasses.Field) -> list[str]:
 
 def _cli_type(f: dataclasses.Field) -> type:
     """The first of int, float, bool, str in the field's annotation (``str | torch.dtype`` -> str)."""
+    if f.name in _PARSERS:
+        return str  # parsed from text by its own parser
     hint = typing.get_type_hints(EngineConfig)[f.name]
     members = typing.get_args(hint) or (hint,)
     for candidate in (bool, int, float, str):
@@ -139,6 +159,9 @@ def engine_argv(kwargs: dict[str, Any]) -> list[str]:
             argv.append(flag_name(name) if value else "--no-" + flag_name(name)[2:])
         elif isinstance(value, torch.dtype):
             argv += [flag_name(name), dtype_name(value)]
+        elif dataclasses.is_dataclass(value) or isinstance(value, dict):
+            fields = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+            argv += [flag_name(name), json.dumps(fields)]
         elif value is not None:
             argv += [flag_name(name), str(value)]
     return argv

@@ -54,14 +54,17 @@ class StepBatch:
     def from_schedule(
         cls, scheduled: list[ScheduledSequence], copies: list[BlockCopy], bm: BlockManager
     ) -> tuple[StepBatch, list[ScheduledSequence]]:
-        """The step's batch and the scheduled sequences its sample rows belong to (same order)."""
+        """The step's batch and the scheduled sequences its sample rows belong to (same order; a
+        sequence with k draft tokens owns k + 1 consecutive rows)."""
         input_ids: list[int] = []
         sample_rows: list[int] = []
         sampled: list[ScheduledSequence] = []
         for s in scheduled:
-            input_ids.extend(s.seq.all_token_ids[s.start : s.end])
+            input_ids.extend(s.seq.all_token_ids[s.start : s.verified_end])
+            input_ids.extend(s.draft_token_ids)
             if s.completes_sequence:
-                sample_rows.append(len(input_ids) - 1)
+                # With k drafts, the last k + 1 positions' logits verify them (and give the next token).
+                sample_rows.extend(range(len(input_ids) - 1 - s.num_draft_tokens, len(input_ids)))
                 sampled.append(s)
         batch = cls(
             input_ids=tuple(input_ids),

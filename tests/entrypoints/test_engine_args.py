@@ -32,6 +32,10 @@ NON_DEFAULT = {
     "device": (["--device", "cpu"], "cpu"),
     "kv_cache_dtype": (["--kv-cache-dtype", "int8"], "int8"),
     "tensor_parallel_size": (["--tensor-parallel-size", "2"], 2),
+    "speculative_config": (
+        ["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 5}'],
+        {"method": "ngram", "num_speculative_tokens": 5},
+    ),
 }
 
 

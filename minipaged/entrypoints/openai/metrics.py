@@ -45,6 +45,9 @@ class _EngineCollector(Collector):
             "minipaged_num_preemptions": ("sequences preempted (recomputed later)", s.num_preemptions),
             "minipaged_prompt_tokens": ("prompt tokens computed (prefix-cache hits excluded)", s.prompt_tokens_total),
             "minipaged_generation_tokens": ("tokens generated", s.generation_tokens_total),
+            "minipaged_spec_decode_num_drafts": ("verification steps with drafts", s.spec_num_drafts),
+            "minipaged_spec_decode_num_draft_tokens": ("draft tokens verified", s.spec_num_draft_tokens),
+            "minipaged_spec_decode_num_accepted_tokens": ("draft tokens accepted", s.spec_num_accepted_tokens),
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(name, doc, value=value)

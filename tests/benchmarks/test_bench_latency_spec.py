@@ -1,0 +1,29 @@
+"""``bench latency --workload copy`` with speculative decoding: runs, generates every token, and
+reports the acceptance counters of its last run."""
+
+from __future__ import annotations
+
+import json
+
+from minipaged.entrypoints.cli import main
+
+
+def test_latency_copy_workload_with_speculation(tmp_path, capsys):
+    from tiny_models import make_tiny_model_dir
+
+    model = make_tiny_model_dir(tmp_path / "model", max_model_len=512)
+    out = tmp_path / "latency.json"
+    spec = '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}'
+    argv = ["--batch-size", "3", "--output-len", "6", "--num-iters", "1", "--num-iters-warmup", "0"]
+    argv += ["--workload", "copy", "--temperature", "0", "--model", str(model), "--speculative-config", spec]
+    assert main(["bench", "latency", *argv, "--threads", "1", "--out", str(out)]) == 0
+    assert "speculation (last run)" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["output_tokens"] == 3 * 6 and result["workload"] == "copy"
+    s = result["speculation"]
+    # A random-weight model rarely repeats its prompt, so drafts may be few or none; the counters agree.
+    assert 0 <= s["num_accepted_tokens"] <= s["num_draft_tokens"] <= 3 * s["num_drafts"]
+    if s["num_drafts"]:
+        assert s["mean_acceptance_length"] == 1 + s["num_accepted_tokens"] / s["num_drafts"]
+    else:
+        assert s["mean_acceptance_length"] is None and s["acceptance_rate"] is None
