@@ -446,12 +446,14 @@ class EngineCore:
 
         At most as many as could still be emitted before ``max_tokens`` or ``max_model_len``, less the
         one token every step adds anyway, so the drafts never need KV slots the request could not use.
+        A sequence under a grammar gets no drafts: verification samples without the grammar's bitmask,
+        so it decodes one masked token a step.
         """
         spec = self.config.speculative_config
         if spec is None:
             return
         for seq in seqs:
-            if seq.status is not SequenceStatus.RUNNING:
+            if seq.status is not SequenceStatus.RUNNING or seq.params.structured_outputs is not None:
                 continue
             room = min(seq.params.max_tokens - len(seq.output_token_ids), self.config.max_model_len - seq.num_tokens)
             k = min(spec.num_speculative_tokens, room - 1)

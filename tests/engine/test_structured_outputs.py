@@ -187,3 +187,21 @@ def test_invalid_specs_are_rejected_before_queueing(llm, so, field):
         llm.generate("x", params(so, 0))
     assert err.value.field == field
     assert_clean(llm)
+
+
+def test_speculation_leaves_grammar_sequences_alone(hf, tokenizer):
+    # Verification samples without the grammar's bitmask, so a constrained sequence must get no drafts,
+    # while an unconstrained one beside it still speculates on its repetitive prompt.
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+    engine = make_llm(hf, tokenizer, speculative_config=spec)
+    regex = REGEXES[2]
+    try:
+        constrained = params(StructuredOutputsParams(regex=regex), 3)
+        free = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+        outs = engine.generate(["a b a b a b a b", "a b a b a b a b"], [constrained, free])
+        assert re.fullmatch(regex, outs[0].outputs[0].text), outs[0].outputs[0].text
+        assert outs[0].metrics.num_drafts == 0
+        assert outs[1].metrics.num_drafts > 0
+        assert_clean(engine)
+    finally:
+        engine.shutdown()
