@@ -519,3 +519,17 @@ def test_metrics_exposition(server):
     ):
         assert re.search(rf"^{name}[{{ ]", text, re.M), name
     assert scrape(server)["minipaged_e2e_request_latency_seconds_count"] > 0
+
+
+# ---- hardening: what a careful user broke -----------------------------------------------------
+def test_lone_surrogate_is_a_400_naming_the_field_and_the_connection_survives(server):
+    headers = {"Authorization": f"Bearer {API_KEY}", "content-type": "application/json"}
+    with httpx.Client(base_url=server.base_url, headers=headers) as http:  # one keep-alive connection
+        r = http.post("/v1/completions", content=b'{"model": "tiny", "prompt": "\\ud800"}')
+        _assert_openai_error(r, 400, "prompt")
+        chat = b'{"model": "tiny", "messages": [{"role": "user", "content": "\\udc80 hi"}]}'
+        _assert_openai_error(http.post("/v1/chat/completions", content=chat), 400, "messages")
+        r = http.post("/v1/completions", content=b'{"model": "tiny", "prompt": "x", "stop": ["\\udfff"]}')
+        _assert_openai_error(r, 400, "stop")
+        ok = http.post("/v1/completions", json={"model": "tiny", "prompt": "Hello", "max_tokens": 2})
+        assert ok.status_code == 200, ok.text

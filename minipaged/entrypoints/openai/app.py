@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from minipaged.entrypoints.openai.errors import APIError, from_input_error, from_validation_error
 from minipaged.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
 from minipaged.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
-from minipaged.entrypoints.openai.serving import ChatHandler, CompletionHandler, as_api_error
+from minipaged.entrypoints.openai.serving import ChatHandler, CompletionHandler, as_api_error, check_strings
 from minipaged.errors import InputError
 
 # HTTP has no status for "the client left"; nginx's 499 is the usual choice. Nobody reads it.
@@ -135,6 +135,7 @@ def build_app(engine: Any, *, model_name: str | None = None, api_key: str | None
     async def generate(handler: Any, body: Any, request: Request) -> Response:
         if body.stream_options is not None and not body.stream:
             raise APIError(400, "stream_options: only allowed with stream=true", "stream_options")
+        check_strings(body)
         timer = metrics.timer()
         prompts, params = handler.prepare(body)  # raises before anything is queued
         if body.stream:

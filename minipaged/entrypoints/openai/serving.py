@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from minipaged.engine.inputs import check_text
 from minipaged.entrypoints.openai.errors import APIError, from_input_error
 from minipaged.entrypoints.openai.logprobs import chat_logprobs, completion_logprobs
 from minipaged.entrypoints.openai.metrics import RequestTimer
@@ -50,6 +51,27 @@ def as_api_error(err: Exception) -> APIError:
     if isinstance(err, InputError):
         return from_input_error(err)
     return APIError(500, f"{type(err).__name__}: {err}")
+
+
+def check_strings(body: SamplingFields) -> None:
+    """A 400 naming the top-level field of the first string (key or value) that is not valid Unicode.
+
+    JSON may escape a lone surrogate (``"\\ud800"``); it cannot be tokenized or written back as UTF-8.
+    """
+
+    def walk(field: str, value: Any) -> None:
+        if isinstance(value, str):
+            check_text(field, value)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                walk(field, key)
+                walk(field, item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(field, item)
+
+    for name, value in body.model_dump(exclude_none=True).items():
+        walk(name, value)
 
 
 def sse(payload: dict[str, Any]) -> str:
