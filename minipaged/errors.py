@@ -41,6 +41,14 @@ class RequestTooLargeError(InputError):
     """The request could never fit in the KV cache, even running alone."""
 
 
+class EngineDeadError(MinipagedError, RuntimeError):
+    """The engine loop failed; the request cannot complete (the cause is chained, and logged once).
+
+    The message names only the cause's type: a worker's error text can hold a whole remote
+    traceback, which belongs in the log, not in an answer to a client.
+    """
+
+
 class UnknownRequestError(MinipagedError, KeyError):
     """``abort`` (or a lookup) named a request id the engine does not hold."""
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -26,13 +27,14 @@ from minipaged.core.sequence import SequenceStatus
 from minipaged.engine.core import EngineStats, load_engine
 from minipaged.engine.inputs import chat_prompts, check_messages, check_params, check_priority, parse_prompt
 from minipaged.engine.output_processor import OutputProcessor
-from minipaged.errors import InvalidPromptError, MinipagedError
+from minipaged.errors import EngineDeadError, InvalidPromptError
 from minipaged.outputs import RequestOutput
 from minipaged.sampling_params import SamplingParams
 
+__all__ = ["AsyncLLM", "EngineDeadError"]
 
-class EngineDeadError(MinipagedError, RuntimeError):
-    """The engine loop failed; the request cannot complete (the cause is chained)."""
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,7 @@ class AsyncLLM:
         Invalid input raises a typed error on the first iteration, before anything is queued.
         """
         if self._dead is not None:
-            raise EngineDeadError("the engine loop has stopped") from self._dead
+            raise EngineDeadError(f"the engine has stopped ({type(self._dead).__name__})") from self._dead
         text, ids = self.validate(prompt, params)
         check_priority(priority)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
@@ -111,7 +113,7 @@ class AsyncLLM:
                 while not isinstance(item, BaseException) and not queue.empty():
                     item = queue.get_nowait()  # a slow consumer gets the latest cumulative output only
                 if isinstance(item, BaseException):
-                    raise EngineDeadError(f"the engine loop failed: {item!r}") from item
+                    raise EngineDeadError(f"the engine failed ({type(item).__name__})") from item
                 finished = item.finished
                 yield item
         finally:
@@ -190,6 +192,7 @@ class AsyncLLM:
                         queue.put_nowait(update.state.output())
                 self._stats = core.stats()
         except Exception as exc:  # the engine is unusable: wake every waiter with the cause
+            _log.error("the engine loop failed; no request can be served any more", exc_info=exc)
             self._dead = exc
             for queue in self._queues.values():
                 queue.put_nowait(exc)  # delivered to the waiters; the task itself ends quietly

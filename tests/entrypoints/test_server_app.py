@@ -126,3 +126,31 @@ def test_logprob_shapes_by_hand():
     assert [c["token"] for c in chat] == ["a", "c"] and chat[1]["logprob"] == -9999.0
     assert [t["token"] for t in chat[1]["top_logprobs"]] == ["a", "b"]  # by rank; the sampled rank-9 token is not top-2
     assert chat[0]["bytes"] == [97]
+
+
+def test_dead_engine_gets_503_for_new_requests_and_no_traceback_in_bodies():
+    class RemoteFailure(FakeEngine):
+        async def generate(self, prompt, params, request_id):
+            async for out in super().generate(prompt, params, request_id):
+                yield out
+            raise RuntimeError('rank 1 failed\nTraceback (most recent call last):\n  File "w.py", line 1')
+
+    engine = RemoteFailure()
+    called = []
+
+    async def go():
+        app = build_app(engine, on_engine_dead=lambda: called.append(True))
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            failed = await http.post("/v1/completions", json={"prompt": "x"})
+            streamed = await http.post("/v1/completions", json={"prompt": "x", "stream": True})
+            engine.is_running = False
+            new = await http.post("/v1/completions", json={"prompt": "x"})
+            new_stream = await http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+            return failed, streamed, new, new_stream
+
+    failed, streamed, new, new_stream = asyncio.run(go())
+    assert failed.status_code == 500 and failed.json()["error"]["message"] == "RuntimeError: rank 1 failed"
+    assert "Traceback" not in streamed.text and "rank 1 failed" in streamed.text
+    for r in (new, new_stream):
+        assert r.status_code == 503 and r.json()["error"]["type"] == "ServiceUnavailableError", r.text

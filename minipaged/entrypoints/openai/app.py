@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -24,6 +25,11 @@ from minipaged.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
 from minipaged.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
 from minipaged.entrypoints.openai.serving import ChatHandler, CompletionHandler, as_api_error, check_strings
 from minipaged.errors import InputError
+
+_log = logging.getLogger("minipaged.entrypoints.openai")
+
+# How often the app checks that the engine is alive (it cannot be told: the engine may be any object).
+_ENGINE_WATCH_S = 0.5
 
 # HTTP has no status for "the client left"; nginx's 499 is the usual choice. Nobody reads it.
 _CLIENT_CLOSED = 499
@@ -89,8 +95,25 @@ async def with_cancellation(request: Request, work: Awaitable[Any]) -> Any:
     return task.result()
 
 
-def build_app(engine: Any, *, model_name: str | None = None, api_key: str | None = None) -> FastAPI:
-    """The OpenAI-compatible app over ``engine``; ``api_key``: required as ``Authorization: Bearer`` on /v1."""
+async def _watch_engine(engine: Any, on_engine_dead: Callable[[], None]) -> None:
+    while getattr(engine, "is_running", True):
+        await asyncio.sleep(_ENGINE_WATCH_S)
+    _log.error("the engine has stopped: shutting the server down (requests in flight are answered with 503)")
+    on_engine_dead()
+
+
+def build_app(
+    engine: Any,
+    *,
+    model_name: str | None = None,
+    api_key: str | None = None,
+    on_engine_dead: Callable[[], None] | None = None,
+) -> FastAPI:
+    """The OpenAI-compatible app over ``engine``; ``api_key``: required as ``Authorization: Bearer`` on /v1.
+
+    ``on_engine_dead``: called once when the engine stops for good (``serve`` then exits non-zero,
+    so a supervisor restarts it, rather than answering 503 forever).
+    """
     served = model_name or engine.model_name
     metrics = ServerMetrics(engine)
     completions = CompletionHandler(engine, served)
@@ -98,8 +121,14 @@ def build_app(engine: Any, *, model_name: str | None = None, api_key: str | None
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
-        yield
-        await engine.shutdown()
+        watcher = None if on_engine_dead is None else asyncio.create_task(_watch_engine(engine, on_engine_dead))
+        try:
+            yield
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+                await asyncio.gather(watcher, return_exceptions=True)
+            await engine.shutdown()
 
     app = FastAPI(title="minipaged", lifespan=lifespan)
     app.state.engine = engine
@@ -129,10 +158,27 @@ def build_app(engine: Any, *, model_name: str | None = None, api_key: str | None
     async def _internal_error(_: Request, err: Exception) -> JSONResponse:
         return error_response(as_api_error(err))
 
+    def unexpected(err: Exception) -> JSONResponse:
+        """Answer an unexpected error here: Starlette's last-resort handler answers, then re-raises."""
+        api = as_api_error(err)
+        if api.status >= 500:
+            _log.error("request failed: %s", api.message, exc_info=err)
+        return error_response(api)
+
     if api_key is not None:
         app.add_middleware(_APIKeyMiddleware, api_key=api_key, reject=error_response)
 
     async def generate(handler: Any, body: Any, request: Request) -> Response:
+        try:
+            return await _generate(handler, body, request)
+        except (APIError, InputError):
+            raise
+        except Exception as err:  # noqa: BLE001 -- answered with an OpenAI-shaped 5xx, logged with its traceback
+            return unexpected(err)
+
+    async def _generate(handler: Any, body: Any, request: Request) -> Response:
+        if not getattr(engine, "is_running", True):
+            raise APIError(503, "the engine has stopped; the server is shutting down")
         if body.stream_options is not None and not body.stream:
             raise APIError(400, "stream_options: only allowed with stream=true", "stream_options")
         check_strings(body)
@@ -167,7 +213,7 @@ def build_app(engine: Any, *, model_name: str | None = None, api_key: str | None
     @app.get("/health")
     async def health() -> Response:
         if not getattr(engine, "is_running", True):  # the engine loop failed: nothing can be served
-            return error_response(APIError(503, "the engine loop has stopped"))
+            return error_response(APIError(503, "the engine has stopped; the server is shutting down"))
         return Response(status_code=200)
 
     @app.get("/metrics")

@@ -30,7 +30,9 @@ def run_serve(args: argparse.Namespace) -> int:
     """Load the model, then serve until interrupted; returns the exit status.
 
     A bad engine option or model path raises the engine's typed error before anything listens
-    (``python -m minipaged`` turns it into a one-line message and exit status 2).
+    (``python -m minipaged`` turns it into a one-line message and exit status 2). If the engine
+    dies while serving, the server answers what is in flight and exits with status 1, so that a
+    supervisor restarts it.
     """
     import uvicorn
 
@@ -39,7 +41,15 @@ def run_serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     engine = AsyncLLM(**engine_kwargs(args))
-    app = build_app(engine, model_name=args.served_model_name, api_key=args.api_key)
+    config = uvicorn.Config(None, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    server = uvicorn.Server(config)
+
+    def on_engine_dead() -> None:
+        server.should_exit = True
+
+    config.app = build_app(
+        engine, model_name=args.served_model_name, api_key=args.api_key, on_engine_dead=on_engine_dead
+    )
     _log.info(
         "serving %s on http://%s:%d (max_model_len=%d)",
         args.served_model_name or engine.model_name,
@@ -47,5 +57,8 @@ def run_serve(args: argparse.Namespace) -> int:
         args.port,
         engine.config.max_model_len,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    server.run()
+    if not engine.is_running:
+        _log.error("exiting with status 1: the engine stopped")
+        return 1
     return 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -24,9 +25,11 @@ from minipaged.entrypoints.openai.errors import APIError, from_input_error
 from minipaged.entrypoints.openai.logprobs import chat_logprobs, completion_logprobs
 from minipaged.entrypoints.openai.metrics import RequestTimer
 from minipaged.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
-from minipaged.errors import InputError
+from minipaged.errors import EngineDeadError, InputError
 from minipaged.outputs import CompletionOutput, RequestOutput
 from minipaged.sampling_params import SamplingParams
+
+_log = logging.getLogger("minipaged.entrypoints.openai")
 
 DONE = "data: [DONE]\n\n"
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -45,12 +48,28 @@ _PASSTHROUGH = (
 
 
 def as_api_error(err: Exception) -> APIError:
-    """The OpenAI-shaped error for any exception: typed input errors are 400s naming their field."""
+    """The OpenAI-shaped error for any exception: typed input errors are 400s naming their field.
+
+    A dead engine is a 503 (the server is going away; a supervisor restarts it). Anything else is
+    a 500 whose message is the error's type and first line only: a traceback, a worker's included,
+    goes to the log, never to the client.
+    """
     if isinstance(err, APIError):
         return err
     if isinstance(err, InputError):
         return from_input_error(err)
-    return APIError(500, f"{type(err).__name__}: {err}")
+    if isinstance(err, EngineDeadError):
+        return APIError(503, f"{err}; the server is shutting down")
+    first_line = (str(err).strip().splitlines() or [""])[0][:200]
+    return APIError(500, f"{type(err).__name__}: {first_line}" if first_line else type(err).__name__)
+
+
+def stream_error(err: Exception) -> APIError:
+    """The in-band error of a stream that failed after its 200; a 5xx is logged with its traceback."""
+    api = as_api_error(err)
+    if api.status >= 500:
+        _log.error("stream failed: %s", api.message, exc_info=err)
+    return api
 
 
 def check_strings(body: SamplingFields) -> None:
@@ -332,7 +351,7 @@ class CompletionHandler(_Handler):
                 yield sse(self._chunk(rid, created, [], _usage(finals)))
             timer.on_finish(reasons)
         except Exception as err:  # noqa: BLE001 -- the 200 status line is already sent: report in-band
-            yield sse(as_api_error(err).body())
+            yield sse(stream_error(err).body())
         yield DONE
 
 
@@ -423,5 +442,5 @@ class ChatHandler(_Handler):
                 yield sse(self._chunk(rid, created, [], _usage([final])))
             timer.on_finish(reasons)
         except Exception as err:  # noqa: BLE001 -- the 200 status line is already sent: report in-band
-            yield sse(as_api_error(err).body())
+            yield sse(stream_error(err).body())
         yield DONE
