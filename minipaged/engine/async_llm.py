@@ -52,6 +52,7 @@ class AsyncLLM:
 
     def __init__(self, model: Any = None, *, tokenizer: Any = None, **kwargs: Any) -> None:
         self.engine_core, self.tokenizer = load_engine(model, tokenizer, **kwargs)
+        self.engine_core.cap_max_model_len_to_cache()
         self.processor = OutputProcessor(self.tokenizer)
         self._queues: dict[str, asyncio.Queue] = {}
         self._adds: list[_Add] = []

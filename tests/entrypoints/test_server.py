@@ -48,6 +48,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 ENGINE_ARGS = ["--num-kv-blocks", str(NUM_KV_BLOCKS), "--block-size", "16", "--max-num-seqs", "32"]
+MAX_N, MAX_PROMPTS, MAX_REQUEST_BYTES = 8, 40, 200_000
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +65,12 @@ def server(model_dir, tmp_path_factory):
         API_KEY,
         "--log-level",
         "warning",
+        "--max-n",
+        str(MAX_N),
+        "--max-prompts-per-request",
+        str(MAX_PROMPTS),
+        "--max-request-bytes",
+        str(MAX_REQUEST_BYTES),
         *ENGINE_ARGS,
     )
     root = str(Path(__file__).resolve().parents[2])
@@ -389,7 +396,10 @@ BAD_CHAT = [
     ({"messages": "hi"}, "messages"),
     ({"messages": [{"content": "no role"}]}, "messages"),
     ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
-    ({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0}, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0}, "max_completion_tokens"),
+    ({"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 50}, "top_logprobs"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages"),
+    ({"messages": [{"role": "user", "content": "x"}], "n": MAX_N + 1}, "n"),
     ({"messages": [{"role": "user", "content": "x"}], "logprobs": 3}, "logprobs"),
 ]
 
@@ -499,6 +509,9 @@ def test_non_streaming_request_aborted_when_client_leaves(server):
     asyncio.run(leave_early())
     after = wait_idle(server)
     assert after["minipaged_kv_blocks_used"] == 0
+    # Counted as a disconnect, not as a server error.
+    assert after["minipaged_client_disconnected_total"] == before.get("minipaged_client_disconnected_total", 0) + 1
+    assert after.get('minipaged_request_errors_total{status="500"}', 0) == 0
     assert after["minipaged_generation_tokens_total"] - before["minipaged_generation_tokens_total"] < 450
 
 
@@ -533,3 +546,37 @@ def test_lone_surrogate_is_a_400_naming_the_field_and_the_connection_survives(se
         _assert_openai_error(r, 400, "stop")
         ok = http.post("/v1/completions", json={"model": "tiny", "prompt": "Hello", "max_tokens": 2})
         assert ok.status_code == 200, ok.text
+
+
+def test_small_kv_cache_caps_the_advertised_max_model_len_and_chat_defaults_fit(server, client):
+    capacity = NUM_KV_BLOCKS * 16
+    card = httpx.get(server.base_url + "/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}).json()
+    assert card["data"][0]["max_model_len"] == capacity  # the model allows MAX_MODEL_LEN; the cache holds less
+    resp = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], temperature=0)
+    assert resp.choices[0].finish_reason in ("stop", "length")
+    assert resp.usage.total_tokens <= capacity
+
+
+def test_max_tokens_beyond_the_context_is_a_400_like_openai(server):
+    capacity = NUM_KV_BLOCKS * 16
+    r = _post(server, "/v1/completions", {"model": "tiny", "prompt": [1] * 100, "max_tokens": 10**9})
+    _assert_openai_error(r, 400, "max_tokens")
+    message = r.json()["error"]["message"]
+    assert f"maximum context length is {capacity} tokens" in message and "100 in the prompt" in message, message
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": capacity}
+    _assert_openai_error(_post(server, "/v1/chat/completions", chat), 400, "max_completion_tokens")
+
+
+def test_request_caps_prompts_and_body_size(server):
+    _assert_openai_error(_post(server, "/v1/completions", {"prompt": ["x"] * (MAX_PROMPTS + 1)}), 400, "prompt")
+    _assert_openai_error(_post(server, "/v1/completions", {"prompt": "x", "n": MAX_N + 1}), 400, "n")
+    big = {"model": "tiny", "prompt": "word " * (MAX_REQUEST_BYTES // 5 + 10), "max_tokens": 1}
+    _assert_openai_error(_post(server, "/v1/completions", big), 413)
+    chunked = httpx.post(
+        server.base_url + "/v1/completions",
+        content=iter([json.dumps(big).encode()]),  # no Content-Length: counted as it arrives
+        headers={"Authorization": f"Bearer {API_KEY}", "content-type": "application/json"},
+    )
+    _assert_openai_error(chunked, 413)
+    ok = _post(server, "/v1/completions", {"model": "tiny", "prompt": ["x"] * MAX_PROMPTS, "max_tokens": 1})
+    assert ok.status_code == 200, ok.text

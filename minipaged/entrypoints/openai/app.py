@@ -23,7 +23,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from minipaged.entrypoints.openai.errors import APIError, from_input_error, from_validation_error
 from minipaged.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
 from minipaged.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
-from minipaged.entrypoints.openai.serving import ChatHandler, CompletionHandler, as_api_error, check_strings
+from minipaged.entrypoints.openai.serving import (
+    ChatHandler,
+    CompletionHandler,
+    RequestLimits,
+    as_api_error,
+    check_strings,
+)
 from minipaged.errors import InputError
 
 _log = logging.getLogger("minipaged.entrypoints.openai")
@@ -78,8 +84,15 @@ async def _wait_for_disconnect(request: Request) -> None:
             return
 
 
+class ClientDisconnected(Exception):
+    """The client closed the connection before its non-streamed answer was ready."""
+
+
 async def with_cancellation(request: Request, work: Awaitable[Any]) -> Any:
-    """Run ``work`` unless the client disconnects first; then cancel it (aborting its engine requests)."""
+    """Run ``work`` unless the client disconnects first; then cancel it (aborting its engine requests).
+
+    Raises ``ClientDisconnected`` when the client left first (the work is cancelled and awaited).
+    """
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_wait_for_disconnect(request))
     try:
@@ -88,11 +101,54 @@ async def with_cancellation(request: Request, work: Awaitable[Any]) -> Any:
         watcher.cancel()
         if not task.done():
             task.cancel()
-        await asyncio.gather(watcher, return_exceptions=True)
+        await asyncio.gather(watcher, task, return_exceptions=True)
     if task.cancelled():
-        await asyncio.gather(task, return_exceptions=True)
-        return Response(status_code=_CLIENT_CLOSED)
+        raise ClientDisconnected
     return task.result()
+
+
+class _BodyLimitMiddleware:
+    """413 for a request body over ``max_bytes``: by its Content-Length, or counted as it streams in."""
+
+    def __init__(self, app: Any, *, max_bytes: int, reject: Callable[[APIError], Response]) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.reject = reject
+
+    def _too_large(self) -> APIError:
+        return APIError(413, f"request body larger than this server's limit of {self.max_bytes} bytes")
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            await self.reject(self._too_large())(scope, receive, send)
+            return
+        # Read the whole body first (the JSON parser needs all of it anyway), so that an oversized
+        # chunked body is refused before any of it is parsed.
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left: let the app see it
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.max_bytes:
+                await self.reject(self._too_large())(scope, receive, send)
+                return
+        replayed = False
+
+        async def replay() -> Any:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
 
 
 async def _watch_engine(engine: Any, on_engine_dead: Callable[[], None]) -> None:
@@ -108,16 +164,19 @@ def build_app(
     model_name: str | None = None,
     api_key: str | None = None,
     on_engine_dead: Callable[[], None] | None = None,
+    limits: RequestLimits | None = None,
+    max_request_bytes: int | None = None,
 ) -> FastAPI:
     """The OpenAI-compatible app over ``engine``; ``api_key``: required as ``Authorization: Bearer`` on /v1.
 
     ``on_engine_dead``: called once when the engine stops for good (``serve`` then exits non-zero,
-    so a supervisor restarts it, rather than answering 503 forever).
+    so a supervisor restarts it, rather than answering 503 forever). ``limits``: samples and prompts
+    one request may ask for; ``max_request_bytes``: the largest body (413 beyond it).
     """
     served = model_name or engine.model_name
     metrics = ServerMetrics(engine)
-    completions = CompletionHandler(engine, served)
-    chat = ChatHandler(engine, served)
+    completions = CompletionHandler(engine, served, limits)
+    chat = ChatHandler(engine, served, limits)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -165,7 +224,9 @@ def build_app(
             _log.error("request failed: %s", api.message, exc_info=err)
         return error_response(api)
 
-    if api_key is not None:
+    if max_request_bytes is not None:
+        app.add_middleware(_BodyLimitMiddleware, max_bytes=max_request_bytes, reject=error_response)
+    if api_key is not None:  # added last: runs first, so an unauthorised body is never read
         app.add_middleware(_APIKeyMiddleware, api_key=api_key, reject=error_response)
 
     async def generate(handler: Any, body: Any, request: Request) -> Response:
@@ -173,6 +234,10 @@ def build_app(
             return await _generate(handler, body, request)
         except (APIError, InputError):
             raise
+        except ClientDisconnected:
+            _log.info("client disconnected; its request was aborted")
+            metrics.client_disconnects.inc()
+            return Response(status_code=_CLIENT_CLOSED)
         except Exception as err:  # noqa: BLE001 -- answered with an OpenAI-shaped 5xx, logged with its traceback
             return unexpected(err)
 
@@ -183,13 +248,13 @@ def build_app(
             raise APIError(400, "stream_options: only allowed with stream=true", "stream_options")
         check_strings(body)
         timer = metrics.timer()
-        prompts, params = handler.prepare(body)  # raises before anything is queued
+        # Raises before anything is queued. In a thread: tokenizing a long prompt would stall every stream.
+        prompts, params = await asyncio.to_thread(handler.prepare, body)
         if body.stream:
             return _ClosingStreamingResponse(
                 handler.stream(body, prompts, params, timer), media_type="text/event-stream"
             )
-        result = await with_cancellation(request, handler.full(body, prompts, params, timer))
-        return result if isinstance(result, Response) else JSONResponse(result)
+        return JSONResponse(await with_cancellation(request, handler.full(body, prompts, params, timer)))
 
     @app.post("/v1/completions")
     async def create_completion(body: CompletionRequest, request: Request) -> Response:

@@ -7,6 +7,10 @@ import logging
 from typing import Any
 
 from minipaged.entrypoints.engine_args import add_engine_arguments, engine_kwargs
+from minipaged.entrypoints.openai.serving import RequestLimits
+
+# Far above any prompt max_model_len admits (a few bytes a token), far below what stalls the tokenizer.
+DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
 
 _log = logging.getLogger("minipaged.entrypoints.openai")
 
@@ -18,9 +22,32 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--served-model-name", default=None, help="name clients send as 'model' (default: the model's)")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on (default: %(default)s)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
-    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=("critical", "error", "warning", "info", "debug"),
+        help="(default: %(default)s)",
+    )
+    limits = RequestLimits()
+    p.add_argument(
+        "--max-n", type=int, default=limits.max_n, metavar="N", help="most samples per prompt (default: %(default)s)"
+    )
+    p.add_argument(
+        "--max-prompts-per-request",
+        type=int,
+        default=limits.max_prompts,
+        metavar="N",
+        help="most prompts in one /v1/completions body (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=DEFAULT_MAX_REQUEST_BYTES,
+        metavar="BYTES",
+        help="largest request body; larger ones get 413 (default: %(default)s)",
+    )
     add_engine_arguments(p)
     p.set_defaults(run=run_serve)
     return p
@@ -48,7 +75,12 @@ def run_serve(args: argparse.Namespace) -> int:
         server.should_exit = True
 
     config.app = build_app(
-        engine, model_name=args.served_model_name, api_key=args.api_key, on_engine_dead=on_engine_dead
+        engine,
+        model_name=args.served_model_name,
+        api_key=args.api_key,
+        on_engine_dead=on_engine_dead,
+        limits=RequestLimits(max_n=args.max_n, max_prompts=args.max_prompts_per_request),
+        max_request_bytes=args.max_request_bytes,
     )
     _log.info(
         "serving %s on http://%s:%d (max_model_len=%d)",

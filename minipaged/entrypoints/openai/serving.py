@@ -16,7 +16,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +33,7 @@ _log = logging.getLogger("minipaged.entrypoints.openai")
 
 DONE = "data: [DONE]\n\n"
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 # Request fields passed to SamplingParams under the same name when given.
 _PASSTHROUGH = (
@@ -248,14 +249,55 @@ def _prompt_text(prompt: Any, out: RequestOutput, tokenizer: Any) -> str:
     return "" if tokenizer is None else tokenizer.decode(out.prompt_token_ids)
 
 
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one HTTP request may ask for, so that no single body ties the server up for minutes."""
+
+    max_n: int = 64  # samples per prompt
+    max_prompts: int = 256  # prompts in one /v1/completions body
+
+
+def renamed(call: Callable[[], Any], renames: dict[str, str]) -> Any:
+    """``call()``, with an input error about an engine field re-raised under the request's name for it."""
+    try:
+        return call()
+    except InputError as err:
+        field = renames.get(err.field)
+        if field is None or field == err.field:
+            raise
+        message = str(err).removeprefix(f"{err.field}: ")
+        raise APIError(400, f"{field}: {message}", field) from None
+
+
 class _Handler:
     """What both endpoints share: the engine, the served name, and the envelope of a streamed chunk."""
 
     chunk_object: str
 
-    def __init__(self, engine: Any, model_name: str) -> None:
+    def __init__(self, engine: Any, model_name: str, limits: RequestLimits | None = None) -> None:
         self.engine = engine
         self.model_name = model_name
+        self.limits = limits or RequestLimits()
+
+    def check_limits(self, n: int) -> None:
+        if n > self.limits.max_n:
+            raise APIError(400, f"n: {n} samples, more than this server's {self.limits.max_n}", "n")
+
+    def max_tokens(self, given: int | None, field: str, prompt_len: int, default: int | None) -> int:
+        """``given`` if prompt + it fit ``max_model_len`` (else OpenAI's 400); unset: ``default``, or the room left."""
+        max_len = self.engine.config.max_model_len
+        room = max(1, max_len - prompt_len)  # a prompt of exactly max_model_len tokens still samples one
+        if given is None:
+            return room if default is None else min(default, room)
+        if isinstance(given, int) and given > 0 and prompt_len + given > max_len:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {max_len} tokens. However, you requested "
+                f"{prompt_len + given} tokens ({prompt_len} in the prompt, {given} in the completion). "
+                "Please reduce the length of the prompt or the completion.",
+                field,
+            )
+        return given
 
     def _chunk(self, rid: str, created: int, choices: list[dict], usage: Any = ...) -> dict[str, Any]:
         """One chunk (or the whole completion); ``usage`` is left out unless given (None included)."""
@@ -277,16 +319,31 @@ class CompletionHandler(_Handler):
     chunk_object = "text_completion"
 
     def prepare(self, body: CompletionRequest) -> tuple[list[Any], SamplingParams]:
-        """Check the whole request (model, every prompt) before anything is submitted."""
+        """Check the whole request (model, every prompt) before anything is submitted.
+
+        Text prompts come back tokenized (``{"prompt", "prompt_token_ids"}``), so the engine does
+        not tokenize them again; call this off the event loop, a long prompt takes a while.
+        """
         check_model(body, self.model_name)
+        self.check_limits(body.n)
         if body.echo and body.logprobs is not None:
             raise APIError(400, "echo with logprobs needs prompt logprobs, which this engine does not compute", "echo")
         prompts = completion_prompts(body.prompt)
-        max_tokens = DEFAULT_COMPLETION_MAX_TOKENS if body.max_tokens is None else body.max_tokens
-        params = sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs)
+        if len(prompts) > self.limits.max_prompts:
+            raise APIError(
+                400, f"prompt: {len(prompts)} prompts, more than this server's {self.limits.max_prompts}", "prompt"
+            )
+        probe = SamplingParams(max_tokens=1)  # tokenizes and checks the prompts; the real params come after
+        tokenized = []
         for prompt in prompts:
+            text, ids = self.engine.validate(prompt, probe)
+            tokenized.append({"prompt_token_ids": ids} if text is None else {"prompt": text, "prompt_token_ids": ids})
+        longest = max(len(p["prompt_token_ids"]) for p in tokenized)
+        max_tokens = self.max_tokens(body.max_tokens, "max_tokens", longest, DEFAULT_COMPLETION_MAX_TOKENS)
+        params = sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs)
+        for prompt in tokenized:
             self.engine.validate(prompt, params)
-        return prompts, params
+        return tokenized, params
 
     def _logprobs(self, d: _Delta, offset: int) -> dict | None:
         if d.logprobs is None:
@@ -361,16 +418,26 @@ class ChatHandler(_Handler):
     chunk_object = "chat.completion.chunk"
 
     def prepare(self, body: ChatCompletionRequest) -> tuple[list[Any], SamplingParams]:
+        """Check the request and render the conversation (off the event loop: the template tokenizes)."""
         check_model(body, self.model_name)
+        self.check_limits(body.n)
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs: needs logprobs=true", "top_logprobs")
+        for i, message in enumerate(body.messages):
+            if message.role not in CHAT_ROLES:
+                raise APIError(
+                    400,
+                    f"messages: message {i} has role {message.role!r}, not one of {', '.join(CHAT_ROLES)}",
+                    "messages",
+                )
         prompt = self.engine.chat_prompt([m.as_template_dict() for m in body.messages])
-        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        if max_tokens is None:  # vLLM's default: whatever room the context leaves
-            max_tokens = max(1, self.engine.config.max_model_len - len(prompt["prompt_token_ids"]))
+        field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        given = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        max_tokens = self.max_tokens(given, field, len(prompt["prompt_token_ids"]), None)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        params = sampling_params(body, max_tokens=max_tokens, logprobs=logprobs)
-        self.engine.validate(prompt, params)
+        renames = {"max_tokens": field, "logprobs": "top_logprobs"}
+        params = renamed(lambda: sampling_params(body, max_tokens=max_tokens, logprobs=logprobs), renames)
+        renamed(lambda: self.engine.validate(prompt, params), renames)
         return [prompt], params
 
     def _logprobs(self, token_ids: list[int], logprobs: list | None, body: ChatCompletionRequest) -> dict | None:
