@@ -96,6 +96,7 @@ class AsyncLLM:
 
         Invalid input raises a typed error on the first iteration, before anything is queued.
         """
+        self._check_loop()
         if self._dead is not None:
             raise EngineDeadError(f"the engine has stopped ({type(self._dead).__name__})") from self._dead
         text, ids = self.validate(prompt, params)
@@ -144,6 +145,19 @@ class AsyncLLM:
         self.engine_core.shutdown()
 
     # ---- the engine loop ----------------------------------------------------------------
+    def _check_loop(self) -> None:
+        """One engine loop task serves every caller, so they must share its event loop.
+
+        A caller on another loop would wait on a queue that loop never wakes; refuse instead. Once
+        the bound loop's task has ended (its ``asyncio.run`` returned), a new loop may take over.
+        """
+        task = self._loop_task
+        if task is not None and not task.done() and task.get_loop() is not asyncio.get_running_loop():
+            raise RuntimeError(
+                f"this AsyncLLM is bound to the event loop {task.get_loop()!r}, which is still running its "
+                "engine loop; use it from that loop only (or one AsyncLLM per loop)"
+            )
+
     def _kick(self) -> None:
         if self._loop_task is None or self._loop_task.done():
             if self._dead is not None or self._stopping:
