@@ -154,3 +154,49 @@ def test_dead_engine_gets_503_for_new_requests_and_no_traceback_in_bodies():
     assert "Traceback" not in streamed.text and "rank 1 failed" in streamed.text
     for r in (new, new_stream):
         assert r.status_code == 503 and r.json()["error"]["type"] == "ServiceUnavailableError", r.text
+
+
+def test_logprob_bytes_are_the_tokens_own_bytes():
+    class ByteLevel(_Tok):
+        pieces = {0: "\u0120hi", 1: "\u00c3", 2: "<0xA9>"}  # " hi"; half of "é" (0xC3 0xA9); SentencePiece's byte
+
+        def convert_ids_to_tokens(self, token_id):
+            return self.pieces[token_id]
+
+        def decode(self, ids):
+            return "\ufffd" if ids[0] else " hi"
+
+    lps = [{0: Logprob(-0.1, 1)}, {1: Logprob(-0.2, 1)}, {2: Logprob(-0.3, 1)}]
+    chat = chat_logprobs([0, 1, 2], lps, ByteLevel(), top_logprobs=0)["content"]
+    assert [c["bytes"] for c in chat] == [[32, 104, 105], [0xC3], [0xA9]]
+
+
+def test_package_exports_async_llm():
+    from minipaged import AsyncLLM
+    from minipaged.engine.async_llm import AsyncLLM as Defined
+
+    assert AsyncLLM is Defined
+
+
+def test_unsupported_fields_named_together_and_content_type_hint():
+    async def go():
+        async with _client(FakeEngine()) as http:
+            body = {"messages": [{"role": "user", "content": "x"}], "tools": [], "tool_choice": "auto", "max_token": 3}
+            unsupported = await http.post("/v1/chat/completions", json=body)
+            form = await http.post("/v1/completions", content=b"prompt=x", headers={"content-type": "text/plain"})
+            return unsupported, form
+
+    unsupported, form = asyncio.run(go())
+    assert unsupported.status_code == 400
+    message = unsupported.json()["error"]["message"]
+    assert "tools, tool_choice: not supported by this server" in message and "max_token" in message, message
+    assert form.status_code == 400 and "Content-Type: application/json" in form.json()["error"]["message"]
+
+
+def test_streamed_chunks_carry_stop_reason_and_system_fingerprint():
+    async def go():
+        async with _client(FakeEngine()) as http:
+            return (await http.post("/v1/completions", json={"prompt": [1], "stream": True})).text
+
+    chunks = [json.loads(e[6:]) for e in asyncio.run(go()).split("\n\n") if e and e != "data: [DONE]"]
+    assert all("stop_reason" in c["choices"][0] and c["system_fingerprint"] for c in chunks)

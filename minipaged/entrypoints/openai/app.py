@@ -206,8 +206,8 @@ def build_app(
         return error_response(from_input_error(err))
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
-        return error_response(from_validation_error(err))
+    async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
+        return error_response(from_validation_error(err, request.headers.get("content-type", "")))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:

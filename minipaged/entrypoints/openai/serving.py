@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from minipaged import __version__
 from minipaged.engine.inputs import check_text
 from minipaged.entrypoints.openai.errors import APIError, from_input_error
 from minipaged.entrypoints.openai.logprobs import chat_logprobs, completion_logprobs
@@ -33,6 +34,8 @@ _log = logging.getLogger("minipaged.entrypoints.openai")
 
 DONE = "data: [DONE]\n\n"
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+# Names the server build (OpenAI: the backend configuration), so clients can tell a change of server.
+SYSTEM_FINGERPRINT = f"minipaged-{__version__}"
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 # Request fields passed to SamplingParams under the same name when given.
@@ -214,6 +217,7 @@ class _Delta:
     token_ids: list[int]
     logprobs: list | None
     finish_reason: str | None
+    stop_reason: int | str | None
 
 
 @dataclass
@@ -235,7 +239,7 @@ class _DeltaTracker:
             if not text and c.finish_reason is None and not (self.want_logprobs and ids):
                 continue
             lps = c.logprobs[cur.tokens :] if (self.want_logprobs and c.logprobs is not None) else None
-            found.append(_Delta(index, text, ids, lps, c.finish_reason))
+            found.append(_Delta(index, text, ids, lps, c.finish_reason, c.stop_reason))
             cur.chars, cur.tokens = len(c.text), len(c.token_ids)
             cur.finished = c.finish_reason is not None
         return found
@@ -306,6 +310,7 @@ class _Handler:
             "object": self.chunk_object,
             "created": created,
             "model": self.model_name,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
             "choices": choices,
         }
         if usage is not ...:
@@ -402,7 +407,13 @@ class CompletionHandler(_Handler):
                     cur.text_offset += sum(map(len, lp["tokens"])) if lp else len(d.text)
                     if d.finish_reason is not None:
                         reasons.append(d.finish_reason)
-                    choice = {"index": d.index, "text": text, "logprobs": lp, "finish_reason": d.finish_reason}
+                    choice = {
+                        "index": d.index,
+                        "text": text,
+                        "logprobs": lp,
+                        "finish_reason": d.finish_reason,
+                        "stop_reason": d.stop_reason,
+                    }
                     yield sse(self._chunk(rid, created, [choice], usage_field))
             if include_usage:
                 yield sse(self._chunk(rid, created, [], _usage(finals)))
@@ -470,6 +481,7 @@ class ChatHandler(_Handler):
             "object": "chat.completion",
             "created": created,
             "model": self.model_name,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
             "choices": choices,
             "usage": _usage([final]),
         }
@@ -503,6 +515,7 @@ class ChatHandler(_Handler):
                         "delta": {"content": d.text} if d.text else {},
                         "logprobs": self._logprobs(d.token_ids, d.logprobs, body),
                         "finish_reason": d.finish_reason,
+                        "stop_reason": d.stop_reason,
                     }
                     yield sse(self._chunk(rid, created, [choice], usage_field))
             if include_usage:
