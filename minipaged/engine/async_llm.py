@@ -129,6 +129,15 @@ class AsyncLLM:
         self._aborts.append(request_id)
         self._kick()
 
+    def abort_all(self) -> None:
+        """Abort every request in flight (a bounded shutdown); each ``generate`` ends with ``"abort"``.
+
+        Call from the engine's event loop.
+        """
+        self._aborts.extend(self._queues)
+        if self._queues:
+            self._kick()
+
     def stats(self) -> EngineStats:
         """The queues and KV cache as of the last step (or now, when idle)."""
         return self._stats

@@ -7,6 +7,7 @@ against a hang.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -93,3 +94,52 @@ def test_dead_tensor_parallel_rank_answers_in_flight_then_exits_nonzero(model_di
         assert status != 0, server.log_tail()
     finally:
         server.stop()
+
+
+def _stream_lines(url: str, body: dict, lines: list[str]) -> None:
+    with httpx.stream("POST", url, json=body, timeout=300) as r:
+        lines.extend(line for line in r.iter_lines() if line)
+
+
+@pytest.mark.parametrize("signals", [1, 2], ids=["sigterm-then-timeout", "second-signal"])
+def test_shutdown_is_bounded_and_ends_streams_with_abort(model_dir, tmp_path, signals):
+    timeout = "1" if signals == 1 else "600"  # with two signals the second one must end it, not the timeout
+    server = start(model_dir, tmp_path, "--shutdown-timeout", timeout)
+    try:
+        lines: list[str] = []
+        body = {"prompt": "Long story:", "max_tokens": 1000, "ignore_eos": True, "stream": True}
+        reader = threading.Thread(target=_stream_lines, args=(server.base_url + "/v1/completions", body, lines))
+        reader.start()
+        wait_generating(server.base_url)
+        os.kill(server.pid, signal.SIGTERM)
+        if signals == 2:
+            time.sleep(0.5)
+            os.kill(server.pid, signal.SIGINT)
+        reader.join(HANG_GUARD_S)
+        assert lines[-1] == "data: [DONE]", lines[-3:]
+        last = json.loads([x for x in lines if x.startswith("data: {")][-1][len("data: ") :])
+        assert last["choices"][0]["finish_reason"] == "abort"
+        # uvicorn re-raises the signal it caught once it has shut down: death by SIGTERM is a clean exit.
+        assert wait_exit(server) in (0, -signal.SIGTERM, -signal.SIGINT, 130)
+        log = server.log_tail(20000)
+        assert "Traceback" not in log and "was destroyed" not in log and "CancelledError" not in log, log
+    finally:
+        server.stop()
+
+
+def test_port_in_use_is_reported_before_the_model_loads(model_dir, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cmd = minipaged_command(port, "--model", str(tmp_path / "no-such-model"))  # never loaded
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=HANG_GUARD_S, cwd=ROOT, executable=sys.executable
+        )
+    out = done.stdout + done.stderr
+    assert done.returncode == 2 and "--port" in out and str(port) in out, out
+    assert "serving" not in out

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import socket
 from typing import Any
 
 from minipaged.entrypoints.engine_args import add_engine_arguments, engine_kwargs
@@ -42,6 +44,14 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="most prompts in one /v1/completions body (default: %(default)s)",
     )
     p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="on SIGTERM / Ctrl+C, requests in flight get this long to finish, then are aborted "
+        "(finish_reason 'abort'); a second signal aborts them at once (default: %(default)s)",
+    )
+    p.add_argument(
         "--max-request-bytes",
         type=int,
         default=DEFAULT_MAX_REQUEST_BYTES,
@@ -51,6 +61,65 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     add_engine_arguments(p)
     p.set_defaults(run=run_serve)
     return p
+
+
+# After the shutdown timeout's abort, how long the aborted requests get to send their last chunk.
+_ABORT_GRACE_S = 5.0
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening-ready TCP socket on ``host:port`` (``OSError`` when the port is taken)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def _draining_server_class() -> type:
+    import uvicorn  # imported when serving starts: ``minipaged --help`` stays light
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn's server, whose shutdown is bounded: requests still running ``shutdown_timeout``
+        seconds after the first signal, or at a second one, are aborted so they end with a clear
+        ``finish_reason: "abort"`` instead of a cut connection."""
+
+        def __init__(self, config: Any, *, engine: Any, shutdown_timeout: float) -> None:
+            super().__init__(config)
+            self.engine = engine
+            self.shutdown_timeout = shutdown_timeout
+            self.loop: asyncio.AbstractEventLoop | None = None
+            self.draining = False
+
+        async def startup(self, sockets: Any = None) -> None:
+            self.loop = asyncio.get_running_loop()
+            await super().startup(sockets=sockets)
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if self.loop is None or not self.draining:  # the first signal: uvicorn stops accepting, drains
+                super().handle_exit(sig, frame)
+            if self.loop is None:
+                return
+            if not self.draining:
+                self.draining = True
+                _log.info("shutting down: requests in flight get %.0f s to finish", self.shutdown_timeout)
+                self.loop.call_soon_threadsafe(self.loop.call_later, self.shutdown_timeout, self._abort, "timeout")
+            else:
+                # Not uvicorn's force exit, which cuts connections mid-stream: abort, so that every
+                # request still sends its last chunk, and the drain ends at once.
+                self.loop.call_soon_threadsafe(self._abort, "second signal")
+
+        def _abort(self, why: str) -> None:
+            if self.engine.stats().num_running or self.engine.stats().num_waiting:
+                _log.warning("shutdown %s: aborting the requests still in flight", why)
+            self.engine.abort_all()
+
+    return DrainingServer
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -67,9 +136,22 @@ def run_serve(args: argparse.Namespace) -> int:
     from minipaged.entrypoints.openai.app import build_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:  # before the model loads: a port in use is reported in a second, not after a minute
+        sock = _bind(args.host, args.port)
+    except OSError as err:
+        print(f"minipaged: error: argument --port: cannot listen on {args.host}:{args.port}: {err.strerror}")
+        return 2
     engine = AsyncLLM(**engine_kwargs(args))
-    config = uvicorn.Config(None, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
-    server = uvicorn.Server(config)
+    config = uvicorn.Config(
+        None,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        access_log=False,
+        # uvicorn's own bound, a backstop: by then our abort has ended every request.
+        timeout_graceful_shutdown=args.shutdown_timeout + _ABORT_GRACE_S,
+    )
+    server = _draining_server_class()(config, engine=engine, shutdown_timeout=args.shutdown_timeout)
 
     def on_engine_dead() -> None:
         server.should_exit = True
@@ -89,7 +171,8 @@ def run_serve(args: argparse.Namespace) -> int:
         args.port,
         engine.config.max_model_len,
     )
-    server.run()
+    with sock:
+        server.run(sockets=[sock])
     if not engine.is_running:
         _log.error("exiting with status 1: the engine stopped")
         return 1
