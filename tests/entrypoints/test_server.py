@@ -580,3 +580,89 @@ def test_request_caps_prompts_and_body_size(server):
     _assert_openai_error(chunked, 413)
     ok = _post(server, "/v1/completions", {"model": "tiny", "prompt": ["x"] * MAX_PROMPTS, "max_tokens": 1})
     assert ok.status_code == 200, ok.text
+
+
+# ---- fuzzing the API from its own OpenAPI schema ------------------------------------------------
+def _from_schema(schema: dict, defs: dict, depth: int = 0):
+    """A hypothesis strategy for JSON values of one OpenAPI (JSON Schema) node, small values favoured."""
+    from hypothesis import strategies as st
+
+    if "$ref" in schema:
+        return _from_schema(defs[schema["$ref"].rsplit("/", 1)[1]], defs, depth)
+    if "anyOf" in schema:
+        return st.one_of([_from_schema(s, defs, depth) for s in schema["anyOf"]])
+    if "const" in schema:
+        return st.just(schema["const"])
+    if "enum" in schema:
+        return st.sampled_from(schema["enum"])
+    kind = schema.get("type")
+    odd_ints = st.sampled_from([0, -1, 2**31, 2**63, -(2**63)])
+    odd_texts = st.sampled_from(["", "\ud800", "\x00", "é" * 50, "<|im_end|>"])
+    if kind == "integer":
+        return st.one_of(st.integers(1, 6), st.integers(0, 2000), odd_ints)
+    if kind == "number":
+        return st.one_of(st.floats(-3, 3), st.sampled_from([0.0, 1e300, -1e-300]))
+    if kind == "boolean":
+        return st.booleans()
+    if kind == "string":
+        return st.one_of(st.text(max_size=12), odd_texts)
+    if kind == "null":
+        return st.none()
+    if kind == "array":
+        items = _from_schema(schema.get("items", {}), defs, depth + 1)
+        return st.lists(items, min_size=schema.get("minItems", 0), max_size=3 if depth else 4)
+    if kind == "object" or "properties" in schema:
+        props = schema.get("properties", {})
+        required = set(schema.get("required", ()))
+        optional = {k: _from_schema(v, defs, depth + 1) for k, v in props.items() if k not in required}
+        fixed = {k: _from_schema(props[k], defs, depth + 1) for k in required}
+        extra = st.dictionaries(
+            st.sampled_from(["tools", "max_token", "response_format"]), st.integers(0, 3), max_size=1
+        )
+        if not props:  # a free-form object (logit_bias): string keys
+            return st.dictionaries(st.text(max_size=6), st.floats(-5, 5), max_size=3)
+        return st.tuples(st.fixed_dictionaries(fixed, optional=optional), extra).map(lambda t: {**t[0], **t[1]})
+    return st.one_of(st.none(), st.integers(-2, 5), st.text(max_size=5))
+
+
+def test_fuzz_the_api_from_its_openapi_schema(server):
+    """No body the schema describes (or nearly) is a 5xx; every 4xx is OpenAI-shaped; nothing leaks."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    schema = httpx.get(server.base_url + "/openapi.json").json()
+    defs = schema["components"]["schemas"]
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    routes = {"/v1/completions": defs["CompletionRequest"], "/v1/chat/completions": defs["ChatCompletionRequest"]}
+
+    def small(body: dict) -> dict:
+        # Bounded work per example: the fuzzer looks for crashes, not for long generations.
+        for name in ("max_tokens", "max_completion_tokens"):
+            if isinstance(body.get(name), int) and 0 < body[name] < 2**31:
+                body[name] = min(body[name], 4)
+        body.setdefault("max_tokens", 3)
+        return body
+
+    bodies = st.sampled_from(sorted(routes)).flatmap(
+        lambda path: st.tuples(st.just(path), _from_schema(routes[path], defs))
+    )
+
+    with httpx.Client(base_url=server.base_url, headers=headers, timeout=120) as http:
+
+        @settings(max_examples=80, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        @given(bodies)
+        def check(case):
+            path, body = case
+            try:
+                raw = json.dumps(small(body)).encode("utf-8", "surrogatepass")
+            except (TypeError, ValueError):
+                return
+            r = http.post(path, content=raw, headers={"content-type": "application/json"})
+            assert r.status_code < 500, (body, r.text)
+            if r.status_code >= 400:
+                _assert_openai_error(r, r.status_code)
+
+        check()
+        ok = http.post("/v1/completions", json={"model": "tiny", "prompt": "Hello", "max_tokens": 2})
+        assert ok.status_code == 200, ok.text
+    assert wait_idle(server)["minipaged_kv_blocks_used"] == 0
