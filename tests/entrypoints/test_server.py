@@ -666,3 +666,63 @@ def test_fuzz_the_api_from_its_openapi_schema(server):
         ok = http.post("/v1/completions", json={"model": "tiny", "prompt": "Hello", "max_tokens": 2})
         assert ok.status_code == 200, ok.text
     assert wait_idle(server)["minipaged_kv_blocks_used"] == 0
+
+
+def _rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+async def _soak_one(http: httpx.AsyncClient, rng, i: int) -> None:
+    body = {
+        "model": "tiny",
+        "prompt": f"{PROMPTS[i % len(PROMPTS)]} {i}",
+        "max_tokens": rng.randint(1, 24),
+        "n": rng.choice([1, 1, 2, 3]),
+        "temperature": rng.choice([0.0, 0.8]),
+        "seed": i,
+        "stop": rng.choice([None, [" the"], ["e", "\n"]]),
+        "stream": rng.random() < 0.6,
+    }
+    hang_up = rng.random() < 0.3
+    if body["stream"]:
+        async with http.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if hang_up and line.startswith("data: {"):
+                    return
+        return
+    task = asyncio.ensure_future(http.post("/v1/completions", json=body))
+    if hang_up:
+        await asyncio.sleep(rng.random() * 0.2)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return
+    r = await task
+    assert r.status_code == 200, r.text
+
+
+def test_soak_at_rate_inf_with_disconnects_leaks_nothing(server, capsys):
+    import random
+
+    async def run(count: int, seed: int) -> None:
+        rng = random.Random(seed)
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        limits = httpx.Limits(max_connections=256)
+        async with httpx.AsyncClient(base_url=server.base_url, headers=headers, limits=limits, timeout=300) as http:
+            await asyncio.gather(*(_soak_one(http, rng, i) for i in range(count)))
+
+    asyncio.run(run(40, 0))  # warm-up
+    wait_idle(server)
+    warm = _rss_bytes(server.pid)
+    asyncio.run(run(300, 1))
+    after = wait_idle(server)
+    assert after["minipaged_kv_blocks_used"] == 0 and after["minipaged_kv_blocks_free"] == NUM_KV_BLOCKS
+    assert after.get('minipaged_request_errors_total{status="500"}', 0) == 0
+    end = _rss_bytes(server.pid)
+    with capsys.disabled():
+        print(f"\nsoak: server RSS {warm / 2**20:.0f} MiB after warm-up, {end / 2**20:.0f} MiB after 300 requests")
+    ok = _post(server, "/v1/completions", {"model": "tiny", "prompt": "Hello", "max_tokens": 2})
+    assert ok.status_code == 200, ok.text
