@@ -176,3 +176,8 @@ def write_json_atomic(path: str | os.PathLike, data: Any, indent: int | None = 1
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def plain_doc(doc: str | None) -> str:
+    """A module docstring as ``--help`` text: RST's double backticks dropped (they are for the docs)."""
+    return (doc or "").replace("``", "")

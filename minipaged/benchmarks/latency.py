@@ -30,6 +30,7 @@ from minipaged.benchmarks.common import (
     command_line,
     describe_machine,
     machine_info,
+    plain_doc,
     positive_int,
     warm_up,
     write_json_atomic,
@@ -43,7 +44,7 @@ PROMPT_SEED = 0  # prompts are fixed random ids; --seed is the engine's sampling
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """The benchmark's options (on ``parser`` when given, e.g. a ``bench`` subcommand's)."""
     parser = parser or argparse.ArgumentParser(
-        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=PROG, description=plain_doc(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter
     )
     bench = parser.add_argument_group("latency")
     bench.add_argument("--batch-size", type=positive_int, default=8, help="prompts in the batch (default: %(default)s)")

@@ -53,6 +53,7 @@ from minipaged.benchmarks.common import (
     apply_threads,
     child_env,
     describe_machine,
+    plain_doc,
     positive_int,
     warm_up,
     write_json_atomic,
@@ -536,7 +537,7 @@ def workload_from_args(args: argparse.Namespace, vocab: int, round_index: int = 
 def build_parser() -> argparse.ArgumentParser:
     """The benchmark's options (also parsed by its child processes)."""
     parser = argparse.ArgumentParser(
-        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=PROG, description=plain_doc(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_workload_arguments(parser)
     parser.add_argument(
