@@ -143,3 +143,15 @@ def test_port_in_use_is_reported_before_the_model_loads(model_dir, tmp_path):
     out = done.stdout + done.stderr
     assert done.returncode == 2 and "--port" in out and str(port) in out, out
     assert "serving" not in out
+
+
+def test_tensor_parallel_script_without_main_guard_gets_a_hint(model_dir, tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "no_guard.py"
+    script.write_text(f"from minipaged import LLM\nLLM({str(model_dir)!r}, num_kv_blocks=16, tensor_parallel_size=2)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, ROOT + "/kernels", os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=HANG_GUARD_S, env=env)
+    assert done.returncode != 0
+    assert 'if __name__ == "__main__":' in done.stderr, done.stderr[-3000:]
