@@ -5,7 +5,7 @@ Data flows one way: request -> scheduler -> block manager -> worker -> sampler -
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "SamplingParams", "BeamSearchParams"]
+__all__ = ["LLM", "AsyncLLM", "SamplingParams", "BeamSearchParams"]
 
 
 def __getattr__(name: str):
@@ -14,6 +14,10 @@ def __getattr__(name: str):
         from minipaged.engine.llm import LLM
 
         return LLM
+    if name == "AsyncLLM":
+        from minipaged.engine.async_llm import AsyncLLM
+
+        return AsyncLLM
     if name == "SamplingParams":
         from minipaged.sampling_params import SamplingParams
 

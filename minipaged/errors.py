@@ -49,6 +49,14 @@ class InvalidQuantizedWeightError(InputError):
     """A quantized checkpoint's tensor is missing, mis-shaped or of the wrong dtype (``field`` names it)."""
 
 
+class EngineDeadError(MinipagedError, RuntimeError):
+    """The engine loop failed; the request cannot complete (the cause is chained, and logged once).
+
+    The message names only the cause's type: a worker's error text can hold a whole remote
+    traceback, which belongs in the log, not in an answer to a client.
+    """
+
+
 class UnknownRequestError(MinipagedError, KeyError):
     """``abort`` (or a lookup) named a request id the engine does not hold."""
 

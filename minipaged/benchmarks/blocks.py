@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from minipaged.benchmarks.common import add_out_argument, command_line, machine_info, write_json_atomic
+from minipaged.benchmarks.common import add_out_argument, command_line, machine_info, plain_doc, write_json_atomic
 from minipaged.core.block_manager import BlockManager
 
 PROG = "minipaged bench blocks"
@@ -109,7 +109,7 @@ def run(cfg: BenchConfig) -> list[OpTiming]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The benchmark's options: the pool and workload sizes of ``BenchConfig``."""
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=PROG, description=plain_doc(__doc__).splitlines()[0])
     p.add_argument("--num-blocks", type=int, default=BenchConfig.num_blocks)
     p.add_argument("--block-size", type=int, default=BenchConfig.block_size)
     p.add_argument("--prompt-len", type=int, default=BenchConfig.prompt_len)

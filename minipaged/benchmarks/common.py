@@ -195,3 +195,8 @@ def describe_weight_memory(info: dict[str, Any]) -> str:
         dense, packed = info["dense"] / mib, info["packed"] / mib
         text += f" (dense {dense:.1f} MiB + packed {packed:.1f} MiB, {info['quantization']})"
     return text
+
+
+def plain_doc(doc: str | None) -> str:
+    """A module docstring as ``--help`` text: RST's double backticks dropped (they are for the docs)."""
+    return (doc or "").replace("``", "")

@@ -46,6 +46,7 @@ from minipaged.benchmarks.common import (
     apply_threads,
     command_line,
     machine_info,
+    plain_doc,
     write_json_atomic,
 )
 from minipaged.entrypoints.engine_args import add_engine_arguments, byte_size, engine_kwargs
@@ -330,7 +331,7 @@ def merge_part(out: str | os.PathLike, part: str, value: Any, run: dict[str, Any
 def build_parser() -> argparse.ArgumentParser:
     """The benchmark's options; the engine's apply to the greedy and capacity parts."""
     parser = argparse.ArgumentParser(
-        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=PROG, description=plain_doc(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_out_argument(parser, default="figures/08_kv_quant_eval.json")
     parser.add_argument("--parts", nargs="+", choices=tuple(PARTS), default=list(PARTS))

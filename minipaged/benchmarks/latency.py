@@ -38,6 +38,7 @@ from minipaged.benchmarks.common import (
     describe_machine,
     describe_weight_memory,
     machine_info,
+    plain_doc,
     positive_int,
     warm_up,
     weight_memory,
@@ -54,7 +55,7 @@ COPY_PROMPTS = "copy_prompts.jsonl"  # in minipaged/data
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """The benchmark's options (on ``parser`` when given, e.g. a ``bench`` subcommand's)."""
     parser = parser or argparse.ArgumentParser(
-        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=PROG, description=plain_doc(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter
     )
     bench = parser.add_argument_group("latency")
     bench.add_argument("--batch-size", type=positive_int, default=8, help="prompts in the batch (default: %(default)s)")

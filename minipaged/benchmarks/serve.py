@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from minipaged.benchmarks.common import machine_info, write_json_atomic
+from minipaged.benchmarks.common import machine_info, plain_doc, write_json_atomic
 from minipaged.entrypoints.engine_args import add_engine_arguments, engine_argv, engine_kwargs
 from minipaged.entrypoints.openai.launch import ServerProcess, free_port, minipaged_command
 
@@ -517,7 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The benchmark's options; the engine options are passed to the launched minipaged server."""
     p = argparse.ArgumentParser(
         prog="minipaged bench serve",
-        description=__doc__,
+        description=plain_doc(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--servers", nargs="*", default=["minipaged"], help="launch these: minipaged, hf, hf-cb")

@@ -24,7 +24,7 @@ import torch
 
 from minipaged.attention import allocate_kv_cache, build_metadata, build_positions
 from minipaged.attention.torch_backend import DECODE_KERNELS
-from minipaged.benchmarks.common import add_threads_argument, apply_threads, describe_machine
+from minipaged.benchmarks.common import add_threads_argument, apply_threads, describe_machine, plain_doc
 from minipaged.config import DTYPES, EngineConfig
 from minipaged.models.linear import PackedLinear, pack_in_place, packed_gemm_disabled
 from minipaged.models.loader import ensure_default_model, load_model
@@ -142,7 +142,7 @@ def report(label: str, times: tuple[float, float], batch: int) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The benchmark's options (it runs the model without an engine, so it has no engine options)."""
-    parser = argparse.ArgumentParser(prog="minipaged bench step", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="minipaged bench step", description=plain_doc(__doc__).splitlines()[0])
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--context", type=int, default=200)
     parser.add_argument(

@@ -55,6 +55,7 @@ from minipaged.benchmarks.common import (
     child_env,
     describe_machine,
     describe_weight_memory,
+    plain_doc,
     positive_int,
     warm_up,
     weight_memory,
@@ -545,7 +546,7 @@ def workload_from_args(args: argparse.Namespace, vocab: int, round_index: int = 
 def build_parser() -> argparse.ArgumentParser:
     """The benchmark's options (also parsed by its child processes)."""
     parser = argparse.ArgumentParser(
-        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=PROG, description=plain_doc(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_workload_arguments(parser)
     parser.add_argument(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -26,13 +27,14 @@ from minipaged.core.sequence import SequenceStatus
 from minipaged.engine.core import EngineStats, load_engine
 from minipaged.engine.inputs import chat_prompts, check_messages, check_params, check_priority, parse_prompt
 from minipaged.engine.output_processor import OutputProcessor
-from minipaged.errors import InvalidPromptError, MinipagedError
+from minipaged.errors import EngineDeadError, InvalidPromptError
 from minipaged.outputs import RequestOutput
 from minipaged.sampling_params import SamplingParams
 
+__all__ = ["AsyncLLM", "EngineDeadError"]
 
-class EngineDeadError(MinipagedError, RuntimeError):
-    """The engine loop failed; the request cannot complete (the cause is chained)."""
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class AsyncLLM:
 
     def __init__(self, model: Any = None, *, tokenizer: Any = None, **kwargs: Any) -> None:
         self.engine_core, self.tokenizer = load_engine(model, tokenizer, **kwargs)
+        self.engine_core.cap_max_model_len_to_cache()
         self.processor = OutputProcessor(self.tokenizer)
         self._queues: dict[str, asyncio.Queue] = {}
         self._adds: list[_Add] = []
@@ -93,8 +96,9 @@ class AsyncLLM:
 
         Invalid input raises a typed error on the first iteration, before anything is queued.
         """
+        self._check_loop()
         if self._dead is not None:
-            raise EngineDeadError("the engine loop has stopped") from self._dead
+            raise EngineDeadError(f"the engine has stopped ({type(self._dead).__name__})") from self._dead
         text, ids = self.validate(prompt, params)
         check_priority(priority)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
@@ -111,7 +115,7 @@ class AsyncLLM:
                 while not isinstance(item, BaseException) and not queue.empty():
                     item = queue.get_nowait()  # a slow consumer gets the latest cumulative output only
                 if isinstance(item, BaseException):
-                    raise EngineDeadError(f"the engine loop failed: {item!r}") from item
+                    raise EngineDeadError(f"the engine failed ({type(item).__name__})") from item
                 finished = item.finished
                 yield item
         finally:
@@ -124,6 +128,15 @@ class AsyncLLM:
         """Abort a request (idempotent; unknown ids are ignored); its ``generate`` ends with ``"abort"``."""
         self._aborts.append(request_id)
         self._kick()
+
+    def abort_all(self) -> None:
+        """Abort every request in flight (a bounded shutdown); each ``generate`` ends with ``"abort"``.
+
+        Call from the engine's event loop.
+        """
+        self._aborts.extend(self._queues)
+        if self._queues:
+            self._kick()
 
     def stats(self) -> EngineStats:
         """The queues and KV cache as of the last step (or now, when idle)."""
@@ -141,6 +154,19 @@ class AsyncLLM:
         self.engine_core.shutdown()
 
     # ---- the engine loop ----------------------------------------------------------------
+    def _check_loop(self) -> None:
+        """One engine loop task serves every caller, so they must share its event loop.
+
+        A caller on another loop would wait on a queue that loop never wakes; refuse instead. Once
+        the bound loop's task has ended (its ``asyncio.run`` returned), a new loop may take over.
+        """
+        task = self._loop_task
+        if task is not None and not task.done() and task.get_loop() is not asyncio.get_running_loop():
+            raise RuntimeError(
+                f"this AsyncLLM is bound to the event loop {task.get_loop()!r}, which is still running its "
+                "engine loop; use it from that loop only (or one AsyncLLM per loop)"
+            )
+
     def _kick(self) -> None:
         if self._loop_task is None or self._loop_task.done():
             if self._dead is not None or self._stopping:
@@ -190,6 +216,7 @@ class AsyncLLM:
                         queue.put_nowait(update.state.output())
                 self._stats = core.stats()
         except Exception as exc:  # the engine is unusable: wake every waiter with the cause
+            _log.error("the engine loop failed; no request can be served any more", exc_info=exc)
             self._dead = exc
             for queue in self._queues.values():
                 queue.put_nowait(exc)  # delivered to the waiters; the task itself ends quietly

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import time
 from collections import abc
 from dataclasses import dataclass
@@ -48,6 +49,8 @@ from minipaged.structured_output import StructuredOutputManager
 from minipaged.worker.executor import build_executor
 from minipaged.worker.sampler import sample
 from minipaged.worker.worker import num_kv_blocks_for
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -161,15 +164,36 @@ class EngineCore:
             raise InvalidEngineConfigError(
                 "max_model_len", f"{config.max_model_len} exceeds the model's max_position_embeddings={model_max}"
             )
+        num_blocks = num_kv_blocks_for(config, self.model_config)
+        capacity = num_blocks * config.block_size
+        if config.max_model_len is not None and config.max_model_len > capacity:
+            raise InvalidEngineConfigError(
+                "max_model_len",
+                f"{config.max_model_len} tokens do not fit the KV cache ({num_blocks} blocks of "
+                f"{config.block_size} = {capacity} tokens); lower it or give the cache more blocks",
+            )
         max_len = config.max_model_len or model_max
         spec = config.speculative_config
         if spec is not None and spec.method != "ngram":
             raise InvalidEngineConfigError(
                 "speculative_config.method", f"{spec.method!r} is not implemented in this engine; use 'ngram'"
             )
-        return dataclasses.replace(
-            config, max_model_len=max_len, num_kv_blocks=num_kv_blocks_for(config, self.model_config)
-        )
+        return dataclasses.replace(config, max_model_len=max_len, num_kv_blocks=num_blocks)
+
+    def cap_max_model_len_to_cache(self) -> None:
+        """Lower an unset ``max_model_len`` to what one sequence can hold in the KV cache (logged).
+
+        For servers, which advertise ``max_model_len``: what they advertise is then what they enforce.
+        The offline engine keeps the model's length and refuses a request that can never fit instead.
+        """
+        capacity = self.config.num_kv_blocks * self.config.block_size
+        if self.config.max_model_len > capacity:
+            _log.info(
+                "max_model_len capped to %d, the tokens the KV cache holds (the model allows %d)",
+                capacity,
+                self.config.max_model_len,
+            )
+            self.config = dataclasses.replace(self.config, max_model_len=capacity)
 
     @property
     def vocab_size(self) -> int:

@@ -10,7 +10,7 @@ import numbers
 from collections.abc import Sequence
 from typing import Any
 
-from minipaged.errors import InvalidPromptError, InvalidSamplingParamsError
+from minipaged.errors import InputError, InvalidPromptError, InvalidSamplingParamsError
 from minipaged.sampling_params import SamplingParams
 
 
@@ -25,11 +25,26 @@ def _token_ids(ids: Any) -> list[int]:
     return [int(t) for t in ids]
 
 
+def check_text(field: str, text: str, error: type[InputError] = InvalidPromptError) -> str:
+    """``text`` if it can be encoded as UTF-8; a lone surrogate (valid in JSON and Python, not in UTF-8) fails here.
+
+    Tokenizers reject such strings with an untyped ``TypeError``; this names the field instead.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise error(
+            field, f"is not valid Unicode: lone surrogate {text[err.start]!r} at character {err.start}"
+        ) from None
+    return text
+
+
 def parse_prompt(prompt: Any, tokenizer: Any) -> tuple[str | None, list[int]]:
     """``(text or None, token ids)`` of a string or ``{"prompt_token_ids": [...], "prompt": optional text}``."""
     if isinstance(prompt, str):
         if not prompt:
             raise InvalidPromptError("prompt", "is empty")
+        check_text("prompt", prompt)
         if tokenizer is None:
             raise InvalidPromptError("prompt", "text prompts need a tokenizer; pass {'prompt_token_ids': [...]}")
         return prompt, list(tokenizer.encode(prompt))
@@ -102,6 +117,7 @@ def check_messages(conversation: Any, where: str = "messages") -> list[dict[str,
         for key in ("role", "content"):
             if not isinstance(message.get(key), str):
                 raise InvalidPromptError(where, f"message {i} needs a string {key!r}, got {message.get(key)!r}")
+            check_text(where, message[key])
     return list(conversation)
 
 

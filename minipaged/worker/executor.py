@@ -28,6 +28,7 @@ serves rank 0's steps until it shuts down, then exits the process.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import pickle
 import sys
@@ -244,6 +245,13 @@ class TensorParallelExecutor:
     ) -> None:
         check_tensor_parallel_size(config.tensor_parallel_size, model.config)
         check_tensor_parallel_split(model.config, config.tensor_parallel_size)  # quantized layers' packed words
+        if getattr(multiprocessing.current_process(), "_inheriting", False):
+            # A spawned rank re-imports the user's script; without the guard it would build an engine again.
+            raise InvalidEngineConfigError(
+                "tensor_parallel_size",
+                "starts one process per rank, and each re-imports your script: put the code that builds "
+                "the engine under 'if __name__ == \"__main__\":'",
+            )
         check_no_running_engine()  # before anything is spawned
         if config.num_kv_blocks is None:
             raise ValueError("resolve config.num_kv_blocks (num_kv_blocks_for) before building the executor")

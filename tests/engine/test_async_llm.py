@@ -181,9 +181,43 @@ def test_engine_failure_reaches_every_waiter(hf, monkeypatch):
         monkeypatch.setattr(engine.engine_core, "step", broken_step)
         tasks = [asyncio.create_task(collect(engine, p, greedy(4))) for p in prompts(6, 3)]
         results = await asyncio.gather(*tasks, return_exceptions=True)
-        assert all(isinstance(r, EngineDeadError) and "poisoned" in str(r) for r in results)
+        assert all(isinstance(r, EngineDeadError) and "poisoned" in str(r.__cause__) for r in results)
+        assert not any("poisoned" in str(r) for r in results)  # the cause is chained, not pasted into the message
         assert not engine.is_running
         with pytest.raises(EngineDeadError):
             await engine.generate(prompts(6, 1)[0], greedy(2)).__anext__()
 
     asyncio.run(main())
+
+
+def test_a_second_event_loop_gets_a_clear_error_not_a_hang(hf):
+    import threading
+
+    engine = AsyncLLM(build_model_from_hf(hf), **engine_kwargs())
+    started, release = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    async def first():
+        gen = engine.generate(prompts(7, 1)[0], greedy(2))
+        await gen.__anext__()  # the engine loop task now lives on this thread's loop
+        started.set()
+        while not release.is_set():
+            await asyncio.sleep(0.01)
+        await gen.aclose()
+        await engine.shutdown()
+
+    thread = threading.Thread(target=lambda: asyncio.run(first()))
+    thread.start()
+    assert started.wait(120)
+
+    async def second():
+        try:
+            await engine.generate(prompts(7, 1)[0], greedy(2)).__anext__()
+        except RuntimeError as err:
+            errors.append(err)
+
+    asyncio.run(asyncio.wait_for(second(), 60))
+    release.set()
+    thread.join(120)
+    assert len(errors) == 1 and "bound to the event loop" in str(errors[0])
+    assert_idle_and_free(engine)

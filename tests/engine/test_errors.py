@@ -82,6 +82,12 @@ def test_request_that_can_never_fit_the_cache(hf_model):
     assert llm.block_manager.stats().used_blocks == 0
 
 
+def test_explicit_max_model_len_beyond_the_cache_is_refused(hf_model):
+    with pytest.raises(InvalidEngineConfigError) as info:
+        make_llm(hf_model, num_kv_blocks=4, block_size=4, max_model_len=17)
+    assert info.value.field == "max_model_len" and "16 tokens" in str(info.value)
+
+
 def test_bad_request_leaves_running_requests_unaffected(hf_model):
     reference = make_llm(hf_model).generate([ids(1, 2, 3), ids(9, 8)], GREEDY, use_tqdm=False)
     llm = make_llm(hf_model)

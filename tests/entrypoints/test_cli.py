@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from minipaged import LLM, SamplingParams
-from minipaged.entrypoints.cli import main
+from minipaged.entrypoints.cli import BENCHMARKS, main
 
 ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 64
@@ -265,3 +265,14 @@ def test_bench_engine_errors_print_one_line_and_exit_2(model_dir, capsys, argv, 
     lines = [line for line in captured.err.strip().splitlines() if line.startswith(PREFIX)]
     assert status == 2 and len(lines) == 1 and needle in lines[0], captured.err
     assert "Traceback" not in captured.err
+
+
+@pytest.mark.parametrize("argv", [[], ["serve"], ["generate"], ["bench"], *(["bench", b] for b in BENCHMARKS)])
+def test_help_is_plain_text_with_defaults(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([*argv, "--help"])
+    out = capsys.readouterr().out
+    assert info.value.code == 0 and out and "``" not in out
+    if argv == ["serve"]:
+        for default in ("(default: 8000)", "--shutdown-timeout", "--max-request-bytes", "--max-n"):
+            assert default in out, out

@@ -48,6 +48,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 ENGINE_ARGS = ["--num-kv-blocks", str(NUM_KV_BLOCKS), "--block-size", "16", "--max-num-seqs", "32"]
+MAX_N, MAX_PROMPTS, MAX_REQUEST_BYTES = 8, 40, 200_000
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +65,12 @@ def server(model_dir, tmp_path_factory):
         API_KEY,
         "--log-level",
         "warning",
+        "--max-n",
+        str(MAX_N),
+        "--max-prompts-per-request",
+        str(MAX_PROMPTS),
+        "--max-request-bytes",
+        str(MAX_REQUEST_BYTES),
         *ENGINE_ARGS,
     )
     root = str(Path(__file__).resolve().parents[2])
@@ -389,7 +396,10 @@ BAD_CHAT = [
     ({"messages": "hi"}, "messages"),
     ({"messages": [{"content": "no role"}]}, "messages"),
     ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
-    ({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0}, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0}, "max_completion_tokens"),
+    ({"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 50}, "top_logprobs"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages"),
+    ({"messages": [{"role": "user", "content": "x"}], "n": MAX_N + 1}, "n"),
     ({"messages": [{"role": "user", "content": "x"}], "logprobs": 3}, "logprobs"),
 ]
 
@@ -499,6 +509,9 @@ def test_non_streaming_request_aborted_when_client_leaves(server):
     asyncio.run(leave_early())
     after = wait_idle(server)
     assert after["minipaged_kv_blocks_used"] == 0
+    # Counted as a disconnect, not as a server error.
+    assert after["minipaged_client_disconnected_total"] == before.get("minipaged_client_disconnected_total", 0) + 1
+    assert after.get('minipaged_request_errors_total{status="500"}', 0) == 0
     assert after["minipaged_generation_tokens_total"] - before["minipaged_generation_tokens_total"] < 450
 
 
@@ -519,3 +532,197 @@ def test_metrics_exposition(server):
     ):
         assert re.search(rf"^{name}[{{ ]", text, re.M), name
     assert scrape(server)["minipaged_e2e_request_latency_seconds_count"] > 0
+
+
+# ---- hardening: what a careful user broke -----------------------------------------------------
+def test_lone_surrogate_is_a_400_naming_the_field_and_the_connection_survives(server):
+    headers = {"Authorization": f"Bearer {API_KEY}", "content-type": "application/json"}
+    with httpx.Client(base_url=server.base_url, headers=headers) as http:  # one keep-alive connection
+        r = http.post("/v1/completions", content=b'{"model": "tiny", "prompt": "\\ud800"}')
+        _assert_openai_error(r, 400, "prompt")
+        chat = b'{"model": "tiny", "messages": [{"role": "user", "content": "\\udc80 hi"}]}'
+        _assert_openai_error(http.post("/v1/chat/completions", content=chat), 400, "messages")
+        r = http.post("/v1/completions", content=b'{"model": "tiny", "prompt": "x", "stop": ["\\udfff"]}')
+        _assert_openai_error(r, 400, "stop")
+        ok = http.post("/v1/completions", json={"model": "tiny", "prompt": "Hello", "max_tokens": 2})
+        assert ok.status_code == 200, ok.text
+
+
+def test_small_kv_cache_caps_the_advertised_max_model_len_and_chat_defaults_fit(server, client):
+    capacity = NUM_KV_BLOCKS * 16
+    card = httpx.get(server.base_url + "/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}).json()
+    assert card["data"][0]["max_model_len"] == capacity  # the model allows MAX_MODEL_LEN; the cache holds less
+    resp = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], temperature=0)
+    assert resp.choices[0].finish_reason in ("stop", "length")
+    assert resp.usage.total_tokens <= capacity
+
+
+def test_max_tokens_beyond_the_context_is_a_400_like_openai(server):
+    capacity = NUM_KV_BLOCKS * 16
+    r = _post(server, "/v1/completions", {"model": "tiny", "prompt": [1] * 100, "max_tokens": 10**9})
+    _assert_openai_error(r, 400, "max_tokens")
+    message = r.json()["error"]["message"]
+    assert f"maximum context length is {capacity} tokens" in message and "100 in the prompt" in message, message
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": capacity}
+    _assert_openai_error(_post(server, "/v1/chat/completions", chat), 400, "max_completion_tokens")
+
+
+def test_request_caps_prompts_and_body_size(server):
+    _assert_openai_error(_post(server, "/v1/completions", {"prompt": ["x"] * (MAX_PROMPTS + 1)}), 400, "prompt")
+    _assert_openai_error(_post(server, "/v1/completions", {"prompt": "x", "n": MAX_N + 1}), 400, "n")
+    big = {"model": "tiny", "prompt": "word " * (MAX_REQUEST_BYTES // 5 + 10), "max_tokens": 1}
+    _assert_openai_error(_post(server, "/v1/completions", big), 413)
+    chunked = httpx.post(
+        server.base_url + "/v1/completions",
+        content=iter([json.dumps(big).encode()]),  # no Content-Length: counted as it arrives
+        headers={"Authorization": f"Bearer {API_KEY}", "content-type": "application/json"},
+    )
+    _assert_openai_error(chunked, 413)
+    ok = _post(server, "/v1/completions", {"model": "tiny", "prompt": ["x"] * MAX_PROMPTS, "max_tokens": 1})
+    assert ok.status_code == 200, ok.text
+
+
+# ---- fuzzing the API from its own OpenAPI schema ------------------------------------------------
+def _from_schema(schema: dict, defs: dict, depth: int = 0):
+    """A hypothesis strategy for JSON values of one OpenAPI (JSON Schema) node, small values favoured."""
+    from hypothesis import strategies as st
+
+    if "$ref" in schema:
+        return _from_schema(defs[schema["$ref"].rsplit("/", 1)[1]], defs, depth)
+    if "anyOf" in schema:
+        return st.one_of([_from_schema(s, defs, depth) for s in schema["anyOf"]])
+    if "const" in schema:
+        return st.just(schema["const"])
+    if "enum" in schema:
+        return st.sampled_from(schema["enum"])
+    kind = schema.get("type")
+    odd_ints = st.sampled_from([0, -1, 2**31, 2**63, -(2**63)])
+    odd_texts = st.sampled_from(["", "\ud800", "\x00", "é" * 50, "<|im_end|>"])
+    if kind == "integer":
+        return st.one_of(st.integers(1, 6), st.integers(0, 2000), odd_ints)
+    if kind == "number":
+        return st.one_of(st.floats(-3, 3), st.sampled_from([0.0, 1e300, -1e-300]))
+    if kind == "boolean":
+        return st.booleans()
+    if kind == "string":
+        return st.one_of(st.text(max_size=12), odd_texts)
+    if kind == "null":
+        return st.none()
+    if kind == "array":
+        items = _from_schema(schema.get("items", {}), defs, depth + 1)
+        return st.lists(items, min_size=schema.get("minItems", 0), max_size=3 if depth else 4)
+    if kind == "object" or "properties" in schema:
+        props = schema.get("properties", {})
+        required = set(schema.get("required", ()))
+        optional = {k: _from_schema(v, defs, depth + 1) for k, v in props.items() if k not in required}
+        fixed = {k: _from_schema(props[k], defs, depth + 1) for k in required}
+        extra = st.dictionaries(
+            st.sampled_from(["functions", "max_token", "suffix"]), st.integers(0, 3), max_size=1
+        )
+        if not props:  # a free-form object (logit_bias): string keys
+            return st.dictionaries(st.text(max_size=6), st.floats(-5, 5), max_size=3)
+        return st.tuples(st.fixed_dictionaries(fixed, optional=optional), extra).map(lambda t: {**t[0], **t[1]})
+    return st.one_of(st.none(), st.integers(-2, 5), st.text(max_size=5))
+
+
+def test_fuzz_the_api_from_its_openapi_schema(server):
+    """No body the schema describes (or nearly) is a 5xx; every 4xx is OpenAI-shaped; nothing leaks."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    schema = httpx.get(server.base_url + "/openapi.json").json()
+    defs = schema["components"]["schemas"]
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    routes = {"/v1/completions": defs["CompletionRequest"], "/v1/chat/completions": defs["ChatCompletionRequest"]}
+
+    def small(body: dict) -> dict:
+        # Bounded work per example: the fuzzer looks for crashes, not for long generations.
+        for name in ("max_tokens", "max_completion_tokens"):
+            if isinstance(body.get(name), int) and 0 < body[name] < 2**31:
+                body[name] = min(body[name], 4)
+        body.setdefault("max_tokens", 3)
+        return body
+
+    bodies = st.sampled_from(sorted(routes)).flatmap(
+        lambda path: st.tuples(st.just(path), _from_schema(routes[path], defs))
+    )
+
+    with httpx.Client(base_url=server.base_url, headers=headers, timeout=120) as http:
+
+        @settings(max_examples=80, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        @given(bodies)
+        def check(case):
+            path, body = case
+            try:
+                raw = json.dumps(small(body)).encode("utf-8", "surrogatepass")
+            except (TypeError, ValueError):
+                return
+            r = http.post(path, content=raw, headers={"content-type": "application/json"})
+            assert r.status_code < 500, (body, r.text)
+            if r.status_code >= 400:
+                _assert_openai_error(r, r.status_code)
+
+        check()
+        ok = http.post("/v1/completions", json={"model": "tiny", "prompt": "Hello", "max_tokens": 2})
+        assert ok.status_code == 200, ok.text
+    assert wait_idle(server)["minipaged_kv_blocks_used"] == 0
+
+
+def _rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+async def _soak_one(http: httpx.AsyncClient, rng, i: int) -> None:
+    body = {
+        "model": "tiny",
+        "prompt": f"{PROMPTS[i % len(PROMPTS)]} {i}",
+        "max_tokens": rng.randint(1, 24),
+        "n": rng.choice([1, 1, 2, 3]),
+        "temperature": rng.choice([0.0, 0.8]),
+        "seed": i,
+        "stop": rng.choice([None, [" the"], ["e", "\n"]]),
+        "stream": rng.random() < 0.6,
+    }
+    hang_up = rng.random() < 0.3
+    if body["stream"]:
+        async with http.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if hang_up and line.startswith("data: {"):
+                    return
+        return
+    task = asyncio.ensure_future(http.post("/v1/completions", json=body))
+    if hang_up:
+        await asyncio.sleep(rng.random() * 0.2)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return
+    r = await task
+    assert r.status_code == 200, r.text
+
+
+def test_soak_at_rate_inf_with_disconnects_leaks_nothing(server, capsys):
+    import random
+
+    async def run(count: int, seed: int) -> None:
+        rng = random.Random(seed)
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        limits = httpx.Limits(max_connections=256)
+        async with httpx.AsyncClient(base_url=server.base_url, headers=headers, limits=limits, timeout=300) as http:
+            await asyncio.gather(*(_soak_one(http, rng, i) for i in range(count)))
+
+    asyncio.run(run(40, 0))  # warm-up
+    wait_idle(server)
+    warm = _rss_bytes(server.pid)
+    asyncio.run(run(300, 1))
+    after = wait_idle(server)
+    assert after["minipaged_kv_blocks_used"] == 0 and after["minipaged_kv_blocks_free"] == NUM_KV_BLOCKS
+    assert after.get('minipaged_request_errors_total{status="500"}', 0) == 0
+    end = _rss_bytes(server.pid)
+    with capsys.disabled():
+        print(f"\nsoak: server RSS {warm / 2**20:.0f} MiB after warm-up, {end / 2**20:.0f} MiB after 300 requests")
+    ok = _post(server, "/v1/completions", {"model": "tiny", "prompt": "Hello", "max_tokens": 2})
+    assert ok.status_code == 200, ok.text

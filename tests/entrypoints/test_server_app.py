@@ -126,3 +126,77 @@ def test_logprob_shapes_by_hand():
     assert [c["token"] for c in chat] == ["a", "c"] and chat[1]["logprob"] == -9999.0
     assert [t["token"] for t in chat[1]["top_logprobs"]] == ["a", "b"]  # by rank; the sampled rank-9 token is not top-2
     assert chat[0]["bytes"] == [97]
+
+
+def test_dead_engine_gets_503_for_new_requests_and_no_traceback_in_bodies():
+    class RemoteFailure(FakeEngine):
+        async def generate(self, prompt, params, request_id):
+            async for out in super().generate(prompt, params, request_id):
+                yield out
+            raise RuntimeError('rank 1 failed\nTraceback (most recent call last):\n  File "w.py", line 1')
+
+    engine = RemoteFailure()
+    called = []
+
+    async def go():
+        app = build_app(engine, on_engine_dead=lambda: called.append(True))
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            failed = await http.post("/v1/completions", json={"prompt": "x"})
+            streamed = await http.post("/v1/completions", json={"prompt": "x", "stream": True})
+            engine.is_running = False
+            new = await http.post("/v1/completions", json={"prompt": "x"})
+            new_stream = await http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+            return failed, streamed, new, new_stream
+
+    failed, streamed, new, new_stream = asyncio.run(go())
+    assert failed.status_code == 500 and failed.json()["error"]["message"] == "RuntimeError: rank 1 failed"
+    assert "Traceback" not in streamed.text and "rank 1 failed" in streamed.text
+    for r in (new, new_stream):
+        assert r.status_code == 503 and r.json()["error"]["type"] == "ServiceUnavailableError", r.text
+
+
+def test_logprob_bytes_are_the_tokens_own_bytes():
+    class ByteLevel(_Tok):
+        pieces = {0: "\u0120hi", 1: "\u00c3", 2: "<0xA9>"}  # " hi"; half of "é" (0xC3 0xA9); SentencePiece's byte
+
+        def convert_ids_to_tokens(self, token_id):
+            return self.pieces[token_id]
+
+        def decode(self, ids):
+            return "\ufffd" if ids[0] else " hi"
+
+    lps = [{0: Logprob(-0.1, 1)}, {1: Logprob(-0.2, 1)}, {2: Logprob(-0.3, 1)}]
+    chat = chat_logprobs([0, 1, 2], lps, ByteLevel(), top_logprobs=0)["content"]
+    assert [c["bytes"] for c in chat] == [[32, 104, 105], [0xC3], [0xA9]]
+
+
+def test_package_exports_async_llm():
+    from minipaged import AsyncLLM
+    from minipaged.engine.async_llm import AsyncLLM as Defined
+
+    assert AsyncLLM is Defined
+
+
+def test_unsupported_fields_named_together_and_content_type_hint():
+    async def go():
+        async with _client(FakeEngine()) as http:
+            body = {"messages": [{"role": "user", "content": "x"}], "functions": [], "suffix": "x", "max_token": 3}
+            unsupported = await http.post("/v1/chat/completions", json=body)
+            form = await http.post("/v1/completions", content=b"prompt=x", headers={"content-type": "text/plain"})
+            return unsupported, form
+
+    unsupported, form = asyncio.run(go())
+    assert unsupported.status_code == 400
+    message = unsupported.json()["error"]["message"]
+    assert "functions, suffix: not supported by this server" in message and "max_token" in message, message
+    assert form.status_code == 400 and "Content-Type: application/json" in form.json()["error"]["message"]
+
+
+def test_streamed_chunks_carry_stop_reason_and_system_fingerprint():
+    async def go():
+        async with _client(FakeEngine()) as http:
+            return (await http.post("/v1/completions", json={"prompt": [1], "stream": True})).text
+
+    chunks = [json.loads(e[6:]) for e in asyncio.run(go()).split("\n\n") if e and e != "data: [DONE]"]
+    assert all("stop_reason" in c["choices"][0] and c["system_fingerprint"] for c in chunks)

@@ -10,12 +10,45 @@ by rank. JSON has no ``-inf``, so an impossible token's logprob is written as -9
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
 from minipaged.outputs import Logprob
 
 _NEG_INF_STAND_IN = -9999.0
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in character for each byte (GPT-2's table) -> the byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1)]
+    printable += range(ord("\u00ae"), ord("\u00ff") + 1)
+    chars = {b: b for b in printable}
+    shifted = (b for b in range(256) if b not in chars)
+    for i, b in enumerate(shifted):
+        chars[b] = 256 + i
+    return {chr(c): b for b, c in chars.items()}
+
+
+_BYTE_LEVEL = _byte_level_alphabet()
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte-fallback pieces
+
+
+def token_bytes(token_id: int, text: str, tokenizer: Any) -> list[int]:
+    """The token's own bytes: a token holding part of a UTF-8 character has no text of its own.
+
+    Read from the vocabulary piece (byte-level BPE or SentencePiece byte fallback); other pieces
+    are their text's UTF-8.
+    """
+    piece = None
+    if tokenizer is not None and hasattr(tokenizer, "convert_ids_to_tokens"):
+        piece = tokenizer.convert_ids_to_tokens(token_id)
+    if isinstance(piece, str) and piece:
+        if m := _BYTE_TOKEN.fullmatch(piece):
+            return [int(m.group(1), 16)]
+        if all(ch in _BYTE_LEVEL for ch in piece):
+            return [_BYTE_LEVEL[ch] for ch in piece]
+    return list(text.encode("utf-8"))
 
 
 def _finite(value: float) -> float:
@@ -59,7 +92,7 @@ def completion_logprobs(
 def _chat_entry(token_id: int, logprob: Logprob | None, tokenizer: Any) -> dict[str, Any]:
     text = token_text(token_id, logprob, tokenizer)
     value = _NEG_INF_STAND_IN if logprob is None else _finite(logprob.logprob)
-    return {"token": text, "logprob": value, "bytes": list(text.encode("utf-8"))}
+    return {"token": text, "logprob": value, "bytes": token_bytes(token_id, text, tokenizer)}
 
 
 def chat_logprobs(

@@ -83,6 +83,11 @@ class ServerMetrics:
             ["finish_reason"],
             registry=self.registry,
         )
+        self.client_disconnects = Counter(
+            "minipaged_client_disconnected",
+            "non-streamed requests whose client disconnected before the answer (aborted, not failed)",
+            registry=self.registry,
+        )
         self.http_errors = Counter(
             "minipaged_request_errors", "requests answered with an error status", ["status"], registry=self.registry
         )

@@ -12,6 +12,28 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# Request fields of the OpenAI API (and vLLM's extras) that this server does not implement: a body
+# naming any of them is refused with all of them named, as "not supported by this server".
+UNSUPPORTED_FIELDS = frozenset(
+    {
+        "parallel_tool_calls",
+        "functions",
+        "function_call",
+        "guided_json",
+        "guided_regex",
+        "guided_choice",
+        "guided_grammar",
+        "suffix",
+        "best_of",
+        "prompt_logprobs",
+        "audio",
+        "modalities",
+        "prediction",
+        "reasoning_effort",
+        "web_search_options",
+    }
+)
+
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)

@@ -13,23 +13,31 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from minipaged import __version__
+from minipaged.engine.inputs import check_text
 from minipaged.entrypoints.openai.errors import APIError, from_input_error
 from minipaged.entrypoints.openai.logprobs import chat_logprobs, completion_logprobs
 from minipaged.entrypoints.openai.metrics import RequestTimer
 from minipaged.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from minipaged.entrypoints.openai.structured import structured_outputs_for, tool_call_message, tool_constraint
-from minipaged.errors import InputError
+from minipaged.errors import EngineDeadError, InputError
 from minipaged.outputs import CompletionOutput, RequestOutput
 from minipaged.sampling_params import SamplingParams, StructuredOutputsParams
 
+_log = logging.getLogger("minipaged.entrypoints.openai")
+
 DONE = "data: [DONE]\n\n"
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+# Names the server build (OpenAI: the backend configuration), so clients can tell a change of server.
+SYSTEM_FINGERPRINT = f"minipaged-{__version__}"
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 # Request fields passed to SamplingParams under the same name when given.
 _PASSTHROUGH = (
@@ -45,12 +53,49 @@ _PASSTHROUGH = (
 
 
 def as_api_error(err: Exception) -> APIError:
-    """The OpenAI-shaped error for any exception: typed input errors are 400s naming their field."""
+    """The OpenAI-shaped error for any exception: typed input errors are 400s naming their field.
+
+    A dead engine is a 503 (the server is going away; a supervisor restarts it). Anything else is
+    a 500 whose message is the error's type and first line only: a traceback, a worker's included,
+    goes to the log, never to the client.
+    """
     if isinstance(err, APIError):
         return err
     if isinstance(err, InputError):
         return from_input_error(err)
-    return APIError(500, f"{type(err).__name__}: {err}")
+    if isinstance(err, EngineDeadError):
+        return APIError(503, f"{err}; the server is shutting down")
+    first_line = (str(err).strip().splitlines() or [""])[0][:200]
+    return APIError(500, f"{type(err).__name__}: {first_line}" if first_line else type(err).__name__)
+
+
+def stream_error(err: Exception) -> APIError:
+    """The in-band error of a stream that failed after its 200; a 5xx is logged with its traceback."""
+    api = as_api_error(err)
+    if api.status >= 500:
+        _log.error("stream failed: %s", api.message, exc_info=err)
+    return api
+
+
+def check_strings(body: SamplingFields) -> None:
+    """A 400 naming the top-level field of the first string (key or value) that is not valid Unicode.
+
+    JSON may escape a lone surrogate (``"\\ud800"``); it cannot be tokenized or written back as UTF-8.
+    """
+
+    def walk(field: str, value: Any) -> None:
+        if isinstance(value, str):
+            check_text(field, value)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                walk(field, key)
+                walk(field, item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(field, item)
+
+    for name, value in body.model_dump(exclude_none=True).items():
+        walk(name, value)
 
 
 def sse(payload: dict[str, Any]) -> str:
@@ -185,6 +230,7 @@ class _Delta:
     token_ids: list[int]
     logprobs: list | None
     finish_reason: str | None
+    stop_reason: int | str | None
 
 
 @dataclass
@@ -206,7 +252,7 @@ class _DeltaTracker:
             if not text and c.finish_reason is None and not (self.want_logprobs and ids):
                 continue
             lps = c.logprobs[cur.tokens :] if (self.want_logprobs and c.logprobs is not None) else None
-            found.append(_Delta(index, text, ids, lps, c.finish_reason))
+            found.append(_Delta(index, text, ids, lps, c.finish_reason, c.stop_reason))
             cur.chars, cur.tokens = len(c.text), len(c.token_ids)
             cur.finished = c.finish_reason is not None
         return found
@@ -220,14 +266,55 @@ def _prompt_text(prompt: Any, out: RequestOutput, tokenizer: Any) -> str:
     return "" if tokenizer is None else tokenizer.decode(out.prompt_token_ids)
 
 
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one HTTP request may ask for, so that no single body ties the server up for minutes."""
+
+    max_n: int = 64  # samples per prompt
+    max_prompts: int = 256  # prompts in one /v1/completions body
+
+
+def renamed(call: Callable[[], Any], renames: dict[str, str]) -> Any:
+    """``call()``, with an input error about an engine field re-raised under the request's name for it."""
+    try:
+        return call()
+    except InputError as err:
+        field = renames.get(err.field)
+        if field is None or field == err.field:
+            raise
+        message = str(err).removeprefix(f"{err.field}: ")
+        raise APIError(400, f"{field}: {message}", field) from None
+
+
 class _Handler:
     """What both endpoints share: the engine, the served name, and the envelope of a streamed chunk."""
 
     chunk_object: str
 
-    def __init__(self, engine: Any, model_name: str) -> None:
+    def __init__(self, engine: Any, model_name: str, limits: RequestLimits | None = None) -> None:
         self.engine = engine
         self.model_name = model_name
+        self.limits = limits or RequestLimits()
+
+    def check_limits(self, n: int) -> None:
+        if n > self.limits.max_n:
+            raise APIError(400, f"n: {n} samples, more than this server's {self.limits.max_n}", "n")
+
+    def max_tokens(self, given: int | None, field: str, prompt_len: int, default: int | None) -> int:
+        """``given`` if prompt + it fit ``max_model_len`` (else OpenAI's 400); unset: ``default``, or the room left."""
+        max_len = self.engine.config.max_model_len
+        room = max(1, max_len - prompt_len)  # a prompt of exactly max_model_len tokens still samples one
+        if given is None:
+            return room if default is None else min(default, room)
+        if isinstance(given, int) and given > 0 and prompt_len + given > max_len:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {max_len} tokens. However, you requested "
+                f"{prompt_len + given} tokens ({prompt_len} in the prompt, {given} in the completion). "
+                "Please reduce the length of the prompt or the completion.",
+                field,
+            )
+        return given
 
     def _chunk(self, rid: str, created: int, choices: list[dict], usage: Any = ...) -> dict[str, Any]:
         """One chunk (or the whole completion); ``usage`` is left out unless given (None included)."""
@@ -236,6 +323,7 @@ class _Handler:
             "object": self.chunk_object,
             "created": created,
             "model": self.model_name,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
             "choices": choices,
         }
         if usage is not ...:
@@ -249,16 +337,31 @@ class CompletionHandler(_Handler):
     chunk_object = "text_completion"
 
     def prepare(self, body: CompletionRequest) -> tuple[list[Any], SamplingParams]:
-        """Check the whole request (model, every prompt) before anything is submitted."""
+        """Check the whole request (model, every prompt) before anything is submitted.
+
+        Text prompts come back tokenized (``{"prompt", "prompt_token_ids"}``), so the engine does
+        not tokenize them again; call this off the event loop, a long prompt takes a while.
+        """
         check_model(body, self.model_name)
+        self.check_limits(body.n)
         if body.echo and body.logprobs is not None:
             raise APIError(400, "echo with logprobs needs prompt logprobs, which this engine does not compute", "echo")
         prompts = completion_prompts(body.prompt)
-        max_tokens = DEFAULT_COMPLETION_MAX_TOKENS if body.max_tokens is None else body.max_tokens
-        params = sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs)
+        if len(prompts) > self.limits.max_prompts:
+            raise APIError(
+                400, f"prompt: {len(prompts)} prompts, more than this server's {self.limits.max_prompts}", "prompt"
+            )
+        probe = SamplingParams(max_tokens=1)  # tokenizes and checks the prompts; the real params come after
+        tokenized = []
         for prompt in prompts:
+            text, ids = self.engine.validate(prompt, probe)
+            tokenized.append({"prompt_token_ids": ids} if text is None else {"prompt": text, "prompt_token_ids": ids})
+        longest = max(len(p["prompt_token_ids"]) for p in tokenized)
+        max_tokens = self.max_tokens(body.max_tokens, "max_tokens", longest, DEFAULT_COMPLETION_MAX_TOKENS)
+        params = sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs)
+        for prompt in tokenized:
             self.engine.validate(prompt, params)
-        return prompts, params
+        return tokenized, params
 
     def _logprobs(self, d: _Delta, offset: int) -> dict | None:
         if d.logprobs is None:
@@ -317,13 +420,19 @@ class CompletionHandler(_Handler):
                     cur.text_offset += sum(map(len, lp["tokens"])) if lp else len(d.text)
                     if d.finish_reason is not None:
                         reasons.append(d.finish_reason)
-                    choice = {"index": d.index, "text": text, "logprobs": lp, "finish_reason": d.finish_reason}
+                    choice = {
+                        "index": d.index,
+                        "text": text,
+                        "logprobs": lp,
+                        "finish_reason": d.finish_reason,
+                        "stop_reason": d.stop_reason,
+                    }
                     yield sse(self._chunk(rid, created, [choice], usage_field))
             if include_usage:
                 yield sse(self._chunk(rid, created, [], _usage(finals)))
             timer.on_finish(reasons)
         except Exception as err:  # noqa: BLE001 -- the 200 status line is already sent: report in-band
-            yield sse(as_api_error(err).body())
+            yield sse(stream_error(err).body())
         yield DONE
 
 
@@ -333,17 +442,29 @@ class ChatHandler(_Handler):
     chunk_object = "chat.completion.chunk"
 
     def prepare(self, body: ChatCompletionRequest) -> tuple[list[Any], SamplingParams]:
+        """Check the request and render the conversation (off the event loop: the template tokenizes)."""
         check_model(body, self.model_name)
+        self.check_limits(body.n)
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs: needs logprobs=true", "top_logprobs")
+        for i, message in enumerate(body.messages):
+            if message.role not in CHAT_ROLES:
+                raise APIError(
+                    400,
+                    f"messages: message {i} has role {message.role!r}, not one of {', '.join(CHAT_ROLES)}",
+                    "messages",
+                )
         prompt = self.engine.chat_prompt([m.as_template_dict() for m in body.messages])
-        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        if max_tokens is None:  # vLLM's default: whatever room the context leaves
-            max_tokens = max(1, self.engine.config.max_model_len - len(prompt["prompt_token_ids"]))
+        field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        given = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        max_tokens = self.max_tokens(given, field, len(prompt["prompt_token_ids"]), None)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         tools = tool_constraint(body)
-        params = sampling_params(body, max_tokens=max_tokens, logprobs=logprobs, structured_outputs=tools)
-        self.engine.validate(prompt, params)
+        renames = {"max_tokens": field, "logprobs": "top_logprobs"}
+        params = renamed(
+            lambda: sampling_params(body, max_tokens=max_tokens, logprobs=logprobs, structured_outputs=tools), renames
+        )
+        renamed(lambda: self.engine.validate(prompt, params), renames)
         return [prompt], params
 
     def _logprobs(self, token_ids: list[int], logprobs: list | None, body: ChatCompletionRequest) -> dict | None:
@@ -381,6 +502,7 @@ class ChatHandler(_Handler):
             "object": "chat.completion",
             "created": created,
             "model": self.model_name,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
             "choices": choices,
             "usage": _usage([final]),
         }
@@ -414,11 +536,12 @@ class ChatHandler(_Handler):
                         "delta": {"content": d.text} if d.text else {},
                         "logprobs": self._logprobs(d.token_ids, d.logprobs, body),
                         "finish_reason": d.finish_reason,
+                        "stop_reason": d.stop_reason,
                     }
                     yield sse(self._chunk(rid, created, [choice], usage_field))
             if include_usage:
                 yield sse(self._chunk(rid, created, [], _usage([final])))
             timer.on_finish(reasons)
         except Exception as err:  # noqa: BLE001 -- the 200 status line is already sent: report in-band
-            yield sse(as_api_error(err).body())
+            yield sse(stream_error(err).body())
         yield DONE
