@@ -616,9 +616,7 @@ def _from_schema(schema: dict, defs: dict, depth: int = 0):
         required = set(schema.get("required", ()))
         optional = {k: _from_schema(v, defs, depth + 1) for k, v in props.items() if k not in required}
         fixed = {k: _from_schema(props[k], defs, depth + 1) for k in required}
-        extra = st.dictionaries(
-            st.sampled_from(["functions", "max_token", "suffix"]), st.integers(0, 3), max_size=1
-        )
+        extra = st.dictionaries(st.sampled_from(["functions", "max_token", "suffix"]), st.integers(0, 3), max_size=1)
         if not props:  # a free-form object (logit_bias): string keys
             return st.dictionaries(st.text(max_size=6), st.floats(-5, 5), max_size=3)
         return st.tuples(st.fixed_dictionaries(fixed, optional=optional), extra).map(lambda t: {**t[0], **t[1]})
