@@ -97,6 +97,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "blocks": ("minipaged.benchmarks.blocks", "block manager operations per second on a large pool"),
     "step": ("minipaged.benchmarks.step", "one decode step of the model vs transformers' own"),
     "kv-quant": ("minipaged.benchmarks.kv_quant", "accuracy and capacity of the int8 / fp8 KV cache (notebook 08)"),
+    "quant-accuracy": (
+        "minipaged.benchmarks.quant_accuracy",
+        "perplexity and agreement with fp32 of W8A16 / W4A16 checkpoints (RTN, GPTQ)",
+    ),
 }
 
 
