@@ -1,4 +1,4 @@
-"""The ``minipaged`` command: ``generate``, ``serve`` (the OpenAI-compatible server) and ``bench NAME``.
+"""The ``minipaged`` command: ``generate``, ``serve`` (the OpenAI-compatible server), ``quantize`` and ``bench NAME``.
 
 Every invalid value, whether argparse or the engine finds it, ends the run with one line
 ``minipaged: error: ...`` on stderr and exit status 2, like argparse; no traceback. Subcommands
@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 
 from minipaged.entrypoints.engine_args import add_engine_arguments, engine_fields, engine_kwargs
 from minipaged.entrypoints.openai.cli import add_serve_parser
+from minipaged.entrypoints.quantize import add_quantize_parser
 
 PROG = "minipaged"
 DESCRIPTION = """\
@@ -24,6 +25,7 @@ Serve and run small language models on a paged KV cache.
 
   minipaged generate "The capital of France is"     one or more prompts (--chat for the chat template)
   minipaged serve --port 8000                       the OpenAI-compatible server
+  minipaged quantize OUT --bits 4 --method gptq     a W4A16 / W8A16 checkpoint of the model
   minipaged bench NAME                              benchmarks: minipaged bench --help
 
 The model defaults to the embedded SmolLM2-135M-Instruct; generate decodes greedily unless given
@@ -96,6 +98,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "step": ("minipaged.benchmarks.step", "one decode step of the model vs transformers' own"),
     "kv-quant": ("minipaged.benchmarks.kv_quant", "accuracy and capacity of the int8 / fp8 KV cache (notebook 08)"),
     "structured": ("minipaged.benchmarks.structured", "per-step cost of a grammar: bitmask fill, apply, accept"),
+    "quant-accuracy": (
+        "minipaged.benchmarks.quant_accuracy",
+        "perplexity and agreement with fp32 of W8A16 / W4A16 checkpoints (RTN, GPTQ)",
+    ),
 }
 
 
@@ -123,6 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_generate(sub)
     add_serve_parser(sub)
+    add_quantize_parser(sub)
     _add_bench(sub)
     return parser
 

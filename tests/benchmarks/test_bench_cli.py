@@ -18,7 +18,7 @@ from minipaged.benchmarks import common
 from minipaged.entrypoints.cli import BENCHMARKS, main
 
 ROOT = Path(__file__).resolve().parents[2]
-NAMES = ("throughput", "latency", "serve", "tp", "blocks", "step", "kv-quant", "structured")
+NAMES = ("throughput", "latency", "serve", "tp", "blocks", "step", "kv-quant", "structured", "quant-accuracy")
 
 
 def test_bench_help_lists_every_benchmark(capsys):
