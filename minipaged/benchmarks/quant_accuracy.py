@@ -33,6 +33,7 @@ from minipaged.benchmarks.common import (
     apply_threads,
     command_line,
     machine_info,
+    plain_doc,
     write_json_atomic,
 )
 from minipaged.models.quantization.quantizer import QuantizeOptions, quantize_checkpoint
@@ -186,7 +187,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``minipaged bench quant-accuracy``."""
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=plain_doc(__doc__).splitlines()[0])
     parser.add_argument("--model", help="Hugging Face model directory (default: the embedded SmolLM2)")
     parser.add_argument("--schemes", nargs="+", choices=tuple(SCHEMES), default=list(DEFAULT_SCHEMES))
     parser.add_argument("--window", type=int, default=256, help="tokens per perplexity window (default: %(default)s)")

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from minipaged.benchmarks.common import add_threads_argument, apply_threads, describe_machine, positive_int
+from minipaged.benchmarks.common import add_threads_argument, apply_threads, describe_machine, plain_doc, positive_int
 from minipaged.core.sequence import Sequence
 from minipaged.outputs import RequestMetrics
 from minipaged.sampling_params import SamplingParams, StructuredOutputsParams
@@ -37,7 +37,7 @@ SCHEMA = {
 
 def build_parser() -> argparse.ArgumentParser:
     """The benchmark's options."""
-    p = argparse.ArgumentParser(prog="minipaged bench structured", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="minipaged bench structured", description=plain_doc(__doc__).split("\n\n")[0])
     p.add_argument("--batch", type=positive_int, default=8, help="constrained sequences per step")
     p.add_argument("--steps", type=positive_int, default=200, help="timed steps")
     p.add_argument("--warmup", type=int, default=20, help="untimed steps first")
