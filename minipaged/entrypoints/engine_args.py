@@ -44,7 +44,13 @@ def byte_size(text: str) -> int:
 
 # Fields whose command-line text needs a parser other than their annotation's type.
 _PARSERS: dict[str, Callable[[str], Any]] = {"kv_cache_memory": byte_size}
-_METAVARS = {"kv_cache_memory": "BYTES", "model": "PATH", "dtype": "DTYPE", "device": "DEVICE"}
+_METAVARS = {
+    "kv_cache_memory": "BYTES",
+    "model": "PATH",
+    "dtype": "DTYPE",
+    "device": "DEVICE",
+    "pipeline_layer_partition": "N,N,...",
+}
 _TYPE_METAVARS = {int: "N", float: "X", str: "TEXT"}
 
 
@@ -139,6 +145,8 @@ def engine_argv(kwargs: dict[str, Any]) -> list[str]:
             argv.append(flag_name(name) if value else "--no-" + flag_name(name)[2:])
         elif isinstance(value, torch.dtype):
             argv += [flag_name(name), dtype_name(value)]
+        elif isinstance(value, (tuple, list)):  # a per-stage list: the comma-separated form the config parses
+            argv += [flag_name(name), ",".join(map(str, value))]
         elif value is not None:
             argv += [flag_name(name), str(value)]
     return argv

@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -150,13 +150,15 @@ def build_sharded_model(
 
 
 def fuse_hf_weights(
-    config: ModelConfig, hf_state: Mapping[str, torch.Tensor], dtype: torch.dtype
+    config: ModelConfig, hf_state: Mapping[str, torch.Tensor], dtype: torch.dtype, *, skip: Collection[str] = ()
 ) -> dict[str, torch.Tensor]:
     """Map transformers' parameter names onto ours, concatenating q/k/v and gate/up.
 
     Every parameter of our model must be present and every tensor of ``hf_state`` used
     (bar rotary caches, and ``lm_head.weight`` when embeddings are tied), so a model of
     another shape fails here with the offending names instead of loading half its weights.
+    ``skip``: any of ``model.embed_tokens.weight``, ``model.norm.weight``, ``lm_head.weight``
+    that the model being loaded does not hold (a pipeline stage without those ends).
     """
     hf = {name: t for name, t in hf_state.items() if not name.endswith("rotary_emb.inv_freq")}
     used: set[str] = set()
@@ -167,13 +169,10 @@ def fuse_hf_weights(
         used.add(name)
         return hf[name]
 
-    out = {
-        "model.embed_tokens.weight": take("model.embed_tokens.weight"),
-        "model.norm.weight": take("model.norm.weight"),
-    }
+    out = {name: take(name) for name in ("model.embed_tokens.weight", "model.norm.weight") if name not in skip}
     if config.tie_word_embeddings:
         used.add("lm_head.weight")
-    else:
+    elif "lm_head.weight" not in skip:
         out["lm_head.weight"] = take("lm_head.weight")
     for i in range(config.num_layers):
         src, dst = f"model.layers.{i}.", f"model.layers.{i}."
