@@ -187,7 +187,8 @@ class EngineConfig:
         self._check_tensor_parallel_devices()
 
     def _check_layer_partition(self) -> None:
-        # Normalised to a tuple here; whether it sums to the model's layers is checked once the model is known.
+        # Normalised to a tuple here; its length and sum are checked against the stages and the model's layers
+        # once the model is known (minipaged.models.pipeline.layer_partition).
         value = self.pipeline_layer_partition
         if value is None:
             return
@@ -203,11 +204,6 @@ class EngineConfig:
         ):
             raise InvalidEngineConfigError(
                 "pipeline_layer_partition", f"must list a positive layer count per stage, got {value!r}"
-            )
-        if len(value) != self.pipeline_parallel_size:
-            raise InvalidEngineConfigError(
-                "pipeline_layer_partition",
-                f"has {len(value)} entries for pipeline_parallel_size={self.pipeline_parallel_size} stages",
             )
         object.__setattr__(self, "pipeline_layer_partition", tuple(value))
 

@@ -42,8 +42,16 @@ def byte_size(text: str) -> int:
     return int(number * units[unit])
 
 
+def layer_counts(text: str) -> tuple[int, ...]:
+    """``"10,12,10"`` -> ``(10, 12, 10)`` (layers per pipeline stage)."""
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid layer counts {text!r} (comma-separated, e.g. 10,12,10)") from None
+
+
 # Fields whose command-line text needs a parser other than their annotation's type.
-_PARSERS: dict[str, Callable[[str], Any]] = {"kv_cache_memory": byte_size}
+_PARSERS: dict[str, Callable[[str], Any]] = {"kv_cache_memory": byte_size, "pipeline_layer_partition": layer_counts}
 _METAVARS = {
     "kv_cache_memory": "BYTES",
     "model": "PATH",

@@ -32,6 +32,9 @@ NON_DEFAULT = {
     "device": (["--device", "cpu"], "cpu"),
     "kv_cache_dtype": (["--kv-cache-dtype", "int8"], "int8"),
     "tensor_parallel_size": (["--tensor-parallel-size", "2"], 2),
+    "pipeline_parallel_size": (["--pipeline-parallel-size", "2"], 2),
+    "pipeline_layer_partition": (["--pipeline-layer-partition", "2,1"], (2, 1)),
+    "max_concurrent_batches": (["--max-concurrent-batches", "1"], 1),
 }
 
 

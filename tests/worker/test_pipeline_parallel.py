@@ -137,8 +137,8 @@ def test_bad_pipeline_config(monkeypatch):
         with pytest.raises(InvalidEngineConfigError) as err:
             EngineConfig(pipeline_parallel_size=bad)
         assert err.value.field == "pipeline_parallel_size"
-    with pytest.raises(InvalidEngineConfigError, match="has 3 entries") as err:
-        EngineConfig(pipeline_parallel_size=2, pipeline_layer_partition=(1, 1, 1))
+    with pytest.raises(InvalidEngineConfigError, match=r"needs 2 positive layer counts, got \[1, 1, 1\]") as err:
+        layer_partition(3, 2, EngineConfig(pipeline_layer_partition=(1, 1, 1)).pipeline_layer_partition)
     assert err.value.field == "pipeline_layer_partition"
     for bad in ("2,x", (2, 0), [1.5, 2]):
         with pytest.raises(InvalidEngineConfigError) as err:
