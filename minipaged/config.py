@@ -98,6 +98,17 @@ class SpeculativeConfig:
         return cls(**value)
 
 
+def _torchrun_nodes() -> int:
+    """Nodes of a torchrun launch (``WORLD_SIZE / LOCAL_WORLD_SIZE``); 1 when not under torchrun.
+
+    Across nodes each node holds only its share of the ranks' GPUs, so the count is checked per node.
+    """
+    world, local = os.environ.get("WORLD_SIZE"), os.environ.get("LOCAL_WORLD_SIZE")
+    if world is None or local is None or int(local) < 1:
+        return 1
+    return max(1, int(world) // int(local))
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Engine settings (the keyword arguments of ``LLM``).
@@ -168,6 +179,27 @@ class EngineConfig:
             "KV cache; 1 runs everything in this process (see minipaged.worker.executor)"
         },
     )
+    pipeline_parallel_size: int = field(
+        default=1,
+        metadata={
+            "help": "pipeline stages, each holding a contiguous run of the decoder layers and their KV cache; "
+            "P x T processes in all, one GPU each on CUDA (see minipaged.worker.pipeline)"
+        },
+    )
+    pipeline_layer_partition: tuple[int, ...] | str | None = field(
+        default=None,
+        metadata={
+            "help": "decoder layers per pipeline stage, e.g. 10,12,10 (one entry per stage, summing to the "
+            "model's layers); unset: an even split, the remainder to the middle stages"
+        },
+    )
+    max_concurrent_batches: int | None = field(
+        default=None,
+        metadata={
+            "help": "batches in flight at once through the pipeline stages (the batch queue's depth); "
+            "unset: pipeline_parallel_size, which keeps every stage busy; 1 runs one batch at a time"
+        },
+    )
 
     speculative_config: SpeculativeConfig | dict | None = field(
         default=None,
@@ -212,23 +244,57 @@ class EngineConfig:
                 "enable_prefix_caching", f"must be a bool, got {self.enable_prefix_caching!r}"
             )
         _positive_int("tensor_parallel_size", self.tensor_parallel_size)
+        _positive_int("pipeline_parallel_size", self.pipeline_parallel_size)
+        _positive_int("max_concurrent_batches", self.max_concurrent_batches, allow_none=True)
+        self._check_layer_partition()
         self._check_tensor_parallel_devices()
+
+    def _check_layer_partition(self) -> None:
+        # Normalised to a tuple here; its length and sum are checked against the stages and the model's layers
+        # once the model is known (minipaged.models.pipeline.layer_partition).
+        value = self.pipeline_layer_partition
+        if value is None:
+            return
+        if isinstance(value, str):
+            try:
+                value = tuple(int(part) for part in value.split(","))
+            except ValueError:
+                raise InvalidEngineConfigError(
+                    "pipeline_layer_partition", f"must be comma-separated layer counts such as 2,3; got {value!r}"
+                ) from None
+        if not isinstance(value, (tuple, list)) or any(
+            isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in value
+        ):
+            raise InvalidEngineConfigError(
+                "pipeline_layer_partition", f"must list a positive layer count per stage, got {value!r}"
+            )
+        object.__setattr__(self, "pipeline_layer_partition", tuple(value))
+
+    @property
+    def world_size(self) -> int:
+        """Processes of one engine: pipeline stages x tensor-parallel ranks per stage."""
+        return self.pipeline_parallel_size * self.tensor_parallel_size
+
+    @property
+    def batch_queue_depth(self) -> int:
+        """Batches the engine keeps in flight: ``max_concurrent_batches``, else one per pipeline stage."""
+        return self.max_concurrent_batches or self.pipeline_parallel_size
 
     def _check_tensor_parallel_devices(self) -> None:
         # One GPU per rank is required; on CPU more ranks than cores only oversubscribe them.
-        tp = self.tensor_parallel_size
-        if tp == 1:
+        tp, world = self.tensor_parallel_size, self.world_size
+        if world == 1:
             return
+        name = "tensor_parallel_size" if self.pipeline_parallel_size == 1 else "pipeline_parallel_size"
         if self.torch_device.type == "cuda":
             available = torch.cuda.device_count()
-            if tp > available:
-                raise InvalidEngineConfigError(
-                    "tensor_parallel_size", f"{tp} ranks need {tp} GPUs; {available} visible"
-                )
-        elif tp > (os.cpu_count() or 1):
+            if world > available and _torchrun_nodes() == 1:
+                what = f"{world} ranks" if tp == world else f"{self.pipeline_parallel_size} x {tp} ranks"
+                raise InvalidEngineConfigError(name, f"{what} need {world} GPUs; {available} visible")
+        elif world > (os.cpu_count() or 1):
             warnings.warn(
-                f"tensor_parallel_size={tp} exceeds the {os.cpu_count()} CPU cores: the ranks will "
-                "share cores and wait on each other at every all-reduce",
+                f"{name}={getattr(self, name)} ({world} ranks) exceeds the {os.cpu_count()} CPU cores: the ranks "
+                "will share cores and wait on each other at every all-reduce",
                 RuntimeWarning,
                 stacklevel=3,
             )

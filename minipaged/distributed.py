@@ -198,3 +198,99 @@ def check_tensor_parallel_size(tp_size: int, model_config) -> None:
             raise InvalidEngineConfigError(
                 "tensor_parallel_size", f"{tp_size} does not divide the model's {name}={size}; use a divisor of it"
             )
+
+
+# ---- pipeline parallelism: stages of tensor-parallel groups ------------------------------------------------
+@dataclass(frozen=True)
+class StageLink:
+    """Two groups joining this rank to its peer on a neighbouring stage (or the last stage to rank 0).
+
+    ``control`` (gloo, long timeout) carries CPU messages a rank may wait on while idle: a
+    step's header and its packed batch; ``data`` (the device backend, the in-step timeout)
+    carries the tensors of the residual stream or the logits.
+    """
+
+    peer: int  # the other end's global rank
+    control: dist.ProcessGroup
+    data: dist.ProcessGroup
+
+
+@dataclass(frozen=True)
+class PipelineGroups:
+    """One rank's place in a ``P x T`` world: ``rank = stage * T + tp_rank`` (tensor parallelism innermost).
+
+    ``tp``: this stage's tensor-parallel group (``rank`` in it is ``tp_rank``), ``None`` when
+    ``T == 1``; ``prev`` / ``next``: links to the same ``tp_rank`` on the stages before and
+    after; ``to_driver``: from the last stage's TP rank 0 to rank 0, which it sends the logits.
+    """
+
+    rank: int
+    stage: int
+    tp_rank: int
+    num_stages: int
+    tp_size: int
+    device: torch.device
+    tp: TensorParallelGroup | None
+    prev: StageLink | None
+    next: StageLink | None
+    to_driver: StageLink | None
+
+
+def pipeline_rank(stage: int, tp_rank: int, tp_size: int) -> int:
+    """Global rank of ``tp_rank`` on ``stage`` (tensor-parallel ranks of a stage are consecutive)."""
+    return stage * tp_size + tp_rank
+
+
+def init_pipeline_groups(
+    rank: int,
+    num_stages: int,
+    tp_size: int,
+    device: torch.device,
+    store: dist.Store | None,
+    collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S,
+) -> PipelineGroups:
+    """Join the ``num_stages * tp_size``-rank world as ``rank`` and create every group (see ``PipelineGroups``).
+
+    ``new_group`` is collective over the whole world: every rank creates every group, in
+    the same order, and keeps the ones it belongs to.
+    """
+    check_no_running_engine()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    world = num_stages * tp_size
+    short = datetime.timedelta(seconds=collective_timeout_s)
+    long = datetime.timedelta(seconds=CONTROL_TIMEOUT_S)
+    where = dict(init_method="env://") if store is None else dict(store=store)
+    backend = device_backend(device)
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=short, **where)
+    stage, tp_rank = divmod(rank, tp_size)
+    tp = None
+    for s in range(num_stages):
+        ranks = [pipeline_rank(s, t, tp_size) for t in range(tp_size)]
+        if tp_size == 1:
+            continue
+        device_group = dist.new_group(ranks, timeout=short, backend=backend)
+        control = dist.new_group(ranks, timeout=long, backend="gloo")
+        if s == stage:
+            tp = TensorParallelGroup(tp_rank, tp_size, device, device_group, control)
+
+    def link(a: int, b: int) -> StageLink | None:
+        control = dist.new_group([a, b], timeout=long, backend="gloo")
+        data = dist.new_group([a, b], timeout=short, backend=backend)
+        if rank == a:
+            return StageLink(b, control, data)
+        if rank == b:
+            return StageLink(a, control, data)
+        return None
+
+    prev = nxt = None
+    for s in range(num_stages - 1):
+        for t in range(tp_size):
+            a, b = pipeline_rank(s, t, tp_size), pipeline_rank(s + 1, t, tp_size)
+            joined = link(a, b)
+            if rank == a:
+                nxt = joined
+            elif rank == b:
+                prev = joined
+    to_driver = link(pipeline_rank(num_stages - 1, 0, tp_size), 0)
+    return PipelineGroups(rank, stage, tp_rank, num_stages, tp_size, device, tp, prev, nxt, to_driver)

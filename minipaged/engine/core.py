@@ -18,6 +18,7 @@ share the prompt's blocks (copy-on-write).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import logging
@@ -120,7 +121,12 @@ def load_engine(model: Any = None, tokenizer: Any = None, **kwargs: Any) -> tupl
         config = EngineConfig.from_kwargs(model=loaded.name, **_prebuilt_model_kwargs(loaded.model, kwargs))
     else:
         config = EngineConfig.from_kwargs(model=model, **kwargs)
-        loaded = load_model(model, **config.model_kwargs())
+        if config.pipeline_parallel_size > 1:  # each stage reads its own weights; none loads the whole model
+            from minipaged.models.pipeline import load_for_pipeline
+
+            loaded = load_for_pipeline(model, **config.model_kwargs())
+        else:
+            loaded = load_model(model, **config.model_kwargs())
     core = EngineCore(loaded.model, loaded.config, config, model_name=loaded.name)
     tokenizer = tokenizer if tokenizer is not None else loaded.tokenizer
     if tokenizer is not None:
@@ -156,6 +162,9 @@ class EngineCore:
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
         self._spec_totals = [0, 0, 0]  # drafts, draft tokens, accepted tokens
+        # Pipeline parallelism keeps up to this many batches in flight (vLLM's batch queue); 1 elsewhere.
+        self._batch_queue_depth = self.config.batch_queue_depth if self.config.pipeline_parallel_size > 1 else 1
+        self._in_flight: collections.deque = collections.deque()
 
     def _resolve(self, config: EngineConfig) -> EngineConfig:
         """A new config with the model-dependent values filled in (the given one is never mutated)."""
@@ -177,6 +186,11 @@ class EngineCore:
         if spec is not None and spec.method != "ngram":
             raise InvalidEngineConfigError(
                 "speculative_config.method", f"{spec.method!r} is not implemented in this engine; use 'ngram'"
+            )
+        if spec is not None and config.pipeline_parallel_size > 1:
+            # A batch in flight on a later stage would hold drafts whose rollback the next batch races.
+            raise InvalidEngineConfigError(
+                "speculative_config", "is not supported with pipeline_parallel_size > 1; use one of the two"
             )
         return dataclasses.replace(config, max_model_len=max_len, num_kv_blocks=num_blocks)
 
@@ -295,8 +309,8 @@ class EngineCore:
         return request_id in self._requests
 
     def has_unfinished(self) -> bool:
-        """Any sequence still waiting or running, so ``step()`` has work."""
-        return self.scheduler.has_unfinished()
+        """Any sequence still waiting or running, or a batch still in flight, so ``step()`` has work."""
+        return self.scheduler.has_unfinished() or bool(self._in_flight)
 
     def metrics(self, request_id: str) -> RequestMetrics:
         """The live request's timings (arrival, first token, finish), shared by its sequences; KeyError if unknown."""
@@ -348,6 +362,8 @@ class EngineCore:
     # ---- one step -----------------------------------------------------------------------
     def step(self) -> list[CoreOutput]:
         """Run one iteration; one ``CoreOutput`` per sequence that gained a token in it."""
+        if self._batch_queue_depth > 1:
+            return self._step_with_batch_queue()
         t0 = time.monotonic()
         before = self.block_manager.stats()
         sched = self.scheduler.schedule()
@@ -356,6 +372,78 @@ class EngineCore:
                 raise RuntimeError("scheduler made no progress with requests pending (KV cache too small?)")
             return []
         logits, sampled = self.execute(sched)
+        return self._process_outputs(sched, logits, sampled, before, t0)
+
+    def _step_with_batch_queue(self) -> list[CoreOutput]:
+        """One iteration with up to ``max_concurrent_batches`` batches in flight through the pipeline stages.
+
+        While the queue has room, schedule a batch from the sequences not already in flight
+        and submit it (returning no outputs, so the next call can submit another); once it is
+        full, or nothing else can be scheduled, wait for the oldest batch and sample from it.
+        """
+        queue = self._in_flight
+        if len(queue) < self._batch_queue_depth:
+            t0, before = time.monotonic(), self.block_manager.stats()
+            sched = self._schedule_idle()
+            if not sched.is_empty:
+                queue.append((sched, self._submit(sched), before, t0))
+                if len(queue) < self._batch_queue_depth:
+                    return []
+            elif not queue:
+                if self.scheduler.has_unfinished():
+                    raise RuntimeError("scheduler made no progress with requests pending (KV cache too small?)")
+                return []
+        sched, handle, before, t0 = queue.popleft()
+        logits, sampled = self.worker.collect(handle)
+        # A sequence finished while its batch was in flight (an abort, a stop string) gets no token.
+        keep = [i for i, s in enumerate(sampled) if not s.seq.status.finished]
+        if len(keep) != len(sampled):
+            sampled = [sampled[i] for i in keep]
+            logits = logits[torch.tensor(keep, dtype=torch.long, device=logits.device)] if keep else None
+        return self._process_outputs(sched, logits, sampled, before, t0)
+
+    def _schedule_idle(self) -> SchedulerOutput:
+        """Schedule from the running sequences that are in no in-flight batch (and the waiting ones).
+
+        An in-flight sequence awaits the token its batch will sample, so it can be neither
+        scheduled nor preempted (its blocks are being written); hiding it from the scheduler
+        for this call does both. ``max_num_seqs`` then bounds each batch, not their sum.
+        """
+        busy = {id(s.seq) for sched, *_ in self._in_flight for s in sched.scheduled}
+        running = self.scheduler.running
+        self.scheduler.running = [seq for seq in running if id(seq) not in busy]
+        try:
+            return self.scheduler.schedule()
+        finally:
+            self.scheduler.running.extend(seq for seq in running if id(seq) in busy)
+
+    def _submit(self, sched: SchedulerOutput):
+        """``execute``'s first half: send the batch into the pipeline and count its tokens as computed.
+
+        Marking them computed before the batch finishes is safe because every stage runs
+        batches in submission order: a later batch that reuses these KV blocks (the prefix
+        cache) reads them at each stage after this batch wrote them there.
+        """
+        now = time.monotonic()
+        for s in sched.scheduled:
+            if s.seq.metrics.first_scheduled_time is None:
+                s.seq.metrics.first_scheduled_time = now
+        handle = self.worker.submit(sched.scheduled, sched.block_copies, self.block_manager)
+        for s in sched.scheduled:
+            s.seq.num_computed_tokens = s.end
+            self.block_manager.mark_computed(s.seq.seq_id, s.end)
+        self._prompt_tokens_total += sched.num_prefill_tokens
+        return handle
+
+    def _process_outputs(
+        self,
+        sched: SchedulerOutput,
+        logits: torch.Tensor | None,
+        sampled: list[ScheduledSequence],
+        before: BlockStats,
+        t0: float,
+    ) -> list[CoreOutput]:
+        """Sample from a finished batch's logits, append the tokens, check stops, record the step."""
         outputs: list[CoreOutput] = []
         if sampled:
             logits, sampled, spec_logits, speculated = split_speculative(logits, sampled)

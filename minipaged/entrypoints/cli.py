@@ -94,6 +94,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "Poisson arrivals against OpenAI-compatible servers: TTFT, TPOT, ITL, end-to-end latency",
     ),
     "tp": ("minipaged.benchmarks.tp", "tensor-parallel ranks vs one process on the same workload"),
+    "pp": ("minipaged.benchmarks.pp", "pipeline stages with one or P batches in flight, and P x T, vs one process"),
     "blocks": ("minipaged.benchmarks.blocks", "block manager operations per second on a large pool"),
     "step": ("minipaged.benchmarks.step", "one decode step of the model vs transformers' own"),
     "kv-quant": ("minipaged.benchmarks.kv_quant", "accuracy and capacity of the int8 / fp8 KV cache (notebook 08)"),

@@ -54,14 +54,27 @@ def json_object(text: str) -> dict[str, Any]:
     return value
 
 
+def layer_counts(text: str) -> tuple[int, ...]:
+    """``"10,12,10"`` -> ``(10, 12, 10)`` (layers per pipeline stage)."""
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid layer counts {text!r} (comma-separated, e.g. 10,12,10)") from None
+
+
 # Fields whose command-line text needs a parser other than their annotation's type.
-_PARSERS: dict[str, Callable[[str], Any]] = {"kv_cache_memory": byte_size, "speculative_config": json_object}
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "kv_cache_memory": byte_size,
+    "speculative_config": json_object,
+    "pipeline_layer_partition": layer_counts,
+}
 _METAVARS = {
     "kv_cache_memory": "BYTES",
     "model": "PATH",
     "dtype": "DTYPE",
     "device": "DEVICE",
     "speculative_config": "JSON",
+    "pipeline_layer_partition": "N,N,...",
 }
 _TYPE_METAVARS = {int: "N", float: "X", str: "TEXT"}
 
@@ -162,6 +175,8 @@ def engine_argv(kwargs: dict[str, Any]) -> list[str]:
         elif dataclasses.is_dataclass(value) or isinstance(value, dict):
             fields = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
             argv += [flag_name(name), json.dumps(fields)]
+        elif isinstance(value, (tuple, list)):  # a per-stage list: the comma-separated form the config parses
+            argv += [flag_name(name), ",".join(map(str, value))]
         elif value is not None:
             argv += [flag_name(name), str(value)]
     return argv

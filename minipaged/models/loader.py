@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -171,10 +171,10 @@ def build_sharded_model(
 
 
 def fuse_hf_weights(
-    config: ModelConfig, hf_state: Mapping[str, torch.Tensor], dtype: torch.dtype
+    config: ModelConfig, hf_state: Mapping[str, torch.Tensor], dtype: torch.dtype, *, skip: Collection[str] = ()
 ) -> dict[str, torch.Tensor]:
     """A dense checkpoint's tensors under our names (``fuse_checkpoint`` without quantization)."""
-    return fuse_checkpoint(config, hf_state, dtype, None)[0]
+    return fuse_checkpoint(config, hf_state, dtype, None, skip=skip)[0]
 
 
 def _projections(config: ModelConfig) -> list[tuple[str, tuple[str, ...], tuple[tuple[int, int], ...], bool]]:
@@ -195,6 +195,8 @@ def fuse_checkpoint(
     hf_state: Mapping[str, torch.Tensor],
     dtype: torch.dtype,
     quantization: WeightQuantScheme | None,
+    *,
+    skip: Collection[str] = (),
 ) -> tuple[dict[str, torch.Tensor], QuantLayout | None]:
     """Map transformers' tensor names onto ours, concatenating q/k/v and gate/up; with ``quantization``
     the converted linears' packed tensors are read and fused (``QuantLayout`` lists them).
@@ -204,6 +206,8 @@ def fuse_checkpoint(
     another shape fails here with the offending names instead of loading half its weights.
     Floating-point tensors are cast to ``dtype`` (quantization scales included); packed
     words, zero points and group indices keep their integer types.
+    ``skip``: any of ``model.embed_tokens.weight``, ``model.norm.weight``, ``lm_head.weight``
+    that the model being loaded does not hold (a pipeline stage without those ends).
     """
     hf = {name: t for name, t in hf_state.items() if not name.endswith("rotary_emb.inv_freq")}
     used: set[str] = set()
@@ -222,13 +226,10 @@ def fuse_checkpoint(
         used.add(name)
         return hf[name]
 
-    out = {
-        "model.embed_tokens.weight": take("model.embed_tokens.weight"),
-        "model.norm.weight": take("model.norm.weight"),
-    }
+    out = {name: take(name) for name in ("model.embed_tokens.weight", "model.norm.weight") if name not in skip}
     if config.tie_word_embeddings:
         used.add("lm_head.weight")
-    else:
+    elif "lm_head.weight" not in skip:
         out["lm_head.weight"] = take("lm_head.weight")
     quantized: list[tuple[str, QuantSpec]] = []
     for i in range(config.num_layers):

@@ -409,10 +409,16 @@ def _describe_exit(code: int | None) -> str:
 
 
 def build_executor(model: torch.nn.Module, config: EngineConfig) -> Worker | TensorParallelExecutor:
-    """What the engine core runs steps on: the plain ``Worker`` for one process, else a tensor-parallel executor.
+    """What the engine core runs steps on: the plain ``Worker`` for one process, else a tensor- or
+    pipeline-parallel executor (``minipaged.worker.pipeline``).
 
-    ``config`` must be resolved (``num_kv_blocks`` set); ``model`` is the full ``CausalLM``.
+    ``config`` must be resolved (``num_kv_blocks`` set); ``model`` is the full ``CausalLM`` (or, for a
+    pipeline, a ``CheckpointSource`` each stage reads its own weights from).
     """
+    if config.pipeline_parallel_size > 1:
+        from minipaged.worker.pipeline import PipelineParallelExecutor  # it builds on this module
+
+        return PipelineParallelExecutor(model, config)
     if config.tensor_parallel_size == 1:
         return Worker(model, config, config.num_kv_blocks)
     return TensorParallelExecutor(model, config)

@@ -147,8 +147,17 @@ def num_kv_blocks_for(config: EngineConfig, model_config) -> int:
     Under tensor parallelism a block holds only one rank's KV heads and the budget is per
     rank (per GPU), so N ranks hold N times the blocks one process would in the same budget
     each; on CPU the ranks share the host's memory, so all N slices are checked against it.
+    Under pipeline parallelism every stage holds the same number of blocks for its own layers:
+    the budget is per stage, and a block is sized for the stage with the most layers.
     """
     rank_config = rank_model_config(model_config, config.tensor_parallel_size)
+    if config.pipeline_parallel_size > 1:  # every stage holds the same blocks for its own layers
+        from minipaged.models.pipeline import layer_partition
+
+        partition = layer_partition(
+            model_config.num_layers, config.pipeline_parallel_size, config.pipeline_layer_partition
+        )
+        rank_config = dataclasses.replace(rank_config, num_layers=max(partition))
     per_block = kv_cache_bytes_per_block(rank_config, config.block_size, config.torch_dtype, config.kv_cache_dtype)
     device = config.torch_device
     if config.num_kv_blocks is not None:
@@ -164,7 +173,7 @@ def num_kv_blocks_for(config: EngineConfig, model_config) -> int:
         num_blocks = budget // per_block
         if num_blocks < 1:
             raise InvalidEngineConfigError(field, f"{budget} bytes hold no KV block of {per_block} bytes")
-    needed = num_blocks * per_block * (config.tensor_parallel_size if device.type == "cpu" else 1)
+    needed = num_blocks * per_block * (config.world_size if device.type == "cpu" else 1)
     available = available_memory_bytes(device)
     if available is not None and needed > available:
         raise InvalidEngineConfigError(

@@ -18,7 +18,7 @@ from minipaged.benchmarks import common
 from minipaged.entrypoints.cli import BENCHMARKS, main
 
 ROOT = Path(__file__).resolve().parents[2]
-NAMES = ("throughput", "latency", "serve", "tp", "blocks", "step", "kv-quant", "structured", "quant-accuracy")
+NAMES = ("throughput", "latency", "serve", "tp", "pp", "blocks", "step", "kv-quant", "structured", "quant-accuracy")
 
 
 def test_bench_help_lists_every_benchmark(capsys):
@@ -40,7 +40,7 @@ def test_each_benchmark_answers_help(name, capsys):
     assert out.startswith(f"usage: minipaged bench {name}")
 
 
-@pytest.mark.parametrize("name", ("throughput", "latency", "serve", "tp", "kv-quant"))
+@pytest.mark.parametrize("name", ("throughput", "latency", "serve", "tp", "pp", "kv-quant"))
 def test_benchmarks_that_build_an_engine_take_the_engine_options(name, capsys):
     with pytest.raises(SystemExit):
         main(["bench", name, "--help"])

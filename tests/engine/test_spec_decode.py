@@ -227,6 +227,12 @@ def test_bad_config_is_a_typed_error(hf, config, field):
     assert err.value.field == field
 
 
+def test_speculation_with_pipeline_stages_is_refused_before_any_rank_starts(hf):
+    with pytest.raises(InvalidEngineConfigError) as err:
+        make_llm(hf, speculative_config=ngram(2), pipeline_parallel_size=2)
+    assert err.value.field == "speculative_config"
+
+
 def test_async_stream_equals_no_speculation(hf, prompts, expected):
     """Through AsyncLLM's stream (the server's path): several tokens may arrive in one chunk."""
     import asyncio

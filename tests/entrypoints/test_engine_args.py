@@ -36,6 +36,9 @@ NON_DEFAULT = {
         ["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 5}'],
         {"method": "ngram", "num_speculative_tokens": 5},
     ),
+    "pipeline_parallel_size": (["--pipeline-parallel-size", "2"], 2),
+    "pipeline_layer_partition": (["--pipeline-layer-partition", "2,1"], (2, 1)),
+    "max_concurrent_batches": (["--max-concurrent-batches", "1"], 1),
 }
 
 
