@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from minipaged.benchmarks.common import describe_machine, positive_int, warm_up
+from minipaged.benchmarks.common import describe_machine, plain_doc, positive_int, warm_up
 from minipaged.benchmarks.throughput import add_workload_arguments, make_workload
 from minipaged.benchmarks.tp import engine_options, run_round, smollm2_like
 from minipaged.entrypoints.engine_args import add_engine_arguments
@@ -30,7 +30,7 @@ PROG = "minipaged bench pp"
 def build_parser() -> argparse.ArgumentParser:
     """The benchmark's options: the workload's, ``--pp``, ``--tp``, ``--rounds`` and the engine's."""
     parser = argparse.ArgumentParser(
-        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=PROG, description=plain_doc(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_workload_arguments(parser)
     parser.set_defaults(num_requests=16, input_len=(16, 128), output_len=(16, 64))

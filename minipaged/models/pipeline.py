@@ -112,6 +112,14 @@ class StageLayout:
         return parts
 
 
+@dataclass(frozen=True)
+class CheckpointSource:
+    """A safetensors model directory each rank reads its own stage's tensors from (no full model anywhere)."""
+
+    path: Path
+    config: ModelConfig
+
+
 @dataclass
 class IntermediateTensors:
     """The residual stream between two stages: ``hidden_states`` and ``residual``, each ``[num_tokens, hidden]``."""
@@ -259,7 +267,6 @@ def load_for_pipeline(
         has_tokenizer_files,
         load_model,
     )
-    from minipaged.worker.pipeline import CheckpointSource
 
     path = ensure_default_model() if model is None else Path(model).expanduser()
     if not path.is_dir():

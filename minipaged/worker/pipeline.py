@@ -34,7 +34,6 @@ import sys
 import time
 import weakref
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -58,7 +57,7 @@ from minipaged.distributed import (
     wait_until_ready,
 )
 from minipaged.errors import InvalidEngineConfigError
-from minipaged.models.pipeline import IntermediateTensors, StageLayout, layer_partition
+from minipaged.models.pipeline import CheckpointSource, IntermediateTensors, StageLayout, layer_partition
 from minipaged.worker.executor import (
     StepChannel,
     WorkerDiedError,
@@ -75,14 +74,6 @@ _STEP, _SHUTDOWN = 1, 2
 # Per stage and batch: forward start, forward end (time.perf_counter: one clock for all processes of a host),
 # and the seconds spent receiving the residual stream from the stage before.
 _SPAN_FIELDS = 3
-
-
-@dataclass(frozen=True)
-class CheckpointSource:
-    """A safetensors model directory each rank reads its own stage's tensors from (no full model anywhere)."""
-
-    path: Path
-    config: Any  # ModelConfig
 
 
 @dataclass(frozen=True)
