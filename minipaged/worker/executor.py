@@ -36,6 +36,7 @@ import threading
 import time
 import traceback
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -228,7 +229,70 @@ def _release(processes: list) -> None:
     destroy_process_groups()
 
 
-class TensorParallelExecutor:
+class _SpawnedRanks:
+    """What a multi-process executor does with the ranks it spawned: start them around a rendezvous
+    store, notice the dead ones, and turn a failure into one ``WorkerDiedError`` that stops them all.
+
+    Subclasses set ``_processes``, ``_error_files``, ``_error``, ``_closed`` and ``_finalizer`` in
+    ``__init__``; ``_KIND`` names them in errors, ``_FAILED`` what failed when no rank died.
+    """
+
+    _KIND = "tensor-parallel"
+    _FAILED = "collective"
+
+    def _spawn_ranks(self, rank_main: Callable, spec: Any) -> torch.distributed.TCPStore:
+        """Host the rendezvous store, then start ranks 1..N-1 running ``rank_main(index, spec)``."""
+        where = Rendezvous.for_spawn()
+        store = where.open_store(0, self.world_size, spec.collective_timeout_s)
+        spec.rendezvous = Rendezvous(where.host, store.port)
+        context = mp.start_processes(
+            rank_main, args=(spec,), nprocs=self.world_size - 1, join=False, daemon=True, start_method="spawn"
+        )
+        self._processes.extend(context.processes)  # the finalizer holds this very list
+        self._error_files = list(context.error_files)
+        return store
+
+    def _child_tracebacks(self) -> str:
+        """The exceptions spawned ranks died of, as ``torch.multiprocessing`` recorded them ("" if none)."""
+        parts = []
+        for index, path in enumerate(self._error_files):
+            if path and os.access(path, os.R_OK) and os.path.getsize(path) > 0:
+                with open(path, "rb") as f:
+                    parts.append(f"\n-- rank {index + 1}:\n{pickle.load(f)}")
+        return "".join(parts)
+
+    def _dead_ranks(self) -> list[tuple[int, int | None]]:
+        return [(i + 1, p.exitcode) for i, p in enumerate(self._processes) if not p.is_alive()]
+
+    def _check_usable(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._closed:
+            raise RuntimeError(f"the {self._KIND} executor was shut down")
+        if self._dead_ranks():
+            raise self._fail(None)
+
+    def _fail(self, exc: BaseException | None, starting: bool = False) -> WorkerDiedError:
+        """Turn a failed collective or a dead process into one ``WorkerDiedError``; stop every rank."""
+        if self._error is not None:
+            return self._error
+        deadline = time.monotonic() + 2.0  # a rank killed mid-step may take a moment to be reaped
+        while not self._dead_ranks() and time.monotonic() < deadline and self._processes:
+            time.sleep(0.05)
+        dead = self._dead_ranks()
+        if dead:
+            what = ", ".join(f"rank {r} ({_describe_exit(code)})" for r, code in dead)
+            when = " while the ranks were starting" if starting else "; the engine cannot continue"
+            message = f"{self._KIND} {what} died{when}{self._child_tracebacks()}"
+        else:
+            message = f"a {self._KIND} {self._FAILED} failed: {exc}"
+        self._error = WorkerDiedError(message)
+        self._closed = True
+        self._finalizer()
+        return self._error
+
+
+class TensorParallelExecutor(_SpawnedRanks):
     """Rank 0 of a tensor-parallel engine: owns the other ranks' processes (see module docstring).
 
     ``model``: the full ``CausalLM``; its weights are shared with the spawned ranks through
@@ -306,24 +370,7 @@ class TensorParallelExecutor:
 
     def _spawn(self, spec: _RankSpec) -> torch.distributed.TCPStore:
         """Host the rendezvous store, then start ranks 1..N-1 pointed at it; returns the store."""
-        where = Rendezvous.for_spawn()
-        store = where.open_store(0, self.world_size, spec.collective_timeout_s)
-        spec.rendezvous = Rendezvous(where.host, store.port)
-        context = mp.start_processes(
-            _rank_main, args=(spec,), nprocs=self.world_size - 1, join=False, daemon=True, start_method="spawn"
-        )
-        self._processes.extend(context.processes)  # the finalizer holds this very list
-        self._error_files = list(context.error_files)
-        return store
-
-    def _child_tracebacks(self) -> str:
-        """The exceptions spawned ranks died of, as ``torch.multiprocessing`` recorded them ("" if none)."""
-        parts = []
-        for index, path in enumerate(self._error_files):
-            if path and os.access(path, os.R_OK) and os.path.getsize(path) > 0:
-                with open(path, "rb") as f:
-                    parts.append(f"\n-- rank {index + 1}:\n{pickle.load(f)}")
-        return "".join(parts)
+        return self._spawn_ranks(_rank_main, spec)
 
     @property
     def worker_pids(self) -> list[int]:
@@ -350,34 +397,6 @@ class TensorParallelExecutor:
         except RuntimeError as exc:  # torch.distributed's errors (DistBackendError, ...) are RuntimeErrors
             raise self._fail(exc) from exc
         return (logits, sampled) if sampled else (None, [])
-
-    def _dead_ranks(self) -> list[tuple[int, int | None]]:
-        return [(i + 1, p.exitcode) for i, p in enumerate(self._processes) if not p.is_alive()]
-
-    def _check_usable(self) -> None:
-        if self._error is not None:
-            raise self._error
-        if self._closed:
-            raise RuntimeError("the tensor-parallel executor was shut down")
-        if self._dead_ranks():
-            raise self._fail(None)
-
-    def _fail(self, exc: BaseException | None, starting: bool = False) -> WorkerDiedError:
-        """Turn a failed collective or a dead process into one ``WorkerDiedError``; stop every rank."""
-        deadline = time.monotonic() + 2.0  # a rank killed mid-step may take a moment to be reaped
-        while not self._dead_ranks() and time.monotonic() < deadline and self._processes:
-            time.sleep(0.05)
-        dead = self._dead_ranks()
-        if dead:
-            what = ", ".join(f"rank {r} ({_describe_exit(code)})" for r, code in dead)
-            when = " while the ranks were starting" if starting else "; the engine cannot continue"
-            message = f"tensor-parallel {what} died{when}{self._child_tracebacks()}"
-        else:
-            message = f"a tensor-parallel collective failed: {exc}"
-        self._error = WorkerDiedError(message)
-        self._closed = True
-        self._finalizer()
-        return self._error
 
     def shutdown(self) -> None:
         """Tell every rank to stop, wait for them (then terminate stragglers), leave the process group."""

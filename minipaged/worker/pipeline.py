@@ -38,7 +38,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from minipaged.config import EngineConfig
 from minipaged.core.block_manager import BlockCopy, BlockManager
@@ -61,10 +60,10 @@ from minipaged.models.pipeline import CheckpointSource, IntermediateTensors, Sta
 from minipaged.worker.executor import (
     StepChannel,
     WorkerDiedError,
-    _describe_exit,
     _exit_when_parent_dies,
     _plain_state_dict,
     _release,
+    _SpawnedRanks,
     _stop_processes,
     rank_device,
 )
@@ -244,9 +243,12 @@ class InFlightBatch:
     pending: list = field(default_factory=list)  # rank 0's unfinished sends, with the tensors they send
 
 
-class PipelineParallelExecutor:
+class PipelineParallelExecutor(_SpawnedRanks):
     """Rank 0 of a pipeline-parallel engine (see the module docstring). ``submit`` / ``collect`` keep several
     batches in flight; ``execute`` runs one. ``timeline`` holds every collected batch's ``StageSpan`` s."""
+
+    _KIND = "pipeline-parallel"
+    _FAILED = "message or collective"
 
     def __init__(
         self,
@@ -316,15 +318,7 @@ class PipelineParallelExecutor:
         return rank, int(os.environ.get("LOCAL_RANK", rank)) - rank
 
     def _spawn(self, spec: _StageSpec) -> dist.TCPStore:
-        where = Rendezvous.for_spawn()
-        store = where.open_store(0, self.world_size, spec.collective_timeout_s)
-        spec.rendezvous = Rendezvous(where.host, store.port)
-        context = mp.start_processes(
-            _rank_main, args=(spec,), nprocs=self.world_size - 1, join=False, daemon=True, start_method="spawn"
-        )
-        self._processes.extend(context.processes)
-        self._error_files = list(context.error_files)
-        return store
+        return self._spawn_ranks(_rank_main, spec)
 
     # ---- the interface the engine core drives ----
     @property
@@ -406,47 +400,7 @@ class PipelineParallelExecutor:
         fails them after ``collective_timeout_s`` (the data links' timeout). ``_fail`` then names the dead."""
         work.wait()
 
-    # ---- failure and shutdown (as the tensor-parallel executor) ----
-    def _dead_ranks(self) -> list[tuple[int, int | None]]:
-        return [(i + 1, p.exitcode) for i, p in enumerate(self._processes) if not p.is_alive()]
-
-    def _check_usable(self) -> None:
-        if self._error is not None:
-            raise self._error
-        if self._closed:
-            raise RuntimeError("the pipeline-parallel executor was shut down")
-        if self._dead_ranks():
-            raise self._fail(None)
-
-    def _child_tracebacks(self) -> str:
-        import pickle
-
-        parts = []
-        for index, path in enumerate(self._error_files):
-            if path and os.access(path, os.R_OK) and os.path.getsize(path) > 0:
-                with open(path, "rb") as f:
-                    parts.append(f"\n-- rank {index + 1}:\n{pickle.load(f)}")
-        return "".join(parts)
-
-    def _fail(self, exc: BaseException | None, starting: bool = False) -> WorkerDiedError:
-        """Turn a failed message or a dead process into one ``WorkerDiedError``; stop every rank."""
-        if self._error is not None:
-            return self._error
-        deadline = time.monotonic() + 2.0
-        while not self._dead_ranks() and time.monotonic() < deadline and self._processes:
-            time.sleep(0.05)
-        dead = self._dead_ranks()
-        if dead:
-            what = ", ".join(f"rank {r} ({_describe_exit(code)})" for r, code in dead)
-            when = " while the ranks were starting" if starting else "; the engine cannot continue"
-            message = f"pipeline-parallel {what} died{when}{self._child_tracebacks()}"
-        else:
-            message = f"a pipeline-parallel message or collective failed: {exc}"
-        self._error = WorkerDiedError(message)
-        self._closed = True
-        self._finalizer()
-        return self._error
-
+    # ---- shutdown (failures: _SpawnedRanks) ----
     def shutdown(self) -> None:
         """Tell every rank to stop (the shutdown travels down the stages), wait for them, leave the world."""
         if self._closed:
