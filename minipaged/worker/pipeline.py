@@ -272,6 +272,7 @@ class PipelineParallelExecutor(_SpawnedRanks):
         self.world_size = config.world_size
         self.timeline: list[StageSpan] = []
         self._processes: list = []
+        self._watches: list = []
         self._error_files: list[str] = []
         self._error: WorkerDiedError | None = None
         self._closed = False
@@ -285,12 +286,14 @@ class PipelineParallelExecutor(_SpawnedRanks):
             config, model_config, partition, backend, source, None, collective_timeout_s, threads, device_offset
         )
         self._store = self._spawn(spec) if launched is None else None
-        self._finalizer = weakref.finalize(self, _release, self._processes)
+        self._finalizer = weakref.finalize(self, _release, self._processes, self._watches)
         try:
             if self._store is not None:
                 wait_until_ready(self._store, self.world_size, self._dead_ranks, collective_timeout_s)
                 if self._dead_ranks():
                     raise self._fail(None, starting=True)
+            else:
+                self._join_launched(rank, config.peer_timeout_s)
             self.groups, self.worker = _build_rank(spec, rank, self._store)
         except BaseException:
             self._finalizer()
@@ -298,6 +301,7 @@ class PipelineParallelExecutor(_SpawnedRanks):
         if rank != 0:  # torchrun: this process serves rank 0 and then ends
             try:
                 serve_stage(self.groups, self.worker)
+                self._leave()
             finally:
                 destroy_process_groups()
             sys.exit(0)
@@ -412,6 +416,7 @@ class PipelineParallelExecutor(_SpawnedRanks):
                 if self.channel is not None:
                     self.channel.send(None)
                 dist.send(torch.tensor([_SHUTDOWN, 0, 0]), self.groups.next.peer, group=self.groups.next.control)
+            self._leave()
         except RuntimeError:
             pass  # a rank already gone: stopping the processes below is all that is left to do
         _stop_processes(self._processes)
