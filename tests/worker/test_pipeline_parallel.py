@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ from minipaged.errors import InvalidEngineConfigError
 from minipaged.models import build_model_from_hf
 from minipaged.models.pipeline import StageLayout, layer_partition, stage_state_dict
 from minipaged.worker.executor import WorkerDiedError
-from minipaged.worker.pipeline import PipelineParallelExecutor, overlapping_batches
+from minipaged.worker.pipeline import PipelineParallelExecutor, overlapping_batches, stage_chunk
 
 BLOCKS = 18  # x 8 tokens: the 12-prompt batch cannot all fit, so the scheduler preempts
 
@@ -112,6 +113,18 @@ def test_layer_partition():
     with pytest.raises(InvalidEngineConfigError, match="a stage would be empty") as err:
         layer_partition(3, 4)
     assert err.value.field == "pipeline_parallel_size"
+
+
+def test_each_tensor_parallel_rank_sends_its_slice_of_the_residual_stream():
+    hidden = torch.randn(5, 12)  # [num_tokens, hidden_size]
+    for tp_size in (2, 3, 4):
+        chunks = [stage_chunk(hidden, SimpleNamespace(rank=r, world_size=tp_size)) for r in range(tp_size)]
+        assert all(c.numel() == hidden.numel() // tp_size and c.is_contiguous() for c in chunks)
+        assert all(c.data_ptr() != chunks[0].data_ptr() for c in chunks[1:])  # different parts, no copies sent twice
+        assert torch.equal(torch.cat(chunks).view_as(hidden), hidden)  # the receivers' all-gather rebuilds it
+    # Without tensor parallelism, or when T does not divide the tensor, the whole tensor goes.
+    assert torch.equal(stage_chunk(hidden, None), hidden)
+    assert stage_chunk(torch.randn(5, 7), SimpleNamespace(rank=1, world_size=2)).shape == (5, 7)
 
 
 def test_stage_state_dicts_cover_the_model_once(data):
