@@ -17,7 +17,10 @@ import sys
 import time
 from pathlib import Path
 
-from tiny_models import hf_greedy, make_prompts, tiny_hf_model
+import pytest
+from tiny_models import SMOL_DIR, hf_greedy, make_prompts, make_tiny_model_dir, tiny_hf_model
+
+from minipaged import LLM, SamplingParams
 
 SCRIPT = """
 import json
@@ -93,12 +96,13 @@ def _kill_tree(pids: list[int]) -> None:
                 pass
 
 
-def _torchrun(script: Path, node_rank: int, port: int) -> subprocess.Popen:
+def _torchrun(script: Path | list[str], node_rank: int, port: int) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")]))
     env["OMP_NUM_THREADS"] = "1"
     argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node_rank)]
-    argv += ["--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port), str(script)]
+    argv += ["--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port)]
+    argv += [str(script)] if isinstance(script, Path) else script
     return subprocess.Popen(
         argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
     )
@@ -153,3 +157,54 @@ def test_a_killed_node_ends_the_other_with_the_lost_rank_named(tmp_path):
         for node in nodes:
             node.kill()
             node.communicate()
+
+
+def test_serve_under_torchrun_answers_over_http(tmp_path):
+    """``minipaged serve`` on both nodes: rank 0 listens and answers, node 1 runs its stage; Ctrl-C on rank 0
+    drains the server and shuts node 1 down in order."""
+    httpx = pytest.importorskip("httpx")
+    if not (SMOL_DIR / "tokenizer.json").exists():
+        pytest.skip("SmolLM2 tokenizer not prepared (make setup)")
+    model_dir = make_tiny_model_dir(tmp_path / "tiny")
+    with LLM(str(model_dir), num_kv_blocks=64) as llm:  # the one-process answer to compare with
+        params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+        expected = llm.generate(["Hello there"], params, use_tqdm=False)[0].outputs[0].text
+    port, http_port = _free_port(), _free_port()
+    serve = ["--module", "minipaged", "serve", "--model", str(model_dir), "--pipeline-parallel-size", "2"]
+    serve += ["--num-kv-blocks", "64", "--port", str(http_port)]
+    nodes = [_torchrun(serve, rank, port) for rank in (0, 1)]
+    started = [node.pid for node in nodes]
+    try:
+        deadline = time.monotonic() + 240  # a hang guard, not a measurement
+        while not _healthy(httpx, http_port):
+            assert all(node.poll() is None for node in nodes), nodes[0].communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the server never came up"
+            time.sleep(0.5)
+        body = {"model": "tiny", "prompt": "Hello there", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+        reply = httpx.post(f"http://127.0.0.1:{http_port}/v1/completions", json=body, timeout=120)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["text"] == expected
+        started += _children(nodes[0].pid) + _children(nodes[1].pid)
+        rank0 = _children(nodes[0].pid)[0]
+        os.kill(rank0, signal.SIGINT)
+        results = [node.communicate(timeout=120) for node in nodes]
+        assert nodes[1].returncode == 0, results[1][1][-3000:]  # told to stop by rank 0, not lost
+        assert "shutting down" in results[0][1]
+        deadline = time.monotonic() + 10
+        while any(_alive(pid) for pid in started) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in started if _alive(pid)]
+    finally:
+        for node in nodes:
+            started += _children(node.pid)
+        _kill_tree(started)
+        for node in nodes:
+            node.kill()
+            node.communicate()
+
+
+def _healthy(httpx, port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
