@@ -385,7 +385,10 @@ class TensorParallelExecutor(_SpawnedRanks):
             self._finalizer()
             raise
         if rank != 0:  # torchrun: this process serves rank 0 and then ends
-            serve_steps(self.tp, self.worker)
+            try:
+                serve_steps(self.tp, self.worker)
+            except RuntimeError as exc:  # a peer's connection dropped: name it as the engine's failure
+                raise self._fail(exc) from exc
             self._leave()
             destroy_process_groups()
             sys.exit(0)

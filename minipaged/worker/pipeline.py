@@ -344,6 +344,8 @@ class PipelineParallelExecutor(_SpawnedRanks):
             try:
                 serve_stage(self.groups, self.worker)
                 self._leave()
+            except RuntimeError as exc:  # a peer's connection dropped: name it as the engine's failure
+                raise self._fail(exc) from exc
             finally:
                 destroy_process_groups()
             sys.exit(0)
