@@ -23,7 +23,9 @@ after ``collective_timeout_s`` if it hangs) instead of a hang.
 Under ``torchrun`` (``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT`` set, with
 ``WORLD_SIZE == tensor_parallel_size``) nothing is spawned: every process runs the same
 script, rank 0's ``LLM(...)`` becomes the engine, and on every other rank ``LLM(...)``
-serves rank 0's steps until it shuts down, then exits the process.
+serves rank 0's steps until it shuts down, then exits the process. With no child processes
+to poll there, every rank beats a heartbeat in torchrun's store and watches the others'
+(``minipaged.distributed.LivenessWatch``), so a rank or node that vanishes ends the rest.
 """
 
 from __future__ import annotations
