@@ -161,6 +161,10 @@ def test_bad_pipeline_config(monkeypatch):
     with pytest.raises(InvalidEngineConfigError) as err:
         EngineConfig(max_concurrent_batches=0)
     assert err.value.field == "max_concurrent_batches"
+    for bad in (0, -1.0, "30", True):
+        with pytest.raises(InvalidEngineConfigError) as err:
+            EngineConfig(peer_timeout_s=bad)
+        assert err.value.field == "peer_timeout_s"
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
     with pytest.raises(InvalidEngineConfigError, match="2 x 2 ranks need 4 GPUs; 3 visible") as err:
         EngineConfig(device="cuda", pipeline_parallel_size=2, tensor_parallel_size=2)
