@@ -200,6 +200,13 @@ class EngineConfig:
             "unset: pipeline_parallel_size, which keeps every stage busy; 1 runs one batch at a time"
         },
     )
+    peer_timeout_s: float = field(
+        default=30.0,
+        metadata={
+            "help": "seconds a multi-process engine started by torchrun waits for a rank that has not joined, or "
+            "whose heartbeat stopped (a node gone), before every rank ends with an error naming it"
+        },
+    )
 
     speculative_config: SpeculativeConfig | dict | None = field(
         default=None,
@@ -246,6 +253,9 @@ class EngineConfig:
         _positive_int("tensor_parallel_size", self.tensor_parallel_size)
         _positive_int("pipeline_parallel_size", self.pipeline_parallel_size)
         _positive_int("max_concurrent_batches", self.max_concurrent_batches, allow_none=True)
+        peer = self.peer_timeout_s
+        if isinstance(peer, bool) or not isinstance(peer, (int, float)) or not peer > 0:
+            raise InvalidEngineConfigError("peer_timeout_s", f"must be a positive number of seconds, got {peer!r}")
         self._check_layer_partition()
         self._check_tensor_parallel_devices()
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from minipaged.errors import InvalidEngineConfigError
+from minipaged.errors import InvalidEngineConfigError, MinipagedError
 
 # In-step collectives: a healthy step takes far less; a dead or stuck peer surfaces after this.
 DEFAULT_COLLECTIVE_TIMEOUT_S = 120.0
@@ -85,6 +87,161 @@ def wait_until_ready(store: dist.Store, world_size: int, dead_ranks: Callable[[]
         if time.monotonic() > deadline:
             raise TimeoutError(f"tensor-parallel ranks did not start within {timeout_s:.0f} s")
         time.sleep(0.02)
+
+
+# ---- ranks started by torchrun, possibly on several machines ------------------------------------------------
+class PeerLostError(MinipagedError, RuntimeError):
+    """A rank of a torchrun-launched engine never joined, or stopped answering; every rank ends."""
+
+
+def launched_by_agent() -> bool:
+    """torchrun's agent hosts the rendezvous store and is this process's parent (not a hand-set ``RANK`` etc.)."""
+    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+
+
+def open_launch_store(rank: int, world_size: int, timeout_s: float) -> tuple[dist.Store, str]:
+    """A client of the store at ``MASTER_ADDR:MASTER_PORT`` for the engine's own keys, and that address.
+
+    Under torchrun the agent of node 0 hosts it; with ``RANK``/``WORLD_SIZE``/... set by hand
+    rank 0 hosts it, shared (``multi_tenant``) with the process group's ``env://`` join.
+    Keys live under this run's id and restart count, so a restarted job never reads the old ones.
+    """
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    store = dist.TCPStore(
+        host,
+        port,
+        world_size,
+        is_master=rank == 0 and not launched_by_agent(),
+        timeout=datetime.timedelta(seconds=timeout_s),
+        wait_for_workers=False,
+        multi_tenant=True,
+    )
+    run = f"{os.environ.get('TORCHELASTIC_RUN_ID', 'none')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    return dist.PrefixStore(f"minipaged/{run}", store), f"{host}:{port}"
+
+
+def _beat_key(rank: int) -> str:
+    return f"minipaged/beat/{rank}"
+
+
+_LEFT = b"left"
+
+
+def wait_for_peers(store: dist.Store, rank: int, world_size: int, where: str, timeout_s: float) -> None:
+    """Announce ``rank`` and wait until all ``world_size`` ranks have; ``PeerLostError`` naming the missing
+    ranks and the rendezvous address after ``timeout_s``.
+
+    Joining the process group would also wait, but only to fail after its own timeout with
+    "k/n clients joined"; this names who is missing and where they should have come.
+    """
+    store.set(_beat_key(rank), "0")
+    keys = [_beat_key(r) for r in range(world_size)]
+    deadline = time.monotonic() + timeout_s
+    while not store.check(keys):
+        if time.monotonic() > deadline:
+            missing = [r for r in range(world_size) if not store.check([_beat_key(r)])]
+            raise PeerLostError(
+                f"ranks {missing} of {world_size} did not join the rendezvous at {where} within {timeout_s:.0f} s: "
+                "start the same torchrun command on every node (--nnodes, its own --node-rank, node 0's "
+                "--master-addr and --master-port) and check the missing nodes' logs"
+            )
+        time.sleep(0.05)
+
+
+class LivenessWatch:
+    """A heartbeat in the rendezvous store, and a watch on every other rank's.
+
+    Across machines a rank can vanish without closing its connections (a node powered off,
+    a network cut), and a rank waiting for the next step waits on a receive that never
+    times out, because an idle engine is not an error. So every rank bumps its counter in the
+    store every ``timeout_s / 10`` and checks the others': a counter that has not moved for
+    ``timeout_s``, or a store that cannot be reached (node 0 gone), calls ``on_lost(message)``
+    (``exit_process`` for torchrun ranks). A rank that shuts down in order marks itself as
+    left, and the others stop watching it.
+    """
+
+    def __init__(
+        self,
+        store: dist.Store,
+        rank: int,
+        world_size: int,
+        where: str,
+        timeout_s: float,
+        on_lost: Callable[[str], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store, self.rank, self.world_size, self.where = store, rank, world_size, where
+        self.timeout_s, self.on_lost, self.clock = timeout_s, on_lost, clock
+        self._beats = 0
+        self._last: dict[int, tuple[bytes, float]] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> LivenessWatch:
+        """Beat and watch from a daemon thread until ``stop`` or ``leave``."""
+        self._thread = threading.Thread(target=self._run, name="minipaged-liveness", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.timeout_s / 10):
+            message = self.check()
+            if message is not None and not self._stop.is_set():
+                self.on_lost(message)
+                return
+
+    def check(self) -> str | None:
+        """One beat and one look at the others: ``None`` while all answer, else what went wrong."""
+        others = [r for r in range(self.world_size) if r != self.rank]
+        try:
+            self._beats += 1
+            self.store.set(_beat_key(self.rank), str(self._beats))
+            values = self.store.multi_get([_beat_key(r) for r in others])
+        except Exception as exc:  # the store's connection errors have no common type (DistNetworkError, ...)
+            return (
+                f"rank {self.rank} lost the rendezvous store at {self.where} (the node hosting it, node 0, "
+                f"is gone or unreachable): {exc}"
+            )
+        now = self.clock()
+        for rank, value in zip(others, values):
+            if value == _LEFT:
+                continue
+            previous = self._last.get(rank)
+            if previous is None or previous[0] != value:
+                self._last[rank] = (value, now)
+            elif now - previous[1] > self.timeout_s:
+                return (
+                    f"rank {rank} of {self.world_size} stopped answering: no heartbeat for {self.timeout_s:.0f} s "
+                    f"in the store at {self.where} (its process or node died; see that node's log)"
+                )
+        return None
+
+    def stop(self) -> None:
+        """Stop beating without saying goodbye: the others will see this rank as gone."""
+        self._stop.set()
+
+    def leave(self) -> None:
+        """An orderly shutdown: mark this rank as left (the others stop watching it), then stop."""
+        self.stop()
+        try:
+            self.store.set(_beat_key(self.rank), _LEFT)
+        except Exception:  # the store's node already went: nobody is left to tell
+            pass
+
+
+def exit_process(message: str) -> None:
+    """What a torchrun rank does when a peer is lost: say why on stderr and end at once.
+
+    The main thread may be blocked in a receive from the lost peer that no timeout bounds, so
+    raising there is not possible; torchrun's agent reports the non-zero exit and stops the
+    node's other ranks.
+    """
+    sys.stderr.write(f"minipaged: {message}; ending this rank\n")
+    sys.stderr.flush()
+    os._exit(PEER_LOST_EXIT_CODE)
+
+
+PEER_LOST_EXIT_CODE = 75  # distinct from a Python traceback's 1, so launch scripts can tell the two apart
 
 
 @dataclass

@@ -23,7 +23,9 @@ after ``collective_timeout_s`` if it hangs) instead of a hang.
 Under ``torchrun`` (``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT`` set, with
 ``WORLD_SIZE == tensor_parallel_size``) nothing is spawned: every process runs the same
 script, rank 0's ``LLM(...)`` becomes the engine, and on every other rank ``LLM(...)``
-serves rank 0's steps until it shuts down, then exits the process.
+serves rank 0's steps until it shuts down, then exits the process. With no child processes
+to poll there, every rank beats a heartbeat in torchrun's store and watches the others'
+(``minipaged.distributed.LivenessWatch``), so a rank or node that vanishes ends the rest.
 """
 
 from __future__ import annotations
@@ -48,14 +50,19 @@ from minipaged.core.block_manager import BlockCopy, BlockManager
 from minipaged.core.scheduler import ScheduledSequence
 from minipaged.distributed import (
     DEFAULT_COLLECTIVE_TIMEOUT_S,
+    LivenessWatch,
     Rendezvous,
     TensorParallelGroup,
     announce_ready,
     check_no_running_engine,
     check_tensor_parallel_size,
     destroy_process_groups,
+    exit_process,
     init_process_groups,
+    launched_by_agent,
+    open_launch_store,
     torchrun_rank,
+    wait_for_peers,
     wait_until_ready,
 )
 from minipaged.errors import InvalidEngineConfigError, MinipagedError
@@ -223,8 +230,10 @@ def _stop_processes(processes: list, timeout_s: float = 5.0) -> None:
             p.join(2.0)
 
 
-def _release(processes: list) -> None:
+def _release(processes: list, watches: list[LivenessWatch]) -> None:
     """Garbage-collection / interpreter-exit teardown: no goodbye message, just stop the ranks and leave."""
+    for watch in watches:
+        watch.stop()
     _stop_processes(processes, timeout_s=0.0)
     destroy_process_groups()
 
@@ -233,8 +242,9 @@ class _SpawnedRanks:
     """What a multi-process executor does with the ranks it spawned: start them around a rendezvous
     store, notice the dead ones, and turn a failure into one ``WorkerDiedError`` that stops them all.
 
-    Subclasses set ``_processes``, ``_error_files``, ``_error``, ``_closed`` and ``_finalizer`` in
-    ``__init__``; ``_KIND`` names them in errors, ``_FAILED`` what failed when no rank died.
+    Subclasses set ``_processes``, ``_watches``, ``_error_files``, ``_error``, ``_closed`` and
+    ``_finalizer`` in ``__init__``; ``_KIND`` names them in errors, ``_FAILED`` what failed when no
+    rank died. Under torchrun nothing is spawned and ``_join_launched`` watches the other ranks instead.
     """
 
     _KIND = "tensor-parallel"
@@ -251,6 +261,24 @@ class _SpawnedRanks:
         self._processes.extend(context.processes)  # the finalizer holds this very list
         self._error_files = list(context.error_files)
         return store
+
+    def _join_launched(self, rank: int, peer_timeout_s: float) -> None:
+        """torchrun: wait for every rank to show up, then keep a heartbeat watch on them (``LivenessWatch``).
+
+        A rank whose agent is killed exits too (the agent starts its ranks in their own
+        session, so nothing else would stop them).
+        """
+        if launched_by_agent():
+            _exit_when_parent_dies()
+        store, where = open_launch_store(rank, self.world_size, peer_timeout_s)
+        wait_for_peers(store, rank, self.world_size, where, peer_timeout_s)
+        watch = LivenessWatch(store, rank, self.world_size, where, peer_timeout_s, exit_process)
+        self._watches.append(watch.start())
+
+    def _leave(self) -> None:
+        """An orderly end under torchrun: the other ranks stop watching this one."""
+        for watch in self._watches:
+            watch.leave()
 
     def _child_tracebacks(self) -> str:
         """The exceptions spawned ranks died of, as ``torch.multiprocessing`` recorded them ("" if none)."""
@@ -284,6 +312,11 @@ class _SpawnedRanks:
             what = ", ".join(f"rank {r} ({_describe_exit(code)})" for r, code in dead)
             when = " while the ranks were starting" if starting else "; the engine cannot continue"
             message = f"{self._KIND} {what} died{when}{self._child_tracebacks()}"
+        elif self._watches:
+            message = (
+                f"a {self._KIND} {self._FAILED} failed (a rank of this torchrun job stopped; "
+                f"its node's log says why): {exc}"
+            )
         else:
             message = f"a {self._KIND} {self._FAILED} failed: {exc}"
         self._error = WorkerDiedError(message)
@@ -322,6 +355,7 @@ class TensorParallelExecutor(_SpawnedRanks):
         self.config = config
         self.world_size = config.tensor_parallel_size
         self._processes: list = []
+        self._watches: list = []
         self._error_files: list[str] = []
         self._error: WorkerDiedError | None = None
         self._closed = False
@@ -340,18 +374,24 @@ class TensorParallelExecutor(_SpawnedRanks):
         )
         # Rank 0 hosts the store (the process group keeps it too); under torchrun, torchrun does.
         self._store = self._spawn(spec) if launched is None else None
-        self._finalizer = weakref.finalize(self, _release, self._processes)
+        self._finalizer = weakref.finalize(self, _release, self._processes, self._watches)
         try:
             if self._store is not None:
                 wait_until_ready(self._store, self.world_size, self._dead_ranks, collective_timeout_s)
                 if self._dead_ranks():
                     raise self._fail(None, starting=True)
+            else:
+                self._join_launched(rank, config.peer_timeout_s)
             self.tp, self.worker = _build_rank(spec, rank, self._store)
         except BaseException:
             self._finalizer()
             raise
         if rank != 0:  # torchrun: this process serves rank 0 and then ends
-            serve_steps(self.tp, self.worker)
+            try:
+                serve_steps(self.tp, self.worker)
+            except RuntimeError as exc:  # a peer's connection dropped: name it as the engine's failure
+                raise self._fail(exc) from exc
+            self._leave()
             destroy_process_groups()
             sys.exit(0)
         self.device = self.worker.device
@@ -407,6 +447,7 @@ class TensorParallelExecutor(_SpawnedRanks):
         try:
             if not self._dead_ranks():
                 self.channel.send(None)
+            self._leave()
         except RuntimeError:
             traceback.print_exc()
         _stop_processes(self._processes)

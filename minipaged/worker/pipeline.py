@@ -9,8 +9,9 @@ manager and sampler. One batch travels like this:
    ``T > 1``, broadcasts it to stage 0's other TP ranks (``StepChannel``);
 2. every rank of stage ``s`` runs its layers and sends ``[tag, batch id, length]``, the
    packed batch, ``hidden_states`` and ``residual`` to the same TP rank of stage ``s + 1``
-   (point-to-point; with TP the hidden state is whole on every TP rank after the
-   all-reduce, so each sends its own copy and the receiver needs no gather);
+   (point-to-point). With TP the residual stream is whole on every TP rank after the
+   all-reduce, so each sends only its ``1/T`` slice and the ranks of stage ``s + 1``
+   all-gather the slices (``stage_chunk``): the link between stages carries one copy, not ``T``;
 3. the last stage's TP rank 0 computes the logits of the sampled rows and sends them, with
    the batch's per-stage timings, to rank 0.
 
@@ -24,7 +25,11 @@ executors. Failures end the engine as tensor parallelism does: rank 0 waits on i
 messages while polling its child processes, so a rank that dies turns into a
 ``WorkerDiedError`` at once, and a rank that hangs into one after ``collective_timeout_s``.
 Under ``torchrun`` (``WORLD_SIZE == P * T``, any number of nodes) nothing is spawned: the
-process with ``RANK == 0`` is the engine and every other one serves it, then exits.
+process with ``RANK == 0`` is the engine and every other one serves it, then exits. There
+rank 0 has no child processes to poll, and a node can vanish without closing a connection,
+so every rank also beats a heartbeat in the rendezvous store and watches the others'
+(``minipaged.distributed.LivenessWatch``): a rank that does not join, or stops beating, for
+``peer_timeout_s`` ends every other rank with a message naming it.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from minipaged.distributed import (
     PipelineGroups,
     Rendezvous,
     StageLink,
+    TensorParallelGroup,
     announce_ready,
     check_no_running_engine,
     check_tensor_parallel_size,
@@ -107,8 +113,39 @@ class StageWorker(Worker):
 
 
 # ---- messages between stages ------------------------------------------------------------------------------
+def stage_chunk(t: torch.Tensor, tp: TensorParallelGroup | None) -> torch.Tensor:
+    """The part of ``t`` this rank sends to its peer on the next stage: its ``1/T`` of the flattened tensor
+    (``[numel / T]``, contiguous), or all of ``t`` without tensor parallelism or when ``T`` does not divide it.
+
+    After a stage's last all-reduce every TP rank holds the whole residual stream; sending it
+    whole from each rank would move ``T`` copies between the stages. Each sends its own slice
+    and the next stage's ranks put the slices back together (``_receive_chunked``).
+    """
+    t = t.contiguous()
+    if tp is None or t.numel() % tp.world_size:
+        return t
+    return t.view(tp.world_size, -1)[tp.rank]
+
+
+def _receive_chunked(full: torch.Tensor, link: StageLink, tp: TensorParallelGroup | None) -> None:
+    """Fill ``full`` (contiguous) from the previous stage: this rank's slice from its peer there, the
+    other slices from this stage's other TP ranks (one all-gather); see ``stage_chunk``."""
+    if tp is None or full.numel() % tp.world_size:
+        dist.recv(full, link.peer, group=link.data)
+        return
+    slices = list(full.view(tp.world_size, -1).unbind(0))
+    mine = torch.empty_like(slices[tp.rank])
+    dist.recv(mine, link.peer, group=link.data)
+    dist.all_gather(slices, mine, group=tp.device_group)
+
+
 def _send_stage(
-    link: StageLink, batch_id: int, batch: StepBatch | None, out: IntermediateTensors | None, spans: torch.Tensor
+    link: StageLink,
+    batch_id: int,
+    batch: StepBatch | None,
+    out: IntermediateTensors | None,
+    spans: torch.Tensor,
+    tp: TensorParallelGroup | None,
 ) -> None:
     """Send one batch (``None``: shut down) down ``link``: header, packed batch, spans, residual stream."""
     if batch is None:
@@ -118,12 +155,17 @@ def _send_stage(
     dist.send(torch.tensor([_STEP, batch_id, payload.numel()]), link.peer, group=link.control)
     dist.send(payload, link.peer, group=link.control)
     dist.send(spans.to(out.hidden_states.device), link.peer, group=link.data)
-    dist.send(out.hidden_states.contiguous(), link.peer, group=link.data)
-    dist.send(out.residual.contiguous(), link.peer, group=link.data)
+    dist.send(stage_chunk(out.hidden_states, tp), link.peer, group=link.data)
+    dist.send(stage_chunk(out.residual, tp), link.peer, group=link.data)
 
 
 def _receive_stage(
-    link: StageLink, hidden_size: int, dtype: torch.dtype, device: torch.device, num_stages: int
+    link: StageLink,
+    tp: TensorParallelGroup | None,
+    hidden_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    num_stages: int,
 ) -> tuple[int, StepBatch, IntermediateTensors, torch.Tensor, float] | None:
     """The next batch from the previous stage, or ``None`` when it shut down."""
     header = torch.zeros(3, dtype=torch.int64)
@@ -140,8 +182,8 @@ def _receive_stage(
     spans = spans.cpu()
     hidden = torch.empty(len(batch.input_ids), hidden_size, dtype=dtype, device=device)
     residual = torch.empty_like(hidden)
-    dist.recv(hidden, link.peer, group=link.data)
-    dist.recv(residual, link.peer, group=link.data)
+    _receive_chunked(hidden, link, tp)
+    _receive_chunked(residual, link, tp)
     return batch_id, batch, IntermediateTensors(hidden, residual), spans, time.perf_counter() - start
 
 
@@ -159,20 +201,20 @@ def serve_stage(groups: PipelineGroups, worker: StageWorker) -> None:
             batch_id, next_id = next_id, next_id + 1
         else:
             message = _receive_stage(
-                groups.prev, config.hidden_size, worker.config.torch_dtype, worker.device, groups.num_stages
+                groups.prev, groups.tp, config.hidden_size, worker.config.torch_dtype, worker.device, groups.num_stages
             )
             batch = None if message is None else message[1]
             if message is not None:
                 batch_id, batch, intermediate, spans, comm = message
         if batch is None:
             if groups.next is not None:
-                _send_stage(groups.next, 0, None, None, spans)
+                _send_stage(groups.next, 0, None, None, spans, groups.tp)
             return
         start = time.perf_counter()
         out = worker.run_stage(batch, intermediate)
         spans[groups.stage] = torch.tensor([start, time.perf_counter(), comm], dtype=torch.float64)
         if groups.next is not None:
-            _send_stage(groups.next, batch_id, batch, out, spans)
+            _send_stage(groups.next, batch_id, batch, out, spans, groups.tp)
         elif groups.to_driver is not None and groups.to_driver is not None:
             dist.send(spans.to(worker.device), groups.to_driver.peer, group=groups.to_driver.data)
             if out is not None:
@@ -272,6 +314,7 @@ class PipelineParallelExecutor(_SpawnedRanks):
         self.world_size = config.world_size
         self.timeline: list[StageSpan] = []
         self._processes: list = []
+        self._watches: list = []
         self._error_files: list[str] = []
         self._error: WorkerDiedError | None = None
         self._closed = False
@@ -285,12 +328,14 @@ class PipelineParallelExecutor(_SpawnedRanks):
             config, model_config, partition, backend, source, None, collective_timeout_s, threads, device_offset
         )
         self._store = self._spawn(spec) if launched is None else None
-        self._finalizer = weakref.finalize(self, _release, self._processes)
+        self._finalizer = weakref.finalize(self, _release, self._processes, self._watches)
         try:
             if self._store is not None:
                 wait_until_ready(self._store, self.world_size, self._dead_ranks, collective_timeout_s)
                 if self._dead_ranks():
                     raise self._fail(None, starting=True)
+            else:
+                self._join_launched(rank, config.peer_timeout_s)
             self.groups, self.worker = _build_rank(spec, rank, self._store)
         except BaseException:
             self._finalizer()
@@ -298,6 +343,9 @@ class PipelineParallelExecutor(_SpawnedRanks):
         if rank != 0:  # torchrun: this process serves rank 0 and then ends
             try:
                 serve_stage(self.groups, self.worker)
+                self._leave()
+            except RuntimeError as exc:  # a peer's connection dropped: name it as the engine's failure
+                raise self._fail(exc) from exc
             finally:
                 destroy_process_groups()
             sys.exit(0)
@@ -362,8 +410,8 @@ class PipelineParallelExecutor(_SpawnedRanks):
             (header, link.control),
             (payload, link.control),
             (spans, link.data),
-            (out.hidden_states.contiguous(), link.data),
-            (out.residual.contiguous(), link.data),
+            (stage_chunk(out.hidden_states, self.groups.tp), link.data),
+            (stage_chunk(out.residual, self.groups.tp), link.data),
         ]
         return [(dist.isend(t, link.peer, group=g), t) for t, g in tensors]
 
@@ -412,6 +460,7 @@ class PipelineParallelExecutor(_SpawnedRanks):
                 if self.channel is not None:
                     self.channel.send(None)
                 dist.send(torch.tensor([_SHUTDOWN, 0, 0]), self.groups.next.peer, group=self.groups.next.control)
+            self._leave()
         except RuntimeError:
             pass  # a rank already gone: stopping the processes below is all that is left to do
         _stop_processes(self._processes)

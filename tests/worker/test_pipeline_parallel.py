@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ from minipaged.errors import InvalidEngineConfigError
 from minipaged.models import build_model_from_hf
 from minipaged.models.pipeline import StageLayout, layer_partition, stage_state_dict
 from minipaged.worker.executor import WorkerDiedError
-from minipaged.worker.pipeline import PipelineParallelExecutor, overlapping_batches
+from minipaged.worker.pipeline import PipelineParallelExecutor, overlapping_batches, stage_chunk
 
 BLOCKS = 18  # x 8 tokens: the 12-prompt batch cannot all fit, so the scheduler preempts
 
@@ -114,6 +115,18 @@ def test_layer_partition():
     assert err.value.field == "pipeline_parallel_size"
 
 
+def test_each_tensor_parallel_rank_sends_its_slice_of_the_residual_stream():
+    hidden = torch.randn(5, 12)  # [num_tokens, hidden_size]
+    for tp_size in (2, 3, 4):
+        chunks = [stage_chunk(hidden, SimpleNamespace(rank=r, world_size=tp_size)) for r in range(tp_size)]
+        assert all(c.numel() == hidden.numel() // tp_size and c.is_contiguous() for c in chunks)
+        assert all(c.data_ptr() != chunks[0].data_ptr() for c in chunks[1:])  # different parts, no copies sent twice
+        assert torch.equal(torch.cat(chunks).view_as(hidden), hidden)  # the receivers' all-gather rebuilds it
+    # Without tensor parallelism, or when T does not divide the tensor, the whole tensor goes.
+    assert torch.equal(stage_chunk(hidden, None), hidden)
+    assert stage_chunk(torch.randn(5, 7), SimpleNamespace(rank=1, world_size=2)).shape == (5, 7)
+
+
 def test_stage_state_dicts_cover_the_model_once(data):
     model = build_model_from_hf(data[0])
     config = model.config
@@ -148,6 +161,10 @@ def test_bad_pipeline_config(monkeypatch):
     with pytest.raises(InvalidEngineConfigError) as err:
         EngineConfig(max_concurrent_batches=0)
     assert err.value.field == "max_concurrent_batches"
+    for bad in (0, -1.0, "30", True):
+        with pytest.raises(InvalidEngineConfigError) as err:
+            EngineConfig(peer_timeout_s=bad)
+        assert err.value.field == "peer_timeout_s"
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
     with pytest.raises(InvalidEngineConfigError, match="2 x 2 ranks need 4 GPUs; 3 visible") as err:
         EngineConfig(device="cuda", pipeline_parallel_size=2, tensor_parallel_size=2)

@@ -132,10 +132,17 @@ def run_serve(args: argparse.Namespace) -> int:
     """
     import uvicorn
 
+    from minipaged.distributed import torchrun_rank
     from minipaged.engine.async_llm import AsyncLLM
     from minipaged.entrypoints.openai.app import build_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    launched = torchrun_rank()
+    if launched is not None and launched[0] != 0:
+        # Under torchrun only rank 0 listens; on every other rank building the engine runs this rank's
+        # part of it until rank 0 shuts down, then ends the process.
+        AsyncLLM(**engine_kwargs(args))
+        return 0
     try:  # before the model loads: a port in use is reported in a second, not after a minute
         sock = _bind(args.host, args.port)
     except OSError as err:
