@@ -289,3 +289,27 @@ def test_one_engine_serves_successive_event_loops(hf):
     assert first.outputs[0].token_ids == second.outputs[0].token_ids
     assert_idle_and_free(engine)
     asyncio.run(engine.shutdown())
+
+
+def test_every_step_runs_on_one_engine_thread(hf):
+    """One thread steps the model, whatever else uses the loop's thread pool (the server tokenizes there):
+    torch's OpenMP team belongs to the thread that calls it, so steps spread over pool threads would
+    keep several teams, whose idle workers spin on the cores the working team needs."""
+    import threading
+
+    async def main():
+        engine = AsyncLLM(build_model_from_hf(hf), **engine_kwargs(num_kv_blocks=128))
+        step, callers = engine.engine_core.step, set()
+
+        def recording_step():
+            callers.add(threading.get_ident())
+            return step()
+
+        engine.engine_core.step = recording_step
+        busy = [asyncio.to_thread(time.sleep, 0.002 * (i % 5)) for i in range(40)]  # other users of the pool
+        await asyncio.gather(*(collect(engine, p, greedy(12)) for p in prompts(12, 4)), *busy)
+        assert len(callers) == 1 and threading.get_ident() not in callers
+        assert_idle_and_free(engine)
+        await engine.shutdown()
+
+    asyncio.run(main())
