@@ -7,13 +7,14 @@ that hit a stop string, then hand that step's outputs to the event loop in one b
 starts at once: it never waits for the event loop to get a turn, so a busy loop (many
 streams to frame and send) does not stretch the gap between steps. torch releases the
 GIL inside its kernels, so the event loop keeps serving connections meanwhile. With no
-request left the thread waits on a condition: an idle server uses no CPU. A request added
+request left the thread ends (an idle server uses no CPU, and an engine dropped without
+``shutdown`` holds no thread); the next request starts another. A request added
 while a step runs joins the batch at the next step: continuous batching across HTTP requests.
 
 ``generate`` is an async iterator over one request's outputs. Cancelling the task that
 consumes it (a client that went away) or closing it aborts the request; its blocks are
-freed before the next step. The event loop only appends to the inbox (under the
-condition's lock) and owns the per-request queues; the engine thread owns everything else.
+freed before the next step. The event loop only appends to the inbox (under a lock)
+and owns the per-request queues; the engine thread owns everything else.
 """
 
 from __future__ import annotations
@@ -68,8 +69,8 @@ class AsyncLLM:
         self.engine_core.cap_max_model_len_to_cache()
         self.processor = OutputProcessor(self.tokenizer)
         self._queues: dict[str, asyncio.Queue] = {}  # the event loop's only
-        self._inbox: list[_Add | _Abort] = []  # in arrival order; guarded by _work
-        self._work = threading.Condition()
+        self._inbox: list[_Add | _Abort] = []  # in arrival order; guarded by _lock
+        self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # where outputs are delivered
         self._dead: BaseException | None = None
@@ -155,10 +156,9 @@ class AsyncLLM:
 
     async def shutdown(self) -> None:
         """Stop the engine thread (pending requests are aborted), then the worker processes, if any."""
-        with self._work:
+        with self._lock:
             self._inbox.extend(_Abort(rid) for rid in self._queues)
             self._stopping = True
-            self._work.notify()
         thread = self._thread
         if thread is not None:
             await asyncio.to_thread(thread.join)  # the step in flight finishes first
@@ -182,15 +182,14 @@ class AsyncLLM:
         self._loop = loop
 
     def _submit(self, *ops: _Add | _Abort) -> None:
-        """Queue adds / aborts for the engine thread (started on first use) and wake it."""
-        with self._work:
+        """Queue adds / aborts for the engine thread, starting one if none runs."""
+        with self._lock:
             if self._stopping or self._dead is not None:
                 return
             self._inbox.extend(ops)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._engine_thread, name="minipaged-engine", daemon=True)
                 self._thread.start()
-            self._work.notify()
 
     def _deliver(self, delivered: _Delivery) -> None:
         """On the event loop: each output to its request's queue (requests already gone are skipped)."""
@@ -219,9 +218,10 @@ class AsyncLLM:
         core = self.engine_core
         try:
             while True:
-                with self._work:
-                    while not self._inbox and not self._stopping and not core.has_unfinished():
-                        self._work.wait()
+                with self._lock:
+                    if not self._inbox and not self._stopping and not core.has_unfinished():
+                        self._thread = None  # idle: the next request starts a fresh thread
+                        return
                     ops, self._inbox = self._inbox, []
                     stopping = self._stopping
                 delivered = self._apply(ops)
