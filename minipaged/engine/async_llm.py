@@ -1,16 +1,20 @@
-"""AsyncLLM: the engine for asyncio servers (vLLM v1's ``AsyncLLM``, in one process).
+"""AsyncLLM: the engine for asyncio servers (vLLM v1's ``AsyncLLM``, with the core on its own thread).
 
-One background task owns the ``EngineCore``: it applies queued adds and aborts, runs a
-step in a worker thread (``asyncio.to_thread``: torch releases the GIL, so the event loop
-keeps serving connections meanwhile), and puts each request's cumulative output on that
-request's queue. When no request is left it waits on an event, so an idle server uses no
-CPU. A request added while a step runs joins the batch at the next step: continuous
-batching across HTTP requests.
+One engine thread owns the ``EngineCore`` and the output processor. It loops: apply the
+adds and aborts queued since the last step, run a step, detokenise, finish the sequences
+that hit a stop string, then hand that step's outputs to the event loop in one batch
+(one ``call_soon_threadsafe`` per step, however many requests it served). The next step
+starts at once: it never waits for the event loop to get a turn, so a busy loop (many
+streams to frame and send) does not stretch the gap between steps. torch releases the
+GIL inside its kernels, so the event loop keeps serving connections meanwhile. With no
+request left the thread ends (an idle server uses no CPU, and an engine dropped without
+``shutdown`` holds no thread); the next request starts another. A request added
+while a step runs joins the batch at the next step: continuous batching across HTTP requests.
 
 ``generate`` is an async iterator over one request's outputs. Cancelling the task that
 consumes it (a client that went away) or closing it aborts the request; its blocks are
-freed before the next step. Only the background task touches the core and the output
-processor while it runs, so no lock is needed: everything else only appends to the inbox.
+freed before the next step. The event loop only appends to the inbox (under a lock)
+and owns the per-request queues; the engine thread owns everything else.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +52,15 @@ class _Add:
     arrival_time: float
 
 
+@dataclass(frozen=True)
+class _Abort:
+    request_id: str
+
+
+# What the engine thread hands the event loop after a step: (request id, its cumulative output).
+_Delivery = list[tuple[str, RequestOutput]]
+
+
 class AsyncLLM:
     """An asyncio front end over one engine core; same constructor arguments as ``LLM``."""
 
@@ -54,11 +68,11 @@ class AsyncLLM:
         self.engine_core, self.tokenizer = load_engine(model, tokenizer, **kwargs)
         self.engine_core.cap_max_model_len_to_cache()
         self.processor = OutputProcessor(self.tokenizer)
-        self._queues: dict[str, asyncio.Queue] = {}
-        self._adds: list[_Add] = []
-        self._aborts: list[str] = []
-        self._wakeup: asyncio.Event | None = None
-        self._loop_task: asyncio.Task | None = None
+        self._queues: dict[str, asyncio.Queue] = {}  # the event loop's only
+        self._inbox: list[_Add | _Abort] = []  # in arrival order; guarded by _lock
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # where outputs are delivered
         self._dead: BaseException | None = None
         self._stopping = False
         self._stats = self.engine_core.stats()
@@ -74,7 +88,7 @@ class AsyncLLM:
 
     @property
     def is_running(self) -> bool:
-        """False once the engine loop has failed."""
+        """False once the engine thread has failed."""
         return self._dead is None
 
     # ---- requests ------------------------------------------------------------------------
@@ -96,9 +110,11 @@ class AsyncLLM:
 
         Invalid input raises a typed error on the first iteration, before anything is queued.
         """
-        self._check_loop()
+        self._bind_loop()
         if self._dead is not None:
             raise EngineDeadError(f"the engine has stopped ({type(self._dead).__name__})") from self._dead
+        if self._stopping:
+            raise EngineDeadError("the engine has been shut down")
         text, ids = self.validate(prompt, params)
         check_priority(priority)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
@@ -106,8 +122,7 @@ class AsyncLLM:
             raise InvalidPromptError("request_id", f"{rid!r} is already in use")
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[rid] = queue
-        self._adds.append(_Add(rid, text, ids, params, priority, time.monotonic()))
-        self._kick()
+        self._submit(_Add(rid, text, ids, params, priority, time.monotonic()))
         finished = False
         try:
             while not finished:
@@ -121,102 +136,127 @@ class AsyncLLM:
         finally:
             self._queues.pop(rid, None)
             if not finished:
-                self._aborts.append(rid)
-                self._kick()
+                self._submit(_Abort(rid))
 
     async def abort(self, request_id: str) -> None:
         """Abort a request (idempotent; unknown ids are ignored); its ``generate`` ends with ``"abort"``."""
-        self._aborts.append(request_id)
-        self._kick()
+        self._submit(_Abort(request_id))
 
     def abort_all(self) -> None:
         """Abort every request in flight (a bounded shutdown); each ``generate`` ends with ``"abort"``.
 
         Call from the engine's event loop.
         """
-        self._aborts.extend(self._queues)
         if self._queues:
-            self._kick()
+            self._submit(*(_Abort(rid) for rid in self._queues))
 
     def stats(self) -> EngineStats:
         """The queues and KV cache as of the last step (or now, when idle)."""
         return self._stats
 
     async def shutdown(self) -> None:
-        """Stop the engine loop (pending requests are aborted), then the worker processes, if any."""
-        self._aborts.extend(self._queues)
-        self._stopping = True
-        task = self._loop_task
-        if task is not None and not task.done():
-            self._wakeup.set()
-            await asyncio.gather(task, return_exceptions=True)  # the step in flight finishes first
-        self._apply_inbox()
+        """Stop the engine thread (pending requests are aborted), then the worker processes, if any."""
+        with self._lock:
+            self._inbox.extend(_Abort(rid) for rid in self._queues)
+            self._stopping = True
+        thread = self._thread
+        if thread is not None:
+            await asyncio.to_thread(thread.join)  # the step in flight finishes first
         self.engine_core.shutdown()
 
-    # ---- the engine loop ----------------------------------------------------------------
-    def _check_loop(self) -> None:
-        """One engine loop task serves every caller, so they must share its event loop.
+    # ---- the event loop's side --------------------------------------------------------------
+    def _bind_loop(self) -> None:
+        """Outputs go to one event loop, so every caller must share it.
 
-        A caller on another loop would wait on a queue that loop never wakes; refuse instead. Once
-        the bound loop's task has ended (its ``asyncio.run`` returned), a new loop may take over.
+        A caller on another loop would wait on a queue that loop never wakes; refuse it while the
+        bound loop still has requests in flight. With none in flight a new loop may take over
+        (a previous ``asyncio.run`` returned).
         """
-        task = self._loop_task
-        if task is not None and not task.done() and task.get_loop() is not asyncio.get_running_loop():
+        loop = asyncio.get_running_loop()
+        bound = self._loop
+        if bound is not None and bound is not loop and self._queues and not bound.is_closed():
             raise RuntimeError(
-                f"this AsyncLLM is bound to the event loop {task.get_loop()!r}, which is still running its "
-                "engine loop; use it from that loop only (or one AsyncLLM per loop)"
+                f"this AsyncLLM is bound to the event loop {bound!r}, which still has requests in flight; "
+                "use it from that loop only (or one AsyncLLM per loop)"
             )
+        self._loop = loop
 
-    def _kick(self) -> None:
-        if self._loop_task is None or self._loop_task.done():
-            if self._dead is not None or self._stopping:
+    def _submit(self, *ops: _Add | _Abort) -> None:
+        """Queue adds / aborts for the engine thread, starting one if none runs."""
+        with self._lock:
+            if self._stopping or self._dead is not None:
                 return
-            self._wakeup = asyncio.Event()
-            self._loop_task = asyncio.get_running_loop().create_task(self._run(), name="minipaged-engine")
-        self._wakeup.set()
+            self._inbox.extend(ops)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._engine_thread, name="minipaged-engine", daemon=True)
+                self._thread.start()
 
-    def _apply_inbox(self) -> None:
-        """Adds and aborts that arrived since the last step (only ever called between steps)."""
-        core = self.engine_core
-        adds, self._adds = self._adds, []
-        for add in adds:
-            if add.request_id not in self._queues:  # cancelled before it was ever queued
-                continue
-            core.add_request(
-                add.request_id, add.token_ids, add.params, priority=add.priority, arrival_time=add.arrival_time
-            )
-            self.processor.add_request(
-                add.request_id, add.text, add.token_ids, add.params, core.metrics(add.request_id)
-            )
-        aborts, self._aborts = self._aborts, []
-        for rid in aborts:
-            core.abort([rid])
-            update = self.processor.abort(rid)
+    def _deliver(self, delivered: _Delivery) -> None:
+        """On the event loop: each output to its request's queue (requests already gone are skipped)."""
+        for rid, out in delivered:
             queue = self._queues.get(rid)
-            if update is not None and queue is not None:
-                queue.put_nowait(update.state.output())
-        self._stats = core.stats()
+            if queue is not None:
+                queue.put_nowait(out)
 
-    async def _run(self) -> None:
+    def _fail(self, exc: BaseException) -> None:
+        """On the event loop: wake every waiter with the engine's failure."""
+        for queue in self._queues.values():
+            queue.put_nowait(exc)
+
+    # ---- the engine thread -------------------------------------------------------------------
+    def _post(self, callback: Callable[[Any], None], arg: Any) -> None:
+        """Run ``callback(arg)`` on the bound event loop; dropped if that loop has closed (no one listens)."""
+        loop = self._loop
+        if loop is None:
+            return
+        try:
+            loop.call_soon_threadsafe(callback, arg)
+        except RuntimeError:  # the loop closed while this thread worked
+            pass
+
+    def _engine_thread(self) -> None:
         core = self.engine_core
         try:
-            while not self._stopping:
-                self._apply_inbox()
-                if not core.has_unfinished():
-                    self._wakeup.clear()
-                    await self._wakeup.wait()
-                    continue
-                outputs = await asyncio.to_thread(core.step)
-                updates, stops = self.processor.process(outputs)
-                for hit in stops:
-                    core.finish_sequence(hit.request_id, hit.index, SequenceStatus.FINISHED_STOPPED, hit.stop)
-                for update in updates:
-                    queue = self._queues.get(update.request_id)
-                    if queue is not None:
-                        queue.put_nowait(update.state.output())
+            while True:
+                with self._lock:
+                    if not self._inbox and not self._stopping and not core.has_unfinished():
+                        self._thread = None  # idle: the next request starts a fresh thread
+                        return
+                    ops, self._inbox = self._inbox, []
+                    stopping = self._stopping
+                delivered = self._apply(ops)
+                if not stopping and core.has_unfinished():
+                    delivered += self._step()
                 self._stats = core.stats()
+                if delivered:
+                    self._post(self._deliver, delivered)
+                if stopping:
+                    return
         except Exception as exc:  # the engine is unusable: wake every waiter with the cause
             _log.error("the engine loop failed; no request can be served any more", exc_info=exc)
             self._dead = exc
-            for queue in self._queues.values():
-                queue.put_nowait(exc)  # delivered to the waiters; the task itself ends quietly
+            self._post(self._fail, exc)
+
+    def _apply(self, ops: list[_Add | _Abort]) -> _Delivery:
+        """Adds and aborts in arrival order (only ever between steps); returns the aborted requests' outputs."""
+        core, delivered = self.engine_core, []
+        for op in ops:
+            if isinstance(op, _Add):
+                core.add_request(
+                    op.request_id, op.token_ids, op.params, priority=op.priority, arrival_time=op.arrival_time
+                )
+                self.processor.add_request(op.request_id, op.text, op.token_ids, op.params, core.metrics(op.request_id))
+            else:
+                core.abort([op.request_id])
+                update = self.processor.abort(op.request_id)
+                if update is not None:
+                    delivered.append((op.request_id, update.state.output()))
+        return delivered
+
+    def _step(self) -> _Delivery:
+        """One engine step, detokenised; stop strings finish their sequences before the next step."""
+        core = self.engine_core
+        updates, stops = self.processor.process(core.step())
+        for hit in stops:
+            core.finish_sequence(hit.request_id, hit.index, SequenceStatus.FINISHED_STOPPED, hit.stop)
+        return [(update.request_id, update.state.output()) for update in updates]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 
 import pytest
 from conftest import SMOLLM2_VOCAB as VOCAB
@@ -101,15 +102,19 @@ def test_cancel_midway_aborts_and_frees_blocks(hf):
             t.cancel()
         results = await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.sleep(0)  # let the loop apply the aborts
-        while engine.engine_core.has_unfinished() or engine._aborts:
+        while engine.engine_core.has_unfinished() or engine._inbox:
             await asyncio.sleep(0.01)
         assert all(isinstance(r, asyncio.CancelledError) for r in results[::2])
         assert all(len(r.outputs[0].token_ids) == 40 for r in results[1::2])
         assert_idle_and_free(engine)
-        # Idle: the loop waits on its event instead of stepping.
+        # Idle: the engine thread ends instead of stepping.
         steps = len(engine.engine_core.trace)
+        for _ in range(12000):  # a hang guard only
+            if engine._thread is None:
+                break
+            await asyncio.sleep(0.01)
         await asyncio.sleep(0.2)
-        assert len(engine.engine_core.trace) == steps and not engine._loop_task.done()
+        assert len(engine.engine_core.trace) == steps and engine._thread is None
         await engine.shutdown()
 
     asyncio.run(main())
@@ -221,3 +226,94 @@ def test_a_second_event_loop_gets_a_clear_error_not_a_hang(hf):
     thread.join(120)
     assert len(errors) == 1 and "bound to the event loop" in str(errors[0])
     assert_idle_and_free(engine)
+
+
+def test_engine_steps_while_the_event_loop_is_blocked(hf):
+    """The engine thread starts each step itself: a busy event loop does not hold the next step back."""
+    import threading
+
+    async def main():
+        engine = AsyncLLM(build_model_from_hf(hf), **engine_kwargs())
+        gen = engine.generate(prompts(8, 1)[0], greedy(30))
+        await gen.__anext__()
+        steps = len(engine.engine_core.trace)
+        stepped = threading.Event()
+
+        def watch() -> None:  # another thread sees the steps; the loop is blocked below
+            while len(engine.engine_core.trace) < steps + 5 and engine.engine_core.has_unfinished():
+                time.sleep(0.005)
+            stepped.set()
+
+        threading.Thread(target=watch, daemon=True).start()
+        assert stepped.wait(120)  # blocks the event loop: no callback, no task runs meanwhile
+        assert len(engine.engine_core.trace) >= steps + 5
+        outs = [o async for o in gen]
+        assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 30
+        assert_idle_and_free(engine)
+        await engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_a_reused_request_id_after_cancel_runs_in_order(hf):
+    """Cancel then resubmit under the same id before the engine applied either: the abort comes first."""
+
+    async def main():
+        engine = AsyncLLM(build_model_from_hf(hf), **engine_kwargs())
+        gen = engine.generate(prompts(9, 1)[0], greedy(20), "again")
+        await gen.__anext__()
+        await gen.aclose()  # queues the abort
+        out = await collect(engine, prompts(9, 1)[0], greedy(7), "again")
+        assert len(out.outputs[0].token_ids) == 7 and out.outputs[0].finish_reason == "length"
+        assert engine.is_running
+        assert_idle_and_free(engine)
+        await engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_generate_after_shutdown_raises_instead_of_waiting(hf):
+    async def main():
+        engine = AsyncLLM(build_model_from_hf(hf), **engine_kwargs())
+        await collect(engine, prompts(10, 1)[0], greedy(3))
+        await engine.shutdown()
+        assert engine._thread is None or not engine._thread.is_alive()
+        with pytest.raises(EngineDeadError):
+            await engine.generate(prompts(10, 1)[0], greedy(3)).__anext__()
+        assert_idle_and_free(engine)
+
+    asyncio.run(main())
+
+
+def test_one_engine_serves_successive_event_loops(hf):
+    """A loop that has returned gives way to the next (``asyncio.run`` twice, as scripts and tests do)."""
+    engine = AsyncLLM(build_model_from_hf(hf), **engine_kwargs())
+    first = asyncio.run(collect(engine, prompts(11, 1)[0], greedy(6)))
+    second = asyncio.run(collect(engine, prompts(11, 1)[0], greedy(6)))
+    assert first.outputs[0].token_ids == second.outputs[0].token_ids
+    assert_idle_and_free(engine)
+    asyncio.run(engine.shutdown())
+
+
+def test_every_step_runs_on_one_engine_thread(hf):
+    """One thread steps the model, whatever else uses the loop's thread pool (the server tokenizes there):
+    torch's OpenMP team belongs to the thread that calls it, so steps spread over pool threads would
+    keep several teams, whose idle workers spin on the cores the working team needs."""
+    import threading
+
+    async def main():
+        engine = AsyncLLM(build_model_from_hf(hf), **engine_kwargs(num_kv_blocks=128))
+        step, callers = engine.engine_core.step, set()
+
+        def recording_step():
+            callers.add(threading.get_ident())
+            return step()
+
+        engine.engine_core.step = recording_step
+        busy = [asyncio.to_thread(time.sleep, 0.002 * (i % 5)) for i in range(40)]  # other users of the pool
+        await asyncio.gather(*(collect(engine, p, greedy(12)) for p in prompts(12, 4)), *busy)
+        assert len(callers) == 1 and threading.get_ident() not in callers
+        assert_idle_and_free(engine)
+        await engine.shutdown()
+
+    asyncio.run(main())
