@@ -143,16 +143,24 @@ def test_identical_draft_is_always_accepted(hf, drafts, prompts, k, setting):
         assert o.metrics.mean_acceptance_length == k + 1, o.metrics
 
 
-@pytest.mark.parametrize("setting", ["chunked", "preemption"])
+PRESSURE = {
+    "chunked": SETTINGS["chunked"],
+    "preemption": SETTINGS["preemption"],
+    # Without the prefix cache a preempted sequence comes back in blocks other sequences' drafts wrote.
+    "preemption_fresh_blocks": dict(num_kv_blocks=20, block_size=8, enable_prefix_caching=False),
+}
+
+
+@pytest.mark.parametrize("setting", list(PRESSURE))
 def test_identical_draft_is_always_accepted_under_pressure(hf, drafts, prompts, expected, setting):
     """Drafts cut by the token budget or dropped for want of blocks, preempted sequences recomputed:
     whatever the draft still proposes is right."""
-    llm = make_llm(hf, speculative_config=draft(drafts["same"], 3), **SETTINGS[setting])
+    llm = make_llm(hf, speculative_config=draft(drafts["same"], 3), **PRESSURE[setting])
     outs = greedy(llm, *prompts)
     assert [o.outputs[0].token_ids for o in outs] == expected
     stats = llm.engine_core.stats()
     assert stats.spec_num_draft_tokens > 0 and stats.spec_num_accepted_tokens == stats.spec_num_draft_tokens
-    if setting == "preemption":
+    if setting.startswith("preemption"):
         assert stats.num_preemptions > 0
 
 
