@@ -423,3 +423,34 @@ def test_pipeline_parallel_is_refused_before_the_draft_loads(hf, monkeypatch):
     with pytest.raises(InvalidEngineConfigError) as err:
         make_llm(hf, speculative_config=draft("/nonexistent", 2), pipeline_parallel_size=2)
     assert err.value.field == "speculative_config"
+
+
+# ---- the draft's cache ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+@pytest.mark.parametrize("k", [1, 2, 5, 17])
+def test_scratch_blocks_cover_the_partial_block_and_the_drafts(block_size, k):
+    """For every newest-token position L: positions [L - L % block_size, L + k) fit the scratch blocks."""
+    n = draft_model.scratch_blocks_per_seq(block_size, k)
+    for base in range(3 * block_size):
+        first = base - base % block_size
+        assert first + n * block_size >= base + k
+    assert n == 1 or (n - 1) * block_size < block_size - 1 + k  # and no more than needed for the worst L
+
+
+def test_draft_cache_shares_the_kv_budget(hf, drafts):
+    """kv_cache_memory pays for the target's blocks, the draft's blocks of the same ids, and its scratch."""
+    from minipaged.attention import kv_cache_bytes_per_block
+    from minipaged.models import load_model
+
+    budget = 4 << 20
+    llm = make_llm(hf, num_kv_blocks=None, kv_cache_memory=budget, speculative_config=draft(drafts["small"], 3))
+    config = llm.engine_core.config
+    target = kv_cache_bytes_per_block(llm.engine_core.model_config, config.block_size, torch.float32)
+    small = kv_cache_bytes_per_block(load_model(str(drafts["small"])).config, config.block_size, torch.float32)
+    scratch = config.max_num_seqs * draft_model.scratch_blocks_per_seq(config.block_size, 3)
+    assert config.num_kv_blocks == (budget - scratch * small) // (target + small)
+    caches = llm.engine_core.drafter.worker.kv_caches
+    assert caches[0][0].shape[0] == config.num_kv_blocks + scratch
+    assert make_llm(hf, num_kv_blocks=None, kv_cache_memory=budget).engine_core.config.num_kv_blocks > (
+        config.num_kv_blocks
+    )
