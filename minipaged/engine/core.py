@@ -155,14 +155,6 @@ class EngineCore:
         draft = load_draft_model(config, model_config, tokenizer) if spec and spec.method == "draft_model" else None
         self.config = self._resolve(config, None if draft is None else draft.config)
         self.worker = build_executor(model, self.config)
-        # Speculative decoding with a draft model: it runs in this process, over the target's block ids.
-        self.drafter = (
-            None
-            if draft is None
-            else DraftModelProposer(
-                draft.model, self.config, frozenset(model_config.eos_token_ids or ()), self.worker.device
-            )
-        )
         self.block_manager = BlockManager(
             self.config.num_kv_blocks, self.config.block_size, enable_prefix_caching=self.config.enable_prefix_caching
         )
@@ -173,6 +165,10 @@ class EngineCore:
         )
         self.trace = Trace()
         self.eos_token_ids = frozenset(model_config.eos_token_ids or ())
+        # Speculative decoding with a draft model: it runs in this process, over the target's block ids.
+        self.drafter: DraftModelProposer | None = None
+        if draft is not None:
+            self.drafter = DraftModelProposer(draft.model, self.config, self.eos_token_ids, self.worker.device)
         # Grammars need the vocabulary's text: load_engine sets this when there is a tokenizer.
         self.structured_output: StructuredOutputManager | None = None
         self._requests: dict[str, Request] = {}

@@ -141,9 +141,8 @@ class DraftModelProposer:
         bs = self.block_size
         while True:
             gaps = [(seq.num_computed_tokens // bs) * bs - st.num_computed for seq, st in zip(seqs, states)]
-            if sum(seq.num_computed_tokens + 1 - st.num_computed for seq, st in zip(seqs, states)) <= (
-                self.max_batched_tokens
-            ) or not any(gaps):
+            rows = sum(seq.num_computed_tokens + 1 - st.num_computed for seq, st in zip(seqs, states))
+            if rows <= self.max_batched_tokens or not any(gaps):
                 return
             room, plan = self.max_batched_tokens, []
             for i in sorted(range(len(seqs)), key=lambda i: -gaps[i]):
