@@ -242,6 +242,43 @@ def test_async_stream_equals_no_speculation(hf, drafts, prompts, expected):
     assert [chunks[-1] for chunks in asyncio.run(main())] == expected
 
 
+def test_server_completions_equal_no_speculation(tmp_path):
+    """The OpenAI server over an AsyncLLM built with the draft config (what ``serve`` builds from its flags)."""
+    import asyncio
+
+    import httpx
+    from tiny_models import make_tiny_model_dir
+
+    from minipaged.engine.async_llm import AsyncLLM
+    from minipaged.entrypoints.openai.app import build_app
+
+    model_dir = make_tiny_model_dir(tmp_path / "smol", max_model_len=256)
+    body = {"prompt": ["The sky is", "1 2 3"], "max_tokens": 16, "temperature": 0, "logprobs": 1}
+
+    async def go(**kw):
+        engine = AsyncLLM(str(model_dir), num_kv_blocks=64, block_size=8, attention_backend="torch", **kw)
+        transport = httpx.ASGITransport(app=build_app(engine), raise_app_exceptions=False)
+        try:
+            async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=300) as client:
+                response = await client.post("/v1/completions", json=body)
+                metrics = (await client.get("/metrics")).text
+            assert engine.engine_core.stats().used_blocks == 0
+            return response, metrics
+        finally:
+            await engine.shutdown()
+
+    plain, _ = asyncio.run(go())
+    spec, metrics = asyncio.run(go(speculative_config=draft(model_dir, 3)))
+    assert plain.status_code == spec.status_code == 200
+    texts = [c["text"] for c in plain.json()["choices"]]
+    assert [c["text"] for c in spec.json()["choices"]] == texts
+    assert [c["logprobs"]["tokens"] for c in spec.json()["choices"]] == [
+        c["logprobs"]["tokens"] for c in plain.json()["choices"]
+    ]
+    accepted = [line for line in metrics.splitlines() if line.startswith("minipaged_spec_decode_num_accepted_tokens")]
+    assert accepted and float(accepted[0].split()[-1]) > 0
+
+
 def test_command_line_config(drafts):
     import argparse
 
