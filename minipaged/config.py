@@ -55,7 +55,8 @@ class SpeculativeConfig:
     verify them in one forward pass of the model (``minipaged.spec_decode``).
 
     method: ``"ngram"`` (prompt lookup: copy what followed the longest earlier match of the sequence's
-    last ``prompt_lookup_min..prompt_lookup_max`` tokens) or ``"draft_model"`` (a small model at ``model``).
+    last ``prompt_lookup_min..prompt_lookup_max`` tokens) or ``"draft_model"`` (a small model at ``model``,
+    a Hugging Face directory or .gguf file with the target's vocabulary, loaded with the target's dtype and device).
     """
 
     method: str = "ngram"
@@ -213,6 +214,7 @@ class EngineConfig:
         metadata={
             "help": "speculative decoding as JSON, e.g. "
             '\'{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 2, "prompt_lookup_max": 4}\' '
+            'or \'{"method": "draft_model", "model": "path/to/draft", "num_speculative_tokens": 3}\' '
             "(see SpeculativeConfig); unset: off"
         },
     )

@@ -44,6 +44,7 @@ from minipaged.errors import (
 )
 from minipaged.outputs import Logprob, RequestMetrics
 from minipaged.sampling_params import SamplingParams
+from minipaged.spec_decode.draft_model import DraftModelProposer, draft_cache_bytes, load_draft_model
 from minipaged.spec_decode.ngram import propose_ngram
 from minipaged.spec_decode.verifier import split_speculative, verify
 from minipaged.structured_output import StructuredOutputManager
@@ -127,8 +128,8 @@ def load_engine(model: Any = None, tokenizer: Any = None, **kwargs: Any) -> tupl
             loaded = load_for_pipeline(model, **config.model_kwargs())
         else:
             loaded = load_model(model, **config.model_kwargs())
-    core = EngineCore(loaded.model, loaded.config, config, model_name=loaded.name)
     tokenizer = tokenizer if tokenizer is not None else loaded.tokenizer
+    core = EngineCore(loaded.model, loaded.config, config, model_name=loaded.name, tokenizer=tokenizer)
     if tokenizer is not None:
         core.structured_output = StructuredOutputManager(tokenizer, core.vocab_size, core.eos_token_ids)
     return core, tokenizer
@@ -138,11 +139,21 @@ class EngineCore:
     """Scheduler + block manager + worker behind add / step / abort (see the module docstring)."""
 
     def __init__(
-        self, model: torch.nn.Module, model_config: Any, config: EngineConfig, *, model_name: str | None = None
+        self,
+        model: torch.nn.Module,
+        model_config: Any,
+        config: EngineConfig,
+        *,
+        model_name: str | None = None,
+        tokenizer: Any = None,
     ) -> None:
+        """``tokenizer``: the target's, only to check a draft model's against (speculative decoding)."""
         self.model_config = model_config
         self.model_name = model_name or config.model or type(model).__name__
-        self.config = self._resolve(config)
+        self._check_speculation(config)
+        spec = config.speculative_config
+        draft = load_draft_model(config, model_config, tokenizer) if spec and spec.method == "draft_model" else None
+        self.config = self._resolve(config, None if draft is None else draft.config)
         self.worker = build_executor(model, self.config)
         self.block_manager = BlockManager(
             self.config.num_kv_blocks, self.config.block_size, enable_prefix_caching=self.config.enable_prefix_caching
@@ -154,6 +165,10 @@ class EngineCore:
         )
         self.trace = Trace()
         self.eos_token_ids = frozenset(model_config.eos_token_ids or ())
+        # Speculative decoding with a draft model: it runs in this process, over the target's block ids.
+        self.drafter: DraftModelProposer | None = None
+        if draft is not None:
+            self.drafter = DraftModelProposer(draft.model, self.config, self.eos_token_ids, self.worker.device)
         # Grammars need the vocabulary's text: load_engine sets this when there is a tokenizer.
         self.structured_output: StructuredOutputManager | None = None
         self._requests: dict[str, Request] = {}
@@ -166,14 +181,27 @@ class EngineCore:
         self._batch_queue_depth = self.config.batch_queue_depth if self.config.pipeline_parallel_size > 1 else 1
         self._in_flight: collections.deque = collections.deque()
 
-    def _resolve(self, config: EngineConfig) -> EngineConfig:
-        """A new config with the model-dependent values filled in (the given one is never mutated)."""
+    @staticmethod
+    def _check_speculation(config: EngineConfig) -> None:
+        """Refuse a speculative config this engine cannot run, before anything is loaded or started."""
+        if config.speculative_config is not None and config.pipeline_parallel_size > 1:
+            # A batch in flight on a later stage would hold drafts whose rollback the next batch races.
+            raise InvalidEngineConfigError(
+                "speculative_config", "is not supported with pipeline_parallel_size > 1; use one of the two"
+            )
+
+    def _resolve(self, config: EngineConfig, draft_config: Any = None) -> EngineConfig:
+        """A new config with the model-dependent values filled in (the given one is never mutated).
+
+        ``draft_config``: a draft model's ``ModelConfig``, whose KV cache shares the budget.
+        """
         model_max = self.model_config.max_position_embeddings
         if config.max_model_len is not None and config.max_model_len > model_max:
             raise InvalidEngineConfigError(
                 "max_model_len", f"{config.max_model_len} exceeds the model's max_position_embeddings={model_max}"
             )
-        num_blocks = num_kv_blocks_for(config, self.model_config)
+        extra, reserved = (0, 0) if draft_config is None else draft_cache_bytes(draft_config, config)
+        num_blocks = num_kv_blocks_for(config, self.model_config, extra_bytes_per_block=extra, reserved_bytes=reserved)
         capacity = num_blocks * config.block_size
         if config.max_model_len is not None and config.max_model_len > capacity:
             raise InvalidEngineConfigError(
@@ -182,15 +210,11 @@ class EngineCore:
                 f"{config.block_size} = {capacity} tokens); lower it or give the cache more blocks",
             )
         max_len = config.max_model_len or model_max
-        spec = config.speculative_config
-        if spec is not None and spec.method != "ngram":
+        if draft_config is not None and draft_config.max_position_embeddings < max_len:
             raise InvalidEngineConfigError(
-                "speculative_config.method", f"{spec.method!r} is not implemented in this engine; use 'ngram'"
-            )
-        if spec is not None and config.pipeline_parallel_size > 1:
-            # A batch in flight on a later stage would hold drafts whose rollback the next batch races.
-            raise InvalidEngineConfigError(
-                "speculative_config", "is not supported with pipeline_parallel_size > 1; use one of the two"
+                "speculative_config.model",
+                f"the draft model's max_position_embeddings={draft_config.max_position_embeddings} is shorter "
+                f"than max_model_len={max_len}; lower max_model_len",
             )
         return dataclasses.replace(config, max_model_len=max_len, num_kv_blocks=num_blocks)
 
@@ -534,9 +558,9 @@ class EngineCore:
     def _verify(self, logits: torch.Tensor, speculated: list[ScheduledSequence]) -> list[CoreOutput]:
         """Accept or reject the drafts of ``speculated`` (``logits``: their ``k + 1`` rows each), append the
         kept tokens, and roll each block table back to the tokens whose KV is now valid."""
-        results = verify(
-            logits, [s.seq for s in speculated], [s.draft_token_ids for s in speculated], self.eos_token_ids
-        )
+        seqs, drafts = [s.seq for s in speculated], [s.draft_token_ids for s in speculated]
+        draft_probs = None if self.drafter is None else self.drafter.draft_probs(seqs, drafts)
+        results = verify(logits, seqs, drafts, self.eos_token_ids, draft_probs=draft_probs)
         now = time.monotonic()
         outputs = []
         for s, r in zip(speculated, results):
@@ -554,7 +578,8 @@ class EngineCore:
         return outputs
 
     def _propose(self, seqs: list[Sequence]) -> None:
-        """Give each still-running sequence draft tokens for the next step (speculative decoding).
+        """Give each still-running sequence draft tokens for the next step (speculative decoding): from
+        the draft model (all sequences in one batch of forwards) or the n-gram proposer.
 
         At most as many as could still be emitted before ``max_tokens`` or ``max_model_len``, less the
         one token every step adds anyway, so the drafts never need KV slots the request could not use.
@@ -564,13 +589,21 @@ class EngineCore:
         spec = self.config.speculative_config
         if spec is None:
             return
+        wanted: list[tuple[Sequence, int]] = []
         for seq in seqs:
             if seq.status is not SequenceStatus.RUNNING or seq.params.structured_outputs is not None:
                 continue
             room = min(seq.params.max_tokens - len(seq.output_token_ids), self.config.max_model_len - seq.num_tokens)
             k = min(spec.num_speculative_tokens, room - 1)
             if k >= 1:
-                seq.spec_token_ids = propose_ngram(seq.all_token_ids, k, spec.prompt_lookup_min, spec.prompt_lookup_max)
+                wanted.append((seq, k))
+        if self.drafter is not None:
+            drafts = self.drafter.propose([seq for seq, _ in wanted], [k for _, k in wanted], self.block_manager)
+            for (seq, _), draft in zip(wanted, drafts):
+                seq.spec_token_ids = draft
+            return
+        for seq, k in wanted:
+            seq.spec_token_ids = propose_ngram(seq.all_token_ids, k, spec.prompt_lookup_min, spec.prompt_lookup_max)
 
     def _append_tokens(self, seq: Sequence, tokens: list[int], logprobs, now: float) -> CoreOutput:
         """Append ``tokens`` in order, stopping at the first that finishes the sequence."""

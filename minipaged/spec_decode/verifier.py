@@ -59,12 +59,14 @@ def verify(
     drafts: list[tuple[int, ...]],
     eos_token_ids: Set[int] = frozenset(),
     *,
+    draft_probs: torch.Tensor | None = None,
     resample_residual: bool = True,
 ) -> list[Verified]:
     """Accept or reject every sequence's drafts.
 
     logits: ``[sum(k_i + 1), vocab]`` raw fp32 logits, sequence ``i``'s ``k_i + 1`` rows end to end
-    (``drafts[i]`` has ``k_i`` tokens).
+    (``drafts[i]`` has ``k_i`` tokens). draft_probs: ``[sum(k_i), vocab]``, the distribution each
+    draft was drawn from (a draft model's), or None for drafts that are point masses (n-gram, greedy).
     """
     probs = target_probs(logits, seqs, drafts, eos_token_ids)
     device = probs.device
@@ -85,6 +87,7 @@ def verify(
         [len(d) for d in drafts],
         torch.cat(uniforms),
         torch.stack(noise),
+        draft_probs,
         resample_residual=resample_residual,
     )
     accepted = num_accepted.tolist()

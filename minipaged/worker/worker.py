@@ -138,7 +138,9 @@ def rank_model_config(model_config: ModelConfig, tp_size: int) -> ModelConfig:
     )
 
 
-def num_kv_blocks_for(config: EngineConfig, model_config) -> int:
+def num_kv_blocks_for(
+    config: EngineConfig, model_config, *, extra_bytes_per_block: int = 0, reserved_bytes: int = 0
+) -> int:
     """KV cache size in blocks: explicit, else from a byte budget (CPU) or free memory (CUDA).
 
     Bytes per block count the ``kv_cache_dtype``'s scales. Checked against the memory the
@@ -149,6 +151,8 @@ def num_kv_blocks_for(config: EngineConfig, model_config) -> int:
     each; on CPU the ranks share the host's memory, so all N slices are checked against it.
     Under pipeline parallelism every stage holds the same number of blocks for its own layers:
     the budget is per stage, and a block is sized for the stage with the most layers.
+    A draft model (speculative decoding) keeps ``extra_bytes_per_block`` of its own KV per block
+    id in the engine process, plus ``reserved_bytes`` of scratch blocks; both come out of the budget.
     """
     rank_config = rank_model_config(model_config, config.tensor_parallel_size)
     if config.pipeline_parallel_size > 1:  # every stage holds the same blocks for its own layers
@@ -170,16 +174,19 @@ def num_kv_blocks_for(config: EngineConfig, model_config) -> int:
             budget, field = int(free * config.gpu_memory_utilization), "gpu_memory_utilization"
         else:
             budget, field = DEFAULT_CPU_KV_CACHE_BYTES, "kv_cache_memory"
-        num_blocks = budget // per_block
+        num_blocks = (budget - reserved_bytes) // (per_block + extra_bytes_per_block)
         if num_blocks < 1:
-            raise InvalidEngineConfigError(field, f"{budget} bytes hold no KV block of {per_block} bytes")
-    needed = num_blocks * per_block * (config.world_size if device.type == "cpu" else 1)
+            raise InvalidEngineConfigError(
+                field, f"{budget} bytes hold no KV block of {per_block + extra_bytes_per_block} bytes"
+            )
+    ranks = config.world_size if device.type == "cpu" else 1
+    needed = num_blocks * (per_block * ranks + extra_bytes_per_block) + reserved_bytes
     available = available_memory_bytes(device)
     if available is not None and needed > available:
         raise InvalidEngineConfigError(
             field,
-            f"a KV cache of {num_blocks} blocks x {per_block} bytes needs {needed:,} bytes but only "
-            f"{available:,} bytes are available on {device}; ask for fewer blocks (num_kv_blocks) or bytes "
+            f"a KV cache of {num_blocks} blocks x {per_block + extra_bytes_per_block} bytes needs {needed:,} bytes "
+            f"but only {available:,} bytes are available on {device}; ask for fewer blocks (num_kv_blocks) or bytes "
             "(kv_cache_memory)",
         )
     return num_blocks
