@@ -111,3 +111,17 @@ def test_bad_backoff_config_is_a_typed_error(hf, backoff, field):
     with pytest.raises(InvalidEngineConfigError) as err:
         make_llm(hf, speculative_config=spec(**backoff))
     assert err.value.field == field
+
+
+def test_abort_forgets_a_paused_sequence(hf, path, monkeypatch):
+    monkeypatch.setattr(engine_core, "propose_ngram", drafts_from(path, None))
+    llm = make_llm(hf, speculative_config=spec(backoff_after=1, backoff_min_steps=8, backoff_max_steps=8))
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    llm.add_request({"prompt_token_ids": PROMPT}, params, request_id="r")
+    for _ in range(3):  # prefill, one rejected verification (pause), one paused step
+        llm.step()
+    control = llm.engine_core.draft_control
+    assert control.is_paused(("r", 0))
+    llm.abort("r")
+    assert len(control) == 0
+    assert_all_blocks_free(llm)
