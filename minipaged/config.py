@@ -57,6 +57,11 @@ class SpeculativeConfig:
     method: ``"ngram"`` (prompt lookup: copy what followed the longest earlier match of the sequence's
     last ``prompt_lookup_min..prompt_lookup_max`` tokens) or ``"draft_model"`` (a small model at ``model``,
     a Hugging Face directory or .gguf file with the target's vocabulary, loaded with the target's dtype and device).
+
+    Back-off (``minipaged.spec_decode.controller``): after ``backoff_after`` verification steps in a row
+    that accepted no draft, a sequence stops proposing for ``backoff_min_steps`` steps, then probes
+    again; each failed probe doubles the pause up to ``backoff_max_steps``, one accepted draft ends it.
+    ``backoff_after=None`` keeps every sequence speculating.
     """
 
     method: str = "ngram"
@@ -64,6 +69,9 @@ class SpeculativeConfig:
     prompt_lookup_min: int = 2
     prompt_lookup_max: int = 4
     model: str | None = None
+    backoff_after: int | None = 3
+    backoff_min_steps: int = 4
+    backoff_max_steps: int = 64
 
     def __post_init__(self) -> None:
         if self.method not in SPECULATIVE_METHODS:
@@ -77,6 +85,14 @@ class SpeculativeConfig:
             raise InvalidEngineConfigError(
                 "speculative_config.prompt_lookup_min",
                 f"{self.prompt_lookup_min} exceeds prompt_lookup_max={self.prompt_lookup_max}",
+            )
+        _positive_int("speculative_config.backoff_after", self.backoff_after, allow_none=True)
+        _positive_int("speculative_config.backoff_min_steps", self.backoff_min_steps)
+        _positive_int("speculative_config.backoff_max_steps", self.backoff_max_steps)
+        if self.backoff_min_steps > self.backoff_max_steps:
+            raise InvalidEngineConfigError(
+                "speculative_config.backoff_min_steps",
+                f"{self.backoff_min_steps} exceeds backoff_max_steps={self.backoff_max_steps}",
             )
         if self.method == "draft_model" and not isinstance(self.model, str):
             raise InvalidEngineConfigError("speculative_config.model", "the draft_model method needs a model path")

@@ -15,8 +15,10 @@ The engine options are ``EngineConfig``'s (default model: the embedded SmolLM2-1
 Speculative decoding: ``--speculative-config '{"method": "ngram", "num_speculative_tokens": 4}'`` turns
 it on; run once with and once without it. ``--workload copy`` replaces the random prompts with the
 shipped prompts that invite copying (``minipaged/data/copy_prompts.jsonl``: repeat, edit or rename
-within a given text; ``--input-len`` is then unused), and ``--temperature 0`` decodes greedily. With
-speculation the result reports the drafts, the acceptance rate and the mean acceptance length.
+within a given text; ``--input-len`` is then unused), ``--workload nomatch`` uses random prompts in
+which no token repeats (prompt lookup finds nothing in them: what speculation costs when it cannot
+help), and ``--temperature 0`` decodes greedily. With speculation the result reports the drafts, the
+acceptance rate and the mean acceptance length.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from minipaged.entrypoints.engine_args import add_engine_arguments, engine_kwarg
 
 PROG = "minipaged bench latency"
 PROMPT_SEED = 0  # prompts are fixed random ids; --seed is the engine's sampling seed
-WORKLOADS = ("random", "copy")
+WORKLOADS = ("random", "copy", "nomatch")
 COPY_PROMPTS = "copy_prompts.jsonl"  # in minipaged/data
 
 
@@ -71,8 +73,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         "--workload",
         choices=WORKLOADS,
         default="random",
-        help="random: --input-len random token ids; copy: the shipped prompts that invite copying "
-        "(default: %(default)s)",
+        help="random: --input-len random token ids; copy: the shipped prompts that invite copying; "
+        "nomatch: --input-len random ids, none repeated within a prompt (default: %(default)s)",
     )
     bench.add_argument(
         "--temperature", type=float, default=1.0, help="sampling temperature, 0 = greedy (default: %(default)s)"
@@ -94,6 +96,12 @@ def dummy_prompts(batch_size: int, input_len: int, vocab_size: int, seed: int = 
     """``batch_size`` lists of ``input_len`` random token ids in ``[0, vocab_size)``."""
     rng = random.Random(seed)
     return [[rng.randrange(vocab_size) for _ in range(input_len)] for _ in range(batch_size)]
+
+
+def nomatch_prompts(batch_size: int, input_len: int, vocab_size: int, seed: int = PROMPT_SEED) -> list[list[int]]:
+    """``batch_size`` lists of ``input_len`` distinct random token ids: no n-gram occurs twice in a prompt."""
+    rng = random.Random(seed)
+    return [rng.sample(range(vocab_size), input_len) for _ in range(batch_size)]
 
 
 def copy_prompts(batch_size: int, tokenizer: Any) -> list[list[int]]:
@@ -153,6 +161,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(describe_weight_memory(weights), flush=True)
         if args.workload == "copy":
             ids = copy_prompts(args.batch_size, llm.tokenizer)
+        elif args.workload == "nomatch":
+            ids = nomatch_prompts(args.batch_size, args.input_len, llm.model_config.vocab_size)
         else:
             ids = dummy_prompts(args.batch_size, args.input_len, llm.model_config.vocab_size)
         prompts = [{"prompt_token_ids": p} for p in ids]

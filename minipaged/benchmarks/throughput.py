@@ -26,6 +26,17 @@ also serves one request alone (64 prompt tokens, 64 new) for latency. Prints out
 the ratios, start-up, peak RSS, latency, and how many of minipaged's greedy tokens equal
 transformers' (fixed lengths come from ``SamplingParams.min_tokens``, which masks EOS as
 transformers' ``min_new_tokens`` does).
+
+``--prompts`` picks what the prompts hold: ``random`` token ids (the default), ``nomatch`` (random
+ids without a repeat inside any prompt: speculative decoding's prompt lookup finds nothing there)
+or ``copy`` (the shipped prompts that invite copying, ``minipaged/data/copy_prompts.jsonl``, cycled
+and each opened with a few random ids so no round reuses another's prefix cache; the input lengths
+are then theirs). ``--speculative-config`` runs minipaged twice, without and with speculation, side
+by side, and prints the speed-up, the mean acceptance length, and whether the greedy tokens stayed
+the same:
+
+    python -m minipaged bench throughput --workload uniform --prompts copy --skip-hf \\
+        --speculative-config '{"method": "ngram", "num_speculative_tokens": 4}'
 """
 
 from __future__ import annotations
@@ -61,7 +72,8 @@ from minipaged.benchmarks.common import (
     weight_memory,
     write_json_atomic,
 )
-from minipaged.config import DTYPES, EngineConfig, dtype_name
+from minipaged.benchmarks.latency import speculation_summary
+from minipaged.config import DTYPES, EngineConfig, SpeculativeConfig, dtype_name
 from minipaged.entrypoints.engine_args import add_engine_arguments, engine_argv, engine_kwargs
 
 PROG = "minipaged bench throughput"
@@ -69,6 +81,9 @@ PROG = "minipaged bench throughput"
 # sweeps (its own --dtype / --kv-cache-dtype take several values) and the workload's --seed. The
 # rest pass to every minipaged child.
 ENGINE_EXCLUDE = ("dtype", "kv_cache_dtype", "seed")
+PROMPT_KINDS = ("random", "nomatch", "copy")
+COPY_OPENING = 4  # random ids before each copy prompt: a new prefix every round
+SPEC_LABEL = "minipaged speculative"
 
 
 @dataclass(frozen=True)
@@ -97,17 +112,30 @@ def make_workload(
     out_range: tuple[int, int],
     seed: int,
     round_index: int = 0,
+    prompts: str = "random",
+    copy_texts: list[list[int]] | None = None,
 ) -> Workload:
     """ShareGPT-like spread scaled to a CPU: uniform input and output lengths in the given ranges.
 
     Every ``round_index`` has the same lengths; rounds after the first draw other token ids,
     so an engine that ran an earlier round finds nothing of this one in its prefix cache.
+    ``prompts``: one of ``PROMPT_KINDS``; ``copy`` cycles ``copy_texts`` (token ids), each after
+    ``COPY_OPENING`` random ids, and ignores ``in_range``.
     """
+    if prompts not in PROMPT_KINDS or (prompts == "copy" and not copy_texts):
+        raise ValueError(f"prompts must be one of {PROMPT_KINDS} (copy with copy_texts), got {prompts!r}")
     rng = random.Random(seed)
-    prompts = [[rng.randrange(100, vocab) for _ in range(rng.randint(*in_range))] for _ in range(num_requests)]
-    work = Workload(prompts, [rng.randint(*out_range) for _ in range(num_requests)])
+    work = Workload(
+        [[rng.randrange(100, vocab) for _ in range(rng.randint(*in_range))] for _ in range(num_requests)],
+        [rng.randint(*out_range) for _ in range(num_requests)],
+    )
+    ids = random.Random(f"{seed}/{round_index}")
+    if prompts == "nomatch":  # distinct ids: no token, hence no n-gram, occurs twice in a prompt
+        return Workload([ids.sample(range(100, vocab), len(p)) for p in work.prompts], work.max_tokens)
+    if prompts == "copy":
+        opening = [[ids.randrange(100, vocab) for _ in range(COPY_OPENING)] for _ in work.prompts]
+        return Workload([o + copy_texts[i % len(copy_texts)] for i, o in enumerate(opening)], work.max_tokens)
     if round_index:
-        ids = random.Random(f"{seed}/{round_index}")
         work = Workload([[ids.randrange(100, vocab) for _ in p] for p in work.prompts], work.max_tokens)
     return work
 
@@ -167,7 +195,9 @@ def run_minipaged(
     # runs alone after it, and no more: its size is resident memory, which the benchmark reports.
     per_token = kv_cache_bytes_per_block(loaded.model.config, 1, dtype, kv_cache_dtype)
     block_size = engine.get("block_size", EngineConfig.block_size)  # each sequence rounds up to whole blocks
-    tokens = sum(len(p) + m + block_size for p, m in zip(work.prompts, work.max_tokens))
+    spec = SpeculativeConfig.from_value(engine.get("speculative_config"))
+    drafts = spec.num_speculative_tokens if spec else 0  # slots the drafts take beside the tokens kept
+    tokens = sum(len(p) + m + block_size + drafts for p, m in zip(work.prompts, work.max_tokens))
     kv_bytes = per_token * max(tokens, LATENCY_PROMPT_LEN + LATENCY_NEW_TOKENS + block_size)
     kv_bytes //= engine.get("tensor_parallel_size", 1)  # the budget is per rank, and a rank holds 1/N of the heads
     own = {"max_num_seqs": max(64, len(work.prompts)), "max_num_batched_tokens": 2048, "kv_cache_memory": kv_bytes}
@@ -191,6 +221,8 @@ def run_minipaged(
             "breakdown": step_breakdown(llm.trace[first_step:]),
             "weights": weights,
         }
+        if llm.config.speculative_config is not None:
+            result["speculation"] = speculation_summary(outs)
         t0 = time.perf_counter()
         llm.generate(
             [{"prompt_token_ids": latency_prompt(round_work)}], fixed_length_params(LATENCY_NEW_TOKENS), use_tqdm=False
@@ -518,6 +550,8 @@ def summarise(name: str, dtype: str, work: Workload, results: dict[str, dict]) -
             f"greedy tokens equal to transformers': {same}/{len(work.prompts)} requests identical, "
             f"{frac:.1%} of tokens before the first difference"
         )
+    if ours and SPEC_LABEL in ok:
+        lines += speculation_lines(ok[SPEC_LABEL], ours, len(work.prompts))
     for label in (k for k in ok if k.startswith("minipaged kv ") and ours):
         same, frac = token_agreement(ok[label]["rounds"][0]["tokens"], ours["rounds"][0]["tokens"])
         lines.append(
@@ -528,18 +562,63 @@ def summarise(name: str, dtype: str, work: Workload, results: dict[str, dict]) -
     return lines
 
 
+def speculation_lines(spec: dict, plain: dict, num_requests: int) -> list[str]:
+    """Speculative minipaged against plain minipaged: the paired speed-up, the acceptance of the median
+    round, and whether every greedy token stayed the same (it must: verification keeps greedy output)."""
+    s = median_round(spec)["speculation"]
+    length, rate = s["mean_acceptance_length"], s["acceptance_rate"]
+    same, frac = token_agreement(spec["rounds"][0]["tokens"], plain["rounds"][0]["tokens"])
+    return [
+        f"{SPEC_LABEL} / minipaged: {format_ratio(*paired_ratio(spec, plain, 'seconds'))}; "
+        f"{s['num_drafts']} verification steps with drafts, {s['num_draft_tokens']} draft tokens, "
+        f"acceptance rate {'-' if rate is None else f'{rate:.2f}'}, "
+        f"mean acceptance length {'-' if length is None else f'{length:.2f}'}",
+        f"greedy tokens equal to minipaged's without speculation: {same}/{num_requests} requests identical, "
+        f"{frac:.1%} before the first difference",
+    ]
+
+
 def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     """The workload's options, shared with ``minipaged.benchmarks.vllm_peer`` so both build the same prompts."""
     parser.add_argument("--num-requests", type=positive_int, default=64)
     parser.add_argument("--input-len", type=positive_int, nargs=2, default=(16, 256), metavar=("MIN", "MAX"))
     parser.add_argument("--output-len", type=positive_int, nargs=2, default=(16, 256), metavar=("MIN", "MAX"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--prompts",
+        choices=PROMPT_KINDS,
+        default="random",
+        help="random: random token ids; nomatch: random ids, none repeated within a prompt (prompt lookup "
+        "finds nothing); copy: the shipped copy-inviting prompts (their own lengths) (default: %(default)s)",
+    )
+
+
+def copy_prompt_ids(model: str | None) -> list[list[int]]:
+    """The shipped copy-inviting prompts as token ids of ``model``'s tokenizer (default: the embedded model's)."""
+    from importlib import resources
+
+    from transformers import AutoTokenizer
+
+    from minipaged.benchmarks.latency import COPY_PROMPTS
+    from minipaged.models.loader import default_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(str(Path(model).expanduser() if model else default_model_dir()))
+    lines = resources.files("minipaged.data").joinpath(COPY_PROMPTS).read_text().splitlines()
+    return [tokenizer.encode(json.loads(line)["prompt"]) for line in lines if line.strip()]
 
 
 def workload_from_args(args: argparse.Namespace, vocab: int, round_index: int = 0) -> Workload:
     """Round ``round_index`` of the workload that ``add_workload_arguments``' options describe."""
+    copy_texts = copy_prompt_ids(args.model) if args.prompts == "copy" else None
     return make_workload(
-        args.num_requests, vocab, tuple(args.input_len), tuple(args.output_len), args.seed, round_index
+        args.num_requests,
+        vocab,
+        tuple(args.input_len),
+        tuple(args.output_len),
+        args.seed,
+        round_index,
+        args.prompts,
+        copy_texts,
     )
 
 
@@ -619,15 +698,28 @@ def main(argv: list[str] | None = None) -> int:
     )
     threads = torch.get_num_threads()
     own = [sys.executable, "-m", "minipaged.benchmarks.throughput", "--threads", str(threads)]
-    own += engine_argv(engine_kwargs(args))
+    # Speculation is one more engine beside plain minipaged, not a change to every minipaged child.
+    kwargs = engine_kwargs(args)
+    speculative = kwargs.pop("speculative_config", None)
+    own += engine_argv(kwargs)
+    copy_texts = copy_prompt_ids(args.model) if args.prompts == "copy" else None
     # Every child imports minipaged from where this process does (the vLLM venv has no install of it).
     env = child_env()
     vllm_env = {**env, "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}", "VLLM_CPU_KVCACHE_SPACE": "2"}
     # One run per dtype, under its canonical name (the one vllm_peer accepts): "bf16" and "bfloat16" are one.
     for dtype in dict.fromkeys(dtype_name(name) for name in args.dtype):
         for name, spec in workload_specs(args).items():
-            work = make_workload(spec["num_requests"], vocab, spec["input_len"], spec["output_len"], spec["seed"])
-            flags = workload_args(spec) + ["--dtype", dtype]
+            work = make_workload(
+                spec["num_requests"],
+                vocab,
+                spec["input_len"],
+                spec["output_len"],
+                spec["seed"],
+                0,
+                args.prompts,
+                copy_texts,
+            )
+            flags = workload_args(spec) + ["--prompts", args.prompts, "--dtype", dtype]
             vllm = [args.vllm_python, "-m", "minipaged.benchmarks.vllm_peer", *flags] if args.vllm_python else None
             if vllm and args.model:
                 vllm += ["--model", str(args.model)]
@@ -636,6 +728,12 @@ def main(argv: list[str] | None = None) -> int:
                 engines["vLLM CPU"] = (vllm + ["--rounds-from-stdin"], vllm_env)
             for kv in dict.fromkeys(args.kv_cache_dtype):
                 engines[minipaged_label(kv)] = (own + ["--child", "minipaged", *flags, "--kv-cache-dtype", kv], env)
+            if speculative is not None:
+                spec_flags = engine_argv({"speculative_config": speculative})
+                engines[SPEC_LABEL] = (
+                    own + ["--child", "minipaged", *flags, "--kv-cache-dtype", "auto", *spec_flags],
+                    env,
+                )
             results = run_engines(engines, args.rounds)
             if not args.skip_hf:  # one round, after the others have exited: it is slow and only a baseline
                 sizes = [str(b) for b in args.static_batch_sizes]

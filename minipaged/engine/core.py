@@ -44,6 +44,7 @@ from minipaged.errors import (
 )
 from minipaged.outputs import Logprob, RequestMetrics
 from minipaged.sampling_params import SamplingParams
+from minipaged.spec_decode.controller import DraftController
 from minipaged.spec_decode.draft_model import DraftModelProposer, draft_cache_bytes, load_draft_model
 from minipaged.spec_decode.ngram import propose_ngram
 from minipaged.spec_decode.verifier import split_speculative, verify
@@ -177,6 +178,12 @@ class EngineCore:
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
         self._spec_totals = [0, 0, 0]  # drafts, draft tokens, accepted tokens
+        spec = self.config.speculative_config
+        self.draft_control = (
+            None
+            if spec is None
+            else DraftController(spec.backoff_after, spec.backoff_min_steps, spec.backoff_max_steps)
+        )
         # Pipeline parallelism keeps up to this many batches in flight (vLLM's batch queue); 1 elsewhere.
         self._batch_queue_depth = self.config.batch_queue_depth if self.config.pipeline_parallel_size > 1 else 1
         self._in_flight: collections.deque = collections.deque()
@@ -370,6 +377,7 @@ class EngineCore:
                     self.scheduler.finish(seq, SequenceStatus.FINISHED_ABORTED)
             request.metrics.finished_time = now
             self._release_matchers(request)
+            self._forget_drafts(request)
             aborted.append(rid)
         return aborted
 
@@ -378,6 +386,11 @@ class EngineCore:
             request.metrics.finished_time = now
             del self._requests[request.request_id]
             self._release_matchers(request)
+            self._forget_drafts(request)
+
+    def _forget_drafts(self, request: Request) -> None:
+        if self.draft_control is not None:
+            self.draft_control.forget(s.seq_id for s in request.seqs)
 
     def _release_matchers(self, request: Request) -> None:
         if self.structured_output is not None and request.params.structured_outputs is not None:
@@ -566,6 +579,7 @@ class EngineCore:
         for s, r in zip(speculated, results):
             seq = s.seq
             seq.metrics.record_verification(r.num_draft_tokens, r.num_accepted)
+            self.draft_control.record(seq.seq_id, r.num_draft_tokens, r.num_accepted)
             for i, n in enumerate((1, r.num_draft_tokens, r.num_accepted)):
                 self._spec_totals[i] += n
             self._generation_tokens_total += len(r.token_ids)
@@ -584,7 +598,8 @@ class EngineCore:
         At most as many as could still be emitted before ``max_tokens`` or ``max_model_len``, less the
         one token every step adds anyway, so the drafts never need KV slots the request could not use.
         A sequence under a grammar gets no drafts: verification samples without the grammar's bitmask,
-        so it decodes one masked token a step.
+        so it decodes one masked token a step. A sequence whose drafts keep failing pauses
+        (``minipaged.spec_decode.controller``).
         """
         spec = self.config.speculative_config
         if spec is None:
@@ -595,7 +610,7 @@ class EngineCore:
                 continue
             room = min(seq.params.max_tokens - len(seq.output_token_ids), self.config.max_model_len - seq.num_tokens)
             k = min(spec.num_speculative_tokens, room - 1)
-            if k >= 1:
+            if k >= 1 and self.draft_control.should_propose(seq.seq_id):
                 wanted.append((seq, k))
         if self.drafter is not None:
             drafts = self.drafter.propose([seq for seq, _ in wanted], [k for _, k in wanted], self.block_manager)

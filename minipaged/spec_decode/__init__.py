@@ -6,6 +6,8 @@
 - ``rejection``: the rejection sampler that turns the target model's logits over the k + 1 verified
   positions into the accepted tokens plus one more (resampled or bonus), keeping the output
   distribution exactly that of ordinary sampling;
+- ``controller``: back-off, so a sequence whose drafts keep being rejected stops proposing for a
+  while and probes again later;
 - ``verifier``: the glue the engine calls, from a step's logits to each sequence's new tokens.
 
 The scheduler gives the drafts KV slots and the worker runs them through the ordinary paged

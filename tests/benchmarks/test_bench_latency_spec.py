@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from minipaged.entrypoints.cli import main
 
 
@@ -27,3 +29,30 @@ def test_latency_copy_workload_with_speculation(tmp_path, capsys):
         assert s["mean_acceptance_length"] == 1 + s["num_accepted_tokens"] / s["num_drafts"]
     else:
         assert s["mean_acceptance_length"] is None and s["acceptance_rate"] is None
+
+
+def test_nomatch_prompts_repeat_no_token():
+    from minipaged.benchmarks.latency import nomatch_prompts
+    from minipaged.spec_decode.ngram import propose_ngram
+
+    prompts = nomatch_prompts(16, 40, vocab_size=500)
+    assert len(prompts) == 16 and all(len(p) == len(set(p)) == 40 and all(0 <= t < 500 for t in p) for p in prompts)
+    assert all(propose_ngram(p, 4, 1, 4) == [] for p in prompts)  # prompt lookup finds nothing
+    assert prompts == nomatch_prompts(16, 40, vocab_size=500)
+
+
+@pytest.mark.parametrize("batch_size", [4, 16])
+def test_latency_nomatch_workload_batched_with_speculation(tmp_path, batch_size):
+    from tiny_models import make_tiny_model_dir
+
+    model = make_tiny_model_dir(tmp_path / "model", max_model_len=512)
+    out = tmp_path / "latency.json"
+    spec = '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}'
+    argv = ["--batch-size", str(batch_size), "--input-len", "12", "--output-len", "5", "--num-iters", "1"]
+    argv += ["--num-iters-warmup", "0", "--workload", "nomatch", "--temperature", "0", "--model", str(model)]
+    assert main(["bench", "latency", *argv, "--speculative-config", spec, "--threads", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["output_tokens"] == batch_size * 5 and result["prompt_tokens"] == batch_size * 12
+    assert result["workload"] == "nomatch" and result["batch_size"] == batch_size
+    s = result["speculation"]
+    assert 0 <= s["num_accepted_tokens"] <= s["num_draft_tokens"] <= 3 * s["num_drafts"]
