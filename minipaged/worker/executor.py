@@ -396,7 +396,7 @@ class TensorParallelExecutor(_SpawnedRanks):
             logits = self.worker.run(batch)
         except RuntimeError as exc:  # torch.distributed's errors (DistBackendError, ...) are RuntimeErrors
             raise self._fail(exc) from exc
-        return (logits, sampled) if sampled else (None, [])
+        return logits, sampled  # None when no row is sampled and no prompt logprob is asked for
 
     def shutdown(self) -> None:
         """Tell every rank to stop, wait for them (then terminate stragglers), leave the process group."""

@@ -236,6 +236,95 @@ def test_echo_prepends_the_prompt(client):
     assert texts[0] == echoed.choices[0].text
 
 
+@pytest.fixture(scope="module")
+def hf_reference(model_dir):
+    """transformers' own model from the served directory: the independent reference for logprobs."""
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+
+
+def _auth() -> dict[str, str]:
+    return {"Authorization": f"Bearer {API_KEY}"}
+
+
+def _prompt_ids(offline, prompt: str) -> list[int]:
+    """The ids the server's engine makes of ``prompt`` (the offline engine tokenizes the same way)."""
+    from minipaged import SamplingParams
+
+    return offline.validate(prompt, SamplingParams())[1]
+
+
+def _reference_prompt_logprobs(hf_reference, prompt_ids: list[int]):
+    import torch
+
+    with torch.no_grad():
+        logits = hf_reference(torch.tensor([prompt_ids])).logits[0].double()
+    return torch.log_softmax(logits, dim=-1)  # row i scores prompt token i + 1
+
+
+def test_echo_with_logprobs_scores_the_prompt_tokens_like_transformers(server, client, offline, hf_reference):
+    import torch
+
+    kw = dict(model="tiny", prompt=PROMPTS[0], max_tokens=4, temperature=0, logprobs=2)
+    plain = client.completions.create(**kw)
+    echoed = client.completions.create(echo=True, **kw)
+    prompt_ids = _prompt_ids(offline, PROMPTS[0])
+    ref = _reference_prompt_logprobs(hf_reference, prompt_ids)
+    lp, plain_lp = echoed.choices[0].logprobs, plain.choices[0].logprobs
+    num_prompt = len(prompt_ids)
+    assert len(lp.tokens) == num_prompt + len(plain_lp.tokens)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.text_offset[0] == 0
+    for i in range(1, num_prompt):
+        assert abs(lp.token_logprobs[i] - float(ref[i - 1, prompt_ids[i]])) < 1e-4, i
+        best = torch.topk(ref[i - 1], 2).indices.tolist()
+        assert len(lp.top_logprobs[i]) in (2, 3)  # the top 2, plus the prompt token when it is not among them
+        assert max(lp.top_logprobs[i].values()) == pytest.approx(float(ref[i - 1, best[0]]), abs=1e-4)
+    # The completion's part is what the same request without echo returns, offsets shifted past the prompt.
+    assert lp.tokens[num_prompt:] == plain_lp.tokens
+    assert lp.token_logprobs[num_prompt:] == pytest.approx(plain_lp.token_logprobs, abs=1e-5)
+    assert [o - len(PROMPTS[0]) for o in lp.text_offset[num_prompt:]] == plain_lp.text_offset
+    # Streamed: the first chunk carries the prompt's tokens and logprobs, the rest follow.
+    _, _, _, chunks = _stream_completion(client, echo=True, **kw)
+    streamed = [t for ch in chunks for c in ch.choices if c.logprobs for t in c.logprobs.tokens]
+    assert streamed == lp.tokens
+    streamed_lps = [v for ch in chunks for c in ch.choices if c.logprobs for v in c.logprobs.token_logprobs]
+    assert streamed_lps[0] is None and streamed_lps[1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-5)
+    assert wait_idle(server)["minipaged_kv_blocks_used"] == 0
+
+
+def test_prompt_logprobs_extra_field_matches_transformers(server, offline, hf_reference):
+    prompt_ids = _prompt_ids(offline, PROMPTS[2])
+    ref = _reference_prompt_logprobs(hf_reference, prompt_ids)
+    body = {"model": "tiny", "prompt": prompt_ids, "max_tokens": 2, "prompt_logprobs": 1}
+    for url in ("/v1/completions", "/v1/chat/completions"):
+        if url.endswith("chat/completions"):
+            chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+            r = httpx.post(server.base_url + url, json={**chat, "prompt_logprobs": 1}, headers=_auth(), timeout=60)
+            assert r.status_code == 200, r.text
+            entries = r.json()["prompt_logprobs"]
+            assert entries[0] is None and all(len(e) in (1, 2) for e in entries[1:])
+            r = httpx.post(
+                server.base_url + url, json={**chat, "prompt_logprobs": 1, "stream": True}, headers=_auth(), timeout=60
+            )
+            assert r.status_code == 400 and "prompt_logprobs" in r.json()["error"]["message"]
+            continue
+        r = httpx.post(server.base_url + url, json=body, headers=_auth(), timeout=60)
+        assert r.status_code == 200, r.text
+        entries = r.json()["choices"][0]["prompt_logprobs"]
+        assert len(entries) == len(prompt_ids) and entries[0] is None
+        for i in range(1, len(prompt_ids)):
+            entry = entries[i]
+            token = str(prompt_ids[i])
+            assert abs(entry[token]["logprob"] - float(ref[i - 1, prompt_ids[i]])) < 1e-4
+            assert entry[token]["rank"] == int((ref[i - 1] > ref[i - 1, prompt_ids[i]]).sum()) + 1
+            assert any(e["rank"] == 1 for e in entry.values())
+    bad = httpx.post(server.base_url + "/v1/completions", json={**body, "prompt_logprobs": 99}, headers=_auth())
+    assert bad.status_code == 400 and "prompt_logprobs" in bad.json()["error"]["message"]
+    assert wait_idle(server)["minipaged_kv_blocks_used"] == 0
+
+
 def _engine_has(field: str) -> bool:
     import dataclasses
 
