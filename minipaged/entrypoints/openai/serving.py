@@ -26,7 +26,12 @@ from minipaged.entrypoints.openai.errors import APIError, from_input_error
 from minipaged.entrypoints.openai.logprobs import chat_logprobs, completion_logprobs, prompt_logprobs_json
 from minipaged.entrypoints.openai.metrics import RequestTimer
 from minipaged.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
-from minipaged.entrypoints.openai.structured import structured_outputs_for, tool_call_message, tool_constraint
+from minipaged.entrypoints.openai.structured import (
+    ToolCallStream,
+    structured_outputs_for,
+    tool_call_message,
+    tool_constraint,
+)
 from minipaged.errors import EngineDeadError, InputError
 from minipaged.outputs import CompletionOutput, RequestOutput
 from minipaged.sampling_params import SamplingParams, StructuredOutputsParams
@@ -465,6 +470,25 @@ class ChatHandler(_Handler):
 
     chunk_object = "chat.completion.chunk"
 
+    @staticmethod
+    def _tool_call_delta(
+        body: ChatCompletionRequest, calls: dict[int, ToolCallStream], texts: dict[int, str], d: _Delta
+    ) -> tuple[dict[str, Any], str | None]:
+        """A forced call's ``(delta, finish_reason)``: ``tool_calls`` fragments, ending with ``"tool_calls"``.
+
+        Cut short by ``max_tokens`` before its name was complete, the text goes out as plain
+        content, as in the non-streamed answer.
+        """
+        call = calls.setdefault(d.index, ToolCallStream.for_request(body))
+        texts[d.index] = text = texts.get(d.index, "") + d.text
+        entry = call.update(text)
+        delta: dict[str, Any] = {"tool_calls": [entry]} if entry is not None else {}
+        if d.finish_reason == "stop":
+            return delta, "tool_calls"
+        if d.finish_reason is not None and not call.announced:
+            return ({"content": text} if text else {}), d.finish_reason
+        return delta, d.finish_reason
+
     def prepare(self, body: ChatCompletionRequest) -> tuple[list[Any], SamplingParams]:
         """Check the request and render the conversation (off the event loop: the template tokenizes)."""
         check_model(body, self.model_name)
@@ -549,6 +573,9 @@ class ChatHandler(_Handler):
         tracker = _DeltaTracker(params.n, body.logprobs)
         final: RequestOutput | None = None
         reasons = []
+        calls: dict[int, ToolCallStream] = {}  # per choice, when tool_choice forces a call
+        texts: dict[int, str] = {}
+        forced = params.structured_outputs is not None and tool_constraint(body) is not None
         try:
             for index in range(params.n):
                 role = {
@@ -564,11 +591,17 @@ class ChatHandler(_Handler):
                 for d in tracker.deltas(i, out):
                     if d.finish_reason is not None:
                         reasons.append(d.finish_reason)
+                    delta, finish = {"content": d.text} if d.text else {}, d.finish_reason
+                    if forced:
+                        delta, finish = self._tool_call_delta(body, calls, texts, d)
+                    lp = self._logprobs(d.token_ids, d.logprobs, body)
+                    if not delta and finish is None and lp is None:
+                        continue  # text held back until a tool call's name is complete
                     choice = {
                         "index": d.index,
-                        "delta": {"content": d.text} if d.text else {},
-                        "logprobs": self._logprobs(d.token_ids, d.logprobs, body),
-                        "finish_reason": d.finish_reason,
+                        "delta": delta,
+                        "logprobs": lp,
+                        "finish_reason": finish,
                         "stop_reason": d.stop_reason,
                     }
                     yield sse(self._chunk(rid, created, [choice], usage_field))
