@@ -139,6 +139,9 @@ class SamplingParams:
         the engine checks them against the vocabulary).
     logprobs: None, or how many most-likely alternatives to return *besides* the sampled token
         (0..MAX_LOGPROBS); log-probabilities of the model's raw logits, before any processing.
+    prompt_logprobs: None, or how many most-likely alternatives to return beside each *prompt* token
+        (0..MAX_LOGPROBS; the first prompt token has no logprob). Such a request takes no prefix-cache
+        hits while its prompt is computed, since every prompt position's logits are needed (as vLLM).
     min_tokens: EOS (unless ``ignore_eos``) and ``stop_token_ids`` are masked until this many tokens
         were generated; the engine also ignores stop strings before then.  0 <= min_tokens <= max_tokens.
     seed: per-request generator seed in [0, 2**64 - n] (sample i uses seed + i; None: drawn from the
@@ -160,6 +163,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: Mapping[int, float] | None = None
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     seed: int | None = None
     max_tokens: int = 16
     min_tokens: int = 0
@@ -191,12 +195,14 @@ class SamplingParams:
         rp = _check_float("repetition_penalty", self.repetition_penalty)
         if not 0.0 < rp < math.inf:
             raise InvalidSamplingParamsError("repetition_penalty", f"must be a finite number > 0, got {rp}")
-        if self.logprobs is not None:
-            _check_int("logprobs", self.logprobs, 0)
-            if self.logprobs > MAX_LOGPROBS:
-                raise InvalidSamplingParamsError(
-                    "logprobs", f"at most {MAX_LOGPROBS} alternatives can be returned, got {self.logprobs}"
-                )
+        for field in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, field)
+            if value is not None:
+                _check_int(field, value, 0)
+                if value > MAX_LOGPROBS:
+                    raise InvalidSamplingParamsError(
+                        field, f"at most {MAX_LOGPROBS} alternatives can be returned, got {value}"
+                    )
         if self.seed is not None:
             _check_int("seed", self.seed, 0)
             if self.seed > MAX_SEED - (self.n - 1):

@@ -190,9 +190,11 @@ class BlockManager:
 
     # ---- admission ---------------------------------------------------------------
 
-    def _plan_allocation(self, tokens: list[int]) -> tuple[list[Block], list[BlockHash], int]:
+    def _plan_allocation(
+        self, tokens: list[int], use_prefix_cache: bool = True
+    ) -> tuple[list[Block], list[BlockHash], int]:
         """Cache hits for ``tokens``, their hashes, and how many free blocks allocating would take."""
-        if self._enable_prefix_caching:
+        if self._enable_prefix_caching and use_prefix_cache:
             # Never the block holding the last token: at least one token must be computed.
             max_hit = (len(tokens) - 1) // self._block_size
             hits, hashes = find_cached_prefix(self._pool, tokens, max_hit, self._hash_fn)
@@ -201,10 +203,10 @@ class BlockManager:
         revived = sum(1 for b in hits if b.ref_count == 0)
         return hits, hashes, self.blocks_for(len(tokens)) - len(hits) + revived
 
-    def can_allocate(self, token_ids: Sequence[int]) -> bool:
+    def can_allocate(self, token_ids: Sequence[int], *, use_prefix_cache: bool = True) -> bool:
         """Whether ``allocate`` would succeed and still leave ``watermark_blocks`` free."""
         tokens = _check_token_ids(token_ids, allow_empty=False)
-        _, _, needed = self._plan_allocation(tokens)
+        _, _, needed = self._plan_allocation(tokens, use_prefix_cache)
         return needed <= self._pool.num_free - self._watermark_blocks
 
     def _blocks_needed(self, seq: _Sequence, num_tokens: int) -> tuple[int, bool]:
@@ -244,16 +246,17 @@ class BlockManager:
 
     # ---- mutations ---------------------------------------------------------------
 
-    def allocate(self, seq_id: Hashable, token_ids: Sequence[int]) -> int:
+    def allocate(self, seq_id: Hashable, token_ids: Sequence[int], *, use_prefix_cache: bool = True) -> int:
         """Create ``seq_id`` holding ``token_ids``; returns how many leading tokens' KV is already cached.
 
-        The count is a multiple of ``block_size`` and at most ``len(token_ids) - 1``.
+        The count is a multiple of ``block_size`` and at most ``len(token_ids) - 1`` (0 with
+        ``use_prefix_cache=False``: every token is computed, its full blocks still published after).
         ``token_ids`` may be a prompt or, after a preemption, prompt + generated tokens.
         """
         if seq_id in self._seqs:
             raise DuplicateSequenceError(f"sequence {seq_id!r} is already allocated")
         tokens = _check_token_ids(token_ids, allow_empty=False)
-        hits, hashes, needed = self._plan_allocation(tokens)
+        hits, hashes, needed = self._plan_allocation(tokens, use_prefix_cache)
         if needed > self._pool.num_free:
             raise NoFreeBlocksError(f"sequence {seq_id!r} needs {needed} free blocks, {self._pool.num_free} are free")
         # Revive hits before taking fresh blocks, so taking cannot evict a hit.

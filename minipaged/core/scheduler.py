@@ -56,6 +56,18 @@ class ScheduledSequence:
         return self.end - self.num_draft_tokens
 
     @property
+    def prompt_logprob_positions(self) -> range:
+        """Positions whose logits score prompt tokens this step (position ``q`` scores prompt token ``q + 1``).
+
+        Positions already scored (before a preemption) are not scored again; the last prompt
+        position is the sampled one, so it scores no prompt token.
+        """
+        scored = self.seq.prompt_logprobs
+        if scored is None:
+            return range(0)
+        return range(max(self.start, len(scored) - 1), min(self.verified_end, self.seq.num_prompt_tokens - 1))
+
+    @property
     def completes_sequence(self) -> bool:
         """After this step every token has KV, so the last position's logits give the next token."""
         return self.verified_end == self.seq.num_tokens
@@ -212,10 +224,12 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             tokens = seq.all_token_ids
-            if not self.bm.can_allocate(tokens):
+            # Prompt logprobs need every prompt position's logits, so no position may come from the cache.
+            use_cache = not seq.computing_prompt_logprobs
+            if not self.bm.can_allocate(tokens, use_prefix_cache=use_cache):
                 break  # head-of-line: a better sequence waits for blocks rather than being overtaken
             self.waiting.pop(0)
-            num_cached = self.bm.allocate(seq.seq_id, tokens)
+            num_cached = self.bm.allocate(seq.seq_id, tokens, use_prefix_cache=use_cache)
             seq.num_computed_tokens = num_cached
             if seq.metrics.num_preemptions == 0 and not seq.output_token_ids:
                 seq.num_cached_tokens = num_cached

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from minipaged.outputs import RequestMetrics
+from minipaged.outputs import Logprob, RequestMetrics
 from minipaged.sampling_params import SamplingParams
 
 
@@ -57,6 +57,9 @@ class Sequence:
     stop_reason: int | str | None = None
     # Speculative decoding: proposed continuation, verified (and dropped) by the next step that runs it.
     spec_token_ids: list[int] = field(default_factory=list)
+    # With SamplingParams.prompt_logprobs, on sequence 0 only: entry i scores prompt token i (entry 0 is
+    # None, nothing precedes it); it grows chunk by chunk until it covers the whole prompt.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
     @property
     def seq_id(self) -> tuple[str, int]:
@@ -77,6 +80,11 @@ class Sequence:
     def all_token_ids(self) -> list[int]:
         """A new list: the prompt followed by the generated tokens (``num_tokens`` ids)."""
         return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def computing_prompt_logprobs(self) -> bool:
+        """Prompt logprobs are asked for and not all computed yet (its prompt must skip the prefix cache)."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
 
     @property
     def sort_key(self) -> tuple[int, int]:

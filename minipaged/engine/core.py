@@ -50,7 +50,7 @@ from minipaged.spec_decode.ngram import propose_ngram
 from minipaged.spec_decode.verifier import split_speculative, verify
 from minipaged.structured_output import StructuredOutputManager
 from minipaged.worker.executor import build_executor
-from minipaged.worker.sampler import sample
+from minipaged.worker.sampler import sample, token_logprobs
 from minipaged.worker.worker import num_kv_blocks_for
 
 _log = logging.getLogger(__name__)
@@ -67,6 +67,9 @@ class CoreOutput:
     finish_reason: str | None  # "stop", "length", "abort", or None while running
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
+    # With SamplingParams.prompt_logprobs, on sequence 0's first output: one entry per prompt token
+    # (the first None), the prompt token's logprob and the top alternatives.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -260,6 +263,10 @@ class EngineCore:
             bad = [t for t in values if t >= vocab]
             if bad:
                 raise InvalidPromptError(name, f"token ids must be < the vocabulary size {vocab}, got {bad[:5]}")
+        if params.prompt_logprobs is not None and self.config.pipeline_parallel_size > 1:
+            raise InvalidSamplingParamsError(
+                "prompt_logprobs", "is not supported with pipeline_parallel_size > 1 (only sampled rows travel back)"
+            )
         if params.structured_outputs is not None:
             if self.structured_output is None:
                 raise InvalidSamplingParamsError("structured_outputs", "needs a tokenizer; this engine has none")
@@ -329,6 +336,8 @@ class EngineCore:
             request.priority,
             request.arrival_order,
             request.metrics,
+            # Sequence 0 computes the prompt; its forks share the blocks and never score it again.
+            prompt_logprobs=[None] if params.prompt_logprobs is not None and index == 0 else None,
         )
 
     def next_arrival(self) -> int:
@@ -482,6 +491,10 @@ class EngineCore:
     ) -> list[CoreOutput]:
         """Sample from a finished batch's logits, append the tokens, check stops, record the step."""
         outputs: list[CoreOutput] = []
+        num_sample_rows = sum(s.num_draft_tokens + 1 for s in sampled)
+        if logits is not None and logits.shape[0] > num_sample_rows:
+            self._score_prompts(sched, logits[num_sample_rows:])
+            logits = logits[:num_sample_rows] if sampled else None
         if sampled:
             logits, sampled, spec_logits, speculated = split_speculative(logits, sampled)
             seqs: list[Sequence] = []
@@ -503,6 +516,25 @@ class EngineCore:
         num_finished = sum(o.finish_reason is not None for o in outputs)
         self.record_step(sched, before, num_finished, time.monotonic() - t0)
         return outputs
+
+    def _score_prompts(self, sched: SchedulerOutput, logits: torch.Tensor) -> None:
+        """Extend each scheduled sequence's prompt logprobs by this step's positions.
+
+        logits: ``[num_rows, vocab]`` fp32, the rows of every ``s.prompt_logprob_positions`` in schedule order.
+        """
+        row = 0
+        for s in sched.scheduled:
+            positions = s.prompt_logprob_positions
+            if not positions:
+                continue
+            rows = logits[row : row + len(positions)]
+            row += len(positions)
+            seq = s.seq
+            # Position q's logits score the prompt token at q + 1.
+            targets = torch.tensor(
+                seq.prompt_token_ids[positions.start + 1 : positions.stop + 1], dtype=torch.long, device=rows.device
+            )
+            seq.prompt_logprobs.extend(token_logprobs(rows, targets, [seq.params.prompt_logprobs] * len(positions)))
 
     def execute(self, sched: SchedulerOutput) -> tuple[torch.Tensor | None, list[ScheduledSequence]]:
         """Run the scheduled tokens through the worker and record them as computed.
@@ -622,6 +654,8 @@ class EngineCore:
 
     def _append_tokens(self, seq: Sequence, tokens: list[int], logprobs, now: float) -> CoreOutput:
         """Append ``tokens`` in order, stopping at the first that finishes the sequence."""
+        # The prompt's logprobs travel once, with the first tokens (the prompt is complete by then).
+        prompt_logprobs = list(seq.prompt_logprobs) if seq.prompt_logprobs and not seq.output_token_ids else None
         appended = []
         for token in tokens:
             seq.output_token_ids.append(token)
@@ -635,7 +669,14 @@ class EngineCore:
         if logprobs is not None:
             logprobs = logprobs[: len(appended)]
         return CoreOutput(
-            seq.request_id, seq.index, appended, logprobs, seq.finish_reason, seq.stop_reason, seq.num_cached_tokens
+            seq.request_id,
+            seq.index,
+            appended,
+            logprobs,
+            seq.finish_reason,
+            seq.stop_reason,
+            seq.num_cached_tokens,
+            prompt_logprobs,
         )
 
     def _check_stop(self, seq: Sequence, token: int) -> SequenceStatus | None:

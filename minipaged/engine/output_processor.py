@@ -63,6 +63,7 @@ class RequestState:
     metrics: RequestMetrics
     completions: dict[int, _Completion] = field(default_factory=dict)
     num_cached_tokens: int = 0
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -83,6 +84,7 @@ class RequestState:
             finished=self.finished,
             metrics=self.metrics,
             num_cached_tokens=self.num_cached_tokens,
+            prompt_logprobs=None if self.prompt_logprobs is None else list(self.prompt_logprobs),
         )
 
 
@@ -144,6 +146,8 @@ class OutputProcessor:
                 if state.params.logprobs is not None:
                     comp.logprobs = []
             state.num_cached_tokens = max(state.num_cached_tokens, out.num_cached_tokens)
+            if out.prompt_logprobs is not None:
+                state.prompt_logprobs = [None, *self._decoded(out.prompt_logprobs[1:])]
             before = comp.released
             comp.token_ids.extend(out.new_token_ids)
             if comp.logprobs is not None and out.new_logprobs is not None:

@@ -4,7 +4,9 @@ The engine core calls it at three points of a step (vLLM v1's structured-output 
 split the same way):
 
 - ``prepare(params)`` when a request is added: the grammar is compiled on a worker thread,
-  cached by ``(kind, spec)``, so the step loop never compiles;
+  cached by ``(kind, spec)``, so the step loop never compiles. The cache keeps the
+  ``max_cached_grammars`` most recently used grammars: a server that meets a new schema in
+  every request must not keep them all (a live matcher holds its own grammar either way);
 - ``apply_bitmask(logits, seqs)`` before sampling: each constrained row's matcher fills its
   row of ``bitmask [rows, ceil(vocab / 32)]`` int32, and the disallowed logits become -inf
   (Triton on a GPU, vectorised torch on CPU). A grammar still compiling makes this step
@@ -22,6 +24,7 @@ tokens the sequence holds.
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from collections.abc import Iterable
 from collections.abc import Sequence as Seq
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,6 +37,9 @@ from minipaged.core.sequence import Sequence
 from minipaged.errors import InvalidSamplingParamsError
 from minipaged.sampling_params import StructuredOutputsParams
 from minipaged_kernels.token_bitmask import apply_token_bitmask, apply_token_bitmask_torch
+
+# Compiled grammars kept for reuse; each holds per-token tables over the whole vocabulary.
+MAX_CACHED_GRAMMARS = 128
 
 # Compact JSON (no free whitespace between tokens): a weak model can otherwise emit spaces and
 # newlines until max_tokens, and a schema-valid answer needs none of them.
@@ -78,13 +84,21 @@ class StructuredOutputManager:
     vocabulary); stop_token_ids: the ids that end a completed grammar (the model's EOS).
     """
 
-    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: Iterable[int], max_workers: int = 1) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        vocab_size: int,
+        stop_token_ids: Iterable[int],
+        max_workers: int = 1,
+        max_cached_grammars: int = MAX_CACHED_GRAMMARS,
+    ) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.stop_token_ids = sorted(stop_token_ids)
+        self.max_cached_grammars = max_cached_grammars
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grammar")
         self._compiler: Any = None  # built on the pool's thread: reading a 50k vocabulary takes a while
-        self._compiled: dict[tuple[str, str], Future] = {}
+        self._compiled: OrderedDict[tuple[str, str], Future] = OrderedDict()  # least recently used first
         self._matchers: dict[tuple[str, int], _SeqMatcher] = {}
 
     # ---- compilation ----------------------------------------------------------------------
@@ -100,7 +114,16 @@ class StructuredOutputManager:
         if future is None:
             future = self._pool.submit(self._compile, params)
             self._compiled[key] = future
+            while len(self._compiled) > self.max_cached_grammars:
+                self._compiled.popitem(last=False)
+        else:
+            self._compiled.move_to_end(key)
         return future
+
+    @property
+    def num_cached_grammars(self) -> int:
+        """Compiled (or compiling) grammars held for reuse, at most ``max_cached_grammars``."""
+        return len(self._compiled)
 
     def _compile(self, params: StructuredOutputsParams) -> Any:
         import xgrammar as xgr
@@ -109,7 +132,8 @@ class StructuredOutputManager:
             info = xgr.TokenizerInfo.from_huggingface(
                 self.tokenizer, vocab_size=self.vocab_size, stop_token_ids=self.stop_token_ids or None
             )
-            self._compiler = xgr.GrammarCompiler(info, max_threads=1)
+            # This manager caches (and bounds) compiled grammars itself; xgrammar's own cache has no bound.
+            self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
         return self._compiler.compile_grammar(build_grammar(params))
 
     # ---- matchers -------------------------------------------------------------------------

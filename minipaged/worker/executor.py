@@ -76,6 +76,12 @@ class WorkerDiedError(MinipagedError, RuntimeError):
 
 # ---- the per-step channel (rank 0 -> every rank) --------------------------------------------------------
 _STEP, _SHUTDOWN, _GROW = 1, 2, 3
+# Exit status of a spawned rank that re-imported a script without a ``__main__`` guard; rank 0 explains it.
+_NO_MAIN_GUARD_EXIT = 3
+_NO_MAIN_GUARD = (
+    "starts one process per rank, and each re-imports your script: put the code that builds "
+    "the engine under 'if __name__ == \"__main__\":'"
+)
 _HEADER = 3  # tag, payload length, new capacity (for _GROW)
 
 
@@ -344,11 +350,8 @@ class TensorParallelExecutor(_SpawnedRanks):
         check_tensor_parallel_split(model.config, config.tensor_parallel_size)  # quantized layers' packed words
         if getattr(multiprocessing.current_process(), "_inheriting", False):
             # A spawned rank re-imports the user's script; without the guard it would build an engine again.
-            raise InvalidEngineConfigError(
-                "tensor_parallel_size",
-                "starts one process per rank, and each re-imports your script: put the code that builds "
-                "the engine under 'if __name__ == \"__main__\":'",
-            )
+            # It leaves without a traceback of its own: rank 0 reads the status and raises the one error.
+            raise SystemExit(_NO_MAIN_GUARD_EXIT)
         check_no_running_engine()  # before anything is spawned
         if config.num_kv_blocks is None:
             raise ValueError("resolve config.num_kv_blocks (num_kv_blocks_for) before building the executor")
@@ -378,6 +381,8 @@ class TensorParallelExecutor(_SpawnedRanks):
         try:
             if self._store is not None:
                 wait_until_ready(self._store, self.world_size, self._dead_ranks, collective_timeout_s)
+                if any(code == _NO_MAIN_GUARD_EXIT for _, code in self._dead_ranks()):
+                    raise InvalidEngineConfigError("tensor_parallel_size", _NO_MAIN_GUARD)
                 if self._dead_ranks():
                     raise self._fail(None, starting=True)
             else:
@@ -436,7 +441,7 @@ class TensorParallelExecutor(_SpawnedRanks):
             logits = self.worker.run(batch)
         except RuntimeError as exc:  # torch.distributed's errors (DistBackendError, ...) are RuntimeErrors
             raise self._fail(exc) from exc
-        return (logits, sampled) if sampled else (None, [])
+        return logits, sampled  # None when no row is sampled and no prompt logprob is asked for
 
     def shutdown(self) -> None:
         """Tell every rank to stop, wait for them (then terminate stragglers), leave the process group."""

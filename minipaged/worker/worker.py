@@ -55,17 +55,25 @@ class StepBatch:
         cls, scheduled: list[ScheduledSequence], copies: list[BlockCopy], bm: BlockManager
     ) -> tuple[StepBatch, list[ScheduledSequence]]:
         """The step's batch and the scheduled sequences its sample rows belong to (same order; a
-        sequence with k draft tokens owns k + 1 consecutive rows)."""
+        sequence with k draft tokens owns k + 1 consecutive rows).
+
+        After those rows come the prompt-logprob rows: every ``s.prompt_logprob_positions`` of each
+        scheduled sequence in order (``prompt_logprob_rows`` counts them per sequence).
+        """
         input_ids: list[int] = []
         sample_rows: list[int] = []
+        prompt_rows: list[int] = []
         sampled: list[ScheduledSequence] = []
         for s in scheduled:
+            offset = len(input_ids) - s.start  # packed row of the sequence's position ``start``
+            prompt_rows.extend(offset + q for q in s.prompt_logprob_positions)
             input_ids.extend(s.seq.all_token_ids[s.start : s.verified_end])
             input_ids.extend(s.draft_token_ids)
             if s.completes_sequence:
                 # With k drafts, the last k + 1 positions' logits verify them (and give the next token).
                 sample_rows.extend(range(len(input_ids) - 1 - s.num_draft_tokens, len(input_ids)))
                 sampled.append(s)
+        sample_rows.extend(prompt_rows)
         batch = cls(
             input_ids=tuple(input_ids),
             query_lens=tuple(s.num_new_tokens for s in scheduled),
@@ -285,10 +293,10 @@ class Worker:
         return self.model.compute_logits(hidden[inputs.sample_indices]).float()
 
     def execute(self, scheduled: list[ScheduledSequence], copies: list[BlockCopy], bm: BlockManager):
-        """Run one step. Returns ``(logits [num_sampled, vocab] float32, sampled sequences)``."""
+        """Run one step. Returns ``(logits [num_rows, vocab] float32 | None, sampled sequences)``: the sampled
+        sequences' rows, then the prompt-logprob rows (``StepBatch.from_schedule``)."""
         batch, sampled = StepBatch.from_schedule(scheduled, copies, bm)
-        logits = self.run(batch)
-        return (logits, sampled) if sampled else (None, [])
+        return self.run(batch), sampled
 
     def shutdown(self) -> None:
         """Nothing to release in one process (the executor interface's teardown)."""

@@ -106,6 +106,20 @@ def test_regex_outputs_match(llm, regex):
     assert_clean(llm)
 
 
+def test_compiled_grammar_cache_is_bounded(llm):
+    manager = llm.engine_core.structured_output
+    limit, manager.max_cached_grammars = manager.max_cached_grammars, 2
+    try:
+        regexes = [f"[a-c]{{{n}}}" for n in range(1, 6)]  # five distinct grammars
+        for regex in regexes + regexes[:1]:  # the first one again, after it was evicted
+            (out,) = llm.generate(PROMPTS[:1], params(StructuredOutputsParams(regex=regex), SEEDS[0]))
+            assert re.fullmatch(regex, out.outputs[0].text), (regex, out.outputs[0].text)
+            assert manager.num_cached_grammars <= 2
+    finally:
+        manager.max_cached_grammars = limit
+    assert_clean(llm)
+
+
 def test_choice_outputs_are_one_of_the_choices(llm):
     seen = set()
     for seed in range(8):

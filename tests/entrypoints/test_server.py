@@ -236,6 +236,95 @@ def test_echo_prepends_the_prompt(client):
     assert texts[0] == echoed.choices[0].text
 
 
+@pytest.fixture(scope="module")
+def hf_reference(model_dir):
+    """transformers' own model from the served directory: the independent reference for logprobs."""
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+
+
+def _auth() -> dict[str, str]:
+    return {"Authorization": f"Bearer {API_KEY}"}
+
+
+def _prompt_ids(offline, prompt: str) -> list[int]:
+    """The ids the server's engine makes of ``prompt`` (the offline engine tokenizes the same way)."""
+    from minipaged import SamplingParams
+
+    return offline.validate(prompt, SamplingParams())[1]
+
+
+def _reference_prompt_logprobs(hf_reference, prompt_ids: list[int]):
+    import torch
+
+    with torch.no_grad():
+        logits = hf_reference(torch.tensor([prompt_ids])).logits[0].double()
+    return torch.log_softmax(logits, dim=-1)  # row i scores prompt token i + 1
+
+
+def test_echo_with_logprobs_scores_the_prompt_tokens_like_transformers(server, client, offline, hf_reference):
+    import torch
+
+    kw = dict(model="tiny", prompt=PROMPTS[0], max_tokens=4, temperature=0, logprobs=2)
+    plain = client.completions.create(**kw)
+    echoed = client.completions.create(echo=True, **kw)
+    prompt_ids = _prompt_ids(offline, PROMPTS[0])
+    ref = _reference_prompt_logprobs(hf_reference, prompt_ids)
+    lp, plain_lp = echoed.choices[0].logprobs, plain.choices[0].logprobs
+    num_prompt = len(prompt_ids)
+    assert len(lp.tokens) == num_prompt + len(plain_lp.tokens)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.text_offset[0] == 0
+    for i in range(1, num_prompt):
+        assert abs(lp.token_logprobs[i] - float(ref[i - 1, prompt_ids[i]])) < 1e-4, i
+        best = torch.topk(ref[i - 1], 2).indices.tolist()
+        assert len(lp.top_logprobs[i]) in (2, 3)  # the top 2, plus the prompt token when it is not among them
+        assert max(lp.top_logprobs[i].values()) == pytest.approx(float(ref[i - 1, best[0]]), abs=1e-4)
+    # The completion's part is what the same request without echo returns, offsets shifted past the prompt.
+    assert lp.tokens[num_prompt:] == plain_lp.tokens
+    assert lp.token_logprobs[num_prompt:] == pytest.approx(plain_lp.token_logprobs, abs=1e-5)
+    assert [o - len(PROMPTS[0]) for o in lp.text_offset[num_prompt:]] == plain_lp.text_offset
+    # Streamed: the first chunk carries the prompt's tokens and logprobs, the rest follow.
+    _, _, _, chunks = _stream_completion(client, echo=True, **kw)
+    streamed = [t for ch in chunks for c in ch.choices if c.logprobs for t in c.logprobs.tokens]
+    assert streamed == lp.tokens
+    streamed_lps = [v for ch in chunks for c in ch.choices if c.logprobs for v in c.logprobs.token_logprobs]
+    assert streamed_lps[0] is None and streamed_lps[1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-5)
+    assert wait_idle(server)["minipaged_kv_blocks_used"] == 0
+
+
+def test_prompt_logprobs_extra_field_matches_transformers(server, offline, hf_reference):
+    prompt_ids = _prompt_ids(offline, PROMPTS[2])
+    ref = _reference_prompt_logprobs(hf_reference, prompt_ids)
+    body = {"model": "tiny", "prompt": prompt_ids, "max_tokens": 2, "prompt_logprobs": 1}
+    for url in ("/v1/completions", "/v1/chat/completions"):
+        if url.endswith("chat/completions"):
+            chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+            r = httpx.post(server.base_url + url, json={**chat, "prompt_logprobs": 1}, headers=_auth(), timeout=60)
+            assert r.status_code == 200, r.text
+            entries = r.json()["prompt_logprobs"]
+            assert entries[0] is None and all(len(e) in (1, 2) for e in entries[1:])
+            r = httpx.post(
+                server.base_url + url, json={**chat, "prompt_logprobs": 1, "stream": True}, headers=_auth(), timeout=60
+            )
+            assert r.status_code == 400 and "prompt_logprobs" in r.json()["error"]["message"]
+            continue
+        r = httpx.post(server.base_url + url, json=body, headers=_auth(), timeout=60)
+        assert r.status_code == 200, r.text
+        entries = r.json()["choices"][0]["prompt_logprobs"]
+        assert len(entries) == len(prompt_ids) and entries[0] is None
+        for i in range(1, len(prompt_ids)):
+            entry = entries[i]
+            token = str(prompt_ids[i])
+            assert abs(entry[token]["logprob"] - float(ref[i - 1, prompt_ids[i]])) < 1e-4
+            assert entry[token]["rank"] == int((ref[i - 1] > ref[i - 1, prompt_ids[i]]).sum()) + 1
+            assert any(e["rank"] == 1 for e in entry.values())
+    bad = httpx.post(server.base_url + "/v1/completions", json={**body, "prompt_logprobs": 99}, headers=_auth())
+    assert bad.status_code == 400 and "prompt_logprobs" in bad.json()["error"]["message"]
+    assert wait_idle(server)["minipaged_kv_blocks_used"] == 0
+
+
 def _engine_has(field: str) -> bool:
     import dataclasses
 
@@ -702,6 +791,17 @@ async def _soak_one(http: httpx.AsyncClient, rng, i: int) -> None:
     assert r.status_code == 200, r.text
 
 
+def _wait_settled(server, idle_tasks: int, limit_s: float = 60.0) -> dict[str, float]:
+    """Metrics once no stream is open and the loop is back to ``idle_tasks`` tasks (a hang guard, not a timing)."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        m = wait_idle(server)
+        if m["minipaged_open_streams"] == 0 and m["minipaged_asyncio_tasks"] <= idle_tasks:
+            return m
+        assert time.monotonic() < deadline, f"server did not settle: {m}"
+        time.sleep(0.1)
+
+
 def test_soak_at_rate_inf_with_disconnects_leaks_nothing(server, capsys):
     import random
 
@@ -712,15 +812,123 @@ def test_soak_at_rate_inf_with_disconnects_leaks_nothing(server, capsys):
         async with httpx.AsyncClient(base_url=server.base_url, headers=headers, limits=limits, timeout=300) as http:
             await asyncio.gather(*(_soak_one(http, rng, i) for i in range(count)))
 
+    idle = wait_idle(server)
+    assert idle["minipaged_open_streams"] == 0
     asyncio.run(run(40, 0))  # warm-up
-    wait_idle(server)
+    # The engine's loop task starts with the first request the server ever gets, and then stays.
+    warm_metrics = _wait_settled(server, idle["minipaged_asyncio_tasks"] + 1)
     warm = _rss_bytes(server.pid)
     asyncio.run(run(300, 1))
-    after = wait_idle(server)
+    # Every stream closed and every per-request task (pumps, disconnect watchers, engine
+    # iterators) ended: the loop holds exactly the tasks it held before the soak.
+    after = _wait_settled(server, warm_metrics["minipaged_asyncio_tasks"])
+    assert after["minipaged_asyncio_tasks"] == warm_metrics["minipaged_asyncio_tasks"]
     assert after["minipaged_kv_blocks_used"] == 0 and after["minipaged_kv_blocks_free"] == NUM_KV_BLOCKS
     assert after.get('minipaged_request_errors_total{status="500"}', 0) == 0
     end = _rss_bytes(server.pid)
     with capsys.disabled():
-        print(f"\nsoak: server RSS {warm / 2**20:.0f} MiB after warm-up, {end / 2**20:.0f} MiB after 300 requests")
+        print(
+            f"\nsoak: server RSS {warm / 2**20:.0f} MiB after warm-up, {end / 2**20:.0f} MiB after 300 requests; "
+            f"{after['minipaged_asyncio_tasks']:.0f} asyncio tasks and no open stream before and after"
+        )
     ok = _post(server, "/v1/completions", {"model": "tiny", "prompt": "Hello", "max_tokens": 2})
     assert ok.status_code == 200, ok.text
+
+
+# ---- streamed forced tool calls ------------------------------------------------------------
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"unit": {"enum": ["C", "F"]}, "hours": {"type": "integer", "minimum": 0, "maximum": 48}},
+            "required": ["unit", "hours"],
+            "additionalProperties": False,
+        },
+    },
+}
+CLOCK_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"enum": ["UTC", "CET"]}},
+            "required": ["zone"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def _streamed_tool_calls(chunks) -> dict[int, dict]:
+    """Per choice: the call rebuilt from OpenAI ``tool_calls`` deltas, checking their shape on the way."""
+    calls: dict[int, dict] = {}
+    for ch in chunks:
+        for c in ch.choices:
+            call = calls.setdefault(c.index, {"deltas": 0, "arguments": "", "finish": None, "content": ""})
+            call["content"] += c.delta.content or ""
+            if c.finish_reason is not None:
+                call["finish"] = c.finish_reason
+            for tc in c.delta.tool_calls or []:
+                assert tc.index == 0
+                if call["deltas"] == 0:  # the first delta names the call
+                    assert tc.id.startswith("call_") and tc.type == "function" and tc.function.name
+                    call["id"], call["name"] = tc.id, tc.function.name
+                else:
+                    assert tc.id is None and tc.function.name is None
+                call["arguments"] += tc.function.arguments or ""
+                call["deltas"] += 1
+    return calls
+
+
+@pytest.mark.parametrize("tool_choice", [{"type": "function", "function": {"name": "get_weather"}}, "required"])
+def test_forced_tool_calls_stream_as_tool_call_deltas(server, client, tool_choice):
+    jsonschema = pytest.importorskip("jsonschema")
+    kw = dict(
+        model="tiny",
+        messages=[{"role": "user", "content": "Weather?"}],
+        tools=[WEATHER_TOOL, CLOCK_TOOL],
+        tool_choice=tool_choice,
+        max_tokens=80,
+        temperature=1.0,
+        seed=11,
+        n=2,
+    )
+    full = client.chat.completions.create(**kw)
+    calls = _streamed_tool_calls(list(client.chat.completions.create(stream=True, **kw)))
+    assert sorted(calls) == [0, 1]
+    tools = {"get_weather": WEATHER_TOOL, "get_time": CLOCK_TOOL}
+    for choice in full.choices:
+        streamed = calls[choice.index]
+        assert choice.finish_reason == streamed["finish"] == "tool_calls"
+        # How many fragments depends on how outputs batch up on their way (a slow reader gets them merged);
+        # the unit test below feeds one character at a time.
+        assert streamed["content"] == "" and streamed["deltas"] >= 1
+        (want,) = choice.message.tool_calls
+        assert streamed["name"] == want.function.name
+        if tool_choice != "required":
+            assert streamed["name"] == "get_weather"
+        # Same seed, same tokens: the streamed arguments are the non-streamed ones.
+        assert json.loads(streamed["arguments"]) == json.loads(want.function.arguments)
+        jsonschema.validate(json.loads(streamed["arguments"]), tools[streamed["name"]]["function"]["parameters"])
+    assert wait_idle(server)["minipaged_kv_blocks_used"] == 0
+
+
+def test_scan_tool_call_finds_the_top_level_name_and_arguments():
+    from minipaged.entrypoints.openai.structured import ToolCallStream, scan_tool_call
+
+    text = '{"arguments": {"name": "not me", "s": "}]"}, "name": "f"}'
+    name, start, end = scan_tool_call(text)
+    assert name == "f" and json.loads(text[start:end]) == {"name": "not me", "s": "}]"}
+    assert scan_tool_call('{"name": "f", "arguments": 12 }') == ("f", 27, 29)
+    assert scan_tool_call('{"name": "f", "argu') == ("f", None, None)
+    # Fed one character at a time, the deltas rebuild exactly the arguments, after the name is known.
+    stream, text, pieces = ToolCallStream(None), '{"name": "g", "arguments": {"a": [1, "x"]}}', []
+    for k in range(len(text) + 1):
+        entry = stream.update(text[:k])
+        if entry is not None:
+            pieces.append(entry)
+    assert pieces[0]["function"]["name"] == "g" and "name" not in pieces[1]["function"]
+    assert "".join(p["function"]["arguments"] for p in pieces) == '{"a": [1, "x"]}'

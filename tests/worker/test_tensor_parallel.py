@@ -426,3 +426,30 @@ def test_torchrun_launch_spawns_nothing(tmp_path):
     line = next(ln for ln in done.stdout.splitlines() if ln.startswith("TOKENS"))
     hf = tiny_hf_model("qwen2")
     assert json.loads(line.split(" ", 1)[1]) == [hf_greedy(hf, p, 5) for p in prompts]
+
+
+NO_GUARD_SCRIPT = """
+from minipaged import LLM
+from minipaged.models import build_model_from_hf
+from tiny_models import tiny_hf_model
+
+LLM(build_model_from_hf(tiny_hf_model("qwen2")), tensor_parallel_size=2, num_kv_blocks=32, block_size=8)
+print("ENGINE BUILT")
+"""
+
+
+def test_script_without_main_guard_fails_with_one_clear_error(tmp_path):
+    """Each spawned rank re-imports the script; a missing guard is one error with the fix, not a traceback per rank."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "no_guard.py"
+    script.write_text(NO_GUARD_SCRIPT)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode != 0 and "ENGINE BUILT" not in done.stdout
+    assert done.stderr.count("Traceback") == 1, done.stderr[-3000:]
+    assert "InvalidEngineConfigError: tensor_parallel_size:" in done.stderr
+    assert 'if __name__ == "__main__":' in done.stderr

@@ -46,13 +46,22 @@ class _ClosingStreamingResponse(StreamingResponse):
 
     Starlette cancels the send loop on ``http.disconnect`` but leaves closing the abandoned
     generator to the garbage collector; closing it here aborts the engine requests at once.
+    ``metrics.open_streams`` counts the responses between start and close.
     """
 
+    def __init__(self, content: Any, *, metrics: ServerMetrics, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.metrics = metrics
+
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        self.metrics.open_streams += 1
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self.body_iterator.aclose()
+            try:
+                await self.body_iterator.aclose()
+            finally:
+                self.metrics.open_streams -= 1
 
 
 class _APIKeyMiddleware:
@@ -252,7 +261,7 @@ def build_app(
         prompts, params = await asyncio.to_thread(handler.prepare, body)
         if body.stream:
             return _ClosingStreamingResponse(
-                handler.stream(body, prompts, params, timer), media_type="text/event-stream"
+                handler.stream(body, prompts, params, timer), metrics=metrics, media_type="text/event-stream"
             )
         return JSONResponse(await with_cancellation(request, handler.full(body, prompts, params, timer)))
 

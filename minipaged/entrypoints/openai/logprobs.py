@@ -4,7 +4,9 @@ Completions (legacy): parallel arrays ``tokens``, ``token_logprobs``, ``top_logp
 ``{token_text: logprob}`` dict holding the sampled token and the top-k) and ``text_offset``
 (character offset of each token in the choice's text, continuing across stream chunks).
 Chat: ``{"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}`` with the top-k
-by rank. JSON has no ``-inf``, so an impossible token's logprob is written as -9999.0.
+by rank. vLLM's ``prompt_logprobs`` extra: per prompt token ``None`` (the first) or
+``{token_id: {"logprob", "rank", "decoded_token"}}``. JSON has no ``-inf``, so an impossible
+token's logprob is written as -9999.0.
 """
 
 from __future__ import annotations
@@ -65,20 +67,36 @@ def token_text(token_id: int, logprob: Logprob | None, tokenizer: Any) -> str:
 
 
 def completion_logprobs(
-    token_ids: Sequence[int], logprobs: Sequence[dict[int, Logprob]], tokenizer: Any, first_offset: int
+    token_ids: Sequence[int],
+    logprobs: Sequence[dict[int, Logprob] | None],
+    tokenizer: Any,
+    first_offset: int,
+    top_k: int | None = None,
 ) -> dict[str, list]:
-    """The legacy completions ``logprobs`` object for ``token_ids``; ``first_offset``: the first token's text offset."""
+    """The legacy completions ``logprobs`` object for ``token_ids``; ``first_offset``: the first token's text offset.
+
+    A ``None`` entry (the first prompt token of an echo) has ``null`` logprob and top logprobs.
+    ``top_k``: keep only the token itself and alternatives of rank <= ``top_k`` (all when None).
+    """
     tokens: list[str] = []
     token_logprobs: list[float | None] = []
     top_logprobs: list[dict[str, float] | None] = []
     text_offset: list[int] = []
     offset = first_offset
     for tid, by_token in zip(token_ids, logprobs):
-        sampled = by_token.get(tid)
+        sampled = None if by_token is None else by_token.get(tid)
         text = token_text(tid, sampled, tokenizer)
         tokens.append(text)
         token_logprobs.append(None if sampled is None else _finite(sampled.logprob))
-        top_logprobs.append({token_text(t, lp, tokenizer): _finite(lp.logprob) for t, lp in by_token.items()})
+        if by_token is None:
+            top_logprobs.append(None)
+        else:
+            kept = {
+                t: lp
+                for t, lp in by_token.items()
+                if top_k is None or t == tid or (lp.rank is not None and lp.rank <= top_k)
+            }
+            top_logprobs.append({token_text(t, lp, tokenizer): _finite(lp.logprob) for t, lp in kept.items()})
         text_offset.append(offset)
         offset += len(text)
     return {
@@ -87,6 +105,28 @@ def completion_logprobs(
         "top_logprobs": top_logprobs,
         "text_offset": text_offset,
     }
+
+
+def prompt_logprobs_json(
+    token_ids: Sequence[int], logprobs: Sequence[dict[int, Logprob] | None], tokenizer: Any, top_k: int | None = None
+) -> list[dict[str, dict[str, Any]] | None]:
+    """vLLM's ``prompt_logprobs``: per prompt token None or ``{token_id: {"logprob", "rank", "decoded_token"}}``.
+
+    ``top_k``: keep the prompt token itself and the alternatives of rank <= ``top_k`` (all when None).
+    """
+    out: list[dict[str, dict[str, Any]] | None] = []
+    for tid, entry in zip(token_ids, logprobs):
+        if entry is None:
+            out.append(None)
+            continue
+        out.append(
+            {
+                str(t): {"logprob": _finite(lp.logprob), "rank": lp.rank, "decoded_token": token_text(t, lp, tokenizer)}
+                for t, lp in entry.items()
+                if top_k is None or t == tid or (lp.rank is not None and lp.rank <= top_k)
+            }
+        )
+    return out
 
 
 def _chat_entry(token_id: int, logprob: Logprob | None, tokenizer: Any) -> dict[str, Any]:

@@ -2,12 +2,15 @@
 
 Engine state (queues, KV blocks, preemptions, token counters) is read from ``engine.stats()``
 at scrape time; latencies are observed by the request handlers as outputs reach them, so
-they are what the HTTP layer sees (TTFT includes queueing). A registry per app, not
+they are what the HTTP layer sees (TTFT includes queueing). Two process gauges say whether the
+HTTP layer lets anything pile up: streamed responses still open, and asyncio tasks alive on
+the server's event loop (both return to their idle values when no request is in flight). A registry per app, not
 prometheus-client's global default, lets several apps live in one process (tests).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -53,12 +56,33 @@ class _EngineCollector(Collector):
             yield CounterMetricFamily(name, doc, value=value)
 
 
+class _ServerCollector(Collector):
+    """Open streams and live asyncio tasks, read at scrape time (the scrape runs on the server's loop)."""
+
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Any]:
+        yield GaugeMetricFamily(
+            "minipaged_open_streams", "streamed responses not yet closed", value=self.metrics.open_streams
+        )
+        try:
+            tasks = len(asyncio.all_tasks())
+        except RuntimeError:  # rendered outside an event loop (no server running): nothing to count
+            return
+        yield GaugeMetricFamily(
+            "minipaged_asyncio_tasks", "asyncio tasks alive on the server's event loop", value=tasks
+        )
+
+
 class ServerMetrics:
     """The app's registry and the latency histograms the handlers feed."""
 
     def __init__(self, engine: Any) -> None:
+        self.open_streams = 0  # streamed responses started and not yet closed (the app counts them)
         self.registry = CollectorRegistry()
         self.registry.register(_EngineCollector(engine))
+        self.registry.register(_ServerCollector(self))
         self.ttft = Histogram(
             "minipaged_time_to_first_token_seconds",
             "request arrival to its first token",

@@ -25,7 +25,6 @@ UNSUPPORTED_FIELDS = frozenset(
         "guided_grammar",
         "suffix",
         "best_of",
-        "prompt_logprobs",
         "audio",
         "modalities",
         "prediction",
@@ -90,6 +89,7 @@ class SamplingFields(_Body):
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsField | None = None
+    prompt_logprobs: int | None = None  # vLLM's extra: top-k alternatives at each prompt position
     user: str | None = None  # an end-user id for the caller's own bookkeeping; the engine does not use it
 
 

@@ -23,10 +23,15 @@ from typing import Any
 from minipaged import __version__
 from minipaged.engine.inputs import check_text
 from minipaged.entrypoints.openai.errors import APIError, from_input_error
-from minipaged.entrypoints.openai.logprobs import chat_logprobs, completion_logprobs
+from minipaged.entrypoints.openai.logprobs import chat_logprobs, completion_logprobs, prompt_logprobs_json
 from minipaged.entrypoints.openai.metrics import RequestTimer
 from minipaged.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
-from minipaged.entrypoints.openai.structured import structured_outputs_for, tool_call_message, tool_constraint
+from minipaged.entrypoints.openai.structured import (
+    ToolCallStream,
+    structured_outputs_for,
+    tool_call_message,
+    tool_constraint,
+)
 from minipaged.errors import EngineDeadError, InputError
 from minipaged.outputs import CompletionOutput, RequestOutput
 from minipaged.sampling_params import SamplingParams, StructuredOutputsParams
@@ -49,6 +54,7 @@ _PASSTHROUGH = (
     "frequency_penalty",
     "repetition_penalty",
     "min_tokens",
+    "prompt_logprobs",
 )
 
 
@@ -344,8 +350,6 @@ class CompletionHandler(_Handler):
         """
         check_model(body, self.model_name)
         self.check_limits(body.n)
-        if body.echo and body.logprobs is not None:
-            raise APIError(400, "echo with logprobs needs prompt logprobs, which this engine does not compute", "echo")
         prompts = completion_prompts(body.prompt)
         if len(prompts) > self.limits.max_prompts:
             raise APIError(
@@ -359,6 +363,8 @@ class CompletionHandler(_Handler):
         longest = max(len(p["prompt_token_ids"]) for p in tokenized)
         max_tokens = self.max_tokens(body.max_tokens, "max_tokens", longest, DEFAULT_COMPLETION_MAX_TOKENS)
         params = sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs)
+        if body.echo and body.logprobs is not None:  # an echo's logprobs cover the prompt tokens too
+            params = dataclasses.replace(params, prompt_logprobs=max(body.logprobs, params.prompt_logprobs or 0))
         for prompt in tokenized:
             self.engine.validate(prompt, params)
         return tokenized, params
@@ -367,6 +373,22 @@ class CompletionHandler(_Handler):
         if d.logprobs is None:
             return None
         return completion_logprobs(d.token_ids, d.logprobs, self.engine.tokenizer, offset)
+
+    def _echo_logprobs(self, out: RequestOutput, completion: dict, top_k: int) -> dict:
+        """The prompt tokens' logprobs (the first one null, text offsets from 0), then ``completion``'s."""
+        if out.prompt_logprobs is None:  # never computed: the request ended before its prompt did
+            return completion
+        head = completion_logprobs(out.prompt_token_ids, out.prompt_logprobs, self.engine.tokenizer, 0, top_k)
+        return {key: head[key] + completion[key] for key in completion}
+
+    def _prompt_logprobs(self, body: CompletionRequest, out: RequestOutput) -> dict[str, Any]:
+        """``{"prompt_logprobs": ...}`` for a choice when the body asked for them (vLLM's extra), else {}."""
+        if body.prompt_logprobs is None or out.prompt_logprobs is None:
+            return {}
+        entries = prompt_logprobs_json(
+            out.prompt_token_ids, out.prompt_logprobs, self.engine.tokenizer, body.prompt_logprobs
+        )
+        return {"prompt_logprobs": entries}
 
     async def full(
         self, body: CompletionRequest, prompts: list[Any], params: SamplingParams, timer: RequestTimer
@@ -384,6 +406,8 @@ class CompletionHandler(_Handler):
                 lp = None
                 if want_lp and c.logprobs is not None:
                     lp = completion_logprobs(c.token_ids, c.logprobs, self.engine.tokenizer, len(echo))
+                    if body.echo:
+                        lp = self._echo_logprobs(out, lp, body.logprobs)
                 choices.append(
                     {
                         "index": i * params.n + c.index,
@@ -391,6 +415,7 @@ class CompletionHandler(_Handler):
                         "logprobs": lp,
                         "finish_reason": c.finish_reason,
                         "stop_reason": c.stop_reason,
+                        **self._prompt_logprobs(body, out),
                     }
                 )
         timer.on_finish([c["finish_reason"] for c in choices])
@@ -412,12 +437,15 @@ class CompletionHandler(_Handler):
                 for d in tracker.deltas(i, out):
                     cur = tracker.cursors[d.index]
                     text = d.text
-                    if body.echo and not cur.started:
+                    opening = not cur.started
+                    if body.echo and opening:
                         text = _prompt_text(prompts[i], out, self.engine.tokenizer) + text
                         cur.text_offset = len(text) - len(d.text)
                     cur.started = True
                     lp = self._logprobs(d, cur.text_offset)
                     cur.text_offset += sum(map(len, lp["tokens"])) if lp else len(d.text)
+                    if body.echo and opening and lp is not None:
+                        lp = self._echo_logprobs(out, lp, body.logprobs)
                     if d.finish_reason is not None:
                         reasons.append(d.finish_reason)
                     choice = {
@@ -426,6 +454,7 @@ class CompletionHandler(_Handler):
                         "logprobs": lp,
                         "finish_reason": d.finish_reason,
                         "stop_reason": d.stop_reason,
+                        **(self._prompt_logprobs(body, out) if opening else {}),
                     }
                     yield sse(self._chunk(rid, created, [choice], usage_field))
             if include_usage:
@@ -441,12 +470,35 @@ class ChatHandler(_Handler):
 
     chunk_object = "chat.completion.chunk"
 
+    @staticmethod
+    def _tool_call_delta(
+        body: ChatCompletionRequest, calls: dict[int, ToolCallStream], texts: dict[int, str], d: _Delta
+    ) -> tuple[dict[str, Any], str | None]:
+        """A forced call's ``(delta, finish_reason)``: ``tool_calls`` fragments, ending with ``"tool_calls"``.
+
+        Cut short by ``max_tokens`` before its name was complete, the text goes out as plain
+        content, as in the non-streamed answer.
+        """
+        call = calls.setdefault(d.index, ToolCallStream.for_request(body))
+        texts[d.index] = text = texts.get(d.index, "") + d.text
+        entry = call.update(text)
+        delta: dict[str, Any] = {"tool_calls": [entry]} if entry is not None else {}
+        if d.finish_reason == "stop":
+            return delta, "tool_calls"
+        if d.finish_reason is not None and not call.announced:
+            return ({"content": text} if text else {}), d.finish_reason
+        return delta, d.finish_reason
+
     def prepare(self, body: ChatCompletionRequest) -> tuple[list[Any], SamplingParams]:
         """Check the request and render the conversation (off the event loop: the template tokenizes)."""
         check_model(body, self.model_name)
         self.check_limits(body.n)
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs: needs logprobs=true", "top_logprobs")
+        if body.stream and body.prompt_logprobs is not None:
+            raise APIError(
+                400, "prompt_logprobs: not supported with stream=true on chat completions", "prompt_logprobs"
+            )
         for i, message in enumerate(body.messages):
             if message.role not in CHAT_ROLES:
                 raise APIError(
@@ -497,7 +549,7 @@ class ChatHandler(_Handler):
                     choice["message"] = tool_call_message(body, choice["message"]["content"])
                     choice["finish_reason"] = "tool_calls"
         timer.on_finish([c.finish_reason for c in completions])
-        return {
+        response = {
             "id": rid,
             "object": "chat.completion",
             "created": created,
@@ -506,6 +558,11 @@ class ChatHandler(_Handler):
             "choices": choices,
             "usage": _usage([final]),
         }
+        if body.prompt_logprobs is not None and final.prompt_logprobs is not None:  # vLLM's extra, top level
+            response["prompt_logprobs"] = prompt_logprobs_json(
+                final.prompt_token_ids, final.prompt_logprobs, self.engine.tokenizer
+            )
+        return response
 
     async def stream(
         self, body: ChatCompletionRequest, prompts: list[Any], params: SamplingParams, timer: RequestTimer
@@ -516,6 +573,9 @@ class ChatHandler(_Handler):
         tracker = _DeltaTracker(params.n, body.logprobs)
         final: RequestOutput | None = None
         reasons = []
+        calls: dict[int, ToolCallStream] = {}  # per choice, when tool_choice forces a call
+        texts: dict[int, str] = {}
+        forced = params.structured_outputs is not None and tool_constraint(body) is not None
         try:
             for index in range(params.n):
                 role = {
@@ -531,11 +591,17 @@ class ChatHandler(_Handler):
                 for d in tracker.deltas(i, out):
                     if d.finish_reason is not None:
                         reasons.append(d.finish_reason)
+                    delta, finish = {"content": d.text} if d.text else {}, d.finish_reason
+                    if forced:
+                        delta, finish = self._tool_call_delta(body, calls, texts, d)
+                    lp = self._logprobs(d.token_ids, d.logprobs, body)
+                    if not delta and finish is None and lp is None:
+                        continue  # text held back until a tool call's name is complete
                     choice = {
                         "index": d.index,
-                        "delta": {"content": d.text} if d.text else {},
-                        "logprobs": self._logprobs(d.token_ids, d.logprobs, body),
-                        "finish_reason": d.finish_reason,
+                        "delta": delta,
+                        "logprobs": lp,
+                        "finish_reason": finish,
                         "stop_reason": d.stop_reason,
                     }
                     yield sse(self._chunk(rid, created, [choice], usage_field))

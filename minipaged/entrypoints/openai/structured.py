@@ -4,13 +4,16 @@ Each becomes one ``StructuredOutputsParams``; a malformed schema, regex or gramm
 naming the request field it came from (the grammar is parsed here, before anything is queued).
 Tool calls follow vLLM's approach for ``tool_choice`` naming a function or ``"required"``: the
 arguments are generated under the function's parameter schema, so they always parse; ``"auto"``
-would need a model-specific parser to tell a call from prose, and is refused.
+would need a model-specific parser to tell a call from prose, and is refused. Streamed, a forced
+call goes out in OpenAI's ``tool_calls`` deltas (``ToolCallStream``): the first carries the call's
+id, type and function name, the following ones fragments of its ``arguments`` string.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
+from dataclasses import dataclass, field
 from typing import Any
 
 from minipaged.entrypoints.openai.errors import APIError
@@ -73,8 +76,6 @@ def tool_constraint(body: ChatCompletionRequest) -> StructuredOutputsParams | No
         )
     if body.response_format is not None or body.structured_outputs is not None:
         raise APIError(400, "tool_choice: cannot be combined with response_format or structured_outputs", "tool_choice")
-    if body.stream:
-        raise APIError(400, "stream: forced tool calls are not streamed by this server", "stream")
     if choice == "required":
         calls = [
             {
@@ -92,6 +93,10 @@ def tool_constraint(body: ChatCompletionRequest) -> StructuredOutputsParams | No
     return _checked(f"tools.{choice.function.name}.parameters", json=named[0].function.parameters or ANY_OBJECT)
 
 
+def _new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
 def tool_call_message(body: ChatCompletionRequest, text: str) -> dict[str, Any]:
     """The assistant message carrying one ``tool_calls`` entry built from the constrained ``text``."""
     if body.tool_choice == "required":
@@ -104,9 +109,108 @@ def tool_call_message(body: ChatCompletionRequest, text: str) -> dict[str, Any]:
         "content": None,
         "tool_calls": [
             {
-                "id": f"call_{uuid.uuid4().hex[:24]}",
+                "id": _new_call_id(),
                 "type": "function",
                 "function": {"name": name, "arguments": arguments},
             }
         ],
     }
+
+
+def _string_end(text: str, start: int) -> int | None:
+    """Index just past the JSON string opening at ``text[start]`` (a quote); None if it is not closed yet."""
+    i = start + 1
+    while i < len(text):
+        if text[i] == "\\":
+            i += 2
+        elif text[i] == '"':
+            return i + 1
+        else:
+            i += 1
+    return None
+
+
+def scan_tool_call(text: str) -> tuple[str | None, int | None, int | None]:
+    """``(name, start, end)`` in the (possibly unfinished) JSON text ``{"name": ..., "arguments": ...}``.
+
+    name: the top-level ``"name"`` string once complete; ``text[start:end]`` is the top-level
+    ``"arguments"`` value (start None before it begins, end None while it is still open). Keys
+    nested inside the arguments never count, whatever their names.
+    """
+    name = start = end = None
+    depth, i = 0, 0
+    key: str | None = None
+    expect_key = awaiting_value = False
+    value_start: int | None = None
+    while i < len(text):
+        c = text[i]
+        if awaiting_value and not c.isspace():
+            awaiting_value, value_start = False, i
+            if key == "arguments":
+                start = i
+        if c == '"':
+            j = _string_end(text, i)
+            if j is None:
+                break
+            if depth == 1 and expect_key:
+                key, expect_key = json.loads(text[i:j]), False
+            elif depth == 1 and key == "name" and value_start == i:
+                name = json.loads(text[i:j])
+            i = j
+            continue
+        if c in "{[":
+            depth += 1
+            expect_key = depth == 1
+        elif c in "}]":
+            depth -= 1
+            if depth == 1 and key == "arguments" and end is None and start is not None:
+                end = i + 1  # the arguments' object or array just closed
+            elif depth == 0 and key == "arguments" and end is None and start is not None:
+                end = len(text[:i].rstrip())  # a scalar value, ended by the closing brace
+        elif depth == 1 and c == ":":
+            awaiting_value = True
+        elif depth == 1 and c == ",":
+            if key == "arguments" and end is None and start is not None:
+                end = len(text[:i].rstrip())
+            key, expect_key = None, True
+        i += 1
+    return name, start, end
+
+
+@dataclass
+class ToolCallStream:
+    """One choice's forced tool call, turned from cumulative text into OpenAI's ``tool_calls`` deltas.
+
+    For a named function the text is the arguments themselves; under ``"required"`` it is
+    ``{"name": ..., "arguments": ...}`` and nothing is sent before the name is complete.
+    """
+
+    function: str | None  # the named function; None under "required" (read from the text)
+    call_id: str = field(default_factory=_new_call_id)
+    announced: bool = False  # the first delta (id, type, name) was sent
+    sent: int = 0  # characters of the arguments sent so far
+
+    @classmethod
+    def for_request(cls, body: ChatCompletionRequest) -> ToolCallStream:
+        return cls(None if body.tool_choice == "required" else body.tool_choice.function.name)
+
+    def update(self, text: str) -> dict[str, Any] | None:
+        """The ``tool_calls[0]`` delta for the cumulative ``text``: what was not sent yet, or None."""
+        if self.function is not None:
+            name, start, end = self.function, 0, None
+        else:
+            name, start, end = scan_tool_call(text)
+        if name is None or start is None:
+            return None
+        arguments = text[start:end]
+        fragment = arguments[self.sent :]
+        self.sent = len(arguments)
+        if not self.announced:
+            self.announced = True
+            return {
+                "index": 0,
+                "id": self.call_id,
+                "type": "function",
+                "function": {"name": name, "arguments": fragment},
+            }
+        return {"index": 0, "function": {"arguments": fragment}} if fragment else None
