@@ -217,6 +217,13 @@ class EngineConfig:
             "unset: pipeline_parallel_size, which keeps every stage busy; 1 runs one batch at a time"
         },
     )
+    max_trace_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "keep only about the newest N step records in the engine's trace, so a long-running "
+            "engine's memory stays flat; unset: every step (minipaged serve keeps 10000)"
+        },
+    )
     peer_timeout_s: float = field(
         default=30.0,
         metadata={
@@ -271,6 +278,7 @@ class EngineConfig:
         _positive_int("tensor_parallel_size", self.tensor_parallel_size)
         _positive_int("pipeline_parallel_size", self.pipeline_parallel_size)
         _positive_int("max_concurrent_batches", self.max_concurrent_batches, allow_none=True)
+        _positive_int("max_trace_steps", self.max_trace_steps, allow_none=True)
         peer = self.peer_timeout_s
         if isinstance(peer, bool) or not isinstance(peer, (int, float)) or not peer > 0:
             raise InvalidEngineConfigError("peer_timeout_s", f"must be a positive number of seconds, got {peer!r}")

@@ -167,7 +167,7 @@ class EngineCore:
             max_num_seqs=self.config.max_num_seqs,
             max_num_batched_tokens=self.config.max_num_batched_tokens,
         )
-        self.trace = Trace()
+        self.trace = Trace(self.config.max_trace_steps)
         self.eos_token_ids = frozenset(model_config.eos_token_ids or ())
         # Speculative decoding with a draft model: it runs in this process, over the target's block ids.
         self.drafter: DraftModelProposer | None = None
@@ -733,7 +733,7 @@ class EngineCore:
         held = [r for r in itertools.chain(self.scheduler.running, extra_held) if bm.has_sequence(r.seq_id)]
         self.trace.append(
             StepRecord(
-                step=len(self.trace),
+                step=self.trace.num_steps,
                 num_scheduled=len(sched.scheduled),
                 scheduled=tuple((s.seq.request_id, s.seq.index, s.num_new_tokens) for s in sched.scheduled),
                 num_prefill_tokens=sched.num_prefill_tokens,

@@ -317,16 +317,16 @@ class _ProgressBar:
     def __init__(self, trace, total: int) -> None:
         from tqdm.auto import tqdm
 
-        self.trace, self.counted = trace, len(trace)
+        self.trace, self.counted = trace, trace.num_steps
         self.prefill = self.decode = 0
         self.bar = tqdm(total=total, desc="Processed prompts", dynamic_ncols=True)
         self.start = time.monotonic()
 
     def update(self, done: int) -> None:
-        for record in self.trace[self.counted :]:
+        for record in self.trace.since(self.counted):
             self.prefill += record.num_prefill_tokens
             self.decode += record.num_decode_tokens
-        self.counted = len(self.trace)
+        self.counted = self.trace.num_steps
         elapsed = max(time.monotonic() - self.start, 1e-9)
         self.bar.set_postfix_str(
             f"prefill {self.prefill / elapsed:.0f} tok/s, decode {self.decode / elapsed:.0f} tok/s", refresh=False

@@ -44,7 +44,30 @@ class StepRecord:
 
 
 class Trace(list):
-    """A list of StepRecord with a pandas view."""
+    """A list of StepRecord with a pandas view.
+
+    ``max_steps`` bounds it for a long-running engine: past ``2 * max_steps`` records the oldest are
+    dropped down to the newest ``max_steps`` (amortised, so an append stays O(1)). ``num_steps``
+    counts every step ever recorded, kept or dropped; ``since(step)`` reads the kept records from a
+    step number on, which stays right after a trim where slicing by ``len`` would not.
+    """
+
+    def __init__(self, max_steps: int | None = None) -> None:
+        super().__init__()
+        self.max_steps = max_steps
+        self.num_steps = 0
+
+    def append(self, record: StepRecord) -> None:
+        """Record one step, dropping the oldest records when over the bound."""
+        super().append(record)
+        self.num_steps += 1
+        if self.max_steps is not None and len(self) > 2 * self.max_steps:
+            del self[: len(self) - self.max_steps]
+
+    def since(self, step: int) -> list[StepRecord]:
+        """The kept records of steps numbered ``step`` and later."""
+        first = self[0].step if self else self.num_steps
+        return self[max(step - first, 0) :]
 
     def to_dataframe(self):
         """One row per step; columns are the StepRecord fields (``scheduled`` left as tuples)."""

@@ -195,3 +195,23 @@ def test_trace_records_every_step(case):
     # Each request's first token comes from a prefill; each later one from one decode token (or a recompute).
     assert int(df.num_decode_tokens.sum()) <= sum(max_tokens) - len(prompts)
     assert df.used_blocks.iloc[-1] == 0 and df.used_blocks.max() <= 18
+
+
+def test_bounded_trace_keeps_the_newest_steps(case):
+    arch, hf, prompts, max_tokens, expected = case
+    full = make_llm(hf, num_kv_blocks=18, max_num_batched_tokens=32)
+    run(full, prompts, max_tokens)
+    steps = len(full.trace)
+    bound = max(steps // 5, 1)
+    assert steps > 2 * bound  # the run is long enough to trim at least once
+    llm = make_llm(hf, num_kv_blocks=18, max_num_batched_tokens=32, max_trace_steps=bound)
+    outs = run(llm, prompts, max_tokens)
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    kept = list(llm.trace)
+    assert llm.trace.num_steps == steps and bound <= len(kept) <= 2 * bound
+    # The kept records are the last steps, numbered as in the unbounded trace, and equal to them but for timing.
+    assert [r.step for r in kept] == list(range(steps - len(kept), steps))
+    strip = lambda r: (r.scheduled, r.used_blocks, r.num_finished)  # noqa: E731
+    assert [strip(r) for r in kept] == [strip(r) for r in full.trace[-len(kept) :]]
+    assert [r.step for r in llm.trace.since(steps - 3)] == [steps - 3, steps - 2, steps - 1]
+    assert llm.trace.since(0) == kept  # steps already dropped are simply gone

@@ -39,6 +39,7 @@ NON_DEFAULT = {
     "pipeline_parallel_size": (["--pipeline-parallel-size", "2"], 2),
     "pipeline_layer_partition": (["--pipeline-layer-partition", "2,1"], (2, 1)),
     "max_concurrent_batches": (["--max-concurrent-batches", "1"], 1),
+    "max_trace_steps": (["--max-trace-steps", "500"], 500),
     "peer_timeout_s": (["--peer-timeout-s", "7.5"], 7.5),
 }
 

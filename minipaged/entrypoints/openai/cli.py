@@ -122,6 +122,9 @@ def _draining_server_class() -> type:
     return DrainingServer
 
 
+SERVE_TRACE_STEPS = 10_000  # a server runs for days: its step trace keeps the newest steps only
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """Load the model, then serve until interrupted; returns the exit status.
 
@@ -137,6 +140,8 @@ def run_serve(args: argparse.Namespace) -> int:
     from minipaged.entrypoints.openai.app import build_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    if getattr(args, "max_trace_steps", None) is None:
+        args.max_trace_steps = SERVE_TRACE_STEPS
     launched = torchrun_rank()
     if launched is not None and launched[0] != 0:
         # Under torchrun only rank 0 listens; on every other rank building the engine runs this rank's
