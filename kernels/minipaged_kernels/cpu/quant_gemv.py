@@ -95,7 +95,10 @@ def _chunk_grouped(x, xsum, qweight, scales, zeros, bits, group_size, out, n0, n
         k_start = g * group_size
         if rows <= FUSED_MAX_ROWS and k_start % pack == 0 and k_end % pack == 0:
             if bits == 4:
-                _words4_fused(x, qweight, k_start // 8, k_end // 8, n0, n1, part)
+                for m in range(0, rows - 1, 2):
+                    _words4_fused_pair(x, m, qweight, k_start // 8, k_end // 8, n0, n1, part)
+                if rows % 2:
+                    _words4_fused(x, rows - 1, qweight, k_start // 8, k_end // 8, n0, n1, part)
             else:
                 _words8_fused(x, qweight, k_start // 4, k_end // 4, n0, n1, part)
             k_end = k_start  # done: skip the row-buffer loop
@@ -116,9 +119,9 @@ def _chunk_grouped(x, xsum, qweight, scales, zeros, bits, group_size, out, n0, n
                 out[m, n] += scales[g, n] * (part[m, i] - np.float32(zeros[g, n]) * xs)
 
 
-def _words4_fused(x, qweight, w0, w1, n0, n1, part):
-    """``part[m, :] += sum_k x[m, k] q[k, n0:n1]`` over the 4-bit words ``[w0, w1)`` (rows ``8 w0 .. 8 w1``):
-    one pass over each word row per input row, its 8 fields widened and multiplied in registers.
+def _words4_fused(x, m, qweight, w0, w1, n0, n1, part):
+    """``part[m, :] += sum_k x[m, k] q[k, n0:n1]`` for input row ``m`` over the 4-bit words ``[w0, w1)`` (rows
+    ``8 w0 .. 8 w1``): one pass over each word row, its 8 fields widened and multiplied in registers.
 
     A field becomes a float without a conversion: shifted to the top of an fp32 mantissa and OR-ed with
     the bits of 1.0 it reads ``1 + q / 16`` (a shift and one AND-OR per field, where a conversion costs a
@@ -129,29 +132,64 @@ def _words4_fused(x, qweight, w0, w1, n0, n1, part):
     field = np.uint32(0xF << 19)  # a field's bits at the top of the mantissa
     one = np.uint32(0x3F800000)  # fp32 1.0
     sixteen = np.float32(16.0)
-    for m in range(x.shape[0]):
-        acc = part[m]
-        offset = np.float32(0.0)
-        for w in range(w0, w1):
-            words = qweight[w, n0:n1]
-            k = 8 * w
-            x0, x1, x2, x3 = sixteen * x[m, k], sixteen * x[m, k + 1], sixteen * x[m, k + 2], sixteen * x[m, k + 3]
-            x4, x5, x6, x7 = sixteen * x[m, k + 4], sixteen * x[m, k + 5], sixteen * x[m, k + 6], sixteen * x[m, k + 7]
-            offset += x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7
-            for i in range(width):
-                v = words[i]
-                acc[i] += (
-                    x0 * np.uint32(((v << np.uint32(19)) & field) | one).view(np.float32)
-                    + x1 * np.uint32(((v << np.uint32(15)) & field) | one).view(np.float32)
-                    + x2 * np.uint32(((v << np.uint32(11)) & field) | one).view(np.float32)
-                    + x3 * np.uint32(((v << np.uint32(7)) & field) | one).view(np.float32)
-                    + x4 * np.uint32(((v << np.uint32(3)) & field) | one).view(np.float32)
-                    + x5 * np.uint32(((v >> np.uint32(1)) & field) | one).view(np.float32)
-                    + x6 * np.uint32(((v >> np.uint32(5)) & field) | one).view(np.float32)
-                    + x7 * np.uint32(((v >> np.uint32(9)) & field) | one).view(np.float32)
-                )
+    acc = part[m]
+    offset = np.float32(0.0)
+    for w in range(w0, w1):
+        words = qweight[w, n0:n1]
+        k = 8 * w
+        x0, x1, x2, x3 = sixteen * x[m, k], sixteen * x[m, k + 1], sixteen * x[m, k + 2], sixteen * x[m, k + 3]
+        x4, x5, x6, x7 = sixteen * x[m, k + 4], sixteen * x[m, k + 5], sixteen * x[m, k + 6], sixteen * x[m, k + 7]
+        offset += x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7
         for i in range(width):
-            acc[i] -= offset
+            v = words[i]
+            acc[i] += (
+                x0 * np.uint32(((v << np.uint32(19)) & field) | one).view(np.float32)
+                + x1 * np.uint32(((v << np.uint32(15)) & field) | one).view(np.float32)
+                + x2 * np.uint32(((v << np.uint32(11)) & field) | one).view(np.float32)
+                + x3 * np.uint32(((v << np.uint32(7)) & field) | one).view(np.float32)
+                + x4 * np.uint32(((v << np.uint32(3)) & field) | one).view(np.float32)
+                + x5 * np.uint32(((v >> np.uint32(1)) & field) | one).view(np.float32)
+                + x6 * np.uint32(((v >> np.uint32(5)) & field) | one).view(np.float32)
+                + x7 * np.uint32(((v >> np.uint32(9)) & field) | one).view(np.float32)
+            )
+    for i in range(width):
+        acc[i] -= offset
+
+
+def _words4_fused_pair(x, m, qweight, w0, w1, n0, n1, part):
+    """``_words4_fused`` for input rows ``m`` and ``m + 1`` at once: each word's fields are widened once
+    and multiplied into both rows' sums, which halves the widening (the loop's main cost) at 2-4 rows."""
+    width = n1 - n0
+    field = np.uint32(0xF << 19)
+    one = np.uint32(0x3F800000)
+    sixteen = np.float32(16.0)
+    acc_a, acc_b = part[m], part[m + 1]
+    off_a, off_b = np.float32(0.0), np.float32(0.0)
+    for w in range(w0, w1):
+        words = qweight[w, n0:n1]
+        k = 8 * w
+        a0, a1, a2, a3 = sixteen * x[m, k], sixteen * x[m, k + 1], sixteen * x[m, k + 2], sixteen * x[m, k + 3]
+        a4, a5, a6, a7 = sixteen * x[m, k + 4], sixteen * x[m, k + 5], sixteen * x[m, k + 6], sixteen * x[m, k + 7]
+        r = m + 1
+        b0, b1, b2, b3 = sixteen * x[r, k], sixteen * x[r, k + 1], sixteen * x[r, k + 2], sixteen * x[r, k + 3]
+        b4, b5, b6, b7 = sixteen * x[r, k + 4], sixteen * x[r, k + 5], sixteen * x[r, k + 6], sixteen * x[r, k + 7]
+        off_a += a0 + a1 + a2 + a3 + a4 + a5 + a6 + a7
+        off_b += b0 + b1 + b2 + b3 + b4 + b5 + b6 + b7
+        for i in range(width):
+            v = words[i]
+            f0 = np.uint32(((v << np.uint32(19)) & field) | one).view(np.float32)
+            f1 = np.uint32(((v << np.uint32(15)) & field) | one).view(np.float32)
+            f2 = np.uint32(((v << np.uint32(11)) & field) | one).view(np.float32)
+            f3 = np.uint32(((v << np.uint32(7)) & field) | one).view(np.float32)
+            f4 = np.uint32(((v << np.uint32(3)) & field) | one).view(np.float32)
+            f5 = np.uint32(((v >> np.uint32(1)) & field) | one).view(np.float32)
+            f6 = np.uint32(((v >> np.uint32(5)) & field) | one).view(np.float32)
+            f7 = np.uint32(((v >> np.uint32(9)) & field) | one).view(np.float32)
+            acc_a[i] += a0 * f0 + a1 * f1 + a2 * f2 + a3 * f3 + a4 * f4 + a5 * f5 + a6 * f6 + a7 * f7
+            acc_b[i] += b0 * f0 + b1 * f1 + b2 * f2 + b3 * f3 + b4 * f4 + b5 * f5 + b6 * f6 + b7 * f7
+    for i in range(width):
+        acc_a[i] -= off_a
+        acc_b[i] -= off_b
 
 
 def _words8_fused(x, qweight, w0, w1, n0, n1, part):
@@ -275,6 +313,7 @@ def _dequantize_parallel(qweight, scales, zeros, g_idx, bits, group_size, out, t
 if numba is not None:
     _jit = numba.njit(cache=True, fastmath=FASTMATH)
     _words4_fused = _jit(_words4_fused)
+    _words4_fused_pair = _jit(_words4_fused_pair)
     _words8_fused = _jit(_words8_fused)
     _chunk_grouped = _jit(_chunk_grouped)
     _chunk_indexed = _jit(_chunk_indexed)
