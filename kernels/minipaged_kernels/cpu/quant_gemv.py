@@ -6,7 +6,8 @@ once per call and dequantizes in registers. Up to ``FUSED_MAX_ROWS`` rows,
 each thread takes one contiguous stretch of columns (so each packed word row is one run of
 memory for the prefetcher) and each input row widens a word's 8 (4) fields in registers and
 multiply-adds them with 8 (4) inputs, vectorised along N (``_words4_fused``: a shift and one
-AND-OR per field). Above that, and with a ``g_idx``, columns are cut into chunks of ``CHUNK``
+AND-OR per field; ``_words4_fused_pair`` widens a word once for two input rows). Above that, with
+a ``g_idx``, or with groups that end inside a word, columns are cut into chunks of ``CHUNK``
 whose packed words stay in cache while each packed row is widened once into a ``CHUNK``-wide
 fp32 buffer that every input row then reads.
 
@@ -21,7 +22,8 @@ For more rows, ``dequantize_into`` writes the dense fp32 weight ``[K, N]`` into 
 reusable buffer and the caller runs its fastest GEMM on it. Compare the two, and dense
 fp32 / bf16, with ``python -m minipaged_kernels.cpu.quant_bench``.
 
-The reference is ``x.double() @ quant_formats.dequantize(pw, torch.float64)``
+bf16 rows are widened to fp32 first and the result rounded back once. The reference is
+``x.double() @ quant_formats.dequantize(pw, torch.float64)``
 (``tests/kernels/test_cpu_quant_gemv.py``); sums are fp32 with SIMD partial sums
 (``fastmath`` reassociation).
 """
