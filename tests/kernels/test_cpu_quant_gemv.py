@@ -80,11 +80,33 @@ def test_serial_and_parallel(threads, shuffled):
 def test_refusals():
     pw = random_packed(64, 16, 4, 32)
     assert not quant_gemv.applies_to(torch.randn(17, 64), pw)
-    assert not quant_gemv.applies_to(torch.randn(2, 64, dtype=torch.bfloat16), pw)
+    assert not quant_gemv.applies_to(torch.randn(2, 64, dtype=torch.float16), pw)
+    assert not quant_gemv.applies_to(torch.randn(2, 64, dtype=torch.bfloat16), pw, torch.randn(16))  # bias dtype
     assert not quant_gemv.applies_to(torch.randn(2, 32), pw)
-    with pytest.raises(ValueError, match="1-16 fp32 CPU rows"):
+    with pytest.raises(ValueError, match="1-16 fp32 or bf16 CPU rows"):
         quant_gemv.matmul(torch.randn(2, 32), pw)
     with pytest.raises(ValueError, match="out must be"):
         quant_gemv.matmul(torch.randn(2, 64), pw, out=torch.empty(2, 15))
+    with pytest.raises(ValueError, match="out must be"):  # out is fp32, for fp32 x only
+        quant_gemv.matmul(torch.randn(2, 64, dtype=torch.bfloat16), pw, out=torch.empty(2, 16))
     with pytest.raises(ValueError, match="out must be"):
         quant_gemv.dequantize_into(pw, torch.empty(16, 64))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_bf16_rows_and_prepared_weight(bits):
+    """bf16 rows (a bf16 model's decode) give the fp32 sum of the bf16 inputs, rounded to bf16 once; a kept
+    ``prepare`` gives what a fresh one gives, here with bf16 scales (converted once)."""
+    pw = random_packed(576, 200, bits, 128, scale_dtype=torch.bfloat16)  # SmolLM2's K, a short last group
+    prepared = quant_gemv.prepare(pw)
+    gen = seeded_generator()
+    for rows in (1, 3):
+        x = torch.randn(rows, 576, generator=gen).bfloat16()
+        bias = torch.randn(200, generator=gen).bfloat16()
+        y = quant_gemv.matmul(x, pw, bias, prepared=prepared)
+        ref = x.double() @ qf.dequantize(pw, torch.float64) + bias.double()
+        assert y.dtype == torch.bfloat16
+        assert torch.allclose(y.double(), ref, rtol=2**-8, atol=2**-8 * ref.abs().max().item())
+        assert torch.equal(y, quant_gemv.matmul(x, pw, bias))  # prepared once or per call: the same loops
+        buffer = torch.full((576, 200), float("nan"))
+        assert torch.equal(quant_gemv.dequantize_into(pw, buffer, prepared), qf.dequantize(pw, torch.float32))

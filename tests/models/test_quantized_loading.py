@@ -485,3 +485,25 @@ def test_quant_linear_every_cpu_path_matches_the_dequantized_product(rows, actor
     assert weight_bytes(layer)["packed"] == sum(t.nbytes for t in (pw.qweight, layer.scales, pw.zeros)) + (
         pw.g_idx.nbytes if actorder else 0
     )
+
+
+@pytest.mark.parametrize("rows", [2, 8])  # the few-row CPU kernel, and dequantize-then-GEMM
+def test_bf16_rows_through_a_quant_linear_match_the_dequantized_weight(rows):
+    """A bf16 model's QuantLinear (bf16 scales) multiplies on the CPU kernels, returning bf16 within bf16's
+    rounding of the float64 product with the dequantized weight, and rebuilds its kept arrays when its
+    scales are loaded again in place."""
+    gen = torch.Generator().manual_seed(rows)
+    k, n, gs = 96, 40, 32
+    layer = QuantLinear(k, n, True, bits=4, group_size=gs, has_g_idx=False, scale_dtype=torch.bfloat16)
+    q = torch.randint(0, 16, (k, n), generator=gen, dtype=torch.int32)
+    layer.qweight.copy_(qf.pack_int32(q, 4))
+    layer.zeros.copy_(torch.randint(1, 16, (k // gs, n), generator=gen, dtype=torch.int32))
+    layer.bias.data = torch.randn(n, generator=gen).bfloat16()
+    x = torch.randn(rows, k, generator=gen).bfloat16()
+    for _ in range(2):  # new scales, loaded in place: the kept fp32 copy must follow them
+        layer.scales.copy_((torch.rand(k // gs, n, generator=gen) * 0.05 + 0.01).bfloat16())
+        with torch.no_grad():
+            y = layer(x)
+        ref = x.double() @ qf.dequantize(layer.packed_weight(), torch.float64) + layer.bias.double()
+        assert y.dtype == torch.bfloat16
+        assert torch.allclose(y.double(), ref, rtol=2**-7, atol=2**-7 * ref.abs().max().item())

@@ -73,11 +73,20 @@ def test_rtn_picks_the_nearest_point_of_each_groups_grid(bits, group_size, symme
         assert (rtn_quantize(zero_w, bits, group_size, False).dequantize()[:, :5] == 0).all()
 
 
-def test_rtn_refuses_a_group_size_that_does_not_divide_k():
-    with pytest.raises(ValueError, match="does not divide"):
-        rtn_quantize(torch.randn(8, 96), 4, 64)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_rtn_short_last_group_is_quantized_on_its_own_columns(symmetric):
+    """K = 96 in groups of 64: the last group holds 32 columns, and its grid is the one RTN gives those
+    columns alone (the padding that fills the group moves no scale or zero point)."""
+    torch.manual_seed(3 + symmetric)
+    w = torch.randn(8, 96) + (0 if symmetric else 0.7)  # asymmetric: a group range off-centre
+    qw = rtn_quantize(w, 4, 64, symmetric)
+    assert qw.scales.shape == (8, 2) and qw.q.shape == (8, 96) and qw.group_size == 64
+    head, tail = rtn_quantize(w[:, :64], 4, None, symmetric), rtn_quantize(w[:, 64:], 4, None, symmetric)
+    assert torch.equal(qw.dequantize(), torch.cat([head.dequantize(), tail.dequantize()], dim=1))
     with pytest.raises(ValueError, match="bits"):
         rtn_quantize(torch.randn(8, 96), 3, 32)
+    with pytest.raises(ValueError, match="positive"):
+        rtn_quantize(torch.randn(8, 96), 4, 0)
 
 
 # ---- GPTQ -----------------------------------------------------------------------------------
@@ -267,6 +276,30 @@ def test_desc_act_checkpoint_decodes_to_the_quantizers_weights(source_dir, tmp_p
             torch.testing.assert_close(a.get_submodule(proj).weight, b.get_submodule(proj).weight, rtol=0, atol=0)
 
 
+@needs_tokenizer
+def test_gptq_checkpoint_with_a_short_last_group_loads_and_decodes(source_dir, tmp_path):
+    """Groups of 48 over K = 64 and 128 (as 128 over SmolLM2's 576): GPTQ's layout holds the short last group,
+    its tensors decode by the format's definition to per-group RTN of the source weights, and minipaged's
+    loader multiplies by exactly those weights."""
+    from minipaged.models import load_model
+
+    ckpt = _quantize(source_dir, tmp_path / "q", "--bits", "4", "--group-size", "48", "--format", "gptq")
+    config = json.loads((ckpt / "config.json").read_text())
+    state = load_file(str(ckpt / "model.safetensors"))
+    assert config["quantization_config"]["group_size"] == 48
+    assert state["model.layers.0.mlp.down_proj.scales"].shape[0] == 3  # ceil(128 / 48)
+    by_hand = _hand_dequantized_model(source_dir, ckpt, config)
+    source = load_file(str(source_dir / "model.safetensors"))
+    loaded = load_model(ckpt).model
+    for i, layer in enumerate(by_hand.model.layers):
+        w = source[f"model.layers.{i}.mlp.down_proj.weight"]
+        rtn = rtn_quantize(w, 4, 48, symmetric=True, scale_dtype=w.dtype).dequantize()
+        torch.testing.assert_close(layer.mlp.down_proj.weight, rtn, rtol=0, atol=0)
+        x = torch.randn(3, 128)
+        ours = loaded.model.layers[i].mlp.down_proj(x)  # the few-row CPU kernel
+        torch.testing.assert_close(ours, x @ layer.mlp.down_proj.weight.t(), rtol=1e-5, atol=1e-5)
+
+
 def _compressed_tensors_decompress(state: dict, prefix: str, weights: dict) -> torch.Tensor:
     """One module's dense weight ``[N, K]`` by the compressed-tensors package's own pack-quantized decompressor."""
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
@@ -342,6 +375,7 @@ def test_llmcompressor_fixture_unpacks_to_the_reference_weights(name):
     [
         (("--bits", "3"), "argument --bits: invalid choice: 3"),
         (("--group-size", "48"), "argument --group-size: 48 does not divide model.layers.0.self_attn.q_proj"),
+        (("--group-size", "48"), "compressed-tensors (and transformers through it) cannot read a short last group"),
         (("--group-size", "0"), "argument --group-size: expected a positive integer"),
         (("--desc-act",), "argument --desc-act: activation order needs calibration"),
         (("--method", "awq"), "argument --method: invalid choice"),

@@ -75,6 +75,15 @@ def _cycle(items: list) -> Callable[[], object]:
     return next_item
 
 
+def _prepared_call(fn, x, weight_and_arrays, out):
+    """``fn`` (``quant_gemv.matmul`` with rows ``x``, or ``dequantize_into`` for ``x=None``) on a
+    ``(PackedWeight, PreparedWeight)`` pair, writing into ``out``."""
+    pw, prepared = weight_and_arrays
+    if x is None:
+        return fn(pw, out, prepared=prepared)
+    return fn(x, pw, out=out, prepared=prepared)
+
+
 def _methods(k: int, n: int, rows: int, copies: int) -> dict[str, Callable[[], object]]:
     """The timed calls for one shape and row count, each cycling through ``copies`` weights (so that
     with enough copies every call reads its weight from memory, as a model's layers do, not from cache);
@@ -96,11 +105,14 @@ def _methods(k: int, n: int, rows: int, copies: int) -> dict[str, Callable[[], o
     if quant_gemv.available():
         out = torch.empty(rows, n)
         for bits in (8, 4):
-            packed = _cycle([random_packed(k, n, bits, seed=c) for c in range(copies)])
-            methods[f"W{bits} g{GROUP_SIZE} quant_gemv"] = lambda p=packed: quant_gemv.matmul(x, p(), out=out)
+            # each weight with its prepared arrays, as a model's QuantLinear keeps them
+            weights = [random_packed(k, n, bits, seed=c) for c in range(copies)]
+            packed = _cycle([(pw, quant_gemv.prepare(pw)) for pw in weights])
+            name = f"W{bits} g{GROUP_SIZE} quant_gemv"
+            methods[name] = lambda p=packed: _prepared_call(quant_gemv.matmul, x, p(), out)
         buffer = torch.empty(k, n)
         methods[f"W4 g{GROUP_SIZE} dequantize_into+mm"] = lambda p=packed: torch.mm(
-            x, quant_gemv.dequantize_into(p(), buffer)
+            x, _prepared_call(quant_gemv.dequantize_into, None, p(), buffer)
         )
     return methods
 

@@ -110,7 +110,7 @@ def gptq_quantize(
     w, h = w[:, perm], h[perm][:, perm]
     u = inverse_hessian_factor(h, damp)
 
-    groups = k // gs
+    groups = -(-k // gs)  # the last group may be short
     q = torch.zeros(n, k, dtype=torch.int32)
     scales = torch.zeros(n, groups, dtype=scale_dtype)
     zeros = torch.zeros(n, groups, dtype=torch.int32)

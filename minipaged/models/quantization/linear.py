@@ -6,10 +6,11 @@ The layer holds one ``minipaged_kernels.quant_formats.PackedWeight`` as buffers 
 and a dense ``bias [N]``. Its forward picks the fastest way to multiply here:
 
 - CUDA: the Triton dequantize-in-registers kernel ``quant_linear.quant_matmul``;
-- CPU with numba, at most ``FEW_ROWS`` rows (small-batch decode): ``cpu.quant_gemv`` streams the packed
-  words and dequantizes in registers, reading ~bits/32 of an fp32 weight's bytes;
+- CPU with numba, at most ``FEW_ROWS`` rows (small-batch decode) of fp32 or bf16: ``cpu.quant_gemv`` streams
+  the packed words and dequantizes in registers, reading ~bits/32 of an fp32 weight's bytes (its arrays, built
+  once per weight, are kept on the layer);
 - CPU, more rows (prefill, larger decode batches): the weight is dequantized once per call into a scratch buffer
-  shared by every layer of the model (sized to the largest layer), then one dense GEMM. The
+  shared by every layer of the model (sized to the largest layer), then one dense fp32 GEMM. The
   dequantization costs ``K * N`` operations against the GEMM's ``M * K * N``, so from a few
   dozen rows on it is a small share of the call. Keeping a dequantized oneDNN-packed copy
   per layer instead would undo the memory saving that is the point of the format, so it is
@@ -73,6 +74,9 @@ class QuantLinear(nn.Module):
         self.register_buffer("g_idx", torch.empty(in_features, dtype=torch.int32) if has_g_idx else None)
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.scratch = scratch if scratch is not None else DequantScratch()
+        # cpu.quant_gemv's arrays for this weight, built on the first CPU call (fp32 scales: a copy
+        # of [groups, N] when the model's dtype is not fp32, counted by weight_bytes).
+        self._cpu_arrays, self._cpu_key = None, None
 
     def packed_weight(self) -> qf.PackedWeight:
         """The layer's weight as the kernels' ``PackedWeight`` (views of the buffers, no copy)."""
@@ -86,6 +90,18 @@ class QuantLinear(nn.Module):
             self.in_features,
             self.out_features,
         )
+
+    def _prepared(self, kernel):
+        """``kernel.prepare`` of this layer's weight, kept while the buffers stay the same tensors (a load
+        with ``assign=True`` or ``.to()`` replaces them, and with them the key)."""
+        key = tuple(
+            (t.data_ptr(), 0 if t.is_inference() else t._version)  # _version: an in-place load into the scales
+            for t in (self.qweight, self.scales, self.zeros, self.g_idx)
+            if t is not None
+        )
+        if self._cpu_key != key:
+            self._cpu_arrays, self._cpu_key = kernel.prepare(self.packed_weight()), key
+        return self._cpu_arrays
 
     def extra_repr(self) -> str:
         order = ", g_idx" if self.g_idx is not None else ""
@@ -107,12 +123,15 @@ class QuantLinear(nn.Module):
             return quant_matmul(x, pw, bias)
         kernel = cpu_kernels.load("quant_gemv")
         if kernel is not None and x.shape[0] <= FEW_ROWS and kernel.applies_to(x, pw, bias):
-            return kernel.matmul(x, pw, bias)
+            return kernel.matmul_unchecked(x, pw, bias, prepared=self._prepared(kernel))
+        if kernel is not None and x.dtype in kernel.INPUT_DTYPES and x.device.type == "cpu":
+            # bf16 too: numba writes fp32, and an fp32 GEMM then costs less than rounding the weight to bf16
+            weight = self.scratch.get(self.in_features, self.out_features, torch.float32, x.device)
+            kernel.dequantize_into(pw, weight, self._prepared(kernel))
+            out = F.linear(x.float(), weight.t(), None if bias is None else bias.float())
+            return out if x.dtype == torch.float32 else out.to(x.dtype)
         weight = self.scratch.get(self.in_features, self.out_features, x.dtype, x.device)
-        if kernel is not None and x.dtype == torch.float32 and x.device.type == "cpu":
-            kernel.dequantize_into(pw, weight)
-        else:
-            weight.copy_(qf.dequantize(pw, x.dtype))
+        weight.copy_(qf.dequantize(pw, x.dtype))
         return F.linear(x, weight.t(), bias)
 
 
@@ -136,6 +155,8 @@ def weight_bytes(module: nn.Module) -> dict[str, int]:
                 packed += size
             else:
                 dense += size
+        if quant and sub._cpu_arrays is not None and sub.scales.dtype != torch.float32:
+            packed += sub._cpu_arrays.scales.nbytes  # the CPU kernel's fp32 copy of the scales
         kept = getattr(sub, "dense_weight", None)  # pack_in_place's fp32 copy for the few-row kernel
         if isinstance(kept, torch.Tensor) and id(kept) not in seen:
             seen.add(id(kept))

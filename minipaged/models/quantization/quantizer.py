@@ -99,13 +99,24 @@ def decoder_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
 
 
 def check_shapes(linears: dict[str, torch.nn.Linear], options: QuantizeOptions) -> None:
-    """Every layer's in_features must split into whole groups (and, for GPTQ's layout, whole words)."""
+    """Every layer must fit the output format: GPTQ's layout packs whole words along K and N; a group
+    size that leaves a short last group is written in GPTQ's layout only.
+
+    GPTQ's layout sizes ``scales``/``qzeros`` as ``ceil(K / group_size)`` and gives every input row
+    its group in ``g_idx``, so a short last group is the same as any other there (SmolLM2's K = 576
+    in groups of 128). compressed-tensors decompresses groups by reshaping K into whole groups and
+    raises for any other K, and transformers loads these checkpoints through it, so such a
+    checkpoint would load here and nowhere else: refused, naming the way out.
+    """
     pack = 32 // options.bits
     for name, linear in linears.items():
         k, n = linear.in_features, linear.out_features
-        if options.group_size is not None and k % options.group_size:
+        if options.group_size is not None and k % options.group_size and options.format != "gptq":
             raise InvalidQuantizeOptionError(
-                "group_size", f"{options.group_size} does not divide {name}'s in_features {k}"
+                "group_size",
+                f"{options.group_size} does not divide {name}'s in_features {k}: compressed-tensors (and "
+                "transformers through it) cannot read a short last group; use --format gptq, or a group size "
+                f"that divides {k}",
             )
         if options.format == "gptq" and (k % pack or n % pack):
             raise InvalidQuantizeOptionError(

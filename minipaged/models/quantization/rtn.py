@@ -77,9 +77,9 @@ def check_scheme(bits: int, group_size: int | None, in_features: int) -> int:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
     if group_size is None:
         return in_features
-    if group_size < 1 or in_features % group_size:
-        raise ValueError(f"group size {group_size} does not divide in_features {in_features}")
-    return group_size
+    if group_size < 1:
+        raise ValueError(f"group size must be positive, got {group_size}")
+    return group_size  # a group size that does not divide in_features leaves a short last group
 
 
 def grid_params(
@@ -135,14 +135,15 @@ def rtn_quantize(
     (``group_size=None``: per output channel; ``min_zero`` as in :func:`grid_params`)."""
     n, k = weight.shape
     gs = check_scheme(bits, group_size, k)
-    groups = k // gs
-    w = weight.float().reshape(
-        n * groups, gs
-    )  # rows of one group each: row r is (channel r // groups, group r % groups)
+    groups = -(-k // gs)  # the last group may be short
+    # Zero columns pad a short last group: 0 is inside every group's range already (see grid_params),
+    # so they change no scale or zero point, and they are dropped again below.
+    w = torch.nn.functional.pad(weight.float(), (0, groups * gs - k))
+    w = w.reshape(n * groups, gs)  # rows of one group each: row r is (channel r // groups, group r % groups)
     scale, zero = grid_params(w, bits, symmetric, scale_dtype, min_zero)
     q = quantize_to_grid(w, scale, zero, bits)
     return QuantizedWeight(
-        q=q.reshape(n, k),
+        q=q.reshape(n, groups * gs)[:, :k].contiguous(),
         scales=scale.reshape(n, groups),
         zeros=zero.reshape(n, groups),
         g_idx=None,
