@@ -55,6 +55,24 @@ def tiny_hf_model(arch: str):
     return model
 
 
+def tiny_llama(vocab_size: int, seed: int, **overrides):
+    """A 2-layer random Llama of hidden size 32 (4 query / 2 KV heads, 128 positions), in eval mode;
+    ``overrides`` are further ``LlamaConfig`` fields."""
+    import transformers
+
+    torch.manual_seed(seed)
+    shape = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    cfg = transformers.LlamaConfig(vocab_size=vocab_size, **{**shape, **overrides})
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
 def make_prompts(seed: int, count: int = 12, shared_prefix: int = 40):
     """Mixed lengths (1..~90 tokens); half share a prefix so the prefix cache has something to find."""
     rng = random.Random(seed)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import tiny_llama
 
 from minipaged import LLM, SamplingParams
 from minipaged.errors import (
@@ -19,19 +20,7 @@ from minipaged.models import build_model_from_hf
 
 @pytest.fixture(scope="module")
 def hf_model():
-    import transformers
-
-    torch.manual_seed(3)
-    cfg = transformers.LlamaConfig(
-        vocab_size=200,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return tiny_llama(200, seed=3)
 
 
 def make_llm(hf_model, **kwargs) -> LLM:

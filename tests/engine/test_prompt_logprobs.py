@@ -12,6 +12,7 @@ import random
 
 import pytest
 import torch
+from tiny_models import tiny_llama
 
 from minipaged import LLM, SamplingParams
 from minipaged.errors import InvalidSamplingParamsError
@@ -22,22 +23,7 @@ VOCAB = 160
 
 @pytest.fixture(scope="module")
 def hf_model():
-    import transformers
-
-    torch.manual_seed(33)
-    cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return tiny_llama(VOCAB, seed=33, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
 def make_llm(hf_model, **kwargs) -> LLM:

@@ -10,6 +10,7 @@ import random
 
 import pytest
 import torch
+from tiny_models import tiny_llama
 
 from minipaged import LLM, SamplingParams
 from minipaged.models import build_model_from_hf
@@ -19,22 +20,7 @@ VOCAB = 160
 
 @pytest.fixture(scope="module")
 def hf_model():
-    import transformers
-
-    torch.manual_seed(21)
-    cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return tiny_llama(VOCAB, seed=21, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
 def prompts(seed: int, count: int = 5) -> list[list[int]]:
