@@ -18,7 +18,7 @@ from tiny_models import assert_all_blocks_free, hf_greedy, make_prompts, one_thr
 from minipaged import LLM, SamplingParams
 from minipaged.config import EngineConfig
 from minipaged.engine.beam_search import BeamSearchParams
-from minipaged.errors import InvalidEngineConfigError
+from minipaged.errors import InvalidEngineConfigError, InvalidSamplingParamsError
 from minipaged.models import build_model_from_hf
 from minipaged.models.pipeline import StageLayout, layer_partition, stage_state_dict
 from minipaged.worker.executor import WorkerDiedError
@@ -88,6 +88,16 @@ def test_parallel_samples_and_beam_search(pp, data):
     beams = [{"prompt_token_ids": p} for p in prompts[:2]]
     for a, b in zip(pp.beam_search(beams, params), single.beam_search(beams, params)):
         assert [s.tokens for s in a.sequences] == [s.tokens for s in b.sequences]
+    assert_all_blocks_free(pp)
+
+
+def test_prompt_logprobs_are_refused_before_anything_is_queued(pp, data):
+    # Only the sampled rows travel back from the last stage, so prompt positions cannot be scored.
+    _, prompts, _, _ = data
+    params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=1)
+    with pytest.raises(InvalidSamplingParamsError) as err:
+        pp.generate({"prompt_token_ids": prompts[0]}, params, use_tqdm=False)
+    assert err.value.field == "prompt_logprobs"
     assert_all_blocks_free(pp)
 
 
