@@ -207,18 +207,25 @@ def serve_steps(tp: TensorParallelGroup, worker: Worker) -> None:
         worker.run(batch)
 
 
-def _rank_main(index: int, spec: _RankSpec) -> None:
-    """Entry point of spawned rank ``index + 1``."""
+def run_spawned_rank(index: int, spec, world_size: int, build: Callable, serve: Callable) -> None:
+    """The body of spawned rank ``index + 1`` of ``world_size``, for every parallel executor: join the
+    rendezvous, ``build(spec, rank, store) -> (groups, worker)``, then ``serve(groups, worker)`` until rank 0
+    says to stop, and leave the process groups however that ends."""
     torch.set_num_threads(spec.num_threads)
     _exit_when_parent_dies()
     rank = index + 1
-    store = spec.rendezvous.open_store(rank, spec.config.tensor_parallel_size, spec.collective_timeout_s)
+    store = spec.rendezvous.open_store(rank, world_size, spec.collective_timeout_s)
     announce_ready(store, rank)
-    tp, worker = _build_rank(spec, rank, store)
+    groups, worker = build(spec, rank, store)
     try:
-        serve_steps(tp, worker)
+        serve(groups, worker)
     finally:
         destroy_process_groups()
+
+
+def _rank_main(index: int, spec: _RankSpec) -> None:
+    """Entry point of spawned rank ``index + 1``."""
+    run_spawned_rank(index, spec, spec.config.tensor_parallel_size, _build_rank, serve_steps)
 
 
 # ---- rank 0 -----------------------------------------------------------------------------------------------

@@ -53,7 +53,6 @@ from minipaged.distributed import (
     Rendezvous,
     StageLink,
     TensorParallelGroup,
-    announce_ready,
     check_no_running_engine,
     check_tensor_parallel_size,
     destroy_process_groups,
@@ -66,12 +65,12 @@ from minipaged.models.pipeline import CheckpointSource, IntermediateTensors, Sta
 from minipaged.worker.executor import (
     StepChannel,
     WorkerDiedError,
-    _exit_when_parent_dies,
     _plain_state_dict,
     _release,
     _SpawnedRanks,
     _stop_processes,
     rank_device,
+    run_spawned_rank,
 )
 from minipaged.worker.worker import StepBatch, Worker
 
@@ -262,16 +261,7 @@ def _build_rank(spec: _StageSpec, rank: int, store) -> tuple[PipelineGroups, Sta
 
 def _rank_main(index: int, spec: _StageSpec) -> None:
     """Entry point of spawned rank ``index + 1``."""
-    torch.set_num_threads(spec.num_threads)
-    _exit_when_parent_dies()
-    rank = index + 1
-    store = spec.rendezvous.open_store(rank, spec.config.world_size, spec.collective_timeout_s)
-    announce_ready(store, rank)
-    groups, worker = _build_rank(spec, rank, store)
-    try:
-        serve_stage(groups, worker)
-    finally:
-        destroy_process_groups()
+    run_spawned_rank(index, spec, spec.config.world_size, _build_rank, serve_stage)
 
 
 # ---- rank 0 -----------------------------------------------------------------------------------------------
