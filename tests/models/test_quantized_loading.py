@@ -507,3 +507,49 @@ def test_bf16_rows_through_a_quant_linear_match_the_dequantized_weight(rows):
         ref = x.double() @ qf.dequantize(layer.packed_weight(), torch.float64) + layer.bias.double()
         assert y.dtype == torch.bfloat16
         assert torch.allclose(y.double(), ref, rtol=2**-7, atol=2**-7 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("scheme", [SCHEMES[0], SCHEMES[2], SCHEMES[5]], ids=str)
+def test_bf16_engine_hands_4bit_layers_to_atens_int4_kernel(tmp_path, scheme):
+    """A bf16 engine gives every 4-bit layer ATen's int4 CPU layout that the kernel can take (groups of 48
+    it cannot: those stay on the numba loop) and decodes within bf16's rounding of the dense reference."""
+    from minipaged_kernels import cpu as cpu_kernels
+
+    if cpu_kernels.load("int4_aten") is None:
+        pytest.skip("this PyTorch has no int4 CPU kernel")
+    reference = write_checkpoint(tiny_llama(), scheme, tmp_path)
+    llm = LLM(str(tmp_path), dtype="bfloat16", num_kv_blocks=64, block_size=8)
+    layers = [m for m in llm.model.modules() if isinstance(m, QuantLinear)]
+    converted = [m.int4 is not None for m in layers]
+    assert converted == [scheme.group_size % 32 == 0] * len(layers)
+    assert all((m.qweight is None) == c for m, c in zip(layers, converted))
+    prompts, max_tokens = prompts_for_test()
+    assert_greedy_under(reference, prompts, greedy(llm, prompts, max_tokens), tol=0.15)
+
+
+def test_a_layer_given_atens_layout_keeps_one_copy_and_gives_the_words_back():
+    """``pack_int4`` replaces ``qweight`` (memory counted once), ``state_dict`` and the other CPU paths get the
+    canonical words back exactly, and fp32 rows still multiply through them."""
+    from minipaged_kernels import cpu as cpu_kernels
+
+    if cpu_kernels.load("int4_aten") is None:
+        pytest.skip("this PyTorch has no int4 CPU kernel")
+    gen = torch.Generator().manual_seed(3)
+    k, n, gs = 96, 48, 32
+    layer = QuantLinear(k, n, False, bits=4, group_size=gs, has_g_idx=False, scale_dtype=torch.bfloat16)
+    layer.qweight.copy_(qf.pack_int32(torch.randint(0, 16, (k, n), generator=gen, dtype=torch.int32), 4))
+    layer.zeros.copy_(torch.randint(1, 16, (k // gs, n), generator=gen, dtype=torch.int32))
+    layer.scales.copy_((torch.rand(k // gs, n, generator=gen) * 0.05 + 0.01).bfloat16())
+    words, before = layer.qweight.clone(), weight_bytes(layer)["packed"]
+    assert layer.pack_int4(torch.bfloat16) == words.nbytes
+    assert layer.qweight is None and weight_bytes(layer)["packed"] == before - words.nbytes + layer.int4.nbytes()
+    assert layer.int4.weight.nbytes == words.nbytes  # the 4-bit words are held once
+    assert torch.equal(layer.state_dict()["qweight"], words)
+    assert torch.equal(layer.packed_weight().qweight, words)
+    x = torch.randn(3, k, generator=gen)
+    ref = x.double() @ qf.dequantize(layer.packed_weight(), torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x).double(), ref, rtol=1e-4, atol=1e-4)  # fp32 rows: the numba path
+        y = layer(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    assert torch.allclose(y.double(), ref, rtol=2**-6, atol=2**-6 * ref.abs().max().item())

@@ -1,7 +1,9 @@
-"""CPU twins of the Triton kernels, JIT-compiled by numba (an optional dependency).
+"""CPU twins of the Triton kernels, JIT-compiled by numba (an optional dependency), and ``int4_aten``,
+which hands 4-bit weights to PyTorch's own int4 CPU kernel.
 
 Import them through :func:`load`: it imports a kernel module on first use and answers
-``None`` when numba is missing, so callers keep their pure-PyTorch path as the fallback.
+``None`` when it cannot run here (numba missing, or an op this PyTorch lacks), so callers keep
+their pure-PyTorch path as the fallback.
 Importing this package loads nothing: vLLM's CPU build, which the peer benchmark imports
 beside the engine, must not find numba already loaded.
 """
@@ -12,7 +14,7 @@ import functools
 import importlib
 from types import ModuleType
 
-KERNELS = ("decode_attention", "fused_ops", "gemv", "quant_gemv")
+KERNELS = ("decode_attention", "fused_ops", "gemv", "int4_aten", "quant_gemv")
 
 
 @functools.cache

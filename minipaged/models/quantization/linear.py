@@ -6,6 +6,10 @@ The layer holds one ``minipaged_kernels.quant_formats.PackedWeight`` as buffers 
 and a dense ``bias [N]``. Its forward picks the fastest way to multiply here:
 
 - CUDA: the Triton dequantize-in-registers kernel ``quant_linear.quant_matmul``;
+- CPU, bf16 / fp16 rows on a 4-bit weight that ``pack_int4_in_place`` gave ATen's layout (the engine's CPU
+  worker does so for a 16-bit model): PyTorch's own int4 kernel (``cpu.int4_aten``), at any row count. The
+  layer then holds that layout *instead of* ``qweight`` (one copy of the 4-bit weights), and rebuilds
+  ``qweight`` exactly whenever another path or ``state_dict`` asks for it;
 - CPU with numba, at most ``FEW_ROWS`` rows (small-batch decode) of fp32 or bf16: ``cpu.quant_gemv`` streams
   the packed words and dequantizes in registers, reading ~bits/32 of an fp32 weight's bytes (its arrays, built
   once per weight, are kept on the layer);
@@ -21,12 +25,17 @@ and a dense ``bias [N]``. Its forward picks the fastest way to multiply here:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from minipaged_kernels import cpu as cpu_kernels
 from minipaged_kernels import quant_formats as qf
+
+if TYPE_CHECKING:
+    from minipaged_kernels.cpu.int4_aten import Int4Weight
 
 # Up to this many rows the CPU streams packed weights instead of dequantizing: the numba loop keeps a
 # word's fields in registers up to quant_gemv.FUSED_MAX_ROWS rows; past that, dequantize-then-GEMM wins
@@ -77,31 +86,59 @@ class QuantLinear(nn.Module):
         # cpu.quant_gemv's arrays for this weight, built on the first CPU call (fp32 scales: a copy
         # of [groups, N] when the model's dtype is not fp32, counted by weight_bytes).
         self._cpu_arrays, self._cpu_key = None, None
+        self._packed, self._packed_key = None, None  # the checked PackedWeight view, rebuilt when buffers change
+        # ATen's int4 layout of the weight, set by pack_int4_in_place (qweight is then None).
+        self.int4: Int4Weight | None = None
 
-    def packed_weight(self) -> qf.PackedWeight:
-        """The layer's weight as the kernels' ``PackedWeight`` (views of the buffers, no copy)."""
-        return qf.PackedWeight(
-            self.qweight,
-            self.scales,
-            self.zeros,
-            self.g_idx,
-            self.bits,
-            self.group_size,
-            self.in_features,
-            self.out_features,
-        )
-
-    def _prepared(self, kernel):
-        """``kernel.prepare`` of this layer's weight, kept while the buffers stay the same tensors (a load
-        with ``assign=True`` or ``.to()`` replaces them, and with them the key)."""
-        key = tuple(
-            (t.data_ptr(), 0 if t.is_inference() else t._version)  # _version: an in-place load into the scales
+    def _key(self) -> tuple:
+        """Identity of the buffers: a load with ``assign=True`` or ``.to()`` replaces them, an in-place load
+        bumps ``_version`` (inference tensors have none: only a swap is seen for them)."""
+        return tuple(
+            (t.data_ptr(), 0 if t.is_inference() else t._version)
             for t in (self.qweight, self.scales, self.zeros, self.g_idx)
             if t is not None
         )
+
+    def packed_weight(self) -> qf.PackedWeight:
+        """The layer's weight as the kernels' ``PackedWeight`` (views of the buffers; ``qweight`` rebuilt from
+        ATen's layout when ``pack_int4_in_place`` replaced it)."""
+        qweight = self.qweight
+        if qweight is None:
+            qweight = qf.pack_int32(cpu_kernels.load("int4_aten").unpack(self.int4), 4)
+            return self._view(qweight)
+        key = self._key()
+        if self._packed_key != key:  # the shape checks once per set of buffers, not on every forward
+            self._packed, self._packed_key = self._view(qweight), key
+        return self._packed
+
+    def _view(self, qweight: torch.Tensor) -> qf.PackedWeight:
+        return qf.PackedWeight(
+            qweight, self.scales, self.zeros, self.g_idx, self.bits, self.group_size, self.in_features,
+            self.out_features,
+        )  # fmt: skip
+
+    def _prepared(self, kernel):
+        """``kernel.prepare`` of this layer's weight, kept while the buffers stay the same tensors."""
+        key = self._key()
         if self._cpu_key != key:
             self._cpu_arrays, self._cpu_key = kernel.prepare(self.packed_weight()), key
         return self._cpu_arrays
+
+    def pack_int4(self, dtype: torch.dtype) -> int:
+        """Give a 4-bit CPU weight ATen's int4 layout for ``dtype`` rows, replacing ``qweight``; returns the
+        bytes released (0 when ``cpu.int4_aten`` cannot take this weight, which then stays as it is)."""
+        kernel = cpu_kernels.load("int4_aten")
+        if kernel is None or self.qweight is None or kernel.unsupported_reason(self.packed_weight(), dtype):
+            return 0
+        self.int4 = kernel.pack(self.packed_weight(), dtype)
+        released = self.qweight.numel() * self.qweight.element_size()
+        self.qweight, self._packed, self._packed_key, self._cpu_arrays, self._cpu_key = None, None, None, None, None
+        return released
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.qweight is None and self.int4 is not None:  # a checkpoint holds the canonical words
+            destination[prefix + "qweight"] = self.packed_weight().qweight
 
     def extra_repr(self) -> str:
         order = ", g_idx" if self.g_idx is not None else ""
@@ -116,6 +153,8 @@ class QuantLinear(nn.Module):
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``x @ W (+ bias)`` by the path the module docstring describes."""
+        if self.int4 is not None and x.dtype == self.int4.dtype and x.device.type == "cpu":
+            return cpu_kernels.load("int4_aten").matmul(x, self.int4, bias)
         pw = self.packed_weight()
         if x.device.type == "cuda":
             from minipaged_kernels.quant_linear import quant_matmul
@@ -133,6 +172,12 @@ class QuantLinear(nn.Module):
         weight = self.scratch.get(self.in_features, self.out_features, x.dtype, x.device)
         weight.copy_(qf.dequantize(pw, x.dtype))
         return F.linear(x, weight.t(), bias)
+
+
+def pack_int4_in_place(module: nn.Module, dtype: torch.dtype) -> int:
+    """``QuantLinear.pack_int4`` on every 4-bit layer of ``module`` that ATen's int4 CPU kernel can take for
+    ``dtype`` rows; returns the bytes of ``qweight`` released (ATen's copy is the same size)."""
+    return sum(layer.pack_int4(dtype) for layer in module.modules() if isinstance(layer, QuantLinear))
 
 
 def weight_bytes(module: nn.Module) -> dict[str, int]:
@@ -155,6 +200,8 @@ def weight_bytes(module: nn.Module) -> dict[str, int]:
                 packed += size
             else:
                 dense += size
+        if quant and sub.int4 is not None:
+            packed += sub.int4.nbytes()
         if quant and sub._cpu_arrays is not None and sub.scales.dtype != torch.float32:
             packed += sub._cpu_arrays.scales.nbytes  # the CPU kernel's fp32 copy of the scales
         kept = getattr(sub, "dense_weight", None)  # pack_in_place's fp32 copy for the few-row kernel

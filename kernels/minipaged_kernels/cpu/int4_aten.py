@@ -1,0 +1,174 @@
+"""4-bit weight-only linear on CPU through PyTorch's own int4 kernel, for bf16 / fp16 activations.
+
+PyTorch ships a CPU W4A16 GEMM (``aten._weight_int4pack_mm_for_cpu``, the one torchao's int4
+weight-only CPU path calls), vectorised by hand for AVX2 / AVX-512. For 16-bit rows it streams
+a 4-bit weight two to three times faster than the numba loop in ``quant_gemv``, which stays
+the path for fp32 rows (ATen's kernel has no fast fp32 path) and for weights it cannot take.
+Re-measure with ``python -m minipaged_kernels.cpu.quant_bench``.
+
+ATen's kernel has its own contract, so ``pack`` translates a :class:`PackedWeight` once:
+
+- its weight is ``[N, K / 2]`` uint8 in a private blocked layout, built by
+  ``aten._convert_weight_to_int4pack_for_cpu`` from unpacked ``q [N, K]``; N must be a
+  multiple of 16;
+- its groups are contiguous runs of ``g in (32, 64, 128, 256)`` rows of K, and K a multiple of
+  ``g``. A format group of ``group_size`` rows is cut into ATen groups of the largest such
+  ``g`` that divides it (repeating its scale); K is padded with zero weights to a multiple of
+  ``g`` (SmolLM2's K = 576 in groups of 128 ends in a half group), and ``x`` with zero
+  columns to match;
+- with a ``g_idx`` (GPTQ's act order) the rows of K are reordered once so that each group is
+  contiguous, and ``x``'s columns are gathered in the same order on every call;
+- it dequantizes ``W[k, n] = (q - 8) * scale + zero``, so the format's zero point ``z``
+  becomes ``zero = (8 - z) * scale``, rounded to the activation dtype (exact for symmetric
+  weights, whose ``z`` is 8).
+
+The reference is ``x.double() @ quant_formats.dequantize(pw, torch.float64)``
+(``tests/kernels/test_cpu_int4_aten.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from minipaged_kernels.quant_formats import PackedWeight, unpack_int32
+
+# Group lengths ATen's kernel takes, largest first: the fewest scales to read.
+ATEN_GROUP_SIZES = (256, 128, 64, 32)
+# Activation dtypes ATen vectorises (fp32 rows go to ``quant_gemv``).
+INPUT_DTYPES = (torch.bfloat16, torch.float16)
+N_MULTIPLE = 16  # ATen's packing takes N in whole blocks of 16 columns
+
+
+def available() -> bool:
+    """Whether this PyTorch has the int4 CPU ops."""
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
+        torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"
+    )
+
+
+@dataclass(frozen=True)
+class Int4Weight:
+    """One weight in ATen's int4 layout.
+
+    ``weight`` uint8 ``[N, K_pad / 2]`` (ATen's blocked order), ``scale_zeros [K_pad / g, N, 2]`` in
+    the activation dtype (``[..., 0]`` scales, ``[..., 1]`` zeros as ATen defines them),
+    ``group_size`` ATen's ``g``, ``in_features`` K, ``padded_in_features`` K_pad,
+    ``perm`` int64 ``[K]`` (column order of ``x``) or ``None`` when K is in order.
+    """
+
+    weight: torch.Tensor
+    scale_zeros: torch.Tensor
+    group_size: int
+    in_features: int
+    padded_in_features: int
+    perm: torch.Tensor | None
+
+    @property
+    def out_features(self) -> int:
+        """N."""
+        return self.weight.shape[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activation dtype this weight multiplies."""
+        return self.scale_zeros.dtype
+
+    def nbytes(self) -> int:
+        """Bytes held: packed weight, scales and zeros, permutation."""
+        held = (self.weight, self.scale_zeros) + ((self.perm,) if self.perm is not None else ())
+        return sum(t.numel() * t.element_size() for t in held)
+
+
+def _group_rows(pw: PackedWeight) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """``(perm, groups)``: the order of K that makes each format group contiguous (``None``: K is already
+    in group order) and the format group of each row in that order, int64 ``[K]``."""
+    groups = pw.group_index().long()
+    if pw.g_idx is None or bool((groups[1:] >= groups[:-1]).all()):
+        return None, groups
+    perm = torch.sort(groups, stable=True).indices
+    return perm, groups[perm]
+
+
+def _aten_group_size(groups: torch.Tensor) -> int | None:
+    """The largest ATen group length whose runs of rows (after padding K to a multiple of it) never mix
+    two format groups; ``None`` when there is none."""
+    k = groups.numel()
+    for g in ATEN_GROUP_SIZES:
+        padded = F.pad(groups, (0, -k % g), value=-1).view(-1, g)
+        ok = (padded == padded[:, :1]) | (padded == -1)
+        if bool(ok.all()):
+            return g
+    return None
+
+
+def unsupported_reason(pw: PackedWeight, dtype: torch.dtype) -> str | None:
+    """Why ``pack(pw, dtype)`` cannot serve this weight, or ``None`` when it can."""
+    if not available():
+        return "this PyTorch has no aten._weight_int4pack_mm_for_cpu"
+    if pw.bits != 4:
+        return f"{pw.bits}-bit weights (the kernel is 4-bit only)"
+    if dtype not in INPUT_DTYPES:
+        return f"{dtype} activations (the kernel is fast for {[str(d) for d in INPUT_DTYPES]} only)"
+    if pw.qweight.device.type != "cpu":
+        return f"a weight on {pw.qweight.device}"
+    if pw.out_features % N_MULTIPLE:
+        return f"out_features {pw.out_features} is not a multiple of {N_MULTIPLE}"
+    if _aten_group_size(_group_rows(pw)[1]) is None:
+        return f"groups of {pw.group_size} rows cannot be cut into runs of {ATEN_GROUP_SIZES} rows"
+    return None
+
+
+def pack(pw: PackedWeight, dtype: torch.dtype) -> Int4Weight:
+    """Translate ``pw`` into ATen's layout for ``dtype`` activations (see the module docstring);
+    a ``ValueError`` names why when ``unsupported_reason`` does."""
+    reason = unsupported_reason(pw, dtype)
+    if reason is not None:
+        raise ValueError(f"ATen's int4 kernel cannot take this weight: {reason}")
+    perm, groups = _group_rows(pw)
+    g = _aten_group_size(groups)
+    k = pw.in_features
+    pad = -k % g
+    q = unpack_int32(pw.qweight, 4, k)  # [K, N] in 0..15
+    if perm is not None:
+        q = q[perm]
+    q = F.pad(q, (0, 0, 0, pad), value=8)  # padded rows dequantize to exactly 0
+    starts = F.pad(groups, (0, pad), value=int(groups[-1]))[::g]  # format group of each ATen group
+    scales = pw.scales.double()[starts]  # [K_pad / g, N]
+    zeros = (8 - pw.zeros.double()[starts]) * scales
+    weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.t().contiguous().int(), 1)
+    scale_zeros = torch.stack([scales, zeros], dim=-1).to(dtype).contiguous()
+    return Int4Weight(weight, scale_zeros, g, k, k + pad, perm)
+
+
+def matmul(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [M, K] @ W + bias`` -> ``[M, N]`` in ``w.dtype``; ``x`` a CPU tensor of ``w.dtype``."""
+    if x.dtype != w.dtype or x.dim() != 2 or x.shape[1] != w.in_features or x.device.type != "cpu":
+        raise ValueError(
+            f"x must be a [M, {w.in_features}] {w.dtype} CPU tensor for this weight, got "
+            f"{tuple(x.shape)} {x.dtype} on {x.device}"
+        )
+    if w.perm is not None:
+        x = x.index_select(1, w.perm)
+    if w.padded_in_features != w.in_features:
+        x = F.pad(x, (0, w.padded_in_features - w.in_features))
+    out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), w.weight, w.group_size, w.scale_zeros)
+    return out if bias is None else out.add_(bias)
+
+
+def unpack(w: Int4Weight) -> torch.Tensor:
+    """The unsigned 4-bit values ``q [K, N]`` (int32, in the weight's original row order) held by ``w``.
+
+    ATen's layout is private, so the kernel reads it back itself: multiplying the identity by the
+    weight with scale 1 and zero 0 yields ``q - 8``, small integers exact in any float dtype.
+    """
+    ones = torch.ones(w.scale_zeros.shape[:2], dtype=w.dtype)
+    unit = torch.stack([ones, torch.zeros_like(ones)], dim=-1).contiguous()
+    eye = torch.eye(w.padded_in_features, dtype=w.dtype)
+    q = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, w.weight, w.group_size, unit)[: w.in_features]
+    q = q.round().int() + 8
+    if w.perm is not None:
+        q = torch.empty_like(q).index_copy_(0, w.perm, q)
+    return q

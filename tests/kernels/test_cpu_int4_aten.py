@@ -1,0 +1,88 @@
+"""ATen's int4 CPU kernel behind minipaged_kernels.cpu.int4_aten against the float64 reference.
+
+4-bit weights in groups of 32/64/128 (SmolLM2's K = 576 in groups of 128: a half last group,
+padded), per-channel, a shuffled ``g_idx`` (rows reordered), symmetric and asymmetric zero points,
+bf16 and fp16 rows from 1 to 40; the packed values read back exactly; weights the kernel cannot
+take are named, not multiplied wrong.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from quant_cases import random_packed, seeded_generator
+
+from minipaged_kernels import quant_formats as qf
+from minipaged_kernels.cpu import int4_aten
+
+pytestmark = pytest.mark.skipif(not int4_aten.available(), reason="this PyTorch has no int4 CPU kernel")
+
+# Relative to max |y|: the output is rounded to 16 bits (2**-9 for bf16) and the zero term
+# (8 - z) * scale too; a wrong group, order or zero point is off by far more.
+REL_TOL = {torch.bfloat16: 1.5e-2, torch.float16: 2e-3}
+
+
+def _rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.double() - ref).abs().max() / ref.abs().max()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    ("k", "group_size", "shuffled"),
+    [(96, 32, False), (160, 64, True), (576, 128, False), (576, 128, True), (96, None, False), (512, 256, False)],
+)
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_matches_reference(dtype, k, group_size, shuffled, symmetric):
+    n = 208  # 3 blocks of 64 columns and a block of 16: ATen packs the tail differently
+    gen = seeded_generator()
+    pw = random_packed(k, n, 4, group_size, shuffled=shuffled, symmetric=symmetric, scale_dtype=dtype, gen=gen)
+    w = int4_aten.pack(pw, dtype)
+    assert (w.perm is not None) == shuffled
+    ref_w = qf.dequantize(pw, torch.float64)
+    for rows in (1, 3, 16, 40):
+        x = torch.randn(rows, k, generator=gen).to(dtype)
+        bias = torch.randn(n, generator=gen).to(dtype)
+        y = int4_aten.matmul(x, w, bias)
+        assert y.dtype == dtype and y.shape == (rows, n)
+        ref = x.double() @ ref_w + bias.double()
+        assert _rel_error(y, ref) < REL_TOL[dtype]
+
+
+@pytest.mark.parametrize(("k", "group_size", "shuffled"), [(576, 128, False), (160, 64, True), (96, None, False)])
+def test_unpack_reads_back_the_values(k, group_size, shuffled):
+    pw = random_packed(k, 80, 4, group_size, shuffled=shuffled)
+    w = int4_aten.pack(pw, torch.bfloat16)
+    assert torch.equal(int4_aten.unpack(w), qf.unpack_int32(pw.qweight, 4, k))
+
+
+def test_a_wrong_zero_point_is_caught():
+    """The tolerance is tight enough to see a zero point off by one in one group."""
+    gen = seeded_generator()
+    pw = random_packed(256, 64, 4, 64, gen=gen, scale_dtype=torch.bfloat16)
+    bad = qf.PackedWeight(pw.qweight, pw.scales, pw.zeros.clone(), None, 4, 64, 256, 64)
+    bad.zeros[2] = (bad.zeros[2] + 1) % 16
+    x = torch.randn(4, 256, generator=gen).to(torch.bfloat16)
+    ref = x.double() @ qf.dequantize(pw, torch.float64)
+    assert _rel_error(int4_aten.matmul(x, int4_aten.pack(bad, torch.bfloat16)), ref) > REL_TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize(
+    ("bits", "n", "group_size", "dtype", "named"),
+    [
+        (8, 64, 64, torch.bfloat16, "8-bit"),
+        (4, 40, 64, torch.bfloat16, "out_features 40"),
+        (4, 64, 16, torch.bfloat16, "groups of 16"),
+        (4, 64, 64, torch.float32, "torch.float32 activations"),
+    ],
+)
+def test_refuses_what_it_cannot_take(bits, n, group_size, dtype, named):
+    pw = random_packed(128, n, bits, group_size)
+    assert named in int4_aten.unsupported_reason(pw, dtype)
+    with pytest.raises(ValueError, match=named):
+        int4_aten.pack(pw, dtype)
+
+
+def test_wrong_activations_are_refused():
+    w = int4_aten.pack(random_packed(64, 32, 4, 32), torch.bfloat16)
+    with pytest.raises(ValueError, match="bfloat16"):
+        int4_aten.matmul(torch.randn(2, 64), w)
