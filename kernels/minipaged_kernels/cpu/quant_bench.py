@@ -6,7 +6,8 @@ For each SmolLM2-135M linear shape (``K x N``: 576 x 1536 up-projection, 1536 x 
 down-projection, 576 x 576 attention projection) and row count, the median time of:
 dense fp32 ``F.linear``, the numba dense few-row loop (``cpu.gemv``, up to its ``MAX_ROWS``),
 bf16 ``F.linear``, and ``cpu.quant_gemv.matmul`` on W8 and W4 packed weights (groups of
-128), plus ``dequantize_into`` followed by an fp32 GEMM (the many-row path). Each method cycles
+128), ``dequantize_into`` followed by an fp32 GEMM (the many-row path), and ``cpu.int4_aten``
+on bf16 rows (PyTorch's int4 kernel, a 16-bit model's path). Each method cycles
 through copies of its weight filling ``--working-set-mb`` of fp32, so weights come from memory
 as a model's layers do (a single small weight would sit in cache and hide what packing saves).
 Prints a table with each time's speed-up over dense fp32; measure on an otherwise idle machine.
@@ -88,7 +89,7 @@ def _methods(k: int, n: int, rows: int, copies: int) -> dict[str, Callable[[], o
     """The timed calls for one shape and row count, each cycling through ``copies`` weights (so that
     with enough copies every call reads its weight from memory, as a model's layers do, not from cache);
     methods that do not apply are left out."""
-    from minipaged_kernels.cpu import gemv, quant_gemv
+    from minipaged_kernels.cpu import gemv, int4_aten, quant_gemv
 
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(rows, k, generator=gen)
@@ -114,6 +115,10 @@ def _methods(k: int, n: int, rows: int, copies: int) -> dict[str, Callable[[], o
         methods[f"W4 g{GROUP_SIZE} dequantize_into+mm"] = lambda p=packed: torch.mm(
             x, _prepared_call(quant_gemv.dequantize_into, None, p(), buffer)
         )
+    if int4_aten.available():  # bf16 rows: ATen's int4 kernel, as a 16-bit model's QuantLinear runs it
+        weights = [int4_aten.pack(random_packed(k, n, 4, seed=c), torch.bfloat16) for c in range(copies)]
+        aten = _cycle(weights)
+        methods[f"W4 g{GROUP_SIZE} int4_aten (bf16)"] = lambda: int4_aten.matmul(x_bf16, aten())
     return methods
 
 
