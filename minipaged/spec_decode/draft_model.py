@@ -19,6 +19,14 @@ step). Those logical blocks map to scratch blocks past the target's ids, private
 for one proposal, so the partial block's tokens are recomputed there each time. The draft's
 computed length is therefore always a whole number of blocks no greater than the target's, which
 verification, rollback and copy-on-write never touch; a preemption resets it to 0.
+
+The draft runs whole in the engine process, rank 0 under tensor parallelism (vLLM splits it over
+the target's ranks instead): a small draft's forwards then need no collective per draft token,
+and the other ranks never learn that speculation exists, since verification is an ordinary step.
+Its weights and cache sit on rank 0 only, counted once in the KV budget. Pipeline parallelism
+with speculation is refused by the engine. The cache is stored in the engine's
+``kv_cache_dtype`` like the target's, so a quantized cache saves memory on the draft's share too;
+greedy output never depends on the draft's numbers, only how many drafts are accepted does.
 """
 
 from __future__ import annotations
@@ -47,9 +55,10 @@ def scratch_blocks_per_seq(block_size: int, num_speculative_tokens: int) -> int:
 
 
 def draft_cache_bytes(draft_config: Any, config: EngineConfig) -> tuple[int, int]:
-    """``(bytes per block, bytes of the scratch blocks)`` of the draft's KV cache (model dtype)."""
+    """``(bytes per block, bytes of the scratch blocks)`` of the draft's KV cache, stored as the
+    target's (``kv_cache_dtype``, scales included) and whole: the draft is not split across ranks."""
     spec = config.speculative_config
-    per_block = kv_cache_bytes_per_block(draft_config, config.block_size, config.torch_dtype)
+    per_block = kv_cache_bytes_per_block(draft_config, config.block_size, config.torch_dtype, config.kv_cache_dtype)
     scratch = config.max_num_seqs * scratch_blocks_per_seq(config.block_size, spec.num_speculative_tokens)
     return per_block, scratch * per_block
 
@@ -100,8 +109,8 @@ class DraftModelProposer:
         self.max_batched_tokens = config.max_num_batched_tokens
         self.scratch_per_seq = scratch_blocks_per_seq(config.block_size, spec.num_speculative_tokens)
         self.eos_token_ids = eos_token_ids
-        # One process, the model's own dtype in the cache: the draft is small and needs no quantized KV.
-        own = dataclasses.replace(config, kv_cache_dtype="auto", tensor_parallel_size=1, pipeline_parallel_size=1)
+        # Whole, in the engine process (see the module docstring); its cache in the engine's kv_cache_dtype.
+        own = dataclasses.replace(config, tensor_parallel_size=1, pipeline_parallel_size=1)
         self.worker = Worker(model, own, self.num_blocks + self.max_batch * self.scratch_per_seq, device)
         self._states: dict[Sequence, _DraftState] = {}  # Sequence hashes by identity
 

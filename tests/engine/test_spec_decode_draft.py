@@ -27,6 +27,7 @@ from tiny_models import (  # noqa: F401 (one_thread: an autouse fixture)
 
 import minipaged.spec_decode.draft_model as draft_model
 from minipaged import SamplingParams
+from minipaged.attention.kv_quant import QuantizedCache
 from minipaged.errors import InvalidEngineConfigError
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*has no tokenizer files")
@@ -375,6 +376,53 @@ def test_identical_draft_accepts_sampled_drafts(peaked, monkeypatch):
     assert point_mass.spec_num_accepted_tokens < 0.8 * point_mass.spec_num_draft_tokens
 
 
+# ---- a quantized KV cache ------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["int8", "fp8_e4m3"])
+def test_quantized_kv_cache_greedy_equals_no_speculation(hf, drafts, prompts, kind):
+    """The draft's cache is stored like the target's; greedy output is the same as without speculation
+    under the same cache dtype, through preemptions, with drafts both accepted and rejected."""
+    plain = greedy(make_llm(hf, kv_cache_dtype=kind), *prompts)
+    llm = make_llm(hf, kv_cache_dtype=kind, speculative_config=draft(drafts["noisy"], 3), **SETTINGS["preemption"])
+    k_cache = llm.engine_core.drafter.worker.kv_caches[0][0]
+    assert isinstance(k_cache, QuantizedCache) and k_cache.kind == kind
+    outs = greedy(llm, *prompts)
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in plain]
+    stats = llm.engine_core.stats()
+    assert 0 < stats.spec_num_accepted_tokens < stats.spec_num_draft_tokens
+    assert stats.num_preemptions > 0
+
+
+def test_identical_draft_with_a_quantized_cache_is_always_accepted(hf, drafts, prompts):
+    """Same weights, same int8 rounding of the same K/V rows: the draft computes what the target does."""
+    lengths = exact_lengths(prompts[1], 3)
+    plain = greedy(make_llm(hf, kv_cache_dtype="int8"), prompts[0], lengths)
+    llm = make_llm(hf, kv_cache_dtype="int8", speculative_config=draft(drafts["same"], 3))
+    outs = greedy(llm, prompts[0], lengths)
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in plain]
+    for o in outs:
+        assert o.metrics.num_drafts > 0 and o.metrics.mean_acceptance_length == 4, o.metrics
+
+
+# ---- tensor parallelism ---------------------------------------------------------------------------------
+def test_tensor_parallel_greedy_equals_no_speculation(hf, drafts, prompts, expected):
+    """TP=2 over gloo: the target split over two processes, the draft whole in the engine process (its
+    cache keeps every KV head); output as without speculation, through preemptions; every block free."""
+    llm = make_llm(hf, tensor_parallel_size=2, speculative_config=draft(drafts["noisy"], 3), **SETTINGS["preemption"])
+    try:
+        executor = llm.engine_core.worker
+        assert len(executor.worker_pids) == 1
+        kv_heads = llm.engine_core.model_config.num_kv_heads  # the noisy draft has the target's shapes
+        assert executor.worker.kv_caches[0][0].shape[2] == kv_heads // 2
+        assert llm.engine_core.drafter.worker.kv_caches[0][0].shape[2] == kv_heads
+        outs = greedy(llm, *prompts)
+        assert [o.outputs[0].token_ids for o in outs] == expected
+        stats = llm.engine_core.stats()
+        assert 0 < stats.spec_num_accepted_tokens < stats.spec_num_draft_tokens
+        assert stats.num_preemptions > 0
+    finally:
+        llm.shutdown()
+
+
 # ---- bad input ---------------------------------------------------------------------------------------
 def save_llama(path, **overrides):
     cfg = dict(
@@ -474,23 +522,25 @@ def test_scratch_blocks_cover_the_partial_block_and_the_drafts(block_size, k):
     assert n == 1 or (n - 1) * block_size < block_size - 1 + k  # and no more than needed for the worst L
 
 
-def test_draft_cache_shares_the_kv_budget(hf, drafts):
-    """kv_cache_memory pays for the target's blocks, the draft's blocks of the same ids, and its scratch."""
+@pytest.mark.parametrize("kind", ["auto", "int8"])
+def test_draft_cache_shares_the_kv_budget(hf, drafts, kind):
+    """kv_cache_memory pays for the target's blocks, the draft's blocks of the same ids, and its scratch,
+    all in the engine's kv_cache_dtype."""
     from minipaged.attention import kv_cache_bytes_per_block
     from minipaged.models import load_model
 
     budget = 4 << 20
-    llm = make_llm(hf, num_kv_blocks=None, kv_cache_memory=budget, speculative_config=draft(drafts["small"], 3))
+    kw = dict(num_kv_blocks=None, kv_cache_memory=budget, kv_cache_dtype=kind)
+    llm = make_llm(hf, speculative_config=draft(drafts["small"], 3), **kw)
     config = llm.engine_core.config
-    target = kv_cache_bytes_per_block(llm.engine_core.model_config, config.block_size, torch.float32)
-    small = kv_cache_bytes_per_block(load_model(str(drafts["small"])).config, config.block_size, torch.float32)
+    target = kv_cache_bytes_per_block(llm.engine_core.model_config, config.block_size, torch.float32, kind)
+    small = kv_cache_bytes_per_block(load_model(str(drafts["small"])).config, config.block_size, torch.float32, kind)
     scratch = config.max_num_seqs * draft_model.scratch_blocks_per_seq(config.block_size, 3)
     assert config.num_kv_blocks == (budget - scratch * small) // (target + small)
-    caches = llm.engine_core.drafter.worker.kv_caches
-    assert caches[0][0].shape[0] == config.num_kv_blocks + scratch
-    assert make_llm(hf, num_kv_blocks=None, kv_cache_memory=budget).engine_core.config.num_kv_blocks > (
-        config.num_kv_blocks
-    )
+    drafter = llm.engine_core.drafter.worker
+    assert drafter.kv_caches[0][0].shape[0] == config.num_kv_blocks + scratch
+    assert drafter.kv_cache_bytes == (config.num_kv_blocks + scratch) * small  # what was paid for is what is held
+    assert make_llm(hf, **kw).engine_core.config.num_kv_blocks > config.num_kv_blocks
 
 
 # ---- the real model --------------------------------------------------------------------------------------
