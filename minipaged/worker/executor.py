@@ -58,7 +58,9 @@ from minipaged.distributed import (
     check_tensor_parallel_size,
     destroy_process_groups,
     exit_process,
+    forward_stop_signals,
     init_process_groups,
+    interrupt_main_thread,
     launched_by_agent,
     open_launch_store,
     torchrun_rank,
@@ -279,14 +281,18 @@ class _SpawnedRanks:
         """torchrun: wait for every rank to show up, then keep a heartbeat watch on them (``LivenessWatch``).
 
         A rank whose agent is killed exits too (the agent starts its ranks in their own
-        session, so nothing else would stop them).
+        session, so nothing else would stop them). SIGINT / SIGTERM on a rank other than 0 asks
+        rank 0 to shut everything down in order (``forward_stop_signals``).
         """
         if launched_by_agent():
             _exit_when_parent_dies()
         store, where = open_launch_store(rank, self.world_size, peer_timeout_s)
         wait_for_peers(store, rank, self.world_size, where, peer_timeout_s)
-        watch = LivenessWatch(store, rank, self.world_size, where, peer_timeout_s, exit_process)
+        on_stop = interrupt_main_thread if rank == 0 else None
+        watch = LivenessWatch(store, rank, self.world_size, where, peer_timeout_s, exit_process, on_stop=on_stop)
         self._watches.append(watch.start())
+        if rank != 0:
+            forward_stop_signals(store, rank)
 
     def _leave(self) -> None:
         """An orderly end under torchrun: the other ranks stop watching this one."""
