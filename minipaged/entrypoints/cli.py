@@ -144,7 +144,12 @@ def _generate(args: argparse.Namespace) -> int:
     params = SamplingParams(**_sampling_kwargs(args))
     if args.stream and (len(args.prompts) > 1 or params.n > 1):
         raise CliError("--stream prints one completion as it grows: give one prompt and --n 1 (or drop --stream)")
-    llm = LLM(**engine_kwargs(args))
+    # Shut down on the way out, Ctrl-C included: under torchrun that ends the other ranks in order.
+    with LLM(**engine_kwargs(args)) as llm:
+        return _generate_with(llm, args, params)
+
+
+def _generate_with(llm: Any, args: argparse.Namespace, params: Any) -> int:
     prompts: list = args.prompts
     if args.chat:
         prompts = llm.chat_prompts([[{"role": "user", "content": p}] for p in args.prompts])
