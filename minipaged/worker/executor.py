@@ -33,12 +33,14 @@ from __future__ import annotations
 import multiprocessing
 import os
 import pickle
+import signal
 import sys
 import threading
 import time
 import traceback
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -228,6 +230,36 @@ def run_spawned_rank(index: int, spec, world_size: int, build: Callable, serve: 
 def _rank_main(index: int, spec: _RankSpec) -> None:
     """Entry point of spawned rank ``index + 1``."""
     run_spawned_rank(index, spec, spec.config.tensor_parallel_size, _build_rank, serve_steps)
+
+
+@contextmanager
+def ctrl_c_after_step() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) that comes while rank 0 is inside a step until the step is done.
+
+    The other ranks run the same step's collectives; a rank 0 that left in the middle would leave
+    them waiting in one until it times out, and the shutdown after the interrupt with them. A
+    second Ctrl-C interrupts at once (a step stuck on a peer). Only in the main thread, where
+    Python runs signal handlers; the previous handler gets the held signal afterwards.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+
+    def hold(signum: int, frame: object) -> None:
+        if held:
+            raise KeyboardInterrupt
+        held.append(signum)
+
+    previous = signal.signal(signal.SIGINT, hold)
+    if previous is None:  # a handler installed outside Python: give it back the default's way
+        previous = signal.SIG_DFL
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held:
+            signal.raise_signal(signal.SIGINT)
 
 
 # ---- rank 0 -----------------------------------------------------------------------------------------------
@@ -450,8 +482,9 @@ class TensorParallelExecutor(_SpawnedRanks):
         self._check_usable()
         batch, sampled = StepBatch.from_schedule(scheduled, copies, bm)
         try:
-            self.channel.send(batch)
-            logits = self.worker.run(batch)
+            with ctrl_c_after_step():
+                self.channel.send(batch)
+                logits = self.worker.run(batch)
         except RuntimeError as exc:  # torch.distributed's errors (DistBackendError, ...) are RuntimeErrors
             raise self._fail(exc) from exc
         return logits, sampled  # None when no row is sampled and no prompt logprob is asked for

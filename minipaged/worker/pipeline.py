@@ -70,6 +70,7 @@ from minipaged.worker.executor import (
     _release,
     _SpawnedRanks,
     _stop_processes,
+    ctrl_c_after_step,
     rank_device,
     run_spawned_rank,
 )
@@ -393,13 +394,14 @@ class PipelineParallelExecutor(_SpawnedRanks):
         batch, sampled = StepBatch.from_schedule(scheduled, copies, bm)
         batch_id, self._next_id = self._next_id, self._next_id + 1
         try:
-            if self.channel is not None:
-                self.channel.send(batch)
-            start = time.perf_counter()
-            out = self.worker.run_stage(batch, None)
-            end = time.perf_counter()
-            handle = InFlightBatch(batch_id, sampled, (start, end, 0.0), self._send_async(batch_id, batch, out))
-            self._post_receives(handle)
+            with ctrl_c_after_step():  # stage 0's TP ranks share its collectives; the stages, the whole batch
+                if self.channel is not None:
+                    self.channel.send(batch)
+                start = time.perf_counter()
+                out = self.worker.run_stage(batch, None)
+                end = time.perf_counter()
+                handle = InFlightBatch(batch_id, sampled, (start, end, 0.0), self._send_async(batch_id, batch, out))
+                self._post_receives(handle)
         except RuntimeError as exc:
             raise self._fail(exc) from exc
         self._uncollected[batch_id] = handle

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import signal
-
 import pytest
 from tiny_models import assert_all_blocks_free, hf_greedy, make_prompts, one_thread, tiny_hf_model  # noqa: F401  one_thread: autouse
 
@@ -84,33 +82,3 @@ def test_checkpoint_directory_is_read_per_stage(data, tmp_path):
     with LLM(str(tmp_path), pipeline_parallel_size=2, num_kv_blocks=BLOCKS, block_size=8) as llm:
         assert greedy(llm, prompts[:3], max_tokens[:3]) == expected[:3]
         assert sum(p.numel() for p in llm.model.parameters()) < sum(p.numel() for p in hf.parameters())
-
-
-def test_shutdown_after_an_interrupted_generate_ends_every_stage_in_order(data, monkeypatch):
-    """Ctrl-C lands as soon as a wait in ``collect`` returns, with two batches in flight: the shutdown that
-    follows lets the stages finish them and stop on their own (exit 0, not killed after a timeout)."""
-    hf, prompts, max_tokens, _ = data
-    llm = LLM(build_model_from_hf(hf), pipeline_parallel_size=2, num_kv_blocks=64, block_size=8, max_num_seqs=3)
-    executor = llm.engine_core.worker
-    waits = []
-    wait = executor._wait
-
-    def interrupted_wait(work) -> None:
-        wait(work)
-        waits.append(1)
-        if len(waits) == 12:  # some steps in: a receive of logits done, the rest of the queue in flight
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(executor, "_wait", interrupted_wait)
-    with pytest.raises(KeyboardInterrupt):
-        greedy(llm, prompts, [40] * len(prompts))
-    assert executor._uncollected  # batches were left in flight
-    processes = list(executor._processes)
-    previous = signal.signal(signal.SIGALRM, lambda *_: pytest.fail("the shutdown hung on the batches in flight"))
-    signal.alarm(60)  # a hang guard
-    try:
-        llm.shutdown()
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-    assert [p.exitcode for p in processes] == [0]
