@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import sys
 import threading
 import time
@@ -125,6 +126,7 @@ def _beat_key(rank: int) -> str:
 
 
 _LEFT = b"left"
+_STOP_KEY = "minipaged/stop"  # a rank asking rank 0 to shut the engine down: why
 
 
 def wait_for_peers(store: dist.Store, rank: int, world_size: int, where: str, timeout_s: float) -> None:
@@ -169,9 +171,11 @@ class LivenessWatch:
         timeout_s: float,
         on_lost: Callable[[str], None],
         clock: Callable[[], float] = time.monotonic,
+        on_stop: Callable[[str], None] | None = None,
     ) -> None:
         self.store, self.rank, self.world_size, self.where = store, rank, world_size, where
-        self.timeout_s, self.on_lost, self.clock = timeout_s, on_lost, clock
+        self.timeout_s, self.on_lost, self.clock, self.on_stop = timeout_s, on_lost, clock, on_stop
+        self._stop_seen = False
         self._beats = 0
         self._last: dict[int, tuple[bytes, float]] = {}
         self._stop = threading.Event()
@@ -189,6 +193,25 @@ class LivenessWatch:
             if message is not None and not self._stop.is_set():
                 self.on_lost(message)
                 return
+            self.check_stop_request()
+
+    def check_stop_request(self) -> str | None:
+        """Once, when another rank asked the engine to stop (``request_stop``): ``on_stop(reason)``, and the reason.
+
+        Only a watch given ``on_stop`` (rank 0's) looks; the watch goes on beating while the engine
+        shuts down, since a peer may still die on the way.
+        """
+        if self.on_stop is None or self._stop_seen:
+            return None
+        try:
+            if not self.store.check([_STOP_KEY]):
+                return None
+            reason = self.store.get(_STOP_KEY).decode()
+        except Exception:  # the store is gone: the next beat reports it
+            return None
+        self._stop_seen = True
+        self.on_stop(reason)
+        return reason
 
     def check(self) -> str | None:
         """One beat and one look at the others: ``None`` while all answer, else what went wrong."""
@@ -242,6 +265,61 @@ def exit_process(message: str) -> None:
 
 
 PEER_LOST_EXIT_CODE = 75  # distinct from a Python traceback's 1, so launch scripts can tell the two apart
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def request_stop(store: dist.Store, reason: str) -> None:
+    """Ask rank 0 to shut the whole engine down in order (its ``LivenessWatch`` polls for this)."""
+    store.set(_STOP_KEY, reason)
+
+
+def forward_stop_signals(store: dist.Store, rank: int) -> None:
+    """A torchrun rank other than 0: turn SIGINT / SIGTERM (Ctrl-C on its node, which torchrun's agent
+    passes on) into ``request_stop``, and keep serving until rank 0's shutdown message comes.
+
+    A rank that simply ended would take its stage, or its slice of every layer, with it and fail
+    rank 0's engine; asked instead, rank 0 drains and shuts every rank down in order, so each exits 0.
+    The main thread sits in a receive that lasts as long as the engine is idle, and Python runs
+    signal handlers only there, between bytecodes; so the handlers do nothing and the signal
+    number reaches a relay thread through the interpreter's wake-up fd, written at C level.
+    Does nothing outside the main thread (a handler can be set there only).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _ignore_signal)
+    signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+
+    def relay() -> None:
+        while True:
+            for signum in os.read(read_fd, 64):
+                if signum not in STOP_SIGNALS:
+                    continue
+                reason = f"rank {rank} got {signal.Signals(signum).name}"
+                sys.stderr.write(f"minipaged: {reason}; asking rank 0 to shut the engine down\n")
+                sys.stderr.flush()
+                try:
+                    request_stop(store, reason)
+                except Exception:  # the store's node is gone: the liveness watch ends this rank
+                    pass
+
+    threading.Thread(target=relay, name="minipaged-stop-relay", daemon=True).start()
+
+
+def _ignore_signal(signum: int, frame: object) -> None:
+    """The Python-level handler of a forwarded stop signal: the relay thread acts on it."""
+
+
+def interrupt_main_thread(reason: str) -> None:
+    """Rank 0's answer to ``request_stop``: the Ctrl-C of this process (the server drains, a script
+    gets ``KeyboardInterrupt``), whichever rank's node it was pressed on."""
+    sys.stderr.write(f"minipaged: {reason}; shutting the engine down\n")
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGINT)
 
 
 @dataclass

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -141,7 +144,12 @@ def _generate(args: argparse.Namespace) -> int:
     params = SamplingParams(**_sampling_kwargs(args))
     if args.stream and (len(args.prompts) > 1 or params.n > 1):
         raise CliError("--stream prints one completion as it grows: give one prompt and --n 1 (or drop --stream)")
-    llm = LLM(**engine_kwargs(args))
+    # Shut down on the way out, Ctrl-C included: under torchrun that ends the other ranks in order.
+    with LLM(**engine_kwargs(args)) as llm:
+        return _generate_with(llm, args, params)
+
+
+def _generate_with(llm: Any, args: argparse.Namespace, params: Any) -> int:
     prompts: list = args.prompts
     if args.chat:
         prompts = llm.chat_prompts([[{"role": "user", "content": p}] for p in args.prompts])
@@ -234,11 +242,26 @@ def main(argv: list[str] | None = None) -> int:
     return _run_reporting_errors(lambda: run(args), args)
 
 
+def _launched_by_torchrun() -> bool:
+    """One rank of a multi-process torchrun job (the environment ``minipaged.distributed.torchrun_rank`` reads)."""
+    return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def _run_reporting_errors(run: Callable[[], int], args: argparse.Namespace) -> int:
-    """``run()``, with a typed input error or Ctrl-C turned into one stderr line and an exit status."""
+    """``run()``, with a typed input error or Ctrl-C turned into one stderr line and an exit status.
+
+    Ctrl-C exits with 130, as a shell expects, except in a torchrun rank: there it is the job's
+    requested stop (the server drained and shut every rank down in order), and any non-zero
+    status would make torchrun report the job as failed. SIGTERM, which torchrun's agent and
+    cluster schedulers send, stops a rank the same way (uvicorn catches both while serving and
+    re-raises the one it caught once it has shut down).
+    """
     from minipaged.errors import InputError
     from minipaged.models.loader import ModelNotFoundError
 
+    launched = _launched_by_torchrun()
+    if launched and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         try:
@@ -250,7 +273,7 @@ def _run_reporting_errors(run: Callable[[], int], args: argparse.Namespace) -> i
         except InputError as err:
             _print_error(_error_line(err, args))
         except KeyboardInterrupt:
-            return 130
+            return 0 if launched else 130
     return 2
 
 

@@ -33,12 +33,14 @@ from __future__ import annotations
 import multiprocessing
 import os
 import pickle
+import signal
 import sys
 import threading
 import time
 import traceback
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,7 +60,9 @@ from minipaged.distributed import (
     check_tensor_parallel_size,
     destroy_process_groups,
     exit_process,
+    forward_stop_signals,
     init_process_groups,
+    interrupt_main_thread,
     launched_by_agent,
     open_launch_store,
     torchrun_rank,
@@ -228,6 +232,36 @@ def _rank_main(index: int, spec: _RankSpec) -> None:
     run_spawned_rank(index, spec, spec.config.tensor_parallel_size, _build_rank, serve_steps)
 
 
+@contextmanager
+def ctrl_c_after_step() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) that comes while rank 0 is inside a step until the step is done.
+
+    The other ranks run the same step's collectives; a rank 0 that left in the middle would leave
+    them waiting in one until it times out, and the shutdown after the interrupt with them. A
+    second Ctrl-C interrupts at once (a step stuck on a peer). Only in the main thread, where
+    Python runs signal handlers; the previous handler gets the held signal afterwards.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+
+    def hold(signum: int, frame: object) -> None:
+        if held:
+            raise KeyboardInterrupt
+        held.append(signum)
+
+    previous = signal.signal(signal.SIGINT, hold)
+    if previous is None:  # a handler installed outside Python: give it back the default's way
+        previous = signal.SIG_DFL
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held:
+            signal.raise_signal(signal.SIGINT)
+
+
 # ---- rank 0 -----------------------------------------------------------------------------------------------
 def _stop_processes(processes: list, timeout_s: float = 5.0) -> None:
     """Wait up to ``timeout_s`` for ``processes`` to exit, then terminate, then kill what is left; reap all."""
@@ -279,14 +313,18 @@ class _SpawnedRanks:
         """torchrun: wait for every rank to show up, then keep a heartbeat watch on them (``LivenessWatch``).
 
         A rank whose agent is killed exits too (the agent starts its ranks in their own
-        session, so nothing else would stop them).
+        session, so nothing else would stop them). SIGINT / SIGTERM on a rank other than 0 asks
+        rank 0 to shut everything down in order (``forward_stop_signals``).
         """
         if launched_by_agent():
             _exit_when_parent_dies()
         store, where = open_launch_store(rank, self.world_size, peer_timeout_s)
         wait_for_peers(store, rank, self.world_size, where, peer_timeout_s)
-        watch = LivenessWatch(store, rank, self.world_size, where, peer_timeout_s, exit_process)
+        on_stop = interrupt_main_thread if rank == 0 else None
+        watch = LivenessWatch(store, rank, self.world_size, where, peer_timeout_s, exit_process, on_stop=on_stop)
         self._watches.append(watch.start())
+        if rank != 0:
+            forward_stop_signals(store, rank)
 
     def _leave(self) -> None:
         """An orderly end under torchrun: the other ranks stop watching this one."""
@@ -444,8 +482,9 @@ class TensorParallelExecutor(_SpawnedRanks):
         self._check_usable()
         batch, sampled = StepBatch.from_schedule(scheduled, copies, bm)
         try:
-            self.channel.send(batch)
-            logits = self.worker.run(batch)
+            with ctrl_c_after_step():
+                self.channel.send(batch)
+                logits = self.worker.run(batch)
         except RuntimeError as exc:  # torch.distributed's errors (DistBackendError, ...) are RuntimeErrors
             raise self._fail(exc) from exc
         return logits, sampled  # None when no row is sampled and no prompt logprob is asked for

@@ -34,6 +34,7 @@ so every rank also beats a heartbeat in the rendezvous store and watches the oth
 
 from __future__ import annotations
 
+import datetime
 import os
 import sys
 import time
@@ -69,12 +70,16 @@ from minipaged.worker.executor import (
     _release,
     _SpawnedRanks,
     _stop_processes,
+    ctrl_c_after_step,
     rank_device,
     run_spawned_rank,
 )
 from minipaged.worker.worker import StepBatch, Worker
 
 _STEP, _SHUTDOWN = 1, 2
+# How long a shutdown waits for the stages to finish the batches in flight and take its message; a
+# stage stuck longer is stopped instead (or, under torchrun, left to see rank 0 leave).
+_SHUTDOWN_WAIT = datetime.timedelta(seconds=30)
 # Per stage and batch: forward start, forward end (time.perf_counter: one clock for all processes of a host),
 # and the seconds spent receiving the residual stream from the stage before.
 _SPAN_FIELDS = 3
@@ -267,12 +272,20 @@ def _rank_main(index: int, spec: _StageSpec) -> None:
 # ---- rank 0 -----------------------------------------------------------------------------------------------
 @dataclass
 class InFlightBatch:
-    """A batch rank 0 submitted and has not collected: what ``collect`` needs to receive its logits."""
+    """A batch rank 0 submitted and has not collected: its sends and the receives of its results.
+
+    The receives (the stage timings ``spans`` and, with rows to sample, the ``logits``) are posted at
+    submission, in batch order: the last stage's send of them then completes whether or not rank 0 is
+    in ``collect``, which is what lets ``shutdown`` finish the batches in flight after an interrupt.
+    """
 
     batch_id: int
     sampled: list[ScheduledSequence]
     stage0: tuple[float, float, float]
     pending: list = field(default_factory=list)  # rank 0's unfinished sends, with the tensors they send
+    spans: torch.Tensor | None = None  # [num_stages, 3] float64, filled by receives[0]
+    logits: torch.Tensor | None = None  # [num_sampled, vocab] float32, filled by receives[1]
+    receives: list = field(default_factory=list)
 
 
 class PipelineParallelExecutor(_SpawnedRanks):
@@ -309,6 +322,7 @@ class PipelineParallelExecutor(_SpawnedRanks):
         self._error: WorkerDiedError | None = None
         self._closed = False
         self._next_id = 0
+        self._uncollected: dict[int, InFlightBatch] = {}  # submitted, by batch id: what shutdown finishes first
         launched = torchrun_rank()
         rank, device_offset = self._placement(config, launched)
         threads = num_threads_per_rank or max(1, (os.cpu_count() or 1) // self.world_size)
@@ -380,15 +394,30 @@ class PipelineParallelExecutor(_SpawnedRanks):
         batch, sampled = StepBatch.from_schedule(scheduled, copies, bm)
         batch_id, self._next_id = self._next_id, self._next_id + 1
         try:
-            if self.channel is not None:
-                self.channel.send(batch)
-            start = time.perf_counter()
-            out = self.worker.run_stage(batch, None)
-            end = time.perf_counter()
-            pending = self._send_async(batch_id, batch, out)
+            with ctrl_c_after_step():  # stage 0's TP ranks share its collectives; the stages, the whole batch
+                if self.channel is not None:
+                    self.channel.send(batch)
+                start = time.perf_counter()
+                out = self.worker.run_stage(batch, None)
+                end = time.perf_counter()
+                handle = InFlightBatch(batch_id, sampled, (start, end, 0.0), self._send_async(batch_id, batch, out))
+                self._post_receives(handle)
         except RuntimeError as exc:
             raise self._fail(exc) from exc
-        return InFlightBatch(batch_id, sampled, (start, end, 0.0), pending)
+        self._uncollected[batch_id] = handle
+        return handle
+
+    def _post_receives(self, handle: InFlightBatch) -> None:
+        """Post the receives of ``handle``'s stage timings and logits from the last stage (see ``InFlightBatch``)."""
+        link = self.groups.to_driver
+        handle.spans = torch.zeros(
+            self.config.pipeline_parallel_size, _SPAN_FIELDS, dtype=torch.float64, device=self.device
+        )
+        handle.receives.append(dist.irecv(handle.spans, link.peer, group=link.data))
+        if handle.sampled:
+            vocab = self.worker.model.full_config.vocab_size
+            handle.logits = torch.empty(len(handle.sampled), vocab, dtype=torch.float32, device=self.device)
+            handle.receives.append(dist.irecv(handle.logits, link.peer, group=link.data))
 
     def _send_async(self, batch_id: int, batch: StepBatch, out: IntermediateTensors) -> list:
         """Rank 0's half of ``_send_stage``, without waiting: the tensors stay referenced until ``collect``."""
@@ -407,22 +436,14 @@ class PipelineParallelExecutor(_SpawnedRanks):
 
     def collect(self, handle: InFlightBatch) -> tuple[torch.Tensor | None, list[ScheduledSequence]]:
         """Wait for a submitted batch's logits ``[num_sampled, vocab]`` fp32 (in submission order)."""
-        link = self.groups.to_driver
         try:
-            for work, _tensor in handle.pending:
+            for work in [work for work, _tensor in handle.pending] + handle.receives:
                 self._wait(work)
-            spans = torch.zeros(
-                self.config.pipeline_parallel_size, _SPAN_FIELDS, dtype=torch.float64, device=self.device
-            )
-            self._wait(dist.irecv(spans, link.peer, group=link.data))
-            logits = None
-            if handle.sampled:
-                vocab = self.worker.model.full_config.vocab_size
-                logits = torch.empty(len(handle.sampled), vocab, dtype=torch.float32, device=self.device)
-                self._wait(dist.irecv(logits, link.peer, group=link.data))
         except RuntimeError as exc:
             raise self._fail(exc) from exc
-        spans = spans.cpu()
+        self._uncollected.pop(handle.batch_id, None)
+        logits = handle.logits
+        spans = handle.spans.cpu()
         spans[0] = torch.tensor(handle.stage0, dtype=torch.float64)
         for stage, (start, end, comm) in enumerate(spans.tolist()):
             self.timeline.append(StageSpan(handle.batch_id, stage, start, end, comm))
@@ -439,6 +460,15 @@ class PipelineParallelExecutor(_SpawnedRanks):
         work.wait()
 
     # ---- shutdown (failures: _SpawnedRanks) ----
+    def _finish_in_flight(self) -> None:
+        """Let the batches still in flight (an interrupted ``generate`` leaves some) reach rank 0 and drop them,
+        so that no stage is still sending when rank 0 leaves the groups (it would fail instead of stopping)."""
+        for batch_id in sorted(self._uncollected):
+            handle = self._uncollected.pop(batch_id)
+            for work in [work for work, _tensor in handle.pending] + handle.receives:
+                if not work.is_completed():  # a gloo receive waited on twice waits for a second message
+                    work.wait(_SHUTDOWN_WAIT)
+
     def shutdown(self) -> None:
         """Tell every rank to stop (the shutdown travels down the stages), wait for them, leave the world."""
         if self._closed:
@@ -447,12 +477,14 @@ class PipelineParallelExecutor(_SpawnedRanks):
         self._closed = True
         try:
             if not self._dead_ranks():
+                self._finish_in_flight()
                 if self.channel is not None:
                     self.channel.send(None)
-                dist.send(torch.tensor([_SHUTDOWN, 0, 0]), self.groups.next.peer, group=self.groups.next.control)
+                link = self.groups.next
+                dist.isend(torch.tensor([_SHUTDOWN, 0, 0]), link.peer, group=link.control).wait(_SHUTDOWN_WAIT)
             self._leave()
         except RuntimeError:
-            pass  # a rank already gone: stopping the processes below is all that is left to do
+            pass  # a rank already gone or stuck: stopping the processes below is all that is left to do
         _stop_processes(self._processes)
         self._finalizer()
 

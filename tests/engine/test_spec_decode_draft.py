@@ -15,7 +15,6 @@ import shutil
 
 import pytest
 import torch
-import transformers
 from tiny_models import (  # noqa: F401 (one_thread: an autouse fixture)
     VOCAB,
     assert_all_blocks_free,
@@ -23,6 +22,7 @@ from tiny_models import (  # noqa: F401 (one_thread: an autouse fixture)
     make_prompts,
     one_thread,
     tiny_hf_model,
+    tiny_llama,
 )
 
 import minipaged.spec_decode.draft_model as draft_model
@@ -58,18 +58,8 @@ def drafts(hf, tmp_path_factory):
     root = tmp_path_factory.mktemp("drafts")
     hf.save_pretrained(root / "same")
     perturbed(hf, 0.005).save_pretrained(root / "noisy")
-    cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(5)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(root / "small")
+    small = dict(num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256, tie_word_embeddings=True)
+    tiny_llama(VOCAB, 5, **small).save_pretrained(root / "small")
     return {name: root / name for name in ("same", "noisy", "small")}
 
 
@@ -424,18 +414,10 @@ def test_tensor_parallel_greedy_equals_no_speculation(hf, drafts, prompts, expec
 
 
 # ---- bad input ---------------------------------------------------------------------------------------
-def save_llama(path, **overrides):
-    cfg = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=256,
-    )
-    cfg.update(overrides)
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)).save_pretrained(path)
+def save_llama(path, vocab_size: int = VOCAB, **overrides):
+    """A one-layer draft checkpoint whose shapes differ from the target's; ``overrides`` change more."""
+    shape = dict(num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)
+    tiny_llama(vocab_size, 0, **{**shape, **overrides}).save_pretrained(path)
     return path
 
 

@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
-from minipaged.entrypoints.openai.launch import ServerProcess, free_port, minipaged_command  # noqa: E402
-
-ROOT = str(Path(__file__).resolve().parents[2])
-
 
 @pytest.mark.slow
-def test_smollm2_server_matches_offline(tmp_path):
+def test_smollm2_server_matches_offline(smollm2_client):
     from minipaged import LLM, SamplingParams
-    from minipaged.models.loader import default_model_is_prepared
 
-    if not default_model_is_prepared():
-        pytest.skip("SmolLM2 not prepared (make setup)")
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     prompts = ["The three primary colours are", "def add(a, b):"]
     llm = LLM(kv_cache_memory=64 << 20)
@@ -29,19 +20,16 @@ def test_smollm2_server_matches_offline(tmp_path):
     text_ref = [o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False)]
     del llm
 
-    port = free_port()
-    cmd = minipaged_command(port, "--kv-cache-memory", str(64 << 20), "--log-level", "warning")
-    with ServerProcess(cmd, f"http://127.0.0.1:{port}", log_path=tmp_path / "server.log", cwd=ROOT) as server:
-        client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=300)
-        model = client.models.list().data[0].id
-        assert model == "SmolLM2-135M-Instruct"
-        chat = client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=24)
-        assert chat.choices[0].message.content == chat_ref.text
-        assert chat.choices[0].finish_reason == chat_ref.finish_reason
-        assert "Paris" in chat.choices[0].message.content
-        streamed = client.completions.create(model=model, prompt=prompts, temperature=0, max_tokens=24, stream=True)
-        texts = {}
-        for chunk in streamed:
-            for c in chunk.choices:
-                texts[c.index] = texts.get(c.index, "") + c.text
-        assert [texts[i] for i in range(len(prompts))] == text_ref
+    client = smollm2_client
+    model = client.models.list().data[0].id
+    assert model == "SmolLM2-135M-Instruct"
+    chat = client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=24)
+    assert chat.choices[0].message.content == chat_ref.text
+    assert chat.choices[0].finish_reason == chat_ref.finish_reason
+    assert "Paris" in chat.choices[0].message.content
+    streamed = client.completions.create(model=model, prompt=prompts, temperature=0, max_tokens=24, stream=True)
+    texts = {}
+    for chunk in streamed:
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+    assert [texts[i] for i in range(len(prompts))] == text_ref

@@ -3,12 +3,19 @@
 
 from __future__ import annotations
 
+import datetime
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
 import torch.distributed as dist
 from tiny_models import tiny_hf_model
 
 from minipaged import LLM
-from minipaged.distributed import LivenessWatch, PeerLostError, wait_for_peers
+from minipaged.distributed import LivenessWatch, PeerLostError, request_stop, wait_for_peers
 from minipaged.models import build_model_from_hf
 
 
@@ -61,6 +68,56 @@ def test_losing_the_store_is_losing_node_0():
     watch = LivenessWatch(DeadStore(), 1, 2, "10.0.0.1:29500", 10.0, lambda m: None)
     message = watch.check()
     assert "rank 1 lost the rendezvous store at 10.0.0.1:29500" in message and "Connection reset" in message
+
+
+def test_a_stop_request_reaches_rank_0_once():
+    store = dist.HashStore()
+    stops: list[str] = []
+    rank0 = LivenessWatch(store, 0, 2, "here:1", 10.0, lambda m: None, on_stop=stops.append)
+    rank1 = LivenessWatch(store, 1, 2, "here:1", 10.0, lambda m: None)
+    assert rank0.check_stop_request() is None and rank1.check_stop_request() is None
+    request_stop(store, "rank 1 got SIGINT")
+    assert rank1.check_stop_request() is None  # only rank 0 acts on it
+    assert rank0.check_stop_request() == "rank 1 got SIGINT"
+    assert rank0.check_stop_request() is None  # once: the shutdown it started is under way
+    assert stops == ["rank 1 got SIGINT"]
+
+
+RELAY_SCRIPT = """
+import datetime, os, sys
+import torch.distributed as dist
+from minipaged.distributed import forward_stop_signals
+
+store = dist.TCPStore("127.0.0.1", int(sys.argv[1]), is_master=False, timeout=datetime.timedelta(seconds=60))
+forward_stop_signals(store, 1)
+print("READY", flush=True)
+os.read(os.pipe()[0], 1)  # blocked in C, as a rank waiting on a receive from rank 0: handlers cannot run
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_signal_on_a_blocked_rank_becomes_a_stop_request(sig):
+    """SIGINT / SIGTERM on a rank other than 0 asks rank 0 to stop, through the store, while the rank's main
+    thread stays blocked; the rank itself goes on (rank 0's shutdown message ends it)."""
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=60))  # fmt: skip
+    rank = subprocess.Popen(
+        [sys.executable, "-c", RELAY_SCRIPT, str(store.port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert rank.stdout.readline().strip() == "READY", rank.communicate(timeout=30)[1]
+        os.kill(rank.pid, sig)
+        deadline = time.monotonic() + 60  # a hang guard
+        while not store.check(["minipaged/stop"]):
+            assert rank.poll() is None and time.monotonic() < deadline, rank.communicate(timeout=30)[1]
+            time.sleep(0.05)
+        assert store.get("minipaged/stop").decode() == f"rank 1 got {sig.name}"
+        assert rank.poll() is None
+    finally:
+        rank.kill()
+        _out, err = rank.communicate()
+    assert f"minipaged: rank 1 got {sig.name}; asking rank 0 to shut the engine down" in err
+    assert "Traceback" not in err
 
 
 def test_wait_for_peers_names_the_missing_ranks():

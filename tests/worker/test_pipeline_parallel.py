@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from rank_failures import assert_killed_rank_raises
 from tiny_models import assert_all_blocks_free, hf_greedy, make_prompts, one_thread, tiny_hf_model  # noqa: F401  one_thread: autouse
 
 from minipaged import LLM, SamplingParams
@@ -21,7 +22,6 @@ from minipaged.engine.beam_search import BeamSearchParams
 from minipaged.errors import InvalidEngineConfigError, InvalidSamplingParamsError
 from minipaged.models import build_model_from_hf
 from minipaged.models.pipeline import StageLayout, layer_partition, stage_state_dict
-from minipaged.worker.executor import WorkerDiedError
 from minipaged.worker.pipeline import PipelineParallelExecutor, overlapping_batches, stage_chunk
 
 BLOCKS = 18  # x 8 tokens: the 12-prompt batch cannot all fit, so the scheduler preempts
@@ -186,38 +186,8 @@ def test_bad_pipeline_config(monkeypatch):
         LLM(build_model_from_hf(hf), pipeline_parallel_size=4, num_kv_blocks=8)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 # ---- ends the shared engine: keep last ---------------------------------------------------------------------------
 def test_killed_stage_raises_instead_of_hanging(pp, data):
+    """Kill stage 1's rank between two steps: the next step raises at once, not after a timeout."""
     _, prompts, max_tokens, _ = data
-    executor = pp.engine_core.worker
-    pids = executor.worker_pids
-    rids = [
-        pp.add_request({"prompt_token_ids": p}, SamplingParams(temperature=0, max_tokens=m, ignore_eos=True))
-        for p, m in zip(prompts[:4], max_tokens[:4])
-    ]
-    pp.step()
-    os.kill(pids[0], signal.SIGKILL)
-    previous = signal.signal(signal.SIGALRM, lambda *_: pytest.fail("the engine hung on a dead stage"))
-    signal.alarm(60)
-    try:
-        with pytest.raises(WorkerDiedError, match=r"rank 1 \(killed by signal 9\)"):
-            while pp.has_unfinished_requests():
-                pp.step()
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-    with pytest.raises(WorkerDiedError):
-        pp.step()
-    for rid in rids:
-        if pp.engine_core.has_request(rid):
-            pp.abort(rid)
-    assert pp.block_manager.stats().used_blocks == 0
-    assert not any(_alive(pid) for pid in pids)
+    assert_killed_rank_raises(pp, prompts[:4], max_tokens[:4], lambda pids: os.kill(pids[0], signal.SIGKILL))

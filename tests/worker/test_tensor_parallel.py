@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from rank_failures import alive, assert_killed_rank_raises
 from tiny_models import assert_all_blocks_free, hf_greedy, make_prompts, one_thread, tiny_hf_model  # noqa: F401  one_thread: autouse
 
 from minipaged import LLM, SamplingParams
@@ -154,14 +155,6 @@ def test_communication_is_counted(case):
     assert stats.broadcasts >= len(case.tp.trace)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 @pytest.mark.parametrize("tp, dim", [(3, "num_attention_heads"), (4, "num_key_value_heads")])
 def test_tp_size_must_divide_heads(tp, dim):
     hf = tiny_hf_model("llama")  # 4 query heads, 2 KV heads
@@ -259,7 +252,7 @@ def test_shutdown_leaves_no_processes(case):
     if case.arch != "llama":
         pytest.skip("the qwen2 engine ends with a killed rank instead")
     pids = case.tp.engine_core.worker.worker_pids
-    assert all(_alive(pid) for pid in pids)
+    assert all(alive(pid) for pid in pids)
     # One tensor-parallel engine per process: a second is refused before it spawns anything,
     # and the running one is unharmed.
     with pytest.raises(InvalidEngineConfigError, match="another tensor-parallel engine"):
@@ -267,7 +260,7 @@ def test_shutdown_leaves_no_processes(case):
     assert greedy(case.tp, case.prompts[:2], case.max_tokens[:2]) == case.expected[:2]
     case.tp.shutdown()
     case.tp.shutdown()  # idempotent
-    assert not any(_alive(pid) for pid in pids)
+    assert not any(alive(pid) for pid in pids)
     with pytest.raises(RuntimeError, match="shut down"):
         case.tp.generate({"prompt_token_ids": case.prompts[0]}, SamplingParams(max_tokens=2), use_tqdm=False)
     assert_all_blocks_free(case.tp)
@@ -284,7 +277,7 @@ def test_quantized_kv_cache_splits_by_head(case):
         pids = tp.engine_core.worker.worker_pids
         assert greedy(tp, case.prompts, case.max_tokens) == greedy(single, case.prompts, case.max_tokens)
         assert tp.engine_core.worker.kv_cache_bytes_per_rank * 2 == single.engine_core.worker.kv_cache_bytes
-    assert not any(_alive(pid) for pid in pids)  # leaving the with-block stopped the ranks
+    assert not any(alive(pid) for pid in pids)  # leaving the with-block stopped the ranks
 
 
 def test_model_already_run_by_a_single_process_engine(case):
@@ -335,41 +328,20 @@ def test_killed_rank_raises_instead_of_hanging(case):
     freed, no process is left."""
     if case.arch != "qwen2":
         pytest.skip("the llama engine ends with a clean shutdown instead")
-    llm = case.tp
-    executor = llm.engine_core.worker
-    pids = executor.worker_pids
-    rids = [
-        llm.add_request({"prompt_token_ids": p}, SamplingParams(temperature=0, max_tokens=m, ignore_eos=True))
-        for p, m in zip(case.prompts[:4], case.max_tokens[:4])
-    ]
-    llm.step()
-    group, all_reduce = executor.tp, executor.tp.all_reduce
+    group = case.tp.engine_core.worker.tp
+    all_reduce, calls = group.all_reduce, []
 
-    def kill_then_reduce(x):  # the third all-reduce of the next step: layer 1's attention output
-        calls.append(1)
-        if len(calls) == 3:
-            os.kill(pids[0], signal.SIGKILL)
-        return all_reduce(x)
+    def arm(pids: list[int]) -> None:
+        def kill_then_reduce(x):  # the third all-reduce of the next step: layer 1's attention output
+            calls.append(1)
+            if len(calls) == 3:
+                os.kill(pids[0], signal.SIGKILL)
+            return all_reduce(x)
 
-    calls: list[int] = []
-    object.__setattr__(group, "all_reduce", kill_then_reduce)  # the group is a frozen dataclass
-    previous = signal.signal(signal.SIGALRM, lambda *_: pytest.fail("the engine hung on a dead rank"))
-    signal.alarm(60)
-    try:
-        with pytest.raises(WorkerDiedError, match=r"rank 1 \(killed by signal 9\)"):
-            while llm.has_unfinished_requests():
-                llm.step()
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
+        object.__setattr__(group, "all_reduce", kill_then_reduce)  # the group is a frozen dataclass
+
+    assert_killed_rank_raises(case.tp, case.prompts[:4], case.max_tokens[:4], arm)
     assert len(calls) == 3  # the step that lost its rank raised; no further collective was tried
-    with pytest.raises(WorkerDiedError):  # and it stays dead
-        llm.step()
-    for rid in rids:
-        if llm.engine_core.has_request(rid):
-            llm.abort(rid)
-    assert_all_blocks_free(llm)
-    assert not any(_alive(pid) for pid in pids)
 
 
 TORCHRUN_SCRIPT = """
