@@ -50,10 +50,14 @@ PLAIN_GEMM_SERVE = (
     "with packed_gemm_disabled():\n"
     "    sys.exit(main(sys.argv[1:]))\n"
 )
-SOAK_REQUESTS = 150  # per batch
-# C heap growth allowed over the two measured batches (300 requests). A soak of this server grows
-# its heap by well under 1 KB a request once warm, bounded caches filling; 5 KB a request fails.
-HEAP_BOUND_BYTES = 1_500_000
+WARM_UP_REQUESTS = 150  # per warm-up batch (two of them)
+SOAK_REQUESTS = 100  # per measured batch
+MEASURED_BATCHES = 3
+# C heap growth allowed per measured batch, judged on the median batch: a leak grows the heap in
+# every batch, while a one-off (a table resizing, an allocator's new block) lands in one only.
+# Once warm, a batch of this soak grows the heap by well under 1 KB a request (bounded caches
+# still filling); a leak of 3 KB a request fails.
+HEAP_BOUND_PER_REQUEST = 3_000
 
 
 @pytest.fixture(scope="module")
@@ -176,34 +180,36 @@ def test_soak_at_rate_inf_with_disconnects_leaks_nothing(server, capsys):
     assert tables(idle)["grammar_matchers"] == 0
     if "minipaged_heap_in_use_bytes" not in idle:
         pytest.skip("the C heap is not glibc's: no allocator counters to check")
-    soak(server, SOAK_REQUESTS, 0)  # warm-up: grammars compiled, the trace at its bound, lazy buffers made
+    soak(server, WARM_UP_REQUESTS, 0)  # warm-up: grammars compiled, the trace at its bound, lazy buffers made
     # The engine's loop task starts with the first request the server ever gets, and then stays.
     warm = settled(server, idle["minipaged_asyncio_tasks"] + 1)
-    soak(server, SOAK_REQUESTS, 1)
+    soak(server, WARM_UP_REQUESTS, 1)
     warm = settled(server, warm["minipaged_asyncio_tasks"])
     warm_rss = rss_bytes(server.pid)
-    for seed in (2, 3):
+    heaps = [warm["minipaged_heap_in_use_bytes"]]
+    for seed in range(2, 2 + MEASURED_BATCHES):
         soak(server, SOAK_REQUESTS, seed)
-    # Every stream closed and every per-request task (pumps, disconnect watchers, engine iterators)
-    # ended: the loop holds exactly the tasks it held before.
-    after = settled(server, warm["minipaged_asyncio_tasks"])
-    assert after["minipaged_asyncio_tasks"] == warm["minipaged_asyncio_tasks"]
-    assert after["minipaged_kv_blocks_used"] == 0 and after["minipaged_kv_blocks_free"] == NUM_KV_BLOCKS
+        # Every stream closed and every per-request task (pumps, disconnect watchers, engine
+        # iterators) ended: the loop holds exactly the tasks it held before.
+        after = settled(server, warm["minipaged_asyncio_tasks"])
+        assert after["minipaged_asyncio_tasks"] == warm["minipaged_asyncio_tasks"]
+        assert after["minipaged_kv_blocks_used"] == 0 and after["minipaged_kv_blocks_free"] == NUM_KV_BLOCKS
+        t = tables(after)
+        assert t["request_queues"] == t["output_states"] == t["grammar_matchers"] == 0, t
+        assert t["cached_grammars"] == 3  # one per distinct constraint of the soak
+        assert t["trace_steps"] <= 2 * TRACE_STEPS
+        heaps.append(after["minipaged_heap_in_use_bytes"])
     assert after.get('minipaged_request_errors_total{status="500"}', 0) == 0
-    t = tables(after)
-    assert t["request_queues"] == t["output_states"] == t["grammar_matchers"] == 0, t
-    assert t["cached_grammars"] == tables(warm)["cached_grammars"] == 3  # one per distinct constraint
-    assert t["trace_steps"] <= 2 * TRACE_STEPS
-    warm_heap, end_heap = warm["minipaged_heap_in_use_bytes"], after["minipaged_heap_in_use_bytes"]
-    growth = end_heap - warm_heap
+    growths = sorted(b - a for a, b in zip(heaps, heaps[1:]))
+    median = growths[len(growths) // 2]
     end_rss = rss_bytes(server.pid)
     with capsys.disabled():
         print(
-            f"\nsoak: {2 * SOAK_REQUESTS} requests after a warm-up of {2 * SOAK_REQUESTS}: C heap in use "
-            f"{warm_heap / 2**20:.2f} -> {end_heap / 2**20:.2f} MiB "
-            f"({growth / (2 * SOAK_REQUESTS):.0f} B/request), RSS {warm_rss / 2**20:.0f} -> {end_rss / 2**20:.0f} MiB"
+            f"\nsoak: {MEASURED_BATCHES} batches of {SOAK_REQUESTS} requests after {2 * WARM_UP_REQUESTS} to warm up: "
+            f"C heap {heaps[0] / 2**20:.2f} -> {heaps[-1] / 2**20:.2f} MiB, median batch "
+            f"{median / SOAK_REQUESTS:.0f} B/request; RSS {warm_rss / 2**20:.0f} -> {end_rss / 2**20:.0f} MiB"
         )
-    assert growth < HEAP_BOUND_BYTES, f"C heap grew {growth} B over {2 * SOAK_REQUESTS} requests"
+    assert median < HEAP_BOUND_PER_REQUEST * SOAK_REQUESTS, f"C heap growth per batch of {SOAK_REQUESTS}: {growths}"
     ok = httpx.post(server.base_url + "/v1/completions", json={"model": "tiny", "prompt": "Hello", "max_tokens": 2})
     assert ok.status_code == 200, ok.text
 
