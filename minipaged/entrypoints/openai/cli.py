@@ -149,6 +149,13 @@ def run_serve(args: argparse.Namespace) -> int:
     (``python -m minipaged`` turns it into a one-line message and exit status 2). If the engine
     dies while serving, the server answers what is in flight and exits with status 1, so that a
     supervisor restarts it.
+
+    Memory: on CPU the resident size grows over the first thousands of requests and then levels
+    off. That is oneDNN, which the packed linear layers run on: it caches one primitive per row
+    count and weight shape (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``, default 1024) and keeps a
+    scratchpad as large as the largest product seen. A smaller capacity lowers the plateau at the
+    cost of rebuilding primitives for batch sizes it no longer holds. The serving path itself
+    keeps nothing per request (``tests/entrypoints/test_server_soak.py`` checks it).
     """
     import uvicorn
 
