@@ -89,7 +89,7 @@ def heap_reader() -> Any:
     try:
         libc = ctypes.CDLL(None)
         mallinfo2 = libc.mallinfo2
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # no C library by that name, or not glibc 2.33+
         return None
     mallinfo2.restype = _MallInfo2
 
