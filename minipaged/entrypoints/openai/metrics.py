@@ -2,11 +2,12 @@
 
 Engine state (queues, KV blocks, preemptions, token counters) is read from ``engine.stats()``
 at scrape time; latencies are observed by the request handlers as outputs reach them, so
-they are what the HTTP layer sees (TTFT includes queueing). Two process gauges say whether the
-HTTP layer lets anything pile up: streamed responses still open, and asyncio tasks alive on
-the server's event loop (both return to their idle values when no request is in flight); a
-gauge per engine table (``minipaged_engine_table_entries{table=...}``) says the same of the
-engine's per-request bookkeeping. A registry per app, not
+they are what the HTTP layer sees (TTFT includes queueing). Process gauges say whether the
+server lets anything pile up: streamed responses still open, asyncio tasks alive on the
+server's event loop, and the entries of each engine table
+(``minipaged_engine_table_entries{table=...}``) all return to their idle values when no request
+is in flight; ``minipaged_heap_in_use_bytes`` is the C heap's bytes in use, which a leak grows
+and which, unlike RSS, freed memory the allocator keeps does not. A registry per app, not
 prometheus-client's global default, lets several apps live in one process (tests).
 """
 
