@@ -154,6 +154,23 @@ class AsyncLLM:
         """The queues and KV cache as of the last step (or now, when idle)."""
         return self._stats
 
+    def bookkeeping(self) -> dict[str, int]:
+        """Entries in the tables this engine keeps beside the KV cache, by table name.
+
+        ``request_queues`` (requests with a consumer), ``output_states`` (requests being
+        detokenised) and ``grammar_matchers`` (constrained sequences) return to 0 once no request
+        is in flight; ``cached_grammars`` and ``trace_steps`` are caches with a bound of their own
+        (``max_cached_grammars``, twice ``max_trace_steps``). A leak check reads these.
+        """
+        core, grammars = self.engine_core, self.engine_core.structured_output
+        return {
+            "request_queues": len(self._queues),
+            "output_states": len(self.processor.states),
+            "grammar_matchers": 0 if grammars is None else grammars.num_matchers,
+            "cached_grammars": 0 if grammars is None else grammars.num_cached_grammars,
+            "trace_steps": len(core.trace),
+        }
+
     async def shutdown(self) -> None:
         """Stop the engine thread (pending requests are aborted), then the worker processes, if any."""
         with self._lock:

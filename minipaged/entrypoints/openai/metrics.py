@@ -2,15 +2,19 @@
 
 Engine state (queues, KV blocks, preemptions, token counters) is read from ``engine.stats()``
 at scrape time; latencies are observed by the request handlers as outputs reach them, so
-they are what the HTTP layer sees (TTFT includes queueing). Two process gauges say whether the
-HTTP layer lets anything pile up: streamed responses still open, and asyncio tasks alive on
-the server's event loop (both return to their idle values when no request is in flight). A registry per app, not
+they are what the HTTP layer sees (TTFT includes queueing). Process gauges say whether the
+server lets anything pile up: streamed responses still open, asyncio tasks alive on the
+server's event loop, and the entries of each engine table
+(``minipaged_engine_table_entries{table=...}``) all return to their idle values when no request
+is in flight; ``minipaged_heap_in_use_bytes`` is the C heap's bytes in use, which a leak grows
+and which, unlike RSS, freed memory the allocator keeps does not. A registry per app, not
 prometheus-client's global default, lets several apps live in one process (tests).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -56,13 +60,72 @@ class _EngineCollector(Collector):
             yield CounterMetricFamily(name, doc, value=value)
 
 
-class _ServerCollector(Collector):
-    """Open streams and live asyncio tasks, read at scrape time (the scrape runs on the server's loop)."""
+class _MallInfo2(ctypes.Structure):
+    """glibc's ``struct mallinfo2`` (glibc 2.33+): the C heap's counters, in bytes."""
 
-    def __init__(self, metrics: ServerMetrics) -> None:
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+def heap_reader() -> Any:
+    """A function returning the C heap's bytes in use (``malloc`` minus ``free``, mmapped blocks included),
+    or None where the C library is not glibc 2.33+.
+
+    RSS also counts memory the allocator got back from ``free`` but keeps for reuse, which moves
+    by megabytes with the allocation pattern; bytes in use move only when something is kept.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        mallinfo2 = libc.mallinfo2
+    except (OSError, AttributeError, TypeError):  # no C library by that name, or not glibc 2.33+
+        return None
+    mallinfo2.restype = _MallInfo2
+
+    def in_use() -> int:
+        info = mallinfo2()
+        return info.uordblks + info.hblkhd
+
+    return in_use
+
+
+class _ServerCollector(Collector):
+    """Open streams, live asyncio tasks and the engine's per-request tables, read at scrape time
+    (the scrape runs on the server's loop)."""
+
+    def __init__(self, metrics: ServerMetrics, engine: Any) -> None:
         self.metrics = metrics
+        self.engine = engine
 
     def collect(self) -> Iterator[Any]:
+        if self.metrics.heap_in_use is not None:
+            yield GaugeMetricFamily(
+                "minipaged_heap_in_use_bytes",
+                "C heap bytes allocated and not freed (glibc mallinfo2); unlike RSS, not moved by freed memory kept",
+                value=self.metrics.heap_in_use(),
+            )
+        bookkeeping = getattr(self.engine, "bookkeeping", None)
+        if bookkeeping is not None:  # an engine without it (a test double) has nothing to report
+            tables = GaugeMetricFamily(
+                "minipaged_engine_table_entries",
+                "entries in the engine's per-request tables and bounded caches, by table",
+                labels=["table"],
+            )
+            for table, size in bookkeeping().items():
+                tables.add_metric([table], size)
+            yield tables
         yield GaugeMetricFamily(
             "minipaged_open_streams", "streamed responses not yet closed", value=self.metrics.open_streams
         )
@@ -80,9 +143,10 @@ class ServerMetrics:
 
     def __init__(self, engine: Any) -> None:
         self.open_streams = 0  # streamed responses started and not yet closed (the app counts them)
+        self.heap_in_use = heap_reader()
         self.registry = CollectorRegistry()
         self.registry.register(_EngineCollector(engine))
-        self.registry.register(_ServerCollector(self))
+        self.registry.register(_ServerCollector(self, engine))
         self.ttft = Histogram(
             "minipaged_time_to_first_token_seconds",
             "request arrival to its first token",
