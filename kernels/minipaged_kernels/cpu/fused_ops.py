@@ -40,21 +40,29 @@ def available() -> bool:
 
 def norm_applies_to(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> bool:
     """Whether ``add_rms_norm`` takes these: numba present, fp32 CPU tensors, no autograd on ``x``."""
-    return _takes(x, (torch.float32,), weight, residual)
+    # Spelled out (no helper, no generator): the model asks on every norm of every step.
+    return (
+        numba is not None
+        and x.dtype == torch.float32
+        and x.is_cpu
+        and weight.dtype == torch.float32
+        and weight.is_cpu
+        and (residual is None or (residual.dtype == torch.float32 and residual.is_cpu))
+        and not (x.requires_grad and torch.is_grad_enabled())
+    )
 
 
 def rope_applies_to(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
     """Whether ``rope_`` takes these: numba present, fp32 or bf16 CPU tensors of one dtype, no autograd on ``x``."""
-    return _takes(x, (torch.float32, torch.bfloat16), cos, sin)
-
-
-def _takes(x: torch.Tensor, dtypes: tuple[torch.dtype, ...], *operands: torch.Tensor | None) -> bool:
     return (
         numba is not None
+        and (x.dtype == torch.float32 or x.dtype == torch.bfloat16)
         and x.is_cpu
-        and x.dtype in dtypes
+        and cos.dtype == x.dtype
+        and sin.dtype == x.dtype
+        and cos.is_cpu
+        and sin.is_cpu
         and not (x.requires_grad and torch.is_grad_enabled())
-        and all(t is None or (t.dtype == x.dtype and t.is_cpu) for t in operands)
     )
 
 
