@@ -33,12 +33,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from minipaged_kernels import cpu as cpu_kernels
+
+if TYPE_CHECKING:
+    from minipaged_kernels.cpu.gemv import DenseWeight as FewRowWeight
 
 
 def onednn_packing_available() -> bool:
@@ -110,18 +114,18 @@ def linear(
     bias: torch.Tensor | None,
     packed: PackedWeight,
     dense: torch.Tensor | None = None,
+    few_rows: FewRowWeight | None = None,
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for ``x [T, in_features]``, through ``packed`` when that is faster here.
 
     ``weight`` may be packed already (``pack_in_place``); ``x`` must then be a CPU tensor of its dtype.
-    ``dense``, the dense copy ``pack_in_place`` kept of a packed ``weight``, serves the few-row
-    products that ``minipaged_kernels.cpu.gemv`` streams faster than the packed GEMM (1-4 fp32 rows on
-    CPU); it is ignored once ``weight`` is no longer packed (a weight assigned since).
+    ``dense``, the dense copy ``pack_in_place`` kept of a packed ``weight``, serves the plain path of
+    ``packed_gemm_disabled``; ``few_rows``, the same copy prepared for ``minipaged_kernels.cpu.gemv``,
+    serves the few-row products that kernel streams faster than the packed GEMM (1-4 fp32 rows on
+    CPU). Both are ignored once ``weight`` is no longer packed (a weight assigned since).
     """
-    if dense is not None and weight.is_mkldnn and _enabled:
-        gemv = cpu_kernels.load("gemv")
-        if gemv is not None and gemv.applies_to(x, dense, bias):
-            return gemv.linear_unchecked(x, dense, bias)
+    if few_rows is not None and weight.is_mkldnn and _enabled and few_rows.takes(x, bias):
+        return few_rows.linear(x, bias)
     if weight.is_mkldnn:
         if x.device.type != "cpu" or x.dtype != weight.dtype:
             raise ValueError(
@@ -172,7 +176,27 @@ class PackedLinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, **kwargs) -> None:
         super().__init__(in_features, out_features, bias=bias, **kwargs)
         self.packed = PackedWeight()
-        self.dense_weight: torch.Tensor | None = None  # set by pack_in_place(keep_dense=True)
+        self.dense_weight = None  # set by pack_in_place(keep_dense=True)
+
+    @property
+    def dense_weight(self) -> torch.Tensor | None:
+        """The dense fp32 copy ``pack_in_place(keep_dense=True)`` kept of the packed weight, or ``None``."""
+        return self._dense_weight
+
+    @dense_weight.setter
+    def dense_weight(self, weight: torch.Tensor | None) -> None:
+        # Checked and prepared for the few-row kernel here, once, rather than on every forward.
+        self._dense_weight = weight
+        self.few_rows = few_row_weight(weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self.packed, self.dense_weight)
+        return linear(x, self.weight, self.bias, self.packed, self.dense_weight, self.few_rows)
+
+
+def few_row_weight(dense: torch.Tensor | None) -> FewRowWeight | None:
+    """``dense`` prepared for ``minipaged_kernels.cpu.gemv`` (``None`` without numba, or for a weight
+    that kernel does not take)."""
+    gemv = cpu_kernels.load("gemv")
+    if dense is None or gemv is None or not gemv.weight_applies(dense):
+        return None
+    return gemv.DenseWeight(dense)

@@ -9,8 +9,8 @@ tables are precomputed once and indexed by position, the residual stream travels
 the hidden state so that each RMSNorm does the residual add too, and on CPU the linears
 multiply by oneDNN pre-packed weights (``minipaged.models.linear``), which sums in a
 different order than transformers' MKL path (differences of a few fp32 ulps). fp32 CPU
-runs do RMSNorm (+ add) and RoPE in numba (``minipaged_kernels.cpu.fused_ops``), within an ulp or so
-of the PyTorch formulas used everywhere else.
+runs do RMSNorm (+ add) and RoPE in numba (``minipaged_kernels.cpu.fused_ops``), within an ulp
+or so of the PyTorch formulas used everywhere else; bf16 CPU runs do RoPE there, bit-equal.
 """
 
 from __future__ import annotations
@@ -35,10 +35,9 @@ if TYPE_CHECKING:
     from minipaged.distributed import TensorParallelGroup
 
 
-def _fused(x: torch.Tensor) -> ModuleType | None:
-    """The fused CPU ops module when it applies to ``x`` (fp32 CPU, numba present), else ``None``."""
-    module = cpu_kernels.load("fused_ops")
-    return module if module is not None and module.applies_to(x) else None
+def _fused_ops() -> ModuleType | None:
+    """The fused CPU ops module (``minipaged_kernels.cpu.fused_ops``), ``None`` without numba."""
+    return cpu_kernels.load("fused_ops")
 
 
 class RMSNorm(nn.Module):
@@ -54,7 +53,7 @@ class RMSNorm(nn.Module):
         The sum is written into ``x``. Taking the add here lets fp32 CPU runs do both in one
         pass (``minipaged_kernels.cpu.fused_ops``, vLLM's ``fused_add_rms_norm``).
         """
-        if (fused := _fused(x)) is not None:
+        if (fused := _fused_ops()) is not None and fused.norm_applies_to(x, self.weight, residual):
             return fused.add_rms_norm(x, self.weight, self.eps, residual)
         if residual is not None:
             x = x.add_(residual)
@@ -108,8 +107,8 @@ class RotaryEmbedding(nn.Module):
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate ``x [T, H, head_dim]`` (rotate-half convention, as transformers' Llama); a new tensor,
-    or ``x`` itself rotated in place on fp32 CPU runs (``minipaged_kernels.cpu.fused_ops.rope_``)."""
-    if (fused := _fused(x)) is not None:
+    or ``x`` itself rotated in place on fp32 and bf16 CPU runs (``minipaged_kernels.cpu.fused_ops.rope_``)."""
+    if (fused := _fused_ops()) is not None and fused.rope_applies_to(x, cos, sin):
         return fused.rope_(x, cos, sin)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

@@ -90,7 +90,7 @@ class RowParallelLinear(PackedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [T, in_features / N]`` (this rank's heads or features) -> full ``[T, out_features]`` on every rank."""
-        out = self.tp.all_reduce(linear(x, self.weight, None, self.packed, self.dense_weight))
+        out = self.tp.all_reduce(linear(x, self.weight, None, self.packed, self.dense_weight, self.few_rows))
         return out.add_(self.bias) if self.bias is not None else out
 
     def shard_weight(self, full: torch.Tensor) -> torch.Tensor:

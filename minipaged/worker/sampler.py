@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence, Set
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from minipaged.outputs import Logprob
@@ -70,7 +71,7 @@ def sample(
         rows = torch.tensor(random_rows, dtype=torch.long, device=logits.device)
         probs = filtered_probs(logits[rows], [params[i] for i in random_rows])
         for j, i in enumerate(random_rows):
-            tokens[i] = torch.multinomial(probs[j], 1, generator=generators[i])[0]
+            tokens[i] = draw(probs[j], generators[i])
     return SamplerOutput(tokens.tolist(), token_logprobs(raw, tokens, [p.logprobs for p in params]))
 
 
@@ -85,6 +86,27 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     if logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.float64) and not logits.requires_grad:
         return torch.from_numpy(logits.numpy().argmax(axis=1))
     return torch.argmax(logits, dim=-1)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator) -> int:
+    """One token from ``probs [vocab_size]`` (fp32, summing to 1): ``torch.multinomial(probs, 1,
+    generator=generator)``, the same token from the same generator state, which it advances alike.
+
+    ``torch.multinomial`` draws one sample as ``argmax(probs / q)`` with ``q ~ Exp(1)`` per token
+    (the exponential form of the Gumbel-max trick: ``P(argmax = i) = probs[i] / sum(probs)``).
+    On CPU the same ``exponential_`` and division are done here, and the argmax through numpy
+    (SIMD, see ``greedy_tokens``); this skips multinomial's three full-vocabulary validity
+    reductions, each a sync, and its scalar argmax. A row that multinomial refuses (NaN, or
+    no positive probability) ends on a token of no positive probability, refused alike.
+    ``tests/worker/test_sampler.py`` checks the tokens against ``torch.multinomial``'s.
+    """
+    if probs.device.type != "cpu" or probs.dtype != torch.float32 or probs.dim() != 1:
+        return int(torch.multinomial(probs, 1, generator=generator)[0])
+    q = torch.empty_like(probs).exponential_(1, generator=generator)
+    token = int(torch.div(probs, q, out=q).numpy().argmax())
+    if not probs[token] > 0:  # NaN (argmax stops at the first one) or an all-zero row
+        raise ValueError(f"cannot sample from probabilities that are NaN or all zero: {probs}")
+    return token
 
 
 def process_logits(
@@ -221,8 +243,11 @@ def filtered_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> to
     logits: ``[num_seqs, vocab_size]`` float32 -> ``[num_seqs, vocab_size]``.
     """
     device = logits.device
-    temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
-    logits = logits / temps.unsqueeze(1)
+    # Each filter is skipped when no row uses it (checked on the host: a tensor's .any() is a sync);
+    # dividing by a temperature of 1 is exact, so skipping it changes nothing.
+    if any(p.temperature != 1.0 for p in params):
+        temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
+        logits = logits / temps.unsqueeze(1)
     vocab = logits.shape[-1]
     top_k = [p.top_k for p in params]
     if any(k is not None and k < vocab for k in top_k):
@@ -231,16 +256,16 @@ def filtered_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> to
         kth = sorted_desc.gather(1, (ks - 1).unsqueeze(1))
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
-    if bool((top_p < 1.0).any()):
+    if any(np.float32(p.top_p) < 1.0 for p in params):  # as the fp32 comparison below sees it
+        top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
         sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
         mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
         # Keep the smallest prefix whose mass reaches top_p (the best token always stays).
         drop_sorted = mass_before >= top_p.unsqueeze(1)
         drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
         probs = probs.masked_fill(drop, 0.0)
-    min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device)
-    if bool((min_p > 0).any()):
+    if any(p.min_p > 0 for p in params):
+        min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device)
         threshold = min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
         probs = probs.masked_fill(probs < threshold, 0.0)
     return probs / probs.sum(dim=-1, keepdim=True)

@@ -63,12 +63,49 @@ def test_rope_matches_torch_in_place_on_strided_columns(rows, heads, head_dim):
     torch.testing.assert_close(qkv[:, heads * head_dim :], before[:, heads * head_dim :], rtol=0, atol=0)
 
 
-def test_model_takes_the_fused_ops_only_for_fp32_cpu():
-    x = torch.randn(4, 8)
-    assert cpu_fused_ops.applies_to(x)
-    assert not cpu_fused_ops.applies_to(x.bfloat16())
-    assert not cpu_fused_ops.applies_to(x.double())
-    assert not cpu_fused_ops.applies_to(x.requires_grad_())
+def test_model_takes_rms_norm_for_fp32_and_rope_for_fp32_and_bf16_on_cpu():
+    x, weight = torch.randn(4, 8), torch.randn(8)
+    assert cpu_fused_ops.norm_applies_to(x, weight) and cpu_fused_ops.norm_applies_to(x, weight, x)
+    assert not cpu_fused_ops.norm_applies_to(x.bfloat16(), weight.bfloat16())  # see the module docstring
+    assert not cpu_fused_ops.norm_applies_to(x, weight.bfloat16())  # a weight of another dtype
+    assert not cpu_fused_ops.norm_applies_to(x, weight, x.to("meta"))
+    assert not cpu_fused_ops.norm_applies_to(x.double(), weight.double())
+    cos = sin = torch.randn(4, 1, 4)
+    for dtype in (torch.float32, torch.bfloat16):
+        assert cpu_fused_ops.rope_applies_to(x.to(dtype).view(4, 2, 4), cos.to(dtype), sin.to(dtype))
+    assert not cpu_fused_ops.rope_applies_to(x.bfloat16().view(4, 2, 4), cos, sin)
+    assert not cpu_fused_ops.rope_applies_to(x.half().view(4, 2, 4), cos.half(), sin.half())
+    assert not cpu_fused_ops.norm_applies_to(x.requires_grad_(), weight)
+
+
+@pytest.mark.parametrize("rows, heads, head_dim", [(1, 12, 64), (32, 12, 64), (300, 5, 6), (2, 1, 2)])
+def test_bf16_rope_is_bit_equal_to_torch_in_place(rows, heads, head_dim):
+    v_cols = random.randint(1, 3) * head_dim
+    qkv = (torch.randn(rows, heads * head_dim + v_cols) * 4).bfloat16()
+    before = qkv.clone()
+    x = qkv[:, : heads * head_dim].view(rows, heads, head_dim)
+    angles = torch.rand(rows, 1, head_dim // 2) * 100
+    cos, sin = angles.cos().bfloat16(), angles.sin().bfloat16()
+    expected = _reference_rope(before[:, : heads * head_dim].view(rows, heads, head_dim), cos, sin)
+    assert cpu_fused_ops.rope_(x, cos, sin) is x
+    assert torch.equal(x, expected)
+    assert torch.equal(qkv[:, heads * head_dim :], before[:, heads * head_dim :])
+
+
+def test_bf16_rounding_is_torchs_on_every_bit_pattern():
+    """The kernels' bf16 <-> fp32 conversions against torch's on all 2^16 patterns (NaNs aside) and on
+    fp32 values on both sides of every rounding boundary, ties included."""
+    patterns = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    values = patterns.view(torch.bfloat16).float()
+    finite = ~values.isnan()
+    # Halfway between neighbours (the ties), and just either side of them.
+    ties = (values.view(torch.int32) + (1 << 15)).view(torch.float32)
+    nudged = [ties.nextafter(torch.tensor(float(side))) for side in ("inf", "-inf")]
+    probes = torch.cat([values, ties, *nudged])
+    probes = probes[~probes.isnan()]
+    got = cpu_fused_ops.to_bf16_bits(probes.numpy())
+    assert torch.equal(torch.from_numpy(got).view(torch.bfloat16), probes.bfloat16())
+    assert torch.equal(torch.from_numpy(cpu_fused_ops.from_bf16_bits(patterns.numpy()))[finite], values[finite])
 
 
 def test_rmsnorm_module_fused_equals_unfused(monkeypatch):
@@ -79,7 +116,19 @@ def test_rmsnorm_module_fused_equals_unfused(monkeypatch):
     x, residual = torch.randn(7, 96) * 4, torch.randn(7, 96) * 4
     with torch.inference_mode():
         fused = norm(x.clone(), residual)
-        monkeypatch.setattr(llama, "_fused", lambda x: None)
+        monkeypatch.setattr(llama, "_fused_ops", lambda: None)
         plain = norm(x.clone(), residual)
     torch.testing.assert_close(fused[1], plain[1], rtol=0, atol=0)
     torch.testing.assert_close(fused[0], plain[0], rtol=3e-6, atol=1e-6)
+
+
+def test_bf16_rope_in_the_model_equals_the_formula(monkeypatch):
+    """``apply_rope`` on bf16 gives the PyTorch formula's bits with and without numba."""
+    x = (torch.randn(5, 4, 16) * 3).bfloat16()
+    angles = torch.rand(5, 1, 8) * 50
+    cos, sin = angles.cos().bfloat16(), angles.sin().bfloat16()
+    rotated = x.clone()
+    fused = llama.apply_rope(rotated, cos, sin)
+    assert fused is rotated, "bf16 takes the in-place numba kernel"
+    monkeypatch.setattr(llama, "_fused_ops", lambda: None)
+    assert torch.equal(fused, llama.apply_rope(x.clone(), cos, sin))

@@ -92,3 +92,37 @@ def test_refuses_what_it_does_not_take():
     assert not cpu_gemv.applies_to(torch.randn(2, 16), grad_weight)
     with torch.no_grad():
         assert cpu_gemv.applies_to(torch.randn(2, 16), grad_weight)
+
+
+@pytest.mark.parametrize("rows", [1, 4])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_dense_weight_matches_f_linear_and_sees_in_place_edits(rows, with_bias):
+    x, weight, bias, scale = _operands(rows, 576, 960, with_bias)
+    prepared = cpu_gemv.DenseWeight(weight)
+    assert prepared.takes(x, bias)
+    torch.testing.assert_close(prepared.linear(x, bias), _reference(x, weight, bias), rtol=2e-5, atol=2e-5 * scale)
+    weight[5].fill_(float("nan"))  # the prepared weight is a view of the tensor, not a copy
+    assert prepared.linear(x, bias)[:, 5].isnan().all()
+
+
+def test_dense_weight_checks_what_applies_to_checks():
+    weight = torch.randn(8, 16)
+    prepared = cpu_gemv.DenseWeight(weight)
+    inputs = [
+        torch.randn(cpu_gemv.MAX_ROWS, 16),
+        torch.randn(cpu_gemv.MAX_ROWS + 1, 16),
+        torch.randn(0, 16),
+        torch.randn(2, 16, dtype=torch.float64),
+        torch.randn(2, 15),
+        torch.randn(16),
+        torch.randn(2, 16, device="meta"),
+        torch.randn(2, 16).requires_grad_(True),
+    ]
+    biases = [None, torch.randn(8), torch.randn(9), torch.randn(8, dtype=torch.float64)]
+    for x in inputs:
+        for bias in biases:
+            assert prepared.takes(x, bias) == cpu_gemv.applies_to(x, weight, bias), (tuple(x.shape), x.dtype, bias)
+    for bad in (weight.bfloat16(), weight.to_mkldnn(), weight.to("meta"), weight.t(), torch.randn(8)):
+        assert not cpu_gemv.weight_applies(bad)
+        with pytest.raises(ValueError, match="DenseWeight takes"):
+            cpu_gemv.DenseWeight(bad)

@@ -13,7 +13,7 @@ from transformers import MinNewTokensLengthLogitsProcessor, RepetitionPenaltyLog
 
 from minipaged.outputs import Logprob
 from minipaged.sampling_params import SamplingParams
-from minipaged.worker.sampler import SamplerOutput, filtered_probs, greedy_tokens, process_logits
+from minipaged.worker.sampler import SamplerOutput, draw, filtered_probs, greedy_tokens, process_logits
 from minipaged.worker.sampler import sample as sample_with_history
 
 
@@ -335,3 +335,23 @@ def test_logprobs_are_raw_log_softmax_with_ranks(fresh, greedy):
             assert isinstance(lp, Logprob) and lp.rank == order.index(t) + 1
             # ...but the logprobs are those of the raw logits, before the bias.
             assert math.isclose(lp.logprob, float(reference[row, t]), rel_tol=1e-5, abs_tol=1e-5)
+
+
+def test_draw_is_torch_multinomial_from_the_same_generator(fresh):
+    # Same tokens from twin generators, draw after draw (so both advance them alike), on
+    # peaked, flat, strided and partly zeroed rows; a NaN or all-zero row is refused.
+    vocab = 5000
+    for trial in range(40):
+        logits = torch.randn(2, vocab, generator=fresh) * (0.3 + trial % 6)
+        if trial % 3 == 0:
+            logits[0, torch.rand(vocab, generator=fresh) < 0.7] = float("-inf")
+        probs = torch.softmax(logits, dim=-1)[:, ::2] if trial % 4 == 1 else torch.softmax(logits, dim=-1)
+        seed = int(torch.randint(2**31, (1,), generator=fresh))
+        ours, theirs = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        for row in probs:
+            for _ in range(3):
+                want = int(torch.multinomial(row, 1, generator=theirs)[0])
+                assert draw(row, ours) == want, f"seed {fresh.initial_seed()} trial {trial}"
+    for bad in (torch.full((10,), float("nan")), torch.zeros(10)):
+        with pytest.raises(ValueError, match="NaN or all zero"):
+            draw(bad, torch.Generator().manual_seed(0))

@@ -17,7 +17,12 @@ and ``apply_rope``), which the model still takes off CPU, for other dtypes, or w
 numba; ``tests/kernels/test_cpu_fused_ops.py`` compares the two. The arithmetic is the
 references', fp32, in the same order except RMSNorm's sum of squares (SIMD partial
 sums), so results differ from PyTorch's by an ulp or so, as its own kernels do across
-CPUs. fp32 only: numba has no bf16.
+CPUs. RoPE also takes bf16, read as bit patterns (numba has no bf16), widened to fp32
+exactly, each product and difference rounded back to bf16 as PyTorch's bf16 ops round
+them: bit-equal to the bf16 formula. RMSNorm stays fp32 only: its bf16 formula rounds a
+value whose fp32 statistics depend on the order of the sum, so a kernel that sums in
+another order moves a few bf16 roundings per million, enough to change bf16 greedy tokens
+where two logits tie.
 """
 
 from __future__ import annotations
@@ -33,14 +38,48 @@ def available() -> bool:
     return numba is not None
 
 
-def applies_to(x: torch.Tensor) -> bool:
-    """Whether the fused ops take ``x``: numba present, an fp32 CPU tensor, no autograd."""
+def norm_applies_to(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> bool:
+    """Whether ``add_rms_norm`` takes these: numba present, fp32 CPU tensors, no autograd on ``x``."""
+    # Spelled out (no helper, no generator): the model asks on every norm of every step.
     return (
         numba is not None
-        and x.device.type == "cpu"
         and x.dtype == torch.float32
+        and x.is_cpu
+        and weight.dtype == torch.float32
+        and weight.is_cpu
+        and (residual is None or (residual.dtype == torch.float32 and residual.is_cpu))
         and not (x.requires_grad and torch.is_grad_enabled())
     )
+
+
+def rope_applies_to(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Whether ``rope_`` takes these: numba present, fp32 or bf16 CPU tensors of one dtype, no autograd on ``x``."""
+    return (
+        numba is not None
+        and (x.dtype == torch.float32 or x.dtype == torch.bfloat16)
+        and x.is_cpu
+        and cos.dtype == x.dtype
+        and sin.dtype == x.dtype
+        and cos.is_cpu
+        and sin.is_cpu
+        and not (x.requires_grad and torch.is_grad_enabled())
+    )
+
+
+# bf16 tensors reach the RoPE kernel as their raw 16-bit patterns, viewed as int16 (numba has
+# no bf16 type; torch hands int16 to numpy faster than uint16).
+def _bf16_to_f32(bits):
+    """The fp32 value of a bf16 bit pattern (int16): its top 16 bits, exactly."""
+    return np.uint32((np.uint32(bits) & np.uint32(0xFFFF)) << np.uint32(16)).view(np.float32)
+
+
+def _f32_to_bf16(value):
+    """The bf16 bit pattern (int16) nearest ``value`` (fp32), ties to even, NaN as 0x7FC0: torch's own
+    rounding, so an op done here in fp32 and rounded once gives torch's bf16 op's bits."""
+    if value != value:
+        return np.int16(0x7FC0)
+    bits = np.float32(value).view(np.uint32)
+    return np.int16((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
 
 
 def _rms_norm_rows(x, residual, weight, eps, out):
@@ -71,11 +110,68 @@ def _rope_rows(x, cos, sin):
                 x[t, h, half + i] = x2 * cos[t, i] + x1 * sin[t, i]
 
 
+def _round_bf16(value):
+    """``value`` (fp32) rounded to bf16, as fp32."""
+    return _bf16_to_f32(_f32_to_bf16(value))
+
+
+def _rope_rows_bf16(x, cos, sin):
+    """``_rope_rows`` on bf16 bit patterns, each product and difference rounded to bf16 as the
+    PyTorch formula's bf16 ops round them: bit-equal to it."""
+    num_rows, num_heads, head_dim = x.shape
+    half = head_dim // 2
+    for t in range(num_rows):
+        for h in range(num_heads):
+            for i in range(half):
+                x1, x2 = _bf16_to_f32(x[t, h, i]), _bf16_to_f32(x[t, h, half + i])
+                c, s = _bf16_to_f32(cos[t, i]), _bf16_to_f32(sin[t, i])
+                x[t, h, i] = _f32_to_bf16(_round_bf16(x1 * c) - _round_bf16(x2 * s))
+                x[t, h, half + i] = _f32_to_bf16(_round_bf16(x2 * c) + _round_bf16(x1 * s))
+
+
 if numba is not None:
+    _bf16_to_f32 = numba.njit(inline="always")(_bf16_to_f32)
+    _f32_to_bf16 = numba.njit(inline="always")(_f32_to_bf16)
+    _round_bf16 = numba.njit(inline="always")(_round_bf16)
     # RMSNorm's sum needs FASTMATH to vectorise; RoPE has no reduction and keeps PyTorch's
     # rounding without it (no FMA contraction of a * b - c * d).
     _rms_norm_rows = numba.njit(cache=True, fastmath=FASTMATH)(_rms_norm_rows)
     _rope_rows = numba.njit(cache=True)(_rope_rows)
+    _rope_rows_bf16 = numba.njit(cache=True)(_rope_rows_bf16)
+
+
+def to_bf16_bits(values: np.ndarray) -> np.ndarray:
+    """fp32 ``values`` rounded to bf16 as the kernels round, as int16 bit patterns (for tests)."""
+    return _to_bf16_bits(values.astype(np.float32))
+
+
+def from_bf16_bits(bits: np.ndarray) -> np.ndarray:
+    """int16 bf16 bit patterns widened to fp32 as the kernels widen them (for tests)."""
+    return _from_bf16_bits(bits.astype(np.int16))
+
+
+def _to_bf16_bits(values):
+    out = np.empty(values.shape, dtype=np.int16)
+    for i in range(values.size):
+        out[i] = _f32_to_bf16(values[i])
+    return out
+
+
+def _from_bf16_bits(bits):
+    out = np.empty(bits.shape, dtype=np.float32)
+    for i in range(bits.size):
+        out[i] = _bf16_to_f32(bits[i])
+    return out
+
+
+if numba is not None:
+    _to_bf16_bits = numba.njit(_to_bf16_bits)
+    _from_bf16_bits = numba.njit(_from_bf16_bits)
+
+
+def _bits(t: torch.Tensor) -> np.ndarray:
+    """A numpy view of ``t``'s memory: fp32 as is, bf16 as its bit patterns (int16)."""
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
 
 
 def add_rms_norm(
@@ -83,7 +179,7 @@ def add_rms_norm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(rms_norm(x + residual) * weight, x + residual)`` for ``x [T, D]`` (``residual`` ``[T, D]``
     or ``None``); the sum is written into ``x``, which is returned as the new residual.
-    fp32 CPU tensors (``applies_to``)."""
+    fp32 CPU tensors (``norm_applies_to``)."""
     out = torch.empty_like(x)
     x_np = x.numpy()  # a view: the in-place sum lands in x
     _rms_norm_rows(
@@ -94,6 +190,7 @@ def add_rms_norm(
 
 def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate ``x [T, H, D]`` in place (any strides, e.g. the q and k columns of a qkv product)
-    by ``cos``/``sin`` ``[T, 1, D // 2]``; returns ``x``. fp32 CPU tensors."""
-    _rope_rows(x.numpy(), cos.reshape(cos.shape[0], -1).numpy(), sin.reshape(sin.shape[0], -1).numpy())
+    by ``cos``/``sin`` ``[T, 1, D // 2]``; returns ``x``. fp32 or bf16 CPU tensors of one dtype."""
+    kernel = _rope_rows_bf16 if x.dtype == torch.bfloat16 else _rope_rows
+    kernel(_bits(x), _bits(cos.reshape(cos.shape[0], -1)), _bits(sin.reshape(sin.shape[0], -1)))
     return x

@@ -112,14 +112,73 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def linear_unchecked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``linear`` without its checks, for a caller that has just asked ``applies_to`` (the model's
-    layers, on every forward: the checks would run twice per product)."""
+    """``linear`` without its checks, for a caller that has just asked ``applies_to``."""
+    return _launch(x, weight.detach().contiguous().numpy(), bias)
+
+
+def _launch(x: torch.Tensor, weight: np.ndarray, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x [rows, in_features] @ weight.T (+ bias)`` into a new ``[rows, out_features]`` tensor,
+    serially or over torch's thread count; operands already checked."""
     out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
-    x_np, w_np = x.detach().contiguous().numpy(), weight.detach().contiguous().numpy()
+    x_np = x.detach().contiguous().numpy()
     b_np = None if bias is None else bias.detach().contiguous().numpy()
     threads = set_launch_threads()
     if threads == 1:
-        _rows(x_np, w_np, b_np, out.numpy(), 0, w_np.shape[0])
+        _rows(x_np, weight, b_np, out.numpy(), 0, weight.shape[0])
     else:
-        _rows_parallel(x_np, w_np, b_np, out.numpy(), threads * _CHUNKS_PER_THREAD)
+        _rows_parallel(x_np, weight, b_np, out.numpy(), threads * _CHUNKS_PER_THREAD)
     return out
+
+
+class DenseWeight:
+    """A dense fp32 CPU ``weight [out_features, in_features]`` checked once, for many ``linear`` calls.
+
+    A model multiplies by the same weights every step: checking a weight (and taking its
+    numpy view) once leaves each call only the input's checks (``takes``). At 1-4 rows a
+    product takes tens of microseconds, so the checks ``linear`` repeats on every call are
+    a visible share of it. ``weight`` is held as given; edits to it in place reach the
+    products, a different tensor needs a new ``DenseWeight``.
+    """
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        if not weight_applies(weight):
+            raise ValueError(
+                f"DenseWeight takes a dense, contiguous fp32 CPU [out_features, in_features] weight, got "
+                f"{tuple(weight.shape)} {weight.dtype} ({weight.layout}) on {weight.device}"
+            )
+        self.weight = weight
+        self._array = weight.detach().numpy()  # a view: shares the weight's memory
+
+    def takes(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+        """``applies_to(x, self.weight, bias)``, without re-checking the weight."""
+        return (
+            x.dim() == 2
+            and 1 <= x.shape[0] <= MAX_ROWS
+            and x.shape[1] == self._array.shape[1]
+            and x.dtype == torch.float32
+            and x.is_cpu
+            and (
+                bias is None or (bias.is_cpu and bias.dtype == torch.float32 and bias.shape == (self._array.shape[0],))
+            )
+            and not (
+                torch.is_grad_enabled()
+                and (x.requires_grad or self.weight.requires_grad or (bias is not None and bias.requires_grad))
+            )
+        )
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``F.linear(x, self.weight, bias)`` for operands ``takes`` accepts (not checked again here):
+        ``x [rows, in_features]`` -> ``[rows, out_features]``."""
+        return _launch(x, self._array, bias)
+
+
+def weight_applies(weight: torch.Tensor) -> bool:
+    """Whether ``DenseWeight`` takes ``weight``: numba present, a dense contiguous fp32 CPU matrix."""
+    return (
+        numba is not None
+        and weight.layout == torch.strided
+        and weight.is_cpu
+        and weight.dtype == torch.float32
+        and weight.dim() == 2
+        and weight.is_contiguous()
+    )
