@@ -18,7 +18,9 @@ shipped prompts that invite copying (``minipaged/data/copy_prompts.jsonl``: repe
 within a given text; ``--input-len`` is then unused), ``--workload nomatch`` uses random prompts in
 which no token repeats (prompt lookup finds nothing in them: what speculation costs when it cannot
 help), and ``--temperature 0`` decodes greedily. With speculation the result reports the drafts, the
-acceptance rate and the mean acceptance length.
+acceptance rate and the mean acceptance length. From ``disable_by_batch_size`` running sequences on
+(default in ``SpeculativeConfig``) speculation proposes nothing; add ``"disable_by_batch_size": null``
+to the config to measure speculation at every batch size.
 """
 
 from __future__ import annotations
@@ -197,7 +199,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["workload"] = args.workload
         result["temperature"] = args.temperature
         if llm.config.speculative_config is not None:
-            result["speculation"] = speculation
+            result["speculation"] = speculation | {
+                "disable_by_batch_size": llm.config.speculative_config.disable_by_batch_size
+            }
         # The resolved config: KV blocks and max_model_len as the engine sized them.
         result["engine"] = {f.name: _jsonable(getattr(llm.config, f.name)) for f in dataclasses.fields(llm.config)}
     return result
@@ -232,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
             f"acceptance rate {'-' if rate is None else f'{rate:.2f}'}, "
             f"mean acceptance length {'-' if length is None else f'{length:.2f}'}"
         )
+        threshold = spec["disable_by_batch_size"]
+        if threshold is not None and args.batch_size >= threshold:
+            print(f"  (batch {args.batch_size} >= disable_by_batch_size {threshold}: no drafts while all run)")
     if args.out:
         write_json_atomic(args.out, {"command": command_line(PROG, argv), "machine": machine, **result})
         print(f"wrote {args.out}")

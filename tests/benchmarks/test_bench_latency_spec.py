@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from minipaged.config import DEFAULT_DISABLE_BY_BATCH_SIZE
 from minipaged.entrypoints.cli import main
 
 
@@ -56,3 +57,7 @@ def test_latency_nomatch_workload_batched_with_speculation(tmp_path, batch_size)
     assert result["workload"] == "nomatch" and result["batch_size"] == batch_size
     s = result["speculation"]
     assert 0 <= s["num_accepted_tokens"] <= s["num_draft_tokens"] <= 3 * s["num_drafts"]
+    # The default batch switch: a batch that large drafts nothing.
+    assert s["disable_by_batch_size"] == DEFAULT_DISABLE_BY_BATCH_SIZE
+    if batch_size >= DEFAULT_DISABLE_BY_BATCH_SIZE:
+        assert s["num_drafts"] == 0

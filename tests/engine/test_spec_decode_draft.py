@@ -33,7 +33,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*has no tokenizer files")
 
 
 def draft(path, k: int) -> dict:
-    return {"method": "draft_model", "model": str(path), "num_speculative_tokens": k}
+    # No batch switch: the batched tests keep verifying drafts with all 12 sequences running.
+    return {"method": "draft_model", "model": str(path), "num_speculative_tokens": k, "disable_by_batch_size": None}
 
 
 def perturbed(hf, std: float, seed: int = 1):
@@ -290,7 +291,7 @@ def test_command_line_config(drafts):
     text = json.dumps(draft(drafts["same"], 4))
     config = EngineConfig(**engine_kwargs(parser.parse_args(["--speculative-config", text])))
     assert config.speculative_config == SpeculativeConfig(
-        method="draft_model", model=str(drafts["same"]), num_speculative_tokens=4
+        method="draft_model", model=str(drafts["same"]), num_speculative_tokens=4, disable_by_batch_size=None
     )
 
 
