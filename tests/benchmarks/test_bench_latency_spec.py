@@ -63,8 +63,7 @@ def test_latency_nomatch_workload_batched_with_speculation(tmp_path, batch_size)
         assert s["num_drafts"] == 0
 
 
-@pytest.mark.parametrize("order", [[], ["--plain-first"]])
-def test_latency_compare_plain_alternates_with_an_engine_without_speculation(tmp_path, capsys, order):
+def test_latency_compare_plain_alternates_with_an_engine_without_speculation(tmp_path, capsys):
     from tiny_models import make_tiny_model_dir
 
     model = make_tiny_model_dir(tmp_path / "model", max_model_len=512)
@@ -72,7 +71,7 @@ def test_latency_compare_plain_alternates_with_an_engine_without_speculation(tmp
     spec = '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}'
     argv = ["--batch-size", "2", "--output-len", "5", "--num-iters", "3", "--num-iters-warmup", "0"]
     argv += ["--workload", "copy", "--temperature", "0", "--model", str(model), "--speculative-config", spec]
-    assert main(["bench", "latency", *argv, "--compare-plain", *order, "--threads", "1", "--out", str(out)]) == 0
+    assert main(["bench", "latency", *argv, "--compare-plain", "--threads", "1", "--out", str(out)]) == 0
     assert "without speculation" in capsys.readouterr().out
     result = json.loads(out.read_text())
     plain, spec_runs = result["plain"]["latencies_s"], result["latencies_s"]
@@ -86,6 +85,3 @@ def test_latency_compare_plain_needs_speculation(capsys):
         main(["bench", "latency", "--compare-plain", "--num-iters", "1"])
     assert err.value.code == 2
     assert "--compare-plain needs --speculative-config" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as err:
-        main(["bench", "latency", "--plain-first", "--num-iters", "1"])
-    assert err.value.code == 2
