@@ -47,6 +47,11 @@ def _positive_int(name: str, value: Any, *, allow_none: bool = False) -> None:
 
 
 SPECULATIVE_METHODS = ("ngram", "draft_model")
+# Running sequences from which speculation stops proposing: the smallest batch at which n-gram
+# speculation (k = 4) no longer pays even on text that copies well (``--workload copy``), because a
+# step of k + 1 rows per sequence costs about 3x a decode step there. Re-measure with the batch
+# sweep under "Speculative decoding" in minipaged/benchmarks/README.md.
+DEFAULT_DISABLE_BY_BATCH_SIZE = 16
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,12 @@ class SpeculativeConfig:
     that accepted no draft, a sequence stops proposing for ``backoff_min_steps`` steps, then probes
     again; each failed probe doubles the pause up to ``backoff_max_steps``, one accepted draft ends it.
     ``backoff_after=None`` keeps every sequence speculating.
+
+    Batch switch-off (vLLM's ``disable_by_batch_size``): while ``disable_by_batch_size`` or more
+    sequences are running (the scheduler's running queue, n > 1 forks included, waiting requests not),
+    no drafts are proposed for the next step. A large batch keeps the CPU busy computing one token per
+    sequence, so verifying ``k + 1`` rows per sequence costs several decode steps and no longer pays
+    for itself. ``None`` speculates at every batch size.
     """
 
     method: str = "ngram"
@@ -72,6 +83,7 @@ class SpeculativeConfig:
     backoff_after: int | None = 3
     backoff_min_steps: int = 4
     backoff_max_steps: int = 64
+    disable_by_batch_size: int | None = DEFAULT_DISABLE_BY_BATCH_SIZE
 
     def __post_init__(self) -> None:
         if self.method not in SPECULATIVE_METHODS:
@@ -94,6 +106,7 @@ class SpeculativeConfig:
                 "speculative_config.backoff_min_steps",
                 f"{self.backoff_min_steps} exceeds backoff_max_steps={self.backoff_max_steps}",
             )
+        _positive_int("speculative_config.disable_by_batch_size", self.disable_by_batch_size, allow_none=True)
         if self.method == "draft_model" and not isinstance(self.model, str):
             raise InvalidEngineConfigError("speculative_config.model", "the draft_model method needs a model path")
         if self.method == "ngram" and self.model is not None:

@@ -18,15 +18,23 @@ shipped prompts that invite copying (``minipaged/data/copy_prompts.jsonl``: repe
 within a given text; ``--input-len`` is then unused), ``--workload nomatch`` uses random prompts in
 which no token repeats (prompt lookup finds nothing in them: what speculation costs when it cannot
 help), and ``--temperature 0`` decodes greedily. With speculation the result reports the drafts, the
-acceptance rate and the mean acceptance length.
+acceptance rate and the mean acceptance length. From ``disable_by_batch_size`` running sequences on
+(default in ``SpeculativeConfig``) speculation proposes nothing; add ``"disable_by_batch_size": null``
+to the config to measure speculation at every batch size. ``--compare-plain`` also builds the same
+engine without speculation and alternates timed runs between the two (same prompts, same process),
+so both see the same load; it reports the plain engine's latency and the median of the
+per-iteration ratios. The two engines share one model object: with a copy of the weights each,
+one engine has decoded up to a third slower per step than the other even without drafts.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import random
+import statistics
 import time
 from typing import Any
 
@@ -78,6 +86,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     )
     bench.add_argument(
         "--temperature", type=float, default=1.0, help="sampling temperature, 0 = greedy (default: %(default)s)"
+    )
+    bench.add_argument(
+        "--compare-plain",
+        action="store_true",
+        help="with --speculative-config: alternate every run with the same engine without speculation "
+        "and report the speed-up",
     )
     add_threads_argument(parser)
     add_out_argument(parser)
@@ -152,11 +166,19 @@ def _jsonable(value: Any) -> Any:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Build the engine from the engine options, warm up, time the batch; returns the result dict
-    (``main`` has set the thread count)."""
+    (``main`` has set the thread count). With ``--compare-plain`` a second engine without speculation
+    runs the same batch after each run of the first: its latencies go to ``result["plain"]``."""
     from minipaged import LLM, SamplingParams
 
     kwargs = engine_kwargs(args)
-    with LLM(**kwargs) as llm:
+    with contextlib.ExitStack() as stack:
+        llm = stack.enter_context(LLM(**kwargs))
+        plain = None
+        if args.compare_plain:
+            # The same model object, not a second copy of its weights: two copies need not stream
+            # equally fast, which would show up as a speed-up or a loss that speculation did not cause.
+            rest = {k: v for k, v in kwargs.items() if k not in ("model", "speculative_config")}
+            plain = stack.enter_context(LLM(llm.model, tokenizer=llm.tokenizer, **rest))
         weights = weight_memory(llm.model)
         print(describe_weight_memory(weights), flush=True)
         if args.workload == "copy":
@@ -175,29 +197,42 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         counts: dict[str, int] = {}
 
-        def once() -> float:
+        def once(engine: Any = llm) -> float:
             start = time.perf_counter()
-            outputs = llm.generate(prompts, params, use_tqdm=False)
+            outputs = engine.generate(prompts, params, use_tqdm=False)
             elapsed = time.perf_counter() - start
-            counts["prompt_tokens"] = sum(len(o.prompt_token_ids) for o in outputs)
-            counts["output_tokens"] = sum(len(o.outputs[0].token_ids) for o in outputs)
-            speculation.update(speculation_summary(outputs))
+            if engine is llm:
+                counts["prompt_tokens"] = sum(len(o.prompt_token_ids) for o in outputs)
+                counts["output_tokens"] = sum(len(o.outputs[0].token_ids) for o in outputs)
+                speculation.update(speculation_summary(outputs))
             return elapsed
 
         speculation: dict[str, Any] = {}
 
         warm_up(once, args.num_iters_warmup)
-        latencies = []
+        if plain is not None:
+            warm_up(lambda: once(plain), args.num_iters_warmup)
+        latencies, plain_latencies = [], []
         for i in range(args.num_iters):
             latencies.append(once())
-            print(f"iteration {i + 1}/{args.num_iters}: {latencies[-1]:.3f} s", flush=True)
+            line = f"iteration {i + 1}/{args.num_iters}: {latencies[-1]:.3f} s"
+            if plain is not None:
+                plain_latencies.append(once(plain))
+                line += f" (without speculation {plain_latencies[-1]:.3f} s)"
+            print(line, flush=True)
         result = summarize(latencies, args.batch_size, args.input_len, args.output_len)
+        if plain is not None:
+            result["plain"] = summarize(plain_latencies, args.batch_size, args.input_len, args.output_len)
+            # Paired: each ratio compares two runs made one after the other.
+            result["speedup_over_plain"] = statistics.median(p / s for p, s in zip(plain_latencies, latencies))
         result |= counts
         result["weights"] = weights
         result["workload"] = args.workload
         result["temperature"] = args.temperature
         if llm.config.speculative_config is not None:
-            result["speculation"] = speculation
+            result["speculation"] = speculation | {
+                "disable_by_batch_size": llm.config.speculative_config.disable_by_batch_size
+            }
         # The resolved config: KV blocks and max_model_len as the engine sized them.
         result["engine"] = {f.name: _jsonable(getattr(llm.config, f.name)) for f in dataclasses.fields(llm.config)}
     return result
@@ -206,7 +241,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark with ``argv`` (default: ``sys.argv``): print the machine, every timed run and
     the latency statistics, and write them to ``--out`` when given. Returns the exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.compare_plain and args.speculative_config is None:
+        parser.error("--compare-plain needs --speculative-config")
     apply_threads(args)
     machine = machine_info()
     print(describe_machine(machine), flush=True)
@@ -232,6 +270,14 @@ def main(argv: list[str] | None = None) -> int:
             f"acceptance rate {'-' if rate is None else f'{rate:.2f}'}, "
             f"mean acceptance length {'-' if length is None else f'{length:.2f}'}"
         )
+        if "speedup_over_plain" in result:
+            print(
+                f"  without speculation: latency median {result['plain']['median_s']:.3f} s; "
+                f"speed-up {result['speedup_over_plain']:.2f}x (median of paired runs)"
+            )
+        threshold = spec["disable_by_batch_size"]
+        if threshold is not None and args.batch_size >= threshold:
+            print(f"  (batch {args.batch_size} >= disable_by_batch_size {threshold}: no drafts while all run)")
     if args.out:
         write_json_atomic(args.out, {"command": command_line(PROG, argv), "machine": machine, **result})
         print(f"wrote {args.out}")

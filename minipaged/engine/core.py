@@ -631,10 +631,13 @@ class EngineCore:
         one token every step adds anyway, so the drafts never need KV slots the request could not use.
         A sequence under a grammar gets no drafts: verification samples without the grammar's bitmask,
         so it decodes one masked token a step. A sequence whose drafts keep failing pauses
-        (``minipaged.spec_decode.controller``).
+        (``minipaged.spec_decode.controller``). While ``disable_by_batch_size`` or more sequences
+        are running, nobody gets drafts (``SpeculativeConfig``).
         """
         spec = self.config.speculative_config
         if spec is None:
+            return
+        if spec.disable_by_batch_size is not None and len(self.scheduler.running) >= spec.disable_by_batch_size:
             return
         wanted: list[tuple[Sequence, int]] = []
         for seq in seqs:

@@ -7,7 +7,8 @@
   positions into the accepted tokens plus one more (resampled or bonus), keeping the output
   distribution exactly that of ordinary sampling;
 - ``controller``: back-off, so a sequence whose drafts keep being rejected stops proposing for a
-  while and probes again later;
+  while and probes again later (the engine also stops proposing for everybody while
+  ``disable_by_batch_size`` sequences run: ``minipaged.config.SpeculativeConfig``);
 - ``verifier``: the glue the engine calls, from a step's logits to each sequence's new tokens.
 
 The scheduler gives the drafts KV slots and the worker runs them through the ordinary paged

@@ -43,6 +43,7 @@ from minipaged.config import EngineConfig
 from minipaged.core.block_manager import BlockManager
 from minipaged.core.sequence import Sequence
 from minipaged.errors import InvalidEngineConfigError
+from minipaged.spec_decode.rejection import exponential_noise
 from minipaged.worker.sampler import filtered_probs, greedy_tokens, process_logits
 from minipaged.worker.worker import StepBatch, Worker
 
@@ -257,5 +258,4 @@ class DraftModelProposer:
 
 def draw(probs: torch.Tensor, generator: torch.Generator) -> int:
     """One token from ``probs`` ``[vocab]`` (an exponential race: ``argmax(probs / e)``, ``e ~ Exp(1)``)."""
-    e = torch.empty_like(probs).exponential_(generator=generator)
-    return int(torch.argmax(probs / e.clamp_(min=torch.finfo(e.dtype).tiny)))
+    return int(torch.argmax(probs.float() / exponential_noise(probs.shape[0], generator, probs.device)))

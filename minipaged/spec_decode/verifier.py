@@ -18,7 +18,7 @@ import torch
 from minipaged.core.scheduler import ScheduledSequence
 from minipaged.core.sequence import Sequence
 from minipaged.outputs import Logprob
-from minipaged.spec_decode.rejection import rejection_sample
+from minipaged.spec_decode.rejection import exponential_noise, rejection_sample
 from minipaged.worker.sampler import filtered_probs, greedy_tokens, process_logits, token_logprobs
 
 
@@ -78,8 +78,7 @@ def verify(
             noise.append(torch.ones(vocab, device=device))
         else:
             uniforms.append(torch.rand(len(d), generator=seq.generator, device=device))
-            e = torch.empty(vocab, device=device).exponential_(generator=seq.generator)
-            noise.append(e.clamp_(min=torch.finfo(e.dtype).tiny))
+            noise.append(exponential_noise(vocab, seq.generator, device))
     draft_ids = torch.tensor([t for d in drafts for t in d], dtype=torch.int64, device=device)
     tokens, num_accepted = rejection_sample(
         probs,

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from minipaged.config import DEFAULT_DISABLE_BY_BATCH_SIZE
 from minipaged.entrypoints.cli import main
 
 
@@ -56,3 +57,31 @@ def test_latency_nomatch_workload_batched_with_speculation(tmp_path, batch_size)
     assert result["workload"] == "nomatch" and result["batch_size"] == batch_size
     s = result["speculation"]
     assert 0 <= s["num_accepted_tokens"] <= s["num_draft_tokens"] <= 3 * s["num_drafts"]
+    # The default batch switch: a batch that large drafts nothing.
+    assert s["disable_by_batch_size"] == DEFAULT_DISABLE_BY_BATCH_SIZE
+    if batch_size >= DEFAULT_DISABLE_BY_BATCH_SIZE:
+        assert s["num_drafts"] == 0
+
+
+def test_latency_compare_plain_alternates_with_an_engine_without_speculation(tmp_path, capsys):
+    from tiny_models import make_tiny_model_dir
+
+    model = make_tiny_model_dir(tmp_path / "model", max_model_len=512)
+    out = tmp_path / "latency.json"
+    spec = '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}'
+    argv = ["--batch-size", "2", "--output-len", "5", "--num-iters", "3", "--num-iters-warmup", "0"]
+    argv += ["--workload", "copy", "--temperature", "0", "--model", str(model), "--speculative-config", spec]
+    assert main(["bench", "latency", *argv, "--compare-plain", "--threads", "1", "--out", str(out)]) == 0
+    assert "without speculation" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    plain, spec_runs = result["plain"]["latencies_s"], result["latencies_s"]
+    assert len(plain) == len(spec_runs) == 3 and result["plain"]["output_len"] == 5
+    ratios = sorted(p / s for p, s in zip(plain, spec_runs))
+    assert result["speedup_over_plain"] == pytest.approx(ratios[1])  # the median of the paired ratios
+
+
+def test_latency_compare_plain_needs_speculation(capsys):
+    with pytest.raises(SystemExit) as err:
+        main(["bench", "latency", "--compare-plain", "--num-iters", "1"])
+    assert err.value.code == 2
+    assert "--compare-plain needs --speculative-config" in capsys.readouterr().err

@@ -15,7 +15,8 @@ MAX_TOKENS = 30
 
 
 def spec(k=3, **backoff) -> dict:
-    return {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": 1, "prompt_lookup_max": 3, **backoff}
+    spec = {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+    return {**spec, "disable_by_batch_size": None, **backoff}  # back-off alone, at every batch size
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,14 @@ from minipaged.errors import InvalidEngineConfigError
 
 
 def ngram(k: int, lo: int = 1, hi: int = 3) -> dict:
-    return {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": lo, "prompt_lookup_max": hi}
+    # No batch switch: the batched tests keep verifying drafts with all 12 sequences running.
+    return {
+        "method": "ngram",
+        "num_speculative_tokens": k,
+        "prompt_lookup_min": lo,
+        "prompt_lookup_max": hi,
+        "disable_by_batch_size": None,
+    }
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*has no tokenizer files")
 
 
 def draft(path, k: int) -> dict:
-    return {"method": "draft_model", "model": str(path), "num_speculative_tokens": k}
+    # No batch switch: the batched tests keep verifying drafts with all 12 sequences running.
+    return {"method": "draft_model", "model": str(path), "num_speculative_tokens": k, "disable_by_batch_size": None}
 
 
 def perturbed(hf, std: float, seed: int = 1):
@@ -281,7 +282,7 @@ def test_command_line_config(drafts):
     text = json.dumps(draft(drafts["same"], 4))
     config = EngineConfig(**engine_kwargs(parser.parse_args(["--speculative-config", text])))
     assert config.speculative_config == SpeculativeConfig(
-        method="draft_model", model=str(drafts["same"]), num_speculative_tokens=4
+        method="draft_model", model=str(drafts["same"]), num_speculative_tokens=4, disable_by_batch_size=None
     )
 
 
@@ -562,3 +563,16 @@ def test_smollm2_with_a_shallow_draft(tmp_path):
     # Cut layers without retraining make a weak draft: few drafts are accepted, the output is unchanged.
     assert llm.engine_core.stats().spec_num_draft_tokens > 0
     assert_all_blocks_free(llm)
+
+
+def test_batch_switch_then_catch_up(hf, drafts, prompts, expected):
+    """No drafts while 6 or more sequences run; the draft then catches up on every token it skipped."""
+    config = draft(drafts["noisy"], 3) | {"disable_by_batch_size": 6}
+    llm = make_llm(hf, speculative_config=config)
+    outs = greedy(llm, *prompts)
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    trace = list(llm.trace)
+    assert any(r.num_running >= 6 for r in trace)
+    assert all(r.num_draft_tokens == 0 for p, r in zip(trace, trace[1:]) if p.num_running >= 6)
+    stats = llm.engine_core.stats()
+    assert 0 < stats.spec_num_accepted_tokens < stats.spec_num_draft_tokens

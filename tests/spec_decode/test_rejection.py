@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minipaged.spec_decode.rejection import rejection_sample
+from minipaged.spec_decode.rejection import exponential_noise, rejection_sample
 from minipaged_kernels import reference
 
 
@@ -93,3 +93,16 @@ def test_first_token_is_distributed_as_the_target(with_draft_probs):
 def test_the_distribution_check_catches_a_missing_residual(with_draft_probs):
     counts, p = _first_token_counts(False, with_draft_probs)
     assert chi_square(counts, p) > 10 * CHI2_BOUND
+
+
+def test_exponential_noise_is_exp1_positive_and_seeded():
+    n = 200_000
+    e = exponential_noise(n, torch.Generator().manual_seed(3))
+    assert e.shape == (n,) and e.dtype == torch.float32
+    assert bool(torch.isfinite(e).all()) and bool((e > 0).all())
+    # Exp(1): mean 1 and P(e > x) = exp(-x); 5 standard errors each
+    assert abs(float(e.mean()) - 1.0) < 5 / n**0.5
+    for x in (0.1, 1.0, 3.0):
+        p = torch.exp(torch.tensor(-x)).item()
+        assert abs(float((e > x).float().mean()) - p) < 5 * (p * (1 - p) / n) ** 0.5
+    assert torch.equal(e, exponential_noise(n, torch.Generator().manual_seed(3)))
