@@ -1,9 +1,10 @@
 """ATen's int4 CPU kernel behind minipaged_kernels.cpu.int4_aten against the float64 reference.
 
 4-bit weights in groups of 32/64/128 (SmolLM2's K = 576 in groups of 128: a half last group,
-padded), per-channel, a shuffled ``g_idx`` (rows reordered), symmetric and asymmetric zero points,
-bf16 and fp16 rows from 1 to 40; the packed values read back exactly; weights the kernel cannot
-take are named, not multiplied wrong.
+run as groups of 64; K = 80 and 100, which no ATen group length divides: padded), per-channel,
+a shuffled ``g_idx`` (rows reordered), symmetric and asymmetric zero points, bf16 and fp16 rows
+from 1 to 40; the packed values read back exactly; weights the kernel cannot take are named,
+not multiplied wrong.
 """
 
 from __future__ import annotations
@@ -29,7 +30,16 @@ def _rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
     ("k", "group_size", "shuffled"),
-    [(96, 32, False), (160, 64, True), (576, 128, False), (576, 128, True), (96, None, False), (512, 256, False)],
+    [
+        (96, 32, False),
+        (160, 64, True),
+        (576, 128, False),
+        (576, 128, True),
+        (96, None, False),
+        (512, 256, False),
+        (80, 32, False),
+        (100, None, False),
+    ],  # fmt: skip
 )
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_matches_reference(dtype, k, group_size, shuffled, symmetric):
@@ -38,6 +48,7 @@ def test_matches_reference(dtype, k, group_size, shuffled, symmetric):
     pw = random_packed(k, n, 4, group_size, shuffled=shuffled, symmetric=symmetric, scale_dtype=dtype, gen=gen)
     w = int4_aten.pack(pw, dtype)
     assert (w.perm is not None) == shuffled
+    assert (w.padded_in_features > k) == (k % 32 != 0)  # padded only where no ATen group length divides K
     ref_w = qf.dequantize(pw, torch.float64)
     for rows in (1, 3, 16, 40):
         x = torch.randn(rows, k, generator=gen).to(dtype)
@@ -48,7 +59,7 @@ def test_matches_reference(dtype, k, group_size, shuffled, symmetric):
         assert _rel_error(y, ref) < REL_TOL[dtype]
 
 
-@pytest.mark.parametrize(("k", "group_size", "shuffled"), [(576, 128, False), (160, 64, True), (96, None, False)])
+@pytest.mark.parametrize(("k", "group_size", "shuffled"), [(576, 128, False), (160, 64, True), (80, 32, False)])
 def test_unpack_reads_back_the_values(k, group_size, shuffled):
     pw = random_packed(k, 80, 4, group_size, shuffled=shuffled)
     w = int4_aten.pack(pw, torch.bfloat16)

@@ -13,9 +13,9 @@ ATen's kernel has its own contract, so ``pack`` translates a :class:`PackedWeigh
   multiple of 16;
 - its groups are contiguous runs of ``g in (32, 64, 128, 256)`` rows of K, and K a multiple of
   ``g``. A format group of ``group_size`` rows is cut into ATen groups of the largest such
-  ``g`` that divides it (repeating its scale); K is padded with zero weights to a multiple of
-  ``g`` (SmolLM2's K = 576 in groups of 128 ends in a half group), and ``x`` with zero
-  columns to match;
+  ``g`` that divides it (repeating its scale), preferring one that also divides K (SmolLM2's
+  K = 576 in groups of 128, ending in a half group, runs as groups of 64); otherwise K is padded
+  with zero weights to a multiple of ``g``, and ``x`` with zero columns on every call;
 - with a ``g_idx`` (GPTQ's act order) the rows of K are reordered once so that each group is
   contiguous, and ``x``'s columns are gathered in the same order on every call;
 - it dequantizes ``W[k, n] = (q - 8) * scale + zero``, so the format's zero point ``z``
@@ -93,10 +93,12 @@ def _group_rows(pw: PackedWeight) -> tuple[torch.Tensor | None, torch.Tensor]:
 
 
 def _aten_group_size(groups: torch.Tensor) -> int | None:
-    """The largest ATen group length whose runs of rows (after padding K to a multiple of it) never mix
-    two format groups; ``None`` when there is none."""
+    """The ATen group length for rows in format groups ``groups [K]``: runs of it must never mix two format
+    groups. The largest that divides K comes first (no padding on every call), then the largest that does
+    after padding K; ``None`` when there is none."""
     k = groups.numel()
-    for g in ATEN_GROUP_SIZES:
+    fits = [g for g in ATEN_GROUP_SIZES if k % g == 0] + [g for g in ATEN_GROUP_SIZES if k % g]
+    for g in fits:
         padded = F.pad(groups, (0, -k % g), value=-1).view(-1, g)
         ok = (padded == padded[:, :1]) | (padded == -1)
         if bool(ok.all()):
