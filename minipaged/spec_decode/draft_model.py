@@ -43,8 +43,7 @@ from minipaged.config import EngineConfig
 from minipaged.core.block_manager import BlockManager
 from minipaged.core.sequence import Sequence
 from minipaged.errors import InvalidEngineConfigError
-from minipaged.spec_decode.rejection import exponential_noise
-from minipaged.worker.sampler import filtered_probs, greedy_tokens, process_logits
+from minipaged.worker.sampler import exponential_noise, filtered_probs, greedy_tokens, process_logits
 from minipaged.worker.worker import StepBatch, Worker
 
 FIELD = "speculative_config.model"

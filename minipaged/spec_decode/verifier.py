@@ -18,8 +18,8 @@ import torch
 from minipaged.core.scheduler import ScheduledSequence
 from minipaged.core.sequence import Sequence
 from minipaged.outputs import Logprob
-from minipaged.spec_decode.rejection import exponential_noise, rejection_sample
-from minipaged.worker.sampler import filtered_probs, greedy_tokens, process_logits, token_logprobs
+from minipaged.spec_decode.rejection import rejection_sample
+from minipaged.worker.sampler import exponential_noise, filtered_probs, greedy_tokens, process_logits, token_logprobs
 
 
 @dataclass(frozen=True)

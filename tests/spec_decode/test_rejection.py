@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minipaged.spec_decode.rejection import exponential_noise, rejection_sample
+from minipaged.spec_decode.rejection import rejection_sample
+from minipaged.worker.sampler import exponential_noise
 from minipaged_kernels import reference
 
 
