@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minipaged import LLM
+from minipaged import LLM, SamplingParams
 from minipaged.models import build_model_from_hf
 
 VOCAB = 384
@@ -96,6 +96,20 @@ def assert_all_blocks_free(llm: LLM) -> None:
     stats = llm.block_manager.stats()
     assert stats.used_blocks == 0 and stats.free_blocks == stats.num_blocks, stats
     assert not llm.has_unfinished_requests()
+
+
+def greedy_outputs(llm: LLM, prompts: list[list[int]], max_tokens: list[int], **params) -> list:
+    """``llm.generate`` of token-id ``prompts``, greedy, ``max_tokens[i]`` new tokens each (EOS ignored,
+    other ``SamplingParams`` fields from ``params``); checks every KV block is free afterwards."""
+    sp = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True, **params) for m in max_tokens]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+    assert_all_blocks_free(llm)
+    return outs
+
+
+def greedy_token_ids(llm: LLM, prompts: list[list[int]], max_tokens: list[int], **params) -> list[list[int]]:
+    """The first completion's token ids of each of ``greedy_outputs``."""
+    return [o.outputs[0].token_ids for o in greedy_outputs(llm, prompts, max_tokens, **params)]
 
 
 def make_tiny_model_dir(out: Path, max_model_len: int = 2048) -> Path:

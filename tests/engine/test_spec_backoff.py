@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 from tiny_models import VOCAB, assert_all_blocks_free, make_llm, make_prompts, tiny_hf_model
+from tiny_models import greedy_token_ids as generate
 
 import minipaged.engine.core as engine_core
 from minipaged import SamplingParams
@@ -22,13 +23,6 @@ def spec(k=3, **backoff) -> dict:
 @pytest.fixture(scope="module")
 def hf():
     return tiny_hf_model("llama")
-
-
-def generate(llm, prompts, max_tokens):
-    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in max_tokens]
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    assert_all_blocks_free(llm)
-    return [o.outputs[0].token_ids for o in outs]
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,10 @@ are proposed; below it they are, and greedy output never changes."""
 from __future__ import annotations
 
 import pytest
-from tiny_models import VOCAB, assert_all_blocks_free, make_llm, make_prompts, tiny_hf_model
+from tiny_models import VOCAB, make_llm, make_prompts, tiny_hf_model
+from tiny_models import greedy_outputs as generate
 
 import minipaged.engine.core as engine_core
-from minipaged import SamplingParams
 from minipaged.errors import InvalidEngineConfigError
 
 K = 3
@@ -30,13 +30,6 @@ def spec(disable_by_batch_size, **extra) -> dict:
 @pytest.fixture(scope="module")
 def hf():
     return tiny_hf_model("llama")
-
-
-def generate(llm, prompts, max_tokens):
-    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in max_tokens]
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    assert_all_blocks_free(llm)
-    return outs
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,9 @@ from tiny_models import (  # noqa: F401 (one_thread: an autouse fixture)
     one_thread,
     tiny_hf_model,
 )
+from tiny_models import (
+    greedy_token_ids as greedy_tokens,
+)
 
 from minipaged import SamplingParams
 from minipaged.engine.beam_search import BeamSearchParams
@@ -53,13 +56,6 @@ def beams(llm, prompts):
     outs = llm.beam_search([{"prompt_token_ids": p} for p in prompts], params)
     assert_all_blocks_free(llm)
     return [[s.tokens for s in o.sequences] for o in outs], [s.score for o in outs for s in o.sequences]
-
-
-def greedy_tokens(llm, prompts, max_tokens):
-    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in max_tokens]
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    assert_all_blocks_free(llm)
-    return [o.outputs[0].token_ids for o in outs]
 
 
 @pytest.fixture(scope="module")

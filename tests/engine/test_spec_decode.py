@@ -12,7 +12,8 @@ import math
 
 import pytest
 import torch
-from tiny_models import VOCAB, assert_all_blocks_free, make_llm, make_prompts, tiny_hf_model  # noqa: F401
+from tiny_models import VOCAB, assert_all_blocks_free, make_llm, make_prompts, tiny_hf_model
+from tiny_models import greedy_outputs as greedy  # noqa: F401
 
 import minipaged.engine.core as engine_core
 from minipaged import SamplingParams
@@ -49,13 +50,6 @@ def prompts():
     prompts, max_tokens = make_prompts(seed=11)
     prompts = [p + p[: len(p) // 2] if i % 3 else p for i, p in enumerate(prompts)]
     return prompts, max_tokens
-
-
-def greedy(llm, prompts, max_tokens, **params):
-    sp = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True, **params) for m in max_tokens]
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
-    assert_all_blocks_free(llm)
-    return outs
 
 
 @pytest.fixture(scope="module")

@@ -15,12 +15,12 @@ import shutil
 
 import pytest
 import torch
-from tiny_models import (  # noqa: F401 (one_thread: an autouse fixture)
+from tiny_models import (
     VOCAB,
     assert_all_blocks_free,
+    greedy_outputs,  # noqa: F401 (one_thread: an autouse fixture)
     make_llm,
     make_prompts,
-    one_thread,
     tiny_hf_model,
     tiny_llama,
 )
@@ -70,9 +70,7 @@ def prompts():
 
 
 def greedy(llm, prompts, max_tokens, **params):
-    sp = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True, **params) for m in max_tokens]
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
-    assert_all_blocks_free(llm)
+    outs = greedy_outputs(llm, prompts, max_tokens, **params)
     if llm.engine_core.drafter is not None:
         assert llm.engine_core.drafter.num_sequences == 0
     return outs

@@ -14,7 +14,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 from rank_failures import assert_killed_rank_raises
-from tiny_models import assert_all_blocks_free, hf_greedy, make_prompts, one_thread, tiny_hf_model  # noqa: F401  one_thread: autouse
+from tiny_models import assert_all_blocks_free, hf_greedy, make_prompts, tiny_hf_model
+from tiny_models import greedy_token_ids as greedy  # noqa: F401  one_thread: autouse
 
 from minipaged import LLM, SamplingParams
 from minipaged.config import EngineConfig
@@ -25,13 +26,6 @@ from minipaged.models.pipeline import StageLayout, layer_partition, stage_state_
 from minipaged.worker.pipeline import PipelineParallelExecutor, overlapping_batches, stage_chunk
 
 BLOCKS = 18  # x 8 tokens: the 12-prompt batch cannot all fit, so the scheduler preempts
-
-
-def greedy(llm: LLM, prompts, max_tokens) -> list[list[int]]:
-    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in max_tokens]
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    assert_all_blocks_free(llm)
-    return [o.outputs[0].token_ids for o in outs]
 
 
 @pytest.fixture(scope="module")

@@ -4,20 +4,14 @@
 from __future__ import annotations
 
 import pytest
-from tiny_models import assert_all_blocks_free, hf_greedy, make_prompts, one_thread, tiny_hf_model  # noqa: F401  one_thread: autouse
+from tiny_models import greedy_token_ids as greedy  # noqa: F401  one_thread: autouse
+from tiny_models import hf_greedy, make_prompts, tiny_hf_model
 
-from minipaged import LLM, SamplingParams
+from minipaged import LLM
 from minipaged.models import build_model_from_hf
 from minipaged.worker.pipeline import overlapping_batches, stage_busy_seconds
 
 BLOCKS = 18
-
-
-def greedy(llm: LLM, prompts, max_tokens) -> list[list[int]]:
-    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in max_tokens]
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    assert_all_blocks_free(llm)
-    return [o.outputs[0].token_ids for o in outs]
 
 
 def _alive(pid: int) -> bool:

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 from rank_failures import alive, assert_killed_rank_raises
-from tiny_models import assert_all_blocks_free, hf_greedy, make_prompts, one_thread, tiny_hf_model  # noqa: F401  one_thread: autouse
+from tiny_models import assert_all_blocks_free, hf_greedy, make_prompts, tiny_hf_model
+from tiny_models import greedy_token_ids as greedy  # noqa: F401  one_thread: autouse
 
 from minipaged import LLM, SamplingParams
 from minipaged.config import EngineConfig
@@ -61,13 +62,6 @@ def case(request):
     tp, single = engines(hf)
     yield Case(request.param, hf, tp, single, prompts, max_tokens, expected)
     tp.shutdown()
-
-
-def greedy(llm: LLM, prompts, max_tokens) -> list[list[int]]:
-    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in max_tokens]
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    assert_all_blocks_free(llm)
-    return [o.outputs[0].token_ids for o in outs]
 
 
 def test_ranks_hold_half_the_heads_and_kv_cache(case):
