@@ -10,18 +10,25 @@ import pytest
 from minipaged.config import DEFAULT_DISABLE_BY_BATCH_SIZE
 from minipaged.entrypoints.cli import main
 
+SPEC = '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}'
 
-def test_latency_copy_workload_with_speculation(tmp_path, capsys):
+
+def run_latency(tmp_path, workload: str, batch_size: int, output_len: int, *extra: str) -> dict:
+    """``bench latency`` of a tiny model with n-gram speculation (k = 3), greedy, one thread, no warm-up;
+    returns its JSON result."""
     from tiny_models import make_tiny_model_dir
 
     model = make_tiny_model_dir(tmp_path / "model", max_model_len=512)
     out = tmp_path / "latency.json"
-    spec = '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}'
-    argv = ["--batch-size", "3", "--output-len", "6", "--num-iters", "1", "--num-iters-warmup", "0"]
-    argv += ["--workload", "copy", "--temperature", "0", "--model", str(model), "--speculative-config", spec]
-    assert main(["bench", "latency", *argv, "--threads", "1", "--out", str(out)]) == 0
+    argv = ["--batch-size", str(batch_size), "--output-len", str(output_len), "--num-iters-warmup", "0"]
+    argv += ["--workload", workload, "--temperature", "0", "--model", str(model), "--speculative-config", SPEC]
+    assert main(["bench", "latency", *argv, *extra, "--threads", "1", "--out", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def test_latency_copy_workload_with_speculation(tmp_path, capsys):
+    result = run_latency(tmp_path, "copy", 3, 6, "--num-iters", "1")
     assert "speculation (last run)" in capsys.readouterr().out
-    result = json.loads(out.read_text())
     assert result["output_tokens"] == 3 * 6 and result["workload"] == "copy"
     s = result["speculation"]
     # A random-weight model rarely repeats its prompt, so drafts may be few or none; the counters agree.
@@ -44,15 +51,7 @@ def test_nomatch_prompts_repeat_no_token():
 
 @pytest.mark.parametrize("batch_size", [4, 16])
 def test_latency_nomatch_workload_batched_with_speculation(tmp_path, batch_size):
-    from tiny_models import make_tiny_model_dir
-
-    model = make_tiny_model_dir(tmp_path / "model", max_model_len=512)
-    out = tmp_path / "latency.json"
-    spec = '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}'
-    argv = ["--batch-size", str(batch_size), "--input-len", "12", "--output-len", "5", "--num-iters", "1"]
-    argv += ["--num-iters-warmup", "0", "--workload", "nomatch", "--temperature", "0", "--model", str(model)]
-    assert main(["bench", "latency", *argv, "--speculative-config", spec, "--threads", "1", "--out", str(out)]) == 0
-    result = json.loads(out.read_text())
+    result = run_latency(tmp_path, "nomatch", batch_size, 5, "--input-len", "12", "--num-iters", "1")
     assert result["output_tokens"] == batch_size * 5 and result["prompt_tokens"] == batch_size * 12
     assert result["workload"] == "nomatch" and result["batch_size"] == batch_size
     s = result["speculation"]
@@ -64,16 +63,8 @@ def test_latency_nomatch_workload_batched_with_speculation(tmp_path, batch_size)
 
 
 def test_latency_compare_plain_alternates_with_an_engine_without_speculation(tmp_path, capsys):
-    from tiny_models import make_tiny_model_dir
-
-    model = make_tiny_model_dir(tmp_path / "model", max_model_len=512)
-    out = tmp_path / "latency.json"
-    spec = '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}'
-    argv = ["--batch-size", "2", "--output-len", "5", "--num-iters", "3", "--num-iters-warmup", "0"]
-    argv += ["--workload", "copy", "--temperature", "0", "--model", str(model), "--speculative-config", spec]
-    assert main(["bench", "latency", *argv, "--compare-plain", "--threads", "1", "--out", str(out)]) == 0
+    result = run_latency(tmp_path, "copy", 2, 5, "--num-iters", "3", "--compare-plain")
     assert "without speculation" in capsys.readouterr().out
-    result = json.loads(out.read_text())
     plain, spec_runs = result["plain"]["latencies_s"], result["latencies_s"]
     assert len(plain) == len(spec_runs) == 3 and result["plain"]["output_len"] == 5
     ratios = sorted(p / s for p, s in zip(plain, spec_runs))
