@@ -107,6 +107,21 @@ def greedy_outputs(llm: LLM, prompts: list[list[int]], max_tokens: list[int], **
     return outs
 
 
+def max_greedy_z(a: torch.Tensor, b: torch.Tensor, greedy_path: list[int]) -> float:
+    """Largest two-proportion z statistic over positions 1..3 of 'the token is the greedy one', between
+    two equally many samples ``a`` and ``b`` ``[trials, >= 4]`` of the first tokens (position 0 is
+    sampled before any draft exists)."""
+    trials = a.shape[0]
+    assert b.shape[0] == trials
+    z = []
+    for pos in range(1, 4):
+        pa = (a[:, pos] == greedy_path[pos]).double().mean()
+        pb = (b[:, pos] == greedy_path[pos]).double().mean()
+        pooled = (pa + pb) / 2
+        z.append(float(abs(pa - pb) / torch.sqrt(2 * pooled * (1 - pooled) / trials)))
+    return max(z)
+
+
 def greedy_token_ids(llm: LLM, prompts: list[list[int]], max_tokens: list[int], **params) -> list[list[int]]:
     """The first completion's token ids of each of ``greedy_outputs``."""
     return [o.outputs[0].token_ids for o in greedy_outputs(llm, prompts, max_tokens, **params)]

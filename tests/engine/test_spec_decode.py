@@ -14,6 +14,7 @@ import pytest
 import torch
 from tiny_models import VOCAB, assert_all_blocks_free, make_llm, make_prompts, tiny_hf_model
 from tiny_models import greedy_outputs as greedy  # noqa: F401
+from tiny_models import max_greedy_z as max_z
 
 import minipaged.engine.core as engine_core
 from minipaged import SamplingParams
@@ -178,18 +179,6 @@ def sampled_tokens(model, greedy_path, monkeypatch, speculate: bool, resample_re
         stats = llm.engine_core.stats()
         assert 0 < stats.spec_num_accepted_tokens < stats.spec_num_draft_tokens  # both branches ran
     return torch.tensor([o.outputs[0].token_ids for o in outs])
-
-
-def max_z(a: torch.Tensor, b: torch.Tensor, greedy_path: list[int]) -> float:
-    """Largest two-proportion z statistic over positions 1..3 of 'the token is the greedy one'
-    (position 0 is sampled before any draft exists)."""
-    z = []
-    for pos in range(1, 4):
-        pa = (a[:, pos] == greedy_path[pos]).double().mean()
-        pb = (b[:, pos] == greedy_path[pos]).double().mean()
-        pooled = (pa + pb) / 2
-        z.append(float(abs(pa - pb) / torch.sqrt(2 * pooled * (1 - pooled) / TRIALS)))
-    return max(z)
 
 
 # |z| < 4 fails a correct sampler with probability ~2e-4 per position (and the seeds are fixed).

@@ -24,6 +24,9 @@ from tiny_models import (
     tiny_hf_model,
     tiny_llama,
 )
+from tiny_models import (
+    max_greedy_z as max_z,
+)
 
 import minipaged.spec_decode.draft_model as draft_model
 from minipaged import SamplingParams
@@ -317,18 +320,6 @@ def sampled_tokens(model, draft_dir):
     assert_all_blocks_free(llm)
     tokens = torch.tensor([o.outputs[0].token_ids for o in outs[:TRIALS]])
     return tokens, [o.outputs[0].token_ids for o in outs[TRIALS:]], llm.engine_core.stats()
-
-
-def max_z(a: torch.Tensor, b: torch.Tensor, greedy_path: list[int]) -> float:
-    """Largest two-proportion z statistic over positions 1..3 of 'the token is the greedy one'
-    (position 0 is sampled before any draft exists)."""
-    z = []
-    for pos in range(1, 4):
-        pa = (a[:, pos] == greedy_path[pos]).double().mean()
-        pb = (b[:, pos] == greedy_path[pos]).double().mean()
-        pooled = (pa + pb) / 2
-        z.append(float(abs(pa - pb) / torch.sqrt(2 * pooled * (1 - pooled) / TRIALS)))
-    return max(z)
 
 
 @pytest.fixture(scope="module")

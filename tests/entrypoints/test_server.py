@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tool_cases import WEATHER_TOOL
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
@@ -756,18 +757,6 @@ def test_fuzz_the_api_from_its_openapi_schema(server):
 
 
 # ---- streamed forced tool calls ------------------------------------------------------------
-WEATHER_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "parameters": {
-            "type": "object",
-            "properties": {"unit": {"enum": ["C", "F"]}, "hours": {"type": "integer", "minimum": 0, "maximum": 48}},
-            "required": ["unit", "hours"],
-            "additionalProperties": False,
-        },
-    },
-}
 CLOCK_TOOL = {
     "type": "function",
     "function": {

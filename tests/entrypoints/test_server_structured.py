@@ -12,6 +12,7 @@ import re
 
 import jsonschema
 import pytest
+from tool_cases import WEATHER_TOOL
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
@@ -25,18 +26,6 @@ SCHEMA = {
     "properties": {"city": {"enum": ["Paris", "Rome"]}, "days": {"type": "integer", "minimum": 1, "maximum": 9}},
     "required": ["city", "days"],
     "additionalProperties": False,
-}
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "parameters": {
-            "type": "object",
-            "properties": {"unit": {"enum": ["C", "F"]}, "hours": {"type": "integer", "minimum": 0, "maximum": 48}},
-            "required": ["unit", "hours"],
-            "additionalProperties": False,
-        },
-    },
 }
 CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
 CHAT = [{"role": "user", "content": "Plan a trip."}]
@@ -103,19 +92,19 @@ def test_forced_tool_calls(hf, tokenizer):
     responses, stats, matchers = run(
         hf,
         tokenizer,
-        chat(tools=[WEATHER, CLOCK], tool_choice=named, seed=1),
-        chat(tools=[WEATHER, CLOCK], tool_choice="required", seed=2, max_tokens=100),
+        chat(tools=[WEATHER_TOOL, CLOCK], tool_choice=named, seed=1),
+        chat(tools=[WEATHER_TOOL, CLOCK], tool_choice="required", seed=2, max_tokens=100),
     )
     assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
     choice = responses[0].json()["choices"][0]
     assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
     (call,) = choice["message"]["tool_calls"]
     assert call["type"] == "function" and call["function"]["name"] == "get_weather"
-    jsonschema.validate(json.loads(call["function"]["arguments"]), WEATHER["function"]["parameters"])
+    jsonschema.validate(json.loads(call["function"]["arguments"]), WEATHER_TOOL["function"]["parameters"])
     choice = responses[1].json()["choices"][0]
     assert choice["finish_reason"] == "tool_calls"
     (call,) = choice["message"]["tool_calls"]
-    tool = {"get_weather": WEATHER, "get_time": CLOCK}[call["function"]["name"]]
+    tool = {"get_weather": WEATHER_TOOL, "get_time": CLOCK}[call["function"]["name"]]
     jsonschema.validate(json.loads(call["function"]["arguments"]), tool["function"]["parameters"])
     assert stats.used_blocks == 0 and matchers == 0
 
@@ -134,9 +123,9 @@ def test_forced_tool_calls(hf, tokenizer):
             completion(structured_outputs={"choice": ["a"]}, response_format={"type": "json_object"}),
             "structured_outputs",
         ),
-        (chat(tools=[WEATHER]), "tool_choice"),
-        (chat(tools=[WEATHER], tool_choice="auto"), "tool_choice"),
-        (chat(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "nope"}}), "tool_choice"),
+        (chat(tools=[WEATHER_TOOL]), "tool_choice"),
+        (chat(tools=[WEATHER_TOOL], tool_choice="auto"), "tool_choice"),
+        (chat(tools=[WEATHER_TOOL], tool_choice={"type": "function", "function": {"name": "nope"}}), "tool_choice"),
     ],
 )
 def test_bad_specs_are_400s_naming_the_field(hf, tokenizer, request_, param):
