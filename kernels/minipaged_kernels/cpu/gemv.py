@@ -41,21 +41,29 @@ def applies_to(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     """Whether ``linear`` takes these operands: numba present, at most ``MAX_ROWS`` rows of fp32
     CPU ``x [rows, in_features]``, a dense fp32 CPU ``weight [out_features, in_features]``, a
     ``bias`` that is ``None`` or fp32 CPU ``[out_features]``, no autograd."""
+    return _weight_fits(weight) and _inputs_fit(x, weight, bias)
+
+
+def _weight_fits(weight: torch.Tensor) -> bool:
+    """numba present and ``weight`` a dense fp32 CPU matrix."""
     return (
         numba is not None
-        and x.dim() == 2
-        and 1 <= x.shape[0] <= MAX_ROWS
-        and x.device.type == "cpu"
-        and weight.device.type == "cpu"
-        and x.dtype == torch.float32
-        and weight.dtype == torch.float32
         and weight.layout == torch.strided
+        and weight.is_cpu
+        and weight.dtype == torch.float32
         and weight.dim() == 2
-        and weight.shape[1] == x.shape[1]
-        and (
-            bias is None
-            or (bias.device.type == "cpu" and bias.dtype == torch.float32 and bias.shape == (weight.shape[0],))
-        )
+    )
+
+
+def _inputs_fit(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """The checks of ``applies_to`` on ``x`` and ``bias``, for a ``weight`` that ``_weight_fits``."""
+    return (
+        x.dim() == 2
+        and 1 <= x.shape[0] <= MAX_ROWS
+        and x.shape[1] == weight.shape[1]
+        and x.dtype == torch.float32
+        and x.is_cpu
+        and (bias is None or (bias.is_cpu and bias.dtype == torch.float32 and bias.shape == (weight.shape[0],)))
         and not (
             torch.is_grad_enabled()
             and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
@@ -151,20 +159,7 @@ class DenseWeight:
 
     def takes(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
         """``applies_to(x, self.weight, bias)``, without re-checking the weight."""
-        return (
-            x.dim() == 2
-            and 1 <= x.shape[0] <= MAX_ROWS
-            and x.shape[1] == self._array.shape[1]
-            and x.dtype == torch.float32
-            and x.is_cpu
-            and (
-                bias is None or (bias.is_cpu and bias.dtype == torch.float32 and bias.shape == (self._array.shape[0],))
-            )
-            and not (
-                torch.is_grad_enabled()
-                and (x.requires_grad or self.weight.requires_grad or (bias is not None and bias.requires_grad))
-            )
-        )
+        return _inputs_fit(x, self.weight, bias)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``F.linear(x, self.weight, bias)`` for operands ``takes`` accepts (not checked again here):
@@ -174,11 +169,4 @@ class DenseWeight:
 
 def weight_applies(weight: torch.Tensor) -> bool:
     """Whether ``DenseWeight`` takes ``weight``: numba present, a dense contiguous fp32 CPU matrix."""
-    return (
-        numba is not None
-        and weight.layout == torch.strided
-        and weight.is_cpu
-        and weight.dtype == torch.float32
-        and weight.dim() == 2
-        and weight.is_contiguous()
-    )
+    return _weight_fits(weight) and weight.is_contiguous()
