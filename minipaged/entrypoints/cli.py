@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import signal
 import sys
 import threading
@@ -242,11 +241,6 @@ def main(argv: list[str] | None = None) -> int:
     return _run_reporting_errors(lambda: run(args), args)
 
 
-def _launched_by_torchrun() -> bool:
-    """One rank of a multi-process torchrun job (the environment ``minipaged.distributed.torchrun_rank`` reads)."""
-    return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
 def _run_reporting_errors(run: Callable[[], int], args: argparse.Namespace) -> int:
     """``run()``, with a typed input error or Ctrl-C turned into one stderr line and an exit status.
 
@@ -256,10 +250,11 @@ def _run_reporting_errors(run: Callable[[], int], args: argparse.Namespace) -> i
     cluster schedulers send, stops a rank the same way (uvicorn catches both while serving and
     re-raises the one it caught once it has shut down).
     """
+    from minipaged.distributed import torchrun_rank
     from minipaged.errors import InputError
     from minipaged.models.loader import ModelNotFoundError
 
-    launched = _launched_by_torchrun()
+    launched = torchrun_rank() is not None
     if launched and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, signal.default_int_handler)
     with warnings.catch_warnings():
