@@ -11,6 +11,9 @@ request left the thread ends (an idle server uses no CPU, and an engine dropped 
 ``shutdown`` holds no thread); the next request starts another. A request added
 while a step runs joins the batch at the next step: continuous batching across HTTP requests.
 
+The engine is built on a short-lived thread of its own, not the caller's (``_load_off_caller_thread``
+says why): the engine thread is then the only thread that owns torch's OpenMP workers.
+
 ``generate`` is an async iterator over one request's outputs. Cancelling the task that
 consumes it (a client that went away) or closing it aborts the request; its blocks are
 freed before the next step. The event loop only appends to the inbox (under a lock)
@@ -29,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from minipaged.core.sequence import SequenceStatus
+from minipaged.distributed import torchrun_rank
 from minipaged.engine.core import EngineStats, load_engine
 from minipaged.engine.inputs import chat_prompts, check_messages, check_params, check_priority, parse_prompt
 from minipaged.engine.output_processor import OutputProcessor
@@ -57,6 +61,42 @@ class _Abort:
     request_id: str
 
 
+def _load_off_caller_thread(model: Any, tokenizer: Any, kwargs: dict[str, Any]) -> tuple[Any, Any]:
+    """``load_engine`` on a thread of its own that has ended by the time this returns.
+
+    torch's OpenMP runtime (libgomp) gives every thread that enters a parallel region a team of
+    workers that lives as long as that thread. Once two threads own teams on a host with no more
+    cores than their threads, it stops letting idle workers spin and puts them to sleep instead,
+    so every parallel region of a step pays a wake-up: a decode step on the engine thread took
+    about 1.4x as long with the caller's thread (the server's event loop) holding the team that
+    loading the model gave it. Loading on a thread that ends frees that team with it, and the
+    engine thread is then the only owner. Re-measure: ``python -m minipaged bench serve`` at rate 1
+    against ``bench latency --batch-size 1``, or time ``LLM.generate`` on a thread with and without
+    a parallel torch op on the main thread first.
+
+    A non-zero torchrun rank loads on the caller's thread: there loading serves that rank until
+    rank 0 shuts down, with signal handling that only the main thread can install.
+    """
+    launched = torchrun_rank()
+    if launched is not None and launched[0] != 0:
+        return load_engine(model, tokenizer, **kwargs)
+    result: list[Any] = []
+
+    def load() -> None:
+        try:
+            result.append(load_engine(model, tokenizer, **kwargs))
+        except BaseException as exc:  # re-raised on the caller's thread
+            result.append(exc)
+
+    # A daemon, so that an interrupted caller can exit while a long load is still in progress.
+    loader = threading.Thread(target=load, name="minipaged-load", daemon=True)
+    loader.start()
+    loader.join()
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]
+
+
 # What the engine thread hands the event loop after a step: (request id, its cumulative output).
 _Delivery = list[tuple[str, RequestOutput]]
 
@@ -65,7 +105,7 @@ class AsyncLLM:
     """An asyncio front end over one engine core; same constructor arguments as ``LLM``."""
 
     def __init__(self, model: Any = None, *, tokenizer: Any = None, **kwargs: Any) -> None:
-        self.engine_core, self.tokenizer = load_engine(model, tokenizer, **kwargs)
+        self.engine_core, self.tokenizer = _load_off_caller_thread(model, tokenizer, kwargs)
         self.engine_core.cap_max_model_len_to_cache()
         self.processor = OutputProcessor(self.tokenizer)
         self._queues: dict[str, asyncio.Queue] = {}  # the event loop's only

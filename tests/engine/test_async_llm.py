@@ -14,7 +14,12 @@ from conftest import SMOLLM2_VOCAB as VOCAB
 
 from minipaged import LLM, SamplingParams
 from minipaged.engine.async_llm import AsyncLLM, EngineDeadError
-from minipaged.errors import InvalidPromptError, InvalidSamplingParamsError, PromptTooLongError
+from minipaged.errors import (
+    InvalidEngineConfigError,
+    InvalidPromptError,
+    InvalidSamplingParamsError,
+    PromptTooLongError,
+)
 from minipaged.models import build_model_from_hf
 
 
@@ -317,3 +322,30 @@ def test_every_step_runs_on_one_engine_thread(hf):
         await engine.shutdown()
 
     asyncio.run(main())
+
+
+def test_loading_leaves_the_callers_thread_without_work(hf, monkeypatch):
+    """The engine is built on a thread that has ended when the constructor returns, so the caller's
+    thread (a server's event loop) never owns an OpenMP team of its own beside the engine thread's;
+    a load that fails there raises its own typed error here."""
+    import threading
+
+    import minipaged.engine.async_llm as async_llm
+
+    loaders = []
+    real_load = async_llm.load_engine
+
+    def recording_load(*args, **kwargs):
+        loaders.append(threading.current_thread())
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(async_llm, "load_engine", recording_load)
+    engine = AsyncLLM(build_model_from_hf(hf), **engine_kwargs())
+    assert len(loaders) == 1 and loaders[0] is not threading.current_thread() and not loaders[0].is_alive()
+    out = asyncio.run(collect(engine, prompts(13, 1)[0], greedy(4)))
+    assert len(out.outputs[0].token_ids) == 4
+    assert_idle_and_free(engine)
+    asyncio.run(engine.shutdown())
+    with pytest.raises(InvalidEngineConfigError, match="block_size"):
+        AsyncLLM(build_model_from_hf(hf), **engine_kwargs(block_size=0))
+    assert len(loaders) == 2 and loaders[1] is not threading.current_thread()
