@@ -74,11 +74,12 @@ def _load_off_caller_thread(model: Any, tokenizer: Any, kwargs: dict[str, Any]) 
     against ``bench latency --batch-size 1``, or time ``LLM.generate`` on a thread with and without
     a parallel torch op on the main thread first.
 
-    A non-zero torchrun rank loads on the caller's thread: there loading serves that rank until
-    rank 0 shuts down, with signal handling that only the main thread can install.
+    A tensor- or pipeline-parallel engine loads on the caller's thread: the ranks torch spawns
+    are told to stop when the thread that spawned them ends (``PR_SET_PDEATHSIG``), and under
+    torchrun a rank's signal handling can be installed by the main thread only.
     """
-    launched = torchrun_rank()
-    if launched is not None and launched[0] != 0:
+    parallel = [kwargs.get(name) for name in ("tensor_parallel_size", "pipeline_parallel_size")]
+    if torchrun_rank() is not None or any(isinstance(size, int) and size > 1 for size in parallel):
         return load_engine(model, tokenizer, **kwargs)
     result: list[Any] = []
 
