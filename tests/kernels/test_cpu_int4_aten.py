@@ -66,6 +66,20 @@ def test_unpack_reads_back_the_values(k, group_size, shuffled):
     assert torch.equal(int4_aten.unpack(w), qf.unpack_int32(pw.qweight, 4, k))
 
 
+@pytest.mark.parametrize(
+    ("k", "group_size", "shuffled"), [(576, 128, False), (576, 128, True), (160, 64, True), (100, None, False)]
+)
+def test_format_scales_reads_back_the_scales(k, group_size, shuffled):
+    """Each format group's scale is read back exactly from ATen's copy, however its groups were cut or
+    reordered (the layer then keeps no second copy); a format group no row uses has none to read."""
+    gen = seeded_generator()
+    pw = random_packed(k, 64, 4, group_size, shuffled=shuffled, scale_dtype=torch.bfloat16, gen=gen)
+    w = int4_aten.pack(pw, torch.bfloat16)
+    groups = pw.scales.shape[0]
+    assert torch.equal(int4_aten.format_scales(w, groups), pw.scales)
+    assert int4_aten.format_scales(w, groups + 1) is None
+
+
 def test_a_wrong_zero_point_is_caught():
     """The tolerance is tight enough to see a zero point off by one in one group."""
     gen = seeded_generator()

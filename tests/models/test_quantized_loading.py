@@ -527,25 +527,44 @@ def test_bf16_engine_hands_4bit_layers_to_atens_int4_kernel(tmp_path, scheme):
     assert_greedy_under(reference, prompts, greedy(llm, prompts, max_tokens), tol=0.15)
 
 
-def test_a_layer_given_atens_layout_keeps_one_copy_and_gives_the_words_back():
-    """``pack_int4`` replaces ``qweight`` (memory counted once), ``state_dict`` and the other CPU paths get the
-    canonical words back exactly, and fp32 rows still multiply through them."""
+@pytest.mark.parametrize(
+    "symmetric, scale_dtype, actorder",
+    [
+        (False, torch.bfloat16, False),
+        (True, torch.bfloat16, False),
+        (True, torch.float16, False),
+        (True, torch.bfloat16, True),
+    ],
+    ids=["asymmetric", "symmetric", "fp16-scales", "act-order"],
+)
+def test_a_layer_given_atens_layout_keeps_one_copy_and_gives_the_tensors_back(symmetric, scale_dtype, actorder):
+    """``pack_int4`` replaces ``qweight``, the scales when ATen's copy holds them exactly (same dtype) and the
+    zero points when all are 8 (memory counted once); ``state_dict`` and the other CPU paths get the format's
+    tensors back exactly, and fp32 rows still multiply through them."""
     from minipaged_kernels import cpu as cpu_kernels
 
     if cpu_kernels.load("int4_aten") is None:
         pytest.skip("this PyTorch has no int4 CPU kernel")
     gen = torch.Generator().manual_seed(3)
     k, n, gs = 96, 48, 32
-    layer = QuantLinear(k, n, False, bits=4, group_size=gs, has_g_idx=False, scale_dtype=torch.bfloat16)
+    layer = QuantLinear(k, n, False, bits=4, group_size=gs, has_g_idx=actorder, scale_dtype=scale_dtype)
     layer.qweight.copy_(qf.pack_int32(torch.randint(0, 16, (k, n), generator=gen, dtype=torch.int32), 4))
-    layer.zeros.copy_(torch.randint(1, 16, (k // gs, n), generator=gen, dtype=torch.int32))
-    layer.scales.copy_((torch.rand(k // gs, n, generator=gen) * 0.05 + 0.01).bfloat16())
-    words, before = layer.qweight.clone(), weight_bytes(layer)["packed"]
-    assert layer.pack_int4(torch.bfloat16) == words.nbytes
-    assert layer.qweight is None and weight_bytes(layer)["packed"] == before - words.nbytes + layer.int4.nbytes()
-    assert layer.int4.weight.nbytes == words.nbytes  # the 4-bit words are held once
-    assert torch.equal(layer.state_dict()["qweight"], words)
-    assert torch.equal(layer.packed_weight().qweight, words)
+    zeros = torch.full((k // gs, n), 8) if symmetric else torch.randint(1, 16, (k // gs, n), generator=gen)
+    layer.zeros.copy_(zeros)
+    layer.scales.copy_(torch.rand(k // gs, n, generator=gen) * 0.05 + 0.01)
+    if actorder:
+        layer.g_idx.copy_((torch.arange(k) // gs)[torch.randperm(k, generator=gen)])
+    loaded = {name: t.clone() for name, t in layer.state_dict().items()}
+    before = weight_bytes(layer)["packed"]
+    released = [loaded["qweight"]] + [loaded["scales"]] * (scale_dtype == torch.bfloat16) + [zeros.int()] * symmetric
+    assert layer.pack_int4(torch.bfloat16) == sum(t.nbytes for t in released)
+    assert layer.qweight is None and (layer.scales is None) == (scale_dtype == torch.bfloat16)
+    assert (layer.zeros is None) == symmetric
+    assert weight_bytes(layer)["packed"] == before - sum(t.nbytes for t in released) + layer.int4.nbytes()
+    assert layer.int4.weight.nbytes == loaded["qweight"].nbytes  # the 4-bit words are held once
+    state = layer.state_dict()
+    assert state.keys() == loaded.keys() and all(torch.equal(state[name], t) for name, t in loaded.items())
+    assert all(state[name].dtype == t.dtype for name, t in loaded.items())
     x = torch.randn(3, k, generator=gen)
     ref = x.double() @ qf.dequantize(layer.packed_weight(), torch.float64)
     with torch.no_grad():

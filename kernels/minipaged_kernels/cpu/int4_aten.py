@@ -56,7 +56,8 @@ class Int4Weight:
     ``weight`` uint8 ``[N, K_pad / 2]`` (ATen's blocked order), ``scale_zeros [K_pad / g, N, 2]`` in
     the activation dtype (``[..., 0]`` scales, ``[..., 1]`` zeros as ATen defines them),
     ``group_size`` ATen's ``g``, ``in_features`` K, ``padded_in_features`` K_pad,
-    ``perm`` int64 ``[K]`` (column order of ``x``) or ``None`` when K is in order.
+    ``perm`` int64 ``[K]`` (column order of ``x``) or ``None`` when K is in order, ``group_of`` int64
+    ``[K_pad / g]``, the format group each ATen group was cut from (non-decreasing).
     """
 
     weight: torch.Tensor
@@ -65,6 +66,7 @@ class Int4Weight:
     in_features: int
     padded_in_features: int
     perm: torch.Tensor | None
+    group_of: torch.Tensor
 
     @property
     def out_features(self) -> int:
@@ -78,7 +80,7 @@ class Int4Weight:
 
     def nbytes(self) -> int:
         """Bytes held: packed weight, scales and zeros, permutation."""
-        held = (self.weight, self.scale_zeros) + ((self.perm,) if self.perm is not None else ())
+        held = (self.weight, self.scale_zeros, self.group_of) + ((self.perm,) if self.perm is not None else ())
         return sum(t.numel() * t.element_size() for t in held)
 
 
@@ -142,7 +144,7 @@ def pack(pw: PackedWeight, dtype: torch.dtype) -> Int4Weight:
     zeros = (8 - pw.zeros.double()[starts]) * scales
     weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.t().contiguous().int(), 1)
     scale_zeros = torch.stack([scales, zeros], dim=-1).to(dtype).contiguous()
-    return Int4Weight(weight, scale_zeros, g, k, k + pad, perm)
+    return Int4Weight(weight, scale_zeros, g, k, k + pad, perm, starts.contiguous())
 
 
 def matmul(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -158,6 +160,17 @@ def matmul(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None) -> 
         x = F.pad(x, (0, w.padded_in_features - w.in_features))
     out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), w.weight, w.group_size, w.scale_zeros)
     return out if bias is None else out.add_(bias)
+
+
+def format_scales(w: Int4Weight, num_groups: int) -> torch.Tensor | None:
+    """The format's scales ``[num_groups, N]`` in ``w.dtype``, read back from ATen's copy (each format
+    group's first ATen group); ``None`` when some format group has no ATen group (no row of K uses it),
+    so that its scale is not held. Equal to the format's scales when those were in ``w.dtype``."""
+    wanted = torch.arange(num_groups)
+    first = torch.searchsorted(w.group_of, wanted)
+    if bool((first >= w.group_of.numel()).any()) or not torch.equal(w.group_of[first], wanted):
+        return None
+    return w.scale_zeros[first, :, 0].contiguous()
 
 
 def unpack(w: Int4Weight) -> torch.Tensor:

@@ -100,22 +100,32 @@ class QuantLinear(nn.Module):
         )
 
     def packed_weight(self) -> qf.PackedWeight:
-        """The layer's weight as the kernels' ``PackedWeight`` (views of the buffers; ``qweight`` rebuilt from
-        ATen's layout when ``pack_int4_in_place`` replaced it)."""
-        qweight = self.qweight
-        if qweight is None:
-            qweight = qf.pack_int32(cpu_kernels.load("int4_aten").unpack(self.int4), 4)
-            return self._view(qweight)
+        """The layer's weight as the kernels' ``PackedWeight`` (views of the buffers; ``qweight``, and the
+        ``scales`` / ``zeros`` ``pack_int4`` released, rebuilt from ATen's layout)."""
+        if self.int4 is not None:
+            return self._rebuilt()
         key = self._key()
         if self._packed_key != key:  # the shape checks once per set of buffers, not on every forward
-            self._packed, self._packed_key = self._view(qweight), key
+            self._packed, self._packed_key = self._view(self.qweight, self.scales, self.zeros), key
         return self._packed
 
-    def _view(self, qweight: torch.Tensor) -> qf.PackedWeight:
+    def _rebuilt(self) -> qf.PackedWeight:
+        """The format's tensors of a weight held in ATen's layout, exactly as they were loaded."""
+        aten, groups = cpu_kernels.load("int4_aten"), self._num_groups()
+        qweight = qf.pack_int32(aten.unpack(self.int4), 4)
+        scales = self.scales if self.scales is not None else aten.format_scales(self.int4, groups)
+        zeros = self.zeros
+        if zeros is None:  # released only when every zero point was 8
+            zeros = torch.full((groups, self.out_features), 8, dtype=torch.int32)
+        return self._view(qweight, scales, zeros)
+
+    def _num_groups(self) -> int:
+        return -(-self.in_features // self.group_size)
+
+    def _view(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> qf.PackedWeight:
         return qf.PackedWeight(
-            qweight, self.scales, self.zeros, self.g_idx, self.bits, self.group_size, self.in_features,
-            self.out_features,
-        )  # fmt: skip
+            qweight, scales, zeros, self.g_idx, self.bits, self.group_size, self.in_features, self.out_features
+        )
 
     def _prepared(self, kernel):
         """``kernel.prepare`` of this layer's weight, kept while the buffers stay the same tensors."""
@@ -125,20 +135,34 @@ class QuantLinear(nn.Module):
         return self._cpu_arrays
 
     def pack_int4(self, dtype: torch.dtype) -> int:
-        """Give a 4-bit CPU weight ATen's int4 layout for ``dtype`` rows, replacing ``qweight``; returns the
-        bytes released (0 when ``cpu.int4_aten`` cannot take this weight, which then stays as it is)."""
+        """Give a 4-bit CPU weight ATen's int4 layout for ``dtype`` rows in place of the format's tensors;
+        returns the bytes released (0 when ``cpu.int4_aten`` cannot take this weight, which then stays as
+        it is).
+
+        ``qweight`` always goes; ``scales`` too when ATen's copy holds them exactly (the same dtype), and
+        ``zeros`` when every zero point is 8 (symmetric weights). ``packed_weight`` and ``state_dict``
+        rebuild them exactly, so that the layer holds one copy of its weight, not two.
+        """
         kernel = cpu_kernels.load("int4_aten")
-        if kernel is None or self.qweight is None or kernel.unsupported_reason(self.packed_weight(), dtype):
+        if kernel is None or self.int4 is not None or kernel.unsupported_reason(self.packed_weight(), dtype):
             return 0
         self.int4 = kernel.pack(self.packed_weight(), dtype)
-        released = self.qweight.numel() * self.qweight.element_size()
-        self.qweight, self._packed, self._packed_key, self._cpu_arrays, self._cpu_key = None, None, None, None, None
+        released = _nbytes(self.qweight)
+        self.qweight = None
+        scales = kernel.format_scales(self.int4, self._num_groups())
+        if scales is not None and scales.dtype == self.scales.dtype and torch.equal(scales, self.scales):
+            released, self.scales = released + _nbytes(self.scales), None
+        if bool((self.zeros == 8).all()):
+            released, self.zeros = released + _nbytes(self.zeros), None
+        self._packed, self._packed_key, self._cpu_arrays, self._cpu_key = None, None, None, None
         return released
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.qweight is None and self.int4 is not None:  # a checkpoint holds the canonical words
-            destination[prefix + "qweight"] = self.packed_weight().qweight
+        if self.int4 is not None:  # a checkpoint holds the format's tensors, not ATen's layout
+            pw = self.packed_weight()
+            for name in ("qweight", "scales", "zeros"):
+                destination[prefix + name] = getattr(pw, name)
 
     def extra_repr(self) -> str:
         order = ", g_idx" if self.g_idx is not None else ""
@@ -174,9 +198,13 @@ class QuantLinear(nn.Module):
         return F.linear(x, weight.t(), bias)
 
 
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
 def pack_int4_in_place(module: nn.Module, dtype: torch.dtype) -> int:
     """``QuantLinear.pack_int4`` on every 4-bit layer of ``module`` that ATen's int4 CPU kernel can take for
-    ``dtype`` rows; returns the bytes of ``qweight`` released (ATen's copy is the same size)."""
+    ``dtype`` rows; returns the bytes of the format's tensors released (ATen's copy takes about as much)."""
     return sum(layer.pack_int4(dtype) for layer in module.modules() if isinstance(layer, QuantLinear))
 
 
@@ -202,7 +230,7 @@ def weight_bytes(module: nn.Module) -> dict[str, int]:
                 dense += size
         if quant and sub.int4 is not None:
             packed += sub.int4.nbytes()
-        if quant and sub._cpu_arrays is not None and sub.scales.dtype != torch.float32:
+        if quant and sub._cpu_arrays is not None and (sub.scales is None or sub.scales.dtype != torch.float32):
             packed += sub._cpu_arrays.scales.nbytes  # the CPU kernel's fp32 copy of the scales
         kept = getattr(sub, "dense_weight", None)  # pack_in_place's fp32 copy for the few-row kernel
         if isinstance(kept, torch.Tensor) and id(kept) not in seen:
