@@ -59,7 +59,9 @@ class RMSNorm(nn.Module):
             x = x.add_(residual)
         if x.dtype == torch.float32:
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps), x
-        return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype), x
+        # torch normalises 16-bit rows in fp32 and rounds once (the same bits as x.float() in, .to() out),
+        # then the weight multiplies in the model dtype, as transformers' LlamaRMSNorm does.
+        return self.weight * F.rms_norm(x, self.weight.shape, None, self.eps), x
 
 
 def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:

@@ -177,8 +177,9 @@ class QuantLinear(nn.Module):
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``x @ W (+ bias)`` by the path the module docstring describes."""
-        if self.int4 is not None and x.dtype == self.int4.dtype and x.device.type == "cpu":
-            return cpu_kernels.load("int4_aten").matmul(x, self.int4, bias)
+        int4 = self.int4
+        if int4 is not None and x.dtype == int4.scale_zeros.dtype and x.device.type == "cpu" and x.dim() == 2:
+            return cpu_kernels.load("int4_aten").matmul_unchecked(x, int4, bias)  # K is the layer's own
         pw = self.packed_weight()
         if x.device.type == "cuda":
             from minipaged_kernels.quant_linear import quant_matmul
