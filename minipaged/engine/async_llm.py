@@ -7,8 +7,9 @@ that hit a stop string, then hand that step's outputs to the event loop in one b
 starts at once: it never waits for the event loop to get a turn, so a busy loop (many
 streams to frame and send) does not stretch the gap between steps. torch releases the
 GIL inside its kernels, so the event loop keeps serving connections meanwhile. With no
-request left the thread ends (an idle server uses no CPU, and an engine dropped without
-``shutdown`` holds no thread); the next request starts another. A request added
+request left the thread waits, without using CPU, up to ``idle_linger_s`` for the next one, then
+ends (an engine dropped without ``shutdown`` holds no thread for long); the next request starts
+another. A request added
 while a step runs joins the batch at the next step: continuous batching across HTTP requests.
 
 The engine is built on a short-lived thread of its own, not the caller's (``_load_off_caller_thread``
@@ -98,6 +99,13 @@ def _load_off_caller_thread(model: Any, tokenizer: Any, kwargs: dict[str, Any]) 
     return result[0]
 
 
+# How long an idle engine thread waits for the next request before it ends. A fresh thread's first
+# step costs tens of milliseconds more than the next ones (torch's OpenMP team and the allocator's
+# per-thread state start cold), which a server whose requests arrive seconds apart would pay on
+# nearly every request; a thread that never ended would keep a dropped engine alive.
+IDLE_LINGER_S = 10.0
+
+
 # What the engine thread hands the event loop after a step: (request id, its cumulative output).
 _Delivery = list[tuple[str, RequestOutput]]
 
@@ -112,6 +120,8 @@ class AsyncLLM:
         self._queues: dict[str, asyncio.Queue] = {}  # the event loop's only
         self._inbox: list[_Add | _Abort] = []  # in arrival order; guarded by _lock
         self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)  # an idle engine thread waits on it for work
+        self.idle_linger_s = IDLE_LINGER_S
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # where outputs are delivered
         self._dead: BaseException | None = None
@@ -217,6 +227,7 @@ class AsyncLLM:
         with self._lock:
             self._inbox.extend(_Abort(rid) for rid in self._queues)
             self._stopping = True
+            self._wake.notify()
         thread = self._thread
         if thread is not None:
             await asyncio.to_thread(thread.join)  # the step in flight finishes first
@@ -248,6 +259,8 @@ class AsyncLLM:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._engine_thread, name="minipaged-engine", daemon=True)
                 self._thread.start()
+            else:
+                self._wake.notify()
 
     def _deliver(self, delivered: _Delivery) -> None:
         """On the event loop: each output to its request's queue (requests already gone are skipped)."""
@@ -278,8 +291,10 @@ class AsyncLLM:
             while True:
                 with self._lock:
                     if not self._inbox and not self._stopping and not core.has_unfinished():
-                        self._thread = None  # idle: the next request starts a fresh thread
-                        return
+                        self._wake.wait(self.idle_linger_s)
+                        if not self._inbox and not self._stopping:
+                            self._thread = None  # idle: the next request starts a fresh thread
+                            return
                     ops, self._inbox = self._inbox, []
                     stopping = self._stopping
                 delivered = self._apply(ops)

@@ -22,6 +22,8 @@ from minipaged.errors import (
 )
 from minipaged.models import build_model_from_hf
 
+HANG_GUARD_S = 60.0
+
 
 def engine_kwargs(**kw):
     kw.setdefault("num_kv_blocks", 48)
@@ -93,6 +95,7 @@ def test_stop_strings_and_n_over_async_equal_offline(hf, tokenizer):
 def test_cancel_midway_aborts_and_frees_blocks(hf):
     async def main():
         engine = AsyncLLM(build_model_from_hf(hf), **engine_kwargs())
+        engine.idle_linger_s = 0.05  # the end of the test waits for the idle thread to end
         seen: dict[int, int] = {}
 
         async def consume(i, p):
@@ -112,7 +115,7 @@ def test_cancel_midway_aborts_and_frees_blocks(hf):
         assert all(isinstance(r, asyncio.CancelledError) for r in results[::2])
         assert all(len(r.outputs[0].token_ids) == 40 for r in results[1::2])
         assert_idle_and_free(engine)
-        # Idle: the engine thread ends instead of stepping.
+        # Idle: the engine thread ends, once it has waited idle_linger_s for more work, instead of stepping.
         steps = len(engine.engine_core.trace)
         for _ in range(12000):  # a hang guard only
             if engine._thread is None:
@@ -349,3 +352,37 @@ def test_loading_leaves_the_callers_thread_without_work(hf, monkeypatch):
     with pytest.raises(InvalidEngineConfigError, match="block_size"):
         AsyncLLM(build_model_from_hf(hf), **engine_kwargs(block_size=0))
     assert len(loaders) == 2 and loaders[1] is not threading.current_thread()
+
+
+def test_an_idle_engine_thread_waits_for_the_next_request_then_ends(hf):
+    """A request that comes while the idle thread lingers is stepped by that same thread (no cold start);
+    once nothing has come for ``idle_linger_s`` the thread ends, and the next request starts a new one."""
+    import threading
+
+    async def main():
+        engine = AsyncLLM(build_model_from_hf(hf), **engine_kwargs())
+        engine.idle_linger_s = 30.0
+        step, callers = engine.engine_core.step, []
+
+        def recording_step():
+            callers.append(threading.current_thread())
+            return step()
+
+        engine.engine_core.step = recording_step
+        for seed in (14, 15):  # the second arrives while the first one's thread waits
+            await collect(engine, prompts(seed, 1)[0], greedy(3))
+            await asyncio.sleep(0.05)
+        lingering = callers[-1]
+        assert len(set(callers)) == 1 and lingering.is_alive()
+        engine.idle_linger_s = 0.05
+        await engine.abort("nothing")  # wakes the waiting thread, which now waits 0.05 s at most
+        lingering.join(HANG_GUARD_S)
+        assert not lingering.is_alive() and engine._thread is None
+        engine.idle_linger_s = 10 * HANG_GUARD_S
+        await collect(engine, prompts(16, 1)[0], greedy(3))
+        assert callers[-1] is not lingering
+        assert_idle_and_free(engine)
+        await asyncio.wait_for(engine.shutdown(), HANG_GUARD_S)  # it wakes the waiting thread, not waits it out
+        assert not callers[-1].is_alive()
+
+    asyncio.run(main())
