@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from rank_failures import alive
 from tiny_models import SMOL_DIR, hf_greedy, make_prompts, make_tiny_model_dir, tiny_hf_model
 
 from minipaged import LLM, SamplingParams
@@ -91,14 +92,6 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def _kill_sessions(pids: list[int]) -> None:
     """SIGKILL every process in ``pids`` and the sessions they lead (torchrun starts each rank in its own)."""
     for pid in pids:
@@ -163,9 +156,9 @@ class TwoNodes:
     def assert_no_process_left(self) -> None:
         """Every process either node started ends (the reaped agents' ranks may still be exiting)."""
         deadline = time.monotonic() + 15
-        while any(_alive(pid) for pid in self.started) and time.monotonic() < deadline:
+        while any(alive(pid) for pid in self.started) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not [pid for pid in self.started if _alive(pid)]
+        assert not [pid for pid in self.started if alive(pid)]
 
     def close(self) -> None:
         for agent in self.agents:

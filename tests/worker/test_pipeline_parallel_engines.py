@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import pytest
+from rank_failures import alive
 from tiny_models import greedy_token_ids as greedy  # noqa: F401  one_thread: autouse
 from tiny_models import hf_greedy, make_prompts, tiny_hf_model
 
@@ -12,14 +13,6 @@ from minipaged.models import build_model_from_hf
 from minipaged.worker.pipeline import overlapping_batches, stage_busy_seconds
 
 BLOCKS = 18
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +60,7 @@ def test_pipeline_with_tensor_parallel_stages(data):
         assert k_cache.shape[2] == llm.model_config.num_kv_heads // 2
         assert greedy(llm, prompts, max_tokens) == expected
         pids = executor.worker_pids
-    assert not any(_alive(pid) for pid in pids)
+    assert not any(alive(pid) for pid in pids)
 
 
 def test_checkpoint_directory_is_read_per_stage(data, tmp_path):
