@@ -81,7 +81,7 @@ class Int4Weight:
     def nbytes(self) -> int:
         """Bytes held: packed weight, scales and zeros, permutation."""
         held = (self.weight, self.scale_zeros, self.group_of) + ((self.perm,) if self.perm is not None else ())
-        return sum(t.numel() * t.element_size() for t in held)
+        return sum(t.nbytes for t in held)
 
 
 def _group_rows(pw: PackedWeight) -> tuple[torch.Tensor | None, torch.Tensor]:

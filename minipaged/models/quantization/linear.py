@@ -8,8 +8,9 @@ and a dense ``bias [N]``. Its forward picks the fastest way to multiply here:
 - CUDA: the Triton dequantize-in-registers kernel ``quant_linear.quant_matmul``;
 - CPU, bf16 / fp16 rows on a 4-bit weight that ``pack_int4_in_place`` gave ATen's layout (the engine's CPU
   worker does so for a 16-bit model): PyTorch's own int4 kernel (``cpu.int4_aten``), at any row count. The
-  layer then holds that layout *instead of* ``qweight`` (one copy of the 4-bit weights), and rebuilds
-  ``qweight`` exactly whenever another path or ``state_dict`` asks for it;
+  layer then holds that layout *instead of* ``qweight`` (one copy of the 4-bit weights), and of ``scales`` /
+  ``zeros`` where ATen's copy holds them exactly, and rebuilds them whenever another path or ``state_dict``
+  asks for them;
 - CPU with numba, at most ``FEW_ROWS`` rows (small-batch decode) of fp32 or bf16: ``cpu.quant_gemv`` streams
   the packed words and dequantizes in registers, reading ~bits/32 of an fp32 weight's bytes (its arrays, built
   once per weight, are kept on the layer);
@@ -144,16 +145,19 @@ class QuantLinear(nn.Module):
         rebuild them exactly, so that the layer holds one copy of its weight, not two.
         """
         kernel = cpu_kernels.load("int4_aten")
-        if kernel is None or self.int4 is not None or kernel.unsupported_reason(self.packed_weight(), dtype):
+        if kernel is None or self.int4 is not None:
             return 0
-        self.int4 = kernel.pack(self.packed_weight(), dtype)
-        released = _nbytes(self.qweight)
+        pw = self.packed_weight()
+        if kernel.unsupported_reason(pw, dtype):
+            return 0
+        self.int4 = kernel.pack(pw, dtype)
+        released = self.qweight.nbytes
         self.qweight = None
         scales = kernel.format_scales(self.int4, self._num_groups())
         if scales is not None and scales.dtype == self.scales.dtype and torch.equal(scales, self.scales):
-            released, self.scales = released + _nbytes(self.scales), None
+            released, self.scales = released + self.scales.nbytes, None
         if bool((self.zeros == 8).all()):
-            released, self.zeros = released + _nbytes(self.zeros), None
+            released, self.zeros = released + self.zeros.nbytes, None
         self._packed, self._packed_key, self._cpu_arrays, self._cpu_key = None, None, None, None
         return released
 
@@ -197,10 +201,6 @@ class QuantLinear(nn.Module):
         weight = self.scratch.get(self.in_features, self.out_features, x.dtype, x.device)
         weight.copy_(qf.dequantize(pw, x.dtype))
         return F.linear(x, weight.t(), bias)
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
 
 
 def pack_int4_in_place(module: nn.Module, dtype: torch.dtype) -> int:
