@@ -12,8 +12,11 @@ ends (an engine dropped without ``shutdown`` holds no thread for long); the next
 another. A request added
 while a step runs joins the batch at the next step: continuous batching across HTTP requests.
 
-The engine is built on a short-lived thread of its own, not the caller's (``_load_off_caller_thread``
-says why): the engine thread is then the only thread that owns torch's OpenMP workers.
+The engine is not built on the caller's thread (``_load_off_caller_thread`` says why), so that
+the engine thread is the only thread that owns torch's OpenMP workers. A one-process engine is
+built on a short-lived loader thread. A tensor- or pipeline-parallel engine is built by its
+engine thread, which then stays until ``shutdown`` (``idle_linger_s`` is ``None``): the rank
+processes it spawns live only as long as the thread that spawned them.
 
 ``generate`` is an async iterator over one request's outputs. Cancelling the task that
 consumes it (a client that went away) or closing it aborts the request; its blocks are
@@ -62,6 +65,12 @@ class _Abort:
     request_id: str
 
 
+def _spawns_ranks(kwargs: dict[str, Any]) -> bool:
+    """Whether ``load_engine(**kwargs)`` starts tensor- or pipeline-parallel rank processes of its own."""
+    sizes = [kwargs.get(name) for name in ("tensor_parallel_size", "pipeline_parallel_size")]
+    return torchrun_rank() is None and any(isinstance(size, int) and size > 1 for size in sizes)
+
+
 def _load_off_caller_thread(model: Any, tokenizer: Any, kwargs: dict[str, Any]) -> tuple[Any, Any]:
     """``load_engine`` on a thread of its own that has ended by the time this returns.
 
@@ -75,12 +84,11 @@ def _load_off_caller_thread(model: Any, tokenizer: Any, kwargs: dict[str, Any]) 
     against ``bench latency --batch-size 1``, or time ``LLM.generate`` on a thread with and without
     a parallel torch op on the main thread first.
 
-    A tensor- or pipeline-parallel engine loads on the caller's thread: the ranks torch spawns
-    are told to stop when the thread that spawned them ends (``PR_SET_PDEATHSIG``), and under
-    torchrun a rank's signal handling can be installed by the main thread only.
+    Under torchrun the engine loads on the caller's thread: a rank's signal handling can be
+    installed by the main thread only. (An engine that spawns its ranks is built by its engine
+    thread instead: ``AsyncLLM._load_on_engine_thread``.)
     """
-    parallel = [kwargs.get(name) for name in ("tensor_parallel_size", "pipeline_parallel_size")]
-    if torchrun_rank() is not None or any(isinstance(size, int) and size > 1 for size in parallel):
+    if torchrun_rank() is not None:
         return load_engine(model, tokenizer, **kwargs)
     result: list[Any] = []
 
@@ -114,20 +122,24 @@ class AsyncLLM:
     """An asyncio front end over one engine core; same constructor arguments as ``LLM``."""
 
     def __init__(self, model: Any = None, *, tokenizer: Any = None, **kwargs: Any) -> None:
-        self.engine_core, self.tokenizer = _load_off_caller_thread(model, tokenizer, kwargs)
-        self.engine_core.cap_max_model_len_to_cache()
-        self.processor = OutputProcessor(self.tokenizer)
         self._queues: dict[str, asyncio.Queue] = {}  # the event loop's only
         self._inbox: list[_Add | _Abort] = []  # in arrival order; guarded by _lock
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)  # an idle engine thread waits on it for work
-        self.idle_linger_s = IDLE_LINGER_S
+        # None: the engine thread stays until shutdown (it spawned the ranks, which end with it).
+        self.idle_linger_s: float | None = None if _spawns_ranks(kwargs) else IDLE_LINGER_S
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # where outputs are delivered
         self._dead: BaseException | None = None
         self._stopping = False
-        self._stats = self.engine_core.stats()
         self._ids = itertools.count()
+        if self.idle_linger_s is None:
+            self.engine_core, self.tokenizer = self._load_on_engine_thread(model, tokenizer, kwargs)
+        else:
+            self.engine_core, self.tokenizer = _load_off_caller_thread(model, tokenizer, kwargs)
+        self.engine_core.cap_max_model_len_to_cache()
+        self.processor = OutputProcessor(self.tokenizer)
+        self._stats = self.engine_core.stats()
 
     @property
     def config(self):
@@ -257,7 +269,9 @@ class AsyncLLM:
                 return
             self._inbox.extend(ops)
             if self._thread is None:
-                self._thread = threading.Thread(target=self._engine_thread, name="minipaged-engine", daemon=True)
+                self._thread = threading.Thread(
+                    target=self._serve, args=(self.engine_core,), name="minipaged-engine", daemon=True
+                )
                 self._thread.start()
             else:
                 self._wake.notify()
@@ -285,14 +299,45 @@ class AsyncLLM:
         except RuntimeError:  # the loop closed while this thread worked
             pass
 
-    def _engine_thread(self) -> None:
-        core = self.engine_core
+    def _load_on_engine_thread(self, model: Any, tokenizer: Any, kwargs: dict[str, Any]) -> tuple[Any, Any]:
+        """Start the engine thread that builds the engine and then serves it until ``shutdown``;
+        returns ``(engine core, tokenizer)`` once built, or raises the load's error here."""
+        loaded: list[Any] = []
+        ready = threading.Event()
+
+        def build_then_serve() -> None:
+            try:
+                loaded.append(load_engine(model, tokenizer, **kwargs))
+            except BaseException as exc:  # re-raised on the caller's thread
+                loaded.append(exc)
+                return
+            finally:
+                ready.set()
+            self._serve(loaded[0][0])
+
+        self._thread = threading.Thread(target=build_then_serve, name="minipaged-engine", daemon=True)
+        self._thread.start()
+        ready.wait()
+        if isinstance(loaded[0], BaseException):
+            self._thread = None
+            raise loaded[0]
+        return loaded[0]
+
+    def _serve(self, core: Any) -> None:
+        """The engine thread's loop (see the module docstring); a thread that stays shuts ``core`` down
+        itself when it ends, before the ranks it spawned see it go."""
+        try:
+            self._serve_until_idle(core)
+        finally:
+            if self.idle_linger_s is None:
+                core.shutdown()
+
+    def _serve_until_idle(self, core: Any) -> None:
         try:
             while True:
                 with self._lock:
-                    if not self._inbox and not self._stopping and not core.has_unfinished():
-                        self._wake.wait(self.idle_linger_s)
-                        if not self._inbox and not self._stopping:
+                    while not self._inbox and not self._stopping and not core.has_unfinished():
+                        if not self._wake.wait(self.idle_linger_s):  # timed out: never with None
                             self._thread = None  # idle: the next request starts a fresh thread
                             return
                     ops, self._inbox = self._inbox, []
