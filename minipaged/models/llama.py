@@ -10,7 +10,7 @@ the hidden state so that each RMSNorm does the residual add too, and on CPU the 
 multiply by oneDNN pre-packed weights (``minipaged.models.linear``), which sums in a
 different order than transformers' MKL path (differences of a few fp32 ulps). fp32 CPU
 runs do RMSNorm (+ add) and RoPE in numba (``minipaged_kernels.cpu.fused_ops``), within an ulp
-or so of the PyTorch formulas used everywhere else; bf16 CPU runs do RoPE there, bit-equal.
+or so of the PyTorch formulas used everywhere else; bf16 CPU runs do both there, bit-equal.
 """
 
 from __future__ import annotations
@@ -53,8 +53,11 @@ class RMSNorm(nn.Module):
         The sum is written into ``x``. Taking the add here lets fp32 CPU runs do both in one
         pass (``minipaged_kernels.cpu.fused_ops``, vLLM's ``fused_add_rms_norm``).
         """
-        if (fused := _fused_ops()) is not None and fused.norm_applies_to(x, self.weight, residual):
-            return fused.add_rms_norm(x, self.weight, self.eps, residual)
+        if (fused := _fused_ops()) is not None:
+            if fused.norm_applies_to(x, self.weight, residual):
+                return fused.add_rms_norm(x, self.weight, self.eps, residual)
+            if fused.bf16_norm_applies_to(x, self.weight, residual):
+                return fused.add_rms_norm_bf16(x, self.weight, self.eps, residual)
         if residual is not None:
             x = x.add_(residual)
         if x.dtype == torch.float32:

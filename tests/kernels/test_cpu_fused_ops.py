@@ -4,6 +4,7 @@ Fresh random inputs each run (shapes from one row to a prefill, SmolLM2's and od
 outputs poisoned with NaN before the call, and the model-level switch checked both ways.
 """
 
+import platform
 import random
 
 import pytest
@@ -66,7 +67,7 @@ def test_rope_matches_torch_in_place_on_strided_columns(rows, heads, head_dim):
 def test_model_takes_rms_norm_for_fp32_and_rope_for_fp32_and_bf16_on_cpu():
     x, weight = torch.randn(4, 8), torch.randn(8)
     assert cpu_fused_ops.norm_applies_to(x, weight) and cpu_fused_ops.norm_applies_to(x, weight, x)
-    assert not cpu_fused_ops.norm_applies_to(x.bfloat16(), weight.bfloat16())  # see the module docstring
+    assert not cpu_fused_ops.norm_applies_to(x.bfloat16(), weight.bfloat16())  # bf16 has a kernel of its own
     assert not cpu_fused_ops.norm_applies_to(x, weight.bfloat16())  # a weight of another dtype
     assert not cpu_fused_ops.norm_applies_to(x, weight, x.to("meta"))
     assert not cpu_fused_ops.norm_applies_to(x.double(), weight.double())
@@ -132,3 +133,71 @@ def test_bf16_rope_in_the_model_equals_the_formula(monkeypatch):
     assert fused is rotated, "bf16 takes the in-place numba kernel"
     monkeypatch.setattr(llama, "_fused_ops", lambda: None)
     assert torch.equal(fused, llama.apply_rope(x.clone(), cos, sin))
+
+
+# PyTorch's x86 builds sum a float row with the 8-float vectors of their AVX2 kernel; elsewhere the
+# order may differ, and the model then keeps PyTorch's bf16 RMSNorm (``bf16_norm_matches_torch``).
+x86_only = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="PyTorch's x86 summation order")
+
+
+@x86_only
+@pytest.mark.parametrize("dim", [1, 7, 8, 37, 64, 576, 960, 2048, 4096, 5120, 16384])
+def test_torch_order_sum_is_torchs_sum_bit_for_bit(dim):
+    """The cascade, the leftover vectors and the scalar tail, for rows shorter than one vector up to
+    several cascade levels, over magnitudes where the order of additions shows."""
+    rows = (torch.randn(24, dim) * torch.logspace(-4, 4, 24)[:, None]).bfloat16()
+    expected = rows.float().pow(2).sum(-1)
+    got = torch.tensor([cpu_fused_ops.torch_order_sum(row) for row in rows])
+    assert torch.equal(got, expected)
+
+
+@x86_only
+@pytest.mark.parametrize("rows, dim", [(1, 576), (16, 576), (3, 7), (2, 2048), (5, 4096), (4, 960)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_bf16_add_rms_norm_is_bit_equal_to_torch(rows, dim, with_residual):
+    scale = random.uniform(0.01, 100.0)
+    x = (torch.randn(rows, dim) * scale).bfloat16()
+    residual = (torch.randn(rows, dim) * scale).bfloat16() if with_residual else None
+    weight = (torch.randn(dim) * 2).bfloat16()
+    eps = random.choice([1e-5, 1e-6])
+    summed = x.clone().add_(residual) if with_residual else x.clone()
+    expected = weight * F.rms_norm(summed, (dim,), None, eps)
+    assert cpu_fused_ops.bf16_norm_applies_to(x, weight, residual)
+    out, new_residual = cpu_fused_ops.add_rms_norm_bf16(x, weight, eps, residual)
+    assert new_residual is x, "the sum is written into x, which becomes the residual"
+    assert torch.equal(new_residual.view(torch.int16), summed.view(torch.int16))
+    assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
+
+
+def test_bf16_norm_is_refused_where_it_would_not_be_torchs(monkeypatch):
+    """Another summation order fails the per-size check, and the model keeps PyTorch's ops; so do
+    batches past the row limit, strided rows, other dtypes and autograd."""
+    x, weight = torch.randn(4, 40).bfloat16(), torch.rand(40).bfloat16()
+    assert cpu_fused_ops.bf16_norm_applies_to(x, weight, x) == (platform.machine() in ("x86_64", "AMD64"))
+    assert not cpu_fused_ops.bf16_norm_applies_to(
+        torch.randn(cpu_fused_ops.BF16_NORM_MAX_ROWS + 1, 40).bfloat16(), weight
+    )
+    assert not cpu_fused_ops.bf16_norm_applies_to(torch.randn(40, 4).bfloat16().t(), torch.rand(4).bfloat16())
+    assert not cpu_fused_ops.bf16_norm_applies_to(x, weight.float())
+    assert not cpu_fused_ops.bf16_norm_applies_to(x.half(), weight.half())
+    assert not cpu_fused_ops.bf16_norm_applies_to(x.requires_grad_(), weight)
+    monkeypatch.setattr(cpu_fused_ops, "TORCH_SUM_LANES", 16)  # the order of a 16-float vector kernel
+    cpu_fused_ops.bf16_norm_matches_torch.cache_clear()
+    try:
+        assert not cpu_fused_ops.bf16_norm_matches_torch(576)
+    finally:
+        cpu_fused_ops.bf16_norm_matches_torch.cache_clear()
+
+
+def test_bf16_rmsnorm_module_equals_the_formula(monkeypatch):
+    """The model's bf16 RMSNorm gives the same bits with the kernel and with PyTorch's ops."""
+    norm = llama.RMSNorm(576, 1e-5).bfloat16()
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(576) * 2)
+    x, residual = (torch.randn(3, 576) * 8).bfloat16(), (torch.randn(3, 576) * 8).bfloat16()
+    with torch.inference_mode():
+        fused = norm(x.clone(), residual)
+        monkeypatch.setattr(llama, "_fused_ops", lambda: None)
+        plain = norm(x.clone(), residual)
+    assert torch.equal(fused[0].view(torch.int16), plain[0].view(torch.int16))
+    assert torch.equal(fused[1].view(torch.int16), plain[1].view(torch.int16))

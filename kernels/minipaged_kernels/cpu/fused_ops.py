@@ -19,18 +19,35 @@ references', fp32, in the same order except RMSNorm's sum of squares (SIMD parti
 sums), so results differ from PyTorch's by an ulp or so, as its own kernels do across
 CPUs. RoPE also takes bf16, read as bit patterns (numba has no bf16), widened to fp32
 exactly, each product and difference rounded back to bf16 as PyTorch's bf16 ops round
-them: bit-equal to the bf16 formula. RMSNorm stays fp32 only: its bf16 formula rounds a
-value whose fp32 statistics depend on the order of the sum, so a kernel that sums in
-another order moves a few bf16 roundings per million, enough to change bf16 greedy tokens
-where two logits tie.
+them: bit-equal to the bf16 formula. RMSNorm in bf16 rounds a value whose fp32 statistics
+depend on the order of the sum of squares, and a kernel that summed in another order would
+move a few bf16 roundings per million, enough to change bf16 greedy tokens where two logits
+tie; so ``add_rms_norm_bf16`` sums in the order of PyTorch's CPU sum kernel
+(``torch_order_sum``) and is bit-equal to the bf16 formula, which
+``bf16_norm_matches_torch`` checks on this host before the model uses it.
 """
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from minipaged_kernels.cpu._jit import FASTMATH, numba
+
+# PyTorch's CPU sum kernel (ATen's SumKernel.cpp, ``cascade_sum``) reduces a contiguous row in
+# vectors of this many floats (its AVX2 build, which x86 CPUs with AVX-512 run too), in 4 interleaved
+# accumulators, each cascaded over 4 levels of 16 steps. ``torch_order_sum`` follows it.
+TORCH_SUM_LANES = 8
+# Rows at least this long may be split across threads by PyTorch's reduction (its grain size),
+# which changes the order: ``add_rms_norm_bf16`` is not used for them.
+TORCH_REDUCE_GRAIN = 32768
+# Up to this many rows the bf16 kernel takes less time than PyTorch's ops (one thread against two,
+# about 9 against 15 us at one 576-wide row, level near 20 rows); re-measure by timing
+# ``add_rms_norm_bf16`` against ``weight * F.rms_norm(x.add_(residual), ...)`` at 1-32 rows.
+BF16_NORM_MAX_ROWS = 16
 
 
 def available() -> bool:
@@ -97,6 +114,80 @@ def _rms_norm_rows(x, residual, weight, eps, out):
             out[t, d] = (x[t, d] * inv) * weight[d]
 
 
+def _torch_order_sum(x, lanes, acc):
+    """Sum of the squares of bf16 bit patterns ``x [D]``, in fp32, added in the order of PyTorch's CPU
+    sum kernel over a contiguous row: ``D // lanes`` vectors, taken 4 at a time into 4 accumulators
+    that cascade through 4 levels every 16 steps, then the leftover vectors, the accumulators in turn,
+    the leftover elements, and the lanes one by one; a row shorter than one vector, as single floats.
+    ``acc`` is scratch ``[4, 4, lanes]`` fp32."""
+    dim = x.shape[0]
+    if dim < lanes:  # PyTorch's scalar kernel: the same cascade, over single floats
+        lanes = 1
+    num_vecs = dim // lanes
+    num_quads = num_vecs // 4
+    acc[:] = 0
+    level_power = 4  # max(4, ceil(log2(num_quads)) // 4): 4 for any row under TORCH_REDUCE_GRAIN
+    step = 1 << level_power
+    i = 0
+    while i + step <= num_quads:
+        for _ in range(step):
+            for k in range(4):
+                base = (i * 4 + k) * lanes
+                for lane in range(lanes):
+                    v = _bf16_to_f32(x[base + lane])
+                    acc[0, k, lane] += v * v
+            i += 1
+        for j in range(1, 4):
+            for k in range(4):
+                for lane in range(lanes):
+                    acc[j, k, lane] += acc[j - 1, k, lane]
+                    acc[j - 1, k, lane] = 0
+            if i & ((step - 1) << (j * level_power)):
+                break
+    while i < num_quads:
+        for k in range(4):
+            base = (i * 4 + k) * lanes
+            for lane in range(lanes):
+                v = _bf16_to_f32(x[base + lane])
+                acc[0, k, lane] += v * v
+        i += 1
+    for j in range(1, 4):
+        for k in range(4):
+            for lane in range(lanes):
+                acc[0, k, lane] += acc[j, k, lane]
+    for m in range(num_quads * 4, num_vecs):
+        for lane in range(lanes):
+            v = _bf16_to_f32(x[m * lanes + lane])
+            acc[0, 0, lane] += v * v
+    for k in range(1, 4):
+        for lane in range(lanes):
+            acc[0, 0, lane] += acc[0, k, lane]
+    total = np.float32(0.0)
+    for d in range(num_vecs * lanes, dim):
+        v = _bf16_to_f32(x[d])
+        total += v * v
+    for lane in range(lanes):
+        total += acc[0, 0, lane]
+    return total
+
+
+def _rms_norm_rows_bf16(x, residual, weight, eps, lanes, out):
+    """``_rms_norm_rows`` on bf16 bit patterns, rounding where the bf16 formula rounds: the residual sum
+    to bf16, the statistics in fp32 (``_torch_order_sum``), the normalised row to bf16, then its product
+    with the weight to bf16."""
+    num_rows, dim = x.shape
+    acc = np.empty((4, 4, lanes), np.float32)
+    for t in range(num_rows):
+        if residual is not None:
+            for d in range(dim):
+                x[t, d] = _f32_to_bf16(_bf16_to_f32(x[t, d]) + _bf16_to_f32(residual[t, d]))
+        mean = _torch_order_sum(x[t], lanes, acc) / np.float32(dim)
+        inv = np.float32(1.0) / np.sqrt(mean + eps)
+        for d in range(dim):
+            normed = _round_bf16(_bf16_to_f32(x[t, d]) * inv)
+            out[t, d] = _f32_to_bf16(normed * _bf16_to_f32(weight[d]))
+
+
 def _rope_rows(x, cos, sin):
     """Rotate ``x [T, H, D]`` in place: ``(x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)`` per head,
     ``cos``/``sin`` ``[T, D // 2]`` (each token's position already looked up)."""
@@ -136,6 +227,9 @@ if numba is not None:
     # RMSNorm's sum needs FASTMATH to vectorise; RoPE has no reduction and keeps PyTorch's
     # rounding without it (no FMA contraction of a * b - c * d).
     _rms_norm_rows = numba.njit(cache=True, fastmath=FASTMATH)(_rms_norm_rows)
+    # No fastmath: the point of these two is PyTorch's exact order of additions.
+    _torch_order_sum = numba.njit(cache=True)(_torch_order_sum)
+    _rms_norm_rows_bf16 = numba.njit(cache=True)(_rms_norm_rows_bf16)
     _rope_rows = numba.njit(cache=True)(_rope_rows)
     _rope_rows_bf16 = numba.njit(cache=True)(_rope_rows_bf16)
 
@@ -186,6 +280,74 @@ def add_rms_norm(
         x_np, None if residual is None else residual.numpy(), weight.detach().numpy(), np.float32(eps), out.numpy()
     )
     return out, x
+
+
+def bf16_norm_applies_to(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> bool:
+    """Whether ``add_rms_norm_bf16`` takes these: numba present, contiguous bf16 CPU rows ``[T, D]`` (and
+    weight, residual), ``T`` at most ``BF16_NORM_MAX_ROWS``, ``D`` under ``TORCH_REDUCE_GRAIN``, no
+    autograd, and the kernel bit-equal to PyTorch on this host for ``D`` (``bf16_norm_matches_torch``)."""
+    return (
+        numba is not None
+        and x.dtype == torch.bfloat16
+        and x.is_cpu
+        and x.dim() == 2
+        and x.shape[0] <= BF16_NORM_MAX_ROWS
+        and x.is_contiguous()
+        and weight.dtype == torch.bfloat16
+        and weight.is_contiguous()
+        and (residual is None or (residual.dtype == torch.bfloat16 and residual.is_contiguous()))
+        and not (x.requires_grad and torch.is_grad_enabled())
+        and x.shape[1] < TORCH_REDUCE_GRAIN
+        and bf16_norm_matches_torch(x.shape[1])
+    )
+
+
+def add_rms_norm_bf16(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``add_rms_norm`` for bf16: ``(weight * rms_norm(x + residual), x + residual)``, bit-equal to
+    PyTorch's bf16 ops (``x.add_(residual)``, then ``weight * F.rms_norm(x, (D,), None, eps)``) where
+    ``bf16_norm_applies_to``; the sum is written into ``x``."""
+    out = torch.empty_like(x)
+    _rms_norm_rows_bf16(
+        _bits(x),
+        None if residual is None else _bits(residual),
+        _bits(weight.detach()),
+        np.float32(eps),
+        TORCH_SUM_LANES,
+        _bits(out),
+    )
+    return out, x
+
+
+def torch_order_sum(x: torch.Tensor) -> float:
+    """The fp32 sum of squares of a bf16 row ``x [D]`` in PyTorch's CPU summation order (for tests)."""
+    return float(
+        _torch_order_sum(_bits(x.contiguous()), TORCH_SUM_LANES, np.empty((4, 4, TORCH_SUM_LANES), np.float32))
+    )
+
+
+@functools.cache
+def bf16_norm_matches_torch(dim: int) -> bool:
+    """Whether ``add_rms_norm_bf16`` gives PyTorch's bits for rows of ``dim`` on this host (a CPU or PyTorch
+    build that sums in another order does not), checked once per ``dim`` on seeded random rows: the fp32
+    sums of squares themselves (where another order shows in most rows; in the bf16 output it shows
+    a few times per million elements), then the outputs."""
+    if numba is None:
+        return False
+    gen = torch.Generator().manual_seed(dim)
+    rows = (torch.randn(16, dim, generator=gen) * torch.logspace(-3, 3, 16)[:, None]).bfloat16()
+    sums = torch.tensor([torch_order_sum(row) for row in rows], dtype=torch.float32)
+    if not torch.equal(sums, rows.float().pow(2).sum(-1)):
+        return False
+    residual = torch.randn(16, dim, generator=gen).bfloat16()
+    weight = torch.rand(dim, generator=gen).bfloat16()
+    expected_sum = rows.clone().add_(residual)
+    expected = weight * F.rms_norm(expected_sum, (dim,), None, 1e-6)
+    got, got_sum = add_rms_norm_bf16(rows.clone(), weight, 1e-6, residual)
+    return torch.equal(got.view(torch.int16), expected.view(torch.int16)) and torch.equal(
+        got_sum.view(torch.int16), expected_sum.view(torch.int16)
+    )
 
 
 def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
