@@ -114,6 +114,16 @@ def _rms_norm_rows(x, residual, weight, eps, out):
             out[t, d] = (x[t, d] * inv) * weight[d]
 
 
+def _add_squares(x, quad, lanes, acc):
+    """``acc[0, k] += x[v] * x[v]`` lane by lane for the 4 vectors ``v = 4 * quad + k`` of bf16 bit
+    patterns ``x`` (``lanes`` floats each)."""
+    for k in range(4):
+        base = (quad * 4 + k) * lanes
+        for lane in range(lanes):
+            v = _bf16_to_f32(x[base + lane])
+            acc[0, k, lane] += v * v
+
+
 def _torch_order_sum(x, lanes, acc):
     """Sum of the squares of bf16 bit patterns ``x [D]``, in fp32, added in the order of PyTorch's CPU
     sum kernel over a contiguous row: ``D // lanes`` vectors, taken 4 at a time into 4 accumulators
@@ -131,37 +141,24 @@ def _torch_order_sum(x, lanes, acc):
     i = 0
     while i + step <= num_quads:
         for _ in range(step):
-            for k in range(4):
-                base = (i * 4 + k) * lanes
-                for lane in range(lanes):
-                    v = _bf16_to_f32(x[base + lane])
-                    acc[0, k, lane] += v * v
+            _add_squares(x, i, lanes, acc)
             i += 1
-        for j in range(1, 4):
-            for k in range(4):
-                for lane in range(lanes):
-                    acc[j, k, lane] += acc[j - 1, k, lane]
-                    acc[j - 1, k, lane] = 0
+        for j in range(1, 4):  # carry each level into the next, as far as i's bits say
+            acc[j] += acc[j - 1]
+            acc[j - 1] = 0
             if i & ((step - 1) << (j * level_power)):
                 break
     while i < num_quads:
-        for k in range(4):
-            base = (i * 4 + k) * lanes
-            for lane in range(lanes):
-                v = _bf16_to_f32(x[base + lane])
-                acc[0, k, lane] += v * v
+        _add_squares(x, i, lanes, acc)
         i += 1
     for j in range(1, 4):
-        for k in range(4):
-            for lane in range(lanes):
-                acc[0, k, lane] += acc[j, k, lane]
+        acc[0] += acc[j]
     for m in range(num_quads * 4, num_vecs):
         for lane in range(lanes):
             v = _bf16_to_f32(x[m * lanes + lane])
             acc[0, 0, lane] += v * v
     for k in range(1, 4):
-        for lane in range(lanes):
-            acc[0, 0, lane] += acc[0, k, lane]
+        acc[0, 0] += acc[0, k]
     total = np.float32(0.0)
     for d in range(num_vecs * lanes, dim):
         v = _bf16_to_f32(x[d])
@@ -227,7 +224,8 @@ if numba is not None:
     # RMSNorm's sum needs FASTMATH to vectorise; RoPE has no reduction and keeps PyTorch's
     # rounding without it (no FMA contraction of a * b - c * d).
     _rms_norm_rows = numba.njit(cache=True, fastmath=FASTMATH)(_rms_norm_rows)
-    # No fastmath: the point of these two is PyTorch's exact order of additions.
+    # No fastmath: the point of these is PyTorch's exact order of additions.
+    _add_squares = numba.njit(inline="always")(_add_squares)
     _torch_order_sum = numba.njit(cache=True)(_torch_order_sum)
     _rms_norm_rows_bf16 = numba.njit(cache=True)(_rms_norm_rows_bf16)
     _rope_rows = numba.njit(cache=True)(_rope_rows)
