@@ -8,15 +8,16 @@ starts at once: it never waits for the event loop to get a turn, so a busy loop 
 streams to frame and send) does not stretch the gap between steps. torch releases the
 GIL inside its kernels, so the event loop keeps serving connections meanwhile. With no
 request left the thread waits, without using CPU, up to ``idle_linger_s`` for the next one, then
-ends (an engine dropped without ``shutdown`` holds no thread for long); the next request starts
-another. A request added
-while a step runs joins the batch at the next step: continuous batching across HTTP requests.
+ends (a one-process engine dropped without ``shutdown`` holds no thread for long); the next request
+starts another. A request added while a step runs joins the batch at the next step: continuous
+batching across HTTP requests.
 
 The engine is not built on the caller's thread (``_load_off_caller_thread`` says why), so that
 the engine thread is the only thread that owns torch's OpenMP workers. A one-process engine is
 built on a short-lived loader thread. A tensor- or pipeline-parallel engine is built by its
-engine thread, which then stays until ``shutdown`` (``idle_linger_s`` is ``None``): the rank
-processes it spawns live only as long as the thread that spawned them.
+engine thread, which then stays until ``shutdown``, however long it idles, and stops the ranks
+itself: the rank processes live only as long as the thread that spawned them. Such an engine
+dropped without ``shutdown`` keeps its thread and ranks until the process exits.
 
 ``generate`` is an async iterator over one request's outputs. Cancelling the task that
 consumes it (a client that went away) or closing it aborts the request; its blocks are
@@ -110,7 +111,7 @@ def _load_off_caller_thread(model: Any, tokenizer: Any, kwargs: dict[str, Any]) 
 # How long an idle engine thread waits for the next request before it ends. A fresh thread's first
 # step costs tens of milliseconds more than the next ones (torch's OpenMP team and the allocator's
 # per-thread state start cold), which a server whose requests arrive seconds apart would pay on
-# nearly every request; a thread that never ended would keep a dropped engine alive.
+# nearly every request; a thread that never ended would keep a dropped one-process engine alive.
 IDLE_LINGER_S = 10.0
 
 
@@ -126,20 +127,27 @@ class AsyncLLM:
         self._inbox: list[_Add | _Abort] = []  # in arrival order; guarded by _lock
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)  # an idle engine thread waits on it for work
-        # None: the engine thread stays until shutdown (it spawned the ranks, which end with it).
-        self.idle_linger_s: float | None = None if _spawns_ranks(kwargs) else IDLE_LINGER_S
+        self.idle_linger_s = IDLE_LINGER_S
+        # The engine thread spawned the rank processes, which end with it: it stays until shutdown.
+        self._owns_ranks = _spawns_ranks(kwargs)
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # where outputs are delivered
         self._dead: BaseException | None = None
         self._stopping = False
         self._ids = itertools.count()
-        if self.idle_linger_s is None:
-            self.engine_core, self.tokenizer = self._load_on_engine_thread(model, tokenizer, kwargs)
-        else:
-            self.engine_core, self.tokenizer = _load_off_caller_thread(model, tokenizer, kwargs)
-        self.engine_core.cap_max_model_len_to_cache()
-        self.processor = OutputProcessor(self.tokenizer)
-        self._stats = self.engine_core.stats()
+        try:
+            if self._owns_ranks:
+                self.engine_core, self.tokenizer = self._load_on_engine_thread(model, tokenizer, kwargs)
+            else:
+                self.engine_core, self.tokenizer = _load_off_caller_thread(model, tokenizer, kwargs)
+            self.engine_core.cap_max_model_len_to_cache()
+            self.processor = OutputProcessor(self.tokenizer)
+            self._stats = self.engine_core.stats()
+        except BaseException:  # an engine thread that already serves (or will) stops and shuts its engine down
+            with self._lock:
+                self._stopping = True
+                self._wake.notify()
+            raise
 
     @property
     def config(self):
@@ -317,19 +325,19 @@ class AsyncLLM:
 
         self._thread = threading.Thread(target=build_then_serve, name="minipaged-engine", daemon=True)
         self._thread.start()
-        ready.wait()
+        ready.wait()  # an interrupt here reaches __init__, which tells the thread to stop once built
         if isinstance(loaded[0], BaseException):
             self._thread = None
             raise loaded[0]
         return loaded[0]
 
     def _serve(self, core: Any) -> None:
-        """The engine thread's loop (see the module docstring); a thread that stays shuts ``core`` down
-        itself when it ends, before the ranks it spawned see it go."""
+        """The engine thread's loop (see the module docstring); a thread that spawned the ranks shuts
+        ``core`` down itself when it ends, before the ranks see it go."""
         try:
             self._serve_until_idle(core)
         finally:
-            if self.idle_linger_s is None:
+            if self._owns_ranks:
                 core.shutdown()
 
     def _serve_until_idle(self, core: Any) -> None:
@@ -337,7 +345,9 @@ class AsyncLLM:
             while True:
                 with self._lock:
                     while not self._inbox and not self._stopping and not core.has_unfinished():
-                        if not self._wake.wait(self.idle_linger_s):  # timed out: never with None
+                        timed_out = not self._wake.wait(None if self._owns_ranks else self.idle_linger_s)
+                        # A request can come between the timeout and taking the lock back: look again.
+                        if timed_out and not self._inbox and not self._stopping:
                             self._thread = None  # idle: the next request starts a fresh thread
                             return
                     ops, self._inbox = self._inbox, []

@@ -12,7 +12,6 @@ import random
 import threading
 
 import pytest
-from conftest import SMOLLM2_VOCAB
 from rank_failures import alive
 
 import minipaged.engine.async_llm as async_llm
@@ -25,10 +24,10 @@ HANG_GUARD_S = 60.0
 KWARGS = {"num_kv_blocks": 48, "block_size": 4}
 
 
-def prompts(seed: int, count: int) -> list[dict]:
+def prompts(seed: int, count: int, vocab_size: int) -> list[dict]:
     rng = random.Random(seed)
     return [
-        {"prompt_token_ids": [rng.randrange(3, SMOLLM2_VOCAB) for _ in range(rng.randint(2, 10))]} for _ in range(count)
+        {"prompt_token_ids": [rng.randrange(3, vocab_size) for _ in range(rng.randint(2, 10))]} for _ in range(count)
     ]
 
 
@@ -44,7 +43,8 @@ def test_one_thread_builds_steps_and_shuts_down_a_tensor_parallel_engine(hf, mon
         return real_load(*args, **kwargs)
 
     monkeypatch.setattr(async_llm, "load_engine", recording_load)
-    batch = prompts(21, 3)
+    monkeypatch.setattr(async_llm, "IDLE_LINGER_S", 0.05)  # a one-process engine's thread would end in each gap
+    batch = prompts(21, 3, hf.config.vocab_size)
     single = LLM(build_model_from_hf(hf), **KWARGS)
     expected = [o.outputs[0].token_ids for o in single.generate(batch, greedy(5), use_tqdm=False)]
 
@@ -52,7 +52,6 @@ def test_one_thread_builds_steps_and_shuts_down_a_tensor_parallel_engine(hf, mon
         engine = AsyncLLM(build_model_from_hf(hf), tensor_parallel_size=2, **KWARGS)
         builder = loaders[-1]
         assert builder is not threading.current_thread() and builder.is_alive()
-        assert engine.idle_linger_s is None
         pids = engine.engine_core.worker.worker_pids
         step, steppers = engine.engine_core.step, []
 
@@ -75,6 +74,31 @@ def test_one_thread_builds_steps_and_shuts_down_a_tensor_parallel_engine(hf, mon
     asyncio.run(main())
 
 
-def test_a_failed_parallel_build_raises_on_the_caller(hf):
+def engine_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "minipaged-engine"]
+
+
+def test_a_failed_parallel_build_raises_on_the_caller_and_leaves_nothing(hf):
     with pytest.raises(InvalidEngineConfigError, match="block_size"):
         AsyncLLM(build_model_from_hf(hf), tensor_parallel_size=2, **{**KWARGS, "block_size": 0})
+    assert not engine_threads()
+
+
+def test_a_failure_after_the_build_stops_the_engine_thread_and_its_ranks(hf, monkeypatch):
+    """Once built, the engine thread serves; if the constructor fails after that, it must still end,
+    and take the ranks down with it, since no one holds the engine to shut it down."""
+    from minipaged.engine.core import EngineCore
+
+    pids = []
+
+    def fail(core):
+        pids.extend(core.worker.worker_pids)
+        raise RuntimeError("after the build")
+
+    monkeypatch.setattr(EngineCore, "cap_max_model_len_to_cache", fail)
+    with pytest.raises(RuntimeError, match="after the build"):
+        AsyncLLM(build_model_from_hf(hf), tensor_parallel_size=2, **KWARGS)
+    assert pids
+    for thread in engine_threads():
+        thread.join(HANG_GUARD_S)
+    assert not engine_threads() and not any(alive(pid) for pid in pids)
