@@ -56,7 +56,7 @@ class RMSNorm(nn.Module):
         if (fused := _fused_ops()) is not None:
             if fused.norm_applies_to(x, self.weight, residual):
                 return fused.add_rms_norm(x, self.weight, self.eps, residual)
-            if fused.bf16_norm_applies_to(x, self.weight, residual):
+            if fused.bf16_norm_applies_to(x, self.weight, self.eps, residual):
                 return fused.add_rms_norm_bf16(x, self.weight, self.eps, residual)
         if residual is not None:
             x = x.add_(residual)

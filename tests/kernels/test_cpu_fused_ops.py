@@ -152,9 +152,10 @@ def test_torch_order_sum_is_torchs_sum_bit_for_bit(dim):
 
 
 @x86_only
-@pytest.mark.parametrize("rows, dim", [(1, 576), (16, 576), (3, 7), (2, 2048), (5, 4096), (4, 960)])
+@pytest.mark.parametrize("rows, dim", [(1, 576), (16, 576), (3, 7), (2, 2048), (5, 4096), (4, 960), (16, 2048)])
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_bf16_add_rms_norm_is_bit_equal_to_torch(rows, dim, with_residual):
+    """Bit for bit, including 16 x 2048 rows, which PyTorch reduces on several threads (row by row)."""
     scale = random.uniform(0.01, 100.0)
     x = (torch.randn(rows, dim) * scale).bfloat16()
     residual = (torch.randn(rows, dim) * scale).bfloat16() if with_residual else None
@@ -162,7 +163,7 @@ def test_bf16_add_rms_norm_is_bit_equal_to_torch(rows, dim, with_residual):
     eps = random.choice([1e-5, 1e-6])
     summed = x.clone().add_(residual) if with_residual else x.clone()
     expected = weight * F.rms_norm(summed, (dim,), None, eps)
-    assert cpu_fused_ops.bf16_norm_applies_to(x, weight, residual)
+    assert cpu_fused_ops.bf16_norm_applies_to(x, weight, eps, residual)
     out, new_residual = cpu_fused_ops.add_rms_norm_bf16(x, weight, eps, residual)
     assert new_residual is x, "the sum is written into x, which becomes the residual"
     assert torch.equal(new_residual.view(torch.int16), summed.view(torch.int16))
@@ -171,33 +172,40 @@ def test_bf16_add_rms_norm_is_bit_equal_to_torch(rows, dim, with_residual):
 
 def test_bf16_norm_is_refused_where_it_would_not_be_torchs(monkeypatch):
     """Another summation order fails the per-size check, and the model keeps PyTorch's ops; so do
-    batches past the row limit, strided rows, other dtypes and autograd."""
-    x, weight = torch.randn(4, 40).bfloat16(), torch.rand(40).bfloat16()
-    assert cpu_fused_ops.bf16_norm_applies_to(x, weight, x) == (platform.machine() in ("x86_64", "AMD64"))
-    assert not cpu_fused_ops.bf16_norm_applies_to(
-        torch.randn(cpu_fused_ops.BF16_NORM_MAX_ROWS + 1, 40).bfloat16(), weight
-    )
-    assert not cpu_fused_ops.bf16_norm_applies_to(torch.randn(40, 4).bfloat16().t(), torch.rand(4).bfloat16())
-    assert not cpu_fused_ops.bf16_norm_applies_to(x, weight.float())
-    assert not cpu_fused_ops.bf16_norm_applies_to(x.half(), weight.half())
-    assert not cpu_fused_ops.bf16_norm_applies_to(x.requires_grad_(), weight)
+    batches past the row limit, strided rows, mismatched shapes, other dtypes or devices, and autograd."""
+    x, weight, eps = torch.randn(4, 40).bfloat16(), torch.rand(40).bfloat16(), 1e-5
+    assert cpu_fused_ops.bf16_norm_applies_to(x, weight, eps, x) == (platform.machine() in ("x86_64", "AMD64"))
+    too_many = torch.randn(cpu_fused_ops.BF16_NORM_MAX_ROWS + 1, 40).bfloat16()
+    assert not cpu_fused_ops.bf16_norm_applies_to(too_many, weight, eps)
+    assert not cpu_fused_ops.bf16_norm_applies_to(torch.randn(40, 4).bfloat16().t(), torch.rand(4).bfloat16(), eps)
+    assert not cpu_fused_ops.bf16_norm_applies_to(x, torch.rand(41).bfloat16(), eps)
+    assert not cpu_fused_ops.bf16_norm_applies_to(x, weight, eps, x[:3])
+    assert not cpu_fused_ops.bf16_norm_applies_to(x, weight, eps, x.to("meta"))
+    assert not cpu_fused_ops.bf16_norm_applies_to(x, weight.float(), eps)
+    assert not cpu_fused_ops.bf16_norm_applies_to(x.half(), weight.half(), eps)
+    assert not cpu_fused_ops.bf16_norm_applies_to(x.requires_grad_(), weight, eps)
     monkeypatch.setattr(cpu_fused_ops, "TORCH_SUM_LANES", 16)  # the order of a 16-float vector kernel
     cpu_fused_ops.bf16_norm_matches_torch.cache_clear()
     try:
-        assert not cpu_fused_ops.bf16_norm_matches_torch(576)
+        assert not cpu_fused_ops.bf16_norm_matches_torch(576, eps)
     finally:
         cpu_fused_ops.bf16_norm_matches_torch.cache_clear()
 
 
-def test_bf16_rmsnorm_module_equals_the_formula(monkeypatch):
-    """The model's bf16 RMSNorm gives the same bits with the kernel and with PyTorch's ops."""
+def test_bf16_rmsnorm_module_takes_the_kernel_and_equals_the_formula(monkeypatch):
+    """The model's bf16 RMSNorm runs the kernel (on x86) and gives the same bits as PyTorch's ops."""
     norm = llama.RMSNorm(576, 1e-5).bfloat16()
     with torch.no_grad():
         norm.weight.copy_(torch.rand(576) * 2)
     x, residual = (torch.randn(3, 576) * 8).bfloat16(), (torch.randn(3, 576) * 8).bfloat16()
+    cpu_fused_ops.bf16_norm_matches_torch(576, 1e-5)  # the host check runs the kernel too: before the count
+    calls = []
+    kernel = cpu_fused_ops.add_rms_norm_bf16
+    monkeypatch.setattr(cpu_fused_ops, "add_rms_norm_bf16", lambda *a: calls.append(1) or kernel(*a))
     with torch.inference_mode():
         fused = norm(x.clone(), residual)
         monkeypatch.setattr(llama, "_fused_ops", lambda: None)
         plain = norm(x.clone(), residual)
+    assert len(calls) == (1 if platform.machine() in ("x86_64", "AMD64") else 0)
     assert torch.equal(fused[0].view(torch.int16), plain[0].view(torch.int16))
     assert torch.equal(fused[1].view(torch.int16), plain[1].view(torch.int16))

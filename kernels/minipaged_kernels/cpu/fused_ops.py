@@ -168,6 +168,20 @@ def _torch_order_sum(x, lanes, acc):
     return total
 
 
+def _inverse_rms(x, eps, lanes, acc):
+    """``1 / sqrt(mean(x^2) + eps)`` of one row of bf16 bit patterns, in fp32 as PyTorch's
+    ``rsqrt(x.float().pow(2).mean() + eps)`` computes it."""
+    mean = _torch_order_sum(x, lanes, acc) / np.float32(x.shape[0])
+    return np.float32(1.0) / np.sqrt(mean + eps)
+
+
+def _inverse_rms_rows(x, eps, lanes, out):
+    """``_inverse_rms`` of each row of ``x [T, D]`` into ``out [T]`` (for the host check)."""
+    acc = np.empty((4, 4, lanes), np.float32)
+    for t in range(x.shape[0]):
+        out[t] = _inverse_rms(x[t], eps, lanes, acc)
+
+
 def _rms_norm_rows_bf16(x, residual, weight, eps, lanes, out):
     """``_rms_norm_rows`` on bf16 bit patterns, rounding where the bf16 formula rounds: the residual sum
     to bf16, the statistics in fp32 (``_torch_order_sum``), the normalised row to bf16, then its product
@@ -178,8 +192,7 @@ def _rms_norm_rows_bf16(x, residual, weight, eps, lanes, out):
         if residual is not None:
             for d in range(dim):
                 x[t, d] = _f32_to_bf16(_bf16_to_f32(x[t, d]) + _bf16_to_f32(residual[t, d]))
-        mean = _torch_order_sum(x[t], lanes, acc) / np.float32(dim)
-        inv = np.float32(1.0) / np.sqrt(mean + eps)
+        inv = _inverse_rms(x[t], eps, lanes, acc)
         for d in range(dim):
             normed = _round_bf16(_bf16_to_f32(x[t, d]) * inv)
             out[t, d] = _f32_to_bf16(normed * _bf16_to_f32(weight[d]))
@@ -227,6 +240,8 @@ if numba is not None:
     # No fastmath: the point of these is PyTorch's exact order of additions.
     _add_squares = numba.njit(inline="always")(_add_squares)
     _torch_order_sum = numba.njit(cache=True)(_torch_order_sum)
+    _inverse_rms = numba.njit(cache=True)(_inverse_rms)
+    _inverse_rms_rows = numba.njit(cache=True)(_inverse_rms_rows)
     _rms_norm_rows_bf16 = numba.njit(cache=True)(_rms_norm_rows_bf16)
     _rope_rows = numba.njit(cache=True)(_rope_rows)
     _rope_rows_bf16 = numba.njit(cache=True)(_rope_rows_bf16)
@@ -280,10 +295,13 @@ def add_rms_norm(
     return out, x
 
 
-def bf16_norm_applies_to(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> bool:
-    """Whether ``add_rms_norm_bf16`` takes these: numba present, contiguous bf16 CPU rows ``[T, D]`` (and
-    weight, residual), ``T`` at most ``BF16_NORM_MAX_ROWS``, ``D`` under ``TORCH_REDUCE_GRAIN``, no
-    autograd, and the kernel bit-equal to PyTorch on this host for ``D`` (``bf16_norm_matches_torch``)."""
+def bf16_norm_applies_to(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> bool:
+    """Whether ``add_rms_norm_bf16`` takes these: numba present, contiguous bf16 CPU ``x [T, D]``,
+    ``weight [D]`` and ``residual [T, D]`` (or ``None``), ``T`` at most ``BF16_NORM_MAX_ROWS``, ``D``
+    under ``TORCH_REDUCE_GRAIN``, no autograd, and the kernel bit-equal to PyTorch on this host for
+    ``D`` and ``eps`` (``bf16_norm_matches_torch``)."""
     return (
         numba is not None
         and x.dtype == torch.bfloat16
@@ -292,20 +310,31 @@ def bf16_norm_applies_to(x: torch.Tensor, weight: torch.Tensor, residual: torch.
         and x.shape[0] <= BF16_NORM_MAX_ROWS
         and x.is_contiguous()
         and weight.dtype == torch.bfloat16
+        and weight.is_cpu
+        and weight.shape == x.shape[1:]
         and weight.is_contiguous()
-        and (residual is None or (residual.dtype == torch.bfloat16 and residual.is_contiguous()))
+        and (
+            residual is None
+            or (
+                residual.dtype == torch.bfloat16
+                and residual.is_cpu
+                and residual.shape == x.shape
+                and residual.is_contiguous()
+            )
+        )
         and not (x.requires_grad and torch.is_grad_enabled())
         and x.shape[1] < TORCH_REDUCE_GRAIN
-        and bf16_norm_matches_torch(x.shape[1])
+        and bf16_norm_matches_torch(x.shape[1], eps)
     )
 
 
 def add_rms_norm_bf16(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``add_rms_norm`` for bf16: ``(weight * rms_norm(x + residual), x + residual)``, bit-equal to
-    PyTorch's bf16 ops (``x.add_(residual)``, then ``weight * F.rms_norm(x, (D,), None, eps)``) where
-    ``bf16_norm_applies_to``; the sum is written into ``x``."""
+    """``add_rms_norm`` for bf16: ``(weight * rms_norm(x + residual), x + residual)`` for ``x [T, D]``,
+    ``weight [D]``, ``residual [T, D]`` or ``None``; bit-equal, for finite inputs, to PyTorch's bf16 ops
+    (``x.add_(residual)``, then ``weight * F.rms_norm(x, (D,), None, eps)``) where
+    ``bf16_norm_applies_to``. The sum is written into ``x``, which is returned as the new residual."""
     out = torch.empty_like(x)
     _rms_norm_rows_bf16(
         _bits(x),
@@ -326,23 +355,29 @@ def torch_order_sum(x: torch.Tensor) -> float:
 
 
 @functools.cache
-def bf16_norm_matches_torch(dim: int) -> bool:
-    """Whether ``add_rms_norm_bf16`` gives PyTorch's bits for rows of ``dim`` on this host (a CPU or PyTorch
-    build that sums in another order does not), checked once per ``dim`` on seeded random rows: the fp32
-    sums of squares themselves (where another order shows in most rows; in the bf16 output it shows
-    a few times per million elements), then the outputs."""
+def bf16_norm_matches_torch(dim: int, eps: float) -> bool:
+    """Whether ``add_rms_norm_bf16`` gives PyTorch's bits for rows of ``dim`` and this ``eps`` on this host
+    (a CPU or PyTorch build that sums in another order does not). Checked once per ``(dim, eps)`` on
+    seeded random rows, step by step where a difference would hide in the bf16 output (there one ulp
+    of fp32 shows a few times per million elements): the fp32 sums of squares, the fp32 inverse norms,
+    then the outputs."""
     if numba is None:
         return False
     gen = torch.Generator().manual_seed(dim)
     rows = (torch.randn(16, dim, generator=gen) * torch.logspace(-3, 3, 16)[:, None]).bfloat16()
+    wide = rows.float()
     sums = torch.tensor([torch_order_sum(row) for row in rows], dtype=torch.float32)
-    if not torch.equal(sums, rows.float().pow(2).sum(-1)):
+    inverse = torch.empty(16, dtype=torch.float32)
+    _inverse_rms_rows(_bits(rows), np.float32(eps), TORCH_SUM_LANES, inverse.numpy())
+    if not torch.equal(sums, wide.pow(2).sum(-1)):
+        return False
+    if not torch.equal(inverse, torch.rsqrt(wide.pow(2).mean(-1) + eps)):
         return False
     residual = torch.randn(16, dim, generator=gen).bfloat16()
     weight = torch.rand(dim, generator=gen).bfloat16()
     expected_sum = rows.clone().add_(residual)
-    expected = weight * F.rms_norm(expected_sum, (dim,), None, 1e-6)
-    got, got_sum = add_rms_norm_bf16(rows.clone(), weight, 1e-6, residual)
+    expected = weight * F.rms_norm(expected_sum, (dim,), None, eps)
+    got, got_sum = add_rms_norm_bf16(rows.clone(), weight, eps, residual)
     return torch.equal(got.view(torch.int16), expected.view(torch.int16)) and torch.equal(
         got_sum.view(torch.int16), expected_sum.view(torch.int16)
     )
