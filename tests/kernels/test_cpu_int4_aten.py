@@ -50,7 +50,7 @@ def test_matches_reference(dtype, k, group_size, shuffled, symmetric):
     assert (w.perm is not None) == shuffled
     assert (w.padded_in_features > k) == (k % 32 != 0)  # padded only where no ATen group length divides K
     ref_w = qf.dequantize(pw, torch.float64)
-    for rows in (1, 3, 16, 40):
+    for rows in (1, 3, 16, 40, int4_aten.DENSE_FROM_ROWS + 3):  # the last dequantizes bf16 once
         x = torch.randn(rows, k, generator=gen).to(dtype)
         bias = torch.randn(n, generator=gen).to(dtype)
         y = int4_aten.matmul(x, w, bias)
@@ -111,3 +111,38 @@ def test_wrong_activations_are_refused():
     w = int4_aten.pack(random_packed(64, 32, 4, 32), torch.bfloat16)
     with pytest.raises(ValueError, match="bfloat16"):
         int4_aten.matmul(torch.randn(2, 64), w)
+
+
+@pytest.mark.skipif(int4_aten.numba is None, reason="the dense path needs numba")
+@pytest.mark.parametrize(
+    ("k", "group_size", "shuffled", "n"), [(576, 128, False, 208), (160, 64, True, 3072), (80, 32, False, 16)]
+)
+def test_dequantize_is_atens_own_dequantization_bit_for_bit(k, group_size, shuffled, n):
+    """The numba pass over ATen's layout (whole 64-column blocks, a 16-column tail, reordered and
+    padded rows) gives the bits of ATen's kernel multiplying the identity, i.e. its own weights."""
+    gen = seeded_generator()
+    pw = random_packed(k, n, 4, group_size, shuffled=shuffled, symmetric=False, scale_dtype=torch.bfloat16, gen=gen)
+    w = int4_aten.pack(pw, torch.bfloat16)
+    eye = torch.eye(w.padded_in_features, dtype=torch.bfloat16)
+    expected = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, w.weight, w.group_size, w.scale_zeros)
+    assert torch.equal(int4_aten.dequantize(w).view(torch.int16), expected.view(torch.int16))
+    buffer = torch.full(expected.shape, float("nan"), dtype=torch.bfloat16)  # poisoned: every element written
+    assert int4_aten.dequantize(w, buffer) is buffer
+    assert torch.equal(buffer.view(torch.int16), expected.view(torch.int16))
+
+
+@pytest.mark.skipif(int4_aten.numba is None, reason="the dense path needs numba")
+def test_many_bf16_rows_take_the_dense_path_and_fewer_do_not(monkeypatch):
+    gen = seeded_generator()
+    pw = random_packed(576, 208, 4, 128, shuffled=False, symmetric=True, scale_dtype=torch.bfloat16, gen=gen)
+    w = int4_aten.pack(pw, torch.bfloat16)
+    calls = []
+    dequantize = int4_aten.dequantize
+    monkeypatch.setattr(int4_aten, "dequantize", lambda weight, out=None: calls.append(1) or dequantize(weight, out))
+    for rows in (int4_aten.DENSE_FROM_ROWS - 1, int4_aten.DENSE_FROM_ROWS):
+        x = torch.randn(rows, 576, generator=gen).bfloat16()
+        ref = x.double() @ qf.dequantize(pw, torch.float64)
+        assert _rel_error(int4_aten.matmul(x, w), ref) < REL_TOL[torch.bfloat16]
+    assert len(calls) == 1
+    fp16 = int4_aten.pack(random_packed(576, 208, 4, 128, scale_dtype=torch.float16, gen=gen), torch.float16)
+    assert not int4_aten.dense_applies_to(fp16)  # fp16 rows stay on ATen's kernel at any count

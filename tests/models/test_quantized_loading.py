@@ -509,6 +509,34 @@ def test_bf16_rows_through_a_quant_linear_match_the_dequantized_weight(rows):
         assert torch.allclose(y.double(), ref, rtol=2**-7, atol=2**-7 * ref.abs().max().item())
 
 
+def test_a_long_bf16_prefill_on_atens_layout_dequantizes_into_the_shared_scratch(monkeypatch):
+    """From ``DENSE_FROM_ROWS`` rows a layer in ATen's layout dequantizes once, into the model's one
+    scratch buffer, and multiplies densely: within bf16's rounding of the float64 reference."""
+    from minipaged_kernels import cpu as cpu_kernels
+
+    aten = cpu_kernels.load("int4_aten")
+    if aten is None or aten.numba is None:
+        pytest.skip("needs the int4 CPU kernel and numba")
+    gen = torch.Generator().manual_seed(5)
+    k, n, gs = 128, 80, 32  # a 64-column block and a 16-column tail
+    layer = QuantLinear(k, n, False, bits=4, group_size=gs, has_g_idx=False, scale_dtype=torch.bfloat16)
+    layer.qweight.copy_(qf.pack_int32(torch.randint(0, 16, (k, n), generator=gen, dtype=torch.int32), 4))
+    layer.zeros.fill_(8)
+    layer.scales.copy_((torch.rand(k // gs, n, generator=gen) * 0.05 + 0.01).bfloat16())
+    ref_w = qf.dequantize(layer.packed_weight(), torch.float64)
+    assert layer.pack_int4(torch.bfloat16) > 0
+    buffers = []
+    dequantize = aten.dequantize
+    monkeypatch.setattr(aten, "dequantize", lambda w, out=None: buffers.append(out) or dequantize(w, out))
+    x = torch.randn(aten.DENSE_FROM_ROWS + 5, k, generator=gen).bfloat16()
+    with torch.no_grad():
+        y = layer(x)
+    ref = x.double() @ ref_w
+    assert torch.allclose(y.double(), ref, rtol=2**-7, atol=2**-7 * ref.abs().max().item())
+    assert len(buffers) == 1 and buffers[0] is not None and buffers[0].shape == (k, n)
+    assert buffers[0].data_ptr() == layer.scratch.get(k, n, torch.bfloat16, x.device).data_ptr()
+
+
 @pytest.mark.parametrize("scheme", [SCHEMES[0], SCHEMES[2], SCHEMES[5]], ids=str)
 def test_bf16_engine_hands_4bit_layers_to_atens_int4_kernel(tmp_path, scheme):
     """A bf16 engine gives every 4-bit layer ATen's int4 CPU layout that the kernel can take (groups of 48

@@ -22,6 +22,12 @@ ATen's kernel has its own contract, so ``pack`` translates a :class:`PackedWeigh
   becomes ``zero = (8 - z) * scale``, rounded to the activation dtype (exact for symmetric
   weights, whose ``z`` is 8).
 
+ATen's kernel dequantizes as it multiplies, per row of ``x``, so its time grows with the rows as
+a dense product's does but at about 2.4x the bf16 one's. From ``DENSE_FROM_ROWS`` bf16 rows
+(a long prefill) ``matmul`` instead dequantizes the whole weight once to bf16 (``dequantize``, a
+numba pass over ATen's layout) and multiplies densely; each weight is then rounded to bf16 before
+the product, as GPU W4A16 kernels round it to their 16-bit type.
+
 The reference is ``x.double() @ quant_formats.dequantize(pw, torch.float64)``
 (``tests/kernels/test_cpu_int4_aten.py``).
 """
@@ -30,9 +36,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from minipaged_kernels.cpu._jit import numba, set_launch_threads
 from minipaged_kernels.quant_formats import PackedWeight, unpack_int32
 
 # Group lengths ATen's kernel takes, largest first: the fewest scales to read.
@@ -40,6 +48,15 @@ ATEN_GROUP_SIZES = (256, 128, 64, 32)
 # Activation dtypes ATen vectorises (fp32 rows go to ``quant_gemv``).
 INPUT_DTYPES = (torch.bfloat16, torch.float16)
 N_MULTIPLE = 16  # ATen's packing takes N in whole blocks of 16 columns
+# ATen's CPU layout: columns in blocks of 64, each block [K, 32] bytes, byte j holding column j in
+# its low nibble and column j + 32 in its high one; the columns past the last whole block follow
+# as [K, tail / 2] bytes, each holding two neighbouring columns (``tests`` read it back).
+LAYOUT_BLOCK_N = 64
+# From this many bf16 rows, dequantize once and multiply densely. One layer of SmolLM2's, 576 x 3072,
+# 2 threads: ATen 1.5 / 3.1 / 6.3 / 10.7 ms at 64 / 128 / 256 / 512 rows, dequantizing (0.9 ms) and
+# multiplying 1.3 / 2.0 / 3.1 / 4.9 ms; level at 64 rows for 1536 x 576. Re-measure by timing
+# ``aten._weight_int4pack_mm_for_cpu`` against ``x @ dequantize(w)`` at those row counts.
+DENSE_FROM_ROWS = 128
 
 
 def available() -> bool:
@@ -157,14 +174,20 @@ def matmul(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None) -> 
     return matmul_unchecked(x, w, bias)
 
 
-def matmul_unchecked(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+def matmul_unchecked(
+    x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None, buffer: torch.Tensor | None = None
+) -> torch.Tensor:
     """``matmul`` without its checks on ``x``, for a caller that has made them (a decode step makes
-    about a hundred of these products, each tens of microseconds)."""
+    about a hundred of these products, each tens of microseconds). ``buffer``: bf16 ``[K_pad, N]`` to
+    dequantize into on the dense path (a fresh one each call costs page faults), or ``None``."""
     if w.perm is not None:
         x = x.index_select(1, w.perm)
     if w.padded_in_features != w.in_features:
         x = F.pad(x, (0, w.padded_in_features - w.in_features))
-    out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), w.weight, w.group_size, w.scale_zeros)
+    if x.shape[0] >= DENSE_FROM_ROWS and dense_applies_to(w):
+        out = x @ dequantize(w, buffer)
+    else:
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), w.weight, w.group_size, w.scale_zeros)
     return out if bias is None else out.add_(bias)
 
 
@@ -193,3 +216,78 @@ def unpack(w: Int4Weight) -> torch.Tensor:
     if w.perm is not None:
         q = torch.empty_like(q).index_copy_(0, w.perm, q)
     return q
+
+
+def dense_applies_to(w: Int4Weight) -> bool:
+    """Whether ``dequantize`` takes ``w``: numba present and bf16 activations."""
+    return numba is not None and w.dtype == torch.bfloat16
+
+
+def dequantize(w: Int4Weight, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``W`` bf16 ``[K_pad, N]`` (rows in the kernel's order: ``perm`` applied, padding rows 0), each
+    ``(q - 8) * scale + zero`` computed in fp32 as ATen's kernel does and rounded to bf16: bit-equal to
+    ATen's own product of the identity by ``w`` (finite scales). Written into ``out`` (contiguous bf16
+    ``[K_pad, N]``) when given. ``w`` must have bf16 activations (``dense_applies_to``)."""
+    if out is None:
+        out = torch.empty(w.padded_in_features, w.out_features, dtype=torch.bfloat16)
+    scales = w.scale_zeros[..., 0].float().contiguous()  # [K_pad / g, N]
+    zeros = w.scale_zeros[..., 1].float().contiguous()
+    set_launch_threads()
+    _dequantize_blocks(
+        w.weight.view(-1).numpy(), scales.numpy(), zeros.numpy(), w.group_size, out.view(torch.int16).numpy()
+    )
+    return out
+
+
+def _round_to_bf16_bits(value):
+    """The bf16 bit pattern (int16) nearest a finite fp32 ``value``, ties to even (no NaN branch, so
+    that the loops around it vectorise)."""
+    bits = np.float32(value).view(np.uint32)
+    return np.int16((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+
+def _dequantize_run(src, s_lo, z_lo, s_hi, z_hi, o_lo, o_hi):
+    """The bytes ``src`` into two runs of bf16 bits: low nibbles to ``o_lo``, high ones to ``o_hi``, each
+    ``(q - 8) * scale + zero`` with that run's ``s_*``/``z_*`` (1-D views, so that the loop vectorises)."""
+    for j in range(src.shape[0]):
+        byte = np.int32(src[j])
+        o_lo[j] = _round_to_bf16_bits((np.float32(byte & 15) - np.float32(8.0)) * s_lo[j] + z_lo[j])
+        o_hi[j] = _round_to_bf16_bits((np.float32(byte >> 4) - np.float32(8.0)) * s_hi[j] + z_hi[j])
+
+
+def _dequantize_blocks(packed, scales, zeros, group_size, out):
+    """``out [K_pad, N]`` (bf16 bits) from ATen's bytes ``packed [N * K_pad / 2]`` (``LAYOUT_BLOCK_N``
+    says the order), ``scales`` and ``zeros`` fp32 ``[K_pad / g, N]``; whole blocks over the threads."""
+    k_pad, n_total = out.shape
+    half = LAYOUT_BLOCK_N // 2
+    blocks = n_total // LAYOUT_BLOCK_N
+    for b in numba.prange(blocks):
+        lo, hi, end = b * LAYOUT_BLOCK_N, b * LAYOUT_BLOCK_N + half, (b + 1) * LAYOUT_BLOCK_N
+        for k in range(k_pad):
+            g, row = k // group_size, (b * k_pad + k) * half
+            src = packed[row : row + half]
+            _dequantize_run(
+                src,
+                scales[g, lo:hi],
+                zeros[g, lo:hi],
+                scales[g, hi:end],
+                zeros[g, hi:end],
+                out[k, lo:hi],
+                out[k, hi:end],
+            )
+    first = blocks * LAYOUT_BLOCK_N
+    tail = n_total - first
+    for k in range(k_pad):  # past the last whole block a byte holds two neighbouring columns
+        g, row = k // group_size, (first * k_pad + k * tail) // 2
+        src = packed[row : row + tail // 2]
+        evens, odds = slice(first, n_total, 2), slice(first + 1, n_total, 2)
+        _dequantize_run(
+            src, scales[g, evens], zeros[g, evens], scales[g, odds], zeros[g, odds], out[k, evens], out[k, odds]
+        )
+
+
+if numba is not None:
+    # No fastmath: (q - 8) * scale + zero must round as ATen's kernel rounds it.
+    _round_to_bf16_bits = numba.njit(inline="always")(_round_to_bf16_bits)
+    _dequantize_run = numba.njit(inline="always")(_dequantize_run)
+    _dequantize_blocks = numba.njit(parallel=True, cache=True)(_dequantize_blocks)

@@ -183,7 +183,11 @@ class QuantLinear(nn.Module):
         """``x @ W (+ bias)`` by the path the module docstring describes."""
         int4 = self.int4
         if int4 is not None and x.dtype == int4.scale_zeros.dtype and x.device.type == "cpu" and x.dim() == 2:
-            return cpu_kernels.load("int4_aten").matmul_unchecked(x, int4, bias)  # K is the layer's own
+            aten = cpu_kernels.load("int4_aten")
+            buffer = None  # a long prefill dequantizes into the model's one scratch buffer
+            if x.shape[0] >= aten.DENSE_FROM_ROWS and aten.dense_applies_to(int4):
+                buffer = self.scratch.get(int4.padded_in_features, int4.out_features, int4.dtype, x.device)
+            return aten.matmul_unchecked(x, int4, bias, buffer)  # K is the layer's own
         pw = self.packed_weight()
         if x.device.type == "cuda":
             from minipaged_kernels.quant_linear import quant_matmul
