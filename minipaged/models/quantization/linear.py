@@ -7,7 +7,9 @@ and a dense ``bias [N]``. Its forward picks the fastest way to multiply here:
 
 - CUDA: the Triton dequantize-in-registers kernel ``quant_linear.quant_matmul``;
 - CPU, bf16 / fp16 rows on a 4-bit weight that ``pack_int4_in_place`` gave ATen's layout (the engine's CPU
-  worker does so for a 16-bit model): PyTorch's own int4 kernel (``cpu.int4_aten``), at any row count. The
+  worker does so for a 16-bit model): PyTorch's own int4 kernel (``cpu.int4_aten``); from
+  ``int4_aten.DENSE_FROM_ROWS`` bf16 rows (a long prefill) the layer dequantizes ATen's layout once into the
+  shared scratch buffer below and multiplies densely in bf16, which that kernel's per-row cost loses to. The
   layer then holds that layout *instead of* ``qweight`` (one copy of the 4-bit weights), and of ``scales`` /
   ``zeros`` where ATen's copy holds them exactly, and rebuilds them whenever another path or ``state_dict``
   asks for them;
